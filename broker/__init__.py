@@ -1,0 +1,1 @@
+"""The Coalition broker: gRPC servicers, routing core, store backends, audit."""

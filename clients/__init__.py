@@ -1,0 +1,1 @@
+"""Coalition clients: the SDK, the partner node daemon and the operator CLI."""

@@ -1,0 +1,1 @@
+"""Coalition shared kernel: labels, policy decisions, envelopes, identity. No network I/O."""
