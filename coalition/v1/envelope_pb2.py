@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from coalition.v1 import label_pb2 as coalition_dot_v1_dot_label__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63oalition/v1/envelope.proto\x12\x0c\x63oalition.v1\x1a\x18\x63oalition/v1/label.proto\"@\n\nWrappedKey\x12\x11\n\trecipient\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07wrapped\x18\x03 \x01(\x0c\"\xa9\x02\n\x06Header\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\r\n\x05topic\x18\x04 \x01(\t\x12,\n\nprecedence\x18\x05 \x01(\x0e\x32\x18.coalition.v1.Precedence\x12\x12\n\ncreated_ms\x18\x06 \x01(\x03\x12\"\n\x05label\x18\x07 \x01(\x0b\x32\x13.coalition.v1.Label\x12\x14\n\x0c\x63ontent_type\x18\x08 \x01(\t\x12\x16\n\x0epayload_digest\x18\t \x01(\x0c\x12.\n\x0cwrapped_keys\x18\n \x03(\x0b\x32\x18.coalition.v1.WrappedKey\x12\x16\n\x0esigning_key_id\x18\x0b \x01(\t\"A\n\x08\x45nvelope\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63oalition/v1/envelope.proto\x12\x0c\x63oalition.v1\x1a\x18\x63oalition/v1/label.proto\"R\n\nWrappedKey\x12\x11\n\trecipient\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0f\n\x07wrapped\x18\x03 \x01(\x0c\x12\x10\n\x08sequence\x18\x04 \x01(\x04\"\xa9\x02\n\x06Header\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\r\n\x05topic\x18\x04 \x01(\t\x12,\n\nprecedence\x18\x05 \x01(\x0e\x32\x18.coalition.v1.Precedence\x12\x12\n\ncreated_ms\x18\x06 \x01(\x03\x12\"\n\x05label\x18\x07 \x01(\x0b\x32\x13.coalition.v1.Label\x12\x14\n\x0c\x63ontent_type\x18\x08 \x01(\t\x12\x16\n\x0epayload_digest\x18\t \x01(\x0c\x12.\n\x0cwrapped_keys\x18\n \x03(\x0b\x32\x18.coalition.v1.WrappedKey\x12\x16\n\x0esigning_key_id\x18\x0b \x01(\t\"A\n\x08\x45nvelope\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coalition.v1.envelope_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WRAPPEDKEY']._serialized_start=71
-  _globals['_WRAPPEDKEY']._serialized_end=135
-  _globals['_HEADER']._serialized_start=138
-  _globals['_HEADER']._serialized_end=435
-  _globals['_ENVELOPE']._serialized_start=437
-  _globals['_ENVELOPE']._serialized_end=502
+  _globals['_WRAPPEDKEY']._serialized_end=153
+  _globals['_HEADER']._serialized_start=156
+  _globals['_HEADER']._serialized_end=453
+  _globals['_ENVELOPE']._serialized_start=455
+  _globals['_ENVELOPE']._serialized_end=520
 # @@protoc_insertion_point(module_scope)

@@ -30,21 +30,28 @@ class WrappedKey(_message.Message):
     RECIPIENT_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     WRAPPED_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     recipient: _builtins.str
     key_id: _builtins.str
     """Key id of the recipient's key bundle used."""
     wrapped: _builtins.bytes
     """HPKE enc || ciphertext of the data key."""
+    sequence: _builtins.int
+    """Per (sender, recipient) sequence, starting at 1: each recipient sees a
+    contiguous run from each sender, so a gap means a withheld message.
+    0 = not tracked by this sender.
+    """
     def __init__(
         self,
         *,
         recipient: _builtins.str = ...,
         key_id: _builtins.str = ...,
         wrapped: _builtins.bytes = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "recipient", b"recipient", "wrapped", b"wrapped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "recipient", b"recipient", "sequence", b"sequence", "wrapped", b"wrapped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -79,7 +86,10 @@ class Header(_message.Message):
     created_ms: _builtins.int
     content_type: _builtins.str
     payload_digest: _builtins.bytes
-    """SHA-256 of Envelope.ciphertext."""
+    """SHA-256 of Envelope.ciphertext. The sender appends this field LAST; the
+    AEAD's associated data is the header bytes before it (the digest cannot be
+    inside its own AAD). The signature covers all the header bytes.
+    """
     signing_key_id: _builtins.str
     """Serial (hex) of the sender's signing certificate."""
     @_builtins.property
