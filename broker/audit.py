@@ -1,0 +1,357 @@
+"""AuditLog: the broker's append-only, hash-chained audit log in its own SQLite file.
+
+Every record() is durable on return (group commit, fsync). Each entry commits to the one
+before it (see broker.audit_chain for the exact encoding), and every ``checkpoint_every``
+entries, and on close, the broker signs the chain head with its audit key.
+
+Callers must never put plaintext, keys, tokens or other secrets in ``detail``: entries are
+shown to operators and exported. Record identifiers, labels, reasons and sizes instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from broker.audit_chain import (
+    GENESIS,
+    ChainVerifier,
+    VerifyResult,
+    canonical_json,
+    entry_hash,
+    sign_checkpoint,
+)
+from broker.store.readers import ReaderPool
+from broker.store.writer import GroupCommitWriter, is_disk_full
+from coalition.v1 import audit_pb2
+
+__all__ = ["AuditError", "AuditLog", "VerifyResult"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+    actor TEXT NOT NULL, partner TEXT NOT NULL, message_id TEXT NOT NULL,
+    decision TEXT NOT NULL, detail_json TEXT NOT NULL,
+    prev_hash BLOB NOT NULL, hash BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_by_partner ON entries (partner, seq);
+CREATE INDEX IF NOT EXISTS entries_by_kind ON entries (kind, seq);
+CREATE INDEX IF NOT EXISTS entries_by_time ON entries (time_ms);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, hash BLOB NOT NULL,
+    time_ms INTEGER NOT NULL, signature BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS checkpoints_by_seq ON checkpoints (seq, id);
+-- Append-only through this schema. Not a security boundary (whoever can write the file can
+-- drop these); the hash chain and signed checkpoints are what detect tampering.
+CREATE TRIGGER IF NOT EXISTS entries_append_only_update BEFORE UPDATE ON entries
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS entries_append_only_delete BEFORE DELETE ON entries
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+# Every query is a constant with bound values, except query()'s WHERE made of fixed fragments.
+_ENTRY_FIELDS = (
+    "seq",
+    "time_ms",
+    "kind",
+    "actor",
+    "partner",
+    "message_id",
+    "decision",
+    "detail_json",
+    "prev_hash",
+    "hash",
+)
+_INSERT_ENTRY = (
+    "INSERT INTO entries (seq, time_ms, kind, actor, partner, message_id, decision, detail_json,"
+    " prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_ENTRIES = (
+    "SELECT seq, time_ms, kind, actor, partner, message_id, decision, detail_json, prev_hash, hash"
+    " FROM entries"
+)
+_PAGE_OF_ENTRIES = _SELECT_ENTRIES + " WHERE seq > ? ORDER BY seq LIMIT ?"
+_PAGE = 1000
+
+
+class AuditError(Exception):
+    """The audit log could not be written or read; str() says why."""
+
+
+def _map_error(exc: BaseException) -> Exception:
+    if isinstance(exc, AuditError):
+        return exc
+    if is_disk_full(exc):
+        return AuditError(f"audit log is full: the disk or database file is full ({exc})")
+    return AuditError(f"audit log failed: {exc}")
+
+
+def _entry(row: tuple[Any, ...]) -> audit_pb2.AuditEntry:
+    return audit_pb2.AuditEntry(**dict(zip(_ENTRY_FIELDS, row, strict=True)))
+
+
+def _checkpoint(row: tuple[Any, ...]) -> audit_pb2.AuditCheckpoint:
+    seq, chain_hash, time_ms, signature = row
+    return audit_pb2.AuditCheckpoint(
+        seq=int(seq), hash=bytes(chain_hash), time_ms=int(time_ms), signature=bytes(signature)
+    )
+
+
+def _head(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
+    row = conn.execute(
+        "SELECT seq, hash, time_ms FROM entries ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    return (int(row[0]), bytes(row[1]), int(row[2])) if row else (0, GENESIS, 0)
+
+
+def _glob_prefix(prefix: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in prefix) + "*"
+
+
+@dataclass(frozen=True)
+class _Page:
+    records: list[audit_pb2.AuditEntry | audit_pb2.AuditCheckpoint]
+    last_seq: int
+    done: bool
+
+
+class AuditLog:
+    """Append-only hash-chained audit log; open with ``await AuditLog.open(...)``."""
+
+    def __init__(
+        self,
+        writer: GroupCommitWriter,
+        readers: ReaderPool,
+        signing_key: Ed25519PrivateKey,
+        checkpoint_every: int,
+    ) -> None:
+        self._writer = writer
+        self._readers = readers
+        self._key = signing_key
+        self._every = checkpoint_every
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        signing_key: Ed25519PrivateKey,
+        checkpoint_every: int = 500,
+    ) -> AuditLog:
+        """Open or create the log at path; raises AuditError, ValueError for checkpoint_every<1."""
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be at least 1")
+        writer = await GroupCommitWriter.open(
+            path, schema=_SCHEMA, name="audit-log", map_error=_map_error
+        )
+        try:
+            readers = await ReaderPool.open(path, map_error=_map_error, size=2)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, readers, signing_key, checkpoint_every)
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed since open (for tests and metrics)."""
+        return self._writer.commits
+
+    async def record(
+        self,
+        *,
+        kind: str,
+        actor: str,
+        partner: str = "",
+        message_id: str = "",
+        decision: str = "allow",
+        detail: Mapping[str, object] | None = None,
+        now_ms: int,
+    ) -> int:
+        """Append one entry, durable on return; return its seq.
+
+        detail must be plain JSON and must never hold plaintext, keys or tokens.
+        Raises ValueError for an empty kind or a detail that is not plain JSON; AuditError.
+        """
+        if not kind:
+            raise ValueError("audit entry needs a kind")
+        try:
+            detail_json = canonical_json(detail)
+            detail_json.encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"audit detail is not plain JSON: {exc}") from exc
+        fields = audit_pb2.AuditEntry(
+            time_ms=now_ms,
+            kind=kind,
+            actor=actor,
+            partner=partner,
+            message_id=message_id,
+            decision=decision,
+            detail_json=detail_json,
+        )
+
+        def job(conn: sqlite3.Connection) -> int:
+            seq, prev_hash, _ = _head(conn)
+            entry = audit_pb2.AuditEntry()
+            entry.CopyFrom(fields)
+            entry.seq, entry.prev_hash = seq + 1, prev_hash
+            entry.hash = entry_hash(prev_hash, entry)
+            conn.execute(
+                _INSERT_ENTRY,
+                (
+                    entry.seq,
+                    entry.time_ms,
+                    entry.kind,
+                    entry.actor,
+                    entry.partner,
+                    entry.message_id,
+                    entry.decision,
+                    entry.detail_json,
+                    entry.prev_hash,
+                    entry.hash,
+                ),
+            )
+            if entry.seq % self._every == 0:
+                self._insert_checkpoint(conn, entry.seq, entry.hash, entry.time_ms)
+            return entry.seq
+
+        return await self._writer.submit(job)
+
+    async def checkpoint(self, now_ms: int) -> audit_pb2.AuditCheckpoint:
+        """Sign the current head (seq 0 and zero hash when empty), store and return it."""
+
+        def job(conn: sqlite3.Connection) -> audit_pb2.AuditCheckpoint:
+            seq, chain_hash, _ = _head(conn)
+            return self._insert_checkpoint(conn, seq, chain_hash, now_ms)
+
+        return await self._writer.submit(job)
+
+    def _insert_checkpoint(
+        self, conn: sqlite3.Connection, seq: int, chain_hash: bytes, time_ms: int
+    ) -> audit_pb2.AuditCheckpoint:
+        cp = sign_checkpoint(seq, chain_hash, time_ms, self._key)
+        conn.execute(
+            "INSERT INTO checkpoints (seq, hash, time_ms, signature) VALUES (?, ?, ?, ?)",
+            (cp.seq, cp.hash, cp.time_ms, cp.signature),
+        )
+        return cp
+
+    async def query(
+        self,
+        *,
+        partner: str = "",
+        kind: str = "",
+        since_ms: int = 0,
+        until_ms: int = 0,
+        limit: int = 0,
+        tail: bool = False,
+    ) -> list[audit_pb2.AuditEntry]:
+        """Entries in seq order; kind is a prefix, since_ms inclusive, until_ms exclusive,
+        0/"" means no filter; with tail, the newest `limit` entries (still in seq order)."""
+        where, args = ["1"], list[object]()
+        if partner:
+            where.append("partner = ?")
+            args.append(partner)
+        if kind:
+            where.append("kind GLOB ?")
+            args.append(_glob_prefix(kind))
+        if since_ms:
+            where.append("time_ms >= ?")
+            args.append(since_ms)
+        if until_ms:
+            where.append("time_ms < ?")
+            args.append(until_ms)
+        sql = f"{_SELECT_ENTRIES} WHERE {' AND '.join(where)}"  # fixed fragments only
+        sql += " ORDER BY seq DESC" if tail else " ORDER BY seq"
+        if limit > 0:
+            sql += " LIMIT ?"
+            args.append(limit)
+
+        def read(conn: sqlite3.Connection) -> list[audit_pb2.AuditEntry]:
+            return [_entry(row) for row in conn.execute(sql, args)]
+
+        entries = await self._readers.run(read)
+        return entries[::-1] if tail else entries
+
+    async def export(self) -> AsyncIterator[audit_pb2.AuditEntry | audit_pb2.AuditCheckpoint]:
+        """Every entry in seq order, each followed by the checkpoints taken at its seq."""
+        after = -1
+        while True:
+            page = await self._readers.run(functools.partial(_read_page, after=after))
+            for record in page.records:
+                yield record
+            if page.done:
+                return
+            after = page.last_seq
+
+    async def verify(self, public_key: Ed25519PublicKey) -> VerifyResult:
+        """Recompute the chain and check every checkpoint; report the first break."""
+        verifier = ChainVerifier(public_key)
+        after = -1
+        while True:
+            page = await self._readers.run(functools.partial(_read_page, after=after))
+            verifier.feed(page.records)
+            if page.done:
+                return verifier.result()
+            after = page.last_seq
+
+    async def count(self) -> int:
+        """Number of entries stored."""
+        return await self._readers.run(
+            lambda conn: int(conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        )
+
+    async def close(self, now_ms: int | None = None) -> None:
+        """Checkpoint the head if it is not yet (at now_ms, default the last entry's time),
+        then commit and close."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            seq, chain_hash, time_ms = _head(conn)
+            row = conn.execute("SELECT MAX(seq) FROM checkpoints").fetchone()
+            if seq > 0 and (row[0] is None or int(row[0]) < seq):
+                self._insert_checkpoint(
+                    conn, seq, chain_hash, time_ms if now_ms is None else now_ms
+                )
+
+        try:
+            await self._writer.submit(job)
+        finally:
+            await self._readers.close()
+            await self._writer.close()
+
+
+def _read_page(conn: sqlite3.Connection, after: int) -> _Page:
+    """Entries with seq > after (one page) merged with their checkpoints, in export order.
+
+    after = -1 starts at the beginning (checkpoints at seq 0 included).
+    """
+    entries = [
+        _entry(row)
+        for row in conn.execute(
+            _PAGE_OF_ENTRIES,
+            (after, _PAGE),
+        )
+    ]
+    done = len(entries) < _PAGE
+    upper = entries[-1].seq if entries and not done else 2**63 - 1
+    checkpoints = [
+        (int(row[0]), _checkpoint(row))
+        for row in conn.execute(
+            "SELECT seq, hash, time_ms, signature FROM checkpoints"
+            " WHERE seq > ? AND seq <= ? ORDER BY seq, id",
+            (after, upper),
+        )
+    ]
+    records: list[audit_pb2.AuditEntry | audit_pb2.AuditCheckpoint] = []
+    i = 0
+    for entry in entries:
+        # A checkpoint goes after the last entry at or below its seq.
+        while i < len(checkpoints) and checkpoints[i][0] < entry.seq:
+            records.append(checkpoints[i][1])
+            i += 1
+        records.append(entry)
+    records.extend(cp for _, cp in checkpoints[i:])
+    return _Page(records, entries[-1].seq if entries else after, done)

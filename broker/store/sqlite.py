@@ -1,0 +1,446 @@
+"""SqliteMessageStore: the embedded MessageStore (one SQLite file, WAL, fsync on commit).
+
+Writes (append, settle, cursors, retention) go through one GroupCommitWriter, so concurrent
+callers share one transaction and one fsync. Reads use a small pool of read-only connections
+in worker threads. Offsets are assigned from a counter kept in the database, so they are
+contiguous and never reused, even after retention removed every message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+from broker.store.base import (
+    PRECEDENCES,
+    Appended,
+    NewMessage,
+    Rejected,
+    StoredMessage,
+    StoreError,
+    StoreFull,
+    StoreStats,
+)
+from broker.store.readers import ReaderPool
+from broker.store.writer import GroupCommitWriter, is_disk_full
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    head INTEGER NOT NULL, messages INTEGER NOT NULL, bytes INTEGER NOT NULL);
+INSERT OR IGNORE INTO state (id, head, messages, bytes) VALUES (1, 0, 0, 0);
+CREATE TABLE IF NOT EXISTS messages (
+    msg_offset INTEGER PRIMARY KEY, stored_ms INTEGER NOT NULL,
+    message_id TEXT NOT NULL, sender TEXT NOT NULL, sequence INTEGER NOT NULL,
+    topic TEXT NOT NULL, precedence INTEGER NOT NULL, classification INTEGER NOT NULL,
+    label BLOB NOT NULL, created_ms INTEGER NOT NULL, expiry_ms INTEGER NOT NULL,
+    envelope BLOB NOT NULL, digest BLOB NOT NULL, size INTEGER NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (sender, message_id);
+CREATE INDEX IF NOT EXISTS messages_by_precedence ON messages (precedence, msg_offset);
+CREATE INDEX IF NOT EXISTS messages_by_time ON messages (stored_ms);
+CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages (expiry_ms) WHERE expiry_ms > 0;
+CREATE TABLE IF NOT EXISTS senders (
+    sender TEXT PRIMARY KEY, last_sequence INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cursors (
+    subscriber TEXT PRIMARY KEY, cursor INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS settled (
+    subscriber TEXT NOT NULL, msg_offset INTEGER NOT NULL,
+    PRIMARY KEY (subscriber, msg_offset)) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS message_added AFTER INSERT ON messages BEGIN
+    UPDATE state SET messages = messages + 1, bytes = bytes + new.size WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS message_removed AFTER DELETE ON messages BEGIN
+    UPDATE state SET messages = messages - 1, bytes = bytes - old.size WHERE id = 1; END;
+"""
+
+# Columns in StoredMessage field order. Every query below is a constant; values are bound.
+_INSERT = (
+    "INSERT INTO messages (msg_offset, stored_ms, message_id, sender, sequence, topic,"
+    " precedence, classification, label, created_ms, expiry_ms, envelope, digest, size)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_GET = (
+    "SELECT msg_offset, stored_ms, message_id, sender, sequence, topic, precedence,"
+    " classification, label, created_ms, expiry_ms, envelope, digest"
+    " FROM messages WHERE msg_offset = ?"
+)
+_PENDING_AT_PRECEDENCE = (
+    "SELECT msg_offset, stored_ms, message_id, sender, sequence, topic, precedence,"
+    " classification, label, created_ms, expiry_ms, envelope, digest"
+    " FROM messages m INDEXED BY messages_by_precedence"
+    " WHERE m.precedence = ? AND m.msg_offset > ? AND NOT EXISTS"
+    " (SELECT 1 FROM settled s WHERE s.subscriber = ? AND s.msg_offset = m.msg_offset)"
+    " ORDER BY m.msg_offset LIMIT ?"
+)
+_FIRST_UNSETTLED = (
+    "SELECT m.msg_offset FROM messages m WHERE m.msg_offset > ? AND NOT EXISTS"
+    " (SELECT 1 FROM settled s WHERE s.subscriber = ? AND s.msg_offset = m.msg_offset)"
+    " ORDER BY m.msg_offset LIMIT 1"
+)
+_BACKLOG = (
+    "SELECT COUNT(*) FROM messages m WHERE m.msg_offset > ? AND NOT EXISTS"
+    " (SELECT 1 FROM settled s WHERE s.subscriber = ? AND s.msg_offset = m.msg_offset)"
+)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _map_error(exc: BaseException) -> Exception:
+    if isinstance(exc, StoreError):
+        return exc
+    if is_disk_full(exc):
+        return StoreFull(
+            f"message store is full: the disk or database file is full ({exc}); "
+            "refusing new messages"
+        )
+    return StoreError(f"message store failed: {exc}")
+
+
+def _stored(row: tuple[object, ...]) -> StoredMessage:
+    return StoredMessage(*row)  # type: ignore[arg-type]  # columns are in field order
+
+
+def _cursor_of(conn: sqlite3.Connection, subscriber: str) -> int:
+    row = conn.execute("SELECT cursor FROM cursors WHERE subscriber = ?", (subscriber,)).fetchone()
+    if row is None:
+        raise StoreError(f"subscriber {subscriber!r} has no cursor; call ensure_cursor first")
+    return int(row[0])
+
+
+def _state(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    head, messages, size = conn.execute("SELECT head, messages, bytes FROM state").fetchone()
+    return int(head), int(messages), int(size)
+
+
+class SqliteMessageStore:
+    """MessageStore on one SQLite file; open with ``await SqliteMessageStore.open(...)``."""
+
+    def __init__(
+        self,
+        path: Path,
+        writer: GroupCommitWriter,
+        readers: ReaderPool,
+        *,
+        max_bytes: int,
+        retention_bytes: int,
+        max_age_ms: int,
+    ) -> None:
+        self._path = path
+        self._writer = writer
+        self._readers = readers
+        self._max_bytes = max_bytes
+        self._retention_bytes = retention_bytes
+        self._max_age_ms = max_age_ms
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int,
+        retention_bytes: int = 0,
+        max_age_ms: int = 0,
+    ) -> SqliteMessageStore:
+        """Open or create the store; max_bytes is the hard limit, 0 disables a retention rule.
+
+        Raises StoreError if the file cannot be opened as a store.
+        """
+        writer = await GroupCommitWriter.open(
+            path, schema=_SCHEMA, name="message-store", map_error=_map_error
+        )
+        try:
+            readers = await ReaderPool.open(path, map_error=_map_error)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(
+            Path(path),
+            writer,
+            readers,
+            max_bytes=max_bytes,
+            retention_bytes=retention_bytes,
+            max_age_ms=max_age_ms,
+        )
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed since open (for tests and metrics)."""
+        return self._writer.commits
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def append(
+        self, messages: Sequence[NewMessage], now_ms: int
+    ) -> list[Appended | Rejected]:
+        """Store messages in one transaction, durable on return; one result per message.
+
+        (sender, message_id) must be new and each sequence above the sender's last one, also
+        within the batch. Raises StoreFull (nothing written) when the batch would take the
+        store past max_bytes or the disk is full; ValueError for a malformed message.
+        """
+        for m in messages:
+            if m.precedence not in PRECEDENCES:
+                raise ValueError(f"message {m.message_id}: precedence {m.precedence} not in 1..4")
+            if hashlib.sha256(m.envelope).digest() != m.digest:
+                raise ValueError(f"message {m.message_id}: digest is not SHA-256 of the envelope")
+        if not messages:
+            return []
+        batch = tuple(messages)
+
+        def job(conn: sqlite3.Connection) -> list[Appended | Rejected]:
+            head, _, size = _state(conn)
+            results: list[Appended | Rejected] = []
+            last: dict[str, int] = {}
+            added = 0
+            for m in batch:
+                if m.sender not in last:
+                    row = conn.execute(
+                        "SELECT last_sequence FROM senders WHERE sender = ?", (m.sender,)
+                    ).fetchone()
+                    last[m.sender] = int(row[0]) if row else 0
+                duplicate = conn.execute(
+                    "SELECT 1 FROM messages WHERE sender = ? AND message_id = ?",
+                    (m.sender, m.message_id),
+                ).fetchone()
+                if duplicate:
+                    results.append(Rejected("duplicate_id"))
+                    continue
+                if m.sequence <= last[m.sender]:
+                    results.append(Rejected("sequence_not_increasing"))
+                    continue
+                head += 1
+                conn.execute(
+                    _INSERT,
+                    (
+                        head,
+                        now_ms,
+                        m.message_id,
+                        m.sender,
+                        m.sequence,
+                        m.topic,
+                        m.precedence,
+                        m.classification,
+                        m.label,
+                        m.created_ms,
+                        m.expiry_ms,
+                        m.envelope,
+                        m.digest,
+                        len(m.envelope),
+                    ),
+                )
+                last[m.sender] = m.sequence
+                added += len(m.envelope)
+                results.append(Appended(head))
+            if size + added > self._max_bytes:
+                raise StoreFull(
+                    f"message store is full ({_mib(size)} of {_mib(self._max_bytes)}, "
+                    f"this batch needs {_mib(added)} more); refusing new messages"
+                )
+            conn.executemany(
+                "INSERT INTO senders (sender, last_sequence) VALUES (?, ?) "
+                "ON CONFLICT (sender) DO UPDATE SET last_sequence = excluded.last_sequence",
+                last.items(),
+            )
+            conn.execute("UPDATE state SET head = ?", (head,))
+            return results
+
+        return await self._writer.submit(job)
+
+    async def ensure_cursor(self, subscriber: str, at_offset: int) -> int:
+        """Create subscriber's cursor at at_offset unless it exists; return the cursor."""
+
+        def job(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "INSERT OR IGNORE INTO cursors (subscriber, cursor) VALUES (?, ?)",
+                (subscriber, at_offset),
+            )
+            return _cursor_of(conn, subscriber)
+
+        return await self._writer.submit(job)
+
+    async def settle(self, subscriber: str, offsets: Sequence[int]) -> int:
+        """Mark offsets done for subscriber (acked or skipped); advance and return its cursor.
+
+        The cursor moves over the contiguous prefix of settled (or removed) offsets, and the
+        settled marks below it are pruned. Raises StoreError if subscriber has no cursor.
+        """
+        wanted = tuple(offsets)
+
+        def job(conn: sqlite3.Connection) -> int:
+            cursor = _cursor_of(conn, subscriber)
+            head = _state(conn)[0]
+            conn.executemany(
+                "INSERT OR IGNORE INTO settled (subscriber, msg_offset) VALUES (?, ?)",
+                ((subscriber, o) for o in wanted if cursor < o <= head),
+            )
+            row = conn.execute(
+                _FIRST_UNSETTLED,
+                (cursor, subscriber),
+            ).fetchone()
+            new_cursor = max(cursor, int(row[0]) - 1 if row else head)
+            if new_cursor != cursor:
+                conn.execute(
+                    "UPDATE cursors SET cursor = ? WHERE subscriber = ?", (new_cursor, subscriber)
+                )
+                conn.execute(
+                    "DELETE FROM settled WHERE subscriber = ? AND msg_offset <= ?",
+                    (subscriber, new_cursor),
+                )
+            return new_cursor
+
+        return await self._writer.submit(job)
+
+    async def enforce_retention(self, now_ms: int) -> int:
+        """Remove messages stored before now - max_age_ms, expired ones, then the oldest while
+        the store holds more than retention_bytes; return how many were removed."""
+
+        def job(conn: sqlite3.Connection) -> int:
+            removed = 0
+            if self._max_age_ms > 0:
+                cur = conn.execute(
+                    "DELETE FROM messages WHERE stored_ms < ?", (now_ms - self._max_age_ms,)
+                )
+                removed += cur.rowcount
+            cur = conn.execute(
+                "DELETE FROM messages WHERE expiry_ms > 0 AND expiry_ms <= ?", (now_ms,)
+            )
+            removed += cur.rowcount
+            excess = _state(conn)[2] - self._retention_bytes
+            if self._retention_bytes > 0 and excess > 0:
+                last = 0
+                for offset, size in conn.execute(
+                    "SELECT msg_offset, size FROM messages ORDER BY msg_offset"
+                ):
+                    last, excess = offset, excess - size
+                    if excess <= 0:
+                        break
+                cur = conn.execute("DELETE FROM messages WHERE msg_offset <= ?", (last,))
+                removed += cur.rowcount
+            return removed
+
+        return await self._writer.submit(job)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def last_sequence(self, sender: str) -> int:
+        """Highest sequence ever stored for sender (kept after retention), 0 if none."""
+
+        def read(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT last_sequence FROM senders WHERE sender = ?", (sender,)
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._readers.run(read)
+
+    async def has_message(self, sender: str, message_id: str) -> bool:
+        """Whether (sender, message_id) is currently stored."""
+
+        def read(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM messages WHERE sender = ? AND message_id = ?", (sender, message_id)
+            ).fetchone()
+            return row is not None
+
+        return await self._readers.run(read)
+
+    async def get(self, offset: int) -> StoredMessage | None:
+        """The message at offset, None if never stored or removed by retention."""
+
+        def read(conn: sqlite3.Connection) -> StoredMessage | None:
+            row = conn.execute(_GET, (offset,)).fetchone()
+            return _stored(row) if row else None
+
+        return await self._readers.run(read)
+
+    async def head(self) -> int:
+        """Highest offset ever assigned, 0 if none."""
+        return await self._readers.run(lambda conn: _state(conn)[0])
+
+    async def cursor(self, subscriber: str) -> int | None:
+        """Subscriber's durable cursor, None if it has none."""
+
+        def read(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT cursor FROM cursors WHERE subscriber = ?", (subscriber,)
+            ).fetchone()
+            return int(row[0]) if row else None
+
+        return await self._readers.run(read)
+
+    async def pending(self, subscriber: str, limit: int) -> list[StoredMessage]:
+        """Up to limit unsettled messages above the cursor, FLASH first, then by offset.
+
+        One index range scan per precedence level. Raises StoreError if no cursor.
+        """
+
+        def read(conn: sqlite3.Connection) -> list[StoredMessage]:
+            cursor = _cursor_of(conn, subscriber)
+            out: list[StoredMessage] = []
+            for precedence in PRECEDENCES:
+                if len(out) >= limit:
+                    break
+                rows = conn.execute(
+                    _PENDING_AT_PRECEDENCE,
+                    (precedence, cursor, subscriber, limit - len(out)),
+                )
+                out.extend(_stored(row) for row in rows)
+            return out
+
+        return await self._readers.run(read)
+
+    async def backlog_count(self, subscriber: str) -> int:
+        """Unsettled messages above subscriber's cursor; raises StoreError if no cursor."""
+
+        def read(conn: sqlite3.Connection) -> int:
+            cursor = _cursor_of(conn, subscriber)
+            row = conn.execute(
+                _BACKLOG,
+                (cursor, subscriber),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._readers.run(read)
+
+    async def stats(self) -> StoreStats:
+        """Message count, envelope bytes, head offset, file size and commit count."""
+
+        def read(conn: sqlite3.Connection) -> tuple[int, int, int, int]:
+            file_bytes = 0
+            for suffix in ("", "-wal"):
+                with contextlib.suppress(FileNotFoundError):
+                    file_bytes += os.stat(f"{self._path}{suffix}").st_size
+            return (*_state(conn), file_bytes)
+
+        head, messages, size, file_bytes = await self._readers.run(read)
+        return StoreStats(
+            messages=messages,
+            bytes=size,
+            head=head,
+            file_bytes=file_bytes,
+            commits=self._writer.commits,
+        )
+
+    async def verify_integrity(self) -> list[int]:
+        """Offsets whose envelope bytes no longer hash to their recorded digest."""
+
+        def read(conn: sqlite3.Connection) -> list[int]:
+            return [
+                int(offset)
+                for offset, envelope, digest in conn.execute(
+                    "SELECT msg_offset, envelope, digest FROM messages ORDER BY msg_offset"
+                )
+                if hashlib.sha256(envelope).digest() != digest
+            ]
+
+        return await self._readers.run(read)
+
+    async def close(self) -> None:
+        """Commit pending writes, checkpoint the WAL and close every connection."""
+        await self._readers.close()
+        await self._writer.close()
