@@ -1,0 +1,105 @@
+"""`coalition-broker`: run the broker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from broker.config import BrokerConfig, ConfigError, load_config
+from broker.logs import setup_logging
+
+EPILOG = """examples:
+  coalition-broker serve --config broker.toml
+  coalition-broker serve --pki pki --data data/broker --listen 127.0.0.1:7443 --operators op1,op2
+
+Send SIGTERM or SIGINT to stop: in-flight publishes are answered, streams are
+closed, the stores are flushed, and the process exits 0.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coalition-broker",
+        description="The Coalition broker: routes signed, encrypted intelligence between partners "
+        "over mutual TLS, enforcing each partner's policy.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser(
+        "serve",
+        help="serve until SIGTERM/SIGINT",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--config", type=Path, help="TOML config file (see docs/broker.md)")
+    s.add_argument("--listen", help="address to listen on (default 127.0.0.1:7443)")
+    s.add_argument("--pki", type=Path, help="PKI directory made by coalition-keys")
+    s.add_argument("--data", type=Path, help="data directory for the SQLite stores")
+    s.add_argument("--operators", help="comma-separated operator names allowed to administer")
+    s.add_argument("--max-envelope-bytes", type=int)
+    s.add_argument("--max-store-bytes", type=int)
+    s.add_argument("--clock-skew-ms", type=int)
+    s.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    return p
+
+
+def _config(ns: argparse.Namespace) -> BrokerConfig:
+    cfg = load_config(ns.config)
+    return cfg.with_overrides(
+        listen=ns.listen,
+        pki_dir=ns.pki,
+        data_dir=ns.data,
+        operators=tuple(o for o in ns.operators.split(",") if o) if ns.operators else None,
+        max_envelope_bytes=ns.max_envelope_bytes,
+        max_store_bytes=ns.max_store_bytes,
+        clock_skew_ms=ns.clock_skew_ms,
+        log_json=ns.log_json,
+        log_level=ns.log_level,
+    )
+
+
+async def _serve(cfg: BrokerConfig, port_file: Path | None) -> int:
+    from broker.server import start_broker
+
+    broker = await start_broker(cfg)
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(broker.port))
+        tmp.replace(port_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await broker.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        cfg = _config(ns)
+    except ConfigError as exc:
+        print(f"coalition-broker: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(as_json=cfg.log_json, level=cfg.log_level)
+    if not cfg.operators:
+        logging.getLogger("coalition.broker").warning(
+            "no operators configured; the Admin service will refuse everyone"
+        )
+    try:
+        return asyncio.run(_serve(cfg, ns.port_file))
+    except (OSError, ValueError) as exc:
+        print(f"coalition-broker: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

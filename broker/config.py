@@ -1,0 +1,90 @@
+"""Broker configuration: a TOML file, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or has a wrong value."""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything the broker needs to start. Paths are resolved against the config file."""
+
+    listen: str = "127.0.0.1:7443"
+    name: str = "broker"
+    pki_dir: Path = Path("pki")
+    data_dir: Path = Path("data/broker")
+    operators: tuple[str, ...] = ()
+    max_envelope_bytes: int = 1 << 20
+    clock_skew_ms: int = 5 * 60 * 1000
+    max_store_bytes: int = 1 << 30
+    retention_bytes: int = 512 << 20
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    subscriber_window: int = 256
+    default_publish_rate_per_s: int = 2000
+    audit_checkpoint_every: int = 500
+    log_json: bool = False
+    log_level: str = "info"
+    revoked_serials: tuple[str, ...] = field(default_factory=tuple)
+
+    def with_overrides(self, **kw: Any) -> BrokerConfig:
+        """A copy with every non-None keyword applied."""
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+_SECTIONS = {
+    "broker": {"listen", "name", "data_dir", "operators", "revoked_serials"},
+    "pki": {"dir"},
+    "limits": {
+        "max_envelope_bytes",
+        "clock_skew_ms",
+        "max_store_bytes",
+        "retention_bytes",
+        "retention_ms",
+        "subscriber_window",
+        "default_publish_rate_per_s",
+        "audit_checkpoint_every",
+    },
+    "log": {"json", "level"},
+}
+
+
+def load_config(path: Path | None) -> BrokerConfig:
+    """Read a TOML config; unknown keys are errors so typos do not pass silently."""
+    if path is None:
+        return BrokerConfig()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    base = path.parent
+    values: dict[str, Any] = {}
+    for section, body in raw.items():
+        allowed = _SECTIONS.get(section)
+        if allowed is None or not isinstance(body, dict):
+            raise ConfigError(f"{path}: unknown section [{section}]")
+        for key, value in body.items():
+            if key not in allowed:
+                raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
+            renamed = {"dir": "pki_dir", "json": "log_json", "level": "log_level"}
+            name = str(renamed.get(key, key))
+            values[name] = value
+    for key in ("pki_dir", "data_dir"):
+        if key in values:
+            values[key] = (base / str(values[key])).resolve()
+    for key in ("operators", "revoked_serials"):
+        if key in values:
+            values[key] = tuple(str(v) for v in values[key])
+    types = {f.name: f.type for f in fields(BrokerConfig)}
+    for key, value in values.items():
+        if types[key] == "int" and not isinstance(value, int):
+            raise ConfigError(f"{path}: {key} must be an integer, got {value!r}")
+    return BrokerConfig(**values)

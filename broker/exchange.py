@@ -1,0 +1,585 @@
+"""The Exchange core: the publish pipeline, live subscriptions and routing.
+
+Servicers translate protobuf to calls on this class; this class holds no gRPC code.
+The store is the source of truth for deliveries: a subscription is woken when
+something changes and pulls what is pending for it, so a slow or absent
+subscriber costs store rows, not broker memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from broker.audit import AuditLog
+from broker.config import BrokerConfig
+from broker.errors import (
+    AlreadyExists,
+    BrokerError,
+    Exhausted,
+    Forbidden,
+    InvalidInput,
+    NotAuthenticated,
+    NotFound,
+    Precondition,
+    Unavailable,
+    status_name,
+)
+from broker.registry import PartnerRecord, Registry
+from broker.store import Appended, MessageStore, NewMessage, Rejected, StoredMessage, StoreFull
+from coalition import envelope as env
+from coalition.identity import IdentityError, verify_key_bundle, verify_signing_cert
+from coalition.labels import Label, LabelError, label_from_proto
+from coalition.policy import PartnerStatus, Reason, decide, decide_origination
+from coalition.topics import TopicError, any_match, validate_pattern, validate_topic
+from coalition.v1 import directory_pb2, envelope_pb2, exchange_pb2, label_pb2
+
+log = logging.getLogger("coalition.broker")
+
+Clock = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Counters:
+    published: int = 0
+    delivered: int = 0
+    refused: int = 0
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One live Subscribe stream."""
+
+    partner: str
+    patterns: tuple[str, ...]
+    window: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: set[int] = field(default_factory=set)
+    closed: BrokerError | None = None
+    # The client half-closed: acknowledgements are settled, the stream ends with OK.
+    finished: bool = False
+
+
+class TokenBucket:
+    """Per-partner publish rate limit."""
+
+    def __init__(self, rate: int, now_ms: int) -> None:
+        self.rate = max(rate, 1)
+        self.tokens = float(self.rate)
+        self.at = now_ms
+
+    def take(self, now_ms: int, rate: int) -> bool:
+        self.rate = max(rate, 1)
+        self.tokens = min(float(self.rate), self.tokens + (now_ms - self.at) * self.rate / 1000)
+        self.at = now_ms
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class ExchangeCore:
+    """Authorize, store and route envelopes; serve the directory."""
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        store: MessageStore,
+        audit: AuditLog,
+        registry: Registry,
+        ca_cert: x509.Certificate,
+        clock: Clock = wall_clock_ms,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.audit = audit
+        self.registry = registry
+        self.ca_cert = ca_cert
+        self.clock = clock
+        self.live: dict[str, set[Subscription]] = defaultdict(set)
+        self.counters: dict[str, Counters] = defaultdict(Counters)
+        self._buckets: dict[str, TokenBucket] = {}
+        self._signers: dict[tuple[str, str], Ed25519PublicKey] = {}
+        self.closing = False
+
+    # -- identity helpers -------------------------------------------------------------------
+    def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
+        """The certified signing key of sender; KeyError if unknown or not valid."""
+        cached = self._signers.get((sender, key_id))
+        if cached is not None:
+            return cached
+        rec = self.registry.get(sender)
+        if rec is None:
+            raise KeyError(sender)
+        cert = x509.load_der_x509_certificate(rec.signing_cert)
+        if format(cert.serial_number, "x") != key_id:
+            raise KeyError(key_id)
+        try:
+            key = verify_signing_cert(rec.signing_cert, self.ca_cert, sender, self.clock())
+        except IdentityError as exc:
+            raise KeyError(sender) from exc
+        self._signers[(sender, key_id)] = key
+        return key
+
+    # -- publish ------------------------------------------------------------------------------
+    async def publish(
+        self, partner: str, envelopes: Sequence[envelope_pb2.Envelope]
+    ) -> list[exchange_pb2.PublishResult]:
+        """Run each envelope through the pipeline; results in order, durable when returned."""
+        if self.closing:
+            raise Unavailable("shutting_down", "the broker is shutting down; retry shortly")
+        now = self.clock()
+        results: list[exchange_pb2.PublishResult | None] = [None] * len(envelopes)
+        accepted: list[tuple[int, NewMessage, envelope_pb2.Header]] = []
+        for i, e in enumerate(envelopes):
+            try:
+                header, msg = self._validate(partner, e, now)
+            except BrokerError as err:
+                results[i] = self._refusal(e, err)
+                continue
+            accepted.append((i, msg, header))
+        audits = []
+        if accepted:
+            msgs = [m for _, m, _ in accepted]
+            outcomes: list[Appended | Rejected | StoreFull]
+            try:
+                outcomes = list(await self.store.append(msgs, now))
+            except StoreFull as exc:
+                outcomes = [exc for _ in msgs]
+            for (i, msg, header), out in zip(accepted, outcomes, strict=True):
+                if isinstance(out, Appended):
+                    results[i] = exchange_pb2.PublishResult(
+                        message_id=msg.message_id,
+                        outcome=exchange_pb2.ACCEPTED,
+                        sequence=msg.sequence,
+                        offset=out.offset,
+                    )
+                    self.counters[partner].published += 1
+                    audits.append(
+                        self.audit.record(
+                            kind="publish.accepted",
+                            actor=partner,
+                            partner=partner,
+                            message_id=msg.message_id,
+                            decision="allow",
+                            detail={
+                                "offset": out.offset,
+                                "topic": msg.topic,
+                                "sequence": msg.sequence,
+                                "digest": msg.digest.hex(),
+                                "classification": msg.classification,
+                            },
+                            now_ms=now,
+                        )
+                    )
+                elif isinstance(out, StoreFull):
+                    results[i] = self._refusal(
+                        envelopes[i], Exhausted("store_full", str(out)), header
+                    )
+                else:
+                    refusal: BrokerError = (
+                        AlreadyExists(
+                            "replay",
+                            f"message id {msg.message_id} was already published (replay refused)",
+                        )
+                        if out.reason == "duplicate_id"
+                        else Precondition(
+                            "sequence_not_increasing",
+                            f"sequence {msg.sequence} is not above the last accepted sequence "
+                            f"from {partner}",
+                        )
+                    )
+                    results[i] = self._refusal(envelopes[i], refusal, header)
+        for i, r in enumerate(results):
+            assert r is not None
+            if r.outcome == exchange_pb2.REFUSED:
+                self.counters[partner].refused += 1
+                audits.append(
+                    self.audit.record(
+                        kind="publish.refused",
+                        actor=partner,
+                        partner=partner,
+                        message_id=r.message_id,
+                        decision=r.reason_code,
+                        detail={"reason": r.reason, "status": r.status, "index": i},
+                        now_ms=now,
+                    )
+                )
+                log.info(
+                    "publish refused",
+                    extra={"partner": partner, "reason": r.reason_code, "message_id": r.message_id},
+                )
+        await asyncio.gather(*audits)
+        if any(r is not None and r.outcome == exchange_pb2.ACCEPTED for r in results):
+            self.wake_all()
+        return [r for r in results if r is not None]
+
+    def _refusal(
+        self,
+        e: envelope_pb2.Envelope,
+        err: BrokerError,
+        header: envelope_pb2.Header | None = None,
+    ) -> exchange_pb2.PublishResult:
+        mid = header.message_id if header else _message_id_or_empty(e)
+        return exchange_pb2.PublishResult(
+            message_id=mid,
+            outcome=exchange_pb2.REFUSED,
+            reason_code=err.code,
+            reason=err.message,
+            status=status_name(err),
+        )
+
+    def _validate(
+        self, partner: str, e: envelope_pb2.Envelope, now: int
+    ) -> tuple[envelope_pb2.Header, NewMessage]:
+        size = e.ByteSize()
+        if size > self.cfg.max_envelope_bytes:
+            raise InvalidInput(
+                "oversized",
+                f"envelope is {size} bytes; the limit is {self.cfg.max_envelope_bytes} bytes",
+            )
+        try:
+            header = env.parse_header(e)
+        except env.InvalidEnvelope as exc:
+            raise InvalidInput("malformed", f"envelope header is malformed: {exc}") from exc
+        if header.sender != partner:
+            raise Forbidden(
+                "sender_mismatch",
+                f"envelope sender {header.sender!r} is not the authenticated partner {partner!r}",
+            )
+        rec = self.registry.get(partner)
+        if rec is None:
+            raise NotAuthenticated("unknown_sender", f"partner {partner} is not registered")
+        try:
+            env.verify(e, self.signer)
+        except env.InvalidEnvelope as exc:
+            if exc.reason is env.Failure.MALFORMED:
+                raise InvalidInput("malformed", f"envelope is malformed: {exc}") from exc
+            if exc.reason is env.Failure.UNKNOWN_SENDER:
+                raise NotAuthenticated(
+                    "unknown_signing_key",
+                    f"signing key {header.signing_key_id} is not {partner}'s certified key",
+                ) from exc
+            code = "bad_signature" if exc.reason is env.Failure.BAD_SIGNATURE else exc.reason.value
+            raise NotAuthenticated(code, f"envelope does not verify: {exc}") from exc
+        try:
+            label = label_from_proto(header.label)
+            validate_topic(header.topic)
+        except (LabelError, TopicError) as exc:
+            raise InvalidInput(
+                "bad_label" if isinstance(exc, LabelError) else "bad_topic", str(exc)
+            ) from exc
+        if header.precedence not in (1, 2, 3, 4):
+            raise InvalidInput("bad_precedence", "precedence must be ROUTINE..FLASH")
+        if abs(header.created_ms - now) > self.cfg.clock_skew_ms:
+            raise InvalidInput(
+                "clock_skew",
+                f"created time is {(header.created_ms - now) / 1000:+.1f} s from the broker's "
+                f"clock; the window is ±{self.cfg.clock_skew_ms / 1000:.0f} s",
+            )
+        decision = decide_origination(rec.policy, label, header.topic, now)
+        if not decision.allowed:
+            raise Forbidden(decision.reason.value, decision.explanation)
+        rate = rec.policy.publish_rate_per_s or self.cfg.default_publish_rate_per_s
+        bucket = self._buckets.setdefault(partner, TokenBucket(rate, now))
+        if not bucket.take(now, rate):
+            raise Exhausted("rate_limited", f"{partner} is over its rate of {rate} messages/s")
+        raw = e.SerializeToString()
+        msg = NewMessage(
+            message_id=header.message_id,
+            sender=partner,
+            sequence=header.sequence,
+            topic=header.topic,
+            precedence=int(header.precedence),
+            classification=int(label.classification),
+            label=header.label.SerializeToString(),
+            created_ms=header.created_ms,
+            expiry_ms=label.expiry_time_ms,
+            envelope=raw,
+            digest=hashlib.sha256(raw).digest(),
+        )
+        return header, msg
+
+    # -- subscribe ------------------------------------------------------------------------------
+    def open_subscription(self, partner: str, topics: Sequence[str], window: int) -> Subscription:
+        """Register a live stream; raises InvalidInput/Forbidden for a bad or forbidden open."""
+        if self.closing:
+            raise Unavailable("shutting_down", "the broker is shutting down; retry shortly")
+        if not topics:
+            raise InvalidInput("no_topics", "subscribe needs at least one topic pattern")
+        try:
+            patterns = tuple(validate_pattern(t) for t in topics)
+        except TopicError as exc:
+            raise InvalidInput("bad_topic", str(exc)) from exc
+        rec = self._record(partner)
+        if rec.policy.status is PartnerStatus.SUSPENDED:
+            raise Forbidden("suspended", f"partner {partner} is suspended")
+        allowed = rec.policy.subscribe_topics
+        if rec.policy.status is PartnerStatus.ACTIVE:
+            for p in patterns:
+                if not _pattern_within(p, allowed):
+                    raise Forbidden(
+                        "topic_not_permitted",
+                        f"{partner} may not subscribe to {p!r} (permitted: "
+                        f"{', '.join(allowed) or 'none'})",
+                    )
+        win = min(max(window or self.cfg.subscriber_window, 1), self.cfg.subscriber_window)
+        sub = Subscription(partner, patterns, win)
+        for old in self.live[partner]:
+            old.closed = Precondition("superseded", "a newer subscription replaced this one")
+            old.wake.set()
+        self.live[partner] = {sub}
+        return sub
+
+    def close_subscription(self, sub: Subscription) -> None:
+        subs = self.live.get(sub.partner)
+        if subs is not None:
+            subs.discard(sub)
+
+    async def acknowledge(self, sub: Subscription, offsets: Sequence[int]) -> None:
+        """Settle acknowledged deliveries so the durable cursor advances."""
+        offs = [o for o in offsets if o in sub.inflight]
+        if not offs:
+            return
+        await self.store.settle(sub.partner, offs)
+        sub.inflight.difference_update(offs)
+        sub.wake.set()
+
+    async def deliveries(self, sub: Subscription) -> AsyncIterator[exchange_pb2.SubscribeResponse]:
+        """Yield deliveries for sub as policy allows them now, backlog first by precedence."""
+        caught_up_sent = False
+        while True:
+            sub.wake.clear()
+            if sub.closed is not None:
+                raise sub.closed
+            if sub.finished:
+                return
+            if self.closing:
+                raise Unavailable("shutting_down", "the broker is shutting down; reconnect later")
+            rec = self._record(sub.partner)
+            if rec.policy.status is PartnerStatus.SUSPENDED:
+                raise Forbidden("suspended", f"partner {sub.partner} has been suspended")
+            room = sub.window - len(sub.inflight)
+            if room <= 0 or await self.store.cursor(sub.partner) is None:
+                await sub.wake.wait()
+                continue
+            batch = [
+                m
+                for m in await self.store.pending(sub.partner, room + len(sub.inflight))
+                if m.offset not in sub.inflight
+            ][:room]
+            if not batch:
+                if not caught_up_sent:
+                    caught_up_sent = True
+                    yield exchange_pb2.SubscribeResponse(
+                        status=exchange_pb2.SubscribeStatus(caught_up=True, backlog=0)
+                    )
+                await sub.wake.wait()
+                continue
+            now = self.clock()
+            skipped: list[int] = []
+            audits = []
+            for m in batch:
+                delivery, reason, why = self._route(sub, rec, m, now)
+                if delivery is None:
+                    skipped.append(m.offset)
+                    if reason != "own_message":
+                        audits.append(
+                            self.audit.record(
+                                kind="deliver.denied",
+                                actor="broker",
+                                partner=sub.partner,
+                                message_id=m.message_id,
+                                decision=reason,
+                                detail={"offset": m.offset, "why": why},
+                                now_ms=now,
+                            )
+                        )
+                    continue
+                sub.inflight.add(m.offset)
+                self.counters[sub.partner].delivered += 1
+                audits.append(
+                    self.audit.record(
+                        kind="deliver",
+                        actor="broker",
+                        partner=sub.partner,
+                        message_id=m.message_id,
+                        decision="allow",
+                        detail={"offset": m.offset, "topic": m.topic},
+                        now_ms=now,
+                    )
+                )
+                yield exchange_pb2.SubscribeResponse(delivery=delivery)
+            if skipped:
+                await self.store.settle(sub.partner, skipped)
+            await asyncio.gather(*audits)
+
+    def _route(
+        self, sub: Subscription, rec: PartnerRecord, m: StoredMessage, now: int
+    ) -> tuple[exchange_pb2.Delivery | None, str, str]:
+        if m.sender == sub.partner:
+            return None, "own_message", ""
+        if not any_match(sub.patterns, m.topic):
+            return None, "not_subscribed", f"topic {m.topic} is outside this subscription"
+        label_pb = label_pb2.Label.FromString(m.label)
+        try:
+            label: Label = label_from_proto(label_pb)
+        except LabelError as exc:  # stored labels were validated; this means tampering
+            return None, "bad_label", str(exc)
+        d = decide(rec.policy, label, m.topic, now)
+        if d.reason is not Reason.ALLOW:
+            return None, d.reason.value, d.explanation
+        e = envelope_pb2.Envelope.FromString(m.envelope)
+        try:
+            header = env.parse_header(e)
+        except env.InvalidEnvelope as exc:
+            return None, "malformed", str(exc)
+        if not any(w.recipient == sub.partner for w in header.wrapped_keys):
+            return None, "no_key_wrapped", "the sender wrapped no key for this partner"
+        return (
+            exchange_pb2.Delivery(
+                offset=m.offset,
+                envelope=e,
+                label=label_pb,
+                topic=m.topic,
+                precedence=label_pb2.Precedence.ValueType(m.precedence),
+            ),
+            "allow",
+            "",
+        )
+
+    def _record(self, partner: str) -> PartnerRecord:
+        rec = self.registry.get(partner)
+        if rec is None:
+            raise NotAuthenticated("unknown_partner", f"partner {partner} is not registered")
+        return rec
+
+    def wake_all(self) -> None:
+        for subs in self.live.values():
+            for s in subs:
+                s.wake.set()
+
+    def policy_changed(self, partner: str) -> None:
+        """Apply a policy change to live streams at once (suspension closes them)."""
+        rec = self.registry.get(partner)
+        for s in self.live.get(partner, set()):
+            if rec is not None and rec.policy.status is PartnerStatus.SUSPENDED:
+                s.closed = Forbidden("suspended", f"partner {partner} has been suspended")
+            s.wake.set()
+
+    # -- directory, keys, recipients ------------------------------------------------------
+    def directory(self) -> list[directory_pb2.DirectoryEntry]:
+        """Every registered partner with its signing certificate and current key bundle."""
+        out = []
+        for rec in self.registry.all():
+            entry = directory_pb2.DirectoryEntry(
+                partner=rec.code,
+                signing_cert=rec.signing_cert,
+                status=directory_pb2.PartnerStatus.ValueType(int(rec.policy.status)),
+                groups=sorted(rec.policy.groups),
+            )
+            if rec.bundle is not None:
+                entry.key_bundle.CopyFrom(rec.bundle)
+            out.append(entry)
+        return out
+
+    async def register_keys(self, partner: str, signed: directory_pb2.SignedKeyBundle) -> str:
+        """Verify a key bundle under the partner's certified key and make it current."""
+        rec = self._record(partner)
+        now = self.clock()
+        try:
+            cert = x509.load_der_x509_certificate(rec.signing_cert)
+            key = self.signer(partner, format(cert.serial_number, "x"))
+            bundle = verify_key_bundle(signed, key, partner, now)
+        except (KeyError, IdentityError, ValueError) as exc:
+            await self.audit.record(
+                kind="keys.refused",
+                actor=partner,
+                partner=partner,
+                decision="bad_key_bundle",
+                detail={"error": str(exc)},
+                now_ms=now,
+            )
+            raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}") from exc
+        await self.registry.set_bundle(partner, bundle.key_id, signed, now)
+        await self.audit.record(
+            kind="keys.registered",
+            actor=partner,
+            partner=partner,
+            decision="allow",
+            detail={"key_id": bundle.key_id},
+            now_ms=now,
+        )
+        return bundle.key_id
+
+    def eligible(self, label: Label, topic: str, *, exclude: str = "") -> list[str]:
+        """Partners that policy allows to receive label on topic now and that have keys."""
+        now = self.clock()
+        return [
+            rec.code
+            for rec in self.registry.all()
+            if rec.code != exclude
+            and rec.bundle is not None
+            and decide(rec.policy, label, topic, now).allowed
+        ]
+
+    def recipients(self, partner: str, label_pb: label_pb2.Label, topic: str) -> list[str]:
+        self._record(partner)
+        try:
+            label = label_from_proto(label_pb)
+            validate_topic(topic)
+        except (LabelError, TopicError) as exc:
+            raise InvalidInput("bad_label", str(exc)) from exc
+        return self.eligible(label, topic, exclude=partner)
+
+    def partner_record(self, partner: str) -> PartnerRecord:
+        rec = self.registry.get(partner)
+        if rec is None:
+            raise NotFound("unknown_partner", f"no partner {partner!r} is registered")
+        return rec
+
+    def shutdown(self) -> None:
+        """Stop taking new work and end live streams."""
+        self.closing = True
+        self.wake_all()
+
+
+def _pattern_within(pattern: str, allowed: Sequence[str]) -> bool:
+    """True if every topic pattern could match is also permitted by some allowed pattern."""
+    for a in allowed:
+        if a == pattern or _covers(a.split("."), pattern.split(".")):
+            return True
+    return False
+
+
+def _covers(a: list[str], p: list[str]) -> bool:
+    if not a:
+        return not p
+    if a[0] == ">":
+        return bool(p)
+    if not p or p[0] == ">":
+        return False
+    if a[0] != "*" and a[0] != p[0]:
+        return False
+    if a[0] != "*" and p[0] == "*":
+        return False
+    return _covers(a[1:], p[1:])
+
+
+def _message_id_or_empty(e: envelope_pb2.Envelope) -> str:
+    try:
+        return env.parse_header(e).message_id
+    except env.InvalidEnvelope:
+        return ""

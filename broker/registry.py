@@ -1,0 +1,349 @@
+"""Durable partner registry: signing certificates, versioned policies, proposals, key bundles.
+
+Writes are rare (operator actions, key registration), so this uses one SQLite
+connection guarded by a lock and run in a thread. The current policy of each
+partner is cached in memory because every delivery decision reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from coalition.policy import PartnerPolicy, PartnerStatus, policy_from_proto, policy_to_proto
+from coalition.v1 import directory_pb2, policy_pb2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS partners (
+  code TEXT PRIMARY KEY, signing_cert BLOB NOT NULL, registered_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS policy_versions (
+  partner TEXT NOT NULL, version INTEGER NOT NULL, policy BLOB NOT NULL,
+  changed_by TEXT NOT NULL, approved_by TEXT NOT NULL, changed_ms INTEGER NOT NULL,
+  reason TEXT NOT NULL, diff TEXT NOT NULL, PRIMARY KEY (partner, version));
+CREATE TABLE IF NOT EXISTS proposals (
+  id TEXT PRIMARY KEY, partner TEXT NOT NULL, policy BLOB NOT NULL, base_version INTEGER NOT NULL,
+  proposed_by TEXT NOT NULL, proposed_ms INTEGER NOT NULL, reason TEXT NOT NULL,
+  state INTEGER NOT NULL, decided_by TEXT NOT NULL DEFAULT '', diff TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS key_bundles (
+  partner TEXT NOT NULL, key_id TEXT NOT NULL, signed BLOB NOT NULL, registered_ms INTEGER NOT NULL,
+  PRIMARY KEY (partner, key_id));
+"""
+
+
+@dataclass
+class PartnerRecord:
+    """What the broker knows of one partner, as cached in memory."""
+
+    code: str
+    signing_cert: bytes
+    policy: PartnerPolicy
+    version: int
+    bundle: directory_pb2.SignedKeyBundle | None = None
+    key_id: str = ""
+
+
+class Registry:
+    """Partners, their policy history and pending proposals, in SQLite."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._cache: dict[str, PartnerRecord] = {}
+        self._load()
+
+    def _load(self) -> None:
+        for code, cert in self._db.execute("SELECT code, signing_cert FROM partners"):
+            row = self._db.execute(
+                "SELECT version, policy FROM policy_versions WHERE partner=? "
+                "ORDER BY version DESC LIMIT 1",
+                (code,),
+            ).fetchone()
+            pol = policy_pb2.PartnerPolicy.FromString(row[1])
+            rec = PartnerRecord(code, cert, policy_from_proto(pol), row[0])
+            b = self._db.execute(
+                "SELECT key_id, signed FROM key_bundles WHERE partner=? "
+                "ORDER BY registered_ms DESC, rowid DESC LIMIT 1",
+                (code,),
+            ).fetchone()
+            if b:
+                rec.key_id = b[0]
+                rec.bundle = directory_pb2.SignedKeyBundle.FromString(b[1])
+            self._cache[code] = rec
+
+    # -- reads (memory) -------------------------------------------------------------------
+    def get(self, code: str) -> PartnerRecord | None:
+        """The cached record of a partner, or None if it was never registered."""
+        return self._cache.get(code)
+
+    def all(self) -> list[PartnerRecord]:
+        return sorted(self._cache.values(), key=lambda r: r.code)
+
+    # -- writes ---------------------------------------------------------------------------
+    async def register(
+        self,
+        code: str,
+        signing_cert: bytes,
+        policy: PartnerPolicy,
+        *,
+        actor: str,
+        reason: str,
+        now_ms: int,
+    ) -> policy_pb2.PolicyVersion:
+        """Register a new partner with its first (unprivileged) policy version."""
+        return await asyncio.to_thread(
+            self._register, code, signing_cert, policy, actor, reason, now_ms
+        )
+
+    def _register(
+        self, code: str, cert: bytes, policy: PartnerPolicy, actor: str, reason: str, now_ms: int
+    ) -> policy_pb2.PolicyVersion:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO partners(code, signing_cert, registered_ms) VALUES (?,?,?)",
+                    (code, cert, now_ms),
+                )
+                pv = self._insert_version(policy, 1, actor, "", reason, ["registered"], now_ms)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._cache[code] = PartnerRecord(code, cert, policy, 1)
+            return pv
+
+    def _insert_version(
+        self,
+        policy: PartnerPolicy,
+        version: int,
+        by: str,
+        approved: str,
+        reason: str,
+        diff: list[str],
+        now_ms: int,
+    ) -> policy_pb2.PolicyVersion:
+        pb = policy_to_proto(policy)
+        self._db.execute(
+            "INSERT INTO policy_versions VALUES (?,?,?,?,?,?,?,?)",
+            (
+                policy.partner,
+                version,
+                pb.SerializeToString(),
+                by,
+                approved,
+                now_ms,
+                reason,
+                json.dumps(diff),
+            ),
+        )
+        return policy_pb2.PolicyVersion(
+            version=version,
+            policy=pb,
+            changed_by=by,
+            approved_by=approved,
+            changed_ms=now_ms,
+            reason=reason,
+            diff=diff,
+        )
+
+    async def apply(
+        self,
+        policy: PartnerPolicy,
+        *,
+        changed_by: str,
+        approved_by: str,
+        reason: str,
+        diff: list[str],
+        now_ms: int,
+        expected_version: int = 0,
+    ) -> policy_pb2.PolicyVersion:
+        """Record a new policy version; raises StaleVersion if expected_version is not current."""
+        return await asyncio.to_thread(
+            self._apply, policy, changed_by, approved_by, reason, diff, now_ms, expected_version
+        )
+
+    def _apply(
+        self,
+        policy: PartnerPolicy,
+        by: str,
+        approved: str,
+        reason: str,
+        diff: list[str],
+        now_ms: int,
+        expected: int,
+    ) -> policy_pb2.PolicyVersion:
+        with self._lock:
+            rec = self._cache[policy.partner]
+            if expected and expected != rec.version:
+                raise StaleVersion(rec.version)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                pv = self._insert_version(
+                    policy, rec.version + 1, by, approved, reason, diff, now_ms
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            rec.policy = policy
+            rec.version += 1
+            return pv
+
+    async def history(self, code: str) -> list[policy_pb2.PolicyVersion]:
+        def run() -> list[policy_pb2.PolicyVersion]:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT version, policy, changed_by, approved_by, changed_ms, reason, diff "
+                    "FROM policy_versions WHERE partner=? ORDER BY version",
+                    (code,),
+                ).fetchall()
+            return [
+                policy_pb2.PolicyVersion(
+                    version=v,
+                    policy=policy_pb2.PartnerPolicy.FromString(p),
+                    changed_by=b,
+                    approved_by=a,
+                    changed_ms=t,
+                    reason=r,
+                    diff=json.loads(d),
+                )
+                for v, p, b, a, t, r, d in rows
+            ]
+
+        return await asyncio.to_thread(run)
+
+    async def propose(
+        self,
+        policy: PartnerPolicy,
+        *,
+        base_version: int,
+        proposed_by: str,
+        reason: str,
+        diff: list[str],
+        now_ms: int,
+    ) -> policy_pb2.Proposal:
+        """Record a pending proposal for a privilege-raising change."""
+        pid = uuid.uuid4().hex[:12]
+        pb = policy_to_proto(policy)
+
+        def run() -> None:
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO proposals VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        pid,
+                        policy.partner,
+                        pb.SerializeToString(),
+                        base_version,
+                        proposed_by,
+                        now_ms,
+                        reason,
+                        policy_pb2.PROPOSAL_PENDING,
+                        "",
+                        json.dumps(diff),
+                    ),
+                )
+
+        await asyncio.to_thread(run)
+        return policy_pb2.Proposal(
+            proposal_id=pid,
+            policy=pb,
+            proposed_by=proposed_by,
+            proposed_ms=now_ms,
+            reason=reason,
+            state=policy_pb2.PROPOSAL_PENDING,
+            diff=diff,
+        )
+
+    async def proposal(self, pid: str) -> tuple[policy_pb2.Proposal, int] | None:
+        """A proposal and the policy version it was made against, or None."""
+        rows = await self._proposals("WHERE id=?", (pid,))
+        return rows[0] if rows else None
+
+    async def proposals(self, *, include_decided: bool) -> list[policy_pb2.Proposal]:
+        where = "" if include_decided else f"WHERE state={policy_pb2.PROPOSAL_PENDING}"
+        return [p for p, _ in await self._proposals(where + " ORDER BY proposed_ms", ())]
+
+    async def _proposals(
+        self, where: str, args: tuple[object, ...]
+    ) -> list[tuple[policy_pb2.Proposal, int]]:
+        def run() -> list[tuple[policy_pb2.Proposal, int]]:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, policy, base_version, proposed_by, proposed_ms, reason, state, "
+                    f"decided_by, diff FROM proposals {where}",
+                    args,
+                ).fetchall()
+            return [
+                (
+                    policy_pb2.Proposal(
+                        proposal_id=i,
+                        policy=policy_pb2.PartnerPolicy.FromString(p),
+                        proposed_by=by,
+                        proposed_ms=t,
+                        reason=r,
+                        state=policy_pb2.ProposalState.ValueType(s),
+                        decided_by=d,
+                        diff=json.loads(df),
+                    ),
+                    base,
+                )
+                for i, p, base, by, t, r, s, d, df in rows
+            ]
+
+        return await asyncio.to_thread(run)
+
+    async def decide_proposal(self, pid: str, *, state: int, decided_by: str) -> bool:
+        """Move a pending proposal to approved/rejected; False if it was no longer pending."""
+
+        def run() -> bool:
+            with self._lock:
+                cur = self._db.execute(
+                    "UPDATE proposals SET state=?, decided_by=? WHERE id=? AND state=?",
+                    (state, decided_by, pid, policy_pb2.PROPOSAL_PENDING),
+                )
+                return cur.rowcount == 1
+
+        return await asyncio.to_thread(run)
+
+    async def set_bundle(
+        self, code: str, key_id: str, signed: directory_pb2.SignedKeyBundle, now_ms: int
+    ) -> None:
+        """Make signed the partner's current key bundle (older ones stay on record)."""
+
+        def run() -> None:
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO key_bundles VALUES (?,?,?,?)",
+                    (code, key_id, signed.SerializeToString(), now_ms),
+                )
+                rec = self._cache[code]
+                rec.bundle = signed
+                rec.key_id = key_id
+
+        await asyncio.to_thread(run)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class StaleVersion(Exception):
+    """The policy changed since the version a change was made against."""
+
+    def __init__(self, current: int) -> None:
+        super().__init__(f"policy is now at version {current}")
+        self.current = current
+
+
+def pending_policy(code: str) -> PartnerPolicy:
+    """The policy of a registered but not yet admitted partner: no privileges at all."""
+    return PartnerPolicy(partner=code, status=PartnerStatus.PENDING)

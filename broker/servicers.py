@@ -1,0 +1,315 @@
+"""Thin gRPC servicers: protobuf in, a call on the core, protobuf out.
+
+Domain errors become gRPC statuses here, through the table in broker.errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import grpc
+
+from broker.admin import AdminCore
+from broker.auth import current_identity
+from broker.errors import BrokerError, InvalidInput
+from broker.exchange import ExchangeCore
+from coalition.policy import PartnerStatus
+from coalition.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    audit_pb2,
+    exchange_pb2,
+    exchange_pb2_grpc,
+    policy_pb2,
+)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
+
+
+async def _abort(ctx: Ctx, err: BrokerError) -> None:
+    await ctx.abort(err.status, err.message)
+
+
+class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
+    def __init__(self, core: ExchangeCore) -> None:
+        self.core = core
+
+    async def Publish(
+        self, request_iterator: AsyncIterator[exchange_pb2.PublishRequest], context: Ctx
+    ) -> AsyncIterator[exchange_pb2.PublishResponse]:
+        partner = current_identity().name
+        async for req in request_iterator:
+            try:
+                results = await self.core.publish(partner, req.envelopes)
+            except BrokerError as err:
+                # Shutting down: refuse each envelope explicitly rather than dropping it.
+                results = [
+                    exchange_pb2.PublishResult(
+                        outcome=exchange_pb2.REFUSED,
+                        reason_code=err.code,
+                        reason=err.message,
+                        status=err.status.name,
+                    )
+                    for _ in req.envelopes
+                ]
+            yield exchange_pb2.PublishResponse(batch_id=req.batch_id, results=results)
+
+    async def Subscribe(
+        self, request_iterator: AsyncIterator[exchange_pb2.SubscribeRequest], context: Ctx
+    ) -> AsyncIterator[exchange_pb2.SubscribeResponse]:
+        partner = current_identity().name
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "open":
+            await _abort(context, InvalidInput("no_open", "the first message must be an open"))
+        try:
+            sub = self.core.open_subscription(partner, list(first.open.topics), first.open.window)
+        except BrokerError as err:
+            await self.core.audit.record(
+                kind="subscribe.refused",
+                actor=partner,
+                partner=partner,
+                decision=err.code,
+                detail={"reason": err.message},
+                now_ms=self.core.clock(),
+            )
+            await _abort(context, err)
+            return
+
+        async def read_acks() -> None:
+            async for req in request_iterator:
+                if req.WhichOneof("kind") == "ack":
+                    await self.core.acknowledge(sub, list(req.ack.offsets))
+            sub.finished = True  # the client half-closed after its last acknowledgement
+            sub.wake.set()
+
+        acks = asyncio.create_task(read_acks())
+        try:
+            async for resp in self.core.deliveries(sub):
+                yield resp
+        except BrokerError as err:
+            await _abort(context, err)
+        finally:
+            self.core.close_subscription(sub)
+            acks.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await acks
+
+    async def Directory(
+        self, request: exchange_pb2.DirectoryRequest, context: Ctx
+    ) -> exchange_pb2.DirectoryResponse:
+        return exchange_pb2.DirectoryResponse(entries=self.core.directory())
+
+    async def RegisterKeys(
+        self, request: exchange_pb2.RegisterKeysRequest, context: Ctx
+    ) -> exchange_pb2.RegisterKeysResponse:
+        try:
+            key_id = await self.core.register_keys(current_identity().name, request.bundle)
+        except BrokerError as err:
+            await _abort(context, err)
+            raise
+        return exchange_pb2.RegisterKeysResponse(key_id=key_id)
+
+    async def Recipients(
+        self, request: exchange_pb2.RecipientsRequest, context: Ctx
+    ) -> exchange_pb2.RecipientsResponse:
+        try:
+            names = self.core.recipients(current_identity().name, request.label, request.topic)
+        except BrokerError as err:
+            await _abort(context, err)
+            raise
+        return exchange_pb2.RecipientsResponse(partners=names)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    """Every refusal is audited with the operator and the action."""
+
+    def __init__(self, core: AdminCore) -> None:
+        self.core = core
+
+    async def _guard(self, ctx: Ctx, action: str, partner: str, coro: Awaitable[T]) -> T:
+        try:
+            return await coro
+        except BrokerError as err:
+            await self.core.refused(current_identity().name, action, err.code, err.message, partner)
+            await _abort(ctx, err)
+            raise  # abort() raises; this keeps the type checker informed
+
+    def _op(self) -> str:
+        return current_identity().name
+
+    async def AdmitPartner(
+        self, request: admin_pb2.AdmitPartnerRequest, context: Ctx
+    ) -> admin_pb2.PolicyChangeResponse:
+        return await self._guard(
+            context,
+            "admit",
+            request.partner,
+            self.core.admit(
+                self._op(), request.partner, request.signing_cert, request.policy, request.reason
+            ),
+        )
+
+    async def ListPartners(
+        self, request: admin_pb2.ListPartnersRequest, context: Ctx
+    ) -> admin_pb2.ListPartnersResponse:
+        return admin_pb2.ListPartnersResponse(
+            partners=[self.core.summary(r.code) for r in self.core.registry.all()]
+        )
+
+    async def ShowPartner(
+        self, request: admin_pb2.ShowPartnerRequest, context: Ctx
+    ) -> admin_pb2.ShowPartnerResponse:
+        async def run() -> admin_pb2.ShowPartnerResponse:
+            summary = self.core.summary(request.partner)
+            history = await self.core.registry.history(request.partner)
+            entry = next(e for e in self.core.ex.directory() if e.partner == request.partner)
+            return admin_pb2.ShowPartnerResponse(
+                summary=summary, policy=history[-1], directory=entry
+            )
+
+        return await self._guard(context, "show", request.partner, run())
+
+    async def GetPolicy(
+        self, request: admin_pb2.GetPolicyRequest, context: Ctx
+    ) -> policy_pb2.PolicyVersion:
+        async def run() -> policy_pb2.PolicyVersion:
+            self.core.ex.partner_record(request.partner)
+            return (await self.core.registry.history(request.partner))[-1]
+
+        return await self._guard(context, "policy.get", request.partner, run())
+
+    async def SetPolicy(
+        self, request: admin_pb2.SetPolicyRequest, context: Ctx
+    ) -> admin_pb2.PolicyChangeResponse:
+        return await self._guard(
+            context,
+            "policy.set",
+            request.policy.partner,
+            self.core.set_policy(
+                self._op(), request.policy, request.reason, request.expected_version
+            ),
+        )
+
+    async def ApproveProposal(
+        self, request: admin_pb2.DecideProposalRequest, context: Ctx
+    ) -> admin_pb2.PolicyChangeResponse:
+        return await self._guard(
+            context,
+            "proposal.approve",
+            "",
+            self.core.decide_proposal(
+                self._op(), request.proposal_id, approve=True, reason=request.reason
+            ),
+        )
+
+    async def RejectProposal(
+        self, request: admin_pb2.DecideProposalRequest, context: Ctx
+    ) -> admin_pb2.PolicyChangeResponse:
+        return await self._guard(
+            context,
+            "proposal.reject",
+            "",
+            self.core.decide_proposal(
+                self._op(), request.proposal_id, approve=False, reason=request.reason
+            ),
+        )
+
+    async def ListProposals(
+        self, request: admin_pb2.ListProposalsRequest, context: Ctx
+    ) -> admin_pb2.ListProposalsResponse:
+        return admin_pb2.ListProposalsResponse(
+            proposals=await self.core.registry.proposals(include_decided=request.all)
+        )
+
+    async def PolicyHistory(
+        self, request: admin_pb2.PolicyHistoryRequest, context: Ctx
+    ) -> admin_pb2.PolicyHistoryResponse:
+        async def run() -> admin_pb2.PolicyHistoryResponse:
+            self.core.ex.partner_record(request.partner)
+            return admin_pb2.PolicyHistoryResponse(
+                versions=await self.core.registry.history(request.partner)
+            )
+
+        return await self._guard(context, "policy.history", request.partner, run())
+
+    async def Suspend(
+        self, request: admin_pb2.StatusChangeRequest, context: Ctx
+    ) -> admin_pb2.PolicyChangeResponse:
+        return await self._guard(
+            context,
+            "suspend",
+            request.partner,
+            self.core.set_status(
+                self._op(), request.partner, PartnerStatus.SUSPENDED, request.reason
+            ),
+        )
+
+    async def Reinstate(
+        self, request: admin_pb2.StatusChangeRequest, context: Ctx
+    ) -> admin_pb2.PolicyChangeResponse:
+        return await self._guard(
+            context,
+            "reinstate",
+            request.partner,
+            self.core.set_status(self._op(), request.partner, PartnerStatus.ACTIVE, request.reason),
+        )
+
+    async def QueryAudit(
+        self, request: admin_pb2.QueryAuditRequest, context: Ctx
+    ) -> AsyncIterator[audit_pb2.AuditEntry]:
+        rows = await self.core.audit.query(
+            partner=request.partner,
+            kind=request.kind,
+            since_ms=request.since_ms,
+            until_ms=request.until_ms,
+            limit=request.limit,
+            tail=request.tail,
+        )
+        for row in rows:
+            yield row
+
+    async def VerifyAudit(
+        self, request: admin_pb2.VerifyAuditRequest, context: Ctx
+    ) -> admin_pb2.VerifyAuditResponse:
+        res = await self.core.audit.verify(self.core.audit_public_key)
+        await self.core.audit.record(
+            kind="admin.action",
+            actor=self._op(),
+            decision="allow",
+            detail={"action": "audit.verify", "ok": res.ok},
+            now_ms=self.core.ex.clock(),
+        )
+        return admin_pb2.VerifyAuditResponse(
+            ok=res.ok,
+            entries=res.entries,
+            checkpoints=res.checkpoints,
+            first_broken_seq=res.first_broken_seq,
+            problem=res.problem,
+        )
+
+    async def ExportAudit(
+        self, request: admin_pb2.ExportAuditRequest, context: Ctx
+    ) -> AsyncIterator[admin_pb2.AuditRecord]:
+        async for rec in self.core.audit.export():
+            if isinstance(rec, audit_pb2.AuditEntry):
+                yield admin_pb2.AuditRecord(entry=rec)
+            else:
+                yield admin_pb2.AuditRecord(checkpoint=rec)
+
+    async def Stats(self, request: admin_pb2.StatsRequest, context: Ctx) -> admin_pb2.StatsResponse:
+        return await self.core.stats()
+
+    async def WhoReceives(
+        self, request: admin_pb2.WhoReceivesRequest, context: Ctx
+    ) -> admin_pb2.WhoReceivesResponse:
+        async def run() -> admin_pb2.WhoReceivesResponse:
+            return self.core.who_receives(request.label, request.topic)
+
+        return await self._guard(context, "who-receives", "", run())

@@ -1,0 +1,573 @@
+"""The client SDK: the one path to the broker for the node daemon, the CLIs, tests and benchmarks.
+
+``PartnerClient`` connects over mutual TLS, verifies the directory against the
+coalition CA (it does not trust the broker for keys), chooses recipients, seals and
+publishes with per-envelope results, and subscribes with acknowledgement.
+``OperatorClient`` wraps the Admin service. gRPC errors are mapped at this edge to
+``ClientError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from coalition import envelope as env
+from coalition.hpke import HpkePublicKey
+from coalition.identity import IdentityError, signing_key_id, verify_key_bundle, verify_signing_cert
+from coalition.labels import REL_TO, Label, Precedence, label_to_proto
+from coalition.pki import OperatorCredentials, PartnerCredentials
+from coalition.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    audit_pb2,
+    directory_pb2,
+    envelope_pb2,
+    exchange_pb2,
+    exchange_pb2_grpc,
+    label_pb2,
+    policy_pb2,
+)
+
+if TYPE_CHECKING:
+    from coalition.v1.admin_pb2_grpc import AdminAsyncStub
+    from coalition.v1.exchange_pb2_grpc import ExchangeAsyncStub
+
+T = TypeVar("T")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ClientError(Exception):
+    """A call to the broker failed; ``status`` is the gRPC status, ``message`` says why."""
+
+    def __init__(self, status: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{status.name}: {message}")
+        self.status = status
+        self.message = message
+
+
+class NoRecipients(ClientError):
+    """No partner is eligible for this label and topic right now."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+@contextlib.asynccontextmanager
+async def mapped_errors() -> AsyncIterator[None]:
+    """Translate gRPC errors into ClientError (the one place that does)."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise ClientError(exc.code(), exc.details() or exc.code().name) from None
+
+
+async def call(aw: Awaitable[T]) -> T:
+    async with mapped_errors():
+        return await aw
+
+
+def secure_channel(target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> grpc.aio.Channel:
+    """A mutual-TLS channel to the broker."""
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
+    return grpc.aio.secure_channel(
+        target,
+        creds,
+        options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ],
+    )
+
+
+# -- the verified directory ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A partner as this node verified it: certified signing key, signed key bundle."""
+
+    partner: str
+    status: int
+    groups: frozenset[str]
+    signing_key: Ed25519PublicKey
+    signing_key_id: str
+    key_id: str = ""
+    hpke_public: HpkePublicKey | None = None
+
+
+@dataclass
+class Directory:
+    """The partner directory, each entry checked against the coalition CA."""
+
+    peers: dict[str, Peer] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+
+    def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
+        peer = self.peers.get(sender)
+        if peer is None or peer.signing_key_id != key_id:
+            raise KeyError(sender)
+        return peer.signing_key
+
+    @classmethod
+    def verify(
+        cls, entries: Sequence[directory_pb2.DirectoryEntry], ca: x509.Certificate, now_ms: int
+    ) -> Directory:
+        """Keep only entries whose signing cert and key bundle verify; note the others."""
+        out = cls()
+        for e in entries:
+            try:
+                key = verify_signing_cert(e.signing_cert, ca, e.partner, now_ms)
+                kid = signing_key_id(x509.load_der_x509_certificate(e.signing_cert))
+                peer = Peer(e.partner, int(e.status), frozenset(e.groups), key, kid)
+                if e.HasField("key_bundle"):
+                    b = verify_key_bundle(e.key_bundle, key, e.partner, now_ms)
+                    peer = Peer(
+                        e.partner,
+                        int(e.status),
+                        frozenset(e.groups),
+                        key,
+                        kid,
+                        b.key_id,
+                        HpkePublicKey(b.public_key),
+                    )
+                out.peers[e.partner] = peer
+            except (IdentityError, ValueError) as exc:
+                out.problems[e.partner] = str(exc)
+        return out
+
+
+# -- sequence numbers ------------------------------------------------------------------------
+
+
+class Sequencer:
+    """Per-sender sequence numbers, strictly increasing. The node keeps them durable."""
+
+    def __init__(self, start: int = 0) -> None:
+        # Default start: time-based, so a fresh process never reuses a number.
+        self.last = start or time.time_ns() // 1000
+
+    def next(self) -> int:
+        self.last += 1
+        return self.last
+
+
+# -- partner client --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sealed:
+    envelope: envelope_pb2.Envelope
+    message_id: str
+    recipients: tuple[str, ...]
+    sequence: int
+
+
+class PartnerClient:
+    """A partner's connection to the broker."""
+
+    def __init__(
+        self,
+        creds: PartnerCredentials,
+        target: str,
+        *,
+        sequencer: Sequencer | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.creds = creds
+        self.code = creds.code
+        self.target = target
+        self.clock = clock
+        self.sequencer = sequencer or Sequencer()
+        self.ca_cert = x509.load_pem_x509_certificate(creds.ca_pem)
+        self.channel = secure_channel(target, creds.ca_pem, creds.tls_cert_pem, creds.tls_key_pem)
+        self.stub: ExchangeAsyncStub = exchange_pb2_grpc.ExchangeStub(self.channel)
+        self._directory: Directory | None = None
+        self._pub: _PublishStream | None = None
+
+    async def __aenter__(self) -> PartnerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._pub is not None:
+            await self._pub.close()
+            self._pub = None
+        await self.channel.close(None)
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until the TLS channel is up (raises ClientError on timeout)."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except TimeoutError:
+            raise ClientError(
+                grpc.StatusCode.UNAVAILABLE, f"broker at {self.target} not reachable"
+            ) from None
+
+    # -- keys and directory ----------------------------------------------------------------
+    async def register_keys(self) -> str:
+        """Publish this node's current signed key bundle; returns its key id."""
+        resp = await call(
+            self.stub.RegisterKeys(exchange_pb2.RegisterKeysRequest(bundle=self.creds.bundle))
+        )
+        return resp.key_id
+
+    async def directory(self, *, refresh: bool = False) -> Directory:
+        """The verified directory (cached until refresh)."""
+        if self._directory is None or refresh:
+            resp = await call(self.stub.Directory(exchange_pb2.DirectoryRequest()))
+            self._directory = Directory.verify(resp.entries, self.ca_cert, self.clock())
+        return self._directory
+
+    async def recipients(self, label: Label, topic: str) -> list[str]:
+        """Partners the broker reports eligible for this label and topic now."""
+        resp = await call(
+            self.stub.Recipients(
+                exchange_pb2.RecipientsRequest(label=label_to_proto(label), topic=topic)
+            )
+        )
+        return list(resp.partners)
+
+    # -- sealing and publishing --------------------------------------------------------------
+    async def seal(
+        self,
+        payload: bytes,
+        *,
+        topic: str,
+        label: Label,
+        precedence: Precedence = Precedence.ROUTINE,
+        content_type: str = env.INTEL_SUMMARY,
+        recipients: Sequence[str] | None = None,
+    ) -> Sealed:
+        """Seal payload for the eligible recipients, each checked against the signed directory.
+
+        Raises NoRecipients when nobody may receive it.
+        """
+        names = list(recipients) if recipients is not None else await self.recipients(label, topic)
+        directory = await self.directory()
+        if any(n not in directory.peers for n in names):
+            directory = await self.directory(refresh=True)
+        rel = set(label.releasable_to or ())
+        chosen = []
+        for name in names:
+            peer = directory.peers.get(name)
+            if peer is None or peer.hpke_public is None or name == self.code:
+                continue
+            if not (name in rel or peer.groups & rel):
+                continue  # the broker offered someone the label does not release to
+            chosen.append(env.Recipient(name, peer.key_id, peer.hpke_public))
+        if not chosen:
+            raise NoRecipients(f"no eligible recipient for {label.human()} on {topic} right now")
+        seq = self.sequencer.next()
+        envelope = env.seal(
+            plaintext=payload,
+            sender=self.code,
+            signing_key=self.creds.signing_key,
+            signing_key_id=self.creds.signing_key_id,
+            sequence=seq,
+            topic=topic,
+            label=label_to_proto(label),
+            precedence=int(precedence),
+            content_type=content_type,
+            recipients=chosen,
+            created_ms=self.clock(),
+        )
+        header = env.parse_header(envelope)
+        return Sealed(envelope, header.message_id, tuple(r.partner for r in chosen), seq)
+
+    async def publish(
+        self, envelopes: Sequence[envelope_pb2.Envelope]
+    ) -> list[exchange_pb2.PublishResult]:
+        """Publish envelopes in one request; one result each, once durable or refused."""
+        if self._pub is None or self._pub.broken:
+            self._pub = _PublishStream(self.stub)
+        return await self._pub.send(envelopes)
+
+    # -- subscribing and opening ---------------------------------------------------------------
+    def subscribe(self, topics: Sequence[str], *, window: int = 256) -> Subscription:
+        return Subscription(self.stub, topics, window)
+
+    async def open(self, delivery: exchange_pb2.Delivery) -> env.Opened:
+        """Verify and decrypt a delivery. Raises env.InvalidEnvelope."""
+        directory = await self.directory()
+        try:
+            header = env.parse_header(delivery.envelope)
+            directory.signer(header.sender, header.signing_key_id)
+        except KeyError:
+            directory = await self.directory(refresh=True)
+        except env.InvalidEnvelope:
+            pass
+        return env.open(
+            delivery.envelope,
+            recipient=self.code,
+            keys=self.creds.hpke_keys,
+            signer=directory.signer,
+        )
+
+
+class _PublishStream:
+    """One Publish stream with many batches in flight, matched by batch id."""
+
+    def __init__(self, stub: ExchangeAsyncStub) -> None:
+        self._queue: asyncio.Queue[exchange_pb2.PublishRequest | None] = asyncio.Queue()
+        self._waiting: dict[int, asyncio.Future[list[exchange_pb2.PublishResult]]] = {}
+        self._next = 0
+        self.broken = False
+        self._call = stub.Publish(self._requests())
+        self._reader = asyncio.create_task(self._read())
+
+    async def _requests(self) -> AsyncIterator[exchange_pb2.PublishRequest]:
+        while True:
+            req = await self._queue.get()
+            if req is None:
+                return
+            yield req
+
+    async def _read(self) -> None:
+        err: ClientError | None = None
+        try:
+            async for resp in self._call:
+                fut = self._waiting.pop(resp.batch_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(list(resp.results))
+        except grpc.aio.AioRpcError as exc:
+            err = ClientError(exc.code(), exc.details() or exc.code().name)
+        except asyncio.CancelledError:
+            err = ClientError(grpc.StatusCode.CANCELLED, "publish stream closed")
+        self.broken = True
+        err = err or ClientError(grpc.StatusCode.UNAVAILABLE, "publish stream ended")
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._waiting.clear()
+
+    async def send(
+        self, envelopes: Sequence[envelope_pb2.Envelope]
+    ) -> list[exchange_pb2.PublishResult]:
+        if self.broken:
+            raise ClientError(grpc.StatusCode.UNAVAILABLE, "publish stream is closed")
+        self._next += 1
+        fut: asyncio.Future[list[exchange_pb2.PublishResult]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._waiting[self._next] = fut
+        await self._queue.put(exchange_pb2.PublishRequest(batch_id=self._next, envelopes=envelopes))
+        return await fut
+
+    async def close(self) -> None:
+        await self._queue.put(None)
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+        self._call.cancel()
+
+
+class Subscription:
+    """A Subscribe stream: iterate for deliveries, ``ack()`` each once it is safe."""
+
+    def __init__(self, stub: ExchangeAsyncStub, topics: Sequence[str], window: int) -> None:
+        self._queue: asyncio.Queue[exchange_pb2.SubscribeRequest | None] = asyncio.Queue()
+        self._queue.put_nowait(
+            exchange_pb2.SubscribeRequest(
+                open=exchange_pb2.SubscribeOpen(topics=list(topics), window=window)
+            )
+        )
+        self._call = stub.Subscribe(self._requests())
+        self.caught_up = asyncio.Event()
+
+    async def _requests(self) -> AsyncIterator[exchange_pb2.SubscribeRequest]:
+        while True:
+            req = await self._queue.get()
+            if req is None:
+                return
+            yield req
+
+    def __aiter__(self) -> AsyncIterator[exchange_pb2.Delivery]:
+        return self._deliveries()
+
+    async def _deliveries(self) -> AsyncIterator[exchange_pb2.Delivery]:
+        async with mapped_errors():
+            async for resp in self._call:
+                if resp.WhichOneof("kind") == "status":
+                    if resp.status.caught_up:
+                        self.caught_up.set()
+                    continue
+                yield resp.delivery
+
+    async def ack(self, offsets: Sequence[int]) -> None:
+        await self._queue.put(
+            exchange_pb2.SubscribeRequest(ack=exchange_pb2.Ack(offsets=list(offsets)))
+        )
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Close gracefully: acknowledgements already queued reach the broker first.
+
+        Deliveries still in flight are read and dropped; being unacknowledged, they
+        will be delivered again on the next subscription.
+        """
+        self._queue.put_nowait(None)
+
+        async def drain() -> None:
+            # gRPC reports the final status only after every response was read.
+            async for _ in self._call:
+                pass
+
+        try:
+            await asyncio.wait_for(drain(), timeout)
+        except (TimeoutError, grpc.aio.AioRpcError):
+            self._call.cancel()
+
+    def close(self) -> None:
+        """Cancel at once; unacknowledged deliveries will be delivered again."""
+        self._queue.put_nowait(None)
+        self._call.cancel()
+
+
+def is_releasable(label: Label, partner: str, groups: frozenset[str]) -> bool:
+    """True if the label's REL TO names the partner or one of its groups."""
+    rel = set(label.releasable_to or ())
+    return partner in rel or bool(groups & rel)
+
+
+# -- operator client -------------------------------------------------------------------------
+
+
+class OperatorClient:
+    """An operator's connection to the Admin service."""
+
+    def __init__(self, creds: OperatorCredentials, target: str) -> None:
+        self.name = creds.name
+        self.channel = secure_channel(target, creds.ca_pem, creds.tls_cert_pem, creds.tls_key_pem)
+        self.stub: AdminAsyncStub = admin_pb2_grpc.AdminStub(self.channel)
+
+    async def __aenter__(self) -> OperatorClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    async def admit(
+        self, partner: str, signing_cert_der: bytes, policy: policy_pb2.PartnerPolicy, reason: str
+    ) -> admin_pb2.PolicyChangeResponse:
+        return await call(
+            self.stub.AdmitPartner(
+                admin_pb2.AdmitPartnerRequest(
+                    partner=partner, signing_cert=signing_cert_der, policy=policy, reason=reason
+                )
+            )
+        )
+
+    async def partners(self) -> list[admin_pb2.PartnerSummary]:
+        return list((await call(self.stub.ListPartners(admin_pb2.ListPartnersRequest()))).partners)
+
+    async def show(self, partner: str) -> admin_pb2.ShowPartnerResponse:
+        return await call(self.stub.ShowPartner(admin_pb2.ShowPartnerRequest(partner=partner)))
+
+    async def policy(self, partner: str) -> policy_pb2.PolicyVersion:
+        return await call(self.stub.GetPolicy(admin_pb2.GetPolicyRequest(partner=partner)))
+
+    async def set_policy(
+        self, policy: policy_pb2.PartnerPolicy, reason: str, expected_version: int = 0
+    ) -> admin_pb2.PolicyChangeResponse:
+        return await call(
+            self.stub.SetPolicy(
+                admin_pb2.SetPolicyRequest(
+                    policy=policy, reason=reason, expected_version=expected_version
+                )
+            )
+        )
+
+    async def approve(self, proposal_id: str, reason: str = "") -> admin_pb2.PolicyChangeResponse:
+        return await call(
+            self.stub.ApproveProposal(
+                admin_pb2.DecideProposalRequest(proposal_id=proposal_id, reason=reason)
+            )
+        )
+
+    async def reject(self, proposal_id: str, reason: str = "") -> admin_pb2.PolicyChangeResponse:
+        return await call(
+            self.stub.RejectProposal(
+                admin_pb2.DecideProposalRequest(proposal_id=proposal_id, reason=reason)
+            )
+        )
+
+    async def proposals(self, *, all: bool = False) -> list[policy_pb2.Proposal]:
+        resp = await call(self.stub.ListProposals(admin_pb2.ListProposalsRequest(all=all)))
+        return list(resp.proposals)
+
+    async def history(self, partner: str) -> list[policy_pb2.PolicyVersion]:
+        resp = await call(self.stub.PolicyHistory(admin_pb2.PolicyHistoryRequest(partner=partner)))
+        return list(resp.versions)
+
+    async def suspend(self, partner: str, reason: str) -> admin_pb2.PolicyChangeResponse:
+        return await call(
+            self.stub.Suspend(admin_pb2.StatusChangeRequest(partner=partner, reason=reason))
+        )
+
+    async def reinstate(self, partner: str, reason: str) -> admin_pb2.PolicyChangeResponse:
+        return await call(
+            self.stub.Reinstate(admin_pb2.StatusChangeRequest(partner=partner, reason=reason))
+        )
+
+    async def audit(self, **filters: Any) -> list[audit_pb2.AuditEntry]:
+        out = []
+        async with mapped_errors():
+            async for e in self.stub.QueryAudit(admin_pb2.QueryAuditRequest(**filters)):
+                out.append(e)
+        return out
+
+    async def verify_audit(self) -> admin_pb2.VerifyAuditResponse:
+        return await call(self.stub.VerifyAudit(admin_pb2.VerifyAuditRequest()))
+
+    async def export_audit(self) -> list[admin_pb2.AuditRecord]:
+        out = []
+        async with mapped_errors():
+            async for r in self.stub.ExportAudit(admin_pb2.ExportAuditRequest()):
+                out.append(r)
+        return out
+
+    async def stats(self) -> admin_pb2.StatsResponse:
+        return await call(self.stub.Stats(admin_pb2.StatsRequest()))
+
+    async def who_receives(self, label: Label, topic: str) -> admin_pb2.WhoReceivesResponse:
+        return await call(
+            self.stub.WhoReceives(
+                admin_pb2.WhoReceivesRequest(label=label_to_proto(label), topic=topic)
+            )
+        )
+
+
+__all__ = [
+    "REL_TO",
+    "ClientError",
+    "Directory",
+    "NoRecipients",
+    "OperatorClient",
+    "PartnerClient",
+    "Peer",
+    "Sealed",
+    "Sequencer",
+    "Subscription",
+    "label_pb2",
+]

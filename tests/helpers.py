@@ -1,0 +1,89 @@
+"""Shared helpers for integration tests: a real broker on port 0 over mTLS, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from broker.config import BrokerConfig
+from broker.server import Broker, start_broker
+from clients.sdk import OperatorClient, PartnerClient
+from coalition.labels import Classification
+from coalition.pki import load_operator, load_partner
+from coalition.policy import PartnerPolicy, PartnerStatus, policy_to_proto
+
+PARTNERS = ("KOR", "USA", "GBR", "UKR", "NATO")
+# ROGUE holds a valid CA-issued certificate but is never admitted.
+ALL_PARTNERS = (*PARTNERS, "ROGUE")
+# op3 holds a valid certificate but is not an operator of the broker.
+OPERATORS = ("op1", "op2", "op3")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def broker_config(pki: Path, data: Path, **kw: object) -> BrokerConfig:
+    base = BrokerConfig(
+        listen="127.0.0.1:0",
+        pki_dir=pki,
+        data_dir=data,
+        operators=("op1", "op2"),
+        audit_checkpoint_every=50,
+    )
+    return base.with_overrides(**kw)
+
+
+async def running_broker(pki: Path, data: Path, **kw: object) -> Broker:
+    return await start_broker(broker_config(pki, data, **kw))
+
+
+def policy(
+    code: str,
+    *,
+    level: Classification = Classification.SECRET,
+    groups: Iterable[str] = ("NATO",),
+    categories: dict[str, frozenset[str]] | None = None,
+    topics: tuple[str, ...] = ("intel.>",),
+    status: PartnerStatus = PartnerStatus.ACTIVE,
+) -> PartnerPolicy:
+    return PartnerPolicy(
+        partner=code,
+        status=status,
+        clearances={"NATO": level},
+        groups=frozenset(groups),
+        categories=categories or {},
+        publish_topics=topics,
+        subscribe_topics=topics,
+        origination_ceilings={"NATO": level},
+    )
+
+
+def operator(pki: Path, name: str, port: int) -> OperatorClient:
+    return OperatorClient(load_operator(pki / "operators" / name), f"127.0.0.1:{port}")
+
+
+def partner(pki: Path, code: str, port: int) -> PartnerClient:
+    return PartnerClient(load_partner(pki / "partners" / code), f"127.0.0.1:{port}")
+
+
+async def admit(pki: Path, port: int, pol: PartnerPolicy) -> None:
+    """Admit a partner the proper way: op1 proposes, op2 approves."""
+    creds = load_partner(pki / "partners" / pol.partner)
+    async with operator(pki, "op1", port) as op1, operator(pki, "op2", port) as op2:
+        resp = await op1.admit(pol.partner, creds.signing_cert_der, policy_to_proto(pol), "test")
+        assert resp.WhichOneof("result") == "proposal"
+        done = await op2.approve(resp.proposal.proposal_id, "approved in test")
+        assert done.WhichOneof("result") == "applied"
+
+
+async def eventually(predicate: object, timeout: float = 5.0) -> None:
+    """Wait until predicate() is true (no timing assertion; a bound so a failure ends)."""
+    assert callable(predicate)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
