@@ -54,5 +54,9 @@ bench-quick: $(STAMP)
 bench-seal: $(STAMP)
 	@$(PY) -m bench.seal
 
+# A development PKI in pki/ (git-ignored): CA, broker, five partners, two operators.
+pki: $(STAMP)
+	@$(VENV)/bin/coalition-keys dev-pki pki
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

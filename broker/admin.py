@@ -5,6 +5,8 @@ audit queries and statistics. Servicers translate protobuf to calls on this clas
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -225,6 +227,15 @@ class AdminCore:
                 f"operator {operator} proposed {pid} and cannot also approve it; "
                 "a second operator must",
             )
+        current = self.ex.partner_record(prop.policy.partner).version
+        if approve and current != base:
+            # Refuse before marking it approved: a stale proposal can never apply, and it
+            # stays pending so that an operator can reject it or propose again.
+            raise Precondition(
+                "stale_proposal",
+                f"the policy of {prop.policy.partner} changed since this was proposed "
+                f"(version {base}, now {current}); propose again",
+            )
         state = policy_pb2.PROPOSAL_APPROVED if approve else policy_pb2.PROPOSAL_REJECTED
         if not await self.registry.decide_proposal(pid, state=state, decided_by=operator):
             raise Precondition("proposal_decided", f"proposal {pid} was already decided")
@@ -255,6 +266,47 @@ class AdminCore:
         except PolicyError as exc:
             raise InvalidInput("bad_policy", str(exc)) from exc
 
+    async def verify(self, operator: str) -> admin_pb2.VerifyAuditResponse:
+        """Verify the audit chain and its signed checkpoints, and the store against it.
+
+        Each accepted message's digest was committed to the hash chain when it was
+        accepted, so a row altered on disk is found even if its digest column was
+        altered with it.
+        """
+        res = await self.audit.verify(self.audit_public_key)
+        tampered = set(await self.ex.store.verify_integrity())
+        for entry in await self.audit.query(kind="publish.accepted"):
+            detail = json.loads(entry.detail_json or "{}")
+            offset, digest = detail.get("offset"), detail.get("digest")
+            if not isinstance(offset, int) or not isinstance(digest, str):
+                continue
+            stored = await self.ex.store.get(offset)
+            if stored is not None and hashlib.sha256(stored.envelope).hexdigest() != digest:
+                tampered.add(offset)
+        problems = [res.problem] if res.problem else []
+        if tampered:
+            shown = ", ".join(str(o) for o in sorted(tampered)[:10])
+            problems.append(
+                f"{len(tampered)} stored message(s) do not match the digest the audit log "
+                f"recorded at acceptance (offsets {shown})"
+            )
+        ok = res.ok and not tampered
+        await self.audit.record(
+            kind="admin.action",
+            actor=operator,
+            decision="allow" if ok else "verify_failed",
+            detail={"action": "audit.verify", "ok": ok, "tampered": len(tampered)},
+            now_ms=self._now(),
+        )
+        return admin_pb2.VerifyAuditResponse(
+            ok=ok,
+            entries=res.entries,
+            checkpoints=res.checkpoints,
+            first_broken_seq=res.first_broken_seq,
+            problem="; ".join(problems),
+            tampered_offsets=sorted(tampered),
+        )
+
     # -- views --------------------------------------------------------------------------
     def summary(self, partner: str) -> admin_pb2.PartnerSummary:
         rec = self.ex.partner_record(partner)
@@ -276,7 +328,9 @@ class AdminCore:
         )
         for rec in self.registry.all():
             c = self.ex.counters[rec.code]
-            backlog = await self.ex.store.backlog_count(rec.code)
+            # A partner not yet admitted has no cursor, so nothing is owed to it.
+            has_cursor = await self.ex.store.cursor(rec.code) is not None
+            backlog = await self.ex.store.backlog_count(rec.code) if has_cursor else 0
             out.partners.append(
                 admin_pb2.PartnerStats(
                     partner=rec.code,

@@ -36,6 +36,15 @@ OPEN_SERVICES = (
 )
 
 
+TLS_VERSION = "TLSv1.3"
+
+
+def _tls_version(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The TLS version grpc negotiated for this call's connection ("" if not TLS)."""
+    values = list(context.auth_context().get("ssl_tls_version") or [])
+    return values[0].decode("ascii", "replace") if values else ""
+
+
 def current_identity() -> Identity:
     """The authenticated caller of the RPC being served."""
     return _IDENTITY.get()
@@ -68,6 +77,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 grpc.StatusCode.UNAUTHENTICATED,
                 "no_certificate",
                 "a client certificate is required",
+                "",
+            )
+        tls = _tls_version(context)
+        if tls != TLS_VERSION:
+            # grpc Python has no knob for the minimum TLS version, so it is enforced here.
+            raise AuthRefused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "tls_version",
+                f"the connection uses {tls or 'no TLS'}; {TLS_VERSION} is required",
                 "",
             )
         try:
@@ -147,7 +165,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 kind="auth.refused",
                 actor=exc.actor or context.peer(),
                 decision=exc.code,
-                detail={"method": method, "reason": exc.message},
+                detail={"method": method, "reason": exc.message, "tls": _tls_version(context)},
                 now_ms=self.clock(),
             )
             log.warning("refused", extra={"method": method, "actor": exc.actor, "reason": exc.code})

@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--operators", help="comma-separated operator names allowed to administer")
     s.add_argument("--max-envelope-bytes", type=int)
     s.add_argument("--max-store-bytes", type=int)
+    s.add_argument("--min-free-bytes", type=int, help="free disk kept in reserve (default 64 MiB)")
     s.add_argument("--clock-skew-ms", type=int)
+    s.add_argument("--audit-checkpoint-every", type=int, help="sign a checkpoint every N entries")
     s.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--port-file", type=Path, help="write the bound port here once serving")
@@ -59,7 +61,9 @@ def _config(ns: argparse.Namespace) -> BrokerConfig:
         operators=tuple(o for o in ns.operators.split(",") if o) if ns.operators else None,
         max_envelope_bytes=ns.max_envelope_bytes,
         max_store_bytes=ns.max_store_bytes,
+        min_free_bytes=ns.min_free_bytes,
         clock_skew_ms=ns.clock_skew_ms,
+        audit_checkpoint_every=ns.audit_checkpoint_every,
         log_json=ns.log_json,
         log_level=ns.log_level,
     )

@@ -24,6 +24,9 @@ class BrokerConfig:
     max_envelope_bytes: int = 1 << 20
     clock_skew_ms: int = 5 * 60 * 1000
     max_store_bytes: int = 1 << 30
+    # Publishes are refused while the data disk has less free space than this, so the
+    # audit log and the WAL always have room to record the refusal.
+    min_free_bytes: int = 64 << 20
     retention_bytes: int = 512 << 20
     retention_ms: int = 7 * 24 * 3600 * 1000
     subscriber_window: int = 256
@@ -45,6 +48,7 @@ _SECTIONS = {
         "max_envelope_bytes",
         "clock_skew_ms",
         "max_store_bytes",
+        "min_free_bytes",
         "retention_bytes",
         "retention_ms",
         "subscriber_window",
@@ -82,9 +86,20 @@ def load_config(path: Path | None) -> BrokerConfig:
             values[key] = (base / str(values[key])).resolve()
     for key in ("operators", "revoked_serials"):
         if key in values:
-            values[key] = tuple(str(v) for v in values[key])
+            # A bare string would otherwise become a tuple of its characters.
+            if not isinstance(values[key], list) or not all(
+                isinstance(v, str) for v in values[key]
+            ):
+                raise ConfigError(f"{path}: {key} must be a list of strings")
+            values[key] = tuple(values[key])
     types = {f.name: f.type for f in fields(BrokerConfig)}
     for key, value in values.items():
-        if types[key] == "int" and not isinstance(value, int):
+        # bool is an int subclass in Python; TOML's true is no size.
+        if types[key] == "int" and (not isinstance(value, int) or isinstance(value, bool)):
             raise ConfigError(f"{path}: {key} must be an integer, got {value!r}")
+        if types[key] == "bool" and not isinstance(value, bool):
+            shown = {"log_json": "json"}.get(key, key)
+            raise ConfigError(f"{path}: {shown} must be true or false, got {value!r}")
+        if types[key] == "str" and not isinstance(value, str):
+            raise ConfigError(f"{path}: {key} must be a string, got {value!r}")
     return BrokerConfig(**values)

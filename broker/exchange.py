@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit import AuditLog
+from broker.audit import AuditError, AuditLog
 from broker.config import BrokerConfig
 from broker.errors import (
     AlreadyExists,
@@ -67,6 +68,9 @@ class Subscription:
     window: int
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: set[int] = field(default_factory=set)
+    # Offsets acknowledged while deliveries() was reading the store: that read may predate
+    # the acknowledgement, so these must not be delivered again from it.
+    acked_during_read: set[int] = field(default_factory=set)
     closed: BrokerError | None = None
     # The client half-closed: acknowledgements are settled, the stream ends with OK.
     finished: bool = False
@@ -113,6 +117,7 @@ class ExchangeCore:
         self._buckets: dict[str, TokenBucket] = {}
         self._signers: dict[tuple[str, str], Ed25519PublicKey] = {}
         self.closing = False
+        self.audit_failed = False
 
     # -- identity helpers -------------------------------------------------------------------
     def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
@@ -141,6 +146,8 @@ class ExchangeCore:
         if self.closing:
             raise Unavailable("shutting_down", "the broker is shutting down; retry shortly")
         now = self.clock()
+        if self.audit_failed:
+            await self._probe_audit(now)
         results: list[exchange_pb2.PublishResult | None] = [None] * len(envelopes)
         accepted: list[tuple[int, NewMessage, envelope_pb2.Header]] = []
         for i, e in enumerate(envelopes):
@@ -153,6 +160,11 @@ class ExchangeCore:
         audits = []
         if accepted:
             msgs = [m for _, m, _ in accepted]
+            low = self._disk_too_full(sum(len(m.envelope) for m in msgs))
+            if low is not None:
+                for i, _, header in accepted:
+                    results[i] = self._refusal(envelopes[i], low, header)
+                accepted, msgs = [], []
             outcomes: list[Appended | Rejected | StoreFull]
             try:
                 outcomes = list(await self.store.append(msgs, now))
@@ -221,10 +233,44 @@ class ExchangeCore:
                     "publish refused",
                     extra={"partner": partner, "reason": r.reason_code, "message_id": r.message_id},
                 )
-        await asyncio.gather(*audits)
+        try:
+            await asyncio.gather(*audits)
+        except AuditError:
+            # Fail closed: what is stored stays stored, but no further publish is
+            # accepted until the audit log can record decisions again.
+            self.audit_failed = True
+            log.critical("audit log cannot be written; refusing publishes until it can")
         if any(r is not None and r.outcome == exchange_pb2.ACCEPTED for r in results):
             self.wake_all()
         return [r for r in results if r is not None]
+
+    def _disk_too_full(self, incoming: int) -> Exhausted | None:
+        """A refusal if accepting incoming bytes would eat into the free-space reserve."""
+        if self.cfg.min_free_bytes <= 0:
+            return None
+        try:
+            free = shutil.disk_usage(self.cfg.data_dir).free
+        except OSError:
+            return None
+        if free - incoming >= self.cfg.min_free_bytes:
+            return None
+        return Exhausted(
+            "store_full",
+            f"the broker's disk is nearly full ({free / 1048576:.1f} MiB free, "
+            f"{self.cfg.min_free_bytes / 1048576:.1f} MiB kept in reserve); "
+            "refusing new messages until space is freed",
+        )
+
+    async def _probe_audit(self, now: int) -> None:
+        try:
+            await self.audit.record(kind="audit.recovered", actor="broker", now_ms=now)
+        except AuditError as exc:
+            raise Exhausted(
+                "audit_unavailable",
+                "the audit log cannot be written (disk full?); publishes are refused until it can",
+            ) from exc
+        self.audit_failed = False
+        log.warning("audit log writable again; accepting publishes")
 
     def _refusal(
         self,
@@ -288,6 +334,11 @@ class ExchangeCore:
                 "clock_skew",
                 f"created time is {(header.created_ms - now) / 1000:+.1f} s from the broker's "
                 f"clock; the window is ±{self.cfg.clock_skew_ms / 1000:.0f} s",
+            )
+        if label.originator and label.originator != partner:
+            raise Forbidden(
+                "originator_mismatch",
+                f"label originator {label.originator!r} is not the sender {partner!r}",
             )
         decision = decide_origination(rec.policy, label, header.topic, now)
         if not decision.allowed:
@@ -355,6 +406,7 @@ class ExchangeCore:
             return
         await self.store.settle(sub.partner, offs)
         sub.inflight.difference_update(offs)
+        sub.acked_during_read.update(offs)
         sub.wake.set()
 
     async def deliveries(self, sub: Subscription) -> AsyncIterator[exchange_pb2.SubscribeResponse]:
@@ -375,10 +427,11 @@ class ExchangeCore:
             if room <= 0 or await self.store.cursor(sub.partner) is None:
                 await sub.wake.wait()
                 continue
+            sub.acked_during_read.clear()
             batch = [
                 m
                 for m in await self.store.pending(sub.partner, room + len(sub.inflight))
-                if m.offset not in sub.inflight
+                if m.offset not in sub.inflight and m.offset not in sub.acked_during_read
             ][:room]
             if not batch:
                 if not caught_up_sent:
@@ -431,30 +484,28 @@ class ExchangeCore:
     ) -> tuple[exchange_pb2.Delivery | None, str, str]:
         if m.sender == sub.partner:
             return None, "own_message", ""
-        if not any_match(sub.patterns, m.topic):
-            return None, "not_subscribed", f"topic {m.topic} is outside this subscription"
-        label_pb = label_pb2.Label.FromString(m.label)
-        try:
-            label: Label = label_from_proto(label_pb)
-        except LabelError as exc:  # stored labels were validated; this means tampering
-            return None, "bad_label", str(exc)
-        d = decide(rec.policy, label, m.topic, now)
-        if d.reason is not Reason.ALLOW:
-            return None, d.reason.value, d.explanation
+        # Route on the envelope's own header (which the recipient verifies under the
+        # sender's signature), never on a separate store column that could be edited alone.
         e = envelope_pb2.Envelope.FromString(m.envelope)
         try:
             header = env.parse_header(e)
-        except env.InvalidEnvelope as exc:
+            label: Label = label_from_proto(header.label)
+        except (env.InvalidEnvelope, LabelError) as exc:  # validated at publish: tampering
             return None, "malformed", str(exc)
+        if not any_match(sub.patterns, header.topic):
+            return None, "not_subscribed", f"topic {header.topic} is outside this subscription"
+        d = decide(rec.policy, label, header.topic, now)
+        if d.reason is not Reason.ALLOW:
+            return None, d.reason.value, d.explanation
         if not any(w.recipient == sub.partner for w in header.wrapped_keys):
             return None, "no_key_wrapped", "the sender wrapped no key for this partner"
         return (
             exchange_pb2.Delivery(
                 offset=m.offset,
                 envelope=e,
-                label=label_pb,
-                topic=m.topic,
-                precedence=label_pb2.Precedence.ValueType(m.precedence),
+                label=header.label,
+                topic=header.topic,
+                precedence=header.precedence,
             ),
             "allow",
             "",
@@ -571,9 +622,7 @@ def _covers(a: list[str], p: list[str]) -> bool:
         return bool(p)
     if not p or p[0] == ">":
         return False
-    if a[0] != "*" and a[0] != p[0]:
-        return False
-    if a[0] != "*" and p[0] == "*":
+    if a[0] != "*" and a[0] != p[0]:  # also refuses "*" in p under a literal in a
         return False
     return _covers(a[1:], p[1:])
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 from cryptography import x509
@@ -156,16 +157,56 @@ class Directory:
 # -- sequence numbers ------------------------------------------------------------------------
 
 
-class Sequencer:
-    """Per-sender sequence numbers, strictly increasing. The node keeps them durable."""
+@dataclass(frozen=True)
+class Allocation:
+    """Numbers taken for one envelope: the header's sequence and each recipient's."""
 
-    def __init__(self, start: int = 0) -> None:
+    sequence: int
+    per_recipient: Mapping[str, int] = field(default_factory=dict)
+
+
+class SequenceSource(Protocol):
+    """Where a sender's sequence numbers come from (in memory, or durable on a node)."""
+
+    def next(self) -> int: ...
+
+    def allocate(self, recipients: Sequence[str]) -> Allocation: ...
+
+    def release(self, allocation: Allocation) -> None: ...
+
+
+class Sequencer:
+    """Per-sender sequence numbers, strictly increasing, in memory. The node keeps them durable.
+
+    With ``per_recipient=True`` it also numbers each recipient's copies 1, 2, 3 ... for
+    the recipient's gap detection; by default those stay 0 (untracked), because an
+    in-memory counter restarts with the process.
+    """
+
+    def __init__(self, start: int = 0, *, per_recipient: bool = False) -> None:
         # Default start: time-based, so a fresh process never reuses a number.
         self.last = start or time.time_ns() // 1000
+        self.per_recipient = per_recipient
+        self.recipient_last: dict[str, int] = {}
 
     def next(self) -> int:
         self.last += 1
         return self.last
+
+    def allocate(self, recipients: Sequence[str]) -> Allocation:
+        """The next header sequence and, if tracked, the next number for each recipient."""
+        per: dict[str, int] = {}
+        if self.per_recipient:
+            for r in recipients:
+                per[r] = self.recipient_last.get(r, 0) + 1
+                self.recipient_last[r] = per[r]
+        return Allocation(self.next(), per)
+
+    def release(self, allocation: Allocation) -> None:
+        """Give back recipient numbers of an envelope the broker refused, if still the last."""
+        for r, n in allocation.per_recipient.items():
+            if self.recipient_last.get(r) == n:
+                self.recipient_last[r] = n - 1
 
 
 # -- partner client --------------------------------------------------------------------------
@@ -177,6 +218,7 @@ class Sealed:
     message_id: str
     recipients: tuple[str, ...]
     sequence: int
+    allocation: Allocation = field(default_factory=lambda: Allocation(0))
 
 
 class PartnerClient:
@@ -187,14 +229,14 @@ class PartnerClient:
         creds: PartnerCredentials,
         target: str,
         *,
-        sequencer: Sequencer | None = None,
+        sequencer: SequenceSource | None = None,
         clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self.creds = creds
         self.code = creds.code
         self.target = target
         self.clock = clock
-        self.sequencer = sequencer or Sequencer()
+        self.sequencer: SequenceSource = sequencer or Sequencer()
         self.ca_cert = x509.load_pem_x509_certificate(creds.ca_pem)
         self.channel = secure_channel(target, creds.ca_pem, creds.tls_cert_pem, creds.tls_key_pem)
         self.stub: ExchangeAsyncStub = exchange_pb2_grpc.ExchangeStub(self.channel)
@@ -262,21 +304,35 @@ class PartnerClient:
         Raises NoRecipients when nobody may receive it.
         """
         names = list(recipients) if recipients is not None else await self.recipients(label, topic)
-        directory = await self.directory()
-        if any(n not in directory.peers for n in names):
-            directory = await self.directory(refresh=True)
         rel = set(label.releasable_to or ())
+
+        def usable(d: Directory, name: str) -> bool:
+            peer = d.peers.get(name)
+            return (
+                peer is not None
+                and peer.hpke_public is not None
+                and name != self.code
+                and (name in rel or bool(peer.groups & rel))
+            )
+
+        directory = await self.directory()
+        if not all(usable(directory, n) for n in names if n != self.code):
+            # Keys or groups may have changed since the cached copy (policy changes,
+            # key rotation): check again against a fresh directory before dropping anyone.
+            directory = await self.directory(refresh=True)
         chosen = []
         for name in names:
             peer = directory.peers.get(name)
-            if peer is None or peer.hpke_public is None or name == self.code:
-                continue
-            if not (name in rel or peer.groups & rel):
-                continue  # the broker offered someone the label does not release to
+            if peer is None or peer.hpke_public is None or not usable(directory, name):
+                continue  # unknown, keyless, or not released to by the label: never wrap for it
             chosen.append(env.Recipient(name, peer.key_id, peer.hpke_public))
         if not chosen:
             raise NoRecipients(f"no eligible recipient for {label.human()} on {topic} right now")
-        seq = self.sequencer.next()
+        alloc = self.sequencer.allocate([r.partner for r in chosen])
+        seq = alloc.sequence
+        chosen = [
+            dataclasses.replace(r, sequence=alloc.per_recipient.get(r.partner, 0)) for r in chosen
+        ]
         envelope = env.seal(
             plaintext=payload,
             sender=self.code,
@@ -291,7 +347,15 @@ class PartnerClient:
             created_ms=self.clock(),
         )
         header = env.parse_header(envelope)
-        return Sealed(envelope, header.message_id, tuple(r.partner for r in chosen), seq)
+        return Sealed(envelope, header.message_id, tuple(r.partner for r in chosen), seq, alloc)
+
+    def discard(self, sealed: Sealed) -> None:
+        """Forget a sealed envelope the broker refused: its recipients' numbers may be reused.
+
+        Only for a definite refusal; after an ambiguous failure (the connection broke) the
+        envelope may be stored, so its numbers must stay taken.
+        """
+        self.sequencer.release(sealed.allocation)
 
     async def publish(
         self, envelopes: Sequence[envelope_pb2.Envelope]
@@ -391,7 +455,10 @@ class Subscription:
             )
         )
         self._call = stub.Subscribe(self._requests())
+        self._gen: AsyncGenerator[exchange_pb2.Delivery, None] | None = None
         self.caught_up = asyncio.Event()
+        # Set when the stream has ended (broker closed it, or after aclose()).
+        self.ended = asyncio.Event()
 
     async def _requests(self) -> AsyncIterator[exchange_pb2.SubscribeRequest]:
         while True:
@@ -400,17 +467,21 @@ class Subscription:
                 return
             yield req
 
-    def __aiter__(self) -> AsyncIterator[exchange_pb2.Delivery]:
-        return self._deliveries()
+    def __aiter__(self) -> AsyncGenerator[exchange_pb2.Delivery, None]:
+        self._gen = self._deliveries()
+        return self._gen
 
-    async def _deliveries(self) -> AsyncIterator[exchange_pb2.Delivery]:
-        async with mapped_errors():
-            async for resp in self._call:
-                if resp.WhichOneof("kind") == "status":
-                    if resp.status.caught_up:
-                        self.caught_up.set()
-                    continue
-                yield resp.delivery
+    async def _deliveries(self) -> AsyncGenerator[exchange_pb2.Delivery, None]:
+        try:
+            async with mapped_errors():
+                async for resp in self._call:
+                    if resp.WhichOneof("kind") == "status":
+                        if resp.status.caught_up:
+                            self.caught_up.set()
+                        continue
+                    yield resp.delivery
+        finally:
+            self.ended.set()
 
     async def ack(self, offsets: Sequence[int]) -> None:
         await self._queue.put(
@@ -426,6 +497,10 @@ class Subscription:
         self._queue.put_nowait(None)
 
         async def drain() -> None:
+            if self._gen is not None and getattr(self._gen, "ag_running", False):
+                # Another task is reading; it sees the end of the stream.
+                await self.ended.wait()
+                return
             # gRPC reports the final status only after every response was read.
             async for _ in self._call:
                 pass
@@ -434,6 +509,7 @@ class Subscription:
             await asyncio.wait_for(drain(), timeout)
         except (TimeoutError, grpc.aio.AioRpcError):
             self._call.cancel()
+        self.ended.set()
 
     def close(self) -> None:
         """Cancel at once; unacknowledged deliveries will be delivered again."""
@@ -560,6 +636,7 @@ class OperatorClient:
 
 __all__ = [
     "REL_TO",
+    "Allocation",
     "ClientError",
     "Directory",
     "NoRecipients",
@@ -567,6 +644,7 @@ __all__ = [
     "PartnerClient",
     "Peer",
     "Sealed",
+    "SequenceSource",
     "Sequencer",
     "Subscription",
     "label_pb2",

@@ -424,12 +424,19 @@ class VerifyAuditResponse(_message.Message):
     CHECKPOINTS_FIELD_NUMBER: _builtins.int
     FIRST_BROKEN_SEQ_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
+    TAMPERED_OFFSETS_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     entries: _builtins.int
     checkpoints: _builtins.int
     first_broken_seq: _builtins.int
     """The first entry whose hash or link does not verify (0 when ok)."""
     problem: _builtins.str
+    @_builtins.property
+    def tampered_offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Stored messages whose bytes no longer match the digest the audit log recorded
+        when they were accepted (a tampered store).
+        """
+
     def __init__(
         self,
         *,
@@ -438,10 +445,11 @@ class VerifyAuditResponse(_message.Message):
         checkpoints: _builtins.int = ...,
         first_broken_seq: _builtins.int = ...,
         problem: _builtins.str = ...,
+        tampered_offsets: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "entries", b"entries", "first_broken_seq", b"first_broken_seq", "ok", b"ok", "problem", b"problem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "entries", b"entries", "first_broken_seq", b"first_broken_seq", "ok", b"ok", "problem", b"problem", "tampered_offsets", b"tampered_offsets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

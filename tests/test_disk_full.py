@@ -1,0 +1,157 @@
+"""Fault: the broker's disk fills up. Publishes are refused clearly (RESOURCE_EXHAUSTED),
+nothing accepted is lost or corrupted, other calls keep working, and once space is
+freed publishing resumes. Uses a real, small tmpfs (needs root, as CI has)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.server import Broker
+from clients.sdk import PartnerClient
+from coalition.labels import parse_label
+from coalition.v1 import exchange_pb2
+from tests.helpers import admit, operator, partner, policy, running_broker
+
+LABEL = parse_label("NATO SECRET // REL TO USA")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+async def broker(pki: Path, tiny_disk: Path) -> AsyncIterator[Broker]:
+    # The store's own quota is far above the disk: the disk runs out first. The broker
+    # keeps 512 KiB in reserve so the audit log can still record every refusal.
+    b = await running_broker(
+        pki,
+        tiny_disk / "broker",
+        max_store_bytes=1 << 30,
+        min_free_bytes=512 * 1024,
+        audit_checkpoint_every=10_000,
+    )
+    for code in ("KOR", "USA"):
+        await admit(pki, b.port, policy(code))
+    try:
+        yield b
+    finally:
+        await b.stop(grace=1)
+
+
+async def test_disk_full_refuses_cleanly_and_recovers(
+    pki: Path, broker: Broker, tiny_disk: Path
+) -> None:
+    async with partner(pki, "KOR", broker.port) as kor, partner(pki, "USA", broker.port) as usa:
+        await kor.register_keys()
+        await usa.register_keys()
+        # Fill the disk with a file we can delete later, leaving a little room.
+        filler = tiny_disk / "filler"
+        with filler.open("wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+        os.truncate(filler, max(filler.stat().st_size - 2 * 1024 * 1024, 0))
+
+        accepted: list[exchange_pb2.PublishResult] = []
+        refused: list[exchange_pb2.PublishResult] = []
+        for _ in range(200):
+            s = await kor.seal(os.urandom(8 * 1024), topic="intel.a", label=LABEL)
+            [res] = await kor.publish([s.envelope])
+            (accepted if res.outcome == exchange_pb2.ACCEPTED else refused).append(res)
+            if len(refused) >= 3:
+                break
+        assert accepted, "some messages fit before the disk filled"
+        assert refused, "the disk never filled"
+        for r in refused:
+            assert (r.status, r.reason_code) == ("RESOURCE_EXHAUSTED", "store_full")
+            assert "full" in r.reason
+
+        # The broker keeps serving other calls.
+        directory = await usa.directory(refresh=True)
+        assert "KOR" in directory.peers
+
+        # Space comes back: publishing resumes, and everything accepted is intact.
+        filler.unlink()
+        s = await kor.seal(b"after recovery", topic="intel.a", label=LABEL)
+        [res] = await kor.publish([s.envelope])
+        assert res.outcome == exchange_pb2.ACCEPTED, res
+        assert await broker.store.verify_integrity() == []
+        got = await _receive_all(usa, len(accepted) + 1)
+        assert got[-1] == b"after recovery"
+    async with operator(pki, "op1", broker.port) as op:
+        verdict = await op.verify_audit()
+    assert verdict.ok, verdict.problem
+
+
+async def _receive_all(client: PartnerClient, n: int) -> list[bytes]:
+    out: list[bytes] = []
+    sub = client.subscribe(["intel.>"])
+    async for d in sub:
+        out.append((await client.open(d)).plaintext)
+        await sub.ack([d.offset])
+        if len(out) == n:
+            break
+    await sub.aclose()
+    return out
+
+
+async def test_disk_full_without_reserve_fails_closed(pki: Path, tiny_disk: Path) -> None:
+    """No reserve: SQLite itself reports the full disk. Publishes are refused (store_full,
+    or audit_unavailable while the audit log cannot record decisions); nothing crashes,
+    and after space is freed publishing resumes with the store and the chain intact."""
+    b = await running_broker(
+        pki, tiny_disk / "broker", min_free_bytes=0, audit_checkpoint_every=10_000
+    )
+    try:
+        for code in ("KOR", "USA"):
+            await admit(pki, b.port, policy(code))
+        async with partner(pki, "KOR", b.port) as kor, partner(pki, "USA", b.port) as usa:
+            await kor.register_keys()
+            await usa.register_keys()
+            filler = tiny_disk / "filler"
+            with filler.open("wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                except OSError:
+                    pass
+            os.truncate(filler, max(filler.stat().st_size - 512 * 1024, 0))
+            codes = set()
+            for _ in range(300):
+                s = await kor.seal(os.urandom(8 * 1024), topic="intel.a", label=LABEL)
+                [res] = await kor.publish([s.envelope])
+                if res.outcome == exchange_pb2.REFUSED:
+                    assert res.status == "RESOURCE_EXHAUSTED", res
+                    codes.add(res.reason_code)
+                    if len(codes) == 2 or res.reason_code == "audit_unavailable":
+                        break
+            assert codes <= {"store_full", "audit_unavailable"} and codes
+            filler.unlink()
+            s = await kor.seal(b"after recovery", topic="intel.a", label=LABEL)
+            [res] = await kor.publish([s.envelope])
+            assert res.outcome == exchange_pb2.ACCEPTED, res
+            assert await b.store.verify_integrity() == []
+            await usa.directory(refresh=True)
+    finally:
+        await b.stop(grace=1)
+    assert not b.exchange.audit_failed
