@@ -1,0 +1,394 @@
+"""`coalition-node`: the partner node daemon and the commands around its inbox."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+from clients.node.config import ConfigError, NodeConfig, load_config
+from clients.node.content import ContentError, build_summary, content_dict
+from clients.node.inbox import Entry, Inbox
+from coalition.pki import PartnerCredentials, PkiError, load_partner
+
+PROG = "coalition-node"
+EXIT_FAILED = 1  # the broker refused, was unreachable, or nothing matched
+EXIT_USAGE = 2  # bad config, keys, label or input: fix the call, do not retry
+
+RUN_EPILOG = """examples:
+  coalition-node run --config kor.toml
+  coalition-node run --config kor.toml --log-json 2>>kor.log
+
+The daemon registers its key bundle, subscribes, and for each delivery verifies and
+decrypts it, checks the label the broker routed under is the signed one, stores it
+in the inbox and only then acknowledges it. It reconnects with backoff for as long as
+it runs. SIGTERM or SIGINT: finish the current message, close the stream, exit 0.
+"""
+PUBLISH_EPILOG = """examples:
+  echo "Armour moving north of the river" | coalition-node publish --config kor.toml \\
+      --topic intel.ground.kor --label "NATO SECRET // REL TO KOR, USA" -
+  coalition-node publish --config kor.toml --topic intel.air --precedence FLASH \\
+      --label "NATO RESTRICTED // REL TO NATO" --title "Air activity" --area "Sector 4" report.txt
+  coalition-node publish --config kor.toml --topic intel.ground \\
+      --label "NATO SECRET // REL TO USA" --json summary.json
+
+Input: a JSON object with IntelSummary fields (title, summary, area, window_start_ms,
+window_end_ms, reliability "A".."F", credibility 1..6, attachments) or plain UTF-8 text
+(the text is the summary, its first line the title). Missing gradings default to F6.
+Exit status: 0 published, 1 refused/no recipient/unreachable, 2 bad input or config.
+"""
+INBOX_EPILOG = """examples:
+  coalition-node inbox --config kor.toml
+  coalition-node inbox --config kor.toml --topic "intel.ground.>" --since 2025-06-01T08:00
+  coalition-node inbox --config kor.toml --since 1717228800000 --json
+"""
+SHOW_EPILOG = """examples:
+  coalition-node show --config kor.toml 3f9a1c
+  coalition-node show --config kor.toml 3f9a1c0e5d7b44a1b2c3d4e5f6a7b8c9 --json
+"""
+STATUS_EPILOG = """examples:
+  coalition-node status --config kor.toml
+  coalition-node status --config kor.toml --json
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="The Coalition partner node: receive, verify, decrypt and keep intelligence "
+        "summaries; publish your own.",
+        epilog="Run '%(prog)s COMMAND --help' for each command's options and examples. "
+        "The config file is described in docs/node.md.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, help: str, epilog: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        s.add_argument("--config", type=Path, required=True, help="node TOML config file")
+        return s
+
+    r = cmd("run", "run the node daemon until SIGTERM/SIGINT", RUN_EPILOG)
+    r.add_argument("--log-json", action="store_true", default=None, help="JSON status lines")
+    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    pub = cmd("publish", "seal and publish one intelligence summary", PUBLISH_EPILOG)
+    pub.add_argument("--topic", required=True, help="topic, e.g. intel.ground.kor")
+    pub.add_argument("--label", required=True, help='e.g. "NATO SECRET // REL TO KOR, USA"')
+    pub.add_argument(
+        "--precedence", default="ROUTINE", help="ROUTINE (default), PRIORITY, IMMEDIATE or FLASH"
+    )
+    pub.add_argument("--title", help="title (default: from the input)")
+    pub.add_argument("--area", help="area of interest name")
+    pub.add_argument("--reliability", help="source reliability A..F (default F)")
+    pub.add_argument("--credibility", help="information credibility 1..6 (default 6)")
+    pub.add_argument("--timeout", type=float, default=15.0, help="seconds to wait (default 15)")
+    pub.add_argument("--json", action="store_true", help="print the result as JSON")
+    pub.add_argument("file", help="input file, or - for stdin")
+
+    ib = cmd("inbox", "list messages in the inbox", INBOX_EPILOG)
+    ib.add_argument("--topic", help="only topics matching this pattern (* and > wildcards)")
+    ib.add_argument("--since", help="received at or after: ISO time (UTC if no zone) or Unix ms")
+    ib.add_argument("--limit", type=int, help="only the newest N")
+    ib.add_argument("--json", action="store_true", help="one JSON array")
+
+    sh = cmd("show", "show one message: metadata and content", SHOW_EPILOG)
+    sh.add_argument("id", help="message id, or a unique prefix of at least 6 characters")
+    sh.add_argument("--json", action="store_true", help="JSON, attachments base64")
+
+    st = cmd("status", "inbox, quarantine, gaps and connection state", STATUS_EPILOG)
+    st.add_argument("--json", action="store_true", help="JSON object")
+    return p
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> int:
+    """One line on stderr, and the exit status."""
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        cfg = load_config(ns.config)
+    except ConfigError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    try:
+        if ns.command == "run":
+            return _run(cfg, ns)
+        if ns.command == "publish":
+            return _publish(cfg, ns)
+        inbox = Inbox(cfg.inbox)
+    except PkiError as exc:
+        return fail(f"cannot load identity {cfg.identity}: {exc}", EXIT_USAGE)
+    except (OSError, sqlite3.Error) as exc:
+        return fail(f"inbox {cfg.inbox}: {exc}")
+    try:
+        if ns.command == "inbox":
+            return _inbox(inbox, ns)
+        if ns.command == "show":
+            return _show(inbox, ns)
+        return _status(cfg, inbox, ns)
+    finally:
+        inbox.close()
+
+
+def _credentials(cfg: NodeConfig) -> PartnerCredentials:
+    """The partner's keys, including the TLS pair that load_partner leaves to gRPC."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    creds = load_partner(cfg.identity)
+    # gRPC would only say "Invalid private key" at connect time, far from the cause.
+    key_path = cfg.identity / "tls.key"
+    try:
+        key = load_pem_private_key(creds.tls_key_pem, password=None)
+    except (ValueError, TypeError):
+        raise PkiError(f"{key_path} is not an unencrypted PEM private key") from None
+    cert = x509.load_pem_x509_certificate(creds.tls_cert_pem)
+    if key.public_key() != cert.public_key():
+        raise PkiError(f"{key_path} does not match {cfg.identity / 'tls.crt'}")
+    return creds
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+def _run(cfg: NodeConfig, ns: argparse.Namespace) -> int:
+    from clients.node.daemon import NodeDaemon
+    from clients.node.logs import setup_logging
+
+    creds = _credentials(cfg)
+    setup_logging(
+        as_json=cfg.log_json if ns.log_json is None else ns.log_json,
+        level=ns.log_level or cfg.log_level,
+    )
+
+    async def serve() -> int:
+        daemon = NodeDaemon(cfg, creds)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stop.set)
+        return await daemon.run()
+
+    return asyncio.run(serve())
+
+
+# -- publish ------------------------------------------------------------------------------
+
+
+def _publish(cfg: NodeConfig, ns: argparse.Namespace) -> int:
+    from clients.node.publish import PublishError, publish
+    from coalition.labels import LabelError, Precedence, parse_label
+    from coalition.topics import TopicError, validate_topic
+
+    try:
+        label = parse_label(ns.label)
+        precedence = Precedence.parse(ns.precedence)
+        topic = validate_topic(ns.topic)
+        data = sys.stdin.buffer.read() if ns.file == "-" else Path(ns.file).read_bytes()
+        summary = build_summary(
+            data,
+            title=ns.title,
+            area=ns.area,
+            reliability_code=ns.reliability,
+            credibility_code=ns.credibility,
+        )
+    except (LabelError, TopicError, ContentError) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        return fail(f"cannot read {ns.file}: {exc.strerror}", EXIT_USAGE)
+    creds = _credentials(cfg)
+    try:
+        result = asyncio.run(
+            publish(
+                cfg,
+                creds,
+                summary,
+                topic=topic,
+                label=label,
+                precedence=precedence,
+                timeout=ns.timeout,
+            )
+        )
+    except PublishError as exc:
+        return fail(str(exc))
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"published {result['message_id']} (offset {result['offset']}) "
+            f"to {', '.join(result['recipients'])}"
+        )
+    return 0
+
+
+# -- inbox, show, status ------------------------------------------------------------------
+
+
+def parse_since(text: str) -> int:
+    """ISO 8601 (UTC when no zone is given) or Unix milliseconds -> Unix milliseconds."""
+    if text.isdigit():
+        return int(text)
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since must be an ISO time or Unix ms, got {text!r}") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp() * 1000)
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _entry_dict(e: Entry) -> dict[str, Any]:
+    return {
+        "message_id": e.message_id,
+        "sender": e.sender,
+        "sequence": e.sequence,
+        "recipient_sequence": e.recipient_sequence,
+        "topic": e.topic,
+        "precedence": e.precedence,
+        "label": e.label,
+        "created_ms": e.created_ms,
+        "received_ms": e.received_ms,
+        "received": iso(e.received_ms),
+        "offset": e.offset,
+        "content_type": e.content_type,
+        "title": e.title,
+    }
+
+
+def _inbox(inbox: Inbox, ns: argparse.Namespace) -> int:
+    from coalition.topics import TopicError, topic_matches, validate_pattern
+
+    try:
+        since = parse_since(ns.since) if ns.since else 0
+        pattern = validate_pattern(ns.topic) if ns.topic else None
+    except (ValueError, TopicError) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    entries = [
+        e
+        for e in inbox.entries(since_ms=since)
+        if pattern is None or topic_matches(pattern, e.topic)
+    ]
+    if ns.limit is not None:
+        entries = entries[-ns.limit :] if ns.limit > 0 else []
+    if ns.json:
+        print(json.dumps([_entry_dict(e) for e in entries], indent=2))
+        return 0
+    rows = [("TIME", "SENDER", "PRECEDENCE", "LABEL", "TOPIC", "TITLE", "ID")]
+    rows += [
+        (iso(e.received_ms), e.sender, e.precedence, e.label, e.topic, e.title, e.message_id[:12])
+        for e in entries
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if not entries:
+        print("(no messages)")
+    return 0
+
+
+def _show(inbox: Inbox, ns: argparse.Namespace) -> int:
+    if len(ns.id) < 6:
+        return fail("give at least 6 characters of the message id", EXIT_USAGE)
+    found = inbox.find(ns.id.lower())
+    if not found:
+        return fail(f"no message {ns.id} in the inbox {inbox.path}")
+    if len(found) > 1:
+        ids = ", ".join(e.message_id for e, _ in found)
+        return fail(f"{ns.id} matches several messages ({ids}); give more of the id")
+    e, payload = found[0]
+    try:
+        content: dict[str, Any] | None = content_dict(e.content_type, payload, attachments=ns.json)
+    except ContentError:
+        content = None
+    if ns.json:
+        print(json.dumps({**_entry_dict(e), "content": content}, indent=2))
+        return 0
+    for k, v in (
+        ("message", e.message_id),
+        ("from", f"{e.sender} (sequence {e.sequence}, to us #{e.recipient_sequence or '-'})"),
+        ("label", e.label),
+        ("precedence", e.precedence),
+        ("topic", e.topic),
+        ("created", iso(e.created_ms)),
+        ("received", f"{iso(e.received_ms)} (broker offset {e.offset})"),
+    ):
+        print(f"{k:11} {v}")
+    print()
+    _print_content(content or {})
+    return 0
+
+
+def _print_content(c: dict[str, Any]) -> None:
+    if "payload_size" in c:
+        print(f"(raw payload, {c['payload_size']} bytes)")
+        return
+    print(c.get("title", ""))
+    area = c.get("area")
+    if area:
+        print(f"area: {area.get('name', '')}")
+    if c.get("reliability") or c.get("credibility"):
+        rel = str(c.get("reliability", "?")).removeprefix("RELIABILITY_")
+        cred = str(c.get("credibility", "?")).removeprefix("CREDIBILITY_")
+        print(f"grading: {rel}{cred}")
+    print()
+    print(c.get("summary", ""))
+    for a in c.get("attachments", []):
+        print(f"attachment: {a.get('filename', '')} ({a.get('media_type', '')}, {a['size']} bytes)")
+
+
+def _status(cfg: NodeConfig, inbox: Inbox, ns: argparse.Namespace) -> int:
+    n, q = inbox.counts()
+    gaps = inbox.gaps()
+    connected = inbox.meta("last_connected_ms")
+    offset = inbox.meta("last_offset")
+    doc: dict[str, Any] = {
+        "identity": str(cfg.identity),
+        "broker": cfg.broker,
+        "inbox": str(cfg.inbox),
+        "messages": n,
+        "quarantined": q,
+        "gaps": [
+            {"sender": g.sender, "first": g.first, "last": g.last, "detected_ms": g.detected_ms}
+            for g in gaps
+        ],
+        "last_connected_ms": int(connected) if connected else None,
+        "last_offset": int(offset) if offset else None,
+        "senders": inbox.senders(),
+        "recent_quarantine": inbox.quarantined(5),
+    }
+    if ns.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"identity      {cfg.identity}")
+    print(f"broker        {cfg.broker}")
+    print(f"inbox         {cfg.inbox}: {n} messages, {q} quarantined")
+    print(f"connected     {iso(int(connected)) if connected else 'never'}")
+    print(f"last offset   {offset or '-'}")
+    for sender, high in doc["senders"].items():
+        print(f"from {sender:8} up to sequence {high}")
+    for g in gaps:
+        print(g.describe())
+    for qd in doc["recent_quarantine"]:
+        print(f"quarantined offset {qd['offset']} from {qd['sender'] or '?'}: {qd['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
