@@ -1,0 +1,75 @@
+"""`coalition-demo`: a five-nation exchange on real processes; see clients/demo/scenario.py."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EPILOG = """examples:
+  coalition-demo                      run the scenario in a temporary directory
+  coalition-demo --report demo.json   also write the results as JSON
+  coalition-demo --keep demo-run      keep PKI, stores, inboxes and logs in demo-run/
+
+The demo creates a development PKI (KOR, USA, GBR, UKR, NATO HQ and operators op1,
+op2), starts the broker and one node daemon per partner as real processes, and plays
+eight steps: admission by two operators, a first summary from KOR, a RESTRICTIVE
+compartment, an offline partner catching up FLASH first, a suspension mid-stream, a
+rogue process, and audit verification. Exit status 0 means every expectation held.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="coalition-demo",
+        description="Play a multi-nation intelligence exchange end to end and check it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--report", type=Path, help="write the results as JSON to this file")
+    p.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    p.add_argument(
+        "--deadline-ms",
+        type=int,
+        default=1000,
+        help="how soon eligible partners must receive (default 1000)",
+    )
+    ns = p.parse_args(argv)
+
+    from clients.demo.scenario import Demo, default_out
+
+    work = ns.keep or Path(tempfile.mkdtemp(prefix="coalition-demo-"))
+    if ns.keep and work.exists() and any(work.iterdir()):
+        print(f"coalition-demo: {work} is not empty; choose a new directory", file=sys.stderr)
+        return 2
+    work.mkdir(parents=True, exist_ok=True)
+    demo = Demo(work, out=default_out, deadline_ms=ns.deadline_ms)
+    started = time.monotonic()
+    error = ""
+    try:
+        asyncio.run(demo.run())
+    except Exception as exc:  # a crashed step is a failed expectation with its reason
+        error = f"{type(exc).__name__}: {exc}"
+        demo.expect("-", "the scenario ran to the end", False, error)
+    finally:
+        demo.shutdown()
+    demo.print_summary()
+    report = demo.report(time.monotonic() - started)
+    if ns.report:
+        ns.report.write_text(json.dumps(report, indent=2))
+        print(f"report written to {ns.report}")
+    if ns.keep:
+        print(f"work directory kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"finished in {report['elapsed_s']:.1f} s: {'OK' if report['ok'] else 'FAILED'}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

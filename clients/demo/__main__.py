@@ -1,0 +1,5 @@
+import sys
+
+from clients.demo import main
+
+sys.exit(main())
