@@ -74,6 +74,10 @@ class Subscription:
     closed: BrokerError | None = None
     # The client half-closed: acknowledgements are settled, the stream ends with OK.
     finished: bool = False
+    # Acknowledged but not yet settled in the store; one flusher task settles them in
+    # batches, so a stream of acks costs one group-committed write per batch, not per ack.
+    unsettled: set[int] = field(default_factory=set)
+    flusher: asyncio.Task[None] | None = None
 
 
 class TokenBucket:
@@ -399,15 +403,26 @@ class ExchangeCore:
         if subs is not None:
             subs.discard(sub)
 
-    async def acknowledge(self, sub: Subscription, offsets: Sequence[int]) -> None:
-        """Settle acknowledged deliveries so the durable cursor advances."""
-        offs = [o for o in offsets if o in sub.inflight]
-        if not offs:
-            return
-        await self.store.settle(sub.partner, offs)
-        sub.inflight.difference_update(offs)
-        sub.acked_during_read.update(offs)
-        sub.wake.set()
+    def note_acks(self, sub: Subscription, offsets: Sequence[int]) -> None:
+        """Record acknowledgements; a flusher task settles them (batched) in the store."""
+        sub.unsettled.update(o for o in offsets if o in sub.inflight)
+        if sub.unsettled and (sub.flusher is None or sub.flusher.done()):
+            sub.flusher = asyncio.create_task(self._flush_acks(sub))
+
+    async def _flush_acks(self, sub: Subscription) -> None:
+        while sub.unsettled:
+            offs = sorted(sub.unsettled)
+            sub.unsettled.clear()
+            await self.store.settle(sub.partner, offs)
+            sub.inflight.difference_update(offs)
+            sub.acked_during_read.update(offs)
+            sub.wake.set()
+
+    async def acknowledge(self, sub: Subscription, offsets: Sequence[int] = ()) -> None:
+        """Settle acknowledged deliveries (and any noted before) so the cursor advances."""
+        self.note_acks(sub, offsets)
+        if sub.flusher is not None:
+            await sub.flusher
 
     async def deliveries(self, sub: Subscription) -> AsyncIterator[exchange_pb2.SubscribeResponse]:
         """Yield deliveries for sub as policy allows them now, backlog first by precedence."""

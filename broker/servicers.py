@@ -89,7 +89,8 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         async def read_acks() -> None:
             async for req in request_iterator:
                 if req.WhichOneof("kind") == "ack":
-                    await self.core.acknowledge(sub, list(req.ack.offsets))
+                    self.core.note_acks(sub, list(req.ack.offsets))
+            await self.core.acknowledge(sub)  # settle the last ones before ending
             sub.finished = True  # the client half-closed after its last acknowledgement
             sub.wake.set()
 
