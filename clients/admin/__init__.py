@@ -1,0 +1,1 @@
+"""Parts of ``coalition-admin``: policy flags, output rendering and the commands."""
