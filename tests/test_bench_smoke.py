@@ -1,0 +1,69 @@
+"""The benchmark harness runs end to end in its tiny mode and writes the documented JSON.
+
+Timings are never asserted (the machine is shared and noisy); only the shape of the
+report and that every row delivered every message to every recipient.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.rows.nats import nats_server_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {"system", "delivered_per_s", "latency_ms", "cpu_s_per_msg", "peak_rss_mb"}
+
+
+def _nats_runs() -> bool:
+    binary = nats_server_binary()
+    if binary is None:
+        return False
+    try:
+        subprocess.run([binary, "--version"], capture_output=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_writes_every_row_with_every_message_delivered(tmp_path: Path) -> None:
+    rows = ["coalition", "grpc-relay"] + (["nats-core"] if _nats_runs() else [])
+    out = tmp_path / "results" / "latest.json"
+    out.parent.mkdir()
+    out.write_text(json.dumps({"date": "2000-01-01T00:00:00Z", "rows": []}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--rows", ",".join(rows), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "saturation" in proc.stderr  # progress, one line per phase
+    assert "ratios, coalition / other" in proc.stdout
+
+    doc = json.loads(out.read_text())
+    assert doc["mode"] == "smoke" and doc["quick"] is True
+    assert {"date", "machine", "git_commit", "durations"} <= doc.keys()
+    assert [r["system"] for r in doc["rows"]] == rows
+    for row in doc["rows"]:
+        assert set(row) == ROW_KEYS
+        assert row["delivered_per_s"] > 0
+        assert row["cpu_s_per_msg"] >= 0  # /proc counts 10 ms ticks: a tiny run may read 0
+        assert row["peak_rss_mb"] > 0
+        assert set(row["latency_ms"]) == {"500", "2000"}
+        for stats in row["latency_ms"].values():
+            assert set(stats) == {"p50", "p99", "p999"}
+            assert 0 < stats["p50"] <= stats["p99"] <= stats["p999"]
+        details = doc["details"][row["system"]]
+        assert details["lost"] == 0, details
+        assert details["refused"] == 0, details
+        assert details["deliveries"] == details["deliveries_expected"] > 0
+    assert set(doc["ratios"]) == set(rows) - {"coalition"}
+    # The previous result was kept, not overwritten.
+    assert (out.parent / "history" / "2000-01-01T000000Z.json").exists()
