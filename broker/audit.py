@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +102,37 @@ def _checkpoint(row: tuple[Any, ...]) -> audit_pb2.AuditCheckpoint:
     )
 
 
+@dataclass(frozen=True)
+class AuditItem:
+    """One entry to append (see AuditLog.record for the rules on detail)."""
+
+    kind: str
+    actor: str
+    partner: str = ""
+    message_id: str = ""
+    decision: str = "allow"
+    detail: Mapping[str, object] | None = None
+
+
+def _fields(item: AuditItem, now_ms: int) -> audit_pb2.AuditEntry:
+    if not item.kind:
+        raise ValueError("audit entry needs a kind")
+    try:
+        detail_json = canonical_json(item.detail)
+        detail_json.encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"audit detail is not plain JSON: {exc}") from exc
+    return audit_pb2.AuditEntry(
+        time_ms=now_ms,
+        kind=item.kind,
+        actor=item.actor,
+        partner=item.partner,
+        message_id=item.message_id,
+        decision=item.decision,
+        detail_json=detail_json,
+    )
+
+
 def _head(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
     row = conn.execute(
         "SELECT seq, hash, time_ms FROM entries ORDER BY seq DESC LIMIT 1"
@@ -176,47 +207,46 @@ class AuditLog:
         detail must be plain JSON and must never hold plaintext, keys or tokens.
         Raises ValueError for an empty kind or a detail that is not plain JSON; AuditError.
         """
-        if not kind:
-            raise ValueError("audit entry needs a kind")
-        try:
-            detail_json = canonical_json(detail)
-            detail_json.encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"audit detail is not plain JSON: {exc}") from exc
-        fields = audit_pb2.AuditEntry(
-            time_ms=now_ms,
-            kind=kind,
-            actor=actor,
-            partner=partner,
-            message_id=message_id,
-            decision=decision,
-            detail_json=detail_json,
-        )
+        item = AuditItem(kind, actor, partner, message_id, decision, detail)
+        return (await self.record_many([item], now_ms=now_ms))[0]
 
-        def job(conn: sqlite3.Connection) -> int:
+    async def record_many(self, items: Sequence[AuditItem], *, now_ms: int) -> list[int]:
+        """Append several entries in one write job (one link each in the chain); their seqs.
+
+        Same rules as record(); nothing is written if any item is invalid.
+        """
+        if not items:
+            return []
+        fields = [_fields(item, now_ms) for item in items]
+
+        def job(conn: sqlite3.Connection) -> list[int]:
             seq, prev_hash, _ = _head(conn)
-            entry = audit_pb2.AuditEntry()
-            entry.CopyFrom(fields)
-            entry.seq, entry.prev_hash = seq + 1, prev_hash
-            entry.hash = entry_hash(prev_hash, entry)
-            conn.execute(
-                _INSERT_ENTRY,
-                (
-                    entry.seq,
-                    entry.time_ms,
-                    entry.kind,
-                    entry.actor,
-                    entry.partner,
-                    entry.message_id,
-                    entry.decision,
-                    entry.detail_json,
-                    entry.prev_hash,
-                    entry.hash,
-                ),
-            )
-            if entry.seq % self._every == 0:
-                self._insert_checkpoint(conn, entry.seq, entry.hash, entry.time_ms)
-            return entry.seq
+            out = []
+            for f in fields:
+                entry = audit_pb2.AuditEntry()
+                entry.CopyFrom(f)
+                entry.seq, entry.prev_hash = seq + 1, prev_hash
+                entry.hash = entry_hash(prev_hash, entry)
+                conn.execute(
+                    _INSERT_ENTRY,
+                    (
+                        entry.seq,
+                        entry.time_ms,
+                        entry.kind,
+                        entry.actor,
+                        entry.partner,
+                        entry.message_id,
+                        entry.decision,
+                        entry.detail_json,
+                        entry.prev_hash,
+                        entry.hash,
+                    ),
+                )
+                if entry.seq % self._every == 0:
+                    self._insert_checkpoint(conn, entry.seq, entry.hash, entry.time_ms)
+                seq, prev_hash = entry.seq, entry.hash
+                out.append(entry.seq)
+            return out
 
         return await self._writer.submit(job)
 

@@ -13,14 +13,14 @@ import hashlib
 import logging
 import shutil
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit import AuditError, AuditLog
+from broker.audit import AuditError, AuditItem, AuditLog
 from broker.config import BrokerConfig
 from broker.errors import (
     AlreadyExists,
@@ -35,7 +35,15 @@ from broker.errors import (
     status_name,
 )
 from broker.registry import PartnerRecord, Registry
-from broker.store import Appended, MessageStore, NewMessage, Rejected, StoredMessage, StoreFull
+from broker.store import (
+    Appended,
+    MessageStore,
+    NewMessage,
+    Rejected,
+    StoredMessage,
+    StoreError,
+    StoreFull,
+)
 from coalition import envelope as env
 from coalition.identity import IdentityError, verify_key_bundle, verify_signing_cert
 from coalition.labels import Label, LabelError, label_from_proto
@@ -46,6 +54,7 @@ from coalition.v1 import directory_pb2, envelope_pb2, exchange_pb2, label_pb2
 log = logging.getLogger("coalition.broker")
 
 Clock = Callable[[], int]
+_PARSE_CACHE_SIZE = 4096
 
 
 def wall_clock_ms() -> int:
@@ -122,6 +131,9 @@ class ExchangeCore:
         self._signers: dict[tuple[str, str], Ed25519PublicKey] = {}
         self.closing = False
         self.audit_failed = False
+        self._parse_cache: OrderedDict[
+            int, tuple[envelope_pb2.Envelope, envelope_pb2.Header, Label]
+        ] = OrderedDict()
 
     # -- identity helpers -------------------------------------------------------------------
     def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
@@ -161,7 +173,7 @@ class ExchangeCore:
                 results[i] = self._refusal(e, err)
                 continue
             accepted.append((i, msg, header))
-        audits = []
+        audits: list[AuditItem] = []
         if accepted:
             msgs = [m for _, m, _ in accepted]
             low = self._disk_too_full(sum(len(m.envelope) for m in msgs))
@@ -184,20 +196,19 @@ class ExchangeCore:
                     )
                     self.counters[partner].published += 1
                     audits.append(
-                        self.audit.record(
-                            kind="publish.accepted",
-                            actor=partner,
-                            partner=partner,
-                            message_id=msg.message_id,
-                            decision="allow",
-                            detail={
+                        AuditItem(
+                            "publish.accepted",
+                            partner,
+                            partner,
+                            msg.message_id,
+                            "allow",
+                            {
                                 "offset": out.offset,
                                 "topic": msg.topic,
                                 "sequence": msg.sequence,
                                 "digest": msg.digest.hex(),
                                 "classification": msg.classification,
                             },
-                            now_ms=now,
                         )
                     )
                 elif isinstance(out, StoreFull):
@@ -223,14 +234,13 @@ class ExchangeCore:
             if r.outcome == exchange_pb2.REFUSED:
                 self.counters[partner].refused += 1
                 audits.append(
-                    self.audit.record(
-                        kind="publish.refused",
-                        actor=partner,
-                        partner=partner,
-                        message_id=r.message_id,
-                        decision=r.reason_code,
-                        detail={"reason": r.reason, "status": r.status, "index": i},
-                        now_ms=now,
+                    AuditItem(
+                        "publish.refused",
+                        partner,
+                        partner,
+                        r.message_id,
+                        r.reason_code,
+                        {"reason": r.reason, "status": r.status, "index": i},
                     )
                 )
                 log.info(
@@ -238,7 +248,7 @@ class ExchangeCore:
                     extra={"partner": partner, "reason": r.reason_code, "message_id": r.message_id},
                 )
         try:
-            await asyncio.gather(*audits)
+            await self.audit.record_many(audits, now_ms=now)
         except AuditError:
             # Fail closed: what is stored stays stored, but no further publish is
             # accepted until the audit log can record decisions again.
@@ -439,15 +449,20 @@ class ExchangeCore:
             if rec.policy.status is PartnerStatus.SUSPENDED:
                 raise Forbidden("suspended", f"partner {sub.partner} has been suspended")
             room = sub.window - len(sub.inflight)
-            if room <= 0 or await self.store.cursor(sub.partner) is None:
+            if room <= 0:
                 await sub.wake.wait()
                 continue
             sub.acked_during_read.clear()
+            try:
+                stored = await self.store.pending(sub.partner, room, exclude=sub.inflight)
+            except StoreError:  # no cursor yet: not admitted
+                await sub.wake.wait()
+                continue
             batch = [
                 m
-                for m in await self.store.pending(sub.partner, room + len(sub.inflight))
+                for m in stored
                 if m.offset not in sub.inflight and m.offset not in sub.acked_during_read
-            ][:room]
+            ]
             if not batch:
                 if not caught_up_sent:
                     caught_up_sent = True
@@ -458,41 +473,66 @@ class ExchangeCore:
                 continue
             now = self.clock()
             skipped: list[int] = []
-            audits = []
+            sent: list[StoredMessage] = []
+            denied: dict[str, list[tuple[StoredMessage, str]]] = defaultdict(list)
+            out = exchange_pb2.DeliveryBatch()
             for m in batch:
                 delivery, reason, why = self._route(sub, rec, m, now)
                 if delivery is None:
                     skipped.append(m.offset)
                     if reason != "own_message":
-                        audits.append(
-                            self.audit.record(
-                                kind="deliver.denied",
-                                actor="broker",
-                                partner=sub.partner,
-                                message_id=m.message_id,
-                                decision=reason,
-                                detail={"offset": m.offset, "why": why},
-                                now_ms=now,
-                            )
-                        )
+                        denied[reason].append((m, why))
                     continue
                 sub.inflight.add(m.offset)
-                self.counters[sub.partner].delivered += 1
+                sent.append(m)
+                out.deliveries.append(delivery)
+            self.counters[sub.partner].delivered += len(sent)
+            audits = (
+                [
+                    _batch_audit(
+                        "deliver",
+                        sub.partner,
+                        "allow",
+                        sent,
+                        {"topics": sorted({m.topic for m in sent})},
+                    )
+                ]
+                if sent
+                else []
+            )
+            for reason, items in denied.items():
                 audits.append(
-                    self.audit.record(
-                        kind="deliver",
-                        actor="broker",
-                        partner=sub.partner,
-                        message_id=m.message_id,
-                        decision="allow",
-                        detail={"offset": m.offset, "topic": m.topic},
-                        now_ms=now,
+                    _batch_audit(
+                        "deliver.denied",
+                        sub.partner,
+                        reason,
+                        [m for m, _ in items],
+                        {"why": items[0][1]},
                     )
                 )
-                yield exchange_pb2.SubscribeResponse(delivery=delivery)
+            # Audited before it leaves: every delivery decision is durable first.
+            await self.audit.record_many(audits, now_ms=now)
+            if out.deliveries:
+                yield exchange_pb2.SubscribeResponse(batch=out)
             if skipped:
                 await self.store.settle(sub.partner, skipped)
-            await asyncio.gather(*audits)
+
+    def _parsed(self, m: StoredMessage) -> tuple[envelope_pb2.Envelope, envelope_pb2.Header, Label]:
+        """The stored envelope parsed once for every subscriber (a small LRU by offset).
+
+        Raises InvalidEnvelope or LabelError if the stored bytes were tampered with.
+        """
+        hit = self._parse_cache.get(m.offset)
+        if hit is not None:
+            self._parse_cache.move_to_end(m.offset)
+            return hit
+        e = envelope_pb2.Envelope.FromString(m.envelope)
+        header = env.parse_header(e)
+        parsed = (e, header, label_from_proto(header.label))
+        self._parse_cache[m.offset] = parsed
+        if len(self._parse_cache) > _PARSE_CACHE_SIZE:
+            self._parse_cache.popitem(last=False)
+        return parsed
 
     def _route(
         self, sub: Subscription, rec: PartnerRecord, m: StoredMessage, now: int
@@ -501,10 +541,8 @@ class ExchangeCore:
             return None, "own_message", ""
         # Route on the envelope's own header (which the recipient verifies under the
         # sender's signature), never on a separate store column that could be edited alone.
-        e = envelope_pb2.Envelope.FromString(m.envelope)
         try:
-            header = env.parse_header(e)
-            label: Label = label_from_proto(header.label)
+            e, header, label = self._parsed(m)
         except (env.InvalidEnvelope, LabelError) as exc:  # validated at publish: tampering
             return None, "malformed", str(exc)
         if not any_match(sub.patterns, header.topic):
@@ -620,6 +658,26 @@ class ExchangeCore:
         """Stop taking new work and end live streams."""
         self.closing = True
         self.wake_all()
+
+
+def _batch_audit(
+    kind: str,
+    partner: str,
+    decision: str,
+    msgs: Sequence[StoredMessage],
+    extra: dict[str, object],
+) -> AuditItem:
+    """One audit entry for the same decision on several messages of one batch.
+
+    message_id is set when the batch holds one message; detail always lists them all.
+    """
+    detail: dict[str, object] = {
+        "offsets": [m.offset for m in msgs],
+        "message_ids": [m.message_id for m in msgs],
+        **extra,
+    }
+    mid = msgs[0].message_id if len(msgs) == 1 else ""
+    return AuditItem(kind, "broker", partner, mid, decision, detail)
 
 
 def _pattern_within(pattern: str, allowed: Sequence[str]) -> bool:

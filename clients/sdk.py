@@ -444,6 +444,10 @@ class _PublishStream:
         self._call.cancel()
 
 
+# How long an acknowledgement may wait for others to share its message.
+ACK_LINGER_S = 0.002
+
+
 class Subscription:
     """A Subscribe stream: iterate for deliveries, ``ack()`` each once it is safe."""
 
@@ -457,6 +461,8 @@ class Subscription:
         self._call = stub.Subscribe(self._requests())
         self._gen: AsyncGenerator[exchange_pb2.Delivery, None] | None = None
         self.caught_up = asyncio.Event()
+        self._acks: list[int] = []
+        self._ack_flush: asyncio.TimerHandle | None = None
         # Set when the stream has ended (broker closed it, or after aclose()).
         self.ended = asyncio.Event()
 
@@ -465,6 +471,17 @@ class Subscription:
             req = await self._queue.get()
             if req is None:
                 return
+            if req.WhichOneof("kind") == "ack":
+                # Merge acknowledgements already queued into one request.
+                while not self._queue.empty():
+                    nxt = self._queue.get_nowait()
+                    if nxt is None or nxt.WhichOneof("kind") != "ack":
+                        yield req
+                        if nxt is None:
+                            return
+                        req = nxt
+                        break
+                    req.ack.offsets.extend(nxt.ack.offsets)
             yield req
 
     def __aiter__(self) -> AsyncGenerator[exchange_pb2.Delivery, None]:
@@ -475,18 +492,32 @@ class Subscription:
         try:
             async with mapped_errors():
                 async for resp in self._call:
-                    if resp.WhichOneof("kind") == "status":
+                    kind = resp.WhichOneof("kind")
+                    if kind == "status":
                         if resp.status.caught_up:
                             self.caught_up.set()
                         continue
-                    yield resp.delivery
+                    if kind == "batch":
+                        for d in resp.batch.deliveries:
+                            yield d
+                    elif kind == "delivery":
+                        yield resp.delivery
         finally:
             self.ended.set()
 
     async def ack(self, offsets: Sequence[int]) -> None:
-        await self._queue.put(
-            exchange_pb2.SubscribeRequest(ack=exchange_pb2.Ack(offsets=list(offsets)))
-        )
+        """Acknowledge deliveries; sent after a short linger so acks travel in batches."""
+        self._acks.extend(offsets)
+        if self._ack_flush is None:
+            self._ack_flush = asyncio.get_running_loop().call_later(ACK_LINGER_S, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_flush = None
+        if self._acks:
+            self._queue.put_nowait(
+                exchange_pb2.SubscribeRequest(ack=exchange_pb2.Ack(offsets=self._acks))
+            )
+            self._acks = []
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Close gracefully: acknowledgements already queued reach the broker first.
@@ -494,6 +525,9 @@ class Subscription:
         Deliveries still in flight are read and dropped; being unacknowledged, they
         will be delivered again on the next subscription.
         """
+        if self._ack_flush is not None:
+            self._ack_flush.cancel()
+        self._flush_acks()
         self._queue.put_nowait(None)
 
         async def drain() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -43,10 +44,21 @@ def validate_pattern(pattern: str) -> str:
     return pattern
 
 
+@functools.lru_cache(maxsize=1024)
+def _pattern_parts(pattern: str) -> tuple[str, ...]:
+    return tuple(validate_pattern(pattern).split("."))
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic_parts(topic: str) -> tuple[str, ...]:
+    return tuple(validate_topic(topic).split("."))
+
+
 def topic_matches(pattern: str, topic: str) -> bool:
     """Whether the pattern matches the topic; raises TopicError if either is malformed."""
-    want = validate_pattern(pattern).split(".")
-    have = validate_topic(topic).split(".")
+    # Parsing is cached: routing asks the same few patterns and topics again and again.
+    want = _pattern_parts(pattern)
+    have = _topic_parts(topic)
     for i, part in enumerate(want):
         if part == ">":
             return len(have) > i  # ">" needs at least one part

@@ -332,7 +332,8 @@ class SlowReadStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def pending(self, subscriber: str, limit: int) -> Any:
+    async def pending(self, subscriber: str, limit: int, exclude: Any = ()) -> Any:
+        # Exclude nothing, so the held-back read still holds the soon-acknowledged row.
         rows = await self.inner.pending(subscriber, limit)
         if self.armed and subscriber == "USA":
             self.armed = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -114,8 +114,13 @@ class MessageStore(Protocol):
         """Subscriber's durable cursor, None if it has none."""
         ...
 
-    async def pending(self, subscriber: str, limit: int) -> list[StoredMessage]:
-        """Unsettled messages above the cursor, FLASH first then oldest first; raises StoreError."""
+    async def pending(
+        self, subscriber: str, limit: int, exclude: Collection[int] = ()
+    ) -> list[StoredMessage]:
+        """Unsettled messages above the cursor (not in exclude), FLASH first then oldest first.
+
+        Raises StoreError if the subscriber has no cursor.
+        """
         ...
 
     async def settle(self, subscriber: str, offsets: Sequence[int]) -> int:

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from broker.store.base import (
@@ -68,12 +68,16 @@ _GET = (
     " FROM messages WHERE msg_offset = ?"
 )
 _PENDING_AT_PRECEDENCE = (
-    "SELECT msg_offset, stored_ms, message_id, sender, sequence, topic, precedence,"
-    " classification, label, created_ms, expiry_ms, envelope, digest"
+    "SELECT msg_offset"
     " FROM messages m INDEXED BY messages_by_precedence"
     " WHERE m.precedence = ? AND m.msg_offset > ? AND NOT EXISTS"
     " (SELECT 1 FROM settled s WHERE s.subscriber = ? AND s.msg_offset = m.msg_offset)"
     " ORDER BY m.msg_offset LIMIT ?"
+)
+_ROWS_BY_OFFSET = (
+    "SELECT msg_offset, stored_ms, message_id, sender, sequence, topic, precedence,"
+    " classification, label, created_ms, expiry_ms, envelope, digest"
+    " FROM messages WHERE msg_offset IN ({})"
 )
 _FIRST_UNSETTLED = (
     "SELECT m.msg_offset FROM messages m WHERE m.msg_offset > ? AND NOT EXISTS"
@@ -373,24 +377,34 @@ class SqliteMessageStore:
 
         return await self._readers.run(read)
 
-    async def pending(self, subscriber: str, limit: int) -> list[StoredMessage]:
+    async def pending(
+        self, subscriber: str, limit: int, exclude: Collection[int] = ()
+    ) -> list[StoredMessage]:
         """Up to limit unsettled messages above the cursor, FLASH first, then by offset.
 
-        One index range scan per precedence level. Raises StoreError if no cursor.
+        Offsets in exclude (e.g. in flight to the subscriber) are skipped without reading
+        their envelopes. One index range scan per precedence level, offsets only, then
+        one read of the chosen rows. Raises StoreError if no cursor.
         """
+        skip = frozenset(exclude)
 
         def read(conn: sqlite3.Connection) -> list[StoredMessage]:
             cursor = _cursor_of(conn, subscriber)
-            out: list[StoredMessage] = []
+            chosen: list[int] = []
             for precedence in PRECEDENCES:
-                if len(out) >= limit:
+                if len(chosen) >= limit:
                     break
                 rows = conn.execute(
                     _PENDING_AT_PRECEDENCE,
-                    (precedence, cursor, subscriber, limit - len(out)),
+                    (precedence, cursor, subscriber, limit - len(chosen) + len(skip)),
                 )
-                out.extend(_stored(row) for row in rows)
-            return out
+                chosen.extend(o for (o,) in rows if o not in skip)
+            chosen = chosen[:limit]
+            if not chosen:
+                return []
+            sql = _ROWS_BY_OFFSET.format(",".join("?" * len(chosen)))
+            by_offset = {row[0]: _stored(row) for row in conn.execute(sql, chosen)}
+            return [by_offset[o] for o in chosen if o in by_offset]
 
         return await self._readers.run(read)
 

@@ -488,8 +488,11 @@ class Demo:
             "checkpoints": res.checkpoints,
             "problem": res.problem,
         }
+        # One entry may cover several messages of one delivery batch.
         self.denied = [
-            {"partner": e.partner, "message_id": e.message_id, "reason": e.decision} for e in denied
+            {"partner": e.partner, "message_id": mid, "reason": e.decision}
+            for e in denied
+            for mid in json.loads(e.detail_json or "{}").get("message_ids", [e.message_id])
         ]
         self.expect(
             "8",
