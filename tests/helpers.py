@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,26 @@ PARTNERS = ("KOR", "USA", "GBR", "UKR", "NATO")
 ALL_PARTNERS = (*PARTNERS, "ROGUE")
 # op3 holds a valid certificate but is not an operator of the broker.
 OPERATORS = ("op1", "op2", "op3")
+
+
+def broker_argv(pki: Path, data: Path, port: int, port_file: Path) -> list[str]:
+    """The command line of a real broker process on a fixed loopback port."""
+    return [
+        sys.executable,
+        "-m",
+        "broker.cli",
+        "serve",
+        "--pki",
+        str(pki),
+        "--data",
+        str(data),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--operators",
+        "op1,op2",
+        "--port-file",
+        str(port_file),
+    ]
 
 
 def now_ms() -> int:

@@ -11,7 +11,6 @@ import contextlib
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,15 @@ import pytest
 from clients.sdk import ClientError, OperatorClient, PartnerClient
 from coalition.labels import parse_label
 from coalition.v1 import exchange_pb2
-from tests.helpers import admit, eventually, operator, partner, policy, running_broker
+from tests.helpers import (
+    admit,
+    broker_argv,
+    eventually,
+    operator,
+    partner,
+    policy,
+    running_broker,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -56,22 +63,7 @@ class BrokerProcess:
         self.starts += 1
         with (self.data.parent / f"broker-{self.starts}.log").open("wb") as log:
             return subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "broker.cli",
-                    "serve",
-                    "--pki",
-                    str(self.pki),
-                    "--data",
-                    str(self.data),
-                    "--listen",
-                    f"127.0.0.1:{self.port}",
-                    "--operators",
-                    "op1,op2",
-                    "--port-file",
-                    str(self.port_file),
-                ],
+                broker_argv(self.pki, self.data, self.port, self.port_file),
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,

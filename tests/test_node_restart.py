@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from clients.sdk import ClientError, PartnerClient, Sequencer
 from coalition.labels import parse_label
 from coalition.pki import load_partner
 from coalition.v1 import exchange_pb2, intel_pb2
-from tests.helpers import admit, eventually, policy
+from tests.helpers import admit, broker_argv, eventually, policy
 from tests.node_helpers import REPO, free_port, start_daemon, stop, write_config
 
 LABEL = parse_label("NATO SECRET // REL TO USA, GBR")
@@ -40,20 +39,7 @@ class BrokerProcess:
         port_file.unlink(missing_ok=True)
         log = (self.data.parent / "broker.log").open("ab")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "broker.cli",
-            "serve",
-            "--pki",
-            str(self.pki),
-            "--data",
-            str(self.data),
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--operators",
-            "op1,op2",
-            "--port-file",
-            str(port_file),
+            *broker_argv(self.pki, self.data, self.port, port_file),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=log,
