@@ -387,6 +387,29 @@ class PartnerClient:
         )
 
 
+R = TypeVar("R")
+
+
+class _QueueFeed(AsyncIterator[R]):
+    """The requests of a streaming call, taken from a queue; None ends the stream.
+
+    A plain async iterator rather than an async generator, so that gRPC may drop it
+    at any point (broker gone, call cancelled) without "already running" errors.
+    """
+
+    def __init__(self, queue: asyncio.Queue[R | None]) -> None:
+        self._queue = queue
+
+    def __aiter__(self) -> _QueueFeed[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        req = await self._queue.get()
+        if req is None:
+            raise StopAsyncIteration
+        return req
+
+
 class _PublishStream:
     """One Publish stream with many batches in flight, matched by batch id."""
 
@@ -395,15 +418,8 @@ class _PublishStream:
         self._waiting: dict[int, asyncio.Future[list[exchange_pb2.PublishResult]]] = {}
         self._next = 0
         self.broken = False
-        self._call = stub.Publish(self._requests())
+        self._call = stub.Publish(_QueueFeed(self._queue))
         self._reader = asyncio.create_task(self._read())
-
-    async def _requests(self) -> AsyncIterator[exchange_pb2.PublishRequest]:
-        while True:
-            req = await self._queue.get()
-            if req is None:
-                return
-            yield req
 
     async def _read(self) -> None:
         err: ClientError | None = None
@@ -458,7 +474,7 @@ class Subscription:
                 open=exchange_pb2.SubscribeOpen(topics=list(topics), window=window)
             )
         )
-        self._call = stub.Subscribe(self._requests())
+        self._call = stub.Subscribe(_QueueFeed(self._queue))
         self._gen: AsyncGenerator[exchange_pb2.Delivery, None] | None = None
         self.caught_up = asyncio.Event()
         self._acks: list[int] = []
@@ -466,42 +482,27 @@ class Subscription:
         # Set when the stream has ended (broker closed it, or after aclose()).
         self.ended = asyncio.Event()
 
-    async def _requests(self) -> AsyncIterator[exchange_pb2.SubscribeRequest]:
-        while True:
-            req = await self._queue.get()
-            if req is None:
-                return
-            if req.WhichOneof("kind") == "ack":
-                # Merge acknowledgements already queued into one request.
-                while not self._queue.empty():
-                    nxt = self._queue.get_nowait()
-                    if nxt is None or nxt.WhichOneof("kind") != "ack":
-                        yield req
-                        if nxt is None:
-                            return
-                        req = nxt
-                        break
-                    req.ack.offsets.extend(nxt.ack.offsets)
-            yield req
-
     def __aiter__(self) -> AsyncGenerator[exchange_pb2.Delivery, None]:
         self._gen = self._deliveries()
         return self._gen
 
     async def _deliveries(self) -> AsyncGenerator[exchange_pb2.Delivery, None]:
+        # No context manager around the yields: closing this generator early (a caller's
+        # break) must not run another generator's cleanup.
         try:
-            async with mapped_errors():
-                async for resp in self._call:
-                    kind = resp.WhichOneof("kind")
-                    if kind == "status":
-                        if resp.status.caught_up:
-                            self.caught_up.set()
-                        continue
-                    if kind == "batch":
-                        for d in resp.batch.deliveries:
-                            yield d
-                    elif kind == "delivery":
-                        yield resp.delivery
+            async for resp in self._call:
+                kind = resp.WhichOneof("kind")
+                if kind == "status":
+                    if resp.status.caught_up:
+                        self.caught_up.set()
+                    continue
+                if kind == "batch":
+                    for d in resp.batch.deliveries:
+                        yield d
+                elif kind == "delivery":
+                    yield resp.delivery
+        except grpc.aio.AioRpcError as exc:
+            raise ClientError(exc.code(), exc.details() or exc.code().name) from None
         finally:
             self.ended.set()
 

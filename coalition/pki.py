@@ -566,7 +566,18 @@ def _tls_identity(d: Path, kind: IdentityKind) -> tuple[bytes, bytes, Identity]:
     except (ValueError, IdentityError) as exc:
         raise PkiError(f"{d / 'tls.crt'}: {exc}") from exc
     if identity.kind is not kind:
-        raise PkiError(f"{d / 'tls.crt'} is for {identity.uri}, not a {kind.value}")
+        article = "an" if kind.value[0] in "aeiou" else "a"
+        raise PkiError(f"{d / 'tls.crt'} is for {identity.uri}, not {article} {kind.value}")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"{d / 'tls.key'} is not a readable private key") from exc
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise PkiError(f"{d / 'tls.key'} does not match {d / 'tls.crt'}")
     return cert_pem, key_pem, identity
 
 

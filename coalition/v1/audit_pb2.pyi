@@ -37,7 +37,10 @@ class AuditEntry(_message.Message):
     "auth.refused", "admin.action".
     """
     actor: _builtins.str
-    """mTLS identity that caused the entry (urn:coalition:...)."""
+    """Who caused the entry: the partner code or operator name of the authenticated
+    caller, "broker" for its own decisions, or, for a refused authentication, the
+    certificate's identity URI (urn:coalition:...) or the peer address.
+    """
     partner: _builtins.str
     message_id: _builtins.str
     decision: _builtins.str
@@ -45,8 +48,9 @@ class AuditEntry(_message.Message):
     detail_json: _builtins.str
     """JSON object with details; never plaintext, keys or tokens."""
     prev_hash: _builtins.bytes
-    """SHA-256 of the previous entry's hash || this entry's canonical bytes."""
+    """The previous entry's hash (32 zero bytes for the first entry)."""
     hash: _builtins.bytes
+    """SHA-256 of prev_hash || this entry's canonical bytes (broker/audit_chain.py)."""
     def __init__(
         self,
         *,
