@@ -515,7 +515,10 @@ class ExchangeCore:
             if out.deliveries:
                 yield exchange_pb2.SubscribeResponse(batch=out)
             if skipped:
-                await self.store.settle(sub.partner, skipped)
+                # Settled in the background with the acknowledgements; until then they
+                # count as in flight, so no read delivers them meanwhile.
+                sub.inflight.update(skipped)
+                self.note_acks(sub, skipped)
 
     def _parsed(self, m: StoredMessage) -> tuple[envelope_pb2.Envelope, envelope_pb2.Header, Label]:
         """The stored envelope parsed once for every subscriber (a small LRU by offset).
