@@ -418,7 +418,7 @@ async def test_unknown_operator_is_refused(broker: Broker, pki: Path) -> None:
 async def test_partner_certificate_is_not_an_operator(broker: Broker, pki: Path) -> None:
     r = await cli("--identity", str(pki / "partners" / "KOR"), "partners", "list", broker=broker)
     line = one_error_line(r, 2)
-    assert "urn:coalition:partner:KOR" in line and "not a operator" in line
+    assert "urn:coalition:partner:KOR" in line and "not an operator" in line
 
 
 async def test_identity_missing_or_incomplete(broker: Broker, pki: Path, tmp_path: Path) -> None:
