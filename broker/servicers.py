@@ -28,6 +28,8 @@ from coalition.v1 import (
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
+# Publish requests of one stream being processed at once.
+PUBLISH_PIPELINE_DEPTH = 32
 
 
 async def _abort(ctx: Ctx, err: BrokerError) -> None:
@@ -41,26 +43,54 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     async def Publish(
         self, request_iterator: AsyncIterator[exchange_pb2.PublishRequest], context: Ctx
     ) -> AsyncIterator[exchange_pb2.PublishResponse]:
+        """Requests are processed as they arrive (pipelined); responses go back in order.
+
+        Each request's task is started in arrival order and reaches the store's writer
+        queue before its first wait, so a sender's order is kept, while waiting for one
+        request's commit no longer holds up the next (group commit coalesces them).
+        """
         partner = current_identity().name
-        async for req in request_iterator:
+        inflight: asyncio.Queue[
+            tuple[exchange_pb2.PublishRequest, asyncio.Task[list[exchange_pb2.PublishResult]]]
+            | None
+        ] = asyncio.Queue(maxsize=PUBLISH_PIPELINE_DEPTH)
+
+        async def read() -> None:
             try:
-                results = await self.core.publish(partner, req.envelopes)
-            except BrokerError as err:
-                # Shutting down: refuse each envelope explicitly rather than dropping it.
-                results = [
-                    exchange_pb2.PublishResult(
-                        outcome=exchange_pb2.REFUSED,
-                        reason_code=err.code,
-                        reason=err.message,
-                        status=err.status.name,
-                    )
-                    for _ in req.envelopes
-                ]
-            yield exchange_pb2.PublishResponse(batch_id=req.batch_id, results=results)
-            if self.core.closing:
-                # End the stream cleanly (OK) rather than be cut off when the grace period
-                # ends, which clients may see as INTERNAL instead of a retryable status.
-                return
+                async for req in request_iterator:
+                    task = asyncio.ensure_future(self.core.publish(partner, req.envelopes))
+                    await inflight.put((req, task))
+                    if self.core.closing:
+                        break
+            finally:
+                await inflight.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await inflight.get()) is not None:
+                req, task = item
+                try:
+                    results = await task
+                except BrokerError as err:
+                    # Shutting down: refuse each envelope explicitly rather than drop it.
+                    results = [
+                        exchange_pb2.PublishResult(
+                            outcome=exchange_pb2.REFUSED,
+                            reason_code=err.code,
+                            reason=err.message,
+                            status=err.status.name,
+                        )
+                        for _ in req.envelopes
+                    ]
+                yield exchange_pb2.PublishResponse(batch_id=req.batch_id, results=results)
+                if self.core.closing and inflight.empty():
+                    # End the stream cleanly (OK) rather than be cut off when the grace
+                    # period ends, which clients may see as INTERNAL, not retryable.
+                    return
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
 
     async def Subscribe(
         self, request_iterator: AsyncIterator[exchange_pb2.SubscribeRequest], context: Ctx
