@@ -55,6 +55,7 @@ log = logging.getLogger("coalition.broker")
 
 Clock = Callable[[], int]
 _PARSE_CACHE_SIZE = 4096
+_LABEL_CACHE_SIZE = 1024
 
 
 def wall_clock_ms() -> int:
@@ -131,6 +132,8 @@ class ExchangeCore:
         self._signers: dict[tuple[str, str], Ed25519PublicKey] = {}
         self.closing = False
         self.audit_failed = False
+        self._label_cache: dict[bytes, Label] = {}
+        self._disk_free = (0, 0)  # (checked at ms, free bytes then)
         self._parse_cache: OrderedDict[
             int, tuple[envelope_pb2.Envelope, envelope_pb2.Header, Label]
         ] = OrderedDict()
@@ -262,10 +265,17 @@ class ExchangeCore:
         """A refusal if accepting incoming bytes would eat into the free-space reserve."""
         if self.cfg.min_free_bytes <= 0:
             return None
-        try:
-            free = shutil.disk_usage(self.cfg.data_dir).free
-        except OSError:
-            return None
+        now = self.clock()
+        at, free = self._disk_free
+        # statvfs at most every 100 ms, or sooner when the margin looks thin.
+        if now - at > 100 or free - incoming < 2 * self.cfg.min_free_bytes:
+            try:
+                free = shutil.disk_usage(self.cfg.data_dir).free
+            except OSError:
+                return None
+            self._disk_free = (now, free)
+        else:
+            self._disk_free = (at, free - incoming)
         if free - incoming >= self.cfg.min_free_bytes:
             return None
         return Exhausted(
@@ -335,7 +345,7 @@ class ExchangeCore:
             code = "bad_signature" if exc.reason is env.Failure.BAD_SIGNATURE else exc.reason.value
             raise NotAuthenticated(code, f"envelope does not verify: {exc}") from exc
         try:
-            label = label_from_proto(header.label)
+            label = self._label(header.label)
             validate_topic(header.topic)
         except (LabelError, TopicError) as exc:
             raise InvalidInput(
@@ -520,6 +530,20 @@ class ExchangeCore:
                 sub.inflight.update(skipped)
                 self.note_acks(sub, skipped)
 
+    def _label(self, msg: label_pb2.Label) -> Label:
+        """label_from_proto, memoized by the label's wire bytes (labels repeat a lot).
+
+        Raises LabelError like label_from_proto.
+        """
+        key = msg.SerializeToString()
+        hit = self._label_cache.get(key)
+        if hit is None:
+            hit = label_from_proto(msg)
+            if len(self._label_cache) >= _LABEL_CACHE_SIZE:
+                self._label_cache.clear()
+            self._label_cache[key] = hit
+        return hit
+
     def _parsed(self, m: StoredMessage) -> tuple[envelope_pb2.Envelope, envelope_pb2.Header, Label]:
         """The stored envelope parsed once for every subscriber (a small LRU by offset).
 
@@ -531,7 +555,7 @@ class ExchangeCore:
             return hit
         e = envelope_pb2.Envelope.FromString(m.envelope)
         header = env.parse_header(e)
-        parsed = (e, header, label_from_proto(header.label))
+        parsed = (e, header, self._label(header.label))
         self._parse_cache[m.offset] = parsed
         if len(self._parse_cache) > _PARSE_CACHE_SIZE:
             self._parse_cache.popitem(last=False)

@@ -236,7 +236,13 @@ class Label:
 
     def human(self) -> str:
         """The canonical human form; same as format_label(self)."""
-        return format_label(self)
+        # Labels are immutable, so the text is computed once (outside the fields: it
+        # takes no part in equality, hashing or repr).
+        text: str | None = self.__dict__.get("_human")
+        if text is None:
+            text = format_label(self)
+            object.__setattr__(self, "_human", text)
+        return text
 
 
 _VALID_LEVELS = frozenset(int(c) for c in Classification)
