@@ -20,6 +20,19 @@ from tests.helpers import admit, operator, partner, policy, running_broker
 LABEL = parse_label("NATO SECRET // REL TO USA")
 
 
+def fill_disk(mnt: Path, *, leave: int) -> Path:
+    """Fill the filesystem at mnt with a file, then free about leave bytes of it."""
+    filler = mnt / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    os.truncate(filler, max(filler.stat().st_size - leave, 0))
+    return filler
+
+
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "disk"
@@ -63,14 +76,7 @@ async def test_disk_full_refuses_cleanly_and_recovers(
         await kor.register_keys()
         await usa.register_keys()
         # Fill the disk with a file we can delete later, leaving a little room.
-        filler = tiny_disk / "filler"
-        with filler.open("wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-            except OSError:
-                pass
-        os.truncate(filler, max(filler.stat().st_size - 2 * 1024 * 1024, 0))
+        filler = fill_disk(tiny_disk, leave=2 * 1024 * 1024)
 
         accepted: list[exchange_pb2.PublishResult] = []
         refused: list[exchange_pb2.PublishResult] = []
@@ -128,14 +134,7 @@ async def test_disk_full_without_reserve_fails_closed(pki: Path, tiny_disk: Path
         async with partner(pki, "KOR", b.port) as kor, partner(pki, "USA", b.port) as usa:
             await kor.register_keys()
             await usa.register_keys()
-            filler = tiny_disk / "filler"
-            with filler.open("wb") as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 65536)
-                except OSError:
-                    pass
-            os.truncate(filler, max(filler.stat().st_size - 512 * 1024, 0))
+            filler = fill_disk(tiny_disk, leave=512 * 1024)
             codes = set()
             for _ in range(300):
                 s = await kor.seal(os.urandom(8 * 1024), topic="intel.a", label=LABEL)
