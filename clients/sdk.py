@@ -373,12 +373,17 @@ class PartnerClient:
         """Verify and decrypt a delivery. Raises env.InvalidEnvelope."""
         directory = await self.directory()
         try:
-            header = env.parse_header(delivery.envelope)
-            directory.signer(header.sender, header.signing_key_id)
-        except KeyError:
-            directory = await self.directory(refresh=True)
-        except env.InvalidEnvelope:
-            pass
+            return env.open(
+                delivery.envelope,
+                recipient=self.code,
+                keys=self.creds.hpke_keys,
+                signer=directory.signer,
+            )
+        except env.InvalidEnvelope as exc:
+            if exc.reason is not env.Failure.UNKNOWN_SENDER:
+                raise
+        # A sender (or signing key) newer than our copy of the directory: fetch it again.
+        directory = await self.directory(refresh=True)
         return env.open(
             delivery.envelope,
             recipient=self.code,
