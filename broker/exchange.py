@@ -635,14 +635,6 @@ class ExchangeCore:
             key = self.signer(partner, format(cert.serial_number, "x"))
             bundle = verify_key_bundle(signed, key, partner, now)
         except (KeyError, IdentityError, ValueError) as exc:
-            await self.audit.record(
-                kind="keys.refused",
-                actor=partner,
-                partner=partner,
-                decision="bad_key_bundle",
-                detail={"error": str(exc)},
-                now_ms=now,
-            )
             raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}") from exc
         await self.registry.set_bundle(partner, bundle.key_id, signed, now)
         await self.audit.record(
@@ -669,7 +661,7 @@ class ExchangeCore:
     def recipients(self, partner: str, label_pb: label_pb2.Label, topic: str) -> list[str]:
         self._record(partner)
         try:
-            label = label_from_proto(label_pb)
+            label = self._label(label_pb)
             validate_topic(topic)
         except (LabelError, TopicError) as exc:
             raise InvalidInput("bad_label", str(exc)) from exc

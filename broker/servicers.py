@@ -37,8 +37,21 @@ async def _abort(ctx: Ctx, err: BrokerError) -> None:
 
 
 class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
+    """Every refusal is audited (kind ``<call>.refused``) before the error goes back."""
+
     def __init__(self, core: ExchangeCore) -> None:
         self.core = core
+
+    async def _refuse(self, ctx: Ctx, kind: str, partner: str, err: BrokerError) -> None:
+        await self.core.audit.record(
+            kind=kind,
+            actor=partner,
+            partner=partner,
+            decision=err.code,
+            detail={"reason": err.message},
+            now_ms=self.core.clock(),
+        )
+        await _abort(ctx, err)
 
     async def Publish(
         self, request_iterator: AsyncIterator[exchange_pb2.PublishRequest], context: Ctx
@@ -100,20 +113,12 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             return
-        if first.WhichOneof("kind") != "open":
-            await _abort(context, InvalidInput("no_open", "the first message must be an open"))
         try:
+            if first.WhichOneof("kind") != "open":
+                raise InvalidInput("no_open", "the first message must be an open")
             sub = self.core.open_subscription(partner, list(first.open.topics), first.open.window)
         except BrokerError as err:
-            await self.core.audit.record(
-                kind="subscribe.refused",
-                actor=partner,
-                partner=partner,
-                decision=err.code,
-                detail={"reason": err.message},
-                now_ms=self.core.clock(),
-            )
-            await _abort(context, err)
+            await self._refuse(context, "subscribe.refused", partner, err)
             return
 
         async def read_acks() -> None:
@@ -144,20 +149,22 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     async def RegisterKeys(
         self, request: exchange_pb2.RegisterKeysRequest, context: Ctx
     ) -> exchange_pb2.RegisterKeysResponse:
+        partner = current_identity().name
         try:
-            key_id = await self.core.register_keys(current_identity().name, request.bundle)
+            key_id = await self.core.register_keys(partner, request.bundle)
         except BrokerError as err:
-            await _abort(context, err)
+            await self._refuse(context, "keys.refused", partner, err)
             raise
         return exchange_pb2.RegisterKeysResponse(key_id=key_id)
 
     async def Recipients(
         self, request: exchange_pb2.RecipientsRequest, context: Ctx
     ) -> exchange_pb2.RecipientsResponse:
+        partner = current_identity().name
         try:
-            names = self.core.recipients(current_identity().name, request.label, request.topic)
+            names = self.core.recipients(partner, request.label, request.topic)
         except BrokerError as err:
-            await _abort(context, err)
+            await self._refuse(context, "recipients.refused", partner, err)
             raise
         return exchange_pb2.RecipientsResponse(partners=names)
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from broker.server import Broker
-from clients.sdk import ClientError, PartnerClient
+from clients.sdk import ClientError, PartnerClient, call
 from coalition import envelope as env
 from coalition.labels import Classification, label_to_proto, parse_label
 from coalition.pki import load_partner
@@ -256,3 +256,32 @@ async def test_bad_inputs_do_not_disturb_other_streams(
     await eventually(lambda: received == [b"still flowing"], timeout=10)
     sub.close()
     task.cancel()
+
+
+async def test_bad_label_for_recipients(kor: PartnerClient, broker: Broker) -> None:
+    from coalition.v1 import label_pb2
+
+    with pytest.raises(ClientError) as info:
+        await call(
+            kor.stub.Recipients(
+                exchange_pb2.RecipientsRequest(
+                    label=label_pb2.Label(policy="NATO"), topic="intel.a"
+                )
+            )
+        )
+    assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
+    entries = await broker.audit.query(kind="recipients.refused", partner="KOR")
+    assert entries and entries[-1].decision == "bad_label"
+
+
+async def test_subscribe_without_open(kor: PartnerClient, broker: Broker) -> None:
+    async def requests() -> AsyncIterator[exchange_pb2.SubscribeRequest]:
+        yield exchange_pb2.SubscribeRequest(ack=exchange_pb2.Ack(offsets=[1]))
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in kor.stub.Subscribe(requests()):
+            pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first message must be an open" in (info.value.details() or "")
+    entries = await broker.audit.query(kind="subscribe.refused", partner="KOR")
+    assert entries and entries[-1].decision == "no_open"
