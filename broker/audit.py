@@ -227,21 +227,7 @@ class AuditLog:
                 entry.CopyFrom(f)
                 entry.seq, entry.prev_hash = seq + 1, prev_hash
                 entry.hash = entry_hash(prev_hash, entry)
-                conn.execute(
-                    _INSERT_ENTRY,
-                    (
-                        entry.seq,
-                        entry.time_ms,
-                        entry.kind,
-                        entry.actor,
-                        entry.partner,
-                        entry.message_id,
-                        entry.decision,
-                        entry.detail_json,
-                        entry.prev_hash,
-                        entry.hash,
-                    ),
-                )
+                conn.execute(_INSERT_ENTRY, tuple(getattr(entry, f) for f in _ENTRY_FIELDS))
                 if entry.seq % self._every == 0:
                     self._insert_checkpoint(conn, entry.seq, entry.hash, entry.time_ms)
                 seq, prev_hash = entry.seq, entry.hash

@@ -21,7 +21,13 @@ from cryptography import x509
 from broker.audit import AuditLog
 from broker.config import BrokerConfig
 from broker.registry import Registry
-from coalition.identity import Identity, IdentityError, IdentityKind, identity_from_cert
+from coalition.identity import (
+    Identity,
+    IdentityError,
+    IdentityKind,
+    check_validity,
+    identity_from_cert,
+)
 
 log = logging.getLogger("coalition.broker.auth")
 
@@ -98,16 +104,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 f"the client certificate names no coalition identity: {exc}",
                 "",
             ) from exc
-        now_s = self.clock() / 1000
-        if not (
-            cert.not_valid_before_utc.timestamp() <= now_s <= cert.not_valid_after_utc.timestamp()
-        ):
+        try:
+            check_validity(cert, self.clock(), "the client certificate")
+        except IdentityError as exc:
             raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "cert_expired",
-                "the client certificate is outside its validity period",
-                ident.uri,
-            )
+                grpc.StatusCode.UNAUTHENTICATED, "cert_expired", str(exc), ident.uri
+            ) from exc
         if format(cert.serial_number, "x") in self.revoked:
             raise AuthRefused(
                 grpc.StatusCode.UNAUTHENTICATED,

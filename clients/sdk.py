@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from coalition import envelope as env
 from coalition.hpke import HpkePublicKey
 from coalition.identity import IdentityError, signing_key_id, verify_key_bundle, verify_signing_cert
-from coalition.labels import REL_TO, Label, Precedence, label_to_proto
+from coalition.labels import Label, Precedence, label_to_proto
 from coalition.pki import OperatorCredentials, PartnerCredentials
 from coalition.v1 import (
     admin_pb2,
@@ -34,7 +35,6 @@ from coalition.v1 import (
     envelope_pb2,
     exchange_pb2,
     exchange_pb2_grpc,
-    label_pb2,
     policy_pb2,
 )
 
@@ -304,7 +304,6 @@ class PartnerClient:
         Raises NoRecipients when nobody may receive it.
         """
         names = list(recipients) if recipients is not None else await self.recipients(label, topic)
-        rel = set(label.releasable_to or ())
 
         def usable(d: Directory, name: str) -> bool:
             peer = d.peers.get(name)
@@ -312,7 +311,7 @@ class PartnerClient:
                 peer is not None
                 and peer.hpke_public is not None
                 and name != self.code
-                and (name in rel or bool(peer.groups & rel))
+                and is_releasable(label, name, peer.groups)
             )
 
         directory = await self.directory()
@@ -320,12 +319,12 @@ class PartnerClient:
             # Keys or groups may have changed since the cached copy (policy changes,
             # key rotation): check again against a fresh directory before dropping anyone.
             directory = await self.directory(refresh=True)
-        chosen = []
-        for name in names:
-            peer = directory.peers.get(name)
-            if peer is None or peer.hpke_public is None or not usable(directory, name):
-                continue  # unknown, keyless, or not released to by the label: never wrap for it
-            chosen.append(env.Recipient(name, peer.key_id, peer.hpke_public))
+        # Unknown, keyless, or not released to by the label: never wrap for it.
+        chosen = [
+            env.Recipient(name, peer.key_id, peer.hpke_public)
+            for name in names
+            if usable(directory, name) and (peer := directory.peers[name]).hpke_public is not None
+        ]
         if not chosen:
             raise NoRecipients(f"no eligible recipient for {label.human()} on {topic} right now")
         alloc = self.sequencer.allocate([r.partner for r in chosen])
@@ -333,8 +332,10 @@ class PartnerClient:
         chosen = [
             dataclasses.replace(r, sequence=alloc.per_recipient.get(r.partner, 0)) for r in chosen
         ]
+        message_id = os.urandom(16).hex()
         envelope = env.seal(
             plaintext=payload,
+            message_id=message_id,
             sender=self.code,
             signing_key=self.creds.signing_key,
             signing_key_id=self.creds.signing_key_id,
@@ -346,8 +347,7 @@ class PartnerClient:
             recipients=chosen,
             created_ms=self.clock(),
         )
-        header = env.parse_header(envelope)
-        return Sealed(envelope, header.message_id, tuple(r.partner for r in chosen), seq, alloc)
+        return Sealed(envelope, message_id, tuple(r.partner for r in chosen), seq, alloc)
 
     def discard(self, sealed: Sealed) -> None:
         """Forget a sealed envelope the broker refused: its recipients' numbers may be reused.
@@ -675,7 +675,6 @@ class OperatorClient:
 
 
 __all__ = [
-    "REL_TO",
     "Allocation",
     "ClientError",
     "Directory",
@@ -687,5 +686,4 @@ __all__ = [
     "SequenceSource",
     "Sequencer",
     "Subscription",
-    "label_pb2",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -563,4 +562,3 @@ class Demo:
 
 def default_out(line: str) -> None:
     print(line, flush=True)
-    sys.stdout.flush()
