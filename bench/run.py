@@ -18,13 +18,14 @@ import datetime as dt
 import multiprocessing
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from multiprocessing.sharedctypes import Synchronized
@@ -133,8 +134,50 @@ async def start_server(system: str, pki: Path, workdir: Path) -> ServerProcess:
     raise ValueError(system)
 
 
+@dataclass(frozen=True)
+class Profiling:
+    """py-spy on the server and the first receiver during one phase of each row."""
+
+    outdir: Path
+    phase: str = "saturation"
+    gil: bool = False  # only samples holding the GIL (Python work, not C threads or I/O)
+
+
+def _start_profilers(
+    system: str, pids: dict[str, int], prof: Profiling
+) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each named process: collapsed stacks to <outdir>/<system>-<name>.txt."""
+    prof.outdir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for name, pid in pids.items():
+        out = prof.outdir / f"{system}-{name}.txt"
+        argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250"]
+        argv += ["--nonblocking", "--output", str(out), *(["--gil"] if prof.gil else [])]
+        py_spy = Path(sys.executable).parent / "py-spy"
+        if py_spy.exists():
+            argv[0] = str(py_spy)
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def _stop_profilers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 async def run_row(
-    system: str, plan: Plan, pki: Path, workdir: Path, workers: Workers, ids: list[str]
+    system: str,
+    plan: Plan,
+    pki: Path,
+    workdir: Path,
+    workers: Workers,
+    ids: list[str],
+    profile: Profiling | None = None,
 ) -> RowResult:
     result = RowResult(system, message_ids=ids)
     began = time.monotonic()
@@ -158,10 +201,16 @@ async def run_row(
             offset = stop
             cpu0, ccpu0, t0 = cpu_seconds(server.pid), workers.cpu(), time.monotonic()
             before = sum(workers.opened())
+            profilers = []
+            if profile is not None and phase.name == profile.phase:
+                pids = {"server": server.pid, "receiver": workers.receivers[0][0].pid or 0}
+                profilers = _start_profilers(system, pids, profile)
+                await asyncio.sleep(0.5)  # py-spy attaches
             pub.send(("phase", phase, start, stop))
             _, accepted, refused = await ask(pub, plan.row_timeout_s)
             result.refused = refused
             await _drain(workers, accepted, plan.row_timeout_s)
+            _stop_profilers(profilers)
             cpu1, ccpu1, t1 = cpu_seconds(server.pid), workers.cpu(), time.monotonic()
             result.phases.append(
                 PhaseRecord(
@@ -262,7 +311,9 @@ def _machine() -> dict[str, Any]:
     }
 
 
-async def run(mode: str, systems: Sequence[str], out: Path) -> dict[str, Any]:
+async def run(
+    mode: str, systems: Sequence[str], out: Path, profile: Profiling | None = None
+) -> dict[str, Any]:
     plan = plan_for(mode)
     began = time.monotonic()
     durations: dict[str, float] = {}
@@ -287,7 +338,7 @@ async def run(mode: str, systems: Sequence[str], out: Path) -> dict[str, Any]:
         try:
             for system in systems:
                 try:
-                    results.append(await run_row(system, plan, pki, workdir, workers, ids))
+                    results.append(await run_row(system, plan, pki, workdir, workers, ids, profile))
                 except Exception as exc:
                     progress(f"{system}: FAILED: {exc!r}")
                     failed = RowResult(system, message_ids=ids, error=traceback.format_exc())
@@ -339,13 +390,35 @@ def main(argv: list[str] | None = None) -> int:
         f"--smoke: {','.join(SMOKE_ROWS)})",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record py-spy (collapsed stacks) of each row's server and first receiver "
+        "during one phase into DIR (read them with python -m bench.flame); CPU numbers "
+        "of a profiled run are inflated",
+    )
+    p.add_argument(
+        "--profile-phase",
+        default="saturation",
+        choices=("saturation", "load-500", "load-2000"),
+        help="the phase --profile records (default saturation)",
+    )
+    p.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="--profile counts only samples holding the GIL (the Python work)",
+    )
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     systems = tuple(args.rows.split(",")) if args.rows else SMOKE_ROWS if args.smoke else SYSTEMS
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         p.error(f"unknown rows: {', '.join(unknown)}")
-    doc = asyncio.run(run(mode, systems, args.out))
+    profile = (
+        Profiling(args.profile, args.profile_phase, args.profile_gil) if args.profile else None
+    )
+    doc = asyncio.run(run(mode, systems, args.out, profile))
     kept = report.write(args.out, doc)
     print(
         f"\nCoalition bench ({mode}), {doc['date']}, commit {doc['git_commit'][:12]}, "
