@@ -30,6 +30,9 @@ class BrokerConfig:
     retention_bytes: int = 512 << 20
     retention_ms: int = 7 * 24 * 3600 * 1000
     subscriber_window: int = 256
+    # Hand new messages to caught-up subscribers straight from the publish path instead
+    # of each subscriber reading them back from the store (same decisions, same audit).
+    live_delivery: bool = True
     default_publish_rate_per_s: int = 2000
     audit_checkpoint_every: int = 500
     log_json: bool = False
@@ -42,7 +45,7 @@ class BrokerConfig:
 
 
 _SECTIONS = {
-    "broker": {"listen", "name", "data_dir", "operators", "revoked_serials"},
+    "broker": {"listen", "name", "data_dir", "operators", "revoked_serials", "live_delivery"},
     "pki": {"dir"},
     "limits": {
         "max_envelope_bytes",

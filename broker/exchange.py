@@ -55,6 +55,11 @@ log = logging.getLogger("coalition.broker")
 
 Clock = Callable[[], int]
 _PARSE_CACHE_SIZE = 4096
+# A caught-up subscription's live feed holds at most this much; beyond it the feed is
+# dropped and the subscription reads from the store again (FLASH first), so a stalled
+# subscriber costs store rows, not broker memory.
+_FEED_MAX_MESSAGES = 1024
+_FEED_MAX_BYTES = 8 << 20
 _LABEL_CACHE_SIZE = 1024
 
 
@@ -88,6 +93,50 @@ class Subscription:
     # batches, so a stream of acks costs one group-committed write per batch, not per ack.
     unsettled: set[int] = field(default_factory=set)
     flusher: asyncio.Task[None] | None = None
+    # Live delivery. Set when a store read found nothing more pending: the head offset
+    # of that read's snapshot. From then on, messages above it arrive through `feed`,
+    # handed over by publish once durable, instead of being read back from the store.
+    live_after: int | None = None
+    feed: list[StoredMessage] = field(default_factory=list)
+    feed_bytes: int = 0
+    # The feed outgrew its bound and was dropped: the next turn reads the store.
+    feed_overflow: bool = False
+
+    def hand_over(self, fresh: Sequence[StoredMessage], size: int) -> None:
+        """Queue newly stored messages for this subscription (publish calls this)."""
+        if self.feed_overflow:
+            return
+        if (
+            len(self.feed) + len(fresh) > _FEED_MAX_MESSAGES
+            or self.feed_bytes + size > _FEED_MAX_BYTES
+        ):
+            self.feed.clear()
+            self.feed_bytes = 0
+            self.feed_overflow = True
+            return
+        self.feed.extend(fresh)
+        self.feed_bytes += size
+
+    def take_live(self, room: int) -> list[StoredMessage]:
+        """Up to room fed messages that the last store read did not see, oldest first."""
+        assert self.live_after is not None
+        after, inflight = self.live_after, self.inflight
+        out: list[StoredMessage] = []
+        keep: list[StoredMessage] = []
+        for m in self.feed:
+            if m.offset <= after or m.offset in inflight:
+                continue  # the store read saw it (delivered, excluded or settled there)
+            (out if len(out) < room else keep).append(m)
+        self.feed = keep
+        self.feed_bytes = sum(len(m.envelope) for m in keep)
+        return out
+
+    def reset_feed(self) -> None:
+        """Before a store read: the read will see everything fed so far."""
+        self.live_after = None
+        self.feed.clear()
+        self.feed_bytes = 0
+        self.feed_overflow = False
 
 
 class TokenBucket:
@@ -134,9 +183,7 @@ class ExchangeCore:
         self.audit_failed = False
         self._label_cache: dict[bytes, Label] = {}
         self._disk_free = (0, 0)  # (checked at ms, free bytes then)
-        self._parse_cache: OrderedDict[
-            int, tuple[envelope_pb2.Envelope, envelope_pb2.Header, Label]
-        ] = OrderedDict()
+        self._parse_cache: OrderedDict[int, tuple[envelope_pb2.Header, Label]] = OrderedDict()
 
     # -- identity helpers -------------------------------------------------------------------
     def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
@@ -169,14 +216,17 @@ class ExchangeCore:
             await self._probe_audit(now)
         results: list[exchange_pb2.PublishResult | None] = [None] * len(envelopes)
         accepted: list[tuple[int, NewMessage, envelope_pb2.Header]] = []
+        labels: dict[int, Label] = {}
         for i, e in enumerate(envelopes):
             try:
-                header, msg = self._validate(partner, e, now)
+                header, label, msg = self._validate(partner, e, now)
             except BrokerError as err:
                 results[i] = self._refusal(e, err)
                 continue
             accepted.append((i, msg, header))
+            labels[i] = label
         audits: list[AuditItem] = []
+        fresh: list[StoredMessage] = []
         if accepted:
             msgs = [m for _, m, _ in accepted]
             low = self._disk_too_full(sum(len(m.envelope) for m in msgs))
@@ -191,6 +241,8 @@ class ExchangeCore:
                 outcomes = [exc for _ in msgs]
             for (i, msg, header), out in zip(accepted, outcomes, strict=True):
                 if isinstance(out, Appended):
+                    self._remember(out.offset, (header, labels[i]))
+                    fresh.append(_stored(msg, out.offset, now))
                     results[i] = exchange_pb2.PublishResult(
                         message_id=msg.message_id,
                         outcome=exchange_pb2.ACCEPTED,
@@ -250,6 +302,17 @@ class ExchangeCore:
                     "publish refused",
                     extra={"partner": partner, "reason": r.reason_code, "message_id": r.message_id},
                 )
+        if fresh:
+            # Stored durably: subscribers may have them now. Their delivery audit entries
+            # are queued behind this publish's own (the audit writer is FIFO and nothing
+            # awaits between here and record_many's submit), so the chain still records
+            # the acceptance first, and both usually share one commit.
+            if self.cfg.live_delivery:
+                size = sum(len(m.envelope) for m in fresh)
+                for subs in self.live.values():
+                    for s in subs:
+                        s.hand_over(fresh, size)
+            self.wake_all()
         try:
             await self.audit.record_many(audits, now_ms=now)
         except AuditError:
@@ -257,8 +320,6 @@ class ExchangeCore:
             # accepted until the audit log can record decisions again.
             self.audit_failed = True
             log.critical("audit log cannot be written; refusing publishes until it can")
-        if any(r is not None and r.outcome == exchange_pb2.ACCEPTED for r in results):
-            self.wake_all()
         return [r for r in results if r is not None]
 
     def _disk_too_full(self, incoming: int) -> Exhausted | None:
@@ -313,35 +374,39 @@ class ExchangeCore:
 
     def _validate(
         self, partner: str, e: envelope_pb2.Envelope, now: int
-    ) -> tuple[envelope_pb2.Header, NewMessage]:
+    ) -> tuple[envelope_pb2.Header, Label, NewMessage]:
         size = e.ByteSize()
         if size > self.cfg.max_envelope_bytes:
             raise InvalidInput(
                 "oversized",
                 f"envelope is {size} bytes; the limit is {self.cfg.max_envelope_bytes} bytes",
             )
-        try:
-            header = env.parse_header(e)
-        except env.InvalidEnvelope as exc:
-            raise InvalidInput("malformed", f"envelope header is malformed: {exc}") from exc
-        if header.sender != partner:
-            raise Forbidden(
-                "sender_mismatch",
-                f"envelope sender {header.sender!r} is not the authenticated partner {partner!r}",
-            )
         rec = self.registry.get(partner)
         if rec is None:
             raise NotAuthenticated("unknown_sender", f"partner {partner} is not registered")
+
+        def signer(sender: str, key_id: str) -> Ed25519PublicKey:
+            # Called by env.verify once the header parsed, before the signature check:
+            # an envelope claiming another sender is refused as such, not as a bad
+            # signature. BrokerError is not KeyError, so env.verify lets it through.
+            if sender != partner:
+                raise Forbidden(
+                    "sender_mismatch",
+                    f"envelope sender {sender!r} is not the authenticated partner {partner!r}",
+                )
+            try:
+                return self.signer(sender, key_id)
+            except KeyError:
+                raise NotAuthenticated(
+                    "unknown_signing_key",
+                    f"signing key {key_id} is not {partner}'s certified key",
+                ) from None
+
         try:
-            env.verify(e, self.signer)
+            header = env.verify(e, signer)
         except env.InvalidEnvelope as exc:
             if exc.reason is env.Failure.MALFORMED:
                 raise InvalidInput("malformed", f"envelope is malformed: {exc}") from exc
-            if exc.reason is env.Failure.UNKNOWN_SENDER:
-                raise NotAuthenticated(
-                    "unknown_signing_key",
-                    f"signing key {header.signing_key_id} is not {partner}'s certified key",
-                ) from exc
             code = "bad_signature" if exc.reason is env.Failure.BAD_SIGNATURE else exc.reason.value
             raise NotAuthenticated(code, f"envelope does not verify: {exc}") from exc
         try:
@@ -385,7 +450,7 @@ class ExchangeCore:
             envelope=raw,
             digest=hashlib.sha256(raw).digest(),
         )
-        return header, msg
+        return header, label, msg
 
     # -- subscribe ------------------------------------------------------------------------------
     def open_subscription(self, partner: str, topics: Sequence[str], window: int) -> Subscription:
@@ -462,17 +527,26 @@ class ExchangeCore:
             if room <= 0:
                 await sub.wake.wait()
                 continue
-            sub.acked_during_read.clear()
-            try:
-                stored = await self.store.pending(sub.partner, room, exclude=sub.inflight)
-            except StoreError:  # no cursor yet: not admitted
-                await sub.wake.wait()
-                continue
-            batch = [
-                m
-                for m in stored
-                if m.offset not in sub.inflight and m.offset not in sub.acked_during_read
-            ]
+            if sub.live_after is not None and not sub.feed_overflow:
+                batch = sub.take_live(room)
+            else:
+                sub.reset_feed()
+                sub.acked_during_read.clear()
+                try:
+                    stored, head = await self.store.pending_and_head(
+                        sub.partner, room, exclude=sub.inflight
+                    )
+                except StoreError:  # no cursor yet: not admitted
+                    await sub.wake.wait()
+                    continue
+                batch = [
+                    m
+                    for m in stored
+                    if m.offset not in sub.inflight and m.offset not in sub.acked_during_read
+                ]
+                if len(stored) < room and self.cfg.live_delivery:
+                    # Nothing more is pending up to head: go live from there.
+                    sub.live_after = head
             if not batch:
                 if not caught_up_sent:
                     caught_up_sent = True
@@ -487,15 +561,21 @@ class ExchangeCore:
             denied: dict[str, list[tuple[StoredMessage, str]]] = defaultdict(list)
             out = exchange_pb2.DeliveryBatch()
             for m in batch:
-                delivery, reason, why = self._route(sub, rec, m, now)
-                if delivery is None:
+                routed, reason, why = self._route(sub, rec, m, now)
+                if routed is None:
                     skipped.append(m.offset)
                     if reason != "own_message":
                         denied[reason].append((m, why))
                     continue
                 sub.inflight.add(m.offset)
                 sent.append(m)
-                out.deliveries.append(delivery)
+                # add() + copy into place: appending a built Delivery to the repeated
+                # field costs ~10x more (upb copies the whole message again).
+                d = out.deliveries.add(
+                    offset=m.offset, topic=routed.topic, precedence=routed.precedence
+                )
+                d.envelope.MergeFromString(m.envelope)
+                d.label.CopyFrom(routed.label)
             self.counters[sub.partner].delivered += len(sent)
             audits = (
                 [
@@ -544,32 +624,36 @@ class ExchangeCore:
             self._label_cache[key] = hit
         return hit
 
-    def _parsed(self, m: StoredMessage) -> tuple[envelope_pb2.Envelope, envelope_pb2.Header, Label]:
-        """The stored envelope parsed once for every subscriber (a small LRU by offset).
+    def _parsed(self, m: StoredMessage) -> tuple[envelope_pb2.Header, Label]:
+        """The stored envelope's header and label, parsed once for every subscriber.
 
-        Raises InvalidEnvelope or LabelError if the stored bytes were tampered with.
+        A small LRU by offset, seeded by publish with what it already parsed. Raises
+        InvalidEnvelope or LabelError if the stored bytes were tampered with.
         """
         hit = self._parse_cache.get(m.offset)
         if hit is not None:
             self._parse_cache.move_to_end(m.offset)
             return hit
-        e = envelope_pb2.Envelope.FromString(m.envelope)
-        header = env.parse_header(e)
-        parsed = (e, header, self._label(header.label))
-        self._parse_cache[m.offset] = parsed
+        header = env.parse_header(envelope_pb2.Envelope.FromString(m.envelope))
+        parsed = (header, self._label(header.label))
+        self._remember(m.offset, parsed)
+        return parsed
+
+    def _remember(self, offset: int, parsed: tuple[envelope_pb2.Header, Label]) -> None:
+        self._parse_cache[offset] = parsed
         if len(self._parse_cache) > _PARSE_CACHE_SIZE:
             self._parse_cache.popitem(last=False)
-        return parsed
 
     def _route(
         self, sub: Subscription, rec: PartnerRecord, m: StoredMessage, now: int
-    ) -> tuple[exchange_pb2.Delivery | None, str, str]:
+    ) -> tuple[envelope_pb2.Header | None, str, str]:
+        """The header to deliver m under, or None with the reason and why it is not."""
         if m.sender == sub.partner:
             return None, "own_message", ""
         # Route on the envelope's own header (which the recipient verifies under the
         # sender's signature), never on a separate store column that could be edited alone.
         try:
-            e, header, label = self._parsed(m)
+            header, label = self._parsed(m)
         except (env.InvalidEnvelope, LabelError) as exc:  # validated at publish: tampering
             return None, "malformed", str(exc)
         if not any_match(sub.patterns, header.topic):
@@ -579,17 +663,7 @@ class ExchangeCore:
             return None, d.reason.value, d.explanation
         if not any(w.recipient == sub.partner for w in header.wrapped_keys):
             return None, "no_key_wrapped", "the sender wrapped no key for this partner"
-        return (
-            exchange_pb2.Delivery(
-                offset=m.offset,
-                envelope=e,
-                label=header.label,
-                topic=header.topic,
-                precedence=header.precedence,
-            ),
-            "allow",
-            "",
-        )
+        return header, "allow", ""
 
     def _record(self, partner: str) -> PartnerRecord:
         rec = self.registry.get(partner)
@@ -677,6 +751,25 @@ class ExchangeCore:
         """Stop taking new work and end live streams."""
         self.closing = True
         self.wake_all()
+
+
+def _stored(msg: NewMessage, offset: int, stored_ms: int) -> StoredMessage:
+    """The message as the store now holds it (what a read of offset would return)."""
+    return StoredMessage(
+        offset=offset,
+        stored_ms=stored_ms,
+        message_id=msg.message_id,
+        sender=msg.sender,
+        sequence=msg.sequence,
+        topic=msg.topic,
+        precedence=msg.precedence,
+        classification=msg.classification,
+        label=msg.label,
+        created_ms=msg.created_ms,
+        expiry_ms=msg.expiry_ms,
+        envelope=msg.envelope,
+        digest=msg.digest,
+    )
 
 
 def _batch_audit(

@@ -123,6 +123,16 @@ class MessageStore(Protocol):
         """
         ...
 
+    async def pending_and_head(
+        self, subscriber: str, limit: int, exclude: Collection[int] = ()
+    ) -> tuple[list[StoredMessage], int]:
+        """pending(), and the highest offset assigned, both read from one snapshot.
+
+        Every message at or below that head is either in the list, excluded, settled, or
+        (when the list is full) still pending; nothing above it was visible to the read.
+        """
+        ...
+
     async def settle(self, subscriber: str, offsets: Sequence[int]) -> int:
         """Mark offsets done for subscriber, advance its cursor; return it; raises StoreError."""
         ...

@@ -386,10 +386,17 @@ class SqliteMessageStore:
         their envelopes. One index range scan per precedence level, offsets only, then
         one read of the chosen rows. Raises StoreError if no cursor.
         """
+        return (await self.pending_and_head(subscriber, limit, exclude))[0]
+
+    async def pending_and_head(
+        self, subscriber: str, limit: int, exclude: Collection[int] = ()
+    ) -> tuple[list[StoredMessage], int]:
+        """pending(), and the head offset of the same snapshot. Raises StoreError if no cursor."""
         skip = frozenset(exclude)
 
-        def read(conn: sqlite3.Connection) -> list[StoredMessage]:
+        def read(conn: sqlite3.Connection) -> tuple[list[StoredMessage], int]:
             cursor = _cursor_of(conn, subscriber)
+            head = _state(conn)[0]
             chosen: list[int] = []
             for precedence in PRECEDENCES:
                 if len(chosen) >= limit:
@@ -401,10 +408,10 @@ class SqliteMessageStore:
                 chosen.extend(o for (o,) in rows if o not in skip)
             chosen = chosen[:limit]
             if not chosen:
-                return []
+                return [], head
             sql = _ROWS_BY_OFFSET.format(",".join("?" * len(chosen)))
             by_offset = {row[0]: _stored(row) for row in conn.execute(sql, chosen)}
-            return [by_offset[o] for o in chosen if o in by_offset]
+            return [by_offset[o] for o in chosen if o in by_offset], head
 
         return await self._readers.run(read)
 

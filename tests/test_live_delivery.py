@@ -1,0 +1,228 @@
+"""Live delivery (publish hands new messages to caught-up subscribers) and SDK publish
+coalescing, over a real broker on mTLS with its real SQLite store and audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker import exchange as exchange_mod
+from broker.server import Broker
+from clients import sdk
+from clients.sdk import PartnerClient
+from coalition.labels import Precedence, parse_label
+from coalition.v1 import exchange_pb2
+from tests.helpers import admit, eventually, partner, policy, running_broker
+
+LABEL = parse_label("NATO SECRET // REL TO KOR, USA")
+TOPIC = "intel.ground"
+
+
+class CountingStore:
+    """The broker's store, counting the subscribers' store reads."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def pending_and_head(self, subscriber: str, limit: int, exclude: Any = ()) -> Any:
+        self.reads += 1
+        return await self.inner.pending_and_head(subscriber, limit, exclude)
+
+
+async def _broker(pki: Path, data: Path, **kw: object) -> Broker:
+    b = await running_broker(pki, data, **kw)
+    for code in ("KOR", "USA"):
+        await admit(pki, b.port, policy(code))
+    return b
+
+
+@pytest.fixture
+async def pair(
+    pki: Path, tmp_path: Path
+) -> AsyncIterator[tuple[Broker, PartnerClient, PartnerClient]]:
+    b = await _broker(pki, tmp_path / "broker")
+    kor, usa = partner(pki, "KOR", b.port), partner(pki, "USA", b.port)
+    await kor.register_keys()
+    await usa.register_keys()
+    try:
+        yield b, kor, usa
+    finally:
+        await kor.close()
+        await usa.close()
+        await b.stop(grace=1)
+
+
+async def _publish(kor: PartnerClient, bodies: list[bytes], **kw: Any) -> list[int]:
+    envs = [
+        (await kor.seal(body, topic=TOPIC, label=LABEL, recipients=["USA"], **kw)).envelope
+        for body in bodies
+    ]
+    results = await kor.publish(envs)
+    assert all(r.outcome == exchange_pb2.ACCEPTED for r in results), results
+    return [r.offset for r in results]
+
+
+async def test_caught_up_subscriber_is_fed_without_store_reads(
+    pair: tuple[Broker, PartnerClient, PartnerClient],
+) -> None:
+    b, kor, usa = pair
+    counting = CountingStore(b.exchange.store)
+    b.exchange.store = counting
+    await _publish(kor, [b"backlog"])
+    sub = usa.subscribe([TOPIC])
+    got: list[bytes] = []
+
+    async def receive() -> None:
+        async for d in sub:
+            got.append((await usa.open(d)).plaintext)
+            await sub.ack([d.offset])
+
+    task = asyncio.create_task(receive())
+    try:
+        await eventually(lambda: got == [b"backlog"] and sub.caught_up.is_set())
+        reads = counting.reads
+        live = [f"live {i}".encode() for i in range(20)]
+        for body in live:
+            await _publish(kor, [body])
+        await eventually(lambda: len(got) == 21)
+        assert got == [b"backlog", *live]  # in order, each once
+        # Only the first turn read the store; the live messages were handed over.
+        assert counting.reads == reads
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sub.aclose()
+    # The chain still records every acceptance before that message's delivery.
+    entries = await b.audit.query(partner="USA", kind="deliver")
+    accepted = {e.message_id: e.seq for e in await b.audit.query(kind="publish.accepted")}
+    assert len(accepted) == 21
+    for e in entries:
+        for mid in json.loads(e.detail_json)["message_ids"]:
+            assert accepted[mid] < e.seq
+
+
+async def test_overflowing_feed_falls_back_to_the_store(
+    pair: tuple[Broker, PartnerClient, PartnerClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b, kor, usa = pair
+    monkeypatch.setattr(exchange_mod, "_FEED_MAX_MESSAGES", 4)
+    counting = CountingStore(b.exchange.store)
+    b.exchange.store = counting
+    sub = usa.subscribe([TOPIC], window=2)
+    got: list[bytes] = []
+    held: list[int] = []
+    release = asyncio.Event()
+
+    async def receive() -> None:
+        async for d in sub:
+            got.append((await usa.open(d)).plaintext)
+            held.append(d.offset)
+            if release.is_set():
+                await sub.ack(held)
+                held.clear()
+
+    task = asyncio.create_task(receive())
+    try:
+        await asyncio.wait_for(sub.caught_up.wait(), 10)
+        # The window (2) fills and is never acknowledged: the feed outgrows its bound.
+        await _publish(kor, [b"r1", b"r2", b"r3", b"r4", b"r5", b"r6"])
+        await eventually(lambda: got == [b"r1", b"r2"])
+        # A FLASH message published now waits in the store behind older ROUTINE ones;
+        # the fallback read delivers it first.
+        await _publish(kor, [b"flash"], precedence=Precedence.FLASH)
+        reads = counting.reads
+        release.set()
+        await sub.ack(held)
+        held.clear()
+        await eventually(lambda: len(got) == 7)
+        assert got[:3] == [b"r1", b"r2", b"flash"]
+        assert sorted(got) == sorted([b"r1", b"r2", b"r3", b"r4", b"r5", b"r6", b"flash"])
+        assert counting.reads > reads  # the overflow made it read the store again
+        # ... and once caught up again it is fed live.
+        reads = counting.reads
+        await eventually(lambda: _is_live(b))
+        await _publish(kor, [b"after"])
+        await eventually(lambda: got[-1] == b"after")
+        assert counting.reads == reads
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sub.aclose()
+
+
+def _is_live(b: Broker) -> bool:
+    return all(s.live_after is not None for s in b.exchange.live["USA"])
+
+
+async def test_live_delivery_off_reads_every_turn_from_the_store(pki: Path, tmp_path: Path) -> None:
+    b = await _broker(pki, tmp_path / "broker", live_delivery=False)
+    kor, usa = partner(pki, "KOR", b.port), partner(pki, "USA", b.port)
+    try:
+        await kor.register_keys()
+        await usa.register_keys()
+        counting = CountingStore(b.exchange.store)
+        b.exchange.store = counting
+        sub = usa.subscribe([TOPIC])
+        got: list[bytes] = []
+
+        async def receive() -> None:
+            async for d in sub:
+                got.append((await usa.open(d)).plaintext)
+                await sub.ack([d.offset])
+
+        task = asyncio.create_task(receive())
+        await asyncio.wait_for(sub.caught_up.wait(), 10)
+        reads = counting.reads
+        for i in range(5):
+            await _publish(kor, [f"m{i}".encode()])
+        await eventually(lambda: len(got) == 5)
+        assert got == [f"m{i}".encode() for i in range(5)]
+        assert counting.reads >= reads + 5
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sub.aclose()
+    finally:
+        await kor.close()
+        await usa.close()
+        await b.stop(grace=1)
+
+
+async def test_concurrent_publishes_are_merged_and_answered_each(
+    pair: tuple[Broker, PartnerClient, PartnerClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, kor, _ = pair
+    requests: list[int] = []
+    real = sdk._PublishStream.next_request
+
+    async def counting(self: sdk._PublishStream) -> exchange_pb2.PublishRequest | None:
+        req = await real(self)
+        if req is not None:
+            requests.append(len(req.envelopes))
+        return req
+
+    monkeypatch.setattr(sdk._PublishStream, "next_request", counting)
+    sealed = [
+        await kor.seal(f"m{i}".encode(), topic=TOPIC, label=LABEL, recipients=["USA"])
+        for i in range(40)
+    ]
+    # One envelope is tampered with: only its caller is refused.
+    bad = sealed[17].envelope
+    bad.signature = bytes(64)
+    results = await asyncio.gather(*(kor.publish([s.envelope]) for s in sealed))
+    assert sum(requests) == 40
+    assert len(requests) < 40  # merged into fewer requests
+    for i, (s, [r]) in enumerate(zip(sealed, results, strict=True)):
+        assert r.message_id == s.message_id
+        if i == 17:
+            assert (r.outcome, r.reason_code) == (exchange_pb2.REFUSED, "bad_signature")
+        else:
+            assert r.outcome == exchange_pb2.ACCEPTED
