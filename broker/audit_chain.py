@@ -33,15 +33,16 @@ from coalition.v1 import audit_pb2
 GENESIS = bytes(32)
 
 
+# Built once: json.dumps with options constructs a new encoder on every call.
+_DETAIL_JSON = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_FIELDS_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(detail: Mapping[str, object] | None) -> str:
     """Canonical JSON of a detail object; raises TypeError/ValueError if not plain JSON."""
-    return json.dumps(
-        dict(detail or {}),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    )
+    return _DETAIL_JSON.encode(dict(detail or {}))
 
 
 def canonical_bytes(entry: audit_pb2.AuditEntry) -> bytes:
@@ -56,7 +57,7 @@ def canonical_bytes(entry: audit_pb2.AuditEntry) -> bytes:
         entry.decision,
         entry.detail_json,
     ]
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _FIELDS_JSON.encode(fields).encode("utf-8")
 
 
 def entry_hash(prev_hash: bytes, entry: audit_pb2.AuditEntry) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -79,6 +80,9 @@ async def _serve(cfg: BrokerConfig, port_file: Path | None) -> int:
     from broker.server import start_broker
 
     broker = await start_broker(cfg)
+    # Everything loaded so far (modules, keys, caches) lives as long as the process:
+    # keep it out of the cyclic collector's full passes, which otherwise walk it all.
+    gc.freeze()
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(str(broker.port))

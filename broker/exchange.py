@@ -47,7 +47,14 @@ from broker.store import (
 from coalition import envelope as env
 from coalition.identity import IdentityError, verify_key_bundle, verify_signing_cert
 from coalition.labels import Label, LabelError, label_from_proto
-from coalition.policy import PartnerStatus, Reason, decide, decide_origination
+from coalition.policy import (
+    Decision,
+    PartnerPolicy,
+    PartnerStatus,
+    Reason,
+    decide,
+    decide_origination,
+)
 from coalition.topics import TopicError, any_match, validate_pattern, validate_topic
 from coalition.v1 import directory_pb2, envelope_pb2, exchange_pb2, label_pb2
 
@@ -61,6 +68,7 @@ _PARSE_CACHE_SIZE = 4096
 _FEED_MAX_MESSAGES = 1024
 _FEED_MAX_BYTES = 8 << 20
 _LABEL_CACHE_SIZE = 1024
+_DECISION_CACHE_SIZE = 4096
 
 
 def wall_clock_ms() -> int:
@@ -101,6 +109,17 @@ class Subscription:
     feed_bytes: int = 0
     # The feed outgrew its bound and was dropped: the next turn reads the store.
     feed_overflow: bool = False
+    topic_ok: dict[str, bool] = field(default_factory=dict)
+
+    def wants(self, topic: str) -> bool:
+        """Whether the stream's patterns match topic (memoized: topics repeat)."""
+        hit = self.topic_ok.get(topic)
+        if hit is None:
+            hit = any_match(self.patterns, topic)
+            if len(self.topic_ok) >= 1024:
+                self.topic_ok.clear()
+            self.topic_ok[topic] = hit
+        return hit
 
     def hand_over(self, fresh: Sequence[StoredMessage], size: int) -> None:
         """Queue newly stored messages for this subscription (publish calls this)."""
@@ -182,6 +201,9 @@ class ExchangeCore:
         self.closing = False
         self.audit_failed = False
         self._label_cache: dict[bytes, Label] = {}
+        self._decisions: dict[
+            tuple[object, int, int, str], tuple[PartnerPolicy, Label, Decision]
+        ] = {}
         self._disk_free = (0, 0)  # (checked at ms, free bytes then)
         self._parse_cache: OrderedDict[int, tuple[envelope_pb2.Header, Label]] = OrderedDict()
 
@@ -429,7 +451,7 @@ class ExchangeCore:
                 "originator_mismatch",
                 f"label originator {label.originator!r} is not the sender {partner!r}",
             )
-        decision = decide_origination(rec.policy, label, header.topic, now)
+        decision = self._decided(decide_origination, rec.policy, label, header.topic, now)
         if not decision.allowed:
             raise Forbidden(decision.reason.value, decision.explanation)
         rate = rec.policy.publish_rate_per_s or self.cfg.default_publish_rate_per_s
@@ -610,6 +632,32 @@ class ExchangeCore:
                 sub.inflight.update(skipped)
                 self.note_acks(sub, skipped)
 
+    def _decided(
+        self,
+        fn: Callable[[PartnerPolicy, Label, str, int], Decision],
+        policy: PartnerPolicy,
+        label: Label,
+        topic: str,
+        now: int,
+    ) -> Decision:
+        """fn(policy, label, topic, now), memoized while neither policy nor label changes.
+
+        Policies and labels are immutable and replaced, not edited, so their identity is
+        the key (each entry holds them, so an id is never reused while cached). Only label
+        expiry depends on the time: labels that expire are decided afresh every time.
+        """
+        if label.expiry_time_ms:
+            return fn(policy, label, topic, now)
+        key = (fn, id(policy), id(label), topic)
+        hit = self._decisions.get(key)
+        if hit is not None and hit[0] is policy and hit[1] is label:
+            return hit[2]
+        d = fn(policy, label, topic, now)
+        if len(self._decisions) >= _DECISION_CACHE_SIZE:
+            self._decisions.clear()
+        self._decisions[key] = (policy, label, d)
+        return d
+
     def _label(self, msg: label_pb2.Label) -> Label:
         """label_from_proto, memoized by the label's wire bytes (labels repeat a lot).
 
@@ -656,9 +704,9 @@ class ExchangeCore:
             header, label = self._parsed(m)
         except (env.InvalidEnvelope, LabelError) as exc:  # validated at publish: tampering
             return None, "malformed", str(exc)
-        if not any_match(sub.patterns, header.topic):
+        if not sub.wants(header.topic):
             return None, "not_subscribed", f"topic {header.topic} is outside this subscription"
-        d = decide(rec.policy, label, header.topic, now)
+        d = self._decided(decide, rec.policy, label, header.topic, now)
         if d.reason is not Reason.ALLOW:
             return None, d.reason.value, d.explanation
         if not any(w.recipient == sub.partner for w in header.wrapped_keys):

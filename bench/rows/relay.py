@@ -1,9 +1,10 @@
 """The ``grpc-relay`` row: the ceiling for any grpc.aio broker in Python on this machine.
 
 Clients use the SDK's mutual-TLS channel and send the same batches our SDK sends
-(a serialized ``PublishRequest``); the relay (``bench.relay_server``) forwards the
-bytes untouched; receivers parse the batch and ``env.open`` each envelope. No
-acknowledgements from receivers: the relay stores nothing to acknowledge.
+(a serialized ``PublishRequest``; concurrent sends merged by the SDK's rule); the
+relay (``bench.relay_server``) forwards the bytes untouched; receivers parse the
+batch and ``env.open`` each envelope. No acknowledgements from receivers: the relay
+stores nothing to acknowledge.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from bench.relay_server import SERVICE
 from bench.rows import OnOpened, RowSpec
 from bench.servers import ServerProcess, spawn, wait_port_file
 from bench.workload import Opener, Sealed
-from clients.sdk import secure_channel
+from clients.sdk import (
+    PUBLISH_MAX_INFLIGHT,
+    PUBLISH_MERGE_MAX_BYTES,
+    PUBLISH_MERGE_MAX_ENVELOPES,
+    secure_channel,
+)
 from coalition.pki import load_partner
 from coalition.v1 import envelope_pb2, exchange_pb2
 
@@ -49,25 +55,49 @@ def _channel(spec: RowSpec, code: str) -> grpc.aio.Channel:
 
 
 class RelayPublisher:
+    """Publishes like the SDK: while ``PUBLISH_MAX_INFLIGHT`` batches are unanswered,
+    further sends wait and are merged (same limits), so the relay sees the batches our
+    SDK would send."""
+
     def __init__(self, spec: RowSpec, sender: str) -> None:
         self.channel = _channel(spec, sender)
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.pending: list[tuple[Sequence[Sealed], asyncio.Future[None]]] = []
+        self.changed = asyncio.Event()
+        self.closing = False
+        self.waiting: collections.deque[list[asyncio.Future[None]]] = collections.deque()
         self.call: Any = None
         self.reader: asyncio.Task[None] | None = None
 
     async def _requests(self) -> AsyncIterator[bytes]:
         while True:
-            req = await self.queue.get()
-            if req is None:
-                return
-            yield req
+            while not self.pending or len(self.waiting) >= PUBLISH_MAX_INFLIGHT:
+                if self.closing:
+                    return
+                self.changed.clear()
+                await self.changed.wait()
+            take, count, size = 0, 0, 0
+            for batch, _ in self.pending:
+                b = sum(len(m.data) for m in batch)
+                if take and (
+                    count + len(batch) > PUBLISH_MERGE_MAX_ENVELOPES
+                    or size + b > PUBLISH_MERGE_MAX_BYTES
+                ):
+                    break
+                take, count, size = take + 1, count + len(batch), size + b
+            chosen, self.pending = self.pending[:take], self.pending[take:]
+            self.waiting.append([fut for _, fut in chosen])
+            req = exchange_pb2.PublishRequest(
+                envelopes=[envelope_pb2.Envelope.FromString(m.data) for b, _ in chosen for m in b]
+            )
+            yield req.SerializeToString()
 
     async def _read(self) -> None:
         async for _ in self.call:
-            fut = self.waiting.popleft()  # the relay acknowledges batches in order
-            if not fut.done():
-                fut.set_result(None)
+            futs = self.waiting.popleft()  # the relay acknowledges batches in order
+            self.changed.set()
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(None)
 
     async def connect(self) -> None:
         await asyncio.wait_for(self.channel.channel_ready(), 10)
@@ -75,17 +105,15 @@ class RelayPublisher:
         self.reader = asyncio.create_task(self._read())
 
     async def send(self, batch: Sequence[Sealed]) -> int:
-        req = exchange_pb2.PublishRequest(
-            envelopes=[envelope_pb2.Envelope.FromString(m.data) for m in batch]
-        )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting.append(fut)
-        await self.queue.put(req.SerializeToString())
+        self.pending.append((batch, fut))
+        self.changed.set()
         await fut
         return len(batch)
 
     async def close(self) -> None:
-        await self.queue.put(None)
+        self.closing = True
+        self.changed.set()
         if self.reader is not None:
             self.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
