@@ -141,6 +141,7 @@ class Profiling:
     outdir: Path
     phase: str = "saturation"
     gil: bool = False  # only samples holding the GIL (Python work, not C threads or I/O)
+    native: bool = False  # C frames too (pauses the process at each sample: slower)
 
 
 def _start_profilers(
@@ -152,7 +153,9 @@ def _start_profilers(
     for name, pid in pids.items():
         out = prof.outdir / f"{system}-{name}.txt"
         argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250"]
-        argv += ["--nonblocking", "--output", str(out), *(["--gil"] if prof.gil else [])]
+        argv += ["--output", str(out), *(["--gil"] if prof.gil else [])]
+        # py-spy reads native stacks only from a paused process (which slows it down).
+        argv += ["--native"] if prof.native else ["--nonblocking"]
         py_spy = Path(sys.executable).parent / "py-spy"
         if py_spy.exists():
             argv[0] = str(py_spy)
@@ -409,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="--profile counts only samples holding the GIL (the Python work)",
     )
+    p.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="--profile records C frames too (py-spy then pauses the process at each "
+        "sample, which inflates latency)",
+    )
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     systems = tuple(args.rows.split(",")) if args.rows else SMOKE_ROWS if args.smoke else SYSTEMS
@@ -416,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown rows: {', '.join(unknown)}")
     profile = (
-        Profiling(args.profile, args.profile_phase, args.profile_gil) if args.profile else None
+        Profiling(args.profile, args.profile_phase, args.profile_gil, args.profile_native)
+        if args.profile
+        else None
     )
     doc = asyncio.run(run(mode, systems, args.out, profile))
     kept = report.write(args.out, doc)
