@@ -55,6 +55,7 @@ class Broker:
         await self.health.enter_graceful_shutdown()
         self.exchange.shutdown()
         await self.server.stop(grace)
+        self.exchange.close()
         if self._retention is not None:
             self._retention.cancel()
         await self.store.close()

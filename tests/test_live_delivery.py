@@ -226,3 +226,26 @@ async def test_concurrent_publishes_are_merged_and_answered_each(
             assert (r.outcome, r.reason_code) == (exchange_pb2.REFUSED, "bad_signature")
         else:
             assert r.outcome == exchange_pb2.ACCEPTED
+
+
+async def test_pipelined_requests_keep_their_order(
+    pair: tuple[Broker, PartnerClient, PartnerClient],
+) -> None:
+    """Many requests in flight on one stream (each verified off the event loop) still
+    reach the store in arrival order: every sequence is accepted, offsets ascend."""
+    _, kor, _ = pair
+    sealed = [
+        await kor.seal(f"m{i}".encode(), topic=TOPIC, label=LABEL, recipients=["USA"])
+        for i in range(30)
+    ]
+
+    async def requests() -> AsyncIterator[exchange_pb2.PublishRequest]:
+        for i, s in enumerate(sealed):
+            yield exchange_pb2.PublishRequest(batch_id=i + 1, envelopes=[s.envelope])
+
+    responses = [r async for r in kor.stub.Publish(requests())]
+    assert [r.batch_id for r in responses] == list(range(1, 31))
+    results = [r.results[0] for r in responses]
+    assert all(r.outcome == exchange_pb2.ACCEPTED for r in results), results
+    offsets = [r.offset for r in results]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 30
