@@ -102,7 +102,9 @@ async def measure(count: int, window: int) -> dict[str, Any]:
             progress(f"accepted {accepted} in {elapsed:.1f} s; RSS after {after:.1f} MiB")
             sub.close()  # the stalled reader then sees the stream end and leaves cleanly
             never.set()
-            with contextlib.suppress(Exception):
+            # The closed call ends the reader with CancelledError (or an error): either way
+            # it is done.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(holder, 10)
             for c in (idle, *pubs.values()):
                 await c.close()

@@ -62,7 +62,7 @@ from coalition.v1 import directory_pb2, envelope_pb2, exchange_pb2, label_pb2
 log = logging.getLogger("coalition.broker")
 
 Clock = Callable[[], int]
-_PARSE_CACHE_SIZE = 4096
+_PARSE_CACHE_SIZE = 1024
 # A caught-up subscription's live feed holds at most this much; beyond it the feed is
 # dropped and the subscription reads from the store again (FLASH first), so a stalled
 # subscriber costs store rows, not broker memory.
