@@ -88,7 +88,7 @@ def plan_for(mode: str) -> Plan:
     """Sizes per mode: ``full`` (make bench), ``quick`` (make bench-quick), ``smoke`` (tests)."""
     sizes = {
         # saturation messages and time cap, seconds at 500/s, seconds at 2000/s
-        "full": (4000, 20.0, 4.0, 1.0),
+        "full": (12000, 20.0, 10.0, 2.0),
         "quick": (1000, 5.0, 1.2, 0.25),
         "smoke": (150, 0.0, 0.3, 0.075),
     }
