@@ -181,10 +181,12 @@ async def run_row(
     workers: Workers,
     ids: list[str],
     profile: Profiling | None = None,
+    rnd: int = 1,
 ) -> RowResult:
+    """One round of one row on a fresh server: its messages start at round-1 rounds in."""
     result = RowResult(system, message_ids=ids)
     began = time.monotonic()
-    rowdir = workdir / system
+    rowdir = workdir / f"{system}-{rnd}"
     rowdir.mkdir()
     server = await start_server(system, pki, rowdir)
     try:
@@ -198,14 +200,15 @@ async def run_row(
         pub = workers.publisher[1]
         pub.send(("row", spec))
         await ask(pub, 60)
-        offset = accepted_before = 0
+        offset = (rnd - 1) * plan.per_round
+        accepted_before = 0
         for phase in plan.phases:
             start, stop = offset, offset + phase.count
             offset = stop
             cpu0, ccpu0, t0 = cpu_seconds(server.pid), workers.cpu(), time.monotonic()
             before = sum(workers.opened())
             profilers = []
-            if profile is not None and phase.name == profile.phase:
+            if profile is not None and phase.name == profile.phase and rnd == 1:
                 pids = {"server": server.pid, "receiver": workers.receivers[0][0].pid or 0}
                 profilers = _start_profilers(system, pids, profile)
                 await asyncio.sleep(0.5)  # py-spy attaches
@@ -225,13 +228,15 @@ async def run_row(
                     cpu1 - cpu0,
                     ccpu1 - ccpu0,
                     t1 - t0,
+                    rnd,
                 )
             )
             done = sum(workers.opened()) - before
             sent = accepted - accepted_before
             accepted_before = accepted
             progress(
-                f"{system:14} {phase.name:10} {sent:5}/{phase.count:<5} msgs sent -> "
+                f"{system:14} {phase.name:10} {rnd}/{plan.rounds} "
+                f"{sent:5}/{phase.count:<5} msgs sent -> "
                 f"{done:6} deliveries ({3 * sent} expected) "
                 f"in {t1 - t0:5.1f} s, server cpu {cpu1 - cpu0:5.2f} s"
             )
@@ -320,7 +325,7 @@ async def run(
     plan = plan_for(mode)
     began = time.monotonic()
     durations: dict[str, float] = {}
-    results: list[RowResult] = []
+    results: dict[str, RowResult] = {}
     with tempfile.TemporaryDirectory(prefix="coalition-bench-") as tmp:
         workdir = Path(tmp)
         pki = workdir / "pki"
@@ -339,20 +344,24 @@ async def run(
         )
         workers = Workers(workload)
         try:
-            for system in systems:
-                try:
-                    results.append(await run_row(system, plan, pki, workdir, workers, ids, profile))
-                except Exception as exc:
-                    progress(f"{system}: FAILED: {exc!r}")
-                    failed = RowResult(system, message_ids=ids, error=traceback.format_exc())
-                    results.append(failed)
-                    workers.close()  # their state is unknown: start afresh
-                    workers = Workers(workload)
-                durations[f"{system}_s"] = round(results[-1].seconds, 1)
+            for rnd in range(1, plan.rounds + 1):
+                for system in systems:
+                    try:
+                        got = await run_row(system, plan, pki, workdir, workers, ids, profile, rnd)
+                    except Exception as exc:
+                        progress(f"{system}: FAILED: {exc!r}")
+                        got = RowResult(system, message_ids=ids, error=traceback.format_exc())
+                        workers.close()  # their state is unknown: start afresh
+                        workers = Workers(workload)
+                    if system in results:
+                        results[system].merge(got)
+                    else:
+                        results[system] = got
+                    durations[f"{system}_s"] = round(results[system].seconds, 1)
         finally:
             workers.close()
     rows, details = [], {}
-    for r in results:
+    for r in results.values():
         row, d = report.row_metrics(r)
         rows.append(row)
         details[r.system] = d
@@ -372,6 +381,7 @@ async def run(
             "label": LABEL_TEXT,
             "payload_bytes": PAYLOAD_BYTES,
             "phases": [asdict(p) for p in plan.phases],
+            "rounds": plan.rounds,
             "latency_from": "scheduled send time (open loop) to opened at recipient, time.time_ns",
             "cpu_counted": "server process only (user+sys from /proc/PID/stat), saturation phase",
         },

@@ -73,12 +73,21 @@ class Phase:
 
 @dataclass(frozen=True)
 class Plan:
+    """The phases every row runs, ``rounds`` times: the rows take turns (round 1 of
+    every row, then round 2 of every row, ...), so each row is measured at several
+    moments of the shared host's load, and each round uses fresh messages."""
+
     phases: tuple[Phase, ...]
     row_timeout_s: float
+    rounds: int = 1
+
+    @property
+    def per_round(self) -> int:
+        return sum(p.count for p in self.phases)
 
     @property
     def total(self) -> int:
-        return sum(p.count for p in self.phases)
+        return self.rounds * self.per_round
 
 
 WINDOW = 512
@@ -87,12 +96,12 @@ WINDOW = 512
 def plan_for(mode: str) -> Plan:
     """Sizes per mode: ``full`` (make bench), ``quick`` (make bench-quick), ``smoke`` (tests)."""
     sizes = {
-        # saturation messages and time cap, seconds at 500/s, seconds at 2000/s
-        "full": (12000, 20.0, 10.0, 2.0),
-        "quick": (1000, 5.0, 1.2, 0.25),
-        "smoke": (150, 0.0, 0.3, 0.075),
+        # rounds; per round: saturation messages and time cap, seconds at 500/s and 2000/s
+        "full": (2, 6000, 20.0, 5.0, 1.0),
+        "quick": (1, 1000, 5.0, 1.2, 0.25),
+        "smoke": (2, 75, 0.0, 0.15, 0.04),
     }
-    sat, cap, s500, s2000 = sizes[mode]
+    rounds, sat, cap, s500, s2000 = sizes[mode]
     warm = 100 if mode != "smoke" else 20
     return Plan(
         phases=(
@@ -102,6 +111,7 @@ def plan_for(mode: str) -> Plan:
             Phase("load-2000", "open", int(2000 * s2000), rate=2000),
         ),
         row_timeout_s=120.0 if mode == "full" else 60.0,
+        rounds=rounds,
     )
 
 
