@@ -148,8 +148,8 @@ async def test_overflowing_feed_falls_back_to_the_store(
         assert sorted(got) == sorted([b"r1", b"r2", b"r3", b"r4", b"r5", b"r6", b"flash"])
         assert counting.reads > reads  # the overflow made it read the store again
         # ... and once caught up again it is fed live.
-        reads = counting.reads
         await eventually(lambda: _is_live(b))
+        reads = counting.reads
         await _publish(kor, [b"after"])
         await eventually(lambda: got[-1] == b"after")
         assert counting.reads == reads
