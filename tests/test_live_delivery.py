@@ -14,7 +14,7 @@ import pytest
 from broker import exchange as exchange_mod
 from broker.server import Broker
 from clients import sdk
-from clients.sdk import PartnerClient
+from clients.sdk import PartnerClient, Subscription
 from coalition.labels import Precedence, parse_label
 from coalition.v1 import exchange_pb2
 from tests.helpers import admit, eventually, partner, policy, running_broker
@@ -71,6 +71,13 @@ async def _publish(kor: PartnerClient, bodies: list[bytes], **kw: Any) -> list[i
     return [r.offset for r in results]
 
 
+async def _open_and_ack(client: PartnerClient, sub: Subscription, got: list[bytes]) -> None:
+    """Open every delivery of sub, keep its plaintext in got, acknowledge it."""
+    async for d in sub:
+        got.append((await client.open(d)).plaintext)
+        await sub.ack([d.offset])
+
+
 async def test_caught_up_subscriber_is_fed_without_store_reads(
     pair: tuple[Broker, PartnerClient, PartnerClient],
 ) -> None:
@@ -80,13 +87,7 @@ async def test_caught_up_subscriber_is_fed_without_store_reads(
     await _publish(kor, [b"backlog"])
     sub = usa.subscribe([TOPIC])
     got: list[bytes] = []
-
-    async def receive() -> None:
-        async for d in sub:
-            got.append((await usa.open(d)).plaintext)
-            await sub.ack([d.offset])
-
-    task = asyncio.create_task(receive())
+    task = asyncio.create_task(_open_and_ack(usa, sub, got))
     try:
         await eventually(lambda: got == [b"backlog"] and sub.caught_up.is_set())
         reads = counting.reads
@@ -173,13 +174,7 @@ async def test_live_delivery_off_reads_every_turn_from_the_store(pki: Path, tmp_
         b.exchange.store = counting
         sub = usa.subscribe([TOPIC])
         got: list[bytes] = []
-
-        async def receive() -> None:
-            async for d in sub:
-                got.append((await usa.open(d)).plaintext)
-                await sub.ack([d.offset])
-
-        task = asyncio.create_task(receive())
+        task = asyncio.create_task(_open_and_ack(usa, sub, got))
         await asyncio.wait_for(sub.caught_up.wait(), 10)
         reads = counting.reads
         for i in range(5):
