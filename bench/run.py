@@ -183,7 +183,7 @@ async def run_row(
     profile: Profiling | None = None,
     rnd: int = 1,
 ) -> RowResult:
-    """One round of one row on a fresh server: its messages start at round-1 rounds in."""
+    """Round ``rnd`` (from 1) of one row, on a fresh server, with that round's messages."""
     result = RowResult(system, message_ids=ids)
     began = time.monotonic()
     rowdir = workdir / f"{system}-{rnd}"
@@ -383,7 +383,7 @@ async def run(
             "phases": [asdict(p) for p in plan.phases],
             "rounds": plan.rounds,
             "latency_from": "scheduled send time (open loop) to opened at recipient, time.time_ns",
-            "cpu_counted": "server process only (user+sys from /proc/PID/stat), saturation phase",
+            "cpu_counted": "server process only (user+sys from /proc/PID/stat), saturation phases",
         },
         "rows": rows,
         "details": details,

@@ -14,7 +14,15 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -424,6 +432,21 @@ PUBLISH_MERGE_MAX_BYTES = 4 << 20
 PUBLISH_MAX_INFLIGHT = 4
 
 
+def merge_count(sends: Iterable[tuple[int, int]]) -> int:
+    """How many waiting sends, from the first, go into one request.
+
+    ``sends`` gives (envelopes, bytes) per send, in call order; it is read only as far
+    as needed. The first send always goes (whole, whatever its size); the following
+    ones while the request stays within PUBLISH_MERGE_MAX_ENVELOPES and _BYTES.
+    """
+    take, count, size = 0, 0, 0
+    for n, b in sends:
+        if take and (count + n > PUBLISH_MERGE_MAX_ENVELOPES or size + b > PUBLISH_MERGE_MAX_BYTES):
+            break
+        take, count, size = take + 1, count + n, size + b
+    return take
+
+
 class _PublishStream:
     """One Publish stream with several requests in flight, matched by batch id.
 
@@ -449,15 +472,9 @@ class _PublishStream:
                 return None
             self._changed.clear()
             await self._changed.wait()
-        take, count, size = 0, 0, 0
-        for envelopes, _ in self._pending:
-            n = len(envelopes)
-            b = sum(e.ByteSize() for e in envelopes)
-            if take and (
-                count + n > PUBLISH_MERGE_MAX_ENVELOPES or size + b > PUBLISH_MERGE_MAX_BYTES
-            ):
-                break
-            take, count, size = take + 1, count + n, size + b
+        take = merge_count(
+            (len(envs), sum(e.ByteSize() for e in envs)) for envs, _ in self._pending
+        )
         chosen, self._pending = self._pending[:take], self._pending[take:]
         self._next += 1
         self._waiting[self._next] = [(fut, len(envs)) for envs, fut in chosen]

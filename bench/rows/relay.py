@@ -23,12 +23,7 @@ from bench.relay_server import SERVICE
 from bench.rows import OnOpened, RowSpec
 from bench.servers import ServerProcess, spawn, wait_port_file
 from bench.workload import Opener, Sealed
-from clients.sdk import (
-    PUBLISH_MAX_INFLIGHT,
-    PUBLISH_MERGE_MAX_BYTES,
-    PUBLISH_MERGE_MAX_ENVELOPES,
-    secure_channel,
-)
+from clients.sdk import PUBLISH_MAX_INFLIGHT, merge_count, secure_channel
 from coalition.pki import load_partner
 from coalition.v1 import envelope_pb2, exchange_pb2
 
@@ -75,15 +70,7 @@ class RelayPublisher:
                     return
                 self.changed.clear()
                 await self.changed.wait()
-            take, count, size = 0, 0, 0
-            for batch, _ in self.pending:
-                b = sum(len(m.data) for m in batch)
-                if take and (
-                    count + len(batch) > PUBLISH_MERGE_MAX_ENVELOPES
-                    or size + b > PUBLISH_MERGE_MAX_BYTES
-                ):
-                    break
-                take, count, size = take + 1, count + len(batch), size + b
+            take = merge_count((len(b), sum(len(m.data) for m in b)) for b, _ in self.pending)
             chosen, self.pending = self.pending[:take], self.pending[take:]
             self.waiting.append([fut for _, fut in chosen])
             req = exchange_pb2.PublishRequest(
