@@ -226,7 +226,7 @@ async def test_concurrent_publishes_are_merged_and_answered_each(
 async def test_pipelined_requests_keep_their_order(
     pair: tuple[Broker, PartnerClient, PartnerClient],
 ) -> None:
-    """Many requests in flight on one stream (each verified off the event loop) still
+    """Many requests in flight on one stream (small: verified on the event loop) still
     reach the store in arrival order: every sequence is accepted, offsets ascend."""
     _, kor, _ = pair
     sealed = [
@@ -244,3 +244,44 @@ async def test_pipelined_requests_keep_their_order(
     assert all(r.outcome == exchange_pb2.ACCEPTED for r in results), results
     offsets = [r.offset for r in results]
     assert offsets == sorted(offsets) and len(set(offsets)) == 30
+
+
+async def test_small_requests_verified_inline_never_overtake_a_large_one(
+    pair: tuple[Broker, PartnerClient, PartnerClient],
+) -> None:
+    """A large request goes to the verify thread; small ones right behind it on the same
+    stream would be verified on the loop if the thread were idle, and would then reach
+    the store first (refused: sequence not increasing). Every one must be accepted, in
+    order, and the large ones must really have been handed to the thread."""
+    b, kor, _ = pair
+    big = exchange_mod.INLINE_VERIFY_MAX * 5
+    sizes = [big, 1, 1, big, 1, 2, big, 1]
+    sealed = [
+        (await kor.seal(f"m{i}".encode(), topic=TOPIC, label=LABEL, recipients=["USA"])).envelope
+        for i in range(sum(sizes))
+    ]
+    core = b.exchange
+    handed: list[int] = []
+    signed = core._signed
+
+    def spy(partner_code: str, envelopes: Any) -> Any:
+        if core._verifying:  # on the verify thread: the request was handed over
+            handed.append(len(envelopes))
+        return signed(partner_code, envelopes)
+
+    core._signed = spy  # type: ignore[method-assign,assignment]
+
+    async def requests() -> AsyncIterator[exchange_pb2.PublishRequest]:
+        at = 0
+        for n, size in enumerate(sizes):
+            yield exchange_pb2.PublishRequest(batch_id=n + 1, envelopes=sealed[at : at + size])
+            at += size
+
+    responses = [r async for r in kor.stub.Publish(requests())]
+    results = [r for resp in responses for r in resp.results]
+    assert [r.outcome for r in results] == [exchange_pb2.ACCEPTED] * len(sealed), [
+        r.reason for r in results if r.outcome != exchange_pb2.ACCEPTED
+    ]
+    offsets = [r.offset for r in results]
+    assert offsets == sorted(offsets)
+    assert handed.count(big) == 3
