@@ -73,13 +73,38 @@ class NoRecipients(ClientError):
         super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
+# What grpcio's asyncio client reports when writing a request fails inside gRPC Core.
+_CORE_WRITE_FAILED = "Internal error from Core"
+
+
+def client_error(exc: grpc.aio.AioRpcError) -> ClientError:
+    """The ClientError for a failed call (the one place that translates gRPC errors).
+
+    grpcio's asyncio client turns a request write that loses the race with the broker
+    ending the stream (shutting down, or a clean end) into INTERNAL "Internal error
+    from Core", hiding the status the broker sent (grpc/grpc#36066). That is the stream
+    going away, not a broker fault, so it is reported as UNAVAILABLE, which callers
+    retry (a retried envelope that was in fact accepted is refused as a replay).
+    """
+    if (
+        exc.code() == grpc.StatusCode.INTERNAL
+        and exc.details() == _CORE_WRITE_FAILED
+        and "SendMessageOperation" in (exc.debug_error_string() or "")
+    ):
+        return ClientError(
+            grpc.StatusCode.UNAVAILABLE,
+            "the broker ended the stream while a request was on its way; retry",
+        )
+    return ClientError(exc.code(), exc.details() or exc.code().name)
+
+
 @contextlib.asynccontextmanager
 async def mapped_errors() -> AsyncIterator[None]:
-    """Translate gRPC errors into ClientError (the one place that does)."""
+    """Translate gRPC errors into ClientError (see client_error)."""
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        raise ClientError(exc.code(), exc.details() or exc.code().name) from None
+        raise client_error(exc) from None
 
 
 async def call(aw: Awaitable[T]) -> T:
@@ -508,7 +533,7 @@ class _PublishStream:
                         fut.set_result(results[at : at + n])
                     at += n
         except grpc.aio.AioRpcError as exc:
-            err = ClientError(exc.code(), exc.details() or exc.code().name)
+            err = client_error(exc)
         except asyncio.CancelledError:
             err = ClientError(grpc.StatusCode.CANCELLED, "publish stream closed")
         self.broken = True
@@ -606,7 +631,7 @@ class Subscription:
                 elif kind == "delivery":
                     yield resp.delivery
         except grpc.aio.AioRpcError as exc:
-            raise ClientError(exc.code(), exc.details() or exc.code().name) from None
+            raise client_error(exc) from None
         finally:
             self.ended.set()
 
