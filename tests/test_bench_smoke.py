@@ -7,6 +7,7 @@ report and that every row delivered every message to every recipient.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,15 @@ def test_smoke_run_writes_every_row_with_every_message_delivered(tmp_path: Path)
             assert set(stats) == {"p50", "p99", "p999"}
             assert 0 < stats["p50"] <= stats["p99"] <= stats["p999"]
         details = doc["details"][row["system"]]
+        # Every phase ran once per round, and the headline rate is the rounds' median.
+        rounds = doc["workload"]["rounds"]
+        assert rounds == 2
+        by_round = details["delivered_per_s_by_round"]
+        assert len(by_round) == rounds and all(r > 0 for r in by_round)
+        assert row["delivered_per_s"] == pytest.approx(statistics.median(by_round), abs=0.1)
+        ran = sorted((p["name"], p["round"]) for p in details["phases"])
+        names = sorted({p["name"] for p in details["phases"]})
+        assert ran == sorted((n, r) for n in names for r in range(1, rounds + 1))
         assert details["lost"] == 0, details
         assert details["refused"] == 0, details
         assert details["deliveries"] == details["deliveries_expected"] > 0
