@@ -285,3 +285,24 @@ async def test_small_requests_verified_inline_never_overtake_a_large_one(
     offsets = [r.offset for r in results]
     assert offsets == sorted(offsets)
     assert handed.count(big) == 3
+
+
+async def test_few_but_large_envelopes_are_verified_off_the_loop(
+    pair: tuple[Broker, PartnerClient, PartnerClient],
+) -> None:
+    """Two envelopes over the inline byte bound go to the verify thread; two small ones
+    are checked on the loop (the thread is idle). Both are accepted."""
+    b, kor, _ = pair
+    core = b.exchange
+    handed: list[int] = []
+    signed = core._signed
+
+    def spy(partner_code: str, envelopes: Any) -> Any:
+        handed.append(len(envelopes) if core._verifying else 0)
+        return signed(partner_code, envelopes)
+
+    core._signed = spy  # type: ignore[method-assign,assignment]
+    big = exchange_mod.INLINE_VERIFY_MAX_BYTES // 2 + 1024
+    await _publish(kor, [b"a" * big, b"b" * big])
+    await _publish(kor, [b"c", b"d"])
+    assert handed == [2, 0]  # [on the thread, inline]
