@@ -131,6 +131,12 @@ def row_metrics(r: RowResult) -> tuple[dict[str, Any], dict[str, Any]]:
         if ph.kind == "open":
             latencies.setdefault(ph.rate, []).extend(lat)
             info["achieved_per_s"] = round(delivered / span_s, 1) if delivered else 0.0
+            if lat:  # this round alone: on a noisy host the rounds can differ a lot
+                ordered = sorted(lat)
+                info["latency_ms"] = {
+                    "p50": round(percentile(ordered, 50), 2),
+                    "p99": round(percentile(ordered, 99), 2),
+                }
         details["phases"].append(info)
     if rates:
         row["delivered_per_s"] = round(statistics.median(rates), 1)

@@ -68,6 +68,9 @@ def test_smoke_run_writes_every_row_with_every_message_delivered(tmp_path: Path)
         by_round = details["delivered_per_s_by_round"]
         assert len(by_round) == rounds and all(r > 0 for r in by_round)
         assert row["delivered_per_s"] == pytest.approx(statistics.median(by_round), abs=0.1)
+        for p in details["phases"]:  # open-loop phases also report their own round
+            if p["name"].startswith("load-"):
+                assert 0 < p["latency_ms"]["p50"] <= p["latency_ms"]["p99"], p
         ran = sorted((p["name"], p["round"]) for p in details["phases"])
         names = sorted({p["name"] for p in details["phases"]})
         assert ran == sorted((n, r) for n in names for r in range(1, rounds + 1))
