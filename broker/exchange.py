@@ -644,7 +644,8 @@ class ExchangeCore:
             skipped: list[int] = []
             sent: list[StoredMessage] = []
             denied: dict[str, list[tuple[StoredMessage, str]]] = defaultdict(list)
-            out = exchange_pb2.DeliveryBatch()
+            resp = exchange_pb2.SubscribeResponse()
+            out = resp.batch  # filled in place: SubscribeResponse(batch=out) copies it all
             for m in batch:
                 routed, reason, why = self._route(sub, rec, m, now)
                 if routed is None:
@@ -688,7 +689,7 @@ class ExchangeCore:
             # Audited before it leaves: every delivery decision is durable first.
             await self.audit.record_many(audits, now_ms=now)
             if out.deliveries:
-                yield exchange_pb2.SubscribeResponse(batch=out)
+                yield resp
             if skipped:
                 # Settled in the background with the acknowledgements; until then they
                 # count as in flight, so no read delivers them meanwhile.
