@@ -4,6 +4,7 @@ freed publishing resumes. Uses a real, small tmpfs (needs root, as CI has)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -109,6 +110,39 @@ async def test_disk_full_refuses_cleanly_and_recovers(
     assert verdict.ok, verdict.problem
 
 
+async def test_fast_publishers_cannot_outrun_the_reserve(
+    pki: Path, broker: Broker, tiny_disk: Path
+) -> None:
+    """Publishes arriving faster than the free-space check refreshes, past a WAL
+    checkpoint: the reserve must still hold, so every refusal is store_full and the audit
+    log never runs out of room. (A stored message takes ~5x its size on disk at first:
+    its WAL pages, the index pages around it and its audit entry; and a checkpoint later
+    copies the WAL into the database file at once. Counting only the message's size, or
+    not the WAL, let the disk fill: each mutation fails this test.)"""
+    async with partner(pki, "KOR", broker.port) as kor, partner(pki, "USA", broker.port) as usa:
+        await kor.register_keys()
+        await usa.register_keys()
+        sealed = [
+            (await kor.seal(os.urandom(8 * 1024), topic="intel.a", label=LABEL)).envelope
+            for _ in range(160)
+        ]
+        filler = fill_disk(tiny_disk, leave=2 * 1024 * 1024)
+        outcomes: list[exchange_pb2.PublishResult] = []
+        for i in range(0, len(sealed), 2):  # two at a time, as fast as they are answered
+            pair = await asyncio.gather(*(kor.publish([e]) for e in sealed[i : i + 2]))
+            outcomes += [r for results in pair for r in results]
+        refused = [r for r in outcomes if r.outcome == exchange_pb2.REFUSED]
+        assert refused, "the disk never filled"
+        assert {(r.status, r.reason_code) for r in refused} == {
+            ("RESOURCE_EXHAUSTED", "store_full")
+        }
+        assert not broker.exchange.audit_failed
+        filler.unlink()
+    async with operator(pki, "op1", broker.port) as op:
+        verdict = await op.verify_audit()
+    assert verdict.ok, verdict.problem
+
+
 async def _receive_all(client: PartnerClient, n: int) -> list[bytes]:
     out: list[bytes] = []
     sub = client.subscribe(["intel.>"])
@@ -154,3 +188,34 @@ async def test_disk_full_without_reserve_fails_closed(pki: Path, tiny_disk: Path
     finally:
         await b.stop(grace=1)
     assert not b.exchange.audit_failed
+
+
+async def test_stopping_on_a_full_disk_closes_cleanly(pki: Path, tiny_disk: Path) -> None:
+    """The disk fills up completely and the broker is stopped: stop() completes (a final
+    audit checkpoint that cannot be written is logged, not raised), and after space is
+    freed a new broker on the same files has every message and a verifying chain."""
+    data = tiny_disk / "broker"
+    b = await running_broker(pki, data, min_free_bytes=0, audit_checkpoint_every=10_000)
+    for code in ("KOR", "USA"):
+        await admit(pki, b.port, policy(code))
+    async with partner(pki, "KOR", b.port) as kor, partner(pki, "USA", b.port) as usa:
+        await kor.register_keys()
+        await usa.register_keys()
+        for i in range(3):
+            s = await kor.seal(b"report %d" % i, topic="intel.a", label=LABEL)
+            [res] = await kor.publish([s.envelope])
+            assert res.outcome == exchange_pb2.ACCEPTED, res
+    filler = fill_disk(tiny_disk, leave=0)
+    await b.stop(grace=1)
+    filler.unlink()
+    b = await running_broker(pki, data, min_free_bytes=0, audit_checkpoint_every=10_000)
+    try:
+        assert await b.store.verify_integrity() == []
+        async with partner(pki, "USA", b.port) as usa:
+            got = await _receive_all(usa, 3)
+        assert got == [b"report 0", b"report 1", b"report 2"]
+        async with operator(pki, "op1", b.port) as op:
+            verdict = await op.verify_audit()
+        assert verdict.ok, verdict.problem
+    finally:
+        await b.stop(grace=1)
