@@ -24,7 +24,9 @@ LABEL = parse_label("NATO SECRET // REL TO USA")
 def fill_disk(mnt: Path, *, leave: int) -> Path:
     """Fill the filesystem at mnt with a file, then free about leave bytes of it."""
     filler = mnt / "filler"
-    with filler.open("wb") as f:
+    # Unbuffered: a buffered file would still hold the part of its last write that did
+    # not fit, and fail again when closed.
+    with filler.open("wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
