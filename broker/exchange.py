@@ -217,6 +217,14 @@ class ExchangeCore:
             tuple[object, int, int, str], tuple[PartnerPolicy, Label, Decision]
         ] = {}
         self._disk_free = (0, 0)  # (checked at ms, free bytes then)
+        # Acceptance bookkeeping (see reconcile_audit): offsets stored whose entries are
+        # queued but not committed yet; the audited mark (every offset at or below it has
+        # its entry), which the next append persists in its own transaction; offsets above
+        # the mark whose entries committed (offsets are contiguous: one per stored message).
+        self._accepting: set[int] = set()
+        self._audited_through = 0
+        self._audited_above: set[int] = set()
+        self._reconciling = asyncio.Lock()
         self._parse_cache: OrderedDict[int, tuple[envelope_pb2.Header, Label]] = OrderedDict()
 
     # -- identity helpers -------------------------------------------------------------------
@@ -274,7 +282,9 @@ class ExchangeCore:
                 accepted, msgs = [], []
             outcomes: list[Appended | Rejected | StoreFull]
             try:
-                outcomes = list(await self.store.append(msgs, now))
+                outcomes = list(
+                    await self.store.append(msgs, now, audited_through=self._audited_through)
+                )
             except StoreFull as exc:
                 outcomes = [exc for _ in msgs]
             for (i, msg, header), out in zip(accepted, outcomes, strict=True):
@@ -351,14 +361,107 @@ class ExchangeCore:
                     for s in subs:
                         s.hand_over(fresh, size)
             self.wake_all()
+        stored = [m.offset for m in fresh]
+        self._accepting.update(stored)
         try:
             await self.audit.record_many(audits, now_ms=now)
         except AuditError:
-            # Fail closed: what is stored stays stored, but no further publish is
-            # accepted until the audit log can record decisions again.
+            # Fail closed: what is stored stays stored (and holds the audited mark below
+            # it, so its acceptance is recorded once the log recovers), but no further
+            # publish is accepted until the audit log can record decisions again.
             self.audit_failed = True
             log.critical("audit log cannot be written; refusing publishes until it can")
+        else:
+            self._advance_audited(stored)
+        finally:
+            self._accepting.difference_update(stored)
         return [r for r in results if r is not None]
+
+    def _advance_audited(self, offsets: Sequence[int]) -> None:
+        """These offsets' acceptance entries are durable: move the mark over the prefix."""
+        above = self._audited_above
+        above.update(offsets)
+        mark = self._audited_through
+        while mark + 1 in above:
+            mark += 1
+            above.remove(mark)
+        self._audited_through = mark
+
+    async def flush_audited(self) -> None:
+        """Persist the audited mark now (at shutdown, when no next append will)."""
+        try:
+            await self.store.mark_audited(self._audited_through)
+        except (StoreError, RuntimeError) as exc:
+            # Harmless: their entries are in the log, so reconcile_audit finds them there
+            # at the next start and records nothing twice.
+            log.warning("could not mark accepted messages audited: %s", exc)
+
+    async def reconcile_audit(self) -> int:
+        """Record ``publish.accepted`` for stored messages whose acceptance entry never
+        committed, and return how many.
+
+        A publish writes its acceptance entries after the store commit, so a crash or an
+        audit failure between the two leaves a stored (and deliverable) message with no
+        record of the decision. The store keeps an audited mark (every message at or
+        below it has its entry; each append moves it up to what had committed by then).
+        This records the missing entries above it, marked ``recovered``, once per
+        message: an entry already in the log (committed just before a crash) is found
+        by sender and message id among the entries written since the message was stored.
+        The broker runs it before serving and when the audit log is writable again.
+        Raises AuditError if the log cannot record them.
+        """
+        recovered = 0
+        async with self._reconciling:
+            self._audited_through = max(self._audited_through, await self.store.audited_through())
+            while True:
+                batch = [
+                    m
+                    for m in await self.store.unaudited()
+                    if m.offset > self._audited_through
+                    and m.offset not in self._audited_above
+                    and m.offset not in self._accepting
+                ]
+                if not batch:
+                    return recovered
+                since = min(m.stored_ms for m in batch)
+                have = {
+                    (e.partner, e.message_id)
+                    for e in await self.audit.query(kind="publish.accepted", since_ms=since)
+                }
+                missing = [m for m in batch if (m.sender, m.message_id) not in have]
+                if missing:
+                    await self.audit.record_many(
+                        [
+                            AuditItem(
+                                "publish.accepted",
+                                m.sender,
+                                m.sender,
+                                m.message_id,
+                                "allow",
+                                {
+                                    "offset": m.offset,
+                                    "topic": m.topic,
+                                    "sequence": m.sequence,
+                                    "digest": m.digest.hex(),
+                                    "classification": m.classification,
+                                    "stored_ms": m.stored_ms,
+                                    "recovered": True,
+                                },
+                            )
+                            for m in missing
+                        ],
+                        now_ms=self.clock(),
+                    )
+                    log.warning(
+                        "recorded missing acceptance entries",
+                        extra={"count": len(missing), "first_offset": missing[0].offset},
+                    )
+                    recovered += len(missing)
+                before = self._audited_through
+                self._advance_audited([m.offset for m in batch])
+                await self.store.mark_audited(self._audited_through)
+                if self._audited_through == before:
+                    return recovered  # held below by a publish still writing its entries
 
     def _disk_too_full(self, incoming: int) -> Exhausted | None:
         """A refusal if storing incoming envelope bytes would eat into the free-space reserve.
@@ -400,6 +503,10 @@ class ExchangeCore:
     async def _probe_audit(self, now: int) -> None:
         try:
             await self.audit.record(kind="audit.recovered", actor="broker", now_ms=now)
+            try:
+                await self.reconcile_audit()
+            except StoreError as exc:  # retried at the next start; publishing may go on
+                log.error("could not reconcile acceptance entries: %s", exc)
         except AuditError as exc:
             raise Exhausted(
                 "audit_unavailable",

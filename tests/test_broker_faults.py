@@ -307,6 +307,14 @@ async def test_sigkill_during_publish_burst_loses_nothing(
     assert got.keys() <= owed | all_sent
     offsets = {off for p in burst for off in p.accepted.values()}
     assert offsets <= set(got.values())
+    # Every message stored has its acceptance in the audit log, exactly once, even one
+    # whose entry the kill cut off (recorded as recovered when the broker started again).
+    async with operator(pki, "op1", port) as op:
+        entries = await op.audit(kind="publish.accepted")
+        assert (await op.verify_audit()).ok
+    accepted_ids = [e.message_id for e in entries]
+    assert len(accepted_ids) == len(set(accepted_ids))
+    assert set(got) <= set(accepted_ids)
     broker_proc.signal(signal.SIGTERM)
     assert await broker_proc.wait_exit() == 0
 

@@ -259,6 +259,56 @@ async def test_retention_by_age_expiry_and_size(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_the_audited_mark_lists_what_is_above_it_and_survives_reopen(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    store = await SqliteMessageStore.open(path, max_bytes=MiB, max_age_ms=10_000)
+    try:
+        assert await store.audited_through() == 0
+        await store.append([message(sequence=i) for i in (1, 2, 3)], now_ms=1_000)
+        await store.append([message(sequence=1)], now_ms=1_000)  # rejected: no offset
+        assert [m.offset for m in await store.unaudited()] == [1, 2, 3]
+        assert [m.message_id for m in await store.unaudited(limit=2)] == ["KOR-1", "KOR-2"]
+        await store.mark_audited(2)
+        await store.mark_audited(1)  # never moves back
+        assert [m.offset for m in await store.unaudited()] == [3]
+    finally:
+        await store.close()
+    store = await SqliteMessageStore.open(path, max_bytes=MiB, max_age_ms=10_000)
+    try:
+        assert await store.audited_through() == 2
+        # An append moves the mark in its own transaction.
+        await store.append([message(sequence=4)], now_ms=50_000, audited_through=3)
+        assert [m.offset for m in await store.unaudited()] == [4]
+        await store.mark_audited(0)
+        assert await store.audited_through() == 3
+        # Messages removed by retention are not listed.
+        assert await store.enforce_retention(now_ms=50_000) == 3
+        assert [m.offset for m in await store.unaudited()] == [4]
+    finally:
+        await store.close()
+
+
+async def test_a_store_from_before_the_audited_mark_counts_as_audited(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = await SqliteMessageStore.open(path, max_bytes=MiB)
+    await store.append([message(sequence=i) for i in (1, 2)], now_ms=1_000)
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE state DROP COLUMN audited")  # as the store was before it
+    conn.commit()
+    conn.close()
+    store = await SqliteMessageStore.open(path, max_bytes=MiB)
+    try:
+        assert await store.audited_through() == 2
+        assert await store.unaudited() == []
+        await store.append([message(sequence=3)], now_ms=2_000)
+        assert [m.offset for m in await store.unaudited()] == [3]
+    finally:
+        await store.close()
+
+
 async def test_verify_integrity_finds_envelopes_altered_on_disk(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     store = await SqliteMessageStore.open(path, max_bytes=MiB)

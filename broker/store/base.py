@@ -85,9 +85,12 @@ class MessageStore(Protocol):
     """Durable, ordered message log with per-subscriber cursors (see docs in each backend)."""
 
     async def append(
-        self, messages: Sequence[NewMessage], now_ms: int
+        self, messages: Sequence[NewMessage], now_ms: int, *, audited_through: int = 0
     ) -> list[Appended | Rejected]:
-        """Store messages atomically and durably, one result per message; raises StoreFull."""
+        """Store messages atomically and durably, one result per message; raises StoreFull.
+
+        In the same transaction, mark_audited(audited_through).
+        """
         ...
 
     async def last_sequence(self, sender: str) -> int:
@@ -143,6 +146,18 @@ class MessageStore(Protocol):
 
     async def stats(self) -> StoreStats:
         """Counts and sizes of the store."""
+        ...
+
+    async def unaudited(self, limit: int = 10_000) -> list[StoredMessage]:
+        """Stored messages above the audited mark, oldest first (at most limit)."""
+        ...
+
+    async def audited_through(self) -> int:
+        """The audited mark: messages at or below it have their acceptance entries."""
+        ...
+
+    async def mark_audited(self, through: int) -> None:
+        """Move the audited mark up to through (never back)."""
         ...
 
     async def enforce_retention(self, now_ms: int) -> int:

@@ -55,6 +55,11 @@ CREATE TRIGGER IF NOT EXISTS message_added AFTER INSERT ON messages BEGIN
 CREATE TRIGGER IF NOT EXISTS message_removed AFTER DELETE ON messages BEGIN
     UPDATE state SET messages = messages - 1, bytes = bytes - old.size WHERE id = 1; END;
 """
+# state.audited (added by _migrate): every message at or below this offset has its
+# publish.accepted audit entry durable. The entry is written after the store commit, so a
+# crash (or an audit failure) between the two would otherwise leave a stored message with
+# no record of its acceptance; the broker records the missing ones from what is above it.
+# A column of the row every append already rewrites: keeping it costs no extra page.
 
 # Columns in StoredMessage field order. Every query below is a constant; values are bound.
 _INSERT = (
@@ -78,6 +83,12 @@ _ROWS_BY_OFFSET = (
     "SELECT msg_offset, stored_ms, message_id, sender, sequence, topic, precedence,"
     " classification, label, created_ms, expiry_ms, envelope, digest"
     " FROM messages WHERE msg_offset IN ({})"
+)
+_UNAUDITED = (
+    "SELECT msg_offset, stored_ms, message_id, sender, sequence, topic, precedence,"
+    " classification, label, created_ms, expiry_ms, envelope, digest"
+    " FROM messages WHERE msg_offset > (SELECT audited FROM state)"
+    " ORDER BY msg_offset LIMIT ?"
 )
 _FIRST_UNSETTLED = (
     "SELECT m.msg_offset FROM messages m WHERE m.msg_offset > ? AND NOT EXISTS"
@@ -121,6 +132,17 @@ def _state(conn: sqlite3.Connection) -> tuple[int, int, int]:
     return int(head), int(messages), int(size)
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    if "audited" not in {row[1] for row in conn.execute("PRAGMA table_info(state)")}:
+        # New, or from before the column: what it holds was audited when it was stored,
+        # as far as anyone can tell now.
+        conn.execute("ALTER TABLE state ADD COLUMN audited INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE state SET audited = head")
+
+
+_MARK = "UPDATE state SET audited = MAX(audited, ?)"
+
+
 class SqliteMessageStore:
     """MessageStore on one SQLite file; open with ``await SqliteMessageStore.open(...)``."""
 
@@ -158,6 +180,7 @@ class SqliteMessageStore:
             path, schema=_SCHEMA, name="message-store", map_error=_map_error
         )
         try:
+            await writer.submit(_migrate)
             readers = await ReaderPool.open(path, map_error=_map_error)
         except BaseException:
             await writer.close()
@@ -179,13 +202,15 @@ class SqliteMessageStore:
     # -- writes ------------------------------------------------------------------------------
 
     async def append(
-        self, messages: Sequence[NewMessage], now_ms: int
+        self, messages: Sequence[NewMessage], now_ms: int, *, audited_through: int = 0
     ) -> list[Appended | Rejected]:
         """Store messages in one transaction, durable on return; one result per message.
 
         (sender, message_id) must be new and each sequence above the sender's last one, also
         within the batch. Raises StoreFull (nothing written) when the batch would take the
         store past max_bytes or the disk is full; ValueError for a malformed message.
+        In the same transaction, mark_audited(audited_through): the broker's bookkeeping
+        rides along with the next append instead of costing a commit of its own.
         """
         for m in messages:
             if m.precedence not in PRECEDENCES:
@@ -250,7 +275,9 @@ class SqliteMessageStore:
                 "ON CONFLICT (sender) DO UPDATE SET last_sequence = excluded.last_sequence",
                 last.items(),
             )
-            conn.execute("UPDATE state SET head = ?", (head,))
+            conn.execute(
+                "UPDATE state SET head = ?, audited = MAX(audited, ?)", (head, audited_through)
+            )
             return results
 
         return await self._writer.submit(job)
@@ -298,6 +325,23 @@ class SqliteMessageStore:
             return new_cursor
 
         return await self._writer.submit(job)
+
+    async def unaudited(self, limit: int = 10_000) -> list[StoredMessage]:
+        """Up to limit stored messages above the audited mark (mark_audited), oldest first."""
+        return await self._readers.run(
+            lambda conn: [_stored(row) for row in conn.execute(_UNAUDITED, (limit,))]
+        )
+
+    async def audited_through(self) -> int:
+        """The audited mark: messages at or below it have their acceptance entries."""
+        return await self._readers.run(
+            lambda conn: int(conn.execute("SELECT audited FROM state").fetchone()[0])
+        )
+
+    async def mark_audited(self, through: int) -> None:
+        """Record that the acceptance entries of every message up to through are durable
+        in the audit log (the mark never moves back)."""
+        await self._writer.submit(lambda conn: conn.execute(_MARK, (through,)))
 
     async def enforce_retention(self, now_ms: int) -> int:
         """Remove messages stored before now - max_age_ms, expired ones, then the oldest while
