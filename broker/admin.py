@@ -11,7 +11,7 @@ import logging
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit import AuditLog
+from broker.audit import AuditItem, AuditLog
 from broker.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, Precondition
 from broker.exchange import ExchangeCore
 from broker.registry import Registry, StaleVersion, pending_policy
@@ -90,15 +90,11 @@ class AdminCore:
             actor=operator,
             reason=reason or "admission requested",
             now_ms=now,
+            audit=AuditItem(
+                "partner.registered", operator, partner, "", "allow", {"reason": reason}
+            ),
         )
-        await self.audit.record(
-            kind="partner.registered",
-            actor=operator,
-            partner=partner,
-            decision="allow",
-            detail={"reason": reason},
-            now_ms=now,
-        )
+        await self.ex.registry_changed()
         return await self._change(operator, policy, reason or "admit partner", expected=0)
 
     async def set_policy(
@@ -138,20 +134,16 @@ class AdminCore:
                 reason=reason,
                 diff=diff,
                 now_ms=now,
+                audit=lambda pid: AuditItem(
+                    "policy.proposed",
+                    operator,
+                    policy.partner,
+                    "",
+                    "allow",
+                    {"proposal": pid, "diff": diff, "raises": raises, "reason": reason},
+                ),
             )
-            await self.audit.record(
-                kind="policy.proposed",
-                actor=operator,
-                partner=policy.partner,
-                decision="allow",
-                detail={
-                    "proposal": prop.proposal_id,
-                    "diff": diff,
-                    "raises": raises,
-                    "reason": reason,
-                },
-                now_ms=now,
-            )
+            await self.ex.registry_changed()
             return admin_pb2.PolicyChangeResponse(proposal=prop)
         pv = await self._apply(policy, operator, "", reason, diff)
         return admin_pb2.PolicyChangeResponse(applied=pv)
@@ -176,6 +168,19 @@ class AdminCore:
                 diff=diff,
                 now_ms=now,
                 expected_version=expected,
+                audit=lambda version: AuditItem(
+                    "policy.change",
+                    by,
+                    policy.partner,
+                    "",
+                    "allow",
+                    {
+                        "version": version,
+                        "diff": diff,
+                        "approved_by": approved_by,
+                        "reason": reason,
+                    },
+                ),
             )
         except StaleVersion as exc:
             raise Precondition(
@@ -186,19 +191,7 @@ class AdminCore:
         if policy.status is PartnerStatus.ACTIVE and was is not PartnerStatus.ACTIVE:
             # Deliveries start from now: the cursor of a newly active partner is the head.
             await self.ex.store.ensure_cursor(policy.partner, await self.ex.store.head())
-        await self.audit.record(
-            kind="policy.change",
-            actor=by,
-            partner=policy.partner,
-            decision="allow",
-            detail={
-                "version": pv.version,
-                "diff": diff,
-                "approved_by": approved_by,
-                "reason": reason,
-            },
-            now_ms=now,
-        )
+        await self.ex.registry_changed()
         log.info(
             "policy changed",
             extra={
@@ -237,17 +230,19 @@ class AdminCore:
                 f"(version {base}, now {current}); propose again",
             )
         state = policy_pb2.PROPOSAL_APPROVED if approve else policy_pb2.PROPOSAL_REJECTED
-        if not await self.registry.decide_proposal(pid, state=state, decided_by=operator):
-            raise Precondition("proposal_decided", f"proposal {pid} was already decided")
-        now = self._now()
-        await self.audit.record(
-            kind="policy.approved" if approve else "policy.rejected",
-            actor=operator,
-            partner=prop.policy.partner,
-            decision="allow",
-            detail={"proposal": pid, "proposed_by": prop.proposed_by, "reason": reason},
-            now_ms=now,
+        decided = AuditItem(
+            "policy.approved" if approve else "policy.rejected",
+            operator,
+            prop.policy.partner,
+            "",
+            "allow",
+            {"proposal": pid, "proposed_by": prop.proposed_by, "reason": reason},
         )
+        if not await self.registry.decide_proposal(
+            pid, state=state, decided_by=operator, now_ms=self._now(), audit=decided
+        ):
+            raise Precondition("proposal_decided", f"proposal {pid} was already decided")
+        await self.ex.registry_changed()
         prop.state = state
         prop.decided_by = operator
         if not approve:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -225,6 +227,7 @@ class ExchangeCore:
         self._audited_through = 0
         self._audited_above: set[int] = set()
         self._reconciling = asyncio.Lock()
+        self._registry_flush = asyncio.Lock()
         self._parse_cache: OrderedDict[int, tuple[envelope_pb2.Header, Label]] = OrderedDict()
 
     # -- identity helpers -------------------------------------------------------------------
@@ -410,7 +413,7 @@ class ExchangeCore:
         The broker runs it before serving and when the audit log is writable again.
         Raises AuditError if the log cannot record them.
         """
-        recovered = 0
+        recovered = await self.flush_registry_audit(recovering=True)
         async with self._reconciling:
             self._audited_through = max(self._audited_through, await self.store.audited_through())
             while True:
@@ -499,6 +502,50 @@ class ExchangeCore:
             f"{self.cfg.min_free_bytes / 1048576:.1f} MiB kept in reserve); "
             "refusing new messages until space is freed",
         )
+
+    async def flush_registry_audit(self, *, recovering: bool = False) -> int:
+        """Record the audit entries of committed registry changes still in its outbox
+        (see Registry.pending_audit), in order, and forget them; return how many.
+
+        Each entry's detail carries ``ref`` (``registry:<outbox id>``). recovering (at
+        start and when the audit log is writable again) first looks for that ref among
+        the entries of the same kind and partner since the change, so an entry that
+        committed just before a crash is not written twice, and marks the others
+        ``recovered`` with the change's time. Raises AuditError.
+        """
+        async with self._registry_flush:
+            pending = await self.registry.pending_audit()
+            items: list[AuditItem] = []
+            for oid, item, at in pending:
+                ref = f"registry:{oid}"
+                if recovering and await self._has_ref(item, ref, at):
+                    continue
+                extra: dict[str, object] = {"ref": ref}
+                if recovering:
+                    extra.update(recovered=True, changed_ms=at)
+                items.append(dataclasses.replace(item, detail={**(item.detail or {}), **extra}))
+            await self.audit.record_many(items, now_ms=self.clock())
+            await self.registry.audit_recorded([oid for oid, _, _ in pending])
+            if recovering and items:
+                log.warning("recorded missing registry audit entries", extra={"count": len(items)})
+            return len(items)
+
+    async def _has_ref(self, item: AuditItem, ref: str, since_ms: int) -> bool:
+        for e in await self.audit.query(kind=item.kind, partner=item.partner, since_ms=since_ms):
+            with contextlib.suppress(ValueError, AttributeError):
+                if json.loads(e.detail_json).get("ref") == ref:
+                    return True
+        return False
+
+    async def registry_changed(self) -> None:
+        """After a registry write: record its audit entry now. If the audit log cannot,
+        the entry stays in the registry's outbox (the change itself is durable), is
+        recorded once the log is writable again, and publishes are refused until then."""
+        try:
+            await self.flush_registry_audit()
+        except AuditError:
+            self.audit_failed = True
+            log.critical("audit log cannot be written; refusing publishes until it can")
 
     async def _probe_audit(self, now: int) -> None:
         try:
@@ -946,15 +993,16 @@ class ExchangeCore:
             bundle = verify_key_bundle(signed, key, partner, now)
         except (KeyError, IdentityError, ValueError) as exc:
             raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}") from exc
-        await self.registry.set_bundle(partner, bundle.key_id, signed, now)
-        await self.audit.record(
-            kind="keys.registered",
-            actor=partner,
-            partner=partner,
-            decision="allow",
-            detail={"key_id": bundle.key_id},
-            now_ms=now,
+        await self.registry.set_bundle(
+            partner,
+            bundle.key_id,
+            signed,
+            now,
+            audit=AuditItem(
+                "keys.registered", partner, partner, "", "allow", {"key_id": bundle.key_id}
+            ),
         )
+        await self.registry_changed()
         return bundle.key_id
 
     def eligible(self, label: Label, topic: str, *, exclude: str = "") -> list[str]:

@@ -8,13 +8,17 @@ partner is cached in memory because every delivery decision reads it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import threading
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.audit import AuditItem
 from coalition.policy import PartnerPolicy, PartnerStatus, policy_from_proto, policy_to_proto
 from coalition.v1 import directory_pb2, policy_pb2
 
@@ -32,6 +36,11 @@ CREATE TABLE IF NOT EXISTS proposals (
 CREATE TABLE IF NOT EXISTS key_bundles (
   partner TEXT NOT NULL, key_id TEXT NOT NULL, signed BLOB NOT NULL, registered_ms INTEGER NOT NULL,
   PRIMARY KEY (partner, key_id));
+-- The audit entry of each change, written in the change's own transaction and deleted
+-- once the audit log has it: a crash or an audit failure between the two commits cannot
+-- leave a change unaudited (ExchangeCore.flush_registry_audit records what is left).
+CREATE TABLE IF NOT EXISTS audit_outbox (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, item TEXT NOT NULL, time_ms INTEGER NOT NULL);
 """
 
 
@@ -96,27 +105,50 @@ class Registry:
         actor: str,
         reason: str,
         now_ms: int,
+        audit: AuditItem | None = None,
     ) -> policy_pb2.PolicyVersion:
-        """Register a new partner with its first (unprivileged) policy version."""
+        """Register a new partner with its first (unprivileged) policy version.
+
+        Every write takes the change's audit entry (if any) into its own transaction, in
+        the audit outbox (see pending_audit).
+        """
         return await asyncio.to_thread(
-            self._register, code, signing_cert, policy, actor, reason, now_ms
+            self._register, code, signing_cert, policy, actor, reason, now_ms, audit
         )
 
+    @contextmanager
+    def _transaction(self, audit: AuditItem | None, now_ms: int) -> Iterator[None]:
+        """One transaction under the lock, holding the change and its audit entry."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            if audit is not None:
+                self._db.execute(
+                    "INSERT INTO audit_outbox (item, time_ms) VALUES (?, ?)",
+                    (json.dumps(dataclasses.asdict(audit)), now_ms),
+                )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     def _register(
-        self, code: str, cert: bytes, policy: PartnerPolicy, actor: str, reason: str, now_ms: int
+        self,
+        code: str,
+        cert: bytes,
+        policy: PartnerPolicy,
+        actor: str,
+        reason: str,
+        now_ms: int,
+        audit: AuditItem | None,
     ) -> policy_pb2.PolicyVersion:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction(audit, now_ms):
                 self._db.execute(
                     "INSERT INTO partners(code, signing_cert, registered_ms) VALUES (?,?,?)",
                     (code, cert, now_ms),
                 )
                 pv = self._insert_version(policy, 1, actor, "", reason, ["registered"], now_ms)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._cache[code] = PartnerRecord(code, cert, policy, 1)
             return pv
 
@@ -164,10 +196,22 @@ class Registry:
         diff: list[str],
         now_ms: int,
         expected_version: int = 0,
+        audit: Callable[[int], AuditItem] | None = None,
     ) -> policy_pb2.PolicyVersion:
-        """Record a new policy version; raises StaleVersion if expected_version is not current."""
+        """Record a new policy version; raises StaleVersion if expected_version is not current.
+
+        audit makes the change's audit entry from the new version number.
+        """
         return await asyncio.to_thread(
-            self._apply, policy, changed_by, approved_by, reason, diff, now_ms, expected_version
+            self._apply,
+            policy,
+            changed_by,
+            approved_by,
+            reason,
+            diff,
+            now_ms,
+            expected_version,
+            audit,
         )
 
     def _apply(
@@ -179,22 +223,17 @@ class Registry:
         diff: list[str],
         now_ms: int,
         expected: int,
+        audit: Callable[[int], AuditItem] | None,
     ) -> policy_pb2.PolicyVersion:
         with self._lock:
             rec = self._cache[policy.partner]
             if expected and expected != rec.version:
                 raise StaleVersion(rec.version)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                pv = self._insert_version(
-                    policy, rec.version + 1, by, approved, reason, diff, now_ms
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            version = rec.version + 1
+            with self._transaction(audit(version) if audit else None, now_ms):
+                pv = self._insert_version(policy, version, by, approved, reason, diff, now_ms)
             rec.policy = policy
-            rec.version += 1
+            rec.version = version
             return pv
 
     async def history(self, code: str) -> list[policy_pb2.PolicyVersion]:
@@ -229,13 +268,15 @@ class Registry:
         reason: str,
         diff: list[str],
         now_ms: int,
+        audit: Callable[[str], AuditItem] | None = None,
     ) -> policy_pb2.Proposal:
-        """Record a pending proposal for a privilege-raising change."""
+        """Record a pending proposal for a privilege-raising change (audit: the entry,
+        made from the new proposal's id)."""
         pid = uuid.uuid4().hex[:12]
         pb = policy_to_proto(policy)
 
         def run() -> None:
-            with self._lock:
+            with self._lock, self._transaction(audit(pid) if audit else None, now_ms):
                 self._db.execute(
                     "INSERT INTO proposals VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
@@ -301,39 +342,86 @@ class Registry:
 
         return await asyncio.to_thread(run)
 
-    async def decide_proposal(self, pid: str, *, state: int, decided_by: str) -> bool:
-        """Move a pending proposal to approved/rejected; False if it was no longer pending."""
+    async def decide_proposal(
+        self,
+        pid: str,
+        *,
+        state: int,
+        decided_by: str,
+        now_ms: int = 0,
+        audit: AuditItem | None = None,
+    ) -> bool:
+        """Move a pending proposal to approved/rejected; False if it was no longer pending
+        (and then nothing is written, audit entry included)."""
 
         def run() -> bool:
-            with self._lock:
+            with self._lock, self._transaction(audit, now_ms):
                 cur = self._db.execute(
                     "UPDATE proposals SET state=?, decided_by=? WHERE id=? AND state=?",
                     (state, decided_by, pid, policy_pb2.PROPOSAL_PENDING),
                 )
-                return cur.rowcount == 1
+                if cur.rowcount != 1:
+                    raise _NothingToDo
+            return True
 
-        return await asyncio.to_thread(run)
+        try:
+            return await asyncio.to_thread(run)
+        except _NothingToDo:
+            return False
 
     async def set_bundle(
-        self, code: str, key_id: str, signed: directory_pb2.SignedKeyBundle, now_ms: int
+        self,
+        code: str,
+        key_id: str,
+        signed: directory_pb2.SignedKeyBundle,
+        now_ms: int,
+        audit: AuditItem | None = None,
     ) -> None:
         """Make signed the partner's current key bundle (older ones stay on record)."""
 
         def run() -> None:
             with self._lock:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO key_bundles VALUES (?,?,?,?)",
-                    (code, key_id, signed.SerializeToString(), now_ms),
-                )
+                with self._transaction(audit, now_ms):
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO key_bundles VALUES (?,?,?,?)",
+                        (code, key_id, signed.SerializeToString(), now_ms),
+                    )
                 rec = self._cache[code]
                 rec.bundle = signed
                 rec.key_id = key_id
 
         await asyncio.to_thread(run)
 
+    async def pending_audit(self) -> list[tuple[int, AuditItem, int]]:
+        """Audit entries of committed changes not yet known to be in the audit log:
+        (outbox id, entry, time of the change), oldest first."""
+
+        def run() -> list[tuple[int, AuditItem, int]]:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, item, time_ms FROM audit_outbox ORDER BY id"
+                ).fetchall()
+            return [(int(i), AuditItem(**json.loads(item)), int(t)) for i, item, t in rows]
+
+        return await asyncio.to_thread(run)
+
+    async def audit_recorded(self, ids: list[int]) -> None:
+        """The audit log has these outbox entries: forget them."""
+
+        def run() -> None:
+            with self._lock:
+                self._db.executemany("DELETE FROM audit_outbox WHERE id=?", ((i,) for i in ids))
+
+        if ids:
+            await asyncio.to_thread(run)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class _NothingToDo(Exception):
+    """Roll the transaction back: the update matched nothing."""
 
 
 class StaleVersion(Exception):

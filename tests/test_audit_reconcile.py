@@ -1,7 +1,9 @@
-"""Every stored message has its publish.accepted audit entry, exactly once, even when the
-entry's commit was cut off (audit failure, or a crash between the store commit and the
-audit commit): the store lists such messages as unaudited and the broker records them when
-the audit log is writable again and before it serves after a restart.
+"""Every stored message has its publish.accepted audit entry, and every registry change
+(admission, policy change, proposal, decision, key bundle) its entry, exactly once, even
+when the entry's commit was cut off (audit failure, or a crash between the two commits):
+the store's audited mark and the registry's audit outbox say what may be missing, and the
+broker records it when the audit log is writable again and before it serves after a
+restart.
 
 Real broker over mTLS, real SQLite files. The audit failure is injected at the audit
 log's record_many for publish.accepted entries only (the disk-full test makes the whole
@@ -37,13 +39,13 @@ async def _start(pki: Path, data: Path, *, admit_partners: bool) -> Broker:
     return b
 
 
-def _fail_acceptances(b: Broker, *, times: int) -> list[int]:
-    """Make the next `times` writes of publish.accepted entries fail; returns a counter."""
+def _fail_acceptances(b: Broker, *, times: int, kind: str = "publish.accepted") -> list[int]:
+    """Make the next `times` writes of entries of kind fail; returns a counter."""
     inner = b.audit.record_many
     failed = [0]
 
     async def record_many(items: Sequence[AuditItem], *, now_ms: int) -> list[int]:
-        if failed[0] < times and any(i.kind == "publish.accepted" for i in items):
+        if failed[0] < times and any(i.kind == kind for i in items):
             failed[0] += 1
             raise AuditError("injected: the audit log cannot be written")
         return await inner(items, now_ms=now_ms)
@@ -181,3 +183,114 @@ async def test_normal_publishing_leaves_nothing_unaudited(pki: Path, tmp_path: P
         assert await store.unaudited() == []
     finally:
         await store.close()
+
+
+# -- registry changes ------------------------------------------------------------------
+
+
+async def _suspend_gbr(pki: Path, b: Broker) -> None:
+    async with operator(pki, "op1", b.port) as op:
+        resp = await op.suspend("GBR", "test: a lowering change applies at once")
+        assert resp.WhichOneof("result") == "applied"
+
+
+async def _changes(b: Broker, partner: str = "GBR") -> list[audit_pb2.AuditEntry]:
+    return await b.audit.query(kind="policy.change", partner=partner)
+
+
+async def test_a_policy_change_the_audit_log_missed_is_recorded_once_it_recovers(
+    pki: Path, tmp_path: Path
+) -> None:
+    b = await _start(pki, tmp_path / "broker", admit_partners=True)
+    await admit(pki, b.port, policy("GBR"))
+    kor = partner(pki, "KOR", b.port)
+    try:
+        await kor.register_keys()
+        before = len(await _changes(b))
+        failed = _fail_acceptances(b, times=1, kind="policy.change")
+        # The change is durable and the operator is told so; its entry waits in the
+        # registry's outbox, and publishes are refused until the log recovers.
+        await _suspend_gbr(pki, b)
+        assert failed == [1] and b.exchange.audit_failed
+        assert len(await _changes(b)) == before
+        [(_, waiting, _)] = await b.registry.pending_audit()
+        assert waiting.kind == "policy.change" and waiting.partner == "GBR"
+        # The next publish finds the log writable again and records it first.
+        assert (await _publish(kor, b"after the log recovered")).outcome == exchange_pb2.ACCEPTED
+        entries = await _changes(b)
+        assert len(entries) == before + 1
+        detail = _detail(entries[-1])
+        assert detail["recovered"] is True and detail["ref"].startswith("registry:")
+        assert detail["diff"] and detail["changed_ms"] > 0
+        assert await b.registry.pending_audit() == []
+        await _chain_ok(pki, b)
+    finally:
+        await kor.close()
+        await b.stop(grace=1)
+
+
+async def test_a_restart_records_registry_changes_that_never_audited(
+    pki: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "broker"
+    b = await _start(pki, data, admit_partners=True)
+    await admit(pki, b.port, policy("GBR"))
+    try:
+        before = len(await _changes(b))
+        _fail_acceptances(b, times=1, kind="policy.change")
+        await _suspend_gbr(pki, b)
+    finally:
+        await b.stop(grace=1)  # as after a crash: the entry is only in the outbox
+    b = await _start(pki, data, admit_partners=False)
+    try:
+        entries = await _changes(b)
+        assert len(entries) == before + 1 and _detail(entries[-1])["recovered"] is True
+        assert await b.registry.pending_audit() == []
+    finally:
+        await b.stop(grace=1)
+
+
+async def test_a_registry_entry_that_committed_is_not_recorded_again(
+    pki: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "broker"
+    b = await _start(pki, data, admit_partners=True)
+    await admit(pki, b.port, policy("GBR"))
+    try:
+
+        async def crash_before_forgetting(ids: list[int]) -> None:
+            return None  # the entry committed; the crash came before the outbox heard
+
+        b.registry.audit_recorded = crash_before_forgetting  # type: ignore[method-assign]
+        await _suspend_gbr(pki, b)
+        entries = await _changes(b)
+        assert len(await b.registry.pending_audit()) >= 1
+    finally:
+        await b.stop(grace=1)
+    b = await _start(pki, data, admit_partners=False)
+    try:
+        again = await _changes(b)
+        assert [e.seq for e in again] == [e.seq for e in entries]
+        assert not any(_detail(e).get("recovered") for e in again)
+        assert await b.registry.pending_audit() == []
+    finally:
+        await b.stop(grace=1)
+
+
+async def test_every_registry_change_is_audited_with_its_outbox_ref(
+    pki: Path, tmp_path: Path
+) -> None:
+    b = await _start(pki, tmp_path / "broker", admit_partners=True)
+    try:
+        await admit(pki, b.port, policy("GBR"))  # proposal, approval, change, registration
+        await _suspend_gbr(pki, b)
+        kinds = {"partner.registered", "policy.proposed", "policy.approved", "policy.change"}
+        entries = [e for e in await b.audit.query(partner="GBR") if e.kind in kinds]
+        assert {e.kind for e in entries} == kinds
+        refs = [_detail(e)["ref"] for e in entries]
+        assert all(r.startswith("registry:") for r in refs) and len(set(refs)) == len(refs)
+        keys = await b.audit.query(kind="keys.registered", partner="USA")
+        assert keys and _detail(keys[0])["ref"].startswith("registry:")
+        assert await b.registry.pending_audit() == []
+    finally:
+        await b.stop(grace=1)
