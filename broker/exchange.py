@@ -542,8 +542,11 @@ class ExchangeCore:
         the entry stays in the registry's outbox (the change itself is durable), is
         recorded once the log is writable again, and publishes are refused until then."""
         try:
-            await self.flush_registry_audit()
-        except AuditError:
+            if self.audit_failed:  # entries may be waiting: record them first, as recovered
+                await self._probe_audit(self.clock())
+            else:
+                await self.flush_registry_audit()
+        except (AuditError, Exhausted):
             self.audit_failed = True
             log.critical("audit log cannot be written; refusing publishes until it can")
 

@@ -294,3 +294,27 @@ async def test_every_registry_change_is_audited_with_its_outbox_ref(
         assert await b.registry.pending_audit() == []
     finally:
         await b.stop(grace=1)
+
+
+async def test_the_next_registry_change_records_the_one_the_log_missed_first(
+    pki: Path, tmp_path: Path
+) -> None:
+    b = await _start(pki, tmp_path / "broker", admit_partners=True)
+    await admit(pki, b.port, policy("GBR"))
+    try:
+        _fail_acceptances(b, times=1, kind="policy.change")
+        await _suspend_gbr(pki, b)
+        assert b.exchange.audit_failed
+        async with operator(pki, "op1", b.port) as op:
+            resp = await op.suspend("USA", "test: the log is writable again")
+            assert resp.WhichOneof("result") == "applied"
+        assert not b.exchange.audit_failed
+        gbr, usa = await _changes(b), await _changes(b, "USA")
+        # Both come from the recovery pass (marked so, with the change's own time), the
+        # missed one first.
+        assert _detail(gbr[-1])["recovered"] is True and _detail(usa[-1])["recovered"] is True
+        assert gbr[-1].seq < usa[-1].seq
+        assert _detail(gbr[-1])["changed_ms"] <= _detail(usa[-1])["changed_ms"]
+        assert await b.registry.pending_audit() == []
+    finally:
+        await b.stop(grace=1)
