@@ -410,8 +410,10 @@ class ExchangeCore:
         This records the missing entries above it, marked ``recovered``, once per
         message: an entry already in the log (committed just before a crash) is found
         by sender and message id among the entries written since the message was stored.
-        The broker runs it before serving and when the audit log is writable again.
-        Raises AuditError if the log cannot record them.
+        It first records what the registry's audit outbox still holds (see
+        flush_registry_audit); the count returned covers both. The broker runs it before
+        serving and when the audit log is writable again. Raises AuditError if the log
+        cannot record them.
         """
         recovered = await self.flush_registry_audit(recovering=True)
         async with self._reconciling:
