@@ -39,7 +39,7 @@ async def _start(pki: Path, data: Path, *, admit_partners: bool) -> Broker:
     return b
 
 
-def _fail_acceptances(b: Broker, *, times: int, kind: str = "publish.accepted") -> list[int]:
+def _fail_entries(b: Broker, *, times: int, kind: str = "publish.accepted") -> list[int]:
     """Make the next `times` writes of entries of kind fail; returns a counter."""
     inner = b.audit.record_many
     failed = [0]
@@ -81,7 +81,7 @@ async def test_an_acceptance_the_audit_log_missed_is_recorded_once_it_recovers(
     kor = partner(pki, "KOR", b.port)
     try:
         await kor.register_keys()
-        failed = _fail_acceptances(b, times=1)
+        failed = _fail_entries(b, times=1)
         first = await _publish(kor, b"stored, but its acceptance entry failed")
         # Stored and acknowledged: the store made it durable; the entry did not commit.
         assert first.outcome == exchange_pb2.ACCEPTED and failed == [1]
@@ -117,7 +117,7 @@ async def test_a_restart_records_acceptances_that_never_committed(
     kor = partner(pki, "KOR", b.port)
     try:
         await kor.register_keys()
-        _fail_acceptances(b, times=1)
+        _fail_entries(b, times=1)
         lost = await _publish(kor, b"its entry never commits")
         assert lost.outcome == exchange_pb2.ACCEPTED
     finally:
@@ -207,7 +207,7 @@ async def test_a_policy_change_the_audit_log_missed_is_recorded_once_it_recovers
     try:
         await kor.register_keys()
         before = len(await _changes(b))
-        failed = _fail_acceptances(b, times=1, kind="policy.change")
+        failed = _fail_entries(b, times=1, kind="policy.change")
         # The change is durable and the operator is told so; its entry waits in the
         # registry's outbox, and publishes are refused until the log recovers.
         await _suspend_gbr(pki, b)
@@ -237,7 +237,7 @@ async def test_a_restart_records_registry_changes_that_never_audited(
     await admit(pki, b.port, policy("GBR"))
     try:
         before = len(await _changes(b))
-        _fail_acceptances(b, times=1, kind="policy.change")
+        _fail_entries(b, times=1, kind="policy.change")
         await _suspend_gbr(pki, b)
     finally:
         await b.stop(grace=1)  # as after a crash: the entry is only in the outbox
@@ -302,7 +302,7 @@ async def test_the_next_registry_change_records_the_one_the_log_missed_first(
     b = await _start(pki, tmp_path / "broker", admit_partners=True)
     await admit(pki, b.port, policy("GBR"))
     try:
-        _fail_acceptances(b, times=1, kind="policy.change")
+        _fail_entries(b, times=1, kind="policy.change")
         await _suspend_gbr(pki, b)
         assert b.exchange.audit_failed
         async with operator(pki, "op1", b.port) as op:
