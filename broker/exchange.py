@@ -301,22 +301,7 @@ class ExchangeCore:
                         offset=out.offset,
                     )
                     self.counters[partner].published += 1
-                    audits.append(
-                        AuditItem(
-                            "publish.accepted",
-                            partner,
-                            partner,
-                            msg.message_id,
-                            "allow",
-                            {
-                                "offset": out.offset,
-                                "topic": msg.topic,
-                                "sequence": msg.sequence,
-                                "digest": msg.digest.hex(),
-                                "classification": msg.classification,
-                            },
-                        )
-                    )
+                    audits.append(_acceptance(fresh[-1]))
                 elif isinstance(out, StoreFull):
                     results[i] = self._refusal(
                         envelopes[i], Exhausted("store_full", str(out)), header
@@ -436,25 +421,7 @@ class ExchangeCore:
                 missing = [m for m in batch if (m.sender, m.message_id) not in have]
                 if missing:
                     await self.audit.record_many(
-                        [
-                            AuditItem(
-                                "publish.accepted",
-                                m.sender,
-                                m.sender,
-                                m.message_id,
-                                "allow",
-                                {
-                                    "offset": m.offset,
-                                    "topic": m.topic,
-                                    "sequence": m.sequence,
-                                    "digest": m.digest.hex(),
-                                    "classification": m.classification,
-                                    "stored_ms": m.stored_ms,
-                                    "recovered": True,
-                                },
-                            )
-                            for m in missing
-                        ],
+                        [_acceptance(m, stored_ms=m.stored_ms, recovered=True) for m in missing],
                         now_ms=self.clock(),
                     )
                     log.warning(
@@ -1072,6 +1039,25 @@ def _wal_bytes(data_dir: Path) -> int:
         with contextlib.suppress(OSError):  # gone between listing and stat: nothing owed
             total += wal.stat().st_size
     return total
+
+
+def _acceptance(m: StoredMessage, **extra: object) -> AuditItem:
+    """The publish.accepted entry of a stored message (extra joins its detail)."""
+    return AuditItem(
+        "publish.accepted",
+        m.sender,
+        m.sender,
+        m.message_id,
+        "allow",
+        {
+            "offset": m.offset,
+            "topic": m.topic,
+            "sequence": m.sequence,
+            "digest": m.digest.hex(),
+            "classification": m.classification,
+            **extra,
+        },
+    )
 
 
 def _batch_audit(

@@ -118,7 +118,8 @@ class Registry:
 
     @contextmanager
     def _transaction(self, audit: AuditItem | None, now_ms: int) -> Iterator[None]:
-        """One transaction under the lock, holding the change and its audit entry."""
+        """One transaction holding the change and its audit entry (the caller holds the
+        lock)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield

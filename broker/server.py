@@ -89,10 +89,10 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     )
     registry = Registry(data / "state.db")
     exchange = ExchangeCore(cfg, store, audit, registry, creds.ca_cert, clock)
-    # Before serving: acceptances that a crash kept out of the audit log.
+    # Before serving: acceptances and registry changes a crash kept out of the audit log.
     recovered = await exchange.reconcile_audit()
     if recovered:
-        log.warning("recorded %d acceptance entries missing after a crash", recovered)
+        log.warning("recorded %d audit entries missing after a crash", recovered)
     admin = AdminCore(exchange, registry, audit, creds.audit_key.public_key())
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(cfg, registry, audit, clock)],
