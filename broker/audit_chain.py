@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from coalition import ed25519
 from coalition.pae import AUDIT_CHECKPOINT_TYPE, pae
 from coalition.v1 import audit_pb2
 
@@ -146,7 +147,7 @@ class ChainVerifier:
         if self._problem:
             return
         try:
-            self._key.verify(cp.signature, checkpoint_body(cp.seq, cp.hash, cp.time_ms))
+            ed25519.verify(self._key, cp.signature, checkpoint_body(cp.seq, cp.hash, cp.time_ms))
         except InvalidSignature:
             self._fail(cp.seq, f"checkpoint at {cp.seq}: bad signature")
             return

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
 
+from coalition import ed25519
 from coalition.hpke import SUITE, HpkePrivateKey, HpkePublicKey
 from coalition.pae import HEADER_TYPE, pae
 from coalition.v1 import envelope_pb2, label_pb2
@@ -203,7 +204,7 @@ def verify(
             f"key id {_show(header.signing_key_id)}",
         ) from None
     try:
-        public_key.verify(envelope.signature, pae(HEADER_TYPE, envelope.header))
+        ed25519.verify(public_key, envelope.signature, pae(HEADER_TYPE, envelope.header))
     except InvalidSignature:
         raise InvalidEnvelope(
             Failure.BAD_SIGNATURE,

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from google.protobuf.message import DecodeError
 
+from coalition import ed25519
 from coalition.hpke import KEM_NAME, HpkeKeyError, HpkePublicKey
 from coalition.pae import KEY_BUNDLE_TYPE, pae
 from coalition.v1 import directory_pb2
@@ -238,7 +239,7 @@ def verify_key_bundle(
 ) -> directory_pb2.KeyBundle:
     """Verify the signature over the exact bytes, then the contents. Raises IdentityError."""
     try:
-        signing_key.verify(signed.signature, pae(KEY_BUNDLE_TYPE, signed.bundle))
+        ed25519.verify(signing_key, signed.signature, pae(KEY_BUNDLE_TYPE, signed.bundle))
     except InvalidSignature as exc:
         raise IdentityError(f"key bundle signature does not verify for {partner}") from exc
     bundle = directory_pb2.KeyBundle()

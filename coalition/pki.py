@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.message import DecodeError
 
+from coalition import ed25519
 from coalition.hpke import KEM_NAME, HpkeKeyError, HpkePrivateKey
 from coalition.identity import (
     Identity,
@@ -613,7 +614,9 @@ def load_partner(dir: str | os.PathLike[str]) -> PartnerCredentials:
         signed.ParseFromString(_read(d / BUNDLE_FILE, "key bundle"))
         bundle = directory_pb2.KeyBundle.FromString(signed.bundle)
         # Signature only: whether the bundle is still current is the caller's now_ms question.
-        signing_key.public_key().verify(signed.signature, pae(KEY_BUNDLE_TYPE, signed.bundle))
+        ed25519.verify(
+            signing_key.public_key(), signed.signature, pae(KEY_BUNDLE_TYPE, signed.bundle)
+        )
     except (DecodeError, InvalidSignature) as exc:
         raise PkiError(f"{d / BUNDLE_FILE} is not a key bundle signed by this partner") from exc
     if bundle.partner != code or bundle.key_id not in hpke_keys:

@@ -253,6 +253,18 @@ def test_signature_under_another_key_is_refused() -> None:
     assert info.value.reason is Failure.BAD_SIGNATURE
 
 
+def test_small_order_signing_key_cannot_sign_every_header() -> None:
+    """Under the identity point as key, R = identity and S = 0 satisfy the cofactorless
+    check for any bytes (OpenSSL's check accepts it); the envelope check must refuse it."""
+    identity = bytes([1]) + bytes(31)
+    forged = envelope_pb2.Envelope(
+        header=SEALED.header, ciphertext=SEALED.ciphertext, signature=identity + bytes(32)
+    )
+    with pytest.raises(InvalidEnvelope) as info:
+        envelope.verify(forged, lambda sender, key_id: Ed25519PublicKey.from_public_bytes(identity))
+    assert info.value.reason is Failure.BAD_SIGNATURE
+
+
 def test_signature_is_checked_before_anything_else() -> None:
     env = envelope_pb2.Envelope(header=SEALED.header, ciphertext=b"junk", signature=b"\x00" * 64)
     with pytest.raises(InvalidEnvelope) as info:
