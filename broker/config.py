@@ -33,6 +33,9 @@ class BrokerConfig:
     # below max_store_bytes, so one partner alone can never fill the store.
     sender_store_bytes: int = 0
     retention_interval_ms: int = 60_000
+    # Expiry notices kept per partner until it acknowledges them; beyond this the oldest
+    # are forgotten (their deliver.expired audit entries remain).
+    max_notices_per_partner: int = 10_000
     subscriber_window: int = 256
     # Hand new messages to caught-up subscribers straight from the publish path instead
     # of each subscriber reading them back from the store (same decisions, same audit).
@@ -65,6 +68,7 @@ _SECTIONS = {
         "retention_ms",
         "sender_store_bytes",
         "retention_interval_ms",
+        "max_notices_per_partner",
         "subscriber_window",
         "default_publish_rate_per_s",
         "audit_checkpoint_every",
@@ -123,6 +127,7 @@ def load_config(path: Path | None) -> BrokerConfig:
             f"({cfg.sender_store_bytes} >= {cfg.max_store_bytes}), so one partner alone "
             "cannot fill the store"
         )
-    if cfg.retention_interval_ms <= 0:
-        raise ConfigError(f"{path}: retention_interval_ms must be above 0")
+    for key in ("retention_interval_ms", "max_notices_per_partner"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{path}: {key} must be above 0")
     return cfg

@@ -63,12 +63,19 @@ class Retention:
     """Runs sweeps and keeps every expiry audited before its notice is sent."""
 
     def __init__(
-        self, exchange: ExchangeCore, store: MessageStore, audit: AuditLog, clock: Clock
+        self,
+        exchange: ExchangeCore,
+        store: MessageStore,
+        audit: AuditLog,
+        clock: Clock,
+        *,
+        max_notices: int = 10_000,
     ) -> None:
         self.exchange = exchange
         self.store = store
         self.audit = audit
         self.clock = clock
+        self.max_notices = max_notices
 
     async def start(self) -> None:
         """Before serving: audit notices a crash left unaudited; arm the streams."""
@@ -119,6 +126,14 @@ class Retention:
                 log.critical("audit log cannot record message expiries (%s); notices wait", exc)
                 return total
             await self.store.mark_notices_audited(pending)
+            trimmed = await self.store.trim_notices(self.max_notices)
+            if trimmed:
+                log.warning(
+                    "forgot the oldest expiry notices of partners holding more than %d "
+                    "(still in the audit log)",
+                    self.max_notices,
+                    extra={"forgotten": trimmed},
+                )
             self.exchange.notices_ready({n.subscriber for n in pending})
             total += len(items)
 

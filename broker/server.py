@@ -96,7 +96,7 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     recovered = await exchange.reconcile_audit()
     if recovered:
         log.warning("recorded %d audit entries missing after a crash", recovered)
-    retention = Retention(exchange, store, audit, clock)
+    retention = Retention(exchange, store, audit, clock, max_notices=cfg.max_notices_per_partner)
     await retention.start()  # expiries a crash left unaudited; streams send the rest
     _warn_overcommitted(cfg, len(registry.all()))
     admin = AdminCore(exchange, registry, audit, creds.audit_key.public_key())

@@ -112,21 +112,30 @@ async def test_a_flood_neither_blocks_nor_evicts_another_partner(
             # KOR's report waits in the store for USA, which is offline.
             waiting = await publish_one(kor, TO_USA, b"waiting for USA", "intel.ground")
 
-            # UKR floods the store with envelopes nobody can read, until refused.
+            # UKR floods the store with envelopes nobody can read until refused, then tops
+            # it up with the smallest it can make (1-byte payloads), so no room is left
+            # for anything KOR could send. (Before quotas: 53 + a few envelopes filled the
+            # store's 512 KiB and KOR's next report got store_full.)
             flood: list[exchange_pb2.PublishResult] = []
-            for seq in range(1, 200):
-                [r] = await ukr.publish([unreadable(pki, to_usa, seq, 8 * KiB)])
-                flood.append(r)
-                if r.outcome != exchange_pb2.ACCEPTED:
-                    break
+            seq = 0
+            for size in (8 * KiB, 1):
+                while seq < 400:
+                    seq += 1
+                    [r] = await ukr.publish([unreadable(pki, to_usa, seq, size)])
+                    flood.append(r)
+                    if r.outcome != exchange_pb2.ACCEPTED:
+                        assert (r.status, r.reason_code) == (
+                            "RESOURCE_EXHAUSTED",
+                            "quota_exceeded",
+                        ), r
+                        break
             stored = sum(1 for r in flood if r.outcome == exchange_pb2.ACCEPTED)
             last = flood[-1]
-            assert (last.status, last.reason_code) == ("RESOURCE_EXHAUSTED", "quota_exceeded")
             assert "UKR" in last.reason and str(160 * KiB) in last.reason
             usage = await b.store.usage()
-            assert 150 * KiB < usage["UKR"] <= 160 * KiB, (stored, usage)
+            assert 158 * KiB < usage["UKR"] <= 160 * KiB, (stored, usage)
             refused = await b.audit.query(kind="publish.refused", partner="UKR")
-            assert [e.decision for e in refused] == ["quota_exceeded"]
+            assert [e.decision for e in refused] == ["quota_exceeded"] * 2
 
             # KOR is not affected: the store's own bound is far off.
             second = await publish_one(kor, TO_USA, b"after the flood", "intel.ground")
@@ -347,7 +356,10 @@ async def test_size_retention_trims_only_the_largest_and_notices_only_the_eligib
         assert len(await store.notices("USA", 10, audited=False)) == 3
         await store.mark_notices_audited(swept.notices)
         assert await store.notice_subscribers() == {"USA", "GBR"}
-        assert await store.drop_notices("USA", [2, 3, 4]) == 3
+        # At most 2 kept per subscriber: USA's oldest goes.
+        assert await store.trim_notices(2) == 1
+        assert [n.offset for n in await store.notices("USA", 10)] == [3, 4]
+        assert await store.drop_notices("USA", [2, 3, 4]) == 2
         assert await store.notice_subscribers() == {"GBR"}
     finally:
         await store.close()

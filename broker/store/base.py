@@ -235,6 +235,10 @@ class MessageStore(Protocol):
         """The subscriber acknowledged these notices; forget them, return how many."""
         ...
 
+    async def trim_notices(self, keep: int) -> int:
+        """Forget each subscriber's oldest audited notices beyond keep; return how many."""
+        ...
+
     async def notice_subscribers(self) -> set[str]:
         """Subscribers holding audited notices not yet acknowledged."""
         ...

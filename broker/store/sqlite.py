@@ -583,6 +583,32 @@ class SqliteMessageStore:
 
         await self._writer.submit(job)
 
+    async def trim_notices(self, keep: int) -> int:
+        """Forget each subscriber's oldest audited notices beyond keep; return how many.
+
+        Bounds what one subscriber's absence costs the store; the expiries stay in the
+        audit log.
+        """
+
+        def job(conn: sqlite3.Connection) -> int:
+            removed = 0
+            over = conn.execute(
+                "SELECT subscriber, COUNT(*) FROM notices WHERE audited = 1"
+                " GROUP BY subscriber HAVING COUNT(*) > ?",
+                (keep,),
+            ).fetchall()
+            for subscriber, count in over:
+                cur = conn.execute(
+                    "DELETE FROM notices WHERE subscriber = ? AND audited = 1 AND msg_offset IN"
+                    " (SELECT msg_offset FROM notices WHERE subscriber = ? AND audited = 1"
+                    " ORDER BY msg_offset LIMIT ?)",
+                    (subscriber, subscriber, int(count) - keep),
+                )
+                removed += cur.rowcount
+            return removed
+
+        return await self._writer.submit(job)
+
     async def drop_notices(self, subscriber: str, offsets: Sequence[int]) -> int:
         """Forget the subscriber's acknowledged notices; return how many there were."""
         wanted = tuple(offsets)
