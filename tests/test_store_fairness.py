@@ -278,6 +278,62 @@ async def _no_notices(b: Broker, partner_code: str) -> bool:
     return await b.store.notices(partner_code, 10, audited=False) == []
 
 
+async def test_notices_a_crash_left_unaudited_are_audited_at_start(
+    pki: Path, tmp_path: Path
+) -> None:
+    """A sweep committed its notices, then the broker died before auditing them: the
+    next start records them (marked recovered) before anyone is told."""
+    data = tmp_path / "broker"
+    b = await running_broker(pki, data)
+    try:
+        for code in ("KOR", "USA"):
+            await admit(pki, b.port, policy(code))
+        async with partner(pki, "KOR", b.port) as kor, partner(pki, "USA", b.port) as usa:
+            await usa.register_keys()
+            lost = await publish_one(kor, TO_USA, b"removed unread", "intel.ground")
+    finally:
+        await b.stop(grace=1)
+    # The sweep's transaction alone, as if the process died right after it.
+    store = await SqliteMessageStore.open(data / "messages.db", max_bytes=1 << 30, max_age_ms=1)
+    try:
+        swept = await store.sweep(now_ms() + 10, lambda m: {"USA": 0})
+        assert [(n.subscriber, n.message_id) for n in swept.notices] == [("USA", lost)]
+    finally:
+        await store.close()
+    b = await running_broker(pki, data)
+    try:
+        [entry] = await b.audit.query(kind="deliver.expired", partner="USA")
+        detail = json.loads(entry.detail_json)
+        assert (entry.message_id, entry.decision) == (lost, "retention_age")
+        assert detail["recovered"] is True
+        async with partner(pki, "USA", b.port) as usa:
+            told: list[exchange_pb2.Expired] = []
+
+            async def record(notices: Sequence[exchange_pb2.Expired]) -> None:
+                told.extend(notices)
+
+            sub = usa.subscribe(["intel.>"], on_expired=record)
+
+            async def read() -> None:
+                async for _ in sub:
+                    pass
+
+            reader = asyncio.create_task(read())
+            await eventually(lambda: len(told) == 1, 10)
+            assert told[0].message_id == lost
+            await until(lambda: _no_notices(b, "USA"))
+            await sub.aclose()
+            reader.cancel()
+    finally:
+        await b.stop(grace=1)
+    # Restarting again records nothing twice.
+    b = await running_broker(pki, data)
+    try:
+        assert len(await b.audit.query(kind="deliver.expired")) == 1
+    finally:
+        await b.stop(grace=1)
+
+
 # -- the store's rules ------------------------------------------------------------------
 
 
