@@ -41,19 +41,27 @@ def eligibility(policies: Sequence[tuple[str, PartnerPolicy]], now_ms: int) -> E
     (tampered with in the store) has no eligible recipient.
     """
 
+    allowed: dict[tuple[bytes, str], frozenset[str]] = {}  # labels and topics repeat
+
     def who(m: StoredMessage) -> Mapping[str, int]:
         try:
             header = env.parse_header(envelope_pb2.Envelope.FromString(m.envelope))
-            label = label_from_proto(header.label)
+            key = (header.label.SerializeToString(), header.topic)
+            codes = allowed.get(key)
+            if codes is None:
+                label = label_from_proto(header.label)
+                codes = frozenset(
+                    code
+                    for code, policy in policies
+                    if decide(policy, label, header.topic, now_ms).allowed
+                )
+                allowed[key] = codes
         except (env.InvalidEnvelope, LabelError, DecodeError, ValueError):
             return {}
-        wrapped = {w.recipient: int(w.sequence) for w in header.wrapped_keys}
         return {
-            code: wrapped[code]
-            for code, policy in policies
-            if code in wrapped
-            and code != header.sender
-            and decide(policy, label, header.topic, now_ms).allowed
+            w.recipient: int(w.sequence)
+            for w in header.wrapped_keys
+            if w.recipient in codes and w.recipient != header.sender
         }
 
     return who

@@ -8,7 +8,9 @@ contiguous and never reused, even after retention removed every message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -188,10 +190,6 @@ def fair_level(usage: Collection[int], target: int) -> int:
     return ordered[-1] if ordered else 0
 
 
-_UNSETTLED_BY = (
-    "SELECT c.subscriber FROM cursors c WHERE c.cursor < ? AND NOT EXISTS"
-    " (SELECT 1 FROM settled s WHERE s.subscriber = c.subscriber AND s.msg_offset = ?)"
-)
 _NOTICE_COLUMNS = (
     "subscriber, msg_offset, sender, message_id, sequence, recipient_sequence, topic, reason,"
     " stored_ms, removed_ms"
@@ -200,6 +198,38 @@ _NOTICE_COLUMNS = (
 
 def _notice(row: tuple[object, ...]) -> Notice:
     return Notice(*row)  # type: ignore[arg-type]  # columns are in field order
+
+
+def _waiting(conn: sqlite3.Connection, low: int, high: int) -> dict[str, tuple[int, set[int]]]:
+    """Subscribers whose cursor is below high, with their settled offsets in low..high."""
+    out: dict[str, tuple[int, set[int]]] = {}
+    for subscriber, cursor in conn.execute(
+        "SELECT subscriber, cursor FROM cursors WHERE cursor < ?", (high,)
+    ).fetchall():
+        settled = {
+            int(o)
+            for (o,) in conn.execute(
+                "SELECT msg_offset FROM settled"
+                " WHERE subscriber = ? AND msg_offset BETWEEN ? AND ?",
+                (subscriber, low, high),
+            )
+        }
+        out[str(subscriber)] = (int(cursor), settled)
+    return out
+
+
+def _still_waiting(conn: sqlite3.Connection, proposed: list[Notice]) -> list[Notice]:
+    """The proposed notices whose subscriber still has not settled the message."""
+    if not proposed:
+        return []
+    offsets = [n.offset for n in proposed]
+    waiting = _waiting(conn, min(offsets), max(offsets))
+    out = []
+    for n in proposed:
+        state = waiting.get(n.subscriber)
+        if state is not None and state[0] < n.offset and n.offset not in state[1]:
+            out.append(n)
+    return out
 
 
 _MARK = "UPDATE state SET audited = MAX(audited, ?)"
@@ -226,6 +256,7 @@ class SqliteMessageStore:
         self._retention_bytes = retention_bytes
         self._max_age_ms = max_age_ms
         self._sender_bytes = sender_bytes
+        self._sweeping = asyncio.Lock()
 
     @classmethod
     async def open(
@@ -437,7 +468,7 @@ class SqliteMessageStore:
         return (await self.sweep(now_ms)).removed
 
     async def sweep(self, now_ms: int, eligible: Eligibility | None = None) -> Sweep:
-        """Retention, in one transaction: by age, by label expiry, then by size.
+        """Retention: by age, by label expiry, then by size; one sweep at a time.
 
         By size, only senders holding more than their fair share lose messages, oldest
         first: the share is the level L at which every sender keeping min(its bytes, L)
@@ -446,55 +477,56 @@ class SqliteMessageStore:
 
         With eligible, each removed message (by age or size) that a subscriber with a
         cursor had not settled (acknowledged or skipped) gets a Notice for every such
-        subscriber that eligible(message) names, in the same transaction; label expiry
-        records none (an expired label is delivered to nobody). Notices start unaudited.
+        subscriber that eligible(message) names; label expiry records none (an expired
+        label is delivered to nobody). Notices start unaudited.
+
+        The victims and candidate notices are chosen on a read snapshot (eligible parses
+        envelopes, which must not hold up the writer); one write transaction then removes
+        them and records the notices of the subscribers that still had not settled them.
         """
+        async with self._sweeping:
+            victims, proposed = await self._readers.run(
+                lambda conn: self._plan(conn, now_ms, eligible)
+            )
 
-        def job(conn: sqlite3.Connection) -> Sweep:
-            victims: dict[int, str] = {}  # offset -> reason
-            by_reason: dict[str, int] = {}
-            if self._max_age_ms > 0:
-                for (offset,) in conn.execute(
-                    "SELECT msg_offset FROM messages WHERE stored_ms < ?",
-                    (now_ms - self._max_age_ms,),
-                ):
-                    victims[int(offset)] = "retention_age"
+            def job(conn: sqlite3.Connection) -> Sweep:
+                notices = _still_waiting(conn, proposed)
+                cur = conn.executemany(
+                    "DELETE FROM messages WHERE msg_offset = ?", ((o,) for o in sorted(victims))
+                )
+                conn.executemany(
+                    f"INSERT OR IGNORE INTO notices ({_NOTICE_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (dataclasses.astuple(n) for n in notices),
+                )
+                by_reason: dict[str, int] = {}
+                for reason in victims.values():
+                    by_reason[reason] = by_reason.get(reason, 0) + 1
+                return Sweep(removed=int(cur.rowcount), by_reason=by_reason, notices=notices)
+
+            return await self._writer.submit(job)
+
+    def _plan(
+        self, conn: sqlite3.Connection, now_ms: int, eligible: Eligibility | None
+    ) -> tuple[dict[int, str], list[Notice]]:
+        """What a sweep removes (offset -> reason) and the notices it would record."""
+        victims: dict[int, str] = {}
+        if self._max_age_ms > 0:
             for (offset,) in conn.execute(
-                "SELECT msg_offset FROM messages WHERE expiry_ms > 0 AND expiry_ms <= ?", (now_ms,)
+                "SELECT msg_offset FROM messages WHERE stored_ms < ?",
+                (now_ms - self._max_age_ms,),
             ):
-                victims.setdefault(int(offset), "label_expired")
-            if self._retention_bytes > 0:
-                self._size_victims(conn, victims)
-            notices: list[Notice] = []
-            if eligible is not None:
-                notices = self._notices_for(conn, victims, eligible, now_ms)
-            conn.executemany(
-                "DELETE FROM messages WHERE msg_offset = ?", ((o,) for o in sorted(victims))
-            )
-            conn.executemany(
-                f"INSERT OR IGNORE INTO notices ({_NOTICE_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (
-                        n.subscriber,
-                        n.offset,
-                        n.sender,
-                        n.message_id,
-                        n.sequence,
-                        n.recipient_sequence,
-                        n.topic,
-                        n.reason,
-                        n.stored_ms,
-                        n.removed_ms,
-                    )
-                    for n in notices
-                ),
-            )
-            for reason in victims.values():
-                by_reason[reason] = by_reason.get(reason, 0) + 1
-            return Sweep(removed=len(victims), by_reason=by_reason, notices=notices)
-
-        return await self._writer.submit(job)
+                victims[int(offset)] = "retention_age"
+        for (offset,) in conn.execute(
+            "SELECT msg_offset FROM messages WHERE expiry_ms > 0 AND expiry_ms <= ?", (now_ms,)
+        ):
+            victims.setdefault(int(offset), "label_expired")
+        if self._retention_bytes > 0:
+            self._size_victims(conn, victims)
+        notices: list[Notice] = []
+        if eligible is not None:
+            notices = self._notices_for(conn, victims, eligible, now_ms)
+        return victims, notices
 
     def _size_victims(self, conn: sqlite3.Connection, victims: dict[int, str]) -> None:
         """Add to victims what retention by size removes, after what is already in it."""
@@ -538,22 +570,25 @@ class SqliteMessageStore:
     ) -> list[Notice]:
         """Notices for the subscribers that had not settled a removed message and may
         have received it (eligible), label expiry aside."""
-        (lowest,) = conn.execute("SELECT MIN(cursor) FROM cursors").fetchone()
-        if lowest is None:
+        candidates = sorted(o for o, r in victims.items() if r != "label_expired")
+        if not candidates:
             return []
+        waiting = _waiting(conn, candidates[0], candidates[-1])
         out: list[Notice] = []
-        for offset, reason in sorted(victims.items()):
-            if reason == "label_expired" or offset <= int(lowest):
-                continue
-            waiting = {str(s) for (s,) in conn.execute(_UNSETTLED_BY, (offset, offset))}
-            if not waiting:
+        for offset in candidates:
+            who = {
+                s
+                for s, (cursor, settled) in waiting.items()
+                if cursor < offset and offset not in settled
+            }
+            if not who:
                 continue
             m = _stored(conn.execute(_GET, (offset,)).fetchone())
+            expiry: ExpiryReason = (
+                "retention_age" if victims[offset] == "retention_age" else "retention_size"
+            )
             for subscriber, recipient_sequence in sorted(eligible(m).items()):
-                if subscriber in waiting and subscriber != m.sender:
-                    expiry: ExpiryReason = (
-                        "retention_age" if reason == "retention_age" else "retention_size"
-                    )
+                if subscriber in who and subscriber != m.sender:
                     out.append(
                         Notice(
                             subscriber=subscriber,
