@@ -21,7 +21,7 @@ from broker.config import ConfigError, load_config
 from broker.server import Broker
 from broker.store import Appended, NewMessage, Rejected, SqliteMessageStore, StoredMessage
 from broker.store.sqlite import fair_level
-from clients.node.inbox import Inbox
+from clients.node.inbox import Entry, Expired, Inbox
 from clients.sdk import PartnerClient, Sequencer
 from coalition import envelope as env
 from coalition.labels import Label, label_to_proto, parse_label
@@ -428,3 +428,24 @@ def test_quota_must_be_below_the_store(tmp_path: Path) -> None:
         load_config(cfg)
     cfg.write_text("[limits]\nmax_store_bytes = 8000\n")
     assert load_config(cfg).sender_quota == 1000
+
+
+def test_node_keeps_expiry_notices_only_for_messages_it_lacks(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "node.db")
+    try:
+
+        def notice(mid: str, seq: int) -> Expired:
+            return Expired("KOR", mid, seq, seq, "intel.a", "retention_size", seq, 1, 2, 3)
+
+        assert inbox.store(entry("have", 1), b"x").new
+        new = inbox.record_expired([notice("have", 1), notice("lost", 2), notice("late", 3)])
+        assert [n.message_id for n in new] == ["lost", "late"]
+        assert inbox.record_expired([notice("lost", 2)]) == []  # told twice: kept once
+        assert inbox.store(entry("late", 3), b"y").new  # it was in flight after all
+        assert [n.message_id for n in inbox.expired()] == ["lost"]
+    finally:
+        inbox.close()
+
+
+def entry(mid: str, seq: int) -> Entry:
+    return Entry(mid, "KOR", seq, seq, "intel.a", "ROUTINE", "NATO SECRET", 1, 2, seq, "t", "t")

@@ -130,6 +130,10 @@ class Inbox:
             )
             if cur.rowcount == 0:
                 return Stored(new=False)
+            # Reported expired at the broker, yet here after all (it was in flight).
+            c.execute(
+                "DELETE FROM expired WHERE sender = ? AND message_id = ?", (e.sender, e.message_id)
+            )
             set_meta(c, "last_offset", str(e.offset))
             gap = _account(c, e.sender, e.recipient_sequence, e.received_ms)
         return Stored(new=True, gap=gap)
