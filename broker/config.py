@@ -29,6 +29,13 @@ class BrokerConfig:
     min_free_bytes: int = 64 << 20
     retention_bytes: int = 512 << 20
     retention_ms: int = 7 * 24 * 3600 * 1000
+    # Each sender's quota of stored envelope bytes; 0 = max_store_bytes // 8. Must be
+    # below max_store_bytes, so one partner alone can never fill the store.
+    sender_store_bytes: int = 0
+    retention_interval_ms: int = 60_000
+    # Expiry notices kept per partner until it acknowledges them; beyond this the oldest
+    # are forgotten (their deliver.expired audit entries remain).
+    max_notices_per_partner: int = 10_000
     subscriber_window: int = 256
     # Hand new messages to caught-up subscribers straight from the publish path instead
     # of each subscriber reading them back from the store (same decisions, same audit).
@@ -43,6 +50,11 @@ class BrokerConfig:
         """A copy with every non-None keyword applied."""
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
+    @property
+    def sender_quota(self) -> int:
+        """Each sender's quota of stored bytes: sender_store_bytes, or an eighth of the store."""
+        return self.sender_store_bytes or self.max_store_bytes // 8
+
 
 _SECTIONS = {
     "broker": {"listen", "name", "data_dir", "operators", "revoked_serials", "live_delivery"},
@@ -54,6 +66,9 @@ _SECTIONS = {
         "min_free_bytes",
         "retention_bytes",
         "retention_ms",
+        "sender_store_bytes",
+        "retention_interval_ms",
+        "max_notices_per_partner",
         "subscriber_window",
         "default_publish_rate_per_s",
         "audit_checkpoint_every",
@@ -105,4 +120,14 @@ def load_config(path: Path | None) -> BrokerConfig:
             raise ConfigError(f"{path}: {shown} must be true or false, got {value!r}")
         if types[key] == "str" and not isinstance(value, str):
             raise ConfigError(f"{path}: {key} must be a string, got {value!r}")
-    return BrokerConfig(**values)
+    cfg = BrokerConfig(**values)
+    if not 0 <= cfg.sender_store_bytes < cfg.max_store_bytes:
+        raise ConfigError(
+            f"{path}: sender_store_bytes must be below max_store_bytes "
+            f"({cfg.sender_store_bytes} >= {cfg.max_store_bytes}), so one partner alone "
+            "cannot fill the store"
+        )
+    for key in ("retention_interval_ms", "max_notices_per_partner"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{path}: {key} must be above 0")
+    return cfg

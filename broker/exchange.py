@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,7 @@ from broker.store import (
     StoreError,
     StoreFull,
 )
+from broker.store.base import Notice
 from coalition import envelope as env
 from coalition.identity import IdentityError, verify_key_bundle, verify_signing_cert
 from coalition.labels import Label, LabelError, label_from_proto
@@ -81,6 +82,7 @@ _DISK_PER_REQUEST = 64 * 1024
 INLINE_VERIFY_MAX = 8
 INLINE_VERIFY_MAX_BYTES = 256 * 1024
 _DECISION_CACHE_SIZE = 4096
+_NOTICE_PAGE = 512  # expiry notices per SubscribeResponse
 
 
 def wall_clock_ms() -> int:
@@ -122,6 +124,10 @@ class Subscription:
     # The feed outgrew its bound and was dropped: the next turn reads the store.
     feed_overflow: bool = False
     topic_ok: dict[str, bool] = field(default_factory=dict)
+    # Expiry notices (see broker.retention): sent, not yet acknowledged; and the
+    # partner's notice generation last read (a new one means more to read).
+    notices_inflight: set[int] = field(default_factory=set)
+    notice_gen: int = -1
 
     def wants(self, topic: str) -> bool:
         """Whether the stream's patterns match topic (memoized: topics repeat)."""
@@ -229,6 +235,9 @@ class ExchangeCore:
         self._reconciling = asyncio.Lock()
         self._registry_flush = asyncio.Lock()
         self._parse_cache: OrderedDict[int, tuple[envelope_pb2.Header, Label]] = OrderedDict()
+        # Partners with audited expiry notices to read (broker.retention), by generation.
+        self.notice_gen: dict[str, int] = {}
+        self._notice_drops: set[asyncio.Task[int]] = set()
 
     # -- identity helpers -------------------------------------------------------------------
     def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
@@ -305,6 +314,10 @@ class ExchangeCore:
                 elif isinstance(out, StoreFull):
                     results[i] = self._refusal(
                         envelopes[i], Exhausted("store_full", str(out)), header
+                    )
+                elif out.reason == "quota_exceeded":
+                    results[i] = self._refusal(
+                        envelopes[i], _quota_refusal(partner, out, len(msg.envelope)), header
                     )
                 else:
                     refusal: BrokerError = (
@@ -719,6 +732,8 @@ class ExchangeCore:
     def note_acks(self, sub: Subscription, offsets: Sequence[int]) -> None:
         """Record acknowledgements; a flusher task settles them (batched) in the store."""
         sub.unsettled.update(o for o in offsets if o in sub.inflight)
+        if sub.notices_inflight:
+            self._drop_notices(sub, offsets)
         if sub.unsettled and (sub.flusher is None or sub.flusher.done()):
             sub.flusher = asyncio.create_task(self._flush_acks(sub))
 
@@ -751,6 +766,9 @@ class ExchangeCore:
             rec = self._record(sub.partner)
             if rec.policy.status is PartnerStatus.SUSPENDED:
                 raise Forbidden("suspended", f"partner {sub.partner} has been suspended")
+            if sub.notice_gen != self.notice_gen.get(sub.partner, -1):
+                async for notices in self._expiry_notices(sub):
+                    yield notices
             room = sub.window - len(sub.inflight)
             if room <= 0:
                 await sub.wake.wait()
@@ -838,6 +856,47 @@ class ExchangeCore:
                 # count as in flight, so no read delivers them meanwhile.
                 sub.inflight.update(skipped)
                 self.note_acks(sub, skipped)
+
+    def notices_ready(self, partners: Iterable[str]) -> None:
+        """These partners have new audited expiry notices: their streams send them now."""
+        for p in partners:
+            self.notice_gen[p] = self.notice_gen.get(p, 0) + 1
+            for s in self.live.get(p, ()):
+                s.wake.set()
+
+    async def _expiry_notices(
+        self, sub: Subscription
+    ) -> AsyncIterator[exchange_pb2.SubscribeResponse]:
+        """The partner's unacknowledged expiry notices not in flight, in pages."""
+        gen = self.notice_gen.get(sub.partner, -1)
+        after = 0
+        while True:
+            page = await self.store.notices(sub.partner, _NOTICE_PAGE, after=after)
+            fresh = [n for n in page if n.offset not in sub.notices_inflight]
+            if fresh:
+                sub.notices_inflight.update(n.offset for n in fresh)
+                yield exchange_pb2.SubscribeResponse(
+                    expired=exchange_pb2.ExpiredBatch(expired=[_expired(n) for n in fresh])
+                )
+            if len(page) < _NOTICE_PAGE:
+                sub.notice_gen = gen
+                return
+            after = page[-1].offset
+
+    def _drop_notices(self, sub: Subscription, offsets: Sequence[int]) -> None:
+        done = [o for o in offsets if o in sub.notices_inflight]
+        if not done:
+            return
+        sub.notices_inflight.difference_update(done)
+        task = asyncio.create_task(self.store.drop_notices(sub.partner, done))
+        self._notice_drops.add(task)
+        task.add_done_callback(self._notice_dropped)
+
+    def _notice_dropped(self, task: asyncio.Task[int]) -> None:
+        self._notice_drops.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Kept in the store: sent again on the next subscription.
+            log.warning("could not forget acknowledged expiry notices: %s", task.exception())
 
     def _decided(
         self,
@@ -1029,6 +1088,30 @@ def _stored(msg: NewMessage, offset: int, stored_ms: int) -> StoredMessage:
         expiry_ms=msg.expiry_ms,
         envelope=msg.envelope,
         digest=msg.digest,
+    )
+
+
+def _quota_refusal(partner: str, out: Rejected, size: int) -> Exhausted:
+    """quota_exceeded: the sender's stored bytes, its quota, and what the envelope needs."""
+    return Exhausted(
+        "quota_exceeded",
+        f"{partner}'s share of the message store is full: it holds {out.used} of its "
+        f"{out.limit} bytes and this envelope needs {size} more; retry once its stored "
+        "messages have been removed by retention",
+    )
+
+
+def _expired(n: Notice) -> exchange_pb2.Expired:
+    return exchange_pb2.Expired(
+        offset=n.offset,
+        sender=n.sender,
+        message_id=n.message_id,
+        sequence=n.sequence,
+        recipient_sequence=n.recipient_sequence,
+        topic=n.topic,
+        reason=n.reason,
+        stored_ms=n.stored_ms,
+        removed_ms=n.removed_ms,
     )
 
 

@@ -23,6 +23,7 @@ from broker.auth import AuthInterceptor
 from broker.config import BrokerConfig
 from broker.exchange import Clock, ExchangeCore, wall_clock_ms
 from broker.registry import Registry
+from broker.retention import Retention
 from broker.servicers import AdminServicer, ExchangeServicer
 from broker.store import SqliteMessageStore
 from coalition.pki import load_broker
@@ -49,6 +50,7 @@ class Broker:
     registry: Registry
     health: HealthServicer
     _retention: asyncio.Task[None] | None = None
+    retention: Retention | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, drain in-flight publishes, close streams, flush the stores."""
@@ -83,6 +85,7 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
         max_bytes=cfg.max_store_bytes,
         retention_bytes=cfg.retention_bytes,
         max_age_ms=cfg.retention_ms,
+        sender_bytes=cfg.sender_quota,
     )
     audit = await AuditLog.open(
         data / "audit.db", creds.audit_key, checkpoint_every=cfg.audit_checkpoint_every
@@ -93,6 +96,9 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     recovered = await exchange.reconcile_audit()
     if recovered:
         log.warning("recorded %d audit entries missing after a crash", recovered)
+    retention = Retention(exchange, store, audit, clock, max_notices=cfg.max_notices_per_partner)
+    await retention.start()  # expiries a crash left unaudited; streams send the rest
+    _warn_overcommitted(cfg, len(registry.all()))
     admin = AdminCore(exchange, registry, audit, creds.audit_key.public_key())
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(cfg, registry, audit, clock)],
@@ -126,7 +132,10 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     for name in ("", *SERVICES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     broker = Broker(server, port, exchange, admin, store, audit, registry, health)
-    broker._retention = asyncio.create_task(_retention_loop(store, clock))
+    broker.retention = retention
+    broker._retention = asyncio.create_task(
+        _retention_loop(retention, cfg.retention_interval_ms / 1000)
+    )
     await audit.record(
         kind="broker.started",
         actor="broker",
@@ -138,12 +147,22 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     return broker
 
 
-async def _retention_loop(store: SqliteMessageStore, clock: Clock) -> None:
+async def _retention_loop(retention: Retention, every_s: float) -> None:
     while True:
-        await asyncio.sleep(60)
+        await asyncio.sleep(every_s)
         try:
-            removed = await store.enforce_retention(clock())
-            if removed:
-                log.info("retention", extra={"removed": removed})
+            await retention.sweep()
         except Exception:
             log.exception("retention sweep failed")
+
+
+def _warn_overcommitted(cfg: BrokerConfig, partners: int) -> None:
+    """Quotas keep one partner from filling the store; say when several together could."""
+    if partners * cfg.sender_quota > cfg.max_store_bytes:
+        log.warning(
+            "the partners' store quotas together exceed the store: %d partners x %d bytes > "
+            "max_store_bytes %d; if they all fill their quotas, publishes get store_full",
+            partners,
+            cfg.sender_quota,
+            cfg.max_store_bytes,
+        )

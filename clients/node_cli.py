@@ -14,7 +14,7 @@ from typing import Any
 
 from clients.node.config import ConfigError, NodeConfig, load_config
 from clients.node.content import ContentError, build_summary, content_dict
-from clients.node.inbox import Entry, Inbox
+from clients.node.inbox import Entry, Expired, Inbox
 from coalition.pki import PartnerCredentials, PkiError, load_partner
 
 PROG = "coalition-node"
@@ -272,6 +272,22 @@ def _entry_dict(e: Entry) -> dict[str, Any]:
     }
 
 
+def _expired_dict(e: Expired) -> dict[str, Any]:
+    return {
+        "sender": e.sender,
+        "message_id": e.message_id,
+        "sequence": e.sequence,
+        "recipient_sequence": e.recipient_sequence,
+        "topic": e.topic,
+        "reason": e.reason,
+        "offset": e.offset,
+        "stored_ms": e.stored_ms,
+        "removed_ms": e.removed_ms,
+        "removed": iso(e.removed_ms),
+        "noticed_ms": e.noticed_ms,
+    }
+
+
 def _inbox(inbox: Inbox, ns: argparse.Namespace) -> int:
     from coalition.topics import TopicError, topic_matches, validate_pattern
 
@@ -300,6 +316,9 @@ def _inbox(inbox: Inbox, ns: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if not entries:
         print("(no messages)")
+    for x in inbox.expired():
+        if x.removed_ms >= since and (pattern is None or topic_matches(pattern, x.topic)):
+            print(f"{iso(x.removed_ms)}  {x.describe()}")
     return 0
 
 
@@ -356,6 +375,7 @@ def _print_content(c: dict[str, Any]) -> None:
 def _status(cfg: NodeConfig, inbox: Inbox, ns: argparse.Namespace) -> int:
     n, q = inbox.counts()
     gaps = inbox.gaps()
+    expired = inbox.expired()
     connected = inbox.meta("last_connected_ms")
     offset = inbox.meta("last_offset")
     doc: dict[str, Any] = {
@@ -372,6 +392,7 @@ def _status(cfg: NodeConfig, inbox: Inbox, ns: argparse.Namespace) -> int:
         "last_offset": int(offset) if offset else None,
         "senders": inbox.senders(),
         "recent_quarantine": inbox.quarantined(5),
+        "expired": [_expired_dict(e) for e in expired],
     }
     if ns.json:
         print(json.dumps(doc, indent=2))
@@ -384,7 +405,13 @@ def _status(cfg: NodeConfig, inbox: Inbox, ns: argparse.Namespace) -> int:
     for sender, high in doc["senders"].items():
         print(f"from {sender:8} up to sequence {high}")
     for g in gaps:
-        print(g.describe())
+        told = [
+            e for e in expired if e.sender == g.sender and g.first <= e.recipient_sequence <= g.last
+        ]
+        note = f" ({len(told)} of them reported expired by the broker)" if told else ""
+        print(g.describe() + note)
+    for e in expired:
+        print(f"{e.describe()}; removed {iso(e.removed_ms)}")
     for qd in doc["recent_quarantine"]:
         print(f"quarantined offset {qd['offset']} from {qd['sender'] or '?'}: {qd['reason']}")
     return 0

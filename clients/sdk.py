@@ -399,8 +399,16 @@ class PartnerClient:
         return await self._pub.send(envelopes)
 
     # -- subscribing and opening ---------------------------------------------------------------
-    def subscribe(self, topics: Sequence[str], *, window: int = 256) -> Subscription:
-        return Subscription(self.stub, topics, window)
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        *,
+        window: int = 256,
+        on_expired: ExpiredHandler | None = None,
+    ) -> Subscription:
+        """A Subscribe stream; on_expired receives the broker's expiry notices (see
+        Subscription)."""
+        return Subscription(self.stub, topics, window, on_expired=on_expired)
 
     async def open(self, delivery: exchange_pb2.Delivery) -> env.Opened:
         """Verify and decrypt a delivery. Raises env.InvalidEnvelope."""
@@ -593,10 +601,26 @@ class _PublishFeed(AsyncIterator[exchange_pb2.PublishRequest]):
 ACK_LINGER_S = 0.002
 
 
-class Subscription:
-    """A Subscribe stream: iterate for deliveries, ``ack()`` each once it is safe."""
+ExpiredHandler = Callable[[Sequence[exchange_pb2.Expired]], Awaitable[None]]
 
-    def __init__(self, stub: ExchangeAsyncStub, topics: Sequence[str], window: int) -> None:
+
+class Subscription:
+    """A Subscribe stream: iterate for deliveries, ``ack()`` each once it is safe.
+
+    Expiry notices (messages the broker's retention removed before this partner had
+    them) go to ``on_expired``, awaited while the deliveries wait, then acknowledged; so
+    a handler that records them durably before returning loses none. Without a handler
+    they are kept in ``expired`` unacknowledged (the broker sends them again next time).
+    """
+
+    def __init__(
+        self,
+        stub: ExchangeAsyncStub,
+        topics: Sequence[str],
+        window: int,
+        *,
+        on_expired: ExpiredHandler | None = None,
+    ) -> None:
         self._queue: asyncio.Queue[exchange_pb2.SubscribeRequest | None] = asyncio.Queue()
         self._queue.put_nowait(
             exchange_pb2.SubscribeRequest(
@@ -610,6 +634,8 @@ class Subscription:
         self._ack_flush: asyncio.TimerHandle | None = None
         # Set when the stream has ended (broker closed it, or after aclose()).
         self.ended = asyncio.Event()
+        self.on_expired = on_expired
+        self.expired: list[exchange_pb2.Expired] = []
 
     def __aiter__(self) -> AsyncGenerator[exchange_pb2.Delivery, None]:
         self._gen = self._deliveries()
@@ -624,6 +650,14 @@ class Subscription:
                 if kind == "status":
                     if resp.status.caught_up:
                         self.caught_up.set()
+                    continue
+                if kind == "expired":
+                    notices = list(resp.expired.expired)
+                    if self.on_expired is None:
+                        self.expired.extend(notices)
+                    else:
+                        await self.on_expired(notices)
+                        await self.ack([n.offset for n in notices])
                     continue
                 if kind == "batch":
                     for d in resp.batch.deliveries:

@@ -282,7 +282,10 @@ def test_serve_help_and_bad_config_exit_codes(tmp_path: Path) -> None:
 
 
 async def test_full_store_refuses_per_envelope_and_keeps_serving(pki: Path, tmp_path: Path) -> None:
-    b = await running_broker(pki, tmp_path / "broker", max_store_bytes=8 * 1024)
+    # One sender fills its share (sender_store_bytes) long before the store's own bound.
+    b = await running_broker(
+        pki, tmp_path / "broker", max_store_bytes=64 * 1024, sender_store_bytes=8 * 1024
+    )
     try:
         for code in ("KOR", "USA"):
             await admit(pki, b.port, policy(code))
@@ -303,16 +306,16 @@ async def test_full_store_refuses_per_envelope_and_keeps_serving(pki: Path, tmp_
             assert (full.outcome, full.status, full.reason_code) == (
                 exchange_pb2.REFUSED,
                 "RESOURCE_EXHAUSTED",
-                "store_full",
+                "quota_exceeded",
             )
             assert "full" in full.reason
-            # A batch: every envelope gets its own store_full result.
+            # A batch: every envelope gets its own quota_exceeded result.
             batch = [
                 (await kor.seal(b"y", topic="intel.a", label=LABEL)).envelope for _ in range(3)
             ]
             again = await kor.publish(batch)
             assert [(r.status, r.reason_code) for r in again] == [
-                ("RESOURCE_EXHAUSTED", "store_full")
+                ("RESOURCE_EXHAUSTED", "quota_exceeded")
             ] * 3
             assert len({r.message_id for r in again}) == 3
             # Still serving: the directory answers and what was stored is delivered.
@@ -327,7 +330,7 @@ async def test_full_store_refuses_per_envelope_and_keeps_serving(pki: Path, tmp_
             await sub.aclose()
             assert got == accepted
             refusals = await b.audit.query(kind="publish.refused")
-            assert [e.decision for e in refusals] == ["store_full"] * 4
+            assert [e.decision for e in refusals] == ["quota_exceeded"] * 4
     finally:
         await b.stop(grace=1)
 

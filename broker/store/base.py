@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -52,14 +52,57 @@ class Appended:
     offset: int
 
 
-RejectReason = Literal["duplicate_id", "sequence_not_increasing"]
+RejectReason = Literal["duplicate_id", "sequence_not_increasing", "quota_exceeded"]
 
 
 @dataclass(frozen=True)
 class Rejected:
-    """The message was not stored, for a reason the publisher caused."""
+    """The message was not stored, for a reason the publisher caused.
+
+    For ``quota_exceeded``: the sender's stored bytes (``used``) and its quota (``limit``).
+    """
 
     reason: RejectReason
+    used: int = 0
+    limit: int = 0
+
+
+ExpiryReason = Literal["retention_age", "retention_size"]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A message retention removed before one of its eligible recipients had it.
+
+    Kept in the store per (subscriber, offset) until the subscriber acknowledges it; the
+    broker audits it first (``audited``) and only then tells the subscriber.
+    """
+
+    subscriber: str
+    offset: int
+    sender: str
+    message_id: str
+    sequence: int  # the sender's header sequence
+    recipient_sequence: int  # the sender's number for this subscriber (0 = not numbered)
+    topic: str
+    reason: ExpiryReason
+    stored_ms: int
+    removed_ms: int
+
+
+# Who should be told if a message is removed unread: eligible partner -> the sender's
+# sequence number for that partner (0 if it numbers none). Called by the store's writer
+# thread for each removed message some subscriber had not settled; it must be pure.
+Eligibility = Callable[[StoredMessage], Mapping[str, int]]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What a retention sweep did: messages removed, and the notices it recorded."""
+
+    removed: int
+    by_reason: Mapping[str, int]
+    notices: Sequence[Notice]
 
 
 @dataclass(frozen=True)
@@ -162,6 +205,42 @@ class MessageStore(Protocol):
 
     async def enforce_retention(self, now_ms: int) -> int:
         """Remove messages too old, expired, or beyond the retention size; return the count."""
+        ...
+
+    async def sweep(self, now_ms: int, eligible: Eligibility | None = None) -> Sweep:
+        """enforce_retention(), recording a Notice for each eligible subscriber that had
+        not settled a removed message (in the same transaction)."""
+        ...
+
+    async def usage(self) -> dict[str, int]:
+        """Stored envelope bytes per sender (senders holding none are left out)."""
+        ...
+
+    async def notices(
+        self, subscriber: str, limit: int, *, after: int = 0, audited: bool = True
+    ) -> list[Notice]:
+        """Subscriber's notices not yet acknowledged above offset after, by offset
+        (only audited ones if so)."""
+        ...
+
+    async def unaudited_notices(self, limit: int = 10_000) -> list[Notice]:
+        """Notices whose audit entries are not recorded yet, by removal time."""
+        ...
+
+    async def mark_notices_audited(self, notices: Sequence[Notice]) -> None:
+        """Their audit entries are durable: they may be sent."""
+        ...
+
+    async def drop_notices(self, subscriber: str, offsets: Sequence[int]) -> int:
+        """The subscriber acknowledged these notices; forget them, return how many."""
+        ...
+
+    async def trim_notices(self, keep: int) -> int:
+        """Forget each subscriber's oldest audited notices beyond keep; return how many."""
+        ...
+
+    async def notice_subscribers(self) -> set[str]:
+        """Subscribers holding audited notices not yet acknowledged."""
         ...
 
     async def verify_integrity(self) -> list[int]:

@@ -8,7 +8,9 @@ contiguous and never reused, even after retention removed every message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -18,12 +20,16 @@ from pathlib import Path
 from broker.store.base import (
     PRECEDENCES,
     Appended,
+    Eligibility,
+    ExpiryReason,
     NewMessage,
+    Notice,
     Rejected,
     StoredMessage,
     StoreError,
     StoreFull,
     StoreStats,
+    Sweep,
 )
 from broker.store.readers import ReaderPool
 from broker.store.writer import GroupCommitWriter, is_disk_full
@@ -54,7 +60,26 @@ CREATE TRIGGER IF NOT EXISTS message_added AFTER INSERT ON messages BEGIN
     UPDATE state SET messages = messages + 1, bytes = bytes + new.size WHERE id = 1; END;
 CREATE TRIGGER IF NOT EXISTS message_removed AFTER DELETE ON messages BEGIN
     UPDATE state SET messages = messages - 1, bytes = bytes - old.size WHERE id = 1; END;
+CREATE TABLE IF NOT EXISTS usage (
+    sender TEXT PRIMARY KEY, bytes INTEGER NOT NULL, messages INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS usage_added AFTER INSERT ON messages BEGIN
+    INSERT INTO usage (sender, bytes, messages) VALUES (new.sender, new.size, 1)
+    ON CONFLICT (sender) DO UPDATE SET bytes = bytes + new.size, messages = messages + 1; END;
+CREATE TRIGGER IF NOT EXISTS usage_removed AFTER DELETE ON messages BEGIN
+    UPDATE usage SET bytes = bytes - old.size, messages = messages - 1
+    WHERE sender = old.sender; END;
+CREATE TABLE IF NOT EXISTS notices (
+    subscriber TEXT NOT NULL, msg_offset INTEGER NOT NULL, sender TEXT NOT NULL,
+    message_id TEXT NOT NULL, sequence INTEGER NOT NULL, recipient_sequence INTEGER NOT NULL,
+    topic TEXT NOT NULL, reason TEXT NOT NULL, stored_ms INTEGER NOT NULL,
+    removed_ms INTEGER NOT NULL, audited INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (subscriber, msg_offset)) WITHOUT ROWID;
 """
+# usage: stored bytes per sender, kept by the triggers in the same transaction as the
+# messages, for the per-sender quota and retention's fair shares.
+# notices: messages retention removed before an eligible subscriber had them, kept until
+# that subscriber acknowledges the notice. audited = 1 once the audit log holds the
+# expiry; only then is a notice sent.
 # state.audited (added by _migrate): every message at or below this offset has its
 # publish.accepted audit entry durable. The entry is written after the store commit, so a
 # crash (or an audit failure) between the two would otherwise leave a stored message with
@@ -138,6 +163,73 @@ def _migrate(conn: sqlite3.Connection) -> None:
         # as far as anyone can tell now.
         conn.execute("ALTER TABLE state ADD COLUMN audited INTEGER NOT NULL DEFAULT 0")
         conn.execute("UPDATE state SET audited = head")
+    (counted,) = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM usage").fetchone()
+    if int(counted) != _state(conn)[2]:
+        # A store from before per-sender usage: count it once.
+        conn.execute("DELETE FROM usage")
+        conn.execute(
+            "INSERT INTO usage (sender, bytes, messages)"
+            " SELECT sender, SUM(size), COUNT(*) FROM messages GROUP BY sender"
+        )
+
+
+def fair_level(usage: Collection[int], target: int) -> int:
+    """The largest level L with sum(min(u, L) for u in usage) <= target (max-min fairness).
+
+    Retention by size trims each sender above L down to L and leaves the others alone:
+    a sender holding no more than an equal share of what remains is never trimmed
+    because of another's volume. Returns max(usage) when everything fits.
+    """
+    ordered = sorted(usage)
+    remaining = target
+    for i, u in enumerate(ordered):
+        share = remaining // (len(ordered) - i)
+        if u > share:
+            return share
+        remaining -= u
+    return ordered[-1] if ordered else 0
+
+
+_NOTICE_COLUMNS = (
+    "subscriber, msg_offset, sender, message_id, sequence, recipient_sequence, topic, reason,"
+    " stored_ms, removed_ms"
+)
+
+
+def _notice(row: tuple[object, ...]) -> Notice:
+    return Notice(*row)  # type: ignore[arg-type]  # columns are in field order
+
+
+def _waiting(conn: sqlite3.Connection, low: int, high: int) -> dict[str, tuple[int, set[int]]]:
+    """Subscribers whose cursor is below high, with their settled offsets in low..high."""
+    out: dict[str, tuple[int, set[int]]] = {}
+    for subscriber, cursor in conn.execute(
+        "SELECT subscriber, cursor FROM cursors WHERE cursor < ?", (high,)
+    ).fetchall():
+        settled = {
+            int(o)
+            for (o,) in conn.execute(
+                "SELECT msg_offset FROM settled"
+                " WHERE subscriber = ? AND msg_offset BETWEEN ? AND ?",
+                (subscriber, low, high),
+            )
+        }
+        out[str(subscriber)] = (int(cursor), settled)
+    return out
+
+
+def _still_waiting(conn: sqlite3.Connection, proposed: list[Notice]) -> list[Notice]:
+    """The proposed notices whose subscriber still has not settled the message."""
+    if not proposed:
+        return []
+    offsets = [n.offset for n in proposed]
+    waiting = _waiting(conn, min(offsets), max(offsets))
+    out = []
+    for n in proposed:
+        state = waiting.get(n.subscriber)
+        if state is not None and state[0] < n.offset and n.offset not in state[1]:
+            out.append(n)
+    return out
 
 
 _MARK = "UPDATE state SET audited = MAX(audited, ?)"
@@ -155,6 +247,7 @@ class SqliteMessageStore:
         max_bytes: int,
         retention_bytes: int,
         max_age_ms: int,
+        sender_bytes: int = 0,
     ) -> None:
         self._path = path
         self._writer = writer
@@ -162,6 +255,8 @@ class SqliteMessageStore:
         self._max_bytes = max_bytes
         self._retention_bytes = retention_bytes
         self._max_age_ms = max_age_ms
+        self._sender_bytes = sender_bytes
+        self._sweeping = asyncio.Lock()
 
     @classmethod
     async def open(
@@ -171,11 +266,19 @@ class SqliteMessageStore:
         max_bytes: int,
         retention_bytes: int = 0,
         max_age_ms: int = 0,
+        sender_bytes: int = 0,
     ) -> SqliteMessageStore:
         """Open or create the store; max_bytes is the hard limit, 0 disables a retention rule.
 
-        Raises StoreError if the file cannot be opened as a store.
+        sender_bytes is each sender's quota of stored envelope bytes (0 = none); it must be
+        below max_bytes, so one sender alone can never fill the store. Raises StoreError if
+        the file cannot be opened as a store, ValueError for such a quota.
         """
+        if sender_bytes < 0 or (sender_bytes and sender_bytes >= max_bytes):
+            raise ValueError(
+                f"the per-sender quota ({sender_bytes} bytes) must be below the store's "
+                f"limit ({max_bytes} bytes), so one sender alone cannot fill the store"
+            )
         writer = await GroupCommitWriter.open(
             path, schema=_SCHEMA, name="message-store", map_error=_map_error
         )
@@ -192,6 +295,7 @@ class SqliteMessageStore:
             max_bytes=max_bytes,
             retention_bytes=retention_bytes,
             max_age_ms=max_age_ms,
+            sender_bytes=sender_bytes,
         )
 
     @property
@@ -207,8 +311,10 @@ class SqliteMessageStore:
         """Store messages in one transaction, durable on return; one result per message.
 
         (sender, message_id) must be new and each sequence above the sender's last one, also
-        within the batch. Raises StoreFull (nothing written) when the batch would take the
-        store past max_bytes or the disk is full; ValueError for a malformed message.
+        within the batch. A message that would take its sender past its quota
+        (sender_bytes) is Rejected("quota_exceeded") alone. Raises StoreFull (nothing
+        written) when the batch would take the store past max_bytes or the disk is full;
+        ValueError for a malformed message.
         In the same transaction, mark_audited(audited_through): the broker's bookkeeping
         rides along with the next append instead of costing a commit of its own.
         """
@@ -225,6 +331,8 @@ class SqliteMessageStore:
             head, _, size = _state(conn)
             results: list[Appended | Rejected] = []
             last: dict[str, int] = {}
+            used: dict[str, int] = {}
+            quota = self._sender_bytes
             added = 0
             for m in batch:
                 if m.sender not in last:
@@ -232,6 +340,11 @@ class SqliteMessageStore:
                         "SELECT last_sequence FROM senders WHERE sender = ?", (m.sender,)
                     ).fetchone()
                     last[m.sender] = int(row[0]) if row else 0
+                    if quota:
+                        row = conn.execute(
+                            "SELECT bytes FROM usage WHERE sender = ?", (m.sender,)
+                        ).fetchone()
+                        used[m.sender] = int(row[0]) if row else 0
                 duplicate = conn.execute(
                     "SELECT 1 FROM messages WHERE sender = ? AND message_id = ?",
                     (m.sender, m.message_id),
@@ -242,6 +355,11 @@ class SqliteMessageStore:
                 if m.sequence <= last[m.sender]:
                     results.append(Rejected("sequence_not_increasing"))
                     continue
+                if quota and used[m.sender] + len(m.envelope) > quota:
+                    results.append(Rejected("quota_exceeded", used[m.sender], quota))
+                    continue
+                if quota:
+                    used[m.sender] += len(m.envelope)
                 head += 1
                 conn.execute(
                     _INSERT,
@@ -344,32 +462,198 @@ class SqliteMessageStore:
         await self._writer.submit(lambda conn: conn.execute(_MARK, (through,)))
 
     async def enforce_retention(self, now_ms: int) -> int:
-        """Remove messages stored before now - max_age_ms, expired ones, then the oldest while
-        the store holds more than retention_bytes; return how many were removed."""
+        """Remove messages stored before now - max_age_ms, expired ones, then, while the
+        store holds more than retention_bytes, the oldest of the senders above their fair
+        share (see sweep); return how many were removed."""
+        return (await self.sweep(now_ms)).removed
+
+    async def sweep(self, now_ms: int, eligible: Eligibility | None = None) -> Sweep:
+        """Retention: by age, by label expiry, then by size; one sweep at a time.
+
+        By size, only senders holding more than their fair share lose messages, oldest
+        first: the share is the level L at which every sender keeping min(its bytes, L)
+        fits in retention_bytes (fair_level). So one sender's volume never evicts another
+        sender that holds no more than an equal share.
+
+        With eligible, each removed message (by age or size) that a subscriber with a
+        cursor had not settled (acknowledged or skipped) gets a Notice for every such
+        subscriber that eligible(message) names; label expiry records none (an expired
+        label is delivered to nobody). Notices start unaudited.
+
+        The victims and candidate notices are chosen on a read snapshot (eligible parses
+        envelopes, which must not hold up the writer); one write transaction then removes
+        them and records the notices of the subscribers that still had not settled them.
+        """
+        async with self._sweeping:
+            victims, proposed = await self._readers.run(
+                lambda conn: self._plan(conn, now_ms, eligible)
+            )
+
+            def job(conn: sqlite3.Connection) -> Sweep:
+                notices = _still_waiting(conn, proposed)
+                cur = conn.executemany(
+                    "DELETE FROM messages WHERE msg_offset = ?", ((o,) for o in sorted(victims))
+                )
+                conn.executemany(
+                    f"INSERT OR IGNORE INTO notices ({_NOTICE_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (dataclasses.astuple(n) for n in notices),
+                )
+                by_reason: dict[str, int] = {}
+                for reason in victims.values():
+                    by_reason[reason] = by_reason.get(reason, 0) + 1
+                return Sweep(removed=int(cur.rowcount), by_reason=by_reason, notices=notices)
+
+            return await self._writer.submit(job)
+
+    def _plan(
+        self, conn: sqlite3.Connection, now_ms: int, eligible: Eligibility | None
+    ) -> tuple[dict[int, str], list[Notice]]:
+        """What a sweep removes (offset -> reason) and the notices it would record."""
+        victims: dict[int, str] = {}
+        if self._max_age_ms > 0:
+            for (offset,) in conn.execute(
+                "SELECT msg_offset FROM messages WHERE stored_ms < ?",
+                (now_ms - self._max_age_ms,),
+            ):
+                victims[int(offset)] = "retention_age"
+        for (offset,) in conn.execute(
+            "SELECT msg_offset FROM messages WHERE expiry_ms > 0 AND expiry_ms <= ?", (now_ms,)
+        ):
+            victims.setdefault(int(offset), "label_expired")
+        if self._retention_bytes > 0:
+            self._size_victims(conn, victims)
+        notices: list[Notice] = []
+        if eligible is not None:
+            notices = self._notices_for(conn, victims, eligible, now_ms)
+        return victims, notices
+
+    def _size_victims(self, conn: sqlite3.Connection, victims: dict[int, str]) -> None:
+        """Add to victims what retention by size removes, after what is already in it."""
+        gone: dict[str, int] = {}
+        if victims:
+            sql = "SELECT sender, size FROM messages WHERE msg_offset IN ({})"
+            chosen = sorted(victims)
+            for i in range(0, len(chosen), 500):
+                part = chosen[i : i + 500]
+                for sender, size in conn.execute(sql.format(",".join("?" * len(part))), part):
+                    gone[sender] = gone.get(sender, 0) + int(size)
+        usage = {
+            str(sender): int(size) - gone.get(str(sender), 0)
+            for sender, size in conn.execute("SELECT sender, bytes FROM usage WHERE bytes > 0")
+        }
+        if sum(usage.values()) <= self._retention_bytes:
+            return
+        level = fair_level(list(usage.values()), self._retention_bytes)
+        over = {s: u - level for s, u in usage.items() if u > level}
+        # Oldest first among the senders above the level, until each is down to it.
+        marks = ",".join("?" * len(over))
+        rows = conn.execute(
+            f"SELECT msg_offset, sender, size FROM messages WHERE sender IN ({marks})"
+            " ORDER BY msg_offset",
+            list(over),
+        )
+        for offset, sender, size in rows:
+            if offset in victims or over.get(sender, 0) <= 0:
+                continue
+            victims[int(offset)] = "retention_size"
+            over[sender] -= int(size)
+            if all(v <= 0 for v in over.values()):
+                break
+
+    def _notices_for(
+        self,
+        conn: sqlite3.Connection,
+        victims: dict[int, str],
+        eligible: Eligibility,
+        now_ms: int,
+    ) -> list[Notice]:
+        """Notices for the subscribers that had not settled a removed message and may
+        have received it (eligible), label expiry aside."""
+        candidates = sorted(o for o, r in victims.items() if r != "label_expired")
+        if not candidates:
+            return []
+        waiting = _waiting(conn, candidates[0], candidates[-1])
+        out: list[Notice] = []
+        for offset in candidates:
+            who = {
+                s
+                for s, (cursor, settled) in waiting.items()
+                if cursor < offset and offset not in settled
+            }
+            if not who:
+                continue
+            m = _stored(conn.execute(_GET, (offset,)).fetchone())
+            expiry: ExpiryReason = (
+                "retention_age" if victims[offset] == "retention_age" else "retention_size"
+            )
+            for subscriber, recipient_sequence in sorted(eligible(m).items()):
+                if subscriber in who and subscriber != m.sender:
+                    out.append(
+                        Notice(
+                            subscriber=subscriber,
+                            offset=offset,
+                            sender=m.sender,
+                            message_id=m.message_id,
+                            sequence=m.sequence,
+                            recipient_sequence=recipient_sequence,
+                            topic=m.topic,
+                            reason=expiry,
+                            stored_ms=m.stored_ms,
+                            removed_ms=now_ms,
+                        )
+                    )
+        return out
+
+    async def mark_notices_audited(self, notices: Sequence[Notice]) -> None:
+        """Their expiry entries are in the audit log: they may be sent now."""
+        keys = [(n.subscriber, n.offset) for n in notices]
+        if not keys:
+            return
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE notices SET audited = 1 WHERE subscriber = ? AND msg_offset = ?", keys
+            )
+
+        await self._writer.submit(job)
+
+    async def trim_notices(self, keep: int) -> int:
+        """Forget each subscriber's oldest audited notices beyond keep; return how many.
+
+        Bounds what one subscriber's absence costs the store; the expiries stay in the
+        audit log.
+        """
 
         def job(conn: sqlite3.Connection) -> int:
             removed = 0
-            if self._max_age_ms > 0:
+            over = conn.execute(
+                "SELECT subscriber, COUNT(*) FROM notices WHERE audited = 1"
+                " GROUP BY subscriber HAVING COUNT(*) > ?",
+                (keep,),
+            ).fetchall()
+            for subscriber, count in over:
                 cur = conn.execute(
-                    "DELETE FROM messages WHERE stored_ms < ?", (now_ms - self._max_age_ms,)
+                    "DELETE FROM notices WHERE subscriber = ? AND audited = 1 AND msg_offset IN"
+                    " (SELECT msg_offset FROM notices WHERE subscriber = ? AND audited = 1"
+                    " ORDER BY msg_offset LIMIT ?)",
+                    (subscriber, subscriber, int(count) - keep),
                 )
                 removed += cur.rowcount
-            cur = conn.execute(
-                "DELETE FROM messages WHERE expiry_ms > 0 AND expiry_ms <= ?", (now_ms,)
-            )
-            removed += cur.rowcount
-            excess = _state(conn)[2] - self._retention_bytes
-            if self._retention_bytes > 0 and excess > 0:
-                last = 0
-                for offset, size in conn.execute(
-                    "SELECT msg_offset, size FROM messages ORDER BY msg_offset"
-                ):
-                    last, excess = offset, excess - size
-                    if excess <= 0:
-                        break
-                cur = conn.execute("DELETE FROM messages WHERE msg_offset <= ?", (last,))
-                removed += cur.rowcount
             return removed
+
+        return await self._writer.submit(job)
+
+    async def drop_notices(self, subscriber: str, offsets: Sequence[int]) -> int:
+        """Forget the subscriber's acknowledged notices; return how many there were."""
+        wanted = tuple(offsets)
+
+        def job(conn: sqlite3.Connection) -> int:
+            cur = conn.executemany(
+                "DELETE FROM notices WHERE subscriber = ? AND msg_offset = ? AND audited = 1",
+                ((subscriber, o) for o in wanted),
+            )
+            return int(cur.rowcount)
 
         return await self._writer.submit(job)
 
@@ -469,6 +753,53 @@ class SqliteMessageStore:
                 (cursor, subscriber),
             ).fetchone()
             return int(row[0])
+
+        return await self._readers.run(read)
+
+    async def usage(self) -> dict[str, int]:
+        """Stored envelope bytes per sender (senders holding none are left out)."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute("SELECT sender, bytes FROM usage WHERE bytes > 0 ORDER BY sender")
+            return {str(s): int(b) for s, b in rows}
+
+        return await self._readers.run(read)
+
+    async def notices(
+        self, subscriber: str, limit: int, *, after: int = 0, audited: bool = True
+    ) -> list[Notice]:
+        """Subscriber's notices not yet acknowledged above offset after, by offset
+        (only audited ones if so)."""
+
+        def read(conn: sqlite3.Connection) -> list[Notice]:
+            rows = conn.execute(
+                f"SELECT {_NOTICE_COLUMNS} FROM notices WHERE subscriber = ? AND msg_offset > ?"
+                " AND audited >= ? ORDER BY msg_offset LIMIT ?",
+                (subscriber, after, int(audited), limit),
+            )
+            return [_notice(r) for r in rows]
+
+        return await self._readers.run(read)
+
+    async def unaudited_notices(self, limit: int = 10_000) -> list[Notice]:
+        """Notices whose expiry entries are not in the audit log yet, oldest removal first."""
+
+        def read(conn: sqlite3.Connection) -> list[Notice]:
+            rows = conn.execute(
+                f"SELECT {_NOTICE_COLUMNS} FROM notices WHERE audited = 0"
+                " ORDER BY removed_ms, subscriber, msg_offset LIMIT ?",
+                (limit,),
+            )
+            return [_notice(r) for r in rows]
+
+        return await self._readers.run(read)
+
+    async def notice_subscribers(self) -> set[str]:
+        """Subscribers holding audited notices they have not acknowledged."""
+
+        def read(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute("SELECT DISTINCT subscriber FROM notices WHERE audited = 1")
+            return {str(s) for (s,) in rows}
 
         return await self._readers.run(read)
 

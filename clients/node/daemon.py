@@ -11,17 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from clients.node.config import NodeConfig
 from clients.node.hook import hook_document, run_hook
-from clients.node.inbox import Entry, Inbox
+from clients.node.inbox import Entry, Expired, Inbox
 from clients.node.logs import log
 from clients.node.receive import Handled, Outcome, handle
 from clients.sdk import ClientError, PartnerClient, Subscription, wall_clock_ms
 from coalition.pki import PartnerCredentials
+from coalition.v1 import exchange_pb2
 
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 5.0
@@ -103,7 +104,9 @@ class NodeDaemon:
     async def _session(self) -> None:
         key_id = await self.client.register_keys()
         await self.client.directory(refresh=True)
-        sub = self.client.subscribe(self.cfg.topics, window=self.cfg.window)
+        sub = self.client.subscribe(
+            self.cfg.topics, window=self.cfg.window, on_expired=self._expired
+        )
         consumer = asyncio.create_task(self._consume(sub))
         watcher = asyncio.create_task(self._watch_caught_up(sub))
         stopper = asyncio.create_task(self.stop.wait())
@@ -149,6 +152,30 @@ class NodeDaemon:
                 self._report(h, d.offset, sub.caught_up.is_set())
                 if h.entry is not None and self.cfg.hook is not None:
                     await self._hook(h.entry, None)
+
+    async def _expired(self, notices: Sequence[exchange_pb2.Expired]) -> None:
+        """Record the broker's expiry notices (before they are acknowledged) and warn."""
+        now = wall_clock_ms()
+        async with self._handling:
+            new = self.inbox.record_expired(
+                [
+                    Expired(
+                        sender=n.sender[:64],
+                        message_id=n.message_id[:64],
+                        sequence=n.sequence,
+                        recipient_sequence=n.recipient_sequence,
+                        topic=n.topic[:256],
+                        reason=n.reason[:64],
+                        offset=n.offset,
+                        stored_ms=n.stored_ms,
+                        removed_ms=n.removed_ms,
+                        noticed_ms=now,
+                    )
+                    for n in notices
+                ]
+            )
+        for e in new:
+            log.warning(e.describe())
 
     def _report(self, h: Handled, offset: int, live: bool) -> None:
         if h.outcome is Outcome.QUARANTINED:

@@ -44,6 +44,18 @@ CREATE TABLE IF NOT EXISTS gaps (
     detected_ms INTEGER NOT NULL,
     reported INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (sender, first_seq));
+CREATE TABLE IF NOT EXISTS expired (
+    sender TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    recipient_sequence INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    broker_offset INTEGER NOT NULL,
+    stored_ms INTEGER NOT NULL,
+    removed_ms INTEGER NOT NULL,
+    noticed_ms INTEGER NOT NULL,
+    PRIMARY KEY (sender, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rx_senders (
     sender TEXT PRIMARY KEY, high INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tx_sequences (

@@ -53,6 +53,39 @@ class Gap:
 
 
 @dataclass(frozen=True)
+class Expired:
+    """A message the broker says its retention removed before we had it (its claim)."""
+
+    sender: str
+    message_id: str
+    sequence: int
+    recipient_sequence: int
+    topic: str
+    reason: str
+    offset: int
+    stored_ms: int
+    removed_ms: int
+    noticed_ms: int
+
+    def describe(self) -> str:
+        to_us = f", #{self.recipient_sequence} to us" if self.recipient_sequence else ""
+        why = {"retention_age": "too old", "retention_size": "store over its size"}.get(
+            self.reason, self.reason
+        )
+        return (
+            f"expired at the broker before delivery: {self.message_id} from {self.sender} "
+            f"on {self.topic}{to_us} (removed by retention, {why})"
+        )
+
+
+_EXPIRED_COLUMNS = (
+    "sender, message_id, sequence, recipient_sequence, topic, reason, broker_offset,"
+    " stored_ms, removed_ms, noticed_ms"
+)
+_SQLITE_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
 class Stored:
     """What store() did: ``new`` is False for a duplicate; ``gap`` is "opened", "filled" or ""."""
 
@@ -97,6 +130,10 @@ class Inbox:
             )
             if cur.rowcount == 0:
                 return Stored(new=False)
+            # Reported expired at the broker, yet here after all (it was in flight).
+            c.execute(
+                "DELETE FROM expired WHERE sender = ? AND message_id = ?", (e.sender, e.message_id)
+            )
             set_meta(c, "last_offset", str(e.offset))
             gap = _account(c, e.sender, e.recipient_sequence, e.received_ms)
         return Stored(new=True, gap=gap)
@@ -133,6 +170,49 @@ class Inbox:
         """Record a status fact (last_connected_ms, broker ...)."""
         with transaction(self.conn) as c:
             set_meta(c, key, value)
+
+    def record_expired(self, notices: list[Expired]) -> list[Expired]:
+        """Keep the broker's expiry notices; return the new ones (a message that reached
+        the inbox after all, or a notice seen before, is left out)."""
+        new: list[Expired] = []
+        with transaction(self.conn) as c:
+            for n in notices:
+                if not all(0 <= v <= _SQLITE_MAX for v in (n.sequence, n.recipient_sequence)):
+                    continue  # not a number we could have been sent
+                have = c.execute(
+                    "SELECT 1 FROM inbox WHERE sender = ? AND message_id = ?",
+                    (n.sender, n.message_id),
+                ).fetchone()
+                if have:
+                    continue
+                cur = c.execute(
+                    f"INSERT OR IGNORE INTO expired ({_EXPIRED_COLUMNS})"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        n.sender,
+                        n.message_id,
+                        n.sequence,
+                        n.recipient_sequence,
+                        n.topic,
+                        n.reason,
+                        n.offset,
+                        n.stored_ms,
+                        n.removed_ms,
+                        n.noticed_ms,
+                    ),
+                )
+                if cur.rowcount:
+                    new.append(n)
+        return new
+
+    def expired(self, limit: int | None = None) -> list[Expired]:
+        """Expiry notices received, oldest removal first (the newest `limit`)."""
+        rows = self.conn.execute(
+            f"SELECT {_EXPIRED_COLUMNS} FROM expired ORDER BY removed_ms DESC, broker_offset DESC"
+            " LIMIT ?",
+            (-1 if limit is None else limit,),
+        ).fetchall()
+        return [_expired(r) for r in reversed(rows)]
 
     def take_unreported_gaps(self) -> list[Gap]:
         """Open gaps not yet warned about, marked as reported."""
@@ -233,6 +313,21 @@ def _gaps(c: sqlite3.Connection, where: str) -> list[Gap]:
         " ORDER BY sender, first_seq"
     ).fetchall()
     return [Gap(str(s), int(f), int(la), int(d)) for s, f, la, d in rows]
+
+
+def _expired(r: tuple[object, ...]) -> Expired:
+    return Expired(
+        sender=str(r[0]),
+        message_id=str(r[1]),
+        sequence=int(str(r[2])),
+        recipient_sequence=int(str(r[3])),
+        topic=str(r[4]),
+        reason=str(r[5]),
+        offset=int(str(r[6])),
+        stored_ms=int(str(r[7])),
+        removed_ms=int(str(r[8])),
+        noticed_ms=int(str(r[9])),
+    )
 
 
 def _entry(r: tuple[object, ...]) -> Entry:

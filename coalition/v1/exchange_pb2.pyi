@@ -286,12 +286,86 @@ class DeliveryBatch(_message.Message):
 Global___DeliveryBatch: _TypeAlias = DeliveryBatch  # noqa: Y015
 
 @_typing.final
+class Expired(_message.Message):
+    """A message the broker's retention removed (by age or by size) before this partner
+    had it, although it was eligible: policy allowed it to this partner and the sender
+    wrapped a key for it. Nothing is said about messages a partner could not receive.
+    Acknowledge its offset like a delivery's once recorded; unacknowledged notices are
+    sent again on the next subscription.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    RECIPIENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STORED_MS_FIELD_NUMBER: _builtins.int
+    REMOVED_MS_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    sender: _builtins.str
+    message_id: _builtins.str
+    sequence: _builtins.int
+    """The sender's header sequence."""
+    recipient_sequence: _builtins.int
+    """The sender's number for this partner (its wrapped key's sequence; 0 = none)."""
+    topic: _builtins.str
+    reason: _builtins.str
+    """"retention_age" or "retention_size"."""
+    stored_ms: _builtins.int
+    removed_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        sender: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        recipient_sequence: _builtins.int = ...,
+        topic: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        stored_ms: _builtins.int = ...,
+        removed_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "offset", b"offset", "reason", b"reason", "recipient_sequence", b"recipient_sequence", "removed_ms", b"removed_ms", "sender", b"sender", "sequence", b"sequence", "stored_ms", b"stored_ms", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Expired: _TypeAlias = Expired  # noqa: Y015
+
+@_typing.final
+class ExpiredBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def expired(self) -> _containers.RepeatedCompositeFieldContainer[Global___Expired]: ...
+    def __init__(
+        self,
+        *,
+        expired: _abc.Iterable[Global___Expired] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired", b"expired"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpiredBatch: _TypeAlias = ExpiredBatch  # noqa: Y015
+
+@_typing.final
 class SubscribeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DELIVERY_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def delivery(self) -> Global___Delivery:
         """A single delivery (older brokers); current brokers send batches."""
@@ -300,18 +374,23 @@ class SubscribeResponse(_message.Message):
     def status(self) -> Global___SubscribeStatus: ...
     @_builtins.property
     def batch(self) -> Global___DeliveryBatch: ...
+    @_builtins.property
+    def expired(self) -> Global___ExpiredBatch:
+        """Messages removed before this partner had them (see Expired)."""
+
     def __init__(
         self,
         *,
         delivery: Global___Delivery | None = ...,
         status: Global___SubscribeStatus | None = ...,
         batch: Global___DeliveryBatch | None = ...,
+        expired: Global___ExpiredBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "delivery", b"delivery", "kind", b"kind", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "delivery", b"delivery", "expired", b"expired", "kind", b"kind", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "delivery", b"delivery", "kind", b"kind", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "delivery", b"delivery", "expired", b"expired", "kind", b"kind", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["delivery", "status", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["delivery", "status", "batch", "expired"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
