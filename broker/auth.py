@@ -10,9 +10,12 @@ they read the identity from ``current_identity()``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,6 +24,7 @@ from cryptography import x509
 from broker.audit import AuditLog
 from broker.config import BrokerConfig
 from broker.registry import Registry
+from broker.revocation import parse_serials, serial_hex
 from coalition.identity import (
     Identity,
     IdentityError,
@@ -32,6 +36,8 @@ from coalition.identity import (
 log = logging.getLogger("coalition.broker.auth")
 
 _IDENTITY: contextvars.ContextVar[Identity] = contextvars.ContextVar("coalition_identity")
+# The serial of the client certificate of the call being served (see AuthInterceptor.track).
+_SERIAL: contextvars.ContextVar[int] = contextvars.ContextVar("coalition_cert_serial")
 
 EXCHANGE = "/coalition.v1.Exchange/"
 ADMIN = "/coalition.v1.Admin/"
@@ -49,6 +55,18 @@ def _tls_version(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The TLS version grpc negotiated for this call's connection ("" if not TLS)."""
     values = list(context.auth_context().get("ssl_tls_version") or [])
     return values[0].decode("ascii", "replace") if values else ""
+
+
+@dataclass(eq=False)
+class _LiveCall:
+    """An authorized call still running: what a revocation needs to end it."""
+
+    context: grpc.aio.ServicerContext[Any, Any]
+    task: asyncio.Task[Any]
+    serial: int
+    actor: str
+    partner: str
+    method: str
 
 
 def current_identity() -> Identity:
@@ -72,7 +90,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.registry = registry
         self.audit = audit
         self.clock = clock
-        self.revoked = {s.lower() for s in cfg.revoked_serials}
+        # Serials compared as numbers: "011D49", "01:1d:49" and "0x11d49" are one serial.
+        self.revoked = parse_serials(cfg.revoked_serials)
+        self._live: dict[int, set[_LiveCall]] = {}
 
     def authorize(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:
         """The caller's identity, or AuthRefused."""
@@ -110,7 +130,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             raise AuthRefused(
                 grpc.StatusCode.UNAUTHENTICATED, "cert_expired", str(exc), ident.uri
             ) from exc
-        if format(cert.serial_number, "x") in self.revoked:
+        _SERIAL.set(cert.serial_number)
+        if cert.serial_number in self.revoked:
             raise AuthRefused(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "cert_revoked",
@@ -172,6 +193,88 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
             log.warning("refused", extra={"method": method, "actor": exc.actor, "reason": exc.code})
             await context.abort(exc.status, exc.message)
+        self.track(context, method)
+
+    def track(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
+        """Remember an authorized call until it ends, so that revoking its certificate can
+        end it (set_revoked). Runs in the call's own task, after authorize()."""
+        serial, task = _SERIAL.get(None), asyncio.current_task()
+        if serial is None or task is None:
+            return
+        ident = _IDENTITY.get()
+        partner = ident.name if ident.kind is IdentityKind.PARTNER else ""
+        call = _LiveCall(context, task, serial, ident.uri, partner, method)
+        self._live.setdefault(serial, set()).add(call)
+        # The stubs declare DoneCallback as a class; grpc calls any callable with the context.
+        context.add_done_callback(lambda _: self._untrack(call))  # type: ignore[arg-type]
+
+    def _untrack(self, call: _LiveCall) -> None:
+        calls = self._live.get(call.serial)
+        if calls is not None:
+            calls.discard(call)
+            if not calls:
+                del self._live[call.serial]
+
+    def live_calls(self) -> int:
+        """How many authorized calls are running now."""
+        return sum(len(c) for c in self._live.values())
+
+    async def set_revoked(self, entries: Iterable[str]) -> tuple[list[int], int]:
+        """Make entries the revoked serials now (a reload); return the newly revoked serials
+        and how many live calls were ended.
+
+        Every live call (a Subscribe or Publish stream, an operator's audit export, ...)
+        made with a newly revoked certificate ends at once with UNAUTHENTICATED
+        ``cert_revoked``, each audited. Raises ValueError for an entry that is not a serial
+        (nothing changes then).
+        """
+        revoked = parse_serials(entries)
+        added = sorted(revoked - self.revoked)
+        removed = sorted(self.revoked - revoked)
+        self.revoked = revoked
+        await self.audit.record(
+            kind="revocation.reloaded",
+            actor="broker",
+            decision="allow",
+            detail={
+                "revoked": len(revoked),
+                "added": [serial_hex(s) for s in added],
+                "removed": [serial_hex(s) for s in removed],
+            },
+            now_ms=self.clock(),
+        )
+        ended = 0
+        for serial in added:
+            for call in list(self._live.get(serial, ())):
+                await self._end_revoked(call)
+                ended += 1
+        log.warning(
+            "revoked serials reloaded",
+            extra={"revoked": len(revoked), "added": len(added), "ended_calls": ended},
+        )
+        return added, ended
+
+    async def _end_revoked(self, call: _LiveCall) -> None:
+        message = "the client certificate has been revoked"
+        await self.audit.record(
+            kind="auth.refused",
+            actor=call.actor,
+            partner=call.partner,
+            decision="cert_revoked",
+            detail={
+                "method": call.method,
+                "reason": f"{message}; the call in progress was ended",
+                "serial": serial_hex(call.serial),
+            },
+            now_ms=self.clock(),
+        )
+        self._untrack(call)
+        if not call.context.done():
+            # abort() sends the status from this task, then raises here (AbortError); the
+            # call's own task is cancelled so its handler stops at once.
+            with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
+                await call.context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        call.task.cancel()
 
     async def intercept_service(
         self,
