@@ -49,11 +49,20 @@ OPEN_SERVICES = (
 
 
 TLS_VERSION = "TLSv1.3"
+# Key exchange groups accepted: hybrid post-quantum only (ML-KEM-768 with X25519), so
+# traffic recorded today cannot be decrypted later with a quantum computer.
+HYBRID_GROUPS = frozenset({"X25519MLKEM768"})
 
 
 def _tls_version(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The TLS version grpc negotiated for this call's connection ("" if not TLS)."""
     values = list(context.auth_context().get("ssl_tls_version") or [])
+    return values[0].decode("ascii", "replace") if values else ""
+
+
+def _key_exchange_group(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The TLS key exchange group grpc negotiated for this call's connection ("" if none)."""
+    values = list(context.auth_context().get("ssl_negotiated_key_exchange_group") or [])
     return values[0].decode("ascii", "replace") if values else ""
 
 
@@ -112,6 +121,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 grpc.StatusCode.UNAUTHENTICATED,
                 "tls_version",
                 f"the connection uses {tls or 'no TLS'}; {TLS_VERSION} is required",
+                "",
+            )
+        group = _key_exchange_group(context)
+        if group not in HYBRID_GROUPS:
+            # grpc Python cannot restrict the server's groups, but reports the one chosen.
+            raise AuthRefused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "key_exchange",
+                f"the connection's TLS key exchange is {group or 'unknown'}; the hybrid "
+                f"post-quantum {', '.join(sorted(HYBRID_GROUPS))} is required (a current "
+                "grpc client offers it by default)",
                 "",
             )
         try:
