@@ -62,6 +62,9 @@ class StructuredFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         extra = {k: v for k, v in vars(record).items() if k not in _RESERVED}
+        if record.exc_info:
+            # A traceback is many lines and quotes exception messages: one escaped field.
+            extra["exc"] = self.formatException(record.exc_info)
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         ts += f".{int(record.msecs):03d}Z"
         if self.as_json:

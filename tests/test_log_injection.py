@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,18 @@ def test_the_node_format_escapes_its_message_too() -> None:
     line = fmt.format(_record("received %s", "id\n" + FORGED))
     assert "\n" not in line
     assert line.endswith("received id\\n" + FORGED)
+
+
+def test_a_traceback_stays_on_its_record_line() -> None:
+    try:
+        raise ValueError(f"bad id\n{FORGED}")
+    except ValueError:
+        rec = logging.LogRecord(
+            "coalition.test", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    line = StructuredFormatter(as_json=False).format(rec)
+    assert "\n" not in line
+    assert ' failed exc="Traceback (most recent call last):\\n' in line
+    assert "ValueError: bad id\\n2026-11-30T00:00:00.000Z info    forged line" in line
+    doc = json.loads(StructuredFormatter(as_json=True).format(rec))
+    assert doc["exc"].endswith(f"ValueError: bad id\n{FORGED}")
