@@ -80,7 +80,7 @@ async def classical_tls_bridge(pki: Path, broker_port: int, group: str) -> Async
             await asyncio.wait_for(server.wait_closed(), 5)
 
 
-@pytest.mark.parametrize("group", ["X25519", "prime256v1", "secp384r1"])
+@pytest.mark.parametrize("group", ["X25519", "prime256v1", "secp384r1", "secp521r1"])
 async def test_classical_key_exchange_is_refused_and_audited(
     group: str, pki: Path, broker: Broker
 ) -> None:
