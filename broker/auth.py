@@ -30,14 +30,18 @@ from coalition.identity import (
     IdentityError,
     IdentityKind,
     check_validity,
+    datetime_to_ms,
     identity_from_cert,
+    ms_to_datetime,
 )
 
 log = logging.getLogger("coalition.broker.auth")
 
 _IDENTITY: contextvars.ContextVar[Identity] = contextvars.ContextVar("coalition_identity")
-# The serial of the client certificate of the call being served (see AuthInterceptor.track).
-_SERIAL: contextvars.ContextVar[int] = contextvars.ContextVar("coalition_cert_serial")
+# The client certificate of the call being served: (serial, not_after_ms). See track().
+_CERT: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar("coalition_cert")
+# A live call is ended this long after its certificate's not_after (the broker's clock).
+EXPIRY_GRACE_MS = 50
 
 EXCHANGE = "/coalition.v1.Exchange/"
 ADMIN = "/coalition.v1.Admin/"
@@ -73,9 +77,11 @@ class _LiveCall:
     context: grpc.aio.ServicerContext[Any, Any]
     task: asyncio.Task[Any]
     serial: int
+    not_after_ms: int
     actor: str
     partner: str
     method: str
+    expiry: asyncio.TimerHandle | None = None
 
 
 def current_identity() -> Identity:
@@ -102,6 +108,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         # Serials compared as numbers: "011D49", "01:1d:49" and "0x11d49" are one serial.
         self.revoked = parse_serials(cfg.revoked_serials)
         self._live: dict[int, set[_LiveCall]] = {}
+        self._ending: set[asyncio.Task[bool]] = set()
 
     def authorize(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:
         """The caller's identity, or AuthRefused."""
@@ -150,7 +157,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             raise AuthRefused(
                 grpc.StatusCode.UNAUTHENTICATED, "cert_expired", str(exc), ident.uri
             ) from exc
-        _SERIAL.set(cert.serial_number)
+        _CERT.set((cert.serial_number, datetime_to_ms(cert.not_valid_after_utc)))
         if cert.serial_number in self.revoked:
             raise AuthRefused(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -217,23 +224,48 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def track(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
         """Remember an authorized call until it ends, so that revoking its certificate can
-        end it (set_revoked). Runs in the call's own task, after authorize()."""
-        serial, task = _SERIAL.get(None), asyncio.current_task()
-        if serial is None or task is None:
+        end it (set_revoked), and so can the certificate expiring while the call goes on.
+        Runs in the call's own task, after authorize()."""
+        cert, task = _CERT.get(None), asyncio.current_task()
+        if cert is None or task is None:
             return
         ident = _IDENTITY.get()
         partner = ident.name if ident.kind is IdentityKind.PARTNER else ""
-        call = _LiveCall(context, task, serial, ident.uri, partner, method)
-        self._live.setdefault(serial, set()).add(call)
+        call = _LiveCall(context, task, cert[0], cert[1], ident.uri, partner, method)
+        self._live.setdefault(call.serial, set()).add(call)
+        self._arm_expiry(call)
         # The stubs declare DoneCallback as a class; grpc calls any callable with the context.
         context.add_done_callback(lambda _: self._untrack(call))  # type: ignore[arg-type]
 
     def _untrack(self, call: _LiveCall) -> None:
+        if call.expiry is not None:
+            call.expiry.cancel()
+            call.expiry = None
         calls = self._live.get(call.serial)
         if calls is not None:
             calls.discard(call)
             if not calls:
                 del self._live[call.serial]
+
+    def _arm_expiry(self, call: _LiveCall) -> None:
+        delay_ms = max(call.not_after_ms - self.clock(), 0) + EXPIRY_GRACE_MS
+        call.expiry = asyncio.get_running_loop().call_later(delay_ms / 1000, self._expiry_due, call)
+
+    def _expiry_due(self, call: _LiveCall) -> None:
+        """The timer of a live call's certificate expiry: end the call if the broker's
+        clock agrees it has expired, else wait again."""
+        call.expiry = None
+        if call not in self._live.get(call.serial, ()):
+            return
+        if self.clock() <= call.not_after_ms:
+            self._arm_expiry(call)
+            return
+        when = ms_to_datetime(call.not_after_ms).isoformat()
+        task = asyncio.ensure_future(
+            self._end(call, "cert_expired", f"the client certificate expired at {when}")
+        )
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     def live_calls(self) -> int:
         """How many authorized calls are running now."""
@@ -266,21 +298,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         ended = 0
         for serial in added:
             for call in list(self._live.get(serial, ())):
-                await self._end_revoked(call)
-                ended += 1
+                message = "the client certificate has been revoked"
+                ended += await self._end(call, "cert_revoked", message)
         log.warning(
             "revoked serials reloaded",
             extra={"revoked": len(revoked), "added": len(added), "ended_calls": ended},
         )
         return added, ended
 
-    async def _end_revoked(self, call: _LiveCall) -> None:
-        message = "the client certificate has been revoked"
+    async def _end(self, call: _LiveCall, code: str, message: str) -> bool:
+        """End a live call with UNAUTHENTICATED code, audited first (once: a call both
+        revoked and expired is ended by whichever comes first)."""
+        if call not in self._live.get(call.serial, ()):
+            return False
+        self._untrack(call)
         await self.audit.record(
             kind="auth.refused",
             actor=call.actor,
             partner=call.partner,
-            decision="cert_revoked",
+            decision=code,
             detail={
                 "method": call.method,
                 "reason": f"{message}; the call in progress was ended",
@@ -288,13 +324,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             },
             now_ms=self.clock(),
         )
-        self._untrack(call)
         if not call.context.done():
             # abort() sends the status from this task, then raises here (AbortError); the
             # call's own task is cancelled so its handler stops at once.
             with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
                 await call.context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         call.task.cancel()
+        return True
 
     async def intercept_service(
         self,

@@ -1,24 +1,30 @@
-"""A partner's signing certificate stops verifying when it expires, while the broker runs:
-its verified key is cached with the certificate's validity and checked against the
-broker's clock at every use. Real broker over mTLS, with the broker's injectable clock."""
+"""Certificates expire while the broker runs, and that takes effect then, not at the next
+restart: a partner's signing key is cached with its certificate's validity and checked
+against the broker's clock at every use (the broker's injectable clock); a live call ends
+when its client TLS certificate expires (a certificate a few seconds from expiry, real
+time). Real broker over mTLS."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from pathlib import Path
 
+import grpc
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.exchange import SigningCertNotValid
 from broker.server import start_broker
-from clients.sdk import PartnerClient
+from clients.sdk import ClientError, PartnerClient
 from coalition.identity import Identity, signing_key_id
 from coalition.labels import parse_label
 from coalition.pki import PartnerCredentials, issue_signing_cert, load_ca, load_partner
 from coalition.policy import policy_to_proto
 from coalition.v1 import exchange_pb2
-from tests.helpers import admit, broker_config, now_ms, operator, policy
+from tests.helpers import admit, broker_config, now_ms, operator, policy, running_broker
+from tests.test_broker_ops import kor_with_cert, new_kor_tls, pem
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA")
 DAY_MS = 86_400_000
@@ -90,4 +96,36 @@ async def test_expired_signing_cert_stops_verifying_without_a_restart(
         assert "expired at" in json.loads(entry.detail_json)["reason"]
     finally:
         offset[0] = 0
+        await b.stop(grace=1)
+
+
+async def test_a_live_stream_ends_when_its_client_certificate_expires(
+    pki: Path, tmp_path: Path
+) -> None:
+    b = await running_broker(pki, tmp_path / "broker")
+    try:
+        await admit(pki, b.port, policy("KOR"))
+        # Issued "a day ago" for one day: it expires about five seconds from now.
+        cert, key_pem = new_kor_tls(pki, now_ms() - DAY_MS + 5_000)
+        async with PartnerClient(
+            kor_with_cert(pki, pem(cert), key_pem), f"127.0.0.1:{b.port}"
+        ) as kor:
+            sub = kor.subscribe(["intel.>"])
+
+            async def read_until_the_end() -> None:
+                async for _ in sub:
+                    pass
+
+            with pytest.raises(ClientError) as info:
+                await asyncio.wait_for(read_until_the_end(), 30)
+            assert sub.caught_up.is_set()  # the stream was up and waiting
+        assert info.value.status == grpc.StatusCode.UNAUTHENTICATED
+        assert "the client certificate expired at" in info.value.message
+        [entry] = await b.audit.query(kind="auth.refused")
+        assert (entry.decision, entry.partner) == ("cert_expired", "KOR")
+        detail = json.loads(entry.detail_json)
+        assert detail["method"] == "/coalition.v1.Exchange/Subscribe"
+        assert "the call in progress was ended" in detail["reason"]
+        assert b.auth is not None and b.auth.live_calls() == 0
+    finally:
         await b.stop(grace=1)
