@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from broker.audit import AuditLog
+from broker.audit import AuditError, AuditLog
 from broker.config import BrokerConfig
 from broker.registry import Registry
 from broker.revocation import parse_serials, serial_hex
@@ -284,7 +284,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         added = sorted(revoked - self.revoked)
         removed = sorted(self.revoked - revoked)
         self.revoked = revoked
-        await self.audit.record(
+        await self._record(
             kind="revocation.reloaded",
             actor="broker",
             decision="allow",
@@ -293,7 +293,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 "added": [serial_hex(s) for s in added],
                 "removed": [serial_hex(s) for s in removed],
             },
-            now_ms=self.clock(),
         )
         ended = 0
         for serial in added:
@@ -312,7 +311,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if call not in self._live.get(call.serial, ()):
             return False
         self._untrack(call)
-        await self.audit.record(
+        await self._record(
             kind="auth.refused",
             actor=call.actor,
             partner=call.partner,
@@ -322,8 +321,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 "reason": f"{message}; the call in progress was ended",
                 "serial": serial_hex(call.serial),
             },
-            now_ms=self.clock(),
         )
+        extra = {"method": call.method, "actor": call.actor, "reason": code}
+        log.warning("call in progress ended", extra=extra)
         if not call.context.done():
             # abort() sends the status from this task, then raises here (AbortError); the
             # call's own task is cancelled so its handler stops at once.
@@ -331,6 +331,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 await call.context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         call.task.cancel()
         return True
+
+    async def _record(self, **entry: Any) -> None:
+        """An audit entry; if the log cannot take it, the call is ended all the same."""
+        try:
+            await self.audit.record(**entry, now_ms=self.clock())
+        except AuditError as exc:
+            log.critical("audit entry not written: %s", exc, extra={"kind": entry["kind"]})
 
     async def intercept_service(
         self,
