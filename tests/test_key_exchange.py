@@ -26,7 +26,7 @@ import pytest
 
 from broker.server import Broker
 from coalition.v1 import exchange_pb2, exchange_pb2_grpc
-from tests.helpers import admit, partner, policy, running_broker
+from tests.helpers import admit, eventually, partner, policy, running_broker
 
 
 @pytest.fixture
@@ -112,4 +112,14 @@ async def test_a_grpc_client_negotiates_the_hybrid_group_and_is_served(
 ) -> None:
     async with partner(pki, "KOR", broker.port) as kor:
         assert "KOR" in (await kor.directory()).peers
+        sub = kor.subscribe(["intel.>"])
+        feed = aiter(sub)
+        task = asyncio.ensure_future(anext(feed))
+        await sub.caught_up.wait()
+        assert broker.auth is not None and broker.auth.live_calls() == 1  # the stream
+        await sub.aclose()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     assert await broker.audit.query(kind="auth.refused") == []
+    # Every finished call is forgotten (the revocation and expiry bookkeeping).
+    await eventually(lambda: broker.auth is not None and broker.auth.live_calls() == 0)
