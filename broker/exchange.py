@@ -207,7 +207,7 @@ def _check_period(sender: str, not_before_ms: int, not_after_ms: int, now_ms: in
         raise SigningCertNotValid(
             "signing_cert_expired",
             f"{sender}'s signing certificate (or the CA's) expired at {_iso(not_after_ms)}; "
-            "the partner needs a new one, admitted by operators",
+            "envelopes signed under it are refused",
         )
     if now_ms < not_before_ms:
         raise SigningCertNotValid(
