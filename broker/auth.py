@@ -10,28 +10,38 @@ they read the identity from ``current_identity()``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from cryptography import x509
 
-from broker.audit import AuditLog
+from broker.audit import AuditError, AuditLog
 from broker.config import BrokerConfig
 from broker.registry import Registry
+from broker.revocation import parse_serials, serial_hex
 from coalition.identity import (
     Identity,
     IdentityError,
     IdentityKind,
     check_validity,
+    datetime_to_ms,
     identity_from_cert,
+    ms_to_datetime,
 )
 
 log = logging.getLogger("coalition.broker.auth")
 
 _IDENTITY: contextvars.ContextVar[Identity] = contextvars.ContextVar("coalition_identity")
+# The client certificate of the call being served: (serial, not_after_ms). See track().
+_CERT: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar("coalition_cert")
+# A live call is ended this long after its certificate's not_after (the broker's clock).
+EXPIRY_GRACE_MS = 50
 
 EXCHANGE = "/coalition.v1.Exchange/"
 ADMIN = "/coalition.v1.Admin/"
@@ -43,12 +53,35 @@ OPEN_SERVICES = (
 
 
 TLS_VERSION = "TLSv1.3"
+# Key exchange groups accepted: hybrid post-quantum only (ML-KEM-768 with X25519), so
+# traffic recorded today cannot be decrypted later with a quantum computer.
+HYBRID_GROUPS = frozenset({"X25519MLKEM768"})
 
 
 def _tls_version(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The TLS version grpc negotiated for this call's connection ("" if not TLS)."""
     values = list(context.auth_context().get("ssl_tls_version") or [])
     return values[0].decode("ascii", "replace") if values else ""
+
+
+def _key_exchange_group(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The TLS key exchange group grpc negotiated for this call's connection ("" if none)."""
+    values = list(context.auth_context().get("ssl_negotiated_key_exchange_group") or [])
+    return values[0].decode("ascii", "replace") if values else ""
+
+
+@dataclass(eq=False)
+class _LiveCall:
+    """An authorized call still running: what a revocation needs to end it."""
+
+    context: grpc.aio.ServicerContext[Any, Any]
+    task: asyncio.Task[Any]
+    serial: int
+    not_after_ms: int
+    actor: str
+    partner: str
+    method: str
+    expiry: asyncio.TimerHandle | None = None
 
 
 def current_identity() -> Identity:
@@ -72,7 +105,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.registry = registry
         self.audit = audit
         self.clock = clock
-        self.revoked = {s.lower() for s in cfg.revoked_serials}
+        # Serials compared as numbers: "011D49", "01:1d:49" and "0x11d49" are one serial.
+        self.revoked = parse_serials(cfg.revoked_serials)
+        self._live: dict[int, set[_LiveCall]] = {}
+        self._ending: set[asyncio.Task[bool]] = set()
 
     def authorize(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:
         """The caller's identity, or AuthRefused."""
@@ -94,6 +130,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 f"the connection uses {tls or 'no TLS'}; {TLS_VERSION} is required",
                 "",
             )
+        group = _key_exchange_group(context)
+        if group not in HYBRID_GROUPS:
+            # grpc Python cannot restrict the server's groups, but reports the one chosen.
+            raise AuthRefused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "key_exchange",
+                f"the connection's TLS key exchange is {group or 'unknown'}; the hybrid "
+                f"post-quantum {', '.join(sorted(HYBRID_GROUPS))} is required (a current "
+                "grpc client offers it by default)",
+                "",
+            )
         try:
             cert = x509.load_pem_x509_certificate(pems[0])
             ident = identity_from_cert(cert)
@@ -110,7 +157,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             raise AuthRefused(
                 grpc.StatusCode.UNAUTHENTICATED, "cert_expired", str(exc), ident.uri
             ) from exc
-        if format(cert.serial_number, "x") in self.revoked:
+        _CERT.set((cert.serial_number, datetime_to_ms(cert.not_valid_after_utc)))
+        if cert.serial_number in self.revoked:
             raise AuthRefused(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "cert_revoked",
@@ -172,6 +220,124 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
             log.warning("refused", extra={"method": method, "actor": exc.actor, "reason": exc.code})
             await context.abort(exc.status, exc.message)
+        self.track(context, method)
+
+    def track(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
+        """Remember an authorized call until it ends, so that revoking its certificate can
+        end it (set_revoked), and so can the certificate expiring while the call goes on.
+        Runs in the call's own task, after authorize()."""
+        cert, task = _CERT.get(None), asyncio.current_task()
+        if cert is None or task is None:
+            return
+        ident = _IDENTITY.get()
+        partner = ident.name if ident.kind is IdentityKind.PARTNER else ""
+        call = _LiveCall(context, task, cert[0], cert[1], ident.uri, partner, method)
+        self._live.setdefault(call.serial, set()).add(call)
+        self._arm_expiry(call)
+        # The stubs declare DoneCallback as a class; grpc calls any callable with the context.
+        context.add_done_callback(lambda _: self._untrack(call))  # type: ignore[arg-type]
+
+    def _untrack(self, call: _LiveCall) -> None:
+        if call.expiry is not None:
+            call.expiry.cancel()
+            call.expiry = None
+        calls = self._live.get(call.serial)
+        if calls is not None:
+            calls.discard(call)
+            if not calls:
+                del self._live[call.serial]
+
+    def _arm_expiry(self, call: _LiveCall) -> None:
+        delay_ms = max(call.not_after_ms - self.clock(), 0) + EXPIRY_GRACE_MS
+        call.expiry = asyncio.get_running_loop().call_later(delay_ms / 1000, self._expiry_due, call)
+
+    def _expiry_due(self, call: _LiveCall) -> None:
+        """The timer of a live call's certificate expiry: end the call if the broker's
+        clock agrees it has expired, else wait again."""
+        call.expiry = None
+        if call not in self._live.get(call.serial, ()):
+            return
+        if self.clock() <= call.not_after_ms:
+            self._arm_expiry(call)
+            return
+        when = ms_to_datetime(call.not_after_ms).isoformat()
+        task = asyncio.ensure_future(
+            self._end(call, "cert_expired", f"the client certificate expired at {when}")
+        )
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    def live_calls(self) -> int:
+        """How many authorized calls are running now."""
+        return sum(len(c) for c in self._live.values())
+
+    async def set_revoked(self, entries: Iterable[str]) -> tuple[list[int], int]:
+        """Make entries the revoked serials now (a reload); return the newly revoked serials
+        and how many live calls were ended.
+
+        Every live call (a Subscribe or Publish stream, an operator's audit export, ...)
+        made with a newly revoked certificate ends at once with UNAUTHENTICATED
+        ``cert_revoked``, each audited. Raises ValueError for an entry that is not a serial
+        (nothing changes then).
+        """
+        revoked = parse_serials(entries)
+        added = sorted(revoked - self.revoked)
+        removed = sorted(self.revoked - revoked)
+        self.revoked = revoked
+        await self._record(
+            kind="revocation.reloaded",
+            actor="broker",
+            decision="allow",
+            detail={
+                "revoked": len(revoked),
+                "added": [serial_hex(s) for s in added],
+                "removed": [serial_hex(s) for s in removed],
+            },
+        )
+        ended = 0
+        for serial in added:
+            for call in list(self._live.get(serial, ())):
+                message = "the client certificate has been revoked"
+                ended += await self._end(call, "cert_revoked", message)
+        log.warning(
+            "revoked serials reloaded",
+            extra={"revoked": len(revoked), "added": len(added), "ended_calls": ended},
+        )
+        return added, ended
+
+    async def _end(self, call: _LiveCall, code: str, message: str) -> bool:
+        """End a live call with UNAUTHENTICATED code, audited first (once: a call both
+        revoked and expired is ended by whichever comes first)."""
+        if call not in self._live.get(call.serial, ()):
+            return False
+        self._untrack(call)
+        await self._record(
+            kind="auth.refused",
+            actor=call.actor,
+            partner=call.partner,
+            decision=code,
+            detail={
+                "method": call.method,
+                "reason": f"{message}; the call in progress was ended",
+                "serial": serial_hex(call.serial),
+            },
+        )
+        extra = {"method": call.method, "actor": call.actor, "reason": code}
+        log.warning("call in progress ended", extra=extra)
+        if not call.context.done():
+            # abort() sends the status from this task, then raises here (AbortError); the
+            # call's own task is cancelled so its handler stops at once.
+            with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
+                await call.context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        call.task.cancel()
+        return True
+
+    async def _record(self, **entry: Any) -> None:
+        """An audit entry; if the log cannot take it, the call is ended all the same."""
+        try:
+            await self.audit.record(**entry, now_ms=self.clock())
+        except AuditError as exc:
+            log.critical("audit entry not written: %s", exc, extra={"kind": entry["kind"]})
 
     async def intercept_service(
         self,

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from broker.revocation import parse_serial
+
 
 class ConfigError(ValueError):
     """The configuration file is missing, unreadable or has a wrong value."""
@@ -110,6 +112,11 @@ def load_config(path: Path | None) -> BrokerConfig:
             ):
                 raise ConfigError(f"{path}: {key} must be a list of strings")
             values[key] = tuple(values[key])
+    for entry in values.get("revoked_serials", ()):
+        try:
+            parse_serial(entry)  # compared as numbers later; a typo must not pass silently
+        except ValueError as exc:
+            raise ConfigError(f"{path}: revoked_serials: {exc}") from exc
     types = {f.name: f.type for f in fields(BrokerConfig)}
     for key, value in values.items():
         # bool is an int subclass in Python; TOML's true is no size.

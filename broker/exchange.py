@@ -51,7 +51,12 @@ from broker.store import (
 )
 from broker.store.base import Notice
 from coalition import envelope as env
-from coalition.identity import IdentityError, verify_key_bundle, verify_signing_cert
+from coalition.identity import (
+    IdentityError,
+    datetime_to_ms,
+    verify_key_bundle,
+    verify_signing_cert,
+)
 from coalition.labels import Label, LabelError, label_from_proto
 from coalition.policy import (
     Decision,
@@ -176,6 +181,52 @@ class Subscription:
         self.feed_overflow = False
 
 
+class SigningCertNotValid(KeyError):
+    """A partner's signing certificate is outside its validity period by the broker's clock
+    now (code ``signing_cert_expired`` or ``signing_cert_not_yet_valid``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message  # not KeyError's quoted repr
+
+
+@dataclass(frozen=True)
+class CertifiedKey:
+    """A verified signing key, cached with what makes it stale: the period in which its
+    certificate and the CA's are both valid. Checked against the clock at every use."""
+
+    key: Ed25519PublicKey
+    not_before_ms: int
+    not_after_ms: int
+
+    def check(self, sender: str, now_ms: int) -> None:
+        """Raise SigningCertNotValid unless not_before <= now <= not_after."""
+        _check_period(sender, self.not_before_ms, self.not_after_ms, now_ms)
+
+
+def _check_period(sender: str, not_before_ms: int, not_after_ms: int, now_ms: int) -> None:
+    if now_ms > not_after_ms:
+        raise SigningCertNotValid(
+            "signing_cert_expired",
+            f"{sender}'s signing certificate (or the CA's) expired at {_iso(not_after_ms)}; "
+            "envelopes signed under it are refused",
+        )
+    if now_ms < not_before_ms:
+        raise SigningCertNotValid(
+            "signing_cert_not_yet_valid",
+            f"{sender}'s signing certificate is not valid before {_iso(not_before_ms)} "
+            "by the broker's clock",
+        )
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms // 1000))
+
+
 class TokenBucket:
     """Per-partner publish rate limit."""
 
@@ -215,7 +266,7 @@ class ExchangeCore:
         self.live: dict[str, set[Subscription]] = defaultdict(set)
         self.counters: dict[str, Counters] = defaultdict(Counters)
         self._buckets: dict[str, TokenBucket] = {}
-        self._signers: dict[tuple[str, str], Ed25519PublicKey] = {}
+        self._signers: dict[tuple[str, str], CertifiedKey] = {}
         self.closing = False
         self.audit_failed = False
         self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
@@ -241,22 +292,35 @@ class ExchangeCore:
 
     # -- identity helpers -------------------------------------------------------------------
     def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
-        """The certified signing key of sender; KeyError if unknown or not valid."""
+        """The certified signing key of sender, valid now by the broker's clock.
+
+        Raises SigningCertNotValid (a KeyError) when its certificate or the CA's is expired
+        or not yet valid, KeyError when the key is unknown or not certified. The parsed key
+        is cached with its validity period, which is compared with the clock at every use,
+        so a certificate that expires while the broker runs stops verifying then.
+        """
+        now = self.clock()
         cached = self._signers.get((sender, key_id))
-        if cached is not None:
-            return cached
-        rec = self.registry.get(sender)
-        if rec is None:
-            raise KeyError(sender)
-        cert = x509.load_der_x509_certificate(rec.signing_cert)
-        if format(cert.serial_number, "x") != key_id:
-            raise KeyError(key_id)
-        try:
-            key = verify_signing_cert(rec.signing_cert, self.ca_cert, sender, self.clock())
-        except IdentityError as exc:
-            raise KeyError(sender) from exc
-        self._signers[(sender, key_id)] = key
-        return key
+        if cached is None:
+            rec = self.registry.get(sender)
+            if rec is None:
+                raise KeyError(sender)
+            cert = x509.load_der_x509_certificate(rec.signing_cert)
+            if format(cert.serial_number, "x") != key_id:
+                raise KeyError(key_id)
+            period = (
+                datetime_to_ms(max(cert.not_valid_before_utc, self.ca_cert.not_valid_before_utc)),
+                datetime_to_ms(min(cert.not_valid_after_utc, self.ca_cert.not_valid_after_utc)),
+            )
+            _check_period(sender, *period, now)
+            try:
+                key = verify_signing_cert(rec.signing_cert, self.ca_cert, sender, now)
+            except IdentityError as exc:
+                raise KeyError(sender) from exc
+            cached = CertifiedKey(key, *period)
+            self._signers[(sender, key_id)] = cached
+        cached.check(sender, now)
+        return cached.key
 
     # -- publish ------------------------------------------------------------------------------
     async def publish(
@@ -628,6 +692,8 @@ class ExchangeCore:
                 )
             try:
                 return self.signer(sender, key_id)
+            except SigningCertNotValid as exc:
+                raise NotAuthenticated(exc.code, exc.message) from None
             except KeyError:
                 raise NotAuthenticated(
                     "unknown_signing_key",

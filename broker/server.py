@@ -51,6 +51,13 @@ class Broker:
     health: HealthServicer
     _retention: asyncio.Task[None] | None = None
     retention: Retention | None = None
+    auth: AuthInterceptor | None = None
+
+    async def reload(self, cfg: BrokerConfig) -> None:
+        """Apply what may change while serving (SIGHUP): the revoked serials. Live calls
+        made with a newly revoked certificate end at once. Raises ValueError."""
+        if self.auth is not None:
+            await self.auth.set_revoked(cfg.revoked_serials)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, drain in-flight publishes, close streams, flush the stores."""
@@ -100,8 +107,9 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     await retention.start()  # expiries a crash left unaudited; streams send the rest
     _warn_overcommitted(cfg, len(registry.all()))
     admin = AdminCore(exchange, registry, audit, creds.audit_key.public_key())
+    auth = AuthInterceptor(cfg, registry, audit, clock)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(cfg, registry, audit, clock)],
+        interceptors=[auth],
         options=[
             ("grpc.max_receive_message_length", cfg.max_envelope_bytes * 8 + (1 << 20)),
             ("grpc.keepalive_time_ms", 30_000),
@@ -131,7 +139,7 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     await server.start()
     for name in ("", *SERVICES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    broker = Broker(server, port, exchange, admin, store, audit, registry, health)
+    broker = Broker(server, port, exchange, admin, store, audit, registry, health, auth=auth)
     broker.retention = retention
     broker._retention = asyncio.create_task(
         _retention_loop(retention, cfg.retention_interval_ms / 1000)
