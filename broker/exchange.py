@@ -1065,20 +1065,54 @@ class ExchangeCore:
             s.wake.set()
 
     # -- directory, keys, recipients ------------------------------------------------------
-    def directory(self) -> list[directory_pb2.DirectoryEntry]:
-        """Every registered partner with its signing certificate and current key bundle."""
+    def directory(self, partner: str) -> list[directory_pb2.DirectoryEntry]:
+        """What partner needs to verify and encrypt, and nothing about others' standing.
+
+        Every admitted partner's signing certificate (active or suspended alike, so the
+        list does not change when one is suspended), with no status and no groups; a key
+        bundle only for the caller itself and for partners it may send to (may_reach:
+        a policy it may originate under that they are cleared for, and a topic it may
+        publish that they may subscribe to). Not-yet-admitted partners are not listed.
+        Refuses a caller that is not registered, not admitted or suspended.
+        """
+        caller = self._admitted(partner)
         out = []
         for rec in self.registry.all():
-            entry = directory_pb2.DirectoryEntry(
-                partner=rec.code,
-                signing_cert=rec.signing_cert,
-                status=directory_pb2.PartnerStatus.ValueType(int(rec.policy.status)),
-                groups=sorted(rec.policy.groups),
-            )
-            if rec.bundle is not None:
+            if rec.code != partner and rec.policy.status is PartnerStatus.PENDING:
+                continue
+            entry = directory_pb2.DirectoryEntry(partner=rec.code, signing_cert=rec.signing_cert)
+            if rec.bundle is not None and (
+                rec.code == partner or may_reach(caller.policy, rec.policy)
+            ):
                 entry.key_bundle.CopyFrom(rec.bundle)
             out.append(entry)
         return out
+
+    def directory_entry(self, partner: str) -> directory_pb2.DirectoryEntry:
+        """The operators' full view of one partner: certificate, bundle, status and groups."""
+        rec = self.partner_record(partner)
+        entry = directory_pb2.DirectoryEntry(
+            partner=rec.code,
+            signing_cert=rec.signing_cert,
+            status=directory_pb2.PartnerStatus.ValueType(int(rec.policy.status)),
+            groups=sorted(rec.policy.groups),
+        )
+        if rec.bundle is not None:
+            entry.key_bundle.CopyFrom(rec.bundle)
+        return entry
+
+    def _admitted(self, partner: str) -> PartnerRecord:
+        """partner's record if it is admitted and not suspended; else the refusal.
+
+        The auth interceptor refuses partners that are not admitted before any Exchange
+        call; this holds the same line in the core.
+        """
+        rec = self._record(partner)
+        if rec.policy.status is PartnerStatus.PENDING:
+            raise Forbidden("not_admitted", f"partner {partner} is not yet admitted by operators")
+        if rec.policy.status is PartnerStatus.SUSPENDED:
+            raise Forbidden("suspended", f"partner {partner} is suspended")
+        return rec
 
     async def register_keys(self, partner: str, signed: directory_pb2.SignedKeyBundle) -> str:
         """Verify a key bundle under the partner's certified key and make it current."""
@@ -1114,12 +1148,33 @@ class ExchangeCore:
         ]
 
     def recipients(self, partner: str, label_pb: label_pb2.Label, topic: str) -> list[str]:
-        self._record(partner)
+        """Partners eligible now for a label and topic that partner itself may originate.
+
+        The broker answers only what the caller needs to seal a message it may publish:
+        for any other label or topic it refuses (not_permitted_to_originate) without
+        saying who would qualify, so no partner can map the others' clearances,
+        categories or topics by asking. Suspended and not-admitted callers are refused.
+        """
+        rec = self._admitted(partner)
         try:
             label = self._label(label_pb)
             validate_topic(topic)
         except (LabelError, TopicError) as exc:
             raise InvalidInput("bad_label", str(exc)) from exc
+        if label.originator and label.originator != partner:
+            raise Forbidden(
+                "not_permitted_to_originate",
+                f"{partner} may not originate a label whose originator is "
+                f"{label.originator!r}; recipients are answered only for labels the caller "
+                "may publish",
+            )
+        decision = self._decided(decide_origination, rec.policy, label, topic, self.clock())
+        if not decision.allowed:
+            raise Forbidden(
+                "not_permitted_to_originate",
+                f"{decision.explanation} ({decision.reason.value}); recipients are answered "
+                "only for labels and topics the caller may publish",
+            )
         return self.eligible(label, topic, exclude=partner)
 
     def partner_record(self, partner: str) -> PartnerRecord:
@@ -1227,6 +1282,35 @@ def _batch_audit(
     }
     mid = msgs[0].message_id if len(msgs) == 1 else ""
     return AuditItem(kind, "broker", partner, mid, decision, detail)
+
+
+def may_reach(sender: PartnerPolicy, recipient: PartnerPolicy) -> bool:
+    """Whether some message sender may originate could be delivered to recipient.
+
+    True when sender holds an origination ceiling under a labelling policy that
+    recipient holds a clearance for (a label at UNCLASSIFIED under it, naming recipient
+    in REL TO, with no RESTRICTIVE category, passes both), and one of sender's publish
+    patterns overlaps one of recipient's subscribe patterns. Status is ignored, so the
+    answer does not change when recipient is suspended or reinstated.
+    """
+    if sender.origination_ceilings.keys().isdisjoint(recipient.clearances.keys()):
+        return False
+    return any(
+        _overlap(p.split("."), s.split("."))
+        for p in sender.publish_topics
+        for s in recipient.subscribe_topics
+    )
+
+
+def _overlap(a: list[str], b: list[str]) -> bool:
+    """Whether some topic matches both token lists ('*' one token, '>' one or more)."""
+    if not a or not b:
+        return not a and not b
+    if a[0] == ">" or b[0] == ">":
+        return True  # the other still has at least one token to match ">" with more
+    if a[0] != "*" and b[0] != "*" and a[0] != b[0]:
+        return False
+    return _overlap(a[1:], b[1:])
 
 
 def _pattern_within(pattern: str, allowed: Sequence[str]) -> bool:

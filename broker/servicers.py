@@ -144,7 +144,13 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     async def Directory(
         self, request: exchange_pb2.DirectoryRequest, context: Ctx
     ) -> exchange_pb2.DirectoryResponse:
-        return exchange_pb2.DirectoryResponse(entries=self.core.directory())
+        partner = current_identity().name
+        try:
+            entries = self.core.directory(partner)
+        except BrokerError as err:
+            await self._refuse(context, "directory.refused", partner, err)
+            raise
+        return exchange_pb2.DirectoryResponse(entries=entries)
 
     async def RegisterKeys(
         self, request: exchange_pb2.RegisterKeysRequest, context: Ctx
@@ -211,7 +217,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async def run() -> admin_pb2.ShowPartnerResponse:
             summary = self.core.summary(request.partner)
             history = await self.core.registry.history(request.partner)
-            entry = next(e for e in self.core.ex.directory() if e.partner == request.partner)
+            entry = self.core.ex.directory_entry(request.partner)
             return admin_pb2.ShowPartnerResponse(
                 summary=summary, policy=history[-1], directory=entry
             )

@@ -135,7 +135,12 @@ def secure_channel(target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) 
 
 @dataclass(frozen=True)
 class Peer:
-    """A partner as this node verified it: certified signing key, signed key bundle."""
+    """A partner as this node verified it: certified signing key, signed key bundle.
+
+    The broker's directory gives partners no status or groups of other partners (only
+    operators see those), so ``status`` is 0 and ``groups`` empty for entries from it;
+    ``hpke_public`` is set only for partners this node may send to (and itself).
+    """
 
     partner: str
     status: int
@@ -339,12 +344,16 @@ class PartnerClient:
         names = list(recipients) if recipients is not None else await self.recipients(label, topic)
 
         def usable(d: Directory, name: str) -> bool:
+            # Releasability is the broker's word (Recipients): which groups a partner is
+            # in is its standing, which the directory does not show, and a code in REL TO
+            # may name a partner and a group at once. What the node checks itself is the
+            # key: CA-certified signing key, bundle signed under it.
             peer = d.peers.get(name)
             return (
-                peer is not None
+                bool(label.releasable_to)
+                and peer is not None
                 and peer.hpke_public is not None
                 and name != self.code
-                and is_releasable(label, name, peer.groups)
             )
 
         directory = await self.directory()
@@ -713,12 +722,6 @@ class Subscription:
         """Cancel at once; unacknowledged deliveries will be delivered again."""
         self._queue.put_nowait(None)
         self._call.cancel()
-
-
-def is_releasable(label: Label, partner: str, groups: frozenset[str]) -> bool:
-    """True if the label's REL TO names the partner or one of its groups."""
-    rel = set(label.releasable_to or ())
-    return partner in rel or bool(groups & rel)
 
 
 # -- operator client -------------------------------------------------------------------------

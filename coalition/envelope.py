@@ -23,6 +23,7 @@ import enum
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,15 +34,24 @@ from google.protobuf.message import DecodeError
 
 from coalition import ed25519
 from coalition.hpke import SUITE, HpkePrivateKey, HpkePublicKey
+from coalition.labels import label_bounds_problem
 from coalition.pae import HEADER_TYPE, pae
 from coalition.v1 import envelope_pb2, label_pb2
 
 __all__ = [
     "INTEL_SUMMARY",
+    "MAX_CONTENT_TYPE_CHARS",
+    "MAX_KEY_ID_CHARS",
+    "MAX_MESSAGE_ID_CHARS",
+    "MAX_RECIPIENTS",
+    "MAX_SEQUENCE",
+    "MAX_TOPIC_CHARS",
+    "MAX_WRAPPED_KEY_BYTES",
     "Failure",
     "InvalidEnvelope",
     "Opened",
     "Recipient",
+    "header_bounds_problem",
     "open",
     "parse_header",
     "seal",
@@ -58,6 +68,26 @@ _DIGEST_LEN = 32
 _PRECEDENCES = frozenset(v for v in label_pb2.Precedence.values() if v)
 # Header.payload_digest (field 9, length-delimited) holding 32 bytes.
 _DIGEST_FIELD_PREFIX = bytes([(9 << 3) | 2, _DIGEST_LEN])
+
+# Bounds on every header field (docs/labels.md, "Size limits"; the label's own are in
+# coalition.labels). They are part of the wire contract, not a broker setting: seal()
+# refuses to exceed them and parse_header() (so the broker's verify() and a recipient's
+# open()) refuses an envelope that does, before any signature is checked. Each is
+# generous for real use and small enough that no field can make the broker or a node
+# store, index or compare a lot of bytes.
+MAX_MESSAGE_ID_CHARS = 64
+MAX_TOPIC_CHARS = 255  # as coalition.topics allows
+MAX_CONTENT_TYPE_CHARS = 128
+MAX_KEY_ID_CHARS = 64
+MAX_RECIPIENTS = 256
+# One HPKE wrap of a 32-byte key under the suite is 1,168 bytes (1,120 encapsulation,
+# 32 key, 16 tag); room is left, nothing more.
+MAX_WRAPPED_KEY_BYTES = 2048
+# Sequence numbers and times are stored as SQLite INTEGER (signed 64 bits).
+MAX_SEQUENCE = 2**63 - 1
+_ID = re.compile(r"[A-Za-z0-9._:-]+")
+_PARTNER = re.compile(r"[A-Z][A-Z0-9-]{1,23}")
+_CONTENT_TYPE = re.compile(r"[\x21-\x7e]+")
 
 
 class Failure(enum.StrEnum):
@@ -136,6 +166,10 @@ def seal(
         signing_key_id=signing_key_id,
     )
     header.label.CopyFrom(label)
+    # Whatever seal makes, parse_header (the broker's and every recipient's) accepts.
+    problem = _scalar_problem(header) or label_bounds_problem(header.label)
+    if problem:
+        raise ValueError(problem)
     for r in recipients:
         wrapped = SUITE.encrypt(
             data_key, r.public_key.to_hpke(), info=_wrap_info(message_id, r.partner, r.key_id)
@@ -175,6 +209,9 @@ def parse_header(envelope: envelope_pb2.Envelope) -> envelope_pb2.Header:
     ]
     if missing:
         raise InvalidEnvelope(Failure.MALFORMED, f"header lacks {', '.join(missing)}")
+    problem = header_bounds_problem(header)
+    if problem:
+        raise InvalidEnvelope(Failure.MALFORMED, problem)
     if len(header.payload_digest) != _DIGEST_LEN or not envelope.header.endswith(
         _digest_field(header.payload_digest)
     ):
@@ -185,6 +222,88 @@ def parse_header(envelope: envelope_pb2.Envelope) -> envelope_pb2.Header:
             raise InvalidEnvelope(Failure.MALFORMED, "header wraps a key twice for one recipient")
         seen.add(wk.recipient)
     return header
+
+
+def header_bounds_problem(header: envelope_pb2.Header) -> str | None:
+    """Why a header is over a bound (naming the field and its limit), or None.
+
+    Lengths, counts, character sets and integer ranges only: it reads the parsed fields
+    and nothing else, so it is cheap enough to run before the signature check.
+    """
+    problem = _scalar_problem(header) or label_bounds_problem(header.label)
+    if problem:
+        return problem
+    if len(header.wrapped_keys) > MAX_RECIPIENTS:
+        return (
+            f"header wraps {len(header.wrapped_keys)} keys; "
+            f"the limit is {MAX_RECIPIENTS} recipients"
+        )
+    for i, wk in enumerate(header.wrapped_keys):
+        problem = _recipient_problem(i, wk.recipient, wk.key_id) or _wrapped_problem(i, wk)
+        if problem:
+            return problem
+    return None
+
+
+def _text_problem(name: str, value: str, limit: int, pattern: re.Pattern[str], what: str) -> str:
+    if len(value) > limit:
+        return f"{name} is {len(value)} characters; the limit is {limit}"
+    if not pattern.fullmatch(value):
+        return f"{name} {_show(value)} is not {what}"
+    return ""
+
+
+def _scalar_problem(header: envelope_pb2.Header) -> str:
+    ids = "letters, digits, '.', '_', ':' or '-'"
+    return (
+        _text_problem("message_id", header.message_id, MAX_MESSAGE_ID_CHARS, _ID, ids)
+        or _text_problem("sender", header.sender, 24, _PARTNER, "a partner code")
+        or (
+            f"topic is {len(header.topic)} characters; the limit is {MAX_TOPIC_CHARS}"
+            if len(header.topic) > MAX_TOPIC_CHARS
+            else ""
+        )
+        or (
+            _text_problem(
+                "content_type",
+                header.content_type,
+                MAX_CONTENT_TYPE_CHARS,
+                _CONTENT_TYPE,
+                "printable ASCII",
+            )
+            if header.content_type
+            else ""
+        )
+        or (
+            _text_problem("signing_key_id", header.signing_key_id, MAX_KEY_ID_CHARS, _ID, ids)
+            if header.signing_key_id
+            else ""
+        )
+        or (
+            f"sequence {header.sequence} is above the limit {MAX_SEQUENCE}"
+            if header.sequence > MAX_SEQUENCE
+            else ""
+        )
+        or (f"created_ms {header.created_ms} is negative" if header.created_ms < 0 else "")
+    )
+
+
+def _recipient_problem(i: int, partner: str, key_id: str) -> str:
+    ids = "letters, digits, '.', '_', ':' or '-'"
+    return _text_problem(
+        f"wrapped_keys[{i}].recipient", partner, 24, _PARTNER, "a partner code"
+    ) or _text_problem(f"wrapped_keys[{i}].key_id", key_id, MAX_KEY_ID_CHARS, _ID, ids)
+
+
+def _wrapped_problem(i: int, wk: envelope_pb2.WrappedKey) -> str:
+    if len(wk.wrapped) > MAX_WRAPPED_KEY_BYTES:
+        return (
+            f"wrapped_keys[{i}].wrapped is {len(wk.wrapped)} bytes; "
+            f"the limit is {MAX_WRAPPED_KEY_BYTES}"
+        )
+    if wk.sequence > MAX_SEQUENCE:
+        return f"wrapped_keys[{i}].sequence {wk.sequence} is above the limit {MAX_SEQUENCE}"
+    return ""
 
 
 def verify(
@@ -293,8 +412,10 @@ def _check_seal_inputs(
     partners = [r.partner for r in recipients]
     if len(set(partners)) != len(partners):
         raise ValueError("duplicate recipient")
-    if not 1 <= sequence < 2**64:
-        raise ValueError("sequence must be between 1 and 2**64 - 1")
+    if not 1 <= sequence <= MAX_SEQUENCE:
+        raise ValueError("sequence must be between 1 and 2**63 - 1")
+    if len(recipients) > MAX_RECIPIENTS:
+        raise ValueError(f"{len(recipients)} recipients; the limit is {MAX_RECIPIENTS}")
     for name, value in (
         ("sender", sender),
         ("signing_key_id", signing_key_id),
@@ -307,3 +428,9 @@ def _check_seal_inputs(
     for value in (message_id, *partners, *(r.key_id for r in recipients)):
         if not value or "\x00" in value:
             raise ValueError("message_id, recipient and key_id must be non-empty without NUL")
+    for i, r in enumerate(recipients):
+        problem = _recipient_problem(i, r.partner, r.key_id)
+        if problem:
+            raise ValueError(problem)
+        if not 0 <= r.sequence <= MAX_SEQUENCE:
+            raise ValueError(f"recipient {r.partner} sequence must be between 0 and 2**63 - 1")

@@ -22,6 +22,17 @@ _INFO = re.compile(rf"{_INFO_WORD}(?: {_INFO_WORD})*")
 _INFO_MAX = 64
 _INT64_MAX = 2**63 - 1
 
+# Bounds on a label's size (docs/labels.md, "Size limits"). Generous for real use (a
+# REL TO of every NATO and partner nation is ~60 codes) and small enough that a label
+# costs little to parse, store and decide however it was built. Checked on the wire
+# form before anything else (label_bounds_problem) and on constructed labels.
+MAX_CATEGORIES = 16
+MAX_CATEGORY_VALUES = 128
+MAX_LABEL_VALUES = 256
+# The longest string any label field may hold: codes are at most 24 characters,
+# informative values 64, "REL TO" 6.
+_MAX_FIELD_CHARS = 64
+
 
 class Classification(enum.IntEnum):
     """Ordered classification levels; values equal the proto enum."""
@@ -216,6 +227,9 @@ class Label:
                     cat.name, "a category not already in the label", field=f"categories[{i}].name"
                 )
             names.add(cat.name)
+        too_many = _counts_problem([len(c.values) for c in self.categories])
+        if too_many is not None:
+            raise LabelError(too_many[1], too_many[2], field=too_many[0])
         for name in ("origination_time_ms", "expiry_time_ms"):
             ms = getattr(self, name)
             if type(ms) is not int or not 0 <= ms <= _INT64_MAX:
@@ -460,8 +474,54 @@ def label_to_proto(label: Label) -> label_pb2.Label:
     )
 
 
+def label_bounds_problem(msg: label_pb2.Label) -> str | None:
+    """Why a wire label is over a size limit (naming the field and the limit), or None.
+
+    Only counts and lengths, no parsing: cheap enough to run before a signature check.
+    """
+    bad = _wire_bounds(msg)
+    return None if bad is None else f"label field {bad[0]} has {bad[1]}, expected {bad[2]}"
+
+
+def _wire_bounds(msg: label_pb2.Label) -> tuple[str, str, str] | None:
+    """(field, what it holds, what is allowed) for a wire label over a limit, or None."""
+    counts = _counts_problem([len(c.values) for c in msg.categories])
+    if counts:
+        return counts
+    texts: list[tuple[str, str]] = [("policy", msg.policy), ("originator", msg.originator)]
+    for i, c in enumerate(msg.categories):
+        texts.append((f"categories[{i}].name", c.name))
+        texts.extend((f"categories[{i}].values[{j}]", v) for j, v in enumerate(c.values))
+    for name, value in texts:
+        if len(value) > _MAX_FIELD_CHARS:
+            return name, f"{len(value)} characters", f"at most {_MAX_FIELD_CHARS} characters"
+    for name, ms in (
+        ("origination_time_ms", msg.origination_time_ms),
+        ("expiry_time_ms", msg.expiry_time_ms),
+    ):
+        if ms < 0:
+            return name, str(ms), "Unix milliseconds, 0 or more"
+    return None
+
+
+def _counts_problem(value_counts: list[int]) -> tuple[str, str, str] | None:
+    """(field, what it holds, what is allowed) for a label over a count limit, or None."""
+    if len(value_counts) > MAX_CATEGORIES:
+        return "categories", f"{len(value_counts)} categories", f"at most {MAX_CATEGORIES}"
+    for i, n in enumerate(value_counts):
+        if n > MAX_CATEGORY_VALUES:
+            return f"categories[{i}].values", f"{n} values", f"at most {MAX_CATEGORY_VALUES}"
+    total = sum(value_counts)
+    if total > MAX_LABEL_VALUES:
+        return "categories", f"{total} values in all", f"at most {MAX_LABEL_VALUES} in all"
+    return None
+
+
 def label_from_proto(msg: label_pb2.Label) -> Label:
     """Convert and validate a wire label; raises LabelError naming the bad field."""
+    bad = _wire_bounds(msg)
+    if bad is not None:
+        raise LabelError(bad[1], bad[2], field=bad[0])
     if msg.classification not in _VALID_LEVELS:
         raise LabelError(str(msg.classification), _EXPECT_CLASSIFICATION, field="classification")
     categories = []

@@ -176,9 +176,10 @@ async def test_forbidden_subscription_topic(kor: PartnerClient, broker: Broker) 
 async def test_suspended_partner(
     pki: Path, kor: PartnerClient, usa: PartnerClient, broker: Broker
 ) -> None:
+    # Sealed while active: once suspended, KOR gets no directory to seal with.
+    s = await kor.seal(b"x", topic="intel.a", label=LABEL, recipients=["USA"])
     async with operator(pki, "op1", broker.port) as op1:
         await op1.suspend("KOR", "test")
-    s = await kor.seal(b"x", topic="intel.a", label=LABEL, recipients=["USA"])
     res = await refused(kor, s.envelope, broker)
     assert (res.status, res.reason_code) == ("PERMISSION_DENIED", "suspended")
     with pytest.raises(ClientError) as info:

@@ -102,7 +102,7 @@ topics = st.from_regex(r"[a-z0-9_-]{1,8}(\.[a-z0-9_-]{1,8}){0,3}", fullmatch=Tru
     plaintext=st.binary(max_size=2048),
     topic=topics,
     to=st.lists(st.sampled_from(POOL), min_size=1, max_size=5, unique=True),
-    sequence=st.integers(min_value=1, max_value=2**64 - 1),
+    sequence=st.integers(min_value=1, max_value=2**63 - 1),
     precedence=st.sampled_from(
         [label_pb2.ROUTINE, label_pb2.PRIORITY, label_pb2.IMMEDIATE, label_pb2.FLASH]
     ),
@@ -211,6 +211,7 @@ def test_fresh_data_key_and_nonce_per_message() -> None:
         ({"sequence": 0}, "sequence"),
         ({"sequence": -1}, "sequence"),
         ({"sequence": 2**64}, "sequence"),
+        ({"sequence": 2**63}, "sequence"),
         ({"sender": ""}, "sender"),
         ({"topic": ""}, "topic"),
         ({"message_id": ""}, "message_id"),

@@ -126,10 +126,18 @@ async def test_publish_failures_are_one_line(pki: Path, tmp_path: Path, broker: 
     base = ("publish", "--topic", "intel.ground", "-")
 
     none = await node(
-        *base, "--config", str(kor), "--label", "NATO TOP SECRET // REL TO USA", stdin=b"x"
+        *base, "--config", str(kor), "--label", "NATO SECRET // REL TO KOR", stdin=b"x"
     )
     assert none.code == 1 and "no eligible recipient" in none.err
     assert len(none.err.strip().splitlines()) == 1
+
+    # Above KOR's ceiling: the broker does not say who could receive it.
+    above = await node(
+        *base, "--config", str(kor), "--label", "NATO TOP SECRET // REL TO USA", stdin=b"x"
+    )
+    assert above.code == 1 and "above_origination_ceiling" in above.err, above.err
+    assert "USA" not in above.err.replace("REL TO USA", "")
+    assert len(above.err.strip().splitlines()) == 1
 
     # GBR may originate only up to CONFIDENTIAL; the broker refuses with a reason code.
     refused = await node(
