@@ -30,6 +30,13 @@ class BrokerConfig:
     retention_bytes: int = 512 << 20
     retention_ms: int = 7 * 24 * 3600 * 1000
     subscriber_window: int = 256
+    # One subscription's topic patterns: at most this many, of at most this many bytes
+    # in all (a larger open is refused before any pattern is parsed).
+    max_subscribe_patterns: int = 256
+    max_subscribe_pattern_bytes: int = 16 * 1024
+    # HTTP/2 streams one connection may hold open at once (MAX_CONCURRENT_STREAMS);
+    # streams reset by the client count until the broker has released them.
+    max_streams_per_connection: int = 100
     # Hand new messages to caught-up subscribers straight from the publish path instead
     # of each subscriber reading them back from the store (same decisions, same audit).
     live_delivery: bool = True
@@ -55,6 +62,9 @@ _SECTIONS = {
         "retention_bytes",
         "retention_ms",
         "subscriber_window",
+        "max_subscribe_patterns",
+        "max_subscribe_pattern_bytes",
+        "max_streams_per_connection",
         "default_publish_rate_per_s",
         "audit_checkpoint_every",
     },
