@@ -104,6 +104,11 @@ class DirectoryProbe:
                 self.errors.append(exc.code())
             await asyncio.sleep(0.02)
 
+    async def more(self, n: int) -> None:
+        """Wait (bounded) until n more calls have ended."""
+        want = len(self.latencies) + len(self.errors) + n
+        await eventually(lambda: len(self.latencies) + len(self.errors) >= want, 60)
+
     async def __aenter__(self) -> DirectoryProbe:
         await self.stub.Directory(exchange_pb2.DirectoryRequest(), timeout=30)  # connected
         self._task = asyncio.create_task(self._run())
@@ -116,6 +121,18 @@ class DirectoryProbe:
         await self.client.close()
 
 
+async def refusal(client: PartnerClient, patterns: list[str]) -> ClientError:
+    """The error the broker ends a subscription with (bounded: an accepted open fails)."""
+
+    async def first() -> None:
+        async for _ in client.subscribe(patterns):
+            pass
+
+    with pytest.raises(ClientError) as info:
+        await asyncio.wait_for(first(), 30)
+    return info.value
+
+
 async def test_hundred_thousand_patterns_are_refused_and_audited(
     pki: Path, broker_proc: ConfiguredBroker
 ) -> None:
@@ -125,21 +142,16 @@ async def test_hundred_thousand_patterns_are_refused_and_audited(
         patterns = bomb_patterns(BOMB)
         wire = exchange_pb2.SubscribeRequest(open=exchange_pb2.SubscribeOpen(topics=patterns))
         assert wire.ByteSize() > 1.6 * 2**20  # the finding's 1.6 MiB open
-        sub = c["UKR"].subscribe(patterns)
-        with pytest.raises(ClientError) as info:
-            async for _ in sub:
-                pass
-        assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
-        assert "100000 topic patterns" in info.value.message
-        assert "at most 256" in info.value.message
+        info = await refusal(c["UKR"], patterns)
+        assert info.status == grpc.StatusCode.INVALID_ARGUMENT
+        assert "100000 topic patterns" in info.message
+        assert "at most 256" in info.message
         # Just over the byte limit, under the count: refused for its size.
         fat = [f"intel.{'x' * 70}{i:03d}.>" for i in range(220)]
         assert len(fat) <= 256 and sum(map(len, fat)) > 16 * 1024
-        with pytest.raises(ClientError) as info2:
-            async for _ in c["UKR"].subscribe(fat):
-                pass
-        assert info2.value.status == grpc.StatusCode.INVALID_ARGUMENT
-        assert "bytes" in info2.value.message
+        info2 = await refusal(c["UKR"], fat)
+        assert info2.status == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bytes" in info2.message
         # At the limit the open is accepted, and delivery works through it.
         at_cap = [*bomb_patterns(255), "intel.new.>"]
         assert sum(map(len, at_cap)) <= 16 * 1024
@@ -213,7 +225,9 @@ async def test_hundred_thousand_patterns_do_not_stall_other_partners(
         async with live_subscription(c["UKR"], patterns) as got:
             async with DirectoryProbe(pki, port) as probe:
                 await publish_new_topics(c["KOR"], got, 40)
+                await probe.more(5)
     assert probe.errors == [], probe.errors
     worst = max(probe.latencies)
+    print(f"worst of {len(probe.latencies)} Directory calls: {worst:.3f} s")
     # Before the tree: 5-6 s per Directory call while the 40 topics were routed.
     assert worst < STALL_BOUND_S, f"a Directory call took {worst:.2f} s"
