@@ -36,7 +36,9 @@ class BrokerConfig:
     max_subscribe_pattern_bytes: int = 16 * 1024
     # HTTP/2 streams one connection may hold open at once (MAX_CONCURRENT_STREAMS);
     # streams reset by the client count until the broker has released them.
-    max_streams_per_connection: int = 100
+    max_streams_per_connection: int = 32
+    # A connection with no call for this long is closed (clients reconnect on demand).
+    max_connection_idle_ms: int = 5 * 60 * 1000
     # Hand new messages to caught-up subscribers straight from the publish path instead
     # of each subscriber reading them back from the store (same decisions, same audit).
     live_delivery: bool = True
@@ -65,6 +67,7 @@ _SECTIONS = {
         "max_subscribe_patterns",
         "max_subscribe_pattern_bytes",
         "max_streams_per_connection",
+        "max_connection_idle_ms",
         "default_publish_rate_per_s",
         "audit_checkpoint_every",
     },
