@@ -20,6 +20,7 @@ from cryptography import x509
 
 from broker.audit import AuditLog
 from broker.config import BrokerConfig
+from broker.connections import ConnectionLimit
 from broker.registry import Registry
 from coalition.identity import (
     Identity,
@@ -73,6 +74,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.audit = audit
         self.clock = clock
         self.revoked = {s.lower() for s in cfg.revoked_serials}
+        self.connections = ConnectionLimit(cfg.max_connections_per_identity)
 
     def authorize(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:
         """The caller's identity, or AuthRefused."""
@@ -161,7 +163,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     async def _check(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
         try:
-            _IDENTITY.set(self.authorize(context, method))
+            ident = self.authorize(context, method)
+            self._hold_connection(context, ident)
+            _IDENTITY.set(ident)
         except AuthRefused as exc:
             await self.audit.record(
                 kind="auth.refused",
@@ -172,6 +176,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
             log.warning("refused", extra={"method": method, "actor": exc.actor, "reason": exc.code})
             await context.abort(exc.status, exc.message)
+
+    def _hold_connection(
+        self, context: grpc.aio.ServicerContext[Any, Any], ident: Identity
+    ) -> None:
+        """Count this call's connection as busy for ident until the call ends."""
+        peer = context.peer()
+        if not self.connections.enter(ident.uri, peer):
+            raise AuthRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too_many_connections",
+                f"{ident.uri} already has calls in progress on {self.connections.limit} "
+                "connections, the most allowed; make further calls on those (one "
+                "connection carries many calls)",
+                ident.uri,
+            )
+        # grpc-stubs types the callback as a class; any callable of the context works.
+        context.add_done_callback(
+            lambda _: self.connections.leave(ident.uri, peer)  # type: ignore[arg-type]
+        )
 
     async def intercept_service(
         self,

@@ -39,6 +39,8 @@ class BrokerConfig:
     max_streams_per_connection: int = 32
     # A connection with no call for this long is closed (clients reconnect on demand).
     max_connection_idle_ms: int = 5 * 60 * 1000
+    # Connections on which one identity may have calls in progress at once (0 = off).
+    max_connections_per_identity: int = 16
     # Hand new messages to caught-up subscribers straight from the publish path instead
     # of each subscriber reading them back from the store (same decisions, same audit).
     live_delivery: bool = True
@@ -68,6 +70,7 @@ _SECTIONS = {
         "max_subscribe_pattern_bytes",
         "max_streams_per_connection",
         "max_connection_idle_ms",
+        "max_connections_per_identity",
         "default_publish_rate_per_s",
         "audit_checkpoint_every",
     },
