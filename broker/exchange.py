@@ -103,7 +103,7 @@ class Subscription:
     window: int
     # The patterns as a subject tree, built once: matching a topic costs its tokens,
     # not the number of patterns.
-    tree: PatternSet = field(default_factory=lambda: PatternSet(()))
+    tree: PatternSet
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: set[int] = field(default_factory=set)
     # Offsets acknowledged while deliveries() was reading the store: that read may predate

@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -28,6 +28,7 @@ import h2.exceptions
 import h2.settings
 import pytest
 
+from broker.config import BrokerConfig
 from clients.sdk import secure_channel
 from coalition.pki import load_partner
 from coalition.v1 import exchange_pb2, exchange_pb2_grpc
@@ -50,7 +51,7 @@ class Flood:
     # MAX_CONCURRENT_STREAMS as the broker's SETTINGS announced it (None: unlimited).
     max_streams: int | None = None
     goaways: int = 0
-    errors: list[str] | None = None
+    errors: list[str] = field(default_factory=list)
 
 
 def rapid_reset(
@@ -111,7 +112,7 @@ def rapid_reset(
                         sock.sendall(conn.data_to_send())
             except (OSError, h2.exceptions.ProtocolError) as exc:
                 with lock:
-                    (flood.errors or []).append(repr(exc))
+                    flood.errors.append(repr(exc))
     with lock:
         flood.pairs += sent
 
@@ -151,7 +152,7 @@ async def test_rapid_reset_does_not_fail_other_partners_calls(
         await admit(pki, port, policy(code))
     assert await ordinary_call(pki, port) == grpc.StatusCode.OK
 
-    flood = Flood(errors=[])
+    flood = Flood()
     lock = threading.Lock()
     attackers = [
         threading.Thread(
@@ -184,4 +185,4 @@ async def test_rapid_reset_does_not_fail_other_partners_calls(
     assert after == grpc.StatusCode.OK
     # The mechanism: the broker announces its per-connection stream limit (and grpc
     # counts a reset stream against it until the broker has released the call).
-    assert flood.max_streams == 32, flood
+    assert flood.max_streams == BrokerConfig().max_streams_per_connection, flood
