@@ -153,10 +153,14 @@ async def test_hundred_thousand_patterns_are_refused_and_audited(
         assert info2.status == grpc.StatusCode.INVALID_ARGUMENT
         assert "bytes" in info2.message
         # At the limit the open is accepted, and delivery works through it.
-        at_cap = [*bomb_patterns(255), "intel.new.>"]
-        assert sum(map(len, at_cap)) <= 16 * 1024
+        # At both limits (256 patterns, 16,075 of 16,384 bytes) the open is accepted, and
+        # 40 messages on new topics are routed through it while USA is served.
+        wide = [p.replace(".s", "." + "w" * 49, 1) for p in bomb_patterns(255)]
+        at_cap = [*wide, "intel.new.>"]
+        assert len(at_cap) == 256 and 16_000 < sum(map(len, at_cap)) <= 16 * 1024
         async with live_subscription(c["UKR"], at_cap) as got:
-            await publish_new_topics(c["KOR"], got, 5)
+            await publish_new_topics(c["KOR"], got, 40)
+            await probe.more(5)
         async with operator(pki, "op1", port) as op:
             refused = await op.audit(kind="subscribe.refused", partner="UKR")
     assert [e.decision for e in refused] == ["too_many_patterns", "too_many_patterns"]
