@@ -148,13 +148,15 @@ def _stream_limits(cfg: BrokerConfig) -> list[tuple[str, int]]:
     with RST_STREAM(REFUSED_STREAM) in the transport, before any Python runs. So a
     HEADERS+RST_STREAM flood (CVE-2023-44487) queues at most this many calls per
     connection instead of every stream it opens. Connections with no call for
-    max_connection_idle_ms are closed (clients reconnect on their next call).
+    max_connection_idle_ms are closed (clients reconnect on their next call). A limit
+    of 0 leaves grpc's default (unlimited, never closed).
     """
-    return [
-        ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
-        ("grpc.http.overload_protection", 1),
-        ("grpc.max_connection_idle_ms", cfg.max_connection_idle_ms),
-    ]
+    opts = [("grpc.http.overload_protection", 1)]
+    if cfg.max_streams_per_connection > 0:
+        opts.append(("grpc.max_concurrent_streams", cfg.max_streams_per_connection))
+    if cfg.max_connection_idle_ms > 0:
+        opts.append(("grpc.max_connection_idle_ms", cfg.max_connection_idle_ms))
+    return opts
 
 
 async def _retention_loop(store: SqliteMessageStore, clock: Clock) -> None:
