@@ -23,6 +23,7 @@ from cryptography import x509
 
 from broker.audit import AuditError, AuditLog
 from broker.config import BrokerConfig
+from broker.connections import ConnectionLimit
 from broker.registry import Registry
 from broker.revocation import parse_serials, serial_hex
 from coalition.identity import (
@@ -109,6 +110,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.revoked = parse_serials(cfg.revoked_serials)
         self._live: dict[int, set[_LiveCall]] = {}
         self._ending: set[asyncio.Task[bool]] = set()
+        self.connections = ConnectionLimit(cfg.max_connections_per_identity)
 
     def authorize(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:
         """The caller's identity, or AuthRefused."""
@@ -209,7 +211,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     async def _check(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
         try:
-            _IDENTITY.set(self.authorize(context, method))
+            ident = self.authorize(context, method)
+            self._hold_connection(context, ident)
+            _IDENTITY.set(ident)
         except AuthRefused as exc:
             await self.audit.record(
                 kind="auth.refused",
@@ -338,6 +342,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             await self.audit.record(**entry, now_ms=self.clock())
         except AuditError as exc:
             log.critical("audit entry not written: %s", exc, extra={"kind": entry["kind"]})
+
+    def _hold_connection(
+        self, context: grpc.aio.ServicerContext[Any, Any], ident: Identity
+    ) -> None:
+        """Count this call's connection as busy for ident until the call ends."""
+        peer = context.peer()
+        if not self.connections.enter(ident.uri, peer):
+            raise AuthRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too_many_connections",
+                f"{ident.uri} already has calls in progress on {self.connections.limit} "
+                "connections, the most allowed; make further calls on those (one "
+                "connection carries many calls)",
+                ident.uri,
+            )
+        # grpc-stubs types the callback as a class; any callable of the context works.
+        context.add_done_callback(
+            lambda _: self.connections.leave(ident.uri, peer)  # type: ignore[arg-type]
+        )
 
     async def intercept_service(
         self,

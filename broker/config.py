@@ -39,6 +39,17 @@ class BrokerConfig:
     # are forgotten (their deliver.expired audit entries remain).
     max_notices_per_partner: int = 10_000
     subscriber_window: int = 256
+    # One subscription's topic patterns: at most this many, of at most this many bytes
+    # in all (a larger open is refused before any pattern is parsed).
+    max_subscribe_patterns: int = 256
+    max_subscribe_pattern_bytes: int = 16 * 1024
+    # HTTP/2 streams one connection may hold open at once (MAX_CONCURRENT_STREAMS);
+    # streams reset by the client count until the broker has released them.
+    max_streams_per_connection: int = 32
+    # A connection with no call for this long is closed (clients reconnect on demand).
+    max_connection_idle_ms: int = 5 * 60 * 1000
+    # Connections on which one identity may have calls in progress at once (0 = off).
+    max_connections_per_identity: int = 16
     # Hand new messages to caught-up subscribers straight from the publish path instead
     # of each subscriber reading them back from the store (same decisions, same audit).
     live_delivery: bool = True
@@ -72,6 +83,11 @@ _SECTIONS = {
         "retention_interval_ms",
         "max_notices_per_partner",
         "subscriber_window",
+        "max_subscribe_patterns",
+        "max_subscribe_pattern_bytes",
+        "max_streams_per_connection",
+        "max_connection_idle_ms",
+        "max_connections_per_identity",
         "default_publish_rate_per_s",
         "audit_checkpoint_every",
     },

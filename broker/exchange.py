@@ -66,7 +66,7 @@ from coalition.policy import (
     decide,
     decide_origination,
 )
-from coalition.topics import TopicError, any_match, validate_pattern, validate_topic
+from coalition.topics import PatternSet, TopicError, validate_topic
 from coalition.v1 import directory_pb2, envelope_pb2, exchange_pb2, label_pb2
 
 log = logging.getLogger("coalition.broker")
@@ -108,6 +108,9 @@ class Subscription:
     partner: str
     patterns: tuple[str, ...]
     window: int
+    # The patterns as a subject tree, built once: matching a topic costs its tokens,
+    # not the number of patterns.
+    tree: PatternSet
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: set[int] = field(default_factory=set)
     # Offsets acknowledged while deliveries() was reading the store: that read may predate
@@ -138,7 +141,7 @@ class Subscription:
         """Whether the stream's patterns match topic (memoized: topics repeat)."""
         hit = self.topic_ok.get(topic)
         if hit is None:
-            hit = any_match(self.patterns, topic)
+            hit = self.tree.matches(topic)
             if len(self.topic_ok) >= 1024:
                 self.topic_ok.clear()
             self.topic_ok[topic] = hit
@@ -766,24 +769,27 @@ class ExchangeCore:
             raise Unavailable("shutting_down", "the broker is shutting down; retry shortly")
         if not topics:
             raise InvalidInput("no_topics", "subscribe needs at least one topic pattern")
+        _check_pattern_limits(topics, self.cfg)
         try:
-            patterns = tuple(validate_pattern(t) for t in topics)
+            tree = PatternSet(topics)
         except TopicError as exc:
             raise InvalidInput("bad_topic", str(exc)) from exc
+        patterns = tuple(topics)
         rec = self._record(partner)
         if rec.policy.status is PartnerStatus.SUSPENDED:
             raise Forbidden("suspended", f"partner {partner} is suspended")
         allowed = rec.policy.subscribe_topics
         if rec.policy.status is PartnerStatus.ACTIVE:
+            permitted = PatternSet(allowed)  # built once: each check walks the tree
             for p in patterns:
-                if not _pattern_within(p, allowed):
+                if not permitted.covers(p):
                     raise Forbidden(
                         "topic_not_permitted",
                         f"{partner} may not subscribe to {p!r} (permitted: "
                         f"{', '.join(allowed) or 'none'})",
                     )
         win = min(max(window or self.cfg.subscriber_window, 1), self.cfg.subscriber_window)
-        sub = Subscription(partner, patterns, win)
+        sub = Subscription(partner, patterns, win, tree)
         for old in self.live[partner]:
             old.closed = Precondition("superseded", "a newer subscription replaced this one")
             old.wake.set()
@@ -1315,22 +1321,27 @@ def _overlap(a: list[str], b: list[str]) -> bool:
 
 def _pattern_within(pattern: str, allowed: Sequence[str]) -> bool:
     """True if every topic pattern could match is also permitted by some allowed pattern."""
-    for a in allowed:
-        if a == pattern or _covers(a.split("."), pattern.split(".")):
-            return True
-    return False
+    return PatternSet(allowed).covers(pattern)
 
 
-def _covers(a: list[str], p: list[str]) -> bool:
-    if not a:
-        return not p
-    if a[0] == ">":
-        return bool(p)
-    if not p or p[0] == ">":
-        return False
-    if a[0] != "*" and a[0] != p[0]:  # also refuses "*" in p under a literal in a
-        return False
-    return _covers(a[1:], p[1:])
+def _check_pattern_limits(topics: Sequence[str], cfg: BrokerConfig) -> None:
+    """Refuse an open with more patterns, or more pattern bytes, than the limits allow.
+
+    Checked before any pattern is parsed, so an oversized open costs one pass over it.
+    """
+    if len(topics) > cfg.max_subscribe_patterns:
+        raise InvalidInput(
+            "too_many_patterns",
+            f"the subscription has {len(topics)} topic patterns; at most "
+            f"{cfg.max_subscribe_patterns} are allowed per subscription",
+        )
+    size = sum(len(t.encode()) for t in topics)
+    if size > cfg.max_subscribe_pattern_bytes:
+        raise InvalidInput(
+            "too_many_patterns",
+            f"the subscription's topic patterns take {size} bytes; at most "
+            f"{cfg.max_subscribe_pattern_bytes} are allowed per subscription",
+        )
 
 
 def _message_id_or_empty(e: envelope_pb2.Envelope) -> str:

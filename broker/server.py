@@ -114,6 +114,7 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
             ("grpc.max_receive_message_length", cfg.max_envelope_bytes * 8 + (1 << 20)),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.max_pings_without_data", 0),
+            *_stream_limits(cfg),
         ],
     )
     exchange_pb2_grpc.add_ExchangeServicer_to_server(ExchangeServicer(exchange), server)
@@ -153,6 +154,26 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     )
     log.info("serving", extra={"listen": cfg.listen, "port": port, "data_dir": str(data)})
     return broker
+
+
+def _stream_limits(cfg: BrokerConfig) -> list[tuple[str, int]]:
+    """grpc core options that bound what one HTTP/2 connection can make the broker hold.
+
+    MAX_CONCURRENT_STREAMS is advertised to clients; with overload protection (made
+    explicit here, grpc's default) a stream counts against it until the server has
+    released it, not just until the client reset it, and streams beyond it are refused
+    with RST_STREAM(REFUSED_STREAM) in the transport, before any Python runs. So a
+    HEADERS+RST_STREAM flood (CVE-2023-44487) queues at most this many calls per
+    connection instead of every stream it opens. Connections with no call for
+    max_connection_idle_ms are closed (clients reconnect on their next call). A limit
+    of 0 leaves grpc's default (unlimited, never closed).
+    """
+    opts = [("grpc.http.overload_protection", 1)]
+    if cfg.max_streams_per_connection > 0:
+        opts.append(("grpc.max_concurrent_streams", cfg.max_streams_per_connection))
+    if cfg.max_connection_idle_ms > 0:
+        opts.append(("grpc.max_connection_idle_ms", cfg.max_connection_idle_ms))
+    return opts
 
 
 async def _retention_loop(retention: Retention, every_s: float) -> None:
