@@ -318,7 +318,7 @@ class AuditLog:
         checkpoint_every: int = 500,
         *,
         refusal_threshold: int = 0,
-        refusal_interval_ms: int = 10_000,
+        refusal_interval_ms: int = 60_000,
         clock: Callable[[], int] = _wall_clock_ms,
     ) -> AuditLog:
         """Open or create the log at path; raises AuditError, ValueError for checkpoint_every<1

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         help="refusals audited one by one per partner and interval (default 100; 0 = all)",
     )
     s.add_argument(
-        "--refusal-audit-interval-ms", type=int, help="refusal summary interval (default 10000)"
+        "--refusal-audit-interval-ms", type=int, help="refusal summary interval (default 60000)"
     )
     s.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

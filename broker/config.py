@@ -39,7 +39,7 @@ class BrokerConfig:
     # partner and interval; the rest are counted and summarised per reason when the
     # interval closes (0 = every refusal one by one).
     refusal_audit_threshold: int = 100
-    refusal_audit_interval_ms: int = 10_000
+    refusal_audit_interval_ms: int = 60_000
     log_json: bool = False
     log_level: str = "info"
     revoked_serials: tuple[str, ...] = field(default_factory=tuple)

@@ -9,9 +9,11 @@ when the test says: the counts below are exact, not timing-dependent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -51,8 +53,15 @@ def _tampered(e: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
     return bad
 
 
-def _summaries(entries: list[audit_pb2.AuditEntry]) -> dict[str, dict[str, object]]:
-    return {e.decision: json.loads(e.detail_json) for e in entries if e.kind.endswith(".summary")}
+def _summaries(entries: list[audit_pb2.AuditEntry]) -> list[tuple[str, dict[str, Any]]]:
+    """(reason, detail) of each summary entry, in log order."""
+    return [(e.decision, json.loads(e.detail_json)) for e in entries if e.kind.endswith(".summary")]
+
+
+def _counted(entries: list[audit_pb2.AuditEntry]) -> int:
+    """Refusals the entries account for: one each, plus each summary's count."""
+    single = sum(1 for e in entries if not e.kind.endswith(".summary"))
+    return single + sum(int(d["count"]) for _, d in _summaries(entries))
 
 
 async def test_a_refused_flood_is_throttled_and_summarised(pki: Path, tmp_path: Path) -> None:
@@ -98,7 +107,7 @@ async def test_a_refused_flood_is_throttled_and_summarised(pki: Path, tmp_path: 
         single = [e for e in entries if e.kind == "publish.refused"]
         assert len(single) == THRESHOLD
         assert {e.decision for e in single} == {"bad_signature"}
-        summaries = _summaries(entries)
+        summaries = dict(_summaries(entries))  # one interval: one summary per reason
         assert {k: v["count"] for k, v in summaries.items()} == {
             "bad_signature": RATE - THRESHOLD,
             "rate_limited": 2000 - RATE + 1,
@@ -130,10 +139,36 @@ async def test_an_auth_refusal_flood_is_summarised(pki: Path, tmp_path: Path) ->
     try:
         entries = await b.audit.query(kind="auth.refused")
         assert len([e for e in entries if e.kind == "auth.refused"]) == THRESHOLD
-        summary = _summaries(entries)["unknown_partner"]
-        assert summary["count"] == 300 - THRESHOLD
+        [(reason, summary)] = _summaries(entries)
+        assert (reason, summary["count"]) == ("unknown_partner", 300 - THRESHOLD)
         assert [e.actor for e in entries if e.kind.endswith(".summary")] == [
             "urn:coalition:partner:ROGUE"
         ]
+    finally:
+        await b.stop(grace=1)
+
+
+async def test_summaries_are_written_when_their_interval_closes(pki: Path, tmp_path: Path) -> None:
+    """Without a shutdown: once the interval has closed, its summary is in the log."""
+    cfg = broker_config(
+        pki, tmp_path / "broker", refusal_audit_threshold=5, refusal_audit_interval_ms=300
+    )
+    b = await start_broker(cfg)
+    try:
+        async with partner(pki, "ROGUE", b.port) as rogue:
+            for _ in range(20):
+                with pytest.raises(ClientError):
+                    await rogue.directory(refresh=True)
+        async with operator(pki, "op1", b.port) as op:
+
+            async def counted() -> int:
+                return _counted(await op.audit(kind="auth.refused"))
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while await counted() < 20:
+                assert loop.time() < deadline, "no summary written after its interval"
+                await asyncio.sleep(0.1)
+            assert await counted() == 20
     finally:
         await b.stop(grace=1)
