@@ -9,9 +9,10 @@ shown to operators and exported. Record identifiers, labels, reasons and sizes i
 
 Refusals a partner can cause at will (``publish.refused``, ``auth.refused``, ...) go through
 ``record_refusal`` / ``admit_refusal``: the first ``refusal_threshold`` of each partner in an
-interval are recorded one by one, the rest are counted (see RefusalSummary) and written as one
-``<kind>.summary`` entry per reason when the interval closes, so a flood of refusals costs
-the disk a bounded number of entries per interval however fast it arrives.
+interval (all kinds together) are recorded one by one, the rest are counted (see
+RefusalSummary) and written as one ``<kind>.summary`` entry per reason when the interval
+closes, so a flood of refusals costs the disk a bounded number of entries per interval
+however fast it arrives.
 """
 
 from __future__ import annotations
@@ -172,11 +173,11 @@ class RefusalSummary:
     """Which refusals to record one by one, and exact counts of the others.
 
     Pure bookkeeping: no I/O, the time is passed in. Intervals are aligned to multiples of
-    interval_ms. Per (kind, source) (source: who caused them, e.g. the partner) the first
-    ``threshold`` refusals of an interval are admitted (to be recorded one by one); the
-    rest are tallied per reason and, once their interval has closed, taken as summary
-    entries. A threshold of 0 admits everything. Memory: one counter per (kind, source)
-    and one tally per (kind, source, reason) with refusals beyond the threshold.
+    interval_ms. Per source (who caused them, e.g. the partner), whatever the kind, the
+    first ``threshold`` refusals of an interval are admitted (to be recorded one by one);
+    the rest are tallied per kind and reason and, once their interval has closed, taken
+    as summary entries. A threshold of 0 admits everything. Memory: one counter per
+    source and one tally per (kind, source, reason) with refusals beyond the threshold.
     """
 
     def __init__(self, threshold: int, interval_ms: int) -> None:
@@ -186,7 +187,7 @@ class RefusalSummary:
             raise ValueError("refusal_audit_interval_ms must be at least 1")
         self.threshold = threshold
         self.interval_ms = interval_ms
-        self._admitted: dict[tuple[str, str], tuple[int, int]] = {}  # -> (interval, count)
+        self._admitted: dict[str, tuple[int, int]] = {}  # source -> (interval, count)
         self._tallies: dict[_TallyKey, _Tally] = {}
 
     @property
@@ -205,14 +206,13 @@ class RefusalSummary:
         if self.threshold == 0:
             return True
         window = now_ms // self.interval_ms
-        key = (item.kind, source)
-        at, count = self._admitted.get(key, (window, 0))
+        at, count = self._admitted.get(source, (window, 0))
         if at != window:
             count = 0
         if count < self.threshold:
-            self._admitted[key] = (window, count + 1)
+            self._admitted[source] = (window, count + 1)
             return True
-        self._admitted[key] = (window, count)
+        self._admitted[source] = (window, count)
         detail = item.detail or {}
         tally = self._tallies.get((item.kind, source, item.decision, window))
         if tally is None:
@@ -235,9 +235,9 @@ class RefusalSummary:
         current = now_ms // self.interval_ms
         due = sorted((k for k in self._tallies if final or k[3] < current), key=lambda k: (k[3], k))
         out = [(k, self._tallies.pop(k)) for k in due]
-        for key, (at, _) in list(self._admitted.items()):
+        for source, (at, _) in list(self._admitted.items()):
             if at < current:
-                del self._admitted[key]
+                del self._admitted[source]
         return out
 
     def restore(self, taken: Sequence[tuple[_TallyKey, _Tally]]) -> None:

@@ -36,8 +36,8 @@ class BrokerConfig:
     default_publish_rate_per_s: int = 2000
     audit_checkpoint_every: int = 500
     # Refusals a partner can cause at will are audited one by one up to this many per
-    # partner and interval; the rest are counted and summarised per reason when the
-    # interval closes (0 = every refusal one by one).
+    # partner and interval (all kinds together); the rest are counted and summarised per
+    # kind and reason when the interval closes (0 = every refusal one by one).
     refusal_audit_threshold: int = 100
     refusal_audit_interval_ms: int = 60_000
     log_json: bool = False
