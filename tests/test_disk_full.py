@@ -438,6 +438,15 @@ async def test_restart_on_a_completely_full_disk(
                 await usa.register_keys()
             assert err.value.status == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
             assert "disk is full" in str(err.value), err.value
+            # A delivery is audited before it leaves: as long as the audit log has room
+            # (SQLite may reuse its write-ahead log's space) the stored messages arrive,
+            # and once it has none the stream ends, saying why.
+            try:
+                got = await asyncio.wait_for(_receive_all(usa, 3), 20)
+                assert got == [b"report 0", b"report 1", b"report 2"]
+            except ClientError as exc:
+                assert exc.status == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                assert "audit log cannot be written" in str(exc), exc
         b.signal(signal.SIGTERM)
         assert await b.wait_exit() == 0, b.log()
         assert "Traceback" not in b.log(), b.log()
