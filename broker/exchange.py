@@ -383,7 +383,10 @@ class ExchangeCore:
         """The partner's token bucket and its rate (policy, else the broker's default)."""
         rec = self.registry.get(partner)
         rate = (rec.policy.publish_rate_per_s if rec else 0) or self.cfg.default_publish_rate_per_s
-        return self._buckets.setdefault(partner, TokenBucket(rate, now)), rate
+        bucket = self._buckets.get(partner)
+        if bucket is None:
+            bucket = self._buckets[partner] = TokenBucket(rate, now)
+        return bucket, rate
 
     async def _throttled(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope], rate: int, now: int
