@@ -1044,15 +1044,25 @@ class ExchangeCore:
             bundle = verify_key_bundle(signed, key, partner, now)
         except (KeyError, IdentityError, ValueError) as exc:
             raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}") from exc
-        await self.registry.set_bundle(
-            partner,
-            bundle.key_id,
-            signed,
-            now,
-            audit=AuditItem(
-                "keys.registered", partner, partner, "", "allow", {"key_id": bundle.key_id}
-            ),
-        )
+        try:
+            await self.registry.set_bundle(
+                partner,
+                bundle.key_id,
+                signed,
+                now,
+                audit=AuditItem(
+                    "keys.registered", partner, partner, "", "allow", {"key_id": bundle.key_id}
+                ),
+            )
+        except Exhausted:
+            if rec.bundle is None or rec.bundle.SerializeToString() != signed.SerializeToString():
+                raise
+            # A node reconnecting with the bundle the broker already has: nothing changes,
+            # so a full disk (which cannot take the write) need not keep it out.
+            log.warning(
+                "key bundle unchanged, not written again (disk full)", extra={"partner": partner}
+            )
+            return bundle.key_id
         await self.registry_changed()
         return bundle.key_id
 
