@@ -11,7 +11,7 @@ import logging
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit import AuditItem, AuditLog
+from broker.audit import AuditError, AuditItem, AuditLog
 from broker.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, Precondition
 from broker.exchange import ExchangeCore
 from broker.registry import Registry, StaleVersion, pending_policy
@@ -286,13 +286,16 @@ class AdminCore:
                 f"recorded at acceptance (offsets {shown})"
             )
         ok = res.ok and not tampered
-        await self.audit.record(
-            kind="admin.action",
-            actor=operator,
-            decision="allow" if ok else "verify_failed",
-            detail={"action": "audit.verify", "ok": ok, "tampered": len(tampered)},
-            now_ms=self._now(),
-        )
+        try:
+            await self.audit.record(
+                kind="admin.action",
+                actor=operator,
+                decision="allow" if ok else "verify_failed",
+                detail={"action": "audit.verify", "ok": ok, "tampered": len(tampered)},
+                now_ms=self._now(),
+            )
+        except AuditError as exc:  # a full disk: the verdict is still worth having
+            log.critical("audit.verify by %s not audited: %s", operator, exc)
         return admin_pb2.VerifyAuditResponse(
             ok=ok,
             entries=res.entries,

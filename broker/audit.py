@@ -6,14 +6,25 @@ entries, and on close, the broker signs the chain head with its audit key.
 
 Callers must never put plaintext, keys, tokens or other secrets in ``detail``: entries are
 shown to operators and exported. Record identifiers, labels, reasons and sizes instead.
+
+Refusals a partner can cause at will (``publish.refused``, ``auth.refused``, ...) go through
+``record_refusal`` / ``admit_refusal``: the first ``refusal_threshold`` of each partner in an
+interval (all kinds together) are recorded one by one, the rest are counted (see
+RefusalSummary) and written as one ``<kind>.summary`` entry per reason when the interval
+closes, so a flood of refusals costs the disk a bounded number of entries per interval
+however fast it arrives.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +42,9 @@ from broker.store.readers import ReaderPool
 from broker.store.writer import GroupCommitWriter, is_disk_full
 from coalition.v1 import audit_pb2
 
-__all__ = ["AuditError", "AuditLog", "VerifyResult"]
+__all__ = ["AuditError", "AuditItem", "AuditLog", "RefusalSummary", "VerifyResult"]
+
+log = logging.getLogger("coalition.broker.audit")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -133,6 +146,132 @@ def _fields(item: AuditItem, now_ms: int) -> audit_pb2.AuditEntry:
     )
 
 
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class _Tally:
+    """Refusals of one kind, source and reason in one interval, beyond the threshold."""
+
+    actor: str
+    partner: str
+    status: str
+    example: str
+    first_ms: int
+    first_message_id: str
+    last_ms: int = 0
+    last_message_id: str = ""
+    count: int = 0
+
+
+# (kind, source, reason, interval index)
+_TallyKey = tuple[str, str, str, int]
+
+
+class RefusalSummary:
+    """Which refusals to record one by one, and exact counts of the others.
+
+    Pure bookkeeping: no I/O, the time is passed in. Intervals are aligned to multiples of
+    interval_ms. Per source (who caused them, e.g. the partner), whatever the kind, the
+    first ``threshold`` refusals of an interval are admitted (to be recorded one by one);
+    the rest are tallied per kind and reason and, once their interval has closed, taken
+    as summary entries. A threshold of 0 admits everything. Memory: one counter per
+    source and one tally per (kind, source, reason) with refusals beyond the threshold.
+    """
+
+    def __init__(self, threshold: int, interval_ms: int) -> None:
+        if threshold < 0:
+            raise ValueError("refusal_audit_threshold must be 0 or more")
+        if interval_ms < 1:
+            raise ValueError("refusal_audit_interval_ms must be at least 1")
+        self.threshold = threshold
+        self.interval_ms = interval_ms
+        self._admitted: dict[str, tuple[int, int]] = {}  # source -> (interval, count)
+        self._tallies: dict[_TallyKey, _Tally] = {}
+
+    @property
+    def pending(self) -> int:
+        """Refusals counted and not yet taken as summaries."""
+        return sum(t.count for t in self._tallies.values())
+
+    def next_due_ms(self) -> int | None:
+        """When the earliest pending interval closes (None when nothing is pending)."""
+        if not self._tallies:
+            return None
+        return (min(k[3] for k in self._tallies) + 1) * self.interval_ms
+
+    def admit(self, item: AuditItem, source: str, now_ms: int) -> bool:
+        """True: record item one by one. False: it was counted into its interval's summary."""
+        if self.threshold == 0:
+            return True
+        window = now_ms // self.interval_ms
+        at, count = self._admitted.get(source, (window, 0))
+        if at != window:
+            count = 0
+        if count < self.threshold:
+            self._admitted[source] = (window, count + 1)
+            return True
+        self._admitted[source] = (window, count)
+        detail = item.detail or {}
+        tally = self._tallies.get((item.kind, source, item.decision, window))
+        if tally is None:
+            tally = self._tallies[(item.kind, source, item.decision, window)] = _Tally(
+                actor=item.actor,
+                partner=item.partner,
+                status=str(detail.get("status", "")),
+                example=str(detail.get("reason", "")),
+                first_ms=now_ms,
+                first_message_id=item.message_id,
+            )
+        tally.count += 1
+        tally.last_ms = now_ms
+        tally.last_message_id = item.message_id
+        return False
+
+    def take_due(self, now_ms: int, *, final: bool = False) -> list[tuple[_TallyKey, _Tally]]:
+        """The tallies of intervals that have closed by now_ms (all of them when final),
+        removed from the pending ones; put them back with restore() if not written."""
+        current = now_ms // self.interval_ms
+        due = sorted((k for k in self._tallies if final or k[3] < current), key=lambda k: (k[3], k))
+        out = [(k, self._tallies.pop(k)) for k in due]
+        for source, (at, _) in list(self._admitted.items()):
+            if at < current:
+                del self._admitted[source]
+        return out
+
+    def restore(self, taken: Sequence[tuple[_TallyKey, _Tally]]) -> None:
+        """Put back tallies that take_due returned but could not be written."""
+        for key, tally in taken:
+            have = self._tallies.get(key)
+            if have is None:
+                self._tallies[key] = tally
+            else:  # counted again meanwhile (the clock went back): merge, keep it exact
+                have.count += tally.count
+                have.first_ms, have.first_message_id = tally.first_ms, tally.first_message_id
+
+    def summary(self, key: _TallyKey, tally: _Tally) -> AuditItem:
+        """The summary entry of one tally: ``<kind>.summary`` with the exact count."""
+        kind, source, reason, window = key
+        detail: dict[str, object] = {
+            "count": tally.count,
+            "reason_code": reason,
+            "interval_start_ms": window * self.interval_ms,
+            "interval_ms": self.interval_ms,
+            "recorded_individually_up_to": self.threshold,
+            "first_ms": tally.first_ms,
+            "last_ms": tally.last_ms,
+            "first_message_id": tally.first_message_id,
+            "last_message_id": tally.last_message_id,
+            "example": tally.example,
+        }
+        if tally.status:
+            detail["status"] = tally.status
+        return AuditItem(
+            f"{kind}.summary", tally.actor or source, tally.partner, "", reason, detail
+        )
+
+
 def _head(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
     row = conn.execute(
         "SELECT seq, hash, time_ms FROM entries ORDER BY seq DESC LIMIT 1"
@@ -160,11 +299,16 @@ class AuditLog:
         readers: ReaderPool,
         signing_key: Ed25519PrivateKey,
         checkpoint_every: int,
+        refusals: RefusalSummary | None = None,
+        clock: Callable[[], int] = _wall_clock_ms,
     ) -> None:
         self._writer = writer
         self._readers = readers
         self._key = signing_key
         self._every = checkpoint_every
+        self._refusals = refusals or RefusalSummary(0, 1)
+        self._clock = clock
+        self._summarizer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -172,10 +316,16 @@ class AuditLog:
         path: str | os.PathLike[str],
         signing_key: Ed25519PrivateKey,
         checkpoint_every: int = 500,
+        *,
+        refusal_threshold: int = 0,
+        refusal_interval_ms: int = 60_000,
+        clock: Callable[[], int] = _wall_clock_ms,
     ) -> AuditLog:
-        """Open or create the log at path; raises AuditError, ValueError for checkpoint_every<1."""
+        """Open or create the log at path; raises AuditError, ValueError for checkpoint_every<1
+        or a bad refusal threshold or interval (see RefusalSummary; clock times the summaries)."""
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
+        refusals = RefusalSummary(refusal_threshold, refusal_interval_ms)
         writer = await GroupCommitWriter.open(
             path, schema=_SCHEMA, name="audit-log", map_error=_map_error
         )
@@ -184,7 +334,7 @@ class AuditLog:
         except BaseException:
             await writer.close()
             raise
-        return cls(writer, readers, signing_key, checkpoint_every)
+        return cls(writer, readers, signing_key, checkpoint_every, refusals, clock)
 
     @property
     def commits(self) -> int:
@@ -235,6 +385,66 @@ class AuditLog:
             return out
 
         return await self._writer.submit(job)
+
+    # -- refusals a partner can cause at will -------------------------------------------
+    def admit_refusal(self, item: AuditItem, now_ms: int, source: str = "") -> bool:
+        """Whether to record this refusal entry one by one (True), or count it into its
+        interval's summary (False; written once the interval closes, or at close()).
+
+        source is who the threshold counts against (default: the entry's partner, else
+        its actor). A caller that gets True must record the item itself.
+        """
+        if self._refusals.admit(item, source or item.partner or item.actor, now_ms):
+            return True
+        if self._summarizer is None or self._summarizer.done():
+            self._summarizer = asyncio.get_running_loop().create_task(self._summarize())
+        return False
+
+    async def record_refusal(self, item: AuditItem, *, now_ms: int, source: str = "") -> bool:
+        """Record a refusal entry, or count it (see admit_refusal); True if written now.
+
+        Raises AuditError (only when it writes) and ValueError like record().
+        """
+        if not self.admit_refusal(item, now_ms, source):
+            return False
+        await self.record_many([item], now_ms=now_ms)
+        return True
+
+    async def flush_refusals(self, now_ms: int, *, final: bool = False) -> int:
+        """Write the summaries of intervals closed by now_ms (every pending one when final);
+        how many entries. Raises AuditError, and then keeps the counts for the next try."""
+        taken = self._refusals.take_due(now_ms, final=final)
+        if not taken:
+            return 0
+        items = [self._refusals.summary(k, t) for k, t in taken]
+        try:
+            await self.record_many(items, now_ms=now_ms)
+        except BaseException:
+            self._refusals.restore(taken)
+            raise
+        for item in items:
+            log.info(
+                "refusals summarised",
+                extra={
+                    "kind": item.kind,
+                    "partner": item.partner or item.actor,
+                    "reason": item.decision,
+                    "count": (item.detail or {}).get("count"),
+                },
+            )
+        return len(items)
+
+    async def _summarize(self) -> None:
+        """Write each interval's summaries once it has closed, while any are pending."""
+        while (due := self._refusals.next_due_ms()) is not None:
+            await asyncio.sleep(max(due - self._clock(), 0) / 1000 + 0.05)
+            try:
+                await self.flush_refusals(self._clock())
+            except AuditError as exc:
+                log.critical("refusal summaries not written yet (kept, retried): %s", exc)
+                await asyncio.sleep(1)
+            except RuntimeError:  # closed
+                return
 
     async def checkpoint(self, now_ms: int) -> audit_pb2.AuditCheckpoint:
         """Sign the current head (seq 0 and zero hash when empty), store and return it."""
@@ -322,7 +532,22 @@ class AuditLog:
 
     async def close(self, now_ms: int | None = None) -> None:
         """Checkpoint the head if it is not yet (at now_ms, default the last entry's time),
-        then commit and close."""
+        then commit and close. Pending refusal summaries are written first (if the log
+        cannot take them, their counts are logged at CRITICAL instead)."""
+        if self._summarizer is not None:
+            self._summarizer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._summarizer
+        at = self._clock() if now_ms is None else now_ms
+        try:
+            await self.flush_refusals(at, final=True)
+        except (AuditError, RuntimeError) as exc:
+            lost = self._refusals.take_due(at, final=True)
+            log.critical(
+                "refusal summaries not written: %s (counts: %s)",
+                exc,
+                "; ".join(f"{k[0]} {k[1]} {k[2]}={t.count}" for k, t in lost),
+            )
 
         def job(conn: sqlite3.Connection) -> None:
             seq, chain_hash, time_ms = _head(conn)

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from broker.audit import AuditError, AuditLog
+from broker.audit import AuditError, AuditItem, AuditLog
 from broker.config import BrokerConfig
 from broker.connections import ConnectionLimit
 from broker.registry import Registry
@@ -215,14 +215,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             self._hold_connection(context, ident)
             _IDENTITY.set(ident)
         except AuthRefused as exc:
-            await self.audit.record(
-                kind="auth.refused",
-                actor=exc.actor or context.peer(),
-                decision=exc.code,
-                detail={"method": method, "reason": exc.message, "tls": _tls_version(context)},
-                now_ms=self.clock(),
-            )
-            log.warning("refused", extra={"method": method, "actor": exc.actor, "reason": exc.code})
+            detail = {"method": method, "reason": exc.message, "tls": _tls_version(context)}
+            item = AuditItem("auth.refused", exc.actor or context.peer(), "", "", exc.code, detail)
+            try:
+                # One by one up to a threshold per caller and interval, then summarised.
+                one_by_one = await self.audit.record_refusal(
+                    item, now_ms=self.clock(), source=exc.actor or "unidentified"
+                )
+            except AuditError as err:  # disk full: still refuse, with the right status
+                one_by_one = True
+                log.critical("auth refusal not audited: %s", err)
+            if one_by_one:
+                log.warning(
+                    "refused", extra={"method": method, "actor": exc.actor, "reason": exc.code}
+                )
             await context.abort(exc.status, exc.message)
         self.track(context, method)
 

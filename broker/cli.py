@@ -7,12 +7,15 @@ import asyncio
 import gc
 import logging
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from broker.audit import AuditError
 from broker.config import BrokerConfig, ConfigError, load_config
 from broker.logs import setup_logging
+from broker.store import StoreError
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -54,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--min-free-bytes", type=int, help="free disk kept in reserve (default 64 MiB)")
     s.add_argument("--clock-skew-ms", type=int)
     s.add_argument("--audit-checkpoint-every", type=int, help="sign a checkpoint every N entries")
+    s.add_argument(
+        "--refusal-audit-threshold",
+        type=int,
+        help="refusals audited one by one per partner and interval (default 100; 0 = all)",
+    )
+    s.add_argument(
+        "--refusal-audit-interval-ms", type=int, help="refusal summary interval (default 60000)"
+    )
     s.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--port-file", type=Path, help="write the bound port here once serving")
@@ -78,6 +89,8 @@ def _config(ns: argparse.Namespace) -> BrokerConfig:
         min_free_bytes=ns.min_free_bytes,
         clock_skew_ms=ns.clock_skew_ms,
         audit_checkpoint_every=ns.audit_checkpoint_every,
+        refusal_audit_threshold=ns.refusal_audit_threshold,
+        refusal_audit_interval_ms=ns.refusal_audit_interval_ms,
         log_json=ns.log_json,
         log_level=ns.log_level,
     )
@@ -145,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return uvloop.run(_serve(cfg, ns))
         return asyncio.run(_serve(cfg, ns))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, sqlite3.Error, AuditError, StoreError) as exc:
+        # One line, no traceback: what failed is in the message (a full disk says so).
         print(f"coalition-broker: cannot start: {exc}", file=sys.stderr)
         return 1
 

@@ -55,6 +55,11 @@ class BrokerConfig:
     live_delivery: bool = True
     default_publish_rate_per_s: int = 2000
     audit_checkpoint_every: int = 500
+    # Refusals a partner can cause at will are audited one by one up to this many per
+    # partner and interval (all kinds together); the rest are counted and summarised per
+    # kind and reason when the interval closes (0 = every refusal one by one).
+    refusal_audit_threshold: int = 100
+    refusal_audit_interval_ms: int = 60_000
     log_json: bool = False
     log_level: str = "info"
     revoked_serials: tuple[str, ...] = field(default_factory=tuple)
@@ -90,6 +95,8 @@ _SECTIONS = {
         "max_connections_per_identity",
         "default_publish_rate_per_s",
         "audit_checkpoint_every",
+        "refusal_audit_threshold",
+        "refusal_audit_interval_ms",
     },
     "log": {"json", "level"},
 }

@@ -231,21 +231,41 @@ def _iso(ms: int) -> str:
 
 
 class TokenBucket:
-    """Per-partner publish rate limit."""
+    """Per-partner publish rate limit: every envelope the broker works on takes a token,
+    accepted or refused (a refusal costs a signature check and an audit entry too).
+
+    A refused envelope is charged after the fact (charge()), which may leave the bucket
+    in debt by at most one request's envelopes; while it holds less than one token,
+    whole requests are refused before any work (empty()).
+    """
 
     def __init__(self, rate: int, now_ms: int) -> None:
         self.rate = max(rate, 1)
         self.tokens = float(self.rate)
         self.at = now_ms
 
-    def take(self, now_ms: int, rate: int) -> bool:
+    def _refill(self, now_ms: int, rate: int) -> None:
         self.rate = max(rate, 1)
-        self.tokens = min(float(self.rate), self.tokens + (now_ms - self.at) * self.rate / 1000)
-        self.at = now_ms
+        elapsed = max(now_ms - self.at, 0)
+        self.tokens = min(float(self.rate), self.tokens + elapsed * self.rate / 1000)
+        self.at = max(self.at, now_ms)
+
+    def take(self, now_ms: int, rate: int) -> bool:
+        """Take one token if there is one."""
+        self._refill(now_ms, rate)
         if self.tokens >= 1:
             self.tokens -= 1
             return True
         return False
+
+    def charge(self, n: int = 1) -> None:
+        """Take n tokens for work already done (refused envelopes), into debt if need be."""
+        self.tokens -= n
+
+    def empty(self, now_ms: int, rate: int) -> bool:
+        """Whether not even one token is left (refilled up to now_ms first)."""
+        self._refill(now_ms, rate)
+        return self.tokens < 1
 
 
 class ExchangeCore:
@@ -333,8 +353,17 @@ class ExchangeCore:
         if self.closing:
             raise Unavailable("shutting_down", "the broker is shutting down; retry shortly")
         now = self.clock()
+        bucket, rate = self._bucket(partner, now)
+        if bucket.empty(now, rate):
+            # Over its rate, refused envelopes included: refuse the whole request before
+            # any signature check or store work (its audit entries are summarised too).
+            return await self._throttled(partner, envelopes, rate, now)
         if self.audit_failed:
-            await self._probe_audit(now)
+            try:
+                await self._probe_audit(now)
+            except BrokerError:
+                bucket.charge(len(envelopes))
+                raise
         results: list[exchange_pb2.PublishResult | None] = [None] * len(envelopes)
         accepted: list[tuple[int, NewMessage, envelope_pb2.Header]] = []
         labels: dict[int, Label] = {}
@@ -346,6 +375,8 @@ class ExchangeCore:
                 header = checked
                 label, msg = self._validate(partner, e, header, now)
             except BrokerError as err:
+                if err.code != "rate_limited":
+                    bucket.charge()  # refused work counts against the rate as well
                 results[i] = self._refusal(e, err)
                 continue
             accepted.append((i, msg, header))
@@ -400,24 +431,7 @@ class ExchangeCore:
                         )
                     )
                     results[i] = self._refusal(envelopes[i], refusal, header)
-        for i, r in enumerate(results):
-            assert r is not None
-            if r.outcome == exchange_pb2.REFUSED:
-                self.counters[partner].refused += 1
-                audits.append(
-                    AuditItem(
-                        "publish.refused",
-                        partner,
-                        partner,
-                        r.message_id,
-                        r.reason_code,
-                        {"reason": r.reason, "status": r.status, "index": i},
-                    )
-                )
-                log.info(
-                    "publish refused",
-                    extra={"partner": partner, "reason": r.reason_code, "message_id": r.message_id},
-                )
+        audits += self._refusal_audits(partner, results, now)
         if fresh:
             # Stored durably: subscribers may have them now. Their delivery audit entries
             # are queued behind this publish's own (the audit writer is FIFO and nothing
@@ -444,6 +458,64 @@ class ExchangeCore:
         finally:
             self._accepting.difference_update(stored)
         return [r for r in results if r is not None]
+
+    def _bucket(self, partner: str, now: int) -> tuple[TokenBucket, int]:
+        """The partner's token bucket and its rate (policy, else the broker's default)."""
+        rec = self.registry.get(partner)
+        rate = (rec.policy.publish_rate_per_s if rec else 0) or self.cfg.default_publish_rate_per_s
+        bucket = self._buckets.get(partner)
+        if bucket is None:
+            bucket = self._buckets[partner] = TokenBucket(rate, now)
+        return bucket, rate
+
+    async def _throttled(
+        self, partner: str, envelopes: Sequence[envelope_pb2.Envelope], rate: int, now: int
+    ) -> list[exchange_pb2.PublishResult]:
+        """Refuse a whole request rate_limited, cheaply: no signature check, no store."""
+        err = Exhausted(
+            "rate_limited",
+            f"{partner} is over its rate of {rate} messages/s (refused envelopes count too); "
+            "slow down and retry",
+        )
+        results = [self._refusal(e, err) for e in envelopes]
+        audits = self._refusal_audits(partner, results, now)
+        if audits:
+            try:
+                await self.audit.record_many(audits, now_ms=now)
+            except AuditError:
+                self.audit_failed = True
+                log.critical("audit log cannot be written; refusing publishes until it can")
+        return results
+
+    def _refusal_audits(
+        self,
+        partner: str,
+        results: Sequence[exchange_pb2.PublishResult | None],
+        now: int,
+    ) -> list[AuditItem]:
+        """The publish.refused entries to record one by one for the refused results; the
+        audit log counts the rest into its summaries (see AuditLog.admit_refusal)."""
+        out: list[AuditItem] = []
+        for i, r in enumerate(results):
+            assert r is not None
+            if r.outcome != exchange_pb2.REFUSED:
+                continue
+            self.counters[partner].refused += 1
+            item = AuditItem(
+                "publish.refused",
+                partner,
+                partner,
+                r.message_id,
+                r.reason_code,
+                {"reason": r.reason, "status": r.status, "index": i},
+            )
+            if self.audit.admit_refusal(item, now):
+                out.append(item)
+                log.info(
+                    "publish refused",
+                    extra={"partner": partner, "reason": r.reason_code, "message_id": r.message_id},
+                )
+        return out
 
     def _advance_audited(self, offsets: Sequence[int]) -> None:
         """These offsets' acceptance entries are durable: move the mark over the prefix."""
@@ -920,7 +992,14 @@ class ExchangeCore:
                     )
                 )
             # Audited before it leaves: every delivery decision is durable first.
-            await self.audit.record_many(audits, now_ms=now)
+            try:
+                await self.audit.record_many(audits, now_ms=now)
+            except AuditError as exc:
+                raise Exhausted(
+                    "audit_unavailable",
+                    "the audit log cannot be written (the broker's disk is full?); "
+                    "deliveries resume once it can, reconnect later",
+                ) from exc
             if out.deliveries:
                 yield resp
             if skipped:
@@ -1130,15 +1209,25 @@ class ExchangeCore:
             bundle = verify_key_bundle(signed, key, partner, now)
         except (KeyError, IdentityError, ValueError) as exc:
             raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}") from exc
-        await self.registry.set_bundle(
-            partner,
-            bundle.key_id,
-            signed,
-            now,
-            audit=AuditItem(
-                "keys.registered", partner, partner, "", "allow", {"key_id": bundle.key_id}
-            ),
-        )
+        try:
+            await self.registry.set_bundle(
+                partner,
+                bundle.key_id,
+                signed,
+                now,
+                audit=AuditItem(
+                    "keys.registered", partner, partner, "", "allow", {"key_id": bundle.key_id}
+                ),
+            )
+        except Exhausted:
+            if rec.bundle is None or rec.bundle.SerializeToString() != signed.SerializeToString():
+                raise
+            # A node reconnecting with the bundle the broker already has: nothing changes,
+            # so a full disk (which cannot take the write) need not keep it out.
+            log.warning(
+                "key bundle unchanged, not written again (disk full)", extra={"partner": partner}
+            )
+            return bundle.key_id
         await self.registry_changed()
         return bundle.key_id
 

@@ -8,6 +8,7 @@ partner is cached in memory because every delivery decision reads it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sqlite3
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.audit import AuditItem
+from broker.errors import Exhausted
+from broker.store.writer import is_disk_full
 from coalition.policy import PartnerPolicy, PartnerStatus, policy_from_proto, policy_to_proto
 from coalition.v1 import directory_pb2, policy_pb2
 
@@ -120,8 +123,8 @@ class Registry:
     def _transaction(self, audit: AuditItem | None, now_ms: int) -> Iterator[None]:
         """One transaction holding the change and its audit entry (the caller holds the
         lock)."""
-        self._db.execute("BEGIN IMMEDIATE")
         try:
+            self._db.execute("BEGIN IMMEDIATE")
             yield
             if audit is not None:
                 self._db.execute(
@@ -129,8 +132,15 @@ class Registry:
                     (json.dumps(dataclasses.asdict(audit)), now_ms),
                 )
             self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
+        except BaseException as exc:
+            # SQLite rolls a transaction back by itself on some errors (SQLITE_FULL among
+            # them, also when COMMIT fails): a second ROLLBACK would fail with "no
+            # transaction is active" and hide the cause.
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            if is_disk_full(exc):
+                raise _disk_full(exc) from exc
             raise
 
     def _register(
@@ -411,7 +421,12 @@ class Registry:
 
         def run() -> None:
             with self._lock:
-                self._db.executemany("DELETE FROM audit_outbox WHERE id=?", ((i,) for i in ids))
+                try:
+                    self._db.executemany("DELETE FROM audit_outbox WHERE id=?", ((i,) for i in ids))
+                except sqlite3.Error as exc:
+                    if is_disk_full(exc):
+                        raise _disk_full(exc) from exc
+                    raise
 
         if ids:
             await asyncio.to_thread(run)
@@ -419,6 +434,15 @@ class Registry:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _disk_full(exc: BaseException) -> Exhausted:
+    """A registry write that failed because the broker's disk (or the file) is full."""
+    return Exhausted(
+        "disk_full",
+        "the broker's disk is full; registry changes (key bundles, policies, admissions) "
+        f"cannot be recorded until an operator frees space ({exc})",
+    )
 
 
 class _NothingToDo(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +22,19 @@ from broker.admin import AdminCore
 from broker.audit import AuditError, AuditLog
 from broker.auth import AuthInterceptor
 from broker.config import BrokerConfig
+from broker.errors import BrokerError
 from broker.exchange import Clock, ExchangeCore, wall_clock_ms
 from broker.registry import Registry
 from broker.retention import Retention
 from broker.servicers import AdminServicer, ExchangeServicer
-from broker.store import SqliteMessageStore
+from broker.store import SqliteMessageStore, StoreError
 from coalition.pki import load_broker
 from coalition.v1 import admin_pb2, admin_pb2_grpc, exchange_pb2, exchange_pb2_grpc
 
 log = logging.getLogger("coalition.broker")
+# Below this much free space (or the configured reserve) a failed start-up write is
+# taken for a full disk, not a fault.
+_LOW_DISK = 1 << 20
 
 SERVICES = (
     exchange_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
@@ -95,16 +100,32 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
         sender_bytes=cfg.sender_quota,
     )
     audit = await AuditLog.open(
-        data / "audit.db", creds.audit_key, checkpoint_every=cfg.audit_checkpoint_every
+        data / "audit.db",
+        creds.audit_key,
+        checkpoint_every=cfg.audit_checkpoint_every,
+        refusal_threshold=cfg.refusal_audit_threshold,
+        refusal_interval_ms=cfg.refusal_audit_interval_ms,
+        clock=clock,
     )
     registry = Registry(data / "state.db")
     exchange = ExchangeCore(cfg, store, audit, registry, creds.ca_cert, clock)
     # Before serving: acceptances and registry changes a crash kept out of the audit log.
-    recovered = await exchange.reconcile_audit()
-    if recovered:
-        log.warning("recorded %d audit entries missing after a crash", recovered)
+    # On a full disk this cannot be written: serve anyway (deliveries, admin reads) and
+    # refuse publishes until it can (the next publish after space is freed does it).
+    unwritten: list[str] = []
+    try:
+        recovered = await exchange.reconcile_audit()
+        if recovered:
+            log.warning("recorded %d audit entries missing after a crash", recovered)
+    except (AuditError, StoreError, BrokerError) as exc:
+        _degrade_or_raise(cfg, exc, exchange)
+        unwritten.append("the audit recovery after a crash")
     retention = Retention(exchange, store, audit, clock, max_notices=cfg.max_notices_per_partner)
-    await retention.start()  # expiries a crash left unaudited; streams send the rest
+    try:
+        await retention.start()  # expiries a crash left unaudited; streams send the rest
+    except (AuditError, StoreError, BrokerError) as exc:
+        _degrade_or_raise(cfg, exc, exchange)
+        unwritten.append("the expiry notices left by a crash")
     _warn_overcommitted(cfg, len(registry.all()))
     admin = AdminCore(exchange, registry, audit, creds.audit_key.public_key())
     auth = AuthInterceptor(cfg, registry, audit, clock)
@@ -145,13 +166,18 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     broker._retention = asyncio.create_task(
         _retention_loop(retention, cfg.retention_interval_ms / 1000)
     )
-    await audit.record(
-        kind="broker.started",
-        actor="broker",
-        decision="allow",
-        detail={"port": port},
-        now_ms=clock(),
-    )
+    try:
+        await audit.record(
+            kind="broker.started",
+            actor="broker",
+            decision="allow",
+            detail={"port": port},
+            now_ms=clock(),
+        )
+    except AuditError as exc:
+        _degrade_or_raise(cfg, exc, exchange)
+        unwritten.append("broker.started")
+    _report_disk(cfg, unwritten)
     log.info("serving", extra={"listen": cfg.listen, "port": port, "data_dir": str(data)})
     return broker
 
@@ -174,6 +200,41 @@ def _stream_limits(cfg: BrokerConfig) -> list[tuple[str, int]]:
     if cfg.max_connection_idle_ms > 0:
         opts.append(("grpc.max_connection_idle_ms", cfg.max_connection_idle_ms))
     return opts
+
+
+def _free_bytes(cfg: BrokerConfig) -> int | None:
+    try:
+        return shutil.disk_usage(cfg.data_dir).free
+    except OSError:
+        return None
+
+
+def _degrade_or_raise(cfg: BrokerConfig, exc: Exception, exchange: ExchangeCore) -> None:
+    """A start-up write failed: on a full disk, serve without it (publishes refused until
+    the audit log can be written); otherwise it is a real fault, raised."""
+    free = _free_bytes(cfg)
+    if free is None or free >= max(cfg.min_free_bytes, _LOW_DISK):
+        raise exc
+    exchange.audit_failed = True
+
+
+def _report_disk(cfg: BrokerConfig, unwritten: list[str]) -> None:
+    """One log line when starting on a (nearly) full disk: what works and what is refused."""
+    free = _free_bytes(cfg)
+    if free is None:
+        return
+    mib = f"{free / 1048576:.1f} MiB free, {cfg.min_free_bytes / 1048576:.1f} MiB reserve"
+    if unwritten:
+        log.critical(
+            f"the data disk is full ({mib}): could not record {' and '.join(unwritten)}; "
+            "serving deliveries and admin reads, refusing publishes (audit_unavailable) "
+            "until space is freed"
+        )
+    elif free < cfg.min_free_bytes:
+        log.warning(
+            f"the data disk is nearly full ({mib}): publishes are refused (store_full) "
+            "until space is freed; deliveries and admin calls are served"
+        )
 
 
 async def _retention_loop(retention: Retention, every_s: float) -> None:

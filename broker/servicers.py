@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import grpc
 
 from broker.admin import AdminCore
+from broker.audit import AuditError, AuditItem
 from broker.auth import current_identity
 from broker.errors import BrokerError, InvalidInput
 from broker.exchange import ExchangeCore
@@ -26,6 +28,7 @@ from coalition.v1 import (
     policy_pb2,
 )
 
+log = logging.getLogger("coalition.broker")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
 # Publish requests of one stream being processed at once.
@@ -43,14 +46,11 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         self.core = core
 
     async def _refuse(self, ctx: Ctx, kind: str, partner: str, err: BrokerError) -> None:
-        await self.core.audit.record(
-            kind=kind,
-            actor=partner,
-            partner=partner,
-            decision=err.code,
-            detail={"reason": err.message},
-            now_ms=self.core.clock(),
-        )
+        item = AuditItem(kind, partner, partner, "", err.code, {"reason": err.message})
+        try:  # one by one up to a threshold per partner and interval, then summarised
+            await self.core.audit.record_refusal(item, now_ms=self.core.clock())
+        except AuditError as exc:  # disk full: the caller still gets the refusal itself
+            log.critical("%s not audited: %s", kind, exc)
         await _abort(ctx, err)
 
     async def Publish(
@@ -185,7 +185,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         try:
             return await coro
         except BrokerError as err:
-            await self.core.refused(current_identity().name, action, err.code, err.message, partner)
+            try:
+                await self.core.refused(
+                    current_identity().name, action, err.code, err.message, partner
+                )
+            except AuditError as exc:  # disk full: the operator still gets the refusal
+                log.critical("admin.refused not audited: %s", exc)
             await _abort(ctx, err)
             raise  # abort() raises; this keeps the type checker informed
 
