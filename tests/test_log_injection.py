@@ -38,31 +38,42 @@ def broker_proc(pki: Path, tmp_path: Path) -> Iterator[ConfiguredBroker]:
 
 
 async def test_forged_message_id_cannot_forge_a_log_line(
-    pki: Path, broker_proc: ConfiguredBroker
+    pki: Path, broker_proc: ConfiguredBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await broker_proc.start()
     port = broker_proc.port
     await admit(pki, port, policy("KOR"))
     kor = load_partner(pki / "partners" / "KOR")
-    # Signed with a key that is not KOR's certified key: the broker refuses it
-    # bad_signature, and logs the refusal with the (unverified) message id.
-    bad = env.seal(
-        plaintext=b"x",
-        message_id=EVIL_ID,
-        sender="KOR",
-        signing_key=Ed25519PrivateKey.generate(),
-        signing_key_id=kor.signing_key_id,
-        sequence=1,
-        topic="intel.a",
-        label=label_to_proto(parse_label("NATO SECRET // REL TO KOR, USA")),
-        precedence=1,
-        content_type=env.INTEL_SUMMARY,
-        recipients=[env.Recipient("USA", "k1", HpkePrivateKey.generate().public_key())],
-        created_ms=now_ms(),
-    )
+
+    def sealed(message_id: str) -> env.envelope_pb2.Envelope:
+        # Signed with a key that is not KOR's certified key: refused whatever else holds.
+        return env.seal(
+            plaintext=b"x",
+            message_id=message_id,
+            sender="KOR",
+            signing_key=Ed25519PrivateKey.generate(),
+            signing_key_id=kor.signing_key_id,
+            sequence=1,
+            topic="intel.a",
+            label=label_to_proto(parse_label("NATO SECRET // REL TO KOR, USA")),
+            precedence=1,
+            content_type=env.INTEL_SUMMARY,
+            recipients=[env.Recipient("USA", "k1", HpkePrivateKey.generate().public_key())],
+            created_ms=now_ms(),
+        )
+
+    plain = sealed("m0")
+    # An attacker does not use our seal(): switch off the header bounds it applies to
+    # itself, so the broker sees the forged id (and refuses it as malformed).
+    monkeypatch.setattr(env, "_scalar_problem", lambda header: "")
+    evil = sealed(EVIL_ID)
     async with partner(pki, "KOR", port) as c:
-        [res] = await c.publish([bad])
-    assert (res.outcome, res.reason_code) == (exchange_pb2.REFUSED, "bad_signature")
+        results = await c.publish([plain, evil])
+    assert [(r.outcome, r.reason_code) for r in results] == [
+        (exchange_pb2.REFUSED, "bad_signature"),
+        (exchange_pb2.REFUSED, "malformed"),
+    ]
+    assert "message_id" in results[1].reason
     broker_proc.signal(signal.SIGTERM)
     assert await broker_proc.wait_exit() == 0
     raw = broker_proc.log_bytes()
@@ -72,9 +83,10 @@ async def test_forged_message_id_cannot_forge_a_log_line(
     assert forged == [], text
     assert b"\x1b" not in raw
     assert b"\r" not in raw
-    # ... while the id was logged, escaped, on the refusal's own line.
-    [refusal] = [line for line in text.splitlines() if "publish refused" in line]
-    assert 'message_id="m1\\n2026-11-30T00:00:00.000Z info    forged line' in refusal
+    # ... and both refusals were logged, each on its own line.
+    refusals = [line for line in text.splitlines() if "publish refused" in line]
+    assert len(refusals) == 2, text
+    assert "reason=malformed" in refusals[1]
 
 
 # -- the formatter --------------------------------------------------------------------------
