@@ -162,13 +162,15 @@ class Report:
     expected_kinds: Counter[str] = field(default_factory=Counter)
     audited_kinds: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
+    problem_kinds: Counter[str] = field(default_factory=Counter)
     publish_requests: int = 0
     publish_answered: int = 0
     alive: bool = False
     serving: bool = False
     seconds: float = 0.0
 
-    def problem(self, case: int, text: str) -> None:
+    def problem(self, case: int, text: str, kind: str) -> None:
+        self.problem_kinds[kind] += 1
         if len(self.problems) < 50:
             self.problems.append(f"case {case}: {text}")
         else:
@@ -195,6 +197,7 @@ class Report:
             "publish_requests_answered": self.publish_answered,
             "broker_alive": self.alive,
             "health_serving": self.serving,
+            "problem_kinds": dict(sorted(self.problem_kinds.items())),
             "problems": self.problems,
         }
 
@@ -292,7 +295,9 @@ class Fuzzer:
         elif service(rpc) == AD:
             kind = "admin.refused"
         else:
-            self.report.problem(case, f"{rpc} as {who} refused {code.name} ({text}): no audit kind")
+            self.report.problem(
+                case, f"{rpc} as {who} refused {code.name} ({text}): no audit kind", "no audit kind"
+            )
             return
         self.report.expected_kinds[kind] += 1
         if os.environ.get("FUZZ_DEBUG") and kind == "request.malformed":  # per method
@@ -315,7 +320,7 @@ class Fuzzer:
             return
         self.report.statuses[code.name] += 1
         if code in BAD:
-            self.report.problem(case, f"{rpc} as {who}: {code.name}: {details}")
+            self.report.problem(case, f"{rpc} as {who}: {code.name}: {details}", code.name)
         elif code != grpc.StatusCode.OK:
             self.expect_refusal(case, who, rpc, code, details)
 
@@ -415,7 +420,11 @@ class Fuzzer:
         self.status(case, who, "Publish", end)
         self.report.publish_answered += len(got)
         if end[0] == grpc.StatusCode.OK and len(got) != len(reqs):
-            self.report.problem(case, f"Publish ended OK with {len(got)} of {len(reqs)} answered")
+            self.report.problem(
+                case,
+                f"Publish ended OK with {len(got)} of {len(reqs)} answered",
+                "silent drop: Publish ended OK with requests unanswered",
+            )
         admitted = IDENTITIES[who] == EX
         if admitted and end[0] == grpc.StatusCode.INVALID_ARGUMENT:
             if len(got) != len(answerable):
@@ -423,6 +432,7 @@ class Fuzzer:
                     case,
                     f"Publish answered {len(got)} requests before the malformed one, "
                     f"{len(answerable)} parsed",
+                    "Publish: answers before the malformed request",
                 )
         for sent, resp in zip(answerable, got, strict=False):
             if resp.batch_id != sent.batch_id or len(resp.results) != len(sent.envelopes):
@@ -430,12 +440,15 @@ class Fuzzer:
                     case,
                     f"Publish response {resp.batch_id} ({len(resp.results)} results) "
                     f"does not answer request {sent.batch_id} ({len(sent.envelopes)} envelopes)",
+                    "Publish: response does not match its request",
                 )
             for r in resp.results:
                 if r.outcome == exchange_pb2.REFUSED:
                     self.report.expected_kinds["publish.refused"] += 1
                     if r.status in ("UNKNOWN", "INTERNAL"):
-                        self.report.problem(case, f"envelope refused {r.status}: {r.reason}")
+                        self.report.problem(
+                            case, f"envelope refused {r.status}: {r.reason}", f"envelope {r.status}"
+                        )
 
     async def subscribe(
         self, case: int, rng: random.Random, ch: grpc.aio.Channel, who: str, method: str
@@ -461,7 +474,9 @@ class Fuzzer:
                 try:
                     await self.one(case)
                 except Exception as exc:  # a fuzzer bug must not pass as a broker success
-                    self.report.problem(case, f"fuzzer error {type(exc).__name__}: {exc}")
+                    self.report.problem(
+                        case, f"fuzzer error {type(exc).__name__}: {exc}", "fuzzer error"
+                    )
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -528,7 +543,7 @@ async def fuzz(n: int, seed: int, concurrency: int = 16, workdir: Path | None = 
             await fz.close()
         rep.seconds = time.monotonic() - started
         if not rep.alive:
-            rep.problems.append("broker died:\n" + proc.log()[-3000:])
+            rep.problem(-1, "broker died:\n" + proc.log()[-3000:], "broker died")
         return rep
     finally:
         proc.cleanup()
