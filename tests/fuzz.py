@@ -46,6 +46,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.sdk import PartnerClient, secure_channel
+from coalition import envelope as env
 from coalition.labels import label_to_proto, parse_label
 from coalition.pki import load_operator, load_partner, make_dev_pki
 from coalition.policy import policy_to_proto
@@ -149,6 +150,7 @@ class Seeds:
 
     requests: dict[str, list[bytes]]
     envelopes: list[envelope_pb2.Envelope]
+    signed: list[envelope_pb2.Envelope]
 
     def all(self) -> list[bytes]:
         return [r for rs in self.requests.values() for r in rs]
@@ -202,8 +204,9 @@ class Report:
         }
 
 
-async def make_seeds(pki: Path, port: int) -> Seeds:
+async def make_seeds(pki: Path, port: int, with_signed: bool = False) -> Seeds:
     label = parse_label("NATO SECRET // REL TO KOR, USA")
+    lab = label_to_proto(label)
     target = f"127.0.0.1:{port}"
     async with PartnerClient(load_partner(pki / "partners" / "USA"), target) as usa:
         await usa.register_keys()
@@ -214,9 +217,51 @@ async def make_seeds(pki: Path, port: int) -> Seeds:
             for i in range(8)
         ]
         bundle = kor.creds.bundle
+        usa_peer = (await kor.directory()).peers["USA"]
+        assert usa_peer.hpke_public is not None
+        to_usa = [env.Recipient("USA", usa_peer.key_id, usa_peer.hpke_public)]
+        signed: list[envelope_pb2.Envelope] = []
+        if with_signed:
+            # Envelopes KOR really signed, with edge values in the signed header: the
+            # checks after the signature see them (sequence, time, precedence, topic).
+            creds = kor.creds
+            edges: list[dict[str, Any]] = [
+                {"sequence": q} for q in (0, 2**63 - 1, 2**63, 2**64 - 1)
+            ] + [
+                {"created_ms": 0},
+                {"created_ms": 2**63 - 1},
+                {"created_ms": -(2**63)},
+                {"precedence": 0},
+                {"precedence": 2**31 - 1},
+                {"topic": ""},
+                {"topic": "intel." + "a" * 5000},
+                {"topic": "intel.\x00"},
+            ]
+            for i, edge in enumerate(edges):
+                fields: dict[str, Any] = {
+                    "sequence": 10_000 + i,
+                    "topic": "intel.a",
+                    "precedence": 1,
+                    "created_ms": now_ms(),
+                    **edge,
+                }
+                try:
+                    signed.append(
+                        env.seal(
+                            plaintext=b"edge",
+                            sender="KOR",
+                            signing_key=creds.signing_key,
+                            signing_key_id=creds.signing_key_id,
+                            label=lab,
+                            content_type=env.INTEL_SUMMARY,
+                            recipients=to_usa,
+                            **fields,
+                        )
+                    )
+                except ValueError:
+                    pass  # the sealing side refuses it already
     usa_cert = load_partner(pki / "partners" / "USA").signing_cert_der
     pol = policy_to_proto(policy("USA"))
-    lab = label_to_proto(label)
     ex: dict[str, list[Message]] = {
         "Publish": [
             exchange_pb2.PublishRequest(batch_id=1, envelopes=envs[:1]),
@@ -253,7 +298,7 @@ async def make_seeds(pki: Path, port: int) -> Seeds:
         "WhoReceives": [admin_pb2.WhoReceivesRequest(label=lab, topic="intel.a")],
     }
     _ = label_pb2, policy_pb2  # the request types above embed these
-    return Seeds({k: [m.SerializeToString() for m in v] for k, v in ex.items()}, envs)
+    return Seeds({k: [m.SerializeToString() for m in v] for k, v in ex.items()}, envs, signed)
 
 
 class Fuzzer:
@@ -361,7 +406,10 @@ class Fuzzer:
     def publish_requests(self, rng: random.Random) -> list[bytes]:
         """1-4 requests; the last one is mutated (the bytes, or an envelope inside)."""
         reqs = [rng.choice(self.seeds.requests["Publish"]) for _ in range(rng.randint(0, 3))]
-        if rng.random() < 0.35:
+        if self.seeds.signed and rng.random() < 0.2:
+            e = rng.choice(self.seeds.signed)
+            reqs.append(exchange_pb2.PublishRequest(batch_id=8, envelopes=[e]).SerializeToString())
+        elif rng.random() < 0.35:
             e = envelope_pb2.Envelope()
             e.CopyFrom(rng.choice(self.seeds.envelopes))
             part = rng.choice(("header", "ciphertext", "signature"))
@@ -510,7 +558,13 @@ async def last_seq(pki: Path, port: int) -> int:
     return rows[-1].seq if rows else 0
 
 
-async def fuzz(n: int, seed: int, concurrency: int = 16, workdir: Path | None = None) -> Report:
+async def fuzz(
+    n: int,
+    seed: int,
+    concurrency: int = 16,
+    workdir: Path | None = None,
+    signed: bool = False,
+) -> Report:
     """Run n cases against a fresh broker process; the report says what held."""
     own = workdir is None
     root = Path(tempfile.mkdtemp(prefix="fuzz-")) if workdir is None else workdir
@@ -525,7 +579,7 @@ async def fuzz(n: int, seed: int, concurrency: int = 16, workdir: Path | None = 
         async with operator(pki, "op1", proc.port) as op1:  # GBR stays pending
             creds = load_partner(pki / "partners" / "GBR")
             await op1.admit("GBR", creds.signing_cert_der, policy_to_proto(policy("GBR")), "f")
-        seeds = await make_seeds(pki, proc.port)
+        seeds = await make_seeds(pki, proc.port, signed)
         since = await last_seq(pki, proc.port)
         fz = Fuzzer(pki, proc.port, seeds, seed)
         try:
@@ -556,8 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=int(os.environ.get("FUZZ_N", "20000")))
     ap.add_argument("--seed", type=int, default=int(os.environ.get("FUZZ_SEED", "1")))
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument(
+        "--signed",
+        action="store_true",
+        default=bool(os.environ.get("FUZZ_SIGNED")),
+        help="also publish envelopes KOR signed with edge values in their headers",
+    )
     ns = ap.parse_args(argv)
-    rep = asyncio.run(fuzz(ns.n, ns.seed, ns.concurrency))
+    rep = asyncio.run(fuzz(ns.n, ns.seed, ns.concurrency, signed=ns.signed))
     print(json.dumps(rep.as_dict(), indent=2))
     return 0 if rep.ok() else 1
 
