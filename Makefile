@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PROTOS := $(wildcard proto/coalition/v1/*.proto)
 
-.PHONY: all test check lint typecheck unit proto proto-check demo bench bench-quick clean pki
+.PHONY: all test check lint typecheck unit proto proto-check demo bench bench-quick clean pki fuzz
 
 all: test
 
@@ -50,6 +50,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	@$(PY) -m bench.run --quick $(BENCH_ARGS)
+
+# Mutated requests on every RPC against a broker process (tests/fuzz.py); FUZZ_N, FUZZ_SEED.
+FUZZ_N ?= 200000
+fuzz: $(STAMP)
+	@$(PY) -m tests.fuzz --n $(FUZZ_N) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
 
 bench-seal: $(STAMP)
 	@$(PY) -m bench.seal

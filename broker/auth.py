@@ -6,6 +6,13 @@ validity and revocation, and decides which service the identity may call:
 partners the Exchange service, operators the Admin service, anyone
 authenticated the health and reflection services. Servicers hold no auth code;
 they read the identity from ``current_identity()``.
+
+Requests reach the broker as bytes: the interceptor registers every handler with a
+pass-through deserializer, authorizes the caller first, and only then parses the
+request (each item of a stream as the servicer asks for it). A request that is not
+valid protobuf is refused ``INVALID_ARGUMENT`` and audited (``request.malformed``), so
+an unauthorized caller learns nothing from what it sends, and junk never surfaces as
+``UNKNOWN``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from cryptography import x509
 from broker.audit import AuditError, AuditItem, AuditLog
 from broker.config import BrokerConfig
 from broker.connections import ConnectionLimit
+from broker.errors import InvalidInput
 from broker.registry import Registry
 from broker.revocation import parse_serials, serial_hex
 from coalition.identity import (
@@ -35,6 +43,7 @@ from coalition.identity import (
     identity_from_cert,
     ms_to_datetime,
 )
+from coalition.policy import PartnerStatus
 
 log = logging.getLogger("coalition.broker.auth")
 
@@ -88,6 +97,20 @@ class _LiveCall:
 def current_identity() -> Identity:
     """The authenticated caller of the RPC being served."""
     return _IDENTITY.get()
+
+
+MALFORMED_KIND = "request.malformed"
+
+
+class MalformedRequest(InvalidInput):
+    """A request, or the ``ordinal``-th request of a stream, that does not parse."""
+
+    def __init__(self, message_name: str, ordinal: int, exc: BaseException) -> None:
+        where = f"request {ordinal} of the stream" if ordinal else "request"
+        super().__init__(
+            "malformed_request", f"{where} is not a valid {message_name}: {exc or type(exc)}"
+        )
+        self.ordinal = ordinal
 
 
 class AuthRefused(Exception):
@@ -177,12 +200,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     f"{ident.uri} is not a partner; the Exchange service is for partners",
                     ident.uri,
                 )
-            if self.registry.get(ident.name) is None:
+            rec = self.registry.get(ident.name)
+            if rec is None:
                 raise AuthRefused(
                     grpc.StatusCode.UNAUTHENTICATED,
                     "unknown_partner",
                     f"partner {ident.name} is not registered with this broker; "
                     "an operator must admit it",
+                    ident.uri,
+                )
+            if rec.policy.status is PartnerStatus.PENDING:
+                # Deny by default: proposed by one operator is not admitted. Until a
+                # second operator approves, only the health check answers.
+                raise AuthRefused(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "not_admitted",
+                    f"partner {ident.name} is not admitted yet: its admission awaits a "
+                    "second operator's approval",
                     ident.uri,
                 )
             return ident
@@ -215,16 +249,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             self._hold_connection(context, ident)
             _IDENTITY.set(ident)
         except AuthRefused as exc:
-            detail = {"method": method, "reason": exc.message, "tls": _tls_version(context)}
-            item = AuditItem("auth.refused", exc.actor or context.peer(), "", "", exc.code, detail)
-            try:
-                # One by one up to a threshold per caller and interval, then summarised.
-                one_by_one = await self.audit.record_refusal(
-                    item, now_ms=self.clock(), source=exc.actor or "unidentified"
-                )
-            except AuditError as err:  # disk full: still refuse, with the right status
-                one_by_one = True
-                log.critical("auth refusal not audited: %s", err)
+            one_by_one = await self._audit(
+                context,
+                kind="auth.refused",
+                actor=exc.actor or context.peer(),
+                decision=exc.code,
+                detail={"method": method, "reason": exc.message, "tls": _tls_version(context)},
+                source=exc.actor or "unidentified",
+            )
             if one_by_one:
                 log.warning(
                     "refused", extra={"method": method, "actor": exc.actor, "reason": exc.code}
@@ -368,6 +400,49 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             lambda _: self.connections.leave(ident.uri, peer)  # type: ignore[arg-type]
         )
 
+    async def _audit(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        kind: str,
+        actor: str,
+        decision: str,
+        detail: dict[str, object],
+        partner: str = "",
+        source: str = "",
+    ) -> bool:
+        """Record a refusal: one by one up to a threshold per caller and interval, then
+        counted into a summary (AuditLog.record_refusal). True if written one by one."""
+        item = AuditItem(kind, actor, partner, "", decision, detail)
+        try:
+            return await self.audit.record_refusal(
+                item, now_ms=self.clock(), source=source or partner or actor
+            )
+        except AuditError:
+            # The refusal still goes back with its status; the log says why it has no entry.
+            log.critical("audit log cannot be written; %s %s not recorded", kind, decision)
+            return True
+
+    async def malformed(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, err: MalformedRequest
+    ) -> None:
+        """Audit a request that did not parse (the caller is already authorized)."""
+        ident = _IDENTITY.get(None)
+        who = ident.name if ident is not None else context.peer()
+        partner = ident.name if ident is not None and ident.kind is IdentityKind.PARTNER else ""
+        detail: dict[str, object] = {"method": method, "reason": err.message}
+        if err.ordinal:
+            detail["ordinal"] = err.ordinal
+        if await self._audit(
+            context,
+            kind=MALFORMED_KIND,
+            actor=who,
+            partner=partner,
+            decision=err.code,
+            detail=detail,
+        ):
+            log.warning("malformed request", extra={"method": method, "actor": who})
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -379,49 +454,123 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method: str = handler_call_details.method
-        return _wrap(handler, lambda ctx: self._check(ctx, method))
+
+        async def refuse(ctx: grpc.aio.ServicerContext[Any, Any], err: MalformedRequest) -> None:
+            await self.malformed(ctx, method, err)
+
+        return _wrap(handler, lambda ctx: self._check(ctx, method), refuse)
 
 
-def _wrap(
-    h: Any, check: Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler with check() run first, in the handler's own task."""
+Check = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+Refuse = Callable[[grpc.aio.ServicerContext[Any, Any], MalformedRequest], Awaitable[None]]
+
+
+def _message_name(deserializer: Any) -> str:
+    cls = getattr(deserializer, "__self__", None)
+    descriptor = getattr(cls, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "request message"))
+
+
+def _parser(deserializer: Any) -> Callable[[Any, int], Any]:
+    """parse(raw, ordinal): the request message, or MalformedRequest."""
+    name = _message_name(deserializer)
+
+    def parse(raw: Any, ordinal: int) -> Any:
+        if deserializer is None or not isinstance(raw, bytes):
+            return raw
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError, and anything else a parser may raise
+            raise MalformedRequest(name, ordinal, exc) from None
+
+    return parse
+
+
+class ParsedStream:
+    """A stream's requests, parsed one by one as they are asked for.
+
+    A request that does not parse is audited, then raised as MalformedRequest; the
+    servicer decides how to end the stream (after answering the earlier requests).
+    ``last_size`` is the serialized size of the request just returned.
+    """
+
+    def __init__(
+        self,
+        raw: AsyncIterator[Any],
+        parse: Callable[[Any, int], Any],
+        ctx: grpc.aio.ServicerContext[Any, Any],
+        refuse: Refuse,
+    ) -> None:
+        self._raw, self._parse, self._ctx, self._refuse = raw, parse, ctx, refuse
+        self.count = 0
+        self.last_size = 0
+
+    def __aiter__(self) -> ParsedStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        raw = await anext(self._raw)
+        self.count += 1
+        self.last_size = len(raw) if isinstance(raw, bytes) else 0
+        try:
+            return self._parse(raw, self.count)
+        except MalformedRequest as err:
+            await self._refuse(self._ctx, err)
+            raise
+
+
+def _wrap(h: Any, check: Check, refuse: Refuse) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler taking raw bytes: check() first, then parse, in the handler's task.
+
+    A malformed unary request is refused INVALID_ARGUMENT (audited by refuse()); a
+    stream's requests are parsed lazily (ParsedStream), and a MalformedRequest the
+    servicer lets escape ends the stream INVALID_ARGUMENT.
+    """
+    parse = _parser(h.request_deserializer)
+
+    async def unary_request(req: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await check(ctx)
+        try:
+            return parse(req, 0)
+        except MalformedRequest as err:
+            await refuse(ctx, err)
+            await ctx.abort(err.status, err.message)
+
     if h.unary_unary:
         inner_uu = h.unary_unary
 
         async def uu(req: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await check(ctx)
-            return await inner_uu(req, ctx)
+            return await inner_uu(await unary_request(req, ctx), ctx)
 
-        return grpc.unary_unary_rpc_method_handler(
-            uu, h.request_deserializer, h.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(uu, None, h.response_serializer)
     if h.unary_stream:
         inner_us = h.unary_stream
 
         async def us(req: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            await check(ctx)
-            async for item in inner_us(req, ctx):
+            parsed = await unary_request(req, ctx)
+            async for item in inner_us(parsed, ctx):
                 yield item
 
-        return grpc.unary_stream_rpc_method_handler(
-            us, h.request_deserializer, h.response_serializer
-        )
+        return grpc.unary_stream_rpc_method_handler(us, None, h.response_serializer)
     if h.stream_unary:
         inner_su = h.stream_unary
 
         async def su(it: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await check(ctx)
-            return await inner_su(it, ctx)
+            try:
+                return await inner_su(ParsedStream(it, parse, ctx, refuse), ctx)
+            except MalformedRequest as err:
+                await ctx.abort(err.status, err.message)
 
-        return grpc.stream_unary_rpc_method_handler(
-            su, h.request_deserializer, h.response_serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(su, None, h.response_serializer)
     inner_ss = h.stream_stream
 
     async def ss(it: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         await check(ctx)
-        async for item in inner_ss(it, ctx):
-            yield item
+        try:
+            async for item in inner_ss(ParsedStream(it, parse, ctx, refuse), ctx):
+                yield item
+        except MalformedRequest as err:
+            await ctx.abort(err.status, err.message)
 
-    return grpc.stream_stream_rpc_method_handler(ss, h.request_deserializer, h.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(ss, None, h.response_serializer)

@@ -60,9 +60,24 @@ class BrokerConfig:
     # kind and reason when the interval closes (0 = every refusal one by one).
     refusal_audit_threshold: int = 100
     refusal_audit_interval_ms: int = 60_000
+    # Wire limits. A request (one gRPC message) larger than max_request_bytes is refused
+    # by grpc before it is buffered (RESOURCE_EXHAUSTED); one envelope of
+    # max_envelope_bytes always fits. A Publish stream stops reading further requests
+    # while the requests it has in flight hold max_publish_stream_bytes, and all of a
+    # partner's streams while they hold max_publish_partner_bytes (HTTP/2 flow control
+    # then holds the client back); a partner may hold max_publish_streams Publish streams.
+    max_request_bytes: int = (4 << 20) + (64 << 10)
+    max_publish_stream_bytes: int = 16 << 20
+    max_publish_partner_bytes: int = 32 << 20
+    max_publish_streams: int = 8
     log_json: bool = False
     log_level: str = "info"
     revoked_serials: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def receive_limit(self) -> int:
+        """grpc's max_receive_message_length: max_request_bytes, or one largest envelope."""
+        return max(self.max_request_bytes, self.max_envelope_bytes + (64 << 10))
 
     def with_overrides(self, **kw: Any) -> BrokerConfig:
         """A copy with every non-None keyword applied."""
@@ -97,6 +112,10 @@ _SECTIONS = {
         "audit_checkpoint_every",
         "refusal_audit_threshold",
         "refusal_audit_interval_ms",
+        "max_request_bytes",
+        "max_publish_stream_bytes",
+        "max_publish_partner_bytes",
+        "max_publish_streams",
     },
     "log": {"json", "level"},
 }

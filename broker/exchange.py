@@ -369,9 +369,11 @@ class ExchangeCore:
         labels: dict[int, Label] = {}
         signed = await self._verify_in_order(partner, envelopes)
         for i, (e, checked) in enumerate(zip(envelopes, signed, strict=True)):
+            if isinstance(checked, BrokerError):
+                # Not raised here: its traceback would hold this frame (and the request).
+                results[i] = self._refusal(e, checked)
+                continue
             try:
-                if isinstance(checked, BrokerError):
-                    raise checked
                 header = checked
                 label, msg = self._validate(partner, e, header, now)
             except BrokerError as err:
@@ -742,7 +744,9 @@ class ExchangeCore:
             try:
                 out.append(self._check_signed(partner, e))
             except BrokerError as err:
-                out.append(err)
+                # Without its traceback: that would hold this frame, whose `out` holds
+                # the error (a cycle that keeps the request's bytes until a GC pass).
+                out.append(err.with_traceback(None))
         return out
 
     def _check_signed(self, partner: str, e: envelope_pb2.Envelope) -> envelope_pb2.Header:

@@ -132,7 +132,7 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     server = grpc.aio.server(
         interceptors=[auth],
         options=[
-            ("grpc.max_receive_message_length", cfg.max_envelope_bytes * 8 + (1 << 20)),
+            ("grpc.max_receive_message_length", cfg.receive_limit),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.max_pings_without_data", 0),
             *_stream_limits(cfg),

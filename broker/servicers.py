@@ -15,8 +15,8 @@ import grpc
 
 from broker.admin import AdminCore
 from broker.audit import AuditError, AuditItem
-from broker.auth import current_identity
-from broker.errors import BrokerError, InvalidInput
+from broker.auth import MalformedRequest, current_identity
+from broker.errors import BrokerError, Exhausted, InvalidInput
 from broker.exchange import ExchangeCore
 from coalition.policy import PartnerStatus
 from coalition.v1 import (
@@ -39,11 +39,50 @@ async def _abort(ctx: Ctx, err: BrokerError) -> None:
     await ctx.abort(err.status, err.message)
 
 
+class PublishBudget:
+    """One partner's Publish streams: how many, and the request bytes they hold in flight.
+
+    Before a stream reads its next request it reserves the largest request grpc lets
+    through (``reserve``), and waits while that reservation would take the stream or
+    the partner over its byte budget (a stream holding nothing may always read one
+    request, so a lone stream never stalls); once the request is read, the reservation
+    shrinks to its real size. So a client that writes faster than it reads its answers
+    is held back by HTTP/2 flow control instead of filling the broker's memory.
+    """
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.used = 0
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    async def reserve(self, own: list[int], size: int, stream_max: int, partner_max: int) -> None:
+        """Wait for room for size more bytes, then take them (own[0]: the stream's bytes)."""
+        while (own[0] and own[0] + size > stream_max) or (
+            self.used and self.used + size > partner_max
+        ):
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.add(fut)
+            try:
+                await fut
+            finally:
+                self._waiters.discard(fut)
+        own[0] += size
+        self.used += size
+
+
 class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     """Every refusal is audited (kind ``<call>.refused``) before the error goes back."""
 
     def __init__(self, core: ExchangeCore) -> None:
         self.core = core
+        self.budgets: dict[str, PublishBudget] = {}
 
     async def _refuse(self, ctx: Ctx, kind: str, partner: str, err: BrokerError) -> None:
         item = AuditItem(kind, partner, partner, "", err.code, {"reason": err.message})
@@ -63,25 +102,59 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         request's commit no longer holds up the next (group commit coalesces them).
         """
         partner = current_identity().name
+        cfg = self.core.cfg
+        budget = self.budgets.setdefault(partner, PublishBudget())
+        if budget.streams >= cfg.max_publish_streams:
+            await self._refuse(
+                context,
+                "publish.refused",
+                partner,
+                Exhausted(
+                    "too_many_streams",
+                    f"{partner} already has {budget.streams} Publish streams open; the "
+                    f"limit is {cfg.max_publish_streams}",
+                ),
+            )
+        budget.streams += 1
+        own = [0]  # request bytes this stream holds in flight
         inflight: asyncio.Queue[
-            tuple[exchange_pb2.PublishRequest, asyncio.Task[list[exchange_pb2.PublishResult]]]
+            tuple[exchange_pb2.PublishRequest, asyncio.Task[list[exchange_pb2.PublishResult]], int]
+            | MalformedRequest
             | None
         ] = asyncio.Queue(maxsize=PUBLISH_PIPELINE_DEPTH)
 
         async def read() -> None:
             try:
-                async for req in request_iterator:
+                while True:
+                    limit = cfg.receive_limit
+                    await budget.reserve(
+                        own, limit, cfg.max_publish_stream_bytes, cfg.max_publish_partner_bytes
+                    )
+                    req = await anext(request_iterator, None)
+                    size = req.ByteSize() if req is not None else 0
+                    own[0] -= limit - size
+                    budget.release(limit - size)
+                    if req is None:
+                        break
                     task = asyncio.ensure_future(self.core.publish(partner, req.envelopes))
-                    await inflight.put((req, task))
+                    await inflight.put((req, task, size))
                     if self.core.closing:
                         break
+            except MalformedRequest as err:
+                # Audited by the interceptor; the writer answers every earlier request
+                # first, then ends the stream with it.
+                await inflight.put(err)
             finally:
                 await inflight.put(None)
 
         reader = asyncio.create_task(read())
         try:
             while (item := await inflight.get()) is not None:
-                req, task = item
+                if isinstance(item, MalformedRequest):
+                    await _abort(context, item)
+                    return
+                req, task, size = item
+                batch_id = req.batch_id
                 try:
                     results = await task
                 except BrokerError as err:
@@ -95,7 +168,10 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
                         )
                         for _ in req.envelopes
                     ]
-                yield exchange_pb2.PublishResponse(batch_id=req.batch_id, results=results)
+                del req, task, item  # the answer no longer needs the request's bytes
+                yield exchange_pb2.PublishResponse(batch_id=batch_id, results=results)
+                own[0] -= size
+                budget.release(size)
                 if self.core.closing and inflight.empty():
                     # End the stream cleanly (OK) rather than be cut off when the grace
                     # period ends, which clients may see as INTERNAL, not retryable.
@@ -104,6 +180,11 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+            budget.streams -= 1
+            if own[0]:
+                budget.release(own[0])
+            if budget.streams == 0 and budget.used == 0:
+                self.budgets.pop(partner, None)
 
     async def Subscribe(
         self, request_iterator: AsyncIterator[exchange_pb2.SubscribeRequest], context: Ctx
@@ -122,9 +203,17 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
             return
 
         async def read_acks() -> None:
-            async for req in request_iterator:
-                if req.WhichOneof("kind") == "ack":
-                    self.core.note_acks(sub, list(req.ack.offsets))
+            try:
+                async for req in request_iterator:
+                    if req.WhichOneof("kind") == "ack":
+                        self.core.note_acks(sub, list(req.ack.offsets))
+            except MalformedRequest as err:
+                # Audited by the interceptor. Settle what was acknowledged before it,
+                # then end the stream with the error rather than stop reading silently.
+                await self.core.acknowledge(sub)
+                sub.closed = err
+                sub.wake.set()
+                return
             await self.core.acknowledge(sub)  # settle the last ones before ending
             sub.finished = True  # the client half-closed after its last acknowledgement
             sub.wake.set()

@@ -19,7 +19,7 @@ from coalition.hpke import HpkePrivateKey
 from coalition.labels import label_to_proto, parse_label
 from coalition.logfmt import StructuredFormatter, escape, text_value
 from coalition.pki import load_partner
-from coalition.v1 import exchange_pb2
+from coalition.v1 import envelope_pb2, exchange_pb2
 from tests.broker_process import ConfiguredBroker
 from tests.helpers import admit, now_ms, partner, policy
 
@@ -45,7 +45,7 @@ async def test_forged_message_id_cannot_forge_a_log_line(
     await admit(pki, port, policy("KOR"))
     kor = load_partner(pki / "partners" / "KOR")
 
-    def sealed(message_id: str) -> env.envelope_pb2.Envelope:
+    def sealed(message_id: str) -> envelope_pb2.Envelope:
         # Signed with a key that is not KOR's certified key: refused whatever else holds.
         return env.seal(
             plaintext=b"x",

@@ -316,10 +316,16 @@ class Demo:
             except Exception as exc:  # the broker must refuse op1's own approval
                 self_ok = "PERMISSION_DENIED" in str(exc)
         self.expect("2", "op1 cannot approve its own proposal", self_ok)
-        await self.wait_connected("KOR")
+        self.expect(
+            "2",
+            "pending KOR's node is refused until approved",
+            not await self.connected("KOR"),
+        )
         async with self.operator("op2") as op2:
             await op2.approve(pid, "KOR vetted")
         self.say("admin", "op2 approved: KOR is ACTIVE")
+        if not await self.wait_connected("KOR"):
+            raise RuntimeError(f"node KOR did not connect; see {self.nodes['KOR'].log}")
         pub = await self.publish(
             "welcome",
             "USA",
