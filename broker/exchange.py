@@ -371,6 +371,7 @@ class ExchangeCore:
         for i, (e, checked) in enumerate(zip(envelopes, signed, strict=True)):
             if isinstance(checked, BrokerError):
                 # Not raised here: its traceback would hold this frame (and the request).
+                bucket.charge()  # refused work counts against the rate as well
                 results[i] = self._refusal(e, checked)
                 continue
             try:

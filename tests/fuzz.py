@@ -32,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -92,6 +93,7 @@ SERVICE_KIND = {
     "Subscribe": "subscribe.refused",
     "RegisterKeys": "keys.refused",
     "Recipients": "recipients.refused",
+    "Directory": "directory.refused",
     "Publish": "publish.refused",
 }
 REFUSAL_KINDS = (
@@ -101,6 +103,7 @@ REFUSAL_KINDS = (
     "subscribe.refused",
     "keys.refused",
     "recipients.refused",
+    "directory.refused",
     "admin.refused",
 )
 BAD = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -541,10 +544,11 @@ async def audited(pki: Path, port: int, since_seq: int) -> Counter[str]:
             if rec.WhichOneof("kind") != "entry":
                 continue
             e = rec.entry
-            if e.seq <= since_seq or e.kind not in REFUSAL_KINDS:
+            kind = e.kind.removesuffix(".summary")  # a summary counts its count
+            if e.seq <= since_seq or kind not in REFUSAL_KINDS:
                 continue
             detail = json.loads(e.detail_json or "{}")
-            out[e.kind] += int(detail.get("count", 1)) if isinstance(detail, dict) else 1
+            out[kind] += int(detail.get("count", 1)) if isinstance(detail, dict) else 1
             if os.environ.get("FUZZ_DEBUG") and e.kind == "request.malformed":
                 out[f"{e.kind} {detail['method']}"] += 1
     return out
@@ -592,6 +596,13 @@ async def fuzz(
                     health = health_pb2_grpc.HealthStub(op.channel)
                     resp = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
                     rep.serving = resp.status == health_pb2.HealthCheckResponse.SERVING
+                # Refusals past the audit threshold are counted and written as summaries
+                # when their interval closes or at shutdown: stop the broker (it writes
+                # them), start it again on the same data, and read what it recorded.
+                proc.signal(signal.SIGTERM)
+                if await proc.wait_exit() != 0:
+                    raise AssertionError(f"broker did not stop cleanly:\n{proc.log()}")
+                await proc.start()
                 rep.audited_kinds = await audited(pki, proc.port, since)
         finally:
             await fz.close()
