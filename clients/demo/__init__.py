@@ -24,6 +24,7 @@ EPILOG = (
     """examples:
   coalition-demo                      run the scenario in a temporary directory
   coalition-demo --report demo.json   also write the results as JSON
+  coalition-demo --report demo.html   ... or as a self-contained HTML page
   coalition-demo --keep demo-run      keep PKI, stores, inboxes and logs in demo-run/
 
 The demo creates a development PKI (KOR, USA, GBR, UKR, NATO HQ and operators op1,
@@ -47,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version(p, "coalition-demo")
-    p.add_argument("--report", type=Path, help="write the results as JSON to this file")
+    p.add_argument(
+        "--report",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="write the results to FILE: HTML if it ends in .html, else JSON (repeatable)",
+    )
     p.add_argument("--keep", type=Path, help="work in this directory and keep it")
     p.add_argument(
         "--deadline-ms",
@@ -77,9 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         demo.shutdown()
     demo.print_summary()
     report = demo.report(time.monotonic() - started)
-    if ns.report:
-        ns.report.write_text(json.dumps(report, indent=2))
-        print(f"report written to {ns.report}")
+    for path in ns.report:
+        if path.suffix.lower() in (".html", ".htm"):
+            from clients.demo.html_report import render
+
+            path.write_text(render(report), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(report, indent=2))
+        print(f"report written to {path}")
     if ns.keep:
         print(f"work directory kept: {work}")
     else:
