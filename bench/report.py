@@ -186,7 +186,7 @@ def ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | Non
 
 
 def targets(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The issue's targets, each with the measured value and whether it is met."""
+    """The speed targets, each with the measured value and whether it is met."""
     by = {r["system"]: r for r in rows}
     ours = by.get(OURS)
     if ours is None:
@@ -248,7 +248,7 @@ def table(rows: Sequence[Mapping[str, Any]], details: Mapping[str, Mapping[str, 
             )
     tg = targets(rows)
     if tg:
-        lines += ["", "targets (issue #6):"]
+        lines += ["", "targets:"]
         for name, t in tg.items():
             verdict = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
             lines.append(f"  {name:28} {_f(t['value'], '.2f'):>8}  goal {t['goal']:10} {verdict}")

@@ -16,11 +16,13 @@ from broker.audit import AuditError
 from broker.config import BrokerConfig, ConfigError, load_config
 from broker.logs import setup_logging
 from broker.store import StoreError
+from coalition.cli_common import EXIT_EPILOG, EXIT_ERROR, EXIT_USAGE, add_version, duration_ms
 
 if TYPE_CHECKING:
     from broker.server import Broker
 
-EPILOG = """examples:
+EPILOG = (
+    """examples:
   coalition-broker serve --config broker.toml
   coalition-broker serve --pki pki --data data/broker --listen 127.0.0.1:7443 --operators op1,op2
 
@@ -29,7 +31,11 @@ closed, the stores are flushed, and the process exits 0.
 
 Send SIGHUP to re-read revoked_serials from the --config file: calls made with a newly
 revoked certificate, streams included, end at once (UNAUTHENTICATED, cert_revoked).
+
 """
+    + EXIT_EPILOG
+    + "\n"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(p, "coalition-broker")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser(
         "serve",
@@ -55,7 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-envelope-bytes", type=int)
     s.add_argument("--max-store-bytes", type=int)
     s.add_argument("--min-free-bytes", type=int, help="free disk kept in reserve (default 64 MiB)")
-    s.add_argument("--clock-skew-ms", type=int)
+    s.add_argument(
+        "--clock-skew-ms",
+        type=duration_ms(),
+        metavar="DURATION",
+        help="clock skew tolerated in envelope times (ms if no unit, e.g. 500 or 2s)",
+    )
     s.add_argument("--audit-checkpoint-every", type=int, help="sign a checkpoint every N entries")
     s.add_argument(
         "--refusal-audit-threshold",
@@ -63,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         help="refusals audited one by one per partner and interval (default 100; 0 = all)",
     )
     s.add_argument(
-        "--refusal-audit-interval-ms", type=int, help="refusal summary interval (default 60000)"
+        "--refusal-audit-interval-ms",
+        type=duration_ms(),
+        metavar="DURATION",
+        help="refusal summary interval (ms if no unit; default 60000, i.e. 1m)",
     )
     s.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -146,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(ns)
     except ConfigError as exc:
         print(f"coalition-broker: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     setup_logging(as_json=cfg.log_json, level=cfg.log_level)
     if not cfg.operators:
         logging.getLogger("coalition.broker").warning(
@@ -161,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, sqlite3.Error, AuditError, StoreError) as exc:
         # One line, no traceback: what failed is in the message (a full disk says so).
         print(f"coalition-broker: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """``coalition-admin``: the operators' command line over the broker's Admin service.
 
-Exit status: 0 done, 1 the broker refused, 2 usage or local input (arguments,
-identity, files), 3 the broker is unreachable or did not answer in time,
-4 ``audit verify`` found the chain broken. Never prints private keys.
+Exit status: the table in coalition/cli_common.py (0 done, 2 usage or local input,
+3 the broker refused, 4 unreachable or no answer in time, 5 ``audit verify`` found the
+chain broken). Never prints private keys.
 """
 
 from __future__ import annotations
@@ -20,14 +20,29 @@ from clients.admin import audit, context
 from clients.admin import commands as cmd
 from clients.admin.policy_flags import add_policy_flags
 from clients.sdk import ClientError, OperatorClient
+from coalition.cli_common import (
+    EXIT_AUDIT_BROKEN,
+    EXIT_EPILOG,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    add_version,
+    duration_s,
+)
 from coalition.pki import PkiError, load_operator
 
 PROG = "coalition-admin"
 DEFAULT_BROKER = "127.0.0.1:7443"
 DEFAULT_TIMEOUT = 10.0
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# The broker failed rather than refused: the call may be retried once it is fixed.
+BROKER_FAILED = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS)
 
-EPILOG = """examples:
+EPILOG = (
+    """examples:
   export COALITION_BROKER=127.0.0.1:7443 COALITION_OPERATOR=pki/operators/op1
   coalition-admin partners list
   coalition-admin partners admit KOR --signing-cert pki/partners/KOR/signing.crt \\
@@ -38,10 +53,11 @@ EPILOG = """examples:
   coalition-admin who-receives --label "NATO SECRET // REL TO KOR" --topic intel.ground
   coalition-admin audit verify
 
-exit status: 0 done, 1 refused by the broker, 2 usage or local input,
-3 broker unreachable or no answer in time, 4 audit chain broken.
 See docs/admin.md.
 """
+    + EXIT_EPILOG
+    + "\n"
+)
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -66,10 +82,11 @@ def _common(*, suppress: bool) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--timeout",
-        metavar="SECONDS",
-        type=float,
+        metavar="DURATION",
+        type=duration_s(),
         default=d,
-        help=f"give up on a broker call after this long (default {DEFAULT_TIMEOUT:g})",
+        help=f"give up on a broker call after this long: 30s, 500ms; seconds if no unit "
+        f"(default {DEFAULT_TIMEOUT:g})",
     )
     g.add_argument(
         "--json",
@@ -254,10 +271,10 @@ def _audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--interval",
-        type=float,
+        type=duration_s(),
         default=1.0,
-        metavar="SECONDS",
-        help="how often --follow polls (default 1)",
+        metavar="DURATION",
+        help="how often --follow polls: 500ms, 5s; seconds if no unit (default 1s)",
     )
     p = _leaf(
         g,
@@ -273,7 +290,7 @@ def _audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--since",
         metavar="TIME",
-        help="ISO-8601 (UTC unless a zone is given), Unix ms, or an age (15m, 2h, 1d)",
+        help="ISO-8601 (UTC unless a zone is given), Unix ms, or an age (30s, 15m, 2h, 7d)",
     )
     p.add_argument("--until", metavar="TIME", help="as --since; exclusive")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="at most N (default all)")
@@ -281,7 +298,7 @@ def _audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         g,
         "verify",
         audit.audit_verify,
-        "recompute the hash chain and check the signed checkpoints (exit 4 if broken)",
+        "recompute the hash chain and check the signed checkpoints (exit 5 if broken)",
         "  coalition-admin audit verify",
     )
     p = _leaf(
@@ -303,6 +320,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=_RAW,
         parents=[_common(suppress=False)],
     )
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _partners(sub)
     _policy(sub)
@@ -371,26 +389,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_run(ns))
     except context.UsageError as exc:
         _fail(str(exc))
-        return 2
+        return EXIT_USAGE
     except context.Unreachable as exc:
         _fail(f"broker unreachable: {exc}")
-        return 3
+        return EXIT_UNREACHABLE
     except context.AuditBroken:
-        return 4
+        return EXIT_AUDIT_BROKEN
     except ClientError as exc:
         if exc.status in UNREACHABLE:
             target = ns.broker or os.environ.get("COALITION_BROKER") or DEFAULT_BROKER
             _fail(f"broker at {target} unreachable: {exc}")
-            return 3
+            return EXIT_UNREACHABLE
         _fail(str(exc))
-        return 1
+        return EXIT_ERROR if exc.status in BROKER_FAILED else EXIT_REFUSED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (e.g. `| head`); keep Python from complaining at exit.
         sys.stdout = open(os.devnull, "w")
-        return 0
-    return 0
+        return EXIT_OK
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -15,11 +15,18 @@ from typing import Any
 from clients.node.config import ConfigError, NodeConfig, load_config
 from clients.node.content import ContentError, build_summary, content_dict
 from clients.node.inbox import Entry, Expired, Inbox
+from coalition.cli_common import (
+    EXIT_EPILOG,
+    EXIT_ERROR,
+    EXIT_USAGE,
+    add_version,
+    duration_s,
+    parse_time_ms,
+)
 from coalition.pki import PartnerCredentials, PkiError, load_partner
 
 PROG = "coalition-node"
-EXIT_FAILED = 1  # the broker refused, was unreachable, or nothing matched
-EXIT_USAGE = 2  # bad config, keys, label or input: fix the call, do not retry
+EXIT_FAILED = EXIT_ERROR  # nothing matched, or a local file failed
 
 RUN_EPILOG = """examples:
   coalition-node run --config kor.toml
@@ -41,7 +48,8 @@ PUBLISH_EPILOG = """examples:
 Input: a JSON object with IntelSummary fields (title, summary, area, window_start_ms,
 window_end_ms, reliability "A".."F", credibility 1..6, attachments) or plain UTF-8 text
 (the text is the summary, its first line the title). Missing gradings default to F6.
-Exit status: 0 published, 1 refused/no recipient/unreachable, 2 bad input or config.
+Exit status: 0 published, 2 bad input or config, 3 refused or no eligible recipient,
+4 broker unreachable or no answer in time, 1 anything else (the outcome is unknown).
 """
 INBOX_EPILOG = """examples:
   coalition-node inbox --config kor.toml
@@ -64,8 +72,10 @@ def _parser() -> argparse.ArgumentParser:
         description="The Coalition partner node: receive, verify, decrypt and keep intelligence "
         "summaries; publish your own.",
         epilog="Run '%(prog)s COMMAND --help' for each command's options and examples. "
-        "The config file is described in docs/node.md.",
+        "The config file is described in docs/node.md.\n\n" + EXIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True)
 
     def cmd(name: str, help: str, epilog: str) -> argparse.ArgumentParser:
@@ -73,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
             name,
             help=help,
             description=help,
-            epilog=epilog,
+            epilog=epilog + "\n" + EXIT_EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         s.add_argument("--config", type=Path, required=True, help="node TOML config file")
@@ -93,13 +103,22 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--area", help="area of interest name")
     pub.add_argument("--reliability", help="source reliability A..F (default F)")
     pub.add_argument("--credibility", help="information credibility 1..6 (default 6)")
-    pub.add_argument("--timeout", type=float, default=15.0, help="seconds to wait (default 15)")
+    pub.add_argument(
+        "--timeout",
+        type=duration_s(),
+        default=15.0,
+        metavar="DURATION",
+        help="how long to wait: 30s, 2m; seconds if no unit (default 15s)",
+    )
     pub.add_argument("--json", action="store_true", help="print the result as JSON")
     pub.add_argument("file", help="input file, or - for stdin")
 
     ib = cmd("inbox", "list messages in the inbox", INBOX_EPILOG)
     ib.add_argument("--topic", help="only topics matching this pattern (* and > wildcards)")
-    ib.add_argument("--since", help="received at or after: ISO time (UTC if no zone) or Unix ms")
+    ib.add_argument(
+        "--since",
+        help="received at or after: ISO time (UTC if no zone), Unix ms, or an age (15m, 2h, 7d)",
+    )
     ib.add_argument("--limit", type=int, help="only the newest N")
     ib.add_argument("--json", action="store_true", help="one JSON array")
 
@@ -223,7 +242,7 @@ def _publish(cfg: NodeConfig, ns: argparse.Namespace) -> int:
             )
         )
     except PublishError as exc:
-        return fail(str(exc))
+        return fail(str(exc), exc.code)
     if ns.json:
         print(json.dumps(result))
     else:
@@ -238,16 +257,11 @@ def _publish(cfg: NodeConfig, ns: argparse.Namespace) -> int:
 
 
 def parse_since(text: str) -> int:
-    """ISO 8601 (UTC when no zone is given) or Unix milliseconds -> Unix milliseconds."""
-    if text.isdigit():
-        return int(text)
+    """ISO 8601 (UTC when no zone is given), Unix milliseconds or an age -> Unix ms."""
     try:
-        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"--since must be an ISO time or Unix ms, got {text!r}") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return int(t.timestamp() * 1000)
+        return parse_time_ms(text)
+    except ValueError as exc:
+        raise ValueError(f"--since: {exc}") from None
 
 
 def iso(ms: int) -> str:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf.message import DecodeError
 
 from coalition import pki
+from coalition.cli_common import EXIT_EPILOG, EXIT_ERROR, EXIT_OK, add_version, duration_days
 from coalition.identity import (
     IdentityError,
     datetime_to_ms,
@@ -352,10 +353,10 @@ def _sub(
 def _validity(p: argparse.ArgumentParser, default: int, what: str) -> None:
     p.add_argument(
         "--valid-days",
-        type=int,
+        type=duration_days,
         default=default,
-        metavar="N",
-        help=f"{what} validity in days (default {default})",
+        metavar="DAYS",
+        help=f"{what} validity: days, or 90d, 48h (default {default})",
     )
 
 
@@ -368,9 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Create and inspect the Coalition PKI: CA, TLS certificates, "
         "Ed25519 signing keys and signed HPKE key bundles.",
-        epilog=_MAIN_EPILOG,
+        epilog=_MAIN_EPILOG + "\n" + EXIT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(parser, PROG)
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _sub(subs, "init-ca", "create the coalition CA (ECDSA P-256)", f"  {PROG} init-ca pki/\n")
@@ -390,10 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     _validity(p, pki.DEFAULT_CERT_DAYS, "certificate")
     p.add_argument(
         "--hpke-valid-days",
-        type=int,
+        type=duration_days,
         default=pki.DEFAULT_HPKE_DAYS,
-        metavar="N",
-        help=f"HPKE key bundle validity in days (default {pki.DEFAULT_HPKE_DAYS})",
+        metavar="DAYS",
+        help=f"HPKE key bundle validity: days, or 30d (default {pki.DEFAULT_HPKE_DAYS})",
     )
     _force(p)
     p.set_defaults(func=_cmd_issue_partner)
@@ -484,15 +486,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. piped into head: not an error worth a message
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_ERROR
     except (CliError, pki.PkiError, IdentityError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         print(f"{PROG}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ async def test_admit_needs_a_second_operator(broker: Broker, pki: Path) -> None:
     )
     assert prop["proposed_utc"].endswith("Z")
 
-    line = one_error_line(await cli("policy", "approve", pid, broker=broker, pki=pki), 1)
+    line = one_error_line(await cli("policy", "approve", pid, broker=broker, pki=pki), 3)
     assert line.startswith("coalition-admin: PERMISSION_DENIED: operator op1 proposed")
     assert "cannot also approve it" in line
 
@@ -157,11 +157,11 @@ async def test_admit_twice_and_bad_cert_are_refused(
     cert = str(pki / "partners" / "KOR" / "signing.crt")
     args = ("--clearance", "NATO=SECRET", "--reason", "again")
     r = await cli("partners", "admit", "KOR", "--signing-cert", cert, *args, broker=broker, pki=pki)
-    assert "ALREADY_EXISTS: partner KOR is already registered" in one_error_line(r, 1)
+    assert "ALREADY_EXISTS: partner KOR is already registered" in one_error_line(r, 3)
     # USA's certificate offered for GBR: the broker checks the certificate names the partner.
     usa = str(pki / "partners" / "USA" / "signing.crt")
     r = await cli("partners", "admit", "GBR", "--signing-cert", usa, *args, broker=broker, pki=pki)
-    assert "INVALID_ARGUMENT: signing certificate refused" in one_error_line(r, 1)
+    assert "INVALID_ARGUMENT: signing certificate refused" in one_error_line(r, 3)
     junk = tmp_path / "junk.crt"
     junk.write_text("not a certificate")
     r = await cli("partners", "admit", "GBR", "--signing-cert", str(junk), *args,
@@ -199,7 +199,7 @@ async def test_partners_show_and_policy_show(broker: Broker, pki: Path) -> None:
     assert v["policy"]["status"] == "ACTIVE"
     assert v["policy"]["origination_ceilings"] == [{"policy": "NATO", "level": "SECRET"}]
     assert isinstance(v["changed_ms"], int) and v["changed_utc"].endswith("Z")
-    assert one_error_line(missing, 1).startswith("coalition-admin: NOT_FOUND:")
+    assert one_error_line(missing, 3).startswith("coalition-admin: NOT_FOUND:")
 
 
 async def test_lowering_applies_at_once(broker: Broker, pki: Path) -> None:
@@ -244,7 +244,7 @@ async def test_raising_is_proposed_then_rejected(broker: Broker, pki: Path) -> N
     states = {p["proposal_id"]: p["state"] for p in every["proposals"]}
     assert states[pid] == "PROPOSAL_REJECTED"
     r = await cli("policy", "approve", pid, broker=broker, pki=pki, op="op2")
-    assert "FAILED_PRECONDITION" in one_error_line(r, 1)
+    assert "FAILED_PRECONDITION" in one_error_line(r, 3)
     assert (await cli("policy", "show", "KOR", "--json", broker=broker, pki=pki)).json()[
         "version"
     ] == 2
@@ -254,7 +254,7 @@ async def test_history_and_stale_version(broker: Broker, pki: Path) -> None:
     await admit_kor(broker, pki)
     r = await cli("policy", "set", "KOR", "--remove-publish", "intel.>", "--expected-version",
                   "1", "--reason", "late", broker=broker, pki=pki)  # fmt: skip
-    line = one_error_line(r, 1)
+    line = one_error_line(r, 3)
     assert "FAILED_PRECONDITION: policy of KOR is at version 2, not 1" in line
     r = await cli("policy", "history", "KOR", broker=broker, pki=pki)
     assert r.code == 0, r
@@ -336,10 +336,10 @@ async def test_audit_verify_reports_the_first_broken_entry(
         raw.execute("DROP TRIGGER IF EXISTS entries_append_only_update")
         raw.execute("UPDATE entries SET decision = 'forged' WHERE seq = 2")
     r = await cli("audit", "verify", broker=broker, pki=pki)
-    assert r.code == 4, r
+    assert r.code == 5, r
     assert r.out.startswith("BROKEN at entry 2:")
     v = await cli("audit", "verify", "--json", broker=broker, pki=pki)
-    assert v.code == 4 and v.json()["first_broken_seq"] == 2
+    assert v.code == 5 and v.json()["first_broken_seq"] == 2
 
 
 async def test_audit_tail_follow_prints_new_entries(broker: Broker, pki: Path) -> None:
@@ -411,7 +411,7 @@ async def test_who_receives_gives_reasons(broker: Broker, pki: Path) -> None:
 
 async def test_unknown_operator_is_refused(broker: Broker, pki: Path) -> None:
     r = await cli("partners", "list", broker=broker, pki=pki, op="op3")
-    line = one_error_line(r, 1)
+    line = one_error_line(r, 3)
     assert line == "coalition-admin: UNAUTHENTICATED: operator op3 is not authorized on this broker"
 
 
@@ -445,7 +445,7 @@ async def test_unreachable_broker(pki: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = await cli("--broker", f"127.0.0.1:{port}", "--timeout", "3", "partners", "list", pki=pki)
-    line = one_error_line(r, 3)
+    line = one_error_line(r, 4)
     assert line.startswith(f"coalition-admin: broker at 127.0.0.1:{port} unreachable")
     r = await cli("--broker", "localhost", "stats", pki=pki)
     assert "expected HOST:PORT" in one_error_line(r, 2)

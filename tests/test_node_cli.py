@@ -128,14 +128,14 @@ async def test_publish_failures_are_one_line(pki: Path, tmp_path: Path, broker: 
     none = await node(
         *base, "--config", str(kor), "--label", "NATO SECRET // REL TO KOR", stdin=b"x"
     )
-    assert none.code == 1 and "no eligible recipient" in none.err
+    assert none.code == 3 and "no eligible recipient" in none.err
     assert len(none.err.strip().splitlines()) == 1
 
     # Above KOR's ceiling: the broker does not say who could receive it.
     above = await node(
         *base, "--config", str(kor), "--label", "NATO TOP SECRET // REL TO USA", stdin=b"x"
     )
-    assert above.code == 1 and "above_origination_ceiling" in above.err, above.err
+    assert above.code == 3 and "above_origination_ceiling" in above.err, above.err
     assert "USA" not in above.err.replace("REL TO USA", "")
     assert len(above.err.strip().splitlines()) == 1
 
@@ -143,7 +143,7 @@ async def test_publish_failures_are_one_line(pki: Path, tmp_path: Path, broker: 
     refused = await node(
         *base, "--config", str(gbr), "--label", "NATO SECRET // REL TO USA", stdin=b"x"
     )
-    assert refused.code == 1, refused.err
+    assert refused.code == 3, refused.err
     assert "above_origination_ceiling" in refused.err
     assert len(refused.err.strip().splitlines()) == 1
 
@@ -215,4 +215,4 @@ async def test_unreachable_broker_is_retried_with_a_clear_status(pki: Path, tmp_
     pub = await node(
         "publish", "--config", str(cfg), "--topic", "intel.x", "--label", SECRET, "-", stdin=b"x"
     )
-    assert pub.code == 1 and len(pub.err.strip().splitlines()) == 1
+    assert pub.code == 4 and len(pub.err.strip().splitlines()) == 1

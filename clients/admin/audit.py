@@ -5,36 +5,22 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from clients.admin.context import AuditBroken, Ctx, UsageError
 from clients.admin.render import actor, iso, print_json, table, to_json
+from coalition.cli_common import parse_time_ms
 from coalition.v1 import audit_pb2
-
-_AGO = re.compile(r"(\d+)([smhd])")
-_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 def parse_time(text: str, now_ms: int) -> int:
     """ISO-8601 (UTC unless a zone is given), Unix milliseconds, or an age such as 15m, 2h."""
-    text = text.strip()
-    if text.isdigit():
-        return int(text)
-    ago = _AGO.fullmatch(text)
-    if ago:
-        return now_ms - int(ago.group(1)) * _UNIT_MS[ago.group(2)]
     try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(
-            f"{text!r} is not a time: use ISO-8601 (2025-05-01T12:00:00Z), Unix ms, or 15m/2h/1d"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1000)
+        return parse_time_ms(text, now_ms=now_ms)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _entry_row(e: audit_pb2.AuditEntry) -> tuple[object, ...]:

@@ -14,15 +14,15 @@ T = TypeVar("T")
 
 
 class UsageError(Exception):
-    """Bad arguments or local input (files, identity): exit status 2."""
+    """Bad arguments or local input (files, identity): exit status 2 (EXIT_USAGE)."""
 
 
 class Unreachable(Exception):
-    """The broker did not answer in time: exit status 3."""
+    """The broker did not answer in time: exit status 4 (EXIT_UNREACHABLE)."""
 
 
 class AuditBroken(Exception):
-    """The audit chain does not verify: exit status 4 (the report is already printed)."""
+    """The audit chain does not verify: exit status 5 (the report is already printed)."""
 
 
 @dataclass

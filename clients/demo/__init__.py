@@ -11,17 +11,33 @@ import tempfile
 import time
 from pathlib import Path
 
-EPILOG = """examples:
+from coalition.cli_common import (
+    EXIT_EPILOG,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_version,
+    duration_ms,
+)
+
+EPILOG = (
+    """examples:
   coalition-demo                      run the scenario in a temporary directory
   coalition-demo --report demo.json   also write the results as JSON
+  coalition-demo --report demo.html   ... or as a self-contained HTML page
   coalition-demo --keep demo-run      keep PKI, stores, inboxes and logs in demo-run/
 
 The demo creates a development PKI (KOR, USA, GBR, UKR, NATO HQ and operators op1,
 op2), starts the broker and one node daemon per partner as real processes, and plays
 eight steps: admission by two operators, a first summary from KOR, a RESTRICTIVE
 compartment, an offline partner catching up FLASH first, a suspension mid-stream, a
-rogue process, and audit verification. Exit status 0 means every expectation held.
+rogue process, and audit verification. Exit status 0 means every expectation held,
+1 that one did not.
+
 """
+    + EXIT_EPILOG
+    + "\n"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,13 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--report", type=Path, help="write the results as JSON to this file")
+    add_version(p, "coalition-demo")
+    p.add_argument(
+        "--report",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="write the results to FILE: HTML if it ends in .html, else JSON (repeatable)",
+    )
     p.add_argument("--keep", type=Path, help="work in this directory and keep it")
     p.add_argument(
         "--deadline-ms",
-        type=int,
+        type=duration_ms(),
         default=1000,
-        help="how soon eligible partners must receive (default 1000)",
+        metavar="DURATION",
+        help="how soon eligible partners must receive: 1s, 500ms; ms if no unit (default 1s)",
     )
     ns = p.parse_args(argv)
 
@@ -46,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     work = ns.keep or Path(tempfile.mkdtemp(prefix="coalition-demo-"))
     if ns.keep and work.exists() and any(work.iterdir()):
         print(f"coalition-demo: {work} is not empty; choose a new directory", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     work.mkdir(parents=True, exist_ok=True)
     demo = Demo(work, out=default_out, deadline_ms=ns.deadline_ms)
     started = time.monotonic()
@@ -60,15 +85,20 @@ def main(argv: list[str] | None = None) -> int:
         demo.shutdown()
     demo.print_summary()
     report = demo.report(time.monotonic() - started)
-    if ns.report:
-        ns.report.write_text(json.dumps(report, indent=2))
-        print(f"report written to {ns.report}")
+    for path in ns.report:
+        if path.suffix.lower() in (".html", ".htm"):
+            from clients.demo.html_report import render
+
+            path.write_text(render(report), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(report, indent=2))
+        print(f"report written to {path}")
     if ns.keep:
         print(f"work directory kept: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
     print(f"finished in {report['elapsed_s']:.1f} s: {'OK' if report['ok'] else 'FAILED'}")
-    return 0 if report["ok"] else 1
+    return EXIT_OK if report["ok"] else EXIT_ERROR
 
 
 if __name__ == "__main__":

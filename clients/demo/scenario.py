@@ -18,7 +18,7 @@ from typing import Any
 from clients.demo.procs import Proc, python_module, wait_for_file
 from clients.node.inbox import Entry, Inbox
 from clients.sdk import OperatorClient
-from coalition.labels import COMPARTMENT, Classification
+from coalition.labels import COMPARTMENT, Classification, parse_label
 from coalition.pki import load_operator, load_partner, make_dev_pki
 from coalition.policy import PartnerPolicy, PartnerStatus, policy_to_proto
 
@@ -70,6 +70,8 @@ class Published:
     recipients: list[str] = field(default_factory=list)
     published_ms: int = 0
     refused: str = ""
+    # Each partner's delivery decision when this was published: "allow" or why not.
+    reasons: dict[str, str] = field(default_factory=dict)
 
 
 class Demo:
@@ -172,6 +174,7 @@ class Demo:
     ) -> Published:
         """Publish through the real `coalition-node publish` command."""
         pub = Published(key, sender, label, title, precedence)
+        pub.reasons = await self.decisions(label, "intel.ground")
         body = self.work / "nodes" / sender / f"{key}.txt"
         body.write_text(text)
         proc = await asyncio.create_subprocess_exec(
@@ -233,6 +236,13 @@ class Demo:
                         got[code] = max(e.received_ms - e.created_ms, 0)
             await asyncio.sleep(0.05)
         return got
+
+    async def decisions(self, label: str, topic: str) -> dict[str, str]:
+        """Each partner's delivery decision for label on topic, as the broker sees it now."""
+        async with self.operator("op1") as op:
+            resp = await op.who_receives(parse_label(label), topic)
+        found = {d.partner: d.reason for d in resp.decisions}
+        return {code: found.get(code, "not_admitted") for code in PARTNERS}
 
     def operator(self, name: str) -> OperatorClient:
         return OperatorClient(load_operator(self.pki / "operators" / name), self.address)
@@ -435,8 +445,9 @@ class Demo:
         await self.wait_received(pub, ["NATO"])
         self.expect(
             "6",
-            "GBR is not sealed for and receives nothing",
-            "GBR" not in pub.recipients
+            "GBR is not among the recipients (suspended) and receives nothing",
+            pub.reasons.get("GBR") == "suspended"
+            and "GBR" not in pub.recipients
             and all(e.message_id != pub.message_id for e in self.inbox("GBR")),
         )
 
@@ -516,7 +527,13 @@ class Demo:
 
     # -- the summary --------------------------------------------------------------------------
     def matrix(self) -> dict[str, dict[str, str]]:
-        """For each published message and partner: received, or why not."""
+        """For each published message and partner: received, or why not.
+
+        Why not is the broker's reason code: refused at delivery (from the audit log), or
+        the partner's policy decision when the message was sealed (not_admitted,
+        suspended, missing_category, ...); "not_received" if it was eligible but its inbox
+        does not hold it, "publish_refused" when the broker refused the message itself.
+        """
         inboxes = {c: {e.message_id for e in self.inbox(c)} for c in PARTNERS}
         denied = {(d["partner"], d["message_id"]): d["reason"] for d in self.denied}
         out: dict[str, dict[str, str]] = {}
@@ -527,8 +544,13 @@ class Demo:
                     row[code] = "(sender)"
                 elif pub.message_id in inboxes[code]:
                     row[code] = "received"
+                elif (code, pub.message_id) in denied:
+                    row[code] = denied[(code, pub.message_id)]
+                elif pub.refused:
+                    row[code] = "publish_refused"
                 else:
-                    row[code] = denied.get((code, pub.message_id), "not sealed for")
+                    reason = pub.reasons.get(code, "allow")
+                    row[code] = "not_received" if reason == "allow" else reason
             out[key] = row
         return out
 
@@ -549,7 +571,8 @@ class Demo:
         self.out("\nWho received what (or why not):")
         self.out(f"  {'message':<{width}}  " + "  ".join(f"{c:<20}" for c in PARTNERS))
         for key, row in matrix.items():
-            self.out(f"  {key:<{width}}  " + "  ".join(f"{row[c]:<20}" for c in PARTNERS))
+            cells = (reason_text(row[c]) for c in PARTNERS)
+            self.out(f"  {key:<{width}}  " + "  ".join(f"{c:<20}" for c in cells))
         if self.rogue:
             self.out("\nRefused publishes (rogue):")
             for r in self.rogue:
@@ -564,6 +587,11 @@ class Demo:
                 else "; FAILED: " + "; ".join(f"[{c.step}] {c.expectation}" for c in failed)
             )
         )
+
+
+def reason_text(cell: str) -> str:
+    """A matrix cell for people: "received", "(sender)", or the reason in words."""
+    return cell.replace("_", " ")
 
 
 def default_out(line: str) -> None:

@@ -5,16 +5,32 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
+
 from clients.node.config import NodeConfig
 from clients.node.sequences import DurableSequencer
 from clients.sdk import ClientError, NoRecipients, PartnerClient
+from coalition.cli_common import EXIT_ERROR, EXIT_REFUSED, EXIT_UNREACHABLE
 from coalition.labels import Label, Precedence
 from coalition.pki import PartnerCredentials
 from coalition.v1 import exchange_pb2, intel_pb2
 
 
 class PublishError(Exception):
-    """Publishing failed; the message is one line for the operator."""
+    """Publishing failed; the message is one line for the operator, code the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _code(exc: ClientError | TimeoutError) -> int:
+    if isinstance(exc, TimeoutError) or exc.status in _UNREACHABLE:
+        return EXIT_UNREACHABLE
+    return EXIT_REFUSED
 
 
 async def publish(
@@ -42,11 +58,13 @@ async def publish(
                     timeout,
                 )
             except NoRecipients as exc:
-                raise PublishError(exc.message) from None
+                raise PublishError(exc.message, EXIT_REFUSED) from None
             except ClientError as exc:
-                raise PublishError(f"broker {cfg.broker}: {exc}") from None
+                raise PublishError(f"broker {cfg.broker}: {exc}", _code(exc)) from None
             except TimeoutError:
-                raise PublishError(f"broker {cfg.broker} did not answer in {timeout:g} s") from None
+                raise PublishError(
+                    f"broker {cfg.broker} did not answer in {timeout:g} s", EXIT_UNREACHABLE
+                ) from None
             try:
                 [res] = await asyncio.wait_for(client.publish([sealed.envelope]), timeout)
             except (ClientError, TimeoutError) as exc:
@@ -58,7 +76,8 @@ async def publish(
             if res.outcome != exchange_pb2.ACCEPTED:
                 client.discard(sealed)
                 raise PublishError(
-                    f"broker refused {sealed.message_id}: {res.reason_code}: {res.reason}"
+                    f"broker refused {sealed.message_id}: {res.reason_code}: {res.reason}",
+                    EXIT_REFUSED,
                 )
     finally:
         seq.close()
