@@ -19,7 +19,7 @@ import grpc
 from clients.admin import audit, context
 from clients.admin import commands as cmd
 from clients.admin.policy_flags import add_policy_flags
-from clients.sdk import ClientError, OperatorClient
+from clients.sdk import BrokerTlsError, ClientError, OperatorClient
 from coalition.pki import PkiError, load_operator
 
 PROG = "coalition-admin"
@@ -377,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except context.AuditBroken:
         return 4
+    except BrokerTlsError as exc:  # one sentence: retrying will not help
+        _fail(
+            f"broker at {ns.broker or os.environ.get('COALITION_BROKER') or DEFAULT_BROKER}: {exc}"
+        )
+        return 3
     except ClientError as exc:
         if exc.status in UNREACHABLE:
             target = ns.broker or os.environ.get("COALITION_BROKER") or DEFAULT_BROKER
