@@ -115,11 +115,6 @@ _TLS_FAILURES = (
         ("certificate_verify_failed", "certificate verify failed"),
         "the broker's certificate failed verification against this coalition's CA (pki/ca.crt)",
     ),
-    (
-        ("alert unknown ca", "alert bad certificate", "alert certificate expired"),
-        "the broker refused this identity's certificate (issued by another CA, expired, "
-        "or not yet valid by the broker's clock)",
-    ),
 )
 
 
