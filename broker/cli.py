@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING
 
 from broker.audit import AuditError
 from broker.config import BrokerConfig, ConfigError, load_config
+from broker.listen import parse_listen
 from broker.logs import setup_logging
 from broker.store import StoreError
 from coalition.cli_common import EXIT_EPILOG, EXIT_ERROR, EXIT_USAGE, add_version, duration_ms
+from coalition.pki import BROKER_DIR, PkiError
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -126,6 +128,19 @@ async def _reload(broker: Broker, ns: argparse.Namespace) -> None:
         log.exception("reload failed")
 
 
+def _missing_pki(cfg: BrokerConfig) -> str | None:
+    """The one sentence for a PKI directory that is not there, or None."""
+    pki = Path(cfg.pki_dir)
+    if pki.exists():
+        return None
+    if pki.name == BROKER_DIR and pki.parent.is_dir():
+        return None  # DIR/broker given: load_broker says what is missing in it
+    return (
+        f"no PKI directory {pki}: make one with 'coalition-keys dev-pki {pki}' "
+        "(or 'make pki' in a checkout), or give --pki DIR"
+    )
+
+
 async def _serve(cfg: BrokerConfig, ns: argparse.Namespace) -> int:
     from broker.server import start_broker
 
@@ -162,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"coalition-broker: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:  # what needs nothing started: one line, before any log line
+        parse_listen(cfg.listen)
+        missing = _missing_pki(cfg)
+    except ValueError as exc:
+        missing = str(exc)
+    if missing is not None:
+        print(f"coalition-broker: cannot start: {missing}", file=sys.stderr)
+        return EXIT_ERROR
     setup_logging(as_json=cfg.log_json, level=cfg.log_level)
     if not cfg.operators:
         logging.getLogger("coalition.broker").warning(
@@ -173,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return uvloop.run(_serve(cfg, ns))
         return asyncio.run(_serve(cfg, ns))
-    except (OSError, ValueError, sqlite3.Error, AuditError, StoreError) as exc:
+    except (OSError, ValueError, sqlite3.Error, AuditError, StoreError, PkiError) as exc:
         # One line, no traceback: what failed is in the message (a full disk says so).
         print(f"coalition-broker: cannot start: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -24,6 +24,7 @@ from broker.auth import AuthInterceptor
 from broker.config import BrokerConfig
 from broker.errors import BrokerError
 from broker.exchange import Clock, ExchangeCore, wall_clock_ms
+from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.registry import Registry
 from broker.retention import Retention
 from broker.servicers import AdminServicer, ExchangeServicer
@@ -57,6 +58,7 @@ class Broker:
     _retention: asyncio.Task[None] | None = None
     retention: Retention | None = None
     auth: AuthInterceptor | None = None
+    lock: DataDirLock | None = None
 
     async def reload(self, cfg: BrokerConfig) -> None:
         """Apply what may change while serving (SIGHUP): the revoked serials. Live calls
@@ -84,11 +86,32 @@ class Broker:
         with contextlib.suppress(AuditError):  # closed all the same; logged just above
             await self.audit.close()
         self.registry.close()
+        if self.lock is not None:
+            self.lock.release()
         log.info("stopped")
 
 
 async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Broker:
-    """Open the stores and start serving on cfg.listen; returns once the port is bound."""
+    """Open the stores and start serving on cfg.listen; returns once the port is bound.
+
+    Refused (OSError/ValueError, one line) before anything is written: a listen address
+    without a port, a data directory another broker holds, an address in use.
+    """
+    parse_listen(cfg.listen)
+    data = Path(cfg.data_dir)
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once at start-up
+    lock = DataDirLock(data).acquire()
+    try:
+        refuse_taken(cfg.listen)
+        broker = await _start_broker(cfg, clock)
+    except BaseException:
+        lock.release()
+        raise
+    broker.lock = lock
+    return broker
+
+
+async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     creds = load_broker(Path(cfg.pki_dir))
     data = Path(cfg.data_dir)
     data.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once at start-up
@@ -135,6 +158,9 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
             ("grpc.max_receive_message_length", cfg.receive_limit),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.max_pings_without_data", 0),
+            # Without this gRPC binds with SO_REUSEPORT: a second broker on the same port
+            # would start too, and the kernel would share the connections between them.
+            ("grpc.so_reuseport", 0),
             *_stream_limits(cfg),
         ],
     )
@@ -155,7 +181,10 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
         root_certificates=creds.ca_pem,
         require_client_auth=True,
     )
-    port = server.add_secure_port(cfg.listen, tls)
+    try:
+        port = server.add_secure_port(cfg.listen, tls)
+    except RuntimeError:  # "Failed to bind": taken since refuse_taken looked, or unbindable
+        port = 0
     if port == 0:
         raise OSError(f"cannot listen on {cfg.listen}")
     await server.start()

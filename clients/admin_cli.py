@@ -19,7 +19,7 @@ import grpc
 from clients.admin import audit, context
 from clients.admin import commands as cmd
 from clients.admin.policy_flags import add_policy_flags
-from clients.sdk import ClientError, OperatorClient
+from clients.sdk import BrokerTlsError, ClientError, OperatorClient
 from coalition.cli_common import (
     EXIT_AUDIT_BROKEN,
     EXIT_EPILOG,
@@ -395,6 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     except context.AuditBroken:
         return EXIT_AUDIT_BROKEN
+    except BrokerTlsError as exc:  # one sentence: retrying will not help
+        _fail(
+            f"broker at {ns.broker or os.environ.get('COALITION_BROKER') or DEFAULT_BROKER}: {exc}"
+        )
+        return EXIT_UNREACHABLE
     except ClientError as exc:
         if exc.status in UNREACHABLE:
             target = ns.broker or os.environ.get("COALITION_BROKER") or DEFAULT_BROKER

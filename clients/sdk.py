@@ -73,6 +73,60 @@ class NoRecipients(ClientError):
         super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
+class BrokerTlsError(ClientError):
+    """The TLS handshake with the broker failed verification: retrying will not help.
+
+    ``str()`` is the one sentence for a person (no status name, no gRPC detail)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# gRPC Core's words for a failed handshake (OpenSSL/BoringSSL reasons), and the sentence.
+_TLS_FAILURES = (
+    (
+        ("unable to get local issuer certificate", "self signed certificate", "self-signed"),
+        "the broker's certificate is not signed by this coalition's CA (pki/ca.crt); this "
+        "identity and the broker come from different PKIs: use the ca.crt the broker's "
+        "certificate was issued by, or re-issue the broker from this CA",
+    ),
+    (
+        ("certificate is not yet valid",),
+        "the broker's certificate is not yet valid by this computer's clock: this clock is "
+        "probably behind (check the date and NTP), or the certificate was issued for a "
+        "later date",
+    ),
+    (
+        ("certificate has expired",),
+        "the broker's certificate has expired by this computer's clock: renew it "
+        "('coalition-keys issue-broker --force'), or check this clock if it is ahead",
+    ),
+    (
+        ("hostname verification check failed",),
+        "the broker's certificate does not name the address this client connects to "
+        "(name mismatch): connect by a name it holds, or re-issue it with "
+        "'coalition-keys issue-broker --host NAME --ip ADDR'",
+    ),
+    (
+        ("certificate_verify_failed", "certificate verify failed"),
+        "the broker's certificate failed verification against this coalition's CA (pki/ca.crt)",
+    ),
+)
+
+
+def tls_failure(details: str) -> str | None:
+    """The sentence for a gRPC UNAVAILABLE detail that is a failed TLS verification."""
+    low = details.lower()
+    for needles, sentence in _TLS_FAILURES:
+        if any(n in low for n in needles):
+            return sentence
+    return None
+
+
 # What grpcio's asyncio client reports when writing a request fails inside gRPC Core.
 _CORE_WRITE_FAILED = "Internal error from Core"
 
@@ -95,6 +149,10 @@ def client_error(exc: grpc.aio.AioRpcError) -> ClientError:
             grpc.StatusCode.UNAVAILABLE,
             "the broker ended the stream while a request was on its way; retry",
         )
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        sentence = tls_failure(exc.details() or "")
+        if sentence is not None:
+            return BrokerTlsError(sentence)
     return ClientError(exc.code(), exc.details() or exc.code().name)
 
 
@@ -837,6 +895,7 @@ class OperatorClient:
 
 __all__ = [
     "Allocation",
+    "BrokerTlsError",
     "ClientError",
     "Directory",
     "NoRecipients",

@@ -160,9 +160,24 @@ def _cmd_issue_operator(args: argparse.Namespace) -> None:
 
 def _cmd_issue_broker(args: argparse.Namespace) -> None:
     d = pki.issue_broker(
-        args.dir, _now_ms(), name=args.name, valid_days=args.valid_days, force=args.force
+        args.dir,
+        _now_ms(),
+        name=args.name,
+        valid_days=args.valid_days,
+        force=args.force,
+        hosts=args.host,
+        ips=args.ip,
     )
-    print(f"issued broker {args.name} in {d}")
+    print(f"issued broker {args.name} in {d} for {_broker_names(d)}")
+
+
+def _broker_names(d: Path) -> str:
+    """The DNS names and addresses the broker's TLS certificate was issued for."""
+    cert = _read_cert(d / "tls.crt")
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = [*sans.get_values_for_type(x509.DNSName)]
+    names += [str(a) for a in sans.get_values_for_type(x509.IPAddress)]
+    return ", ".join(names)
 
 
 def _split(text: str) -> list[str]:
@@ -171,10 +186,19 @@ def _split(text: str) -> list[str]:
 
 def _cmd_dev_pki(args: argparse.Namespace) -> None:
     partners, operators = _split(args.partners), _split(args.operators)
-    pki.make_dev_pki(args.dir, partners, operators, _now_ms(), force=args.force)
+    pki.make_dev_pki(
+        args.dir,
+        partners,
+        operators,
+        _now_ms(),
+        force=args.force,
+        broker_hosts=args.broker_host,
+        broker_ips=args.broker_ip,
+    )
     print(
-        f"development PKI in {args.dir}: CA, broker, partners {', '.join(partners) or '-'}, "
-        f"operators {', '.join(operators) or '-'}"
+        f"development PKI in {args.dir}: CA, broker "
+        f"({_broker_names(Path(args.dir) / pki.BROKER_DIR)}), "
+        f"partners {', '.join(partners) or '-'}, operators {', '.join(operators) or '-'}"
     )
 
 
@@ -360,6 +384,23 @@ def _validity(p: argparse.ArgumentParser, default: int, what: str) -> None:
     )
 
 
+def _broker_name_options(p: argparse.ArgumentParser, host: str, ip: str) -> None:
+    p.add_argument(
+        host,
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name clients reach the broker by, added to localhost (repeatable)",
+    )
+    p.add_argument(
+        ip,
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="an IP address clients reach the broker by, added to 127.0.0.1 and ::1 (repeatable)",
+    )
+
+
 def _force(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace existing keys")
 
@@ -416,10 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
         subs,
         "issue-broker",
         "issue the broker's TLS server/client certificate and Ed25519 audit key",
-        f"  {PROG} issue-broker pki/\n  {PROG} issue-broker pki/ --name broker-eu\n",
+        f"  {PROG} issue-broker pki/\n  {PROG} issue-broker pki/ --name broker-eu\n"
+        f"  {PROG} issue-broker pki/ --force --host broker.kor.example --ip 10.0.0.5\n"
+        "\nThe certificate always names localhost, 127.0.0.1 and ::1; --host and --ip add\n"
+        "the names clients use to reach the broker from other hosts (they verify it).\n",
     )
     p.add_argument("dir", metavar="DIR", help="PKI directory holding ca/")
     p.add_argument("--name", default="broker", help="broker identity name (default broker)")
+    _broker_name_options(p, "--host", "--ip")
     _validity(p, pki.DEFAULT_CERT_DAYS, "certificate")
     _force(p)
     p.set_defaults(func=_cmd_issue_broker)
@@ -441,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_OPERATORS,
         help=f"comma-separated operator names (default {DEFAULT_OPERATORS})",
     )
+    _broker_name_options(p, "--broker-host", "--broker-ip")
     _force(p)
     p.set_defaults(func=_cmd_dev_pki)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +225,54 @@ def _end_entity(
     )
 
 
+LOOPBACK_HOSTS = ("localhost",)
+LOOPBACK_IPS = ("127.0.0.1", "::1")
+# RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def broker_host_names(hosts: Iterable[str] = (), ips: Iterable[str] = ()) -> list[x509.GeneralName]:
+    """The broker certificate's names: the loopback ones, then ``hosts`` (DNS names) and
+    ``ips`` (IPv4/IPv6 addresses), each once. Raises PkiError for an invalid name."""
+    dns: list[str] = list(LOOPBACK_HOSTS)
+    for host in hosts:
+        name = host.strip().rstrip(".").lower()
+        if (
+            not name
+            or len(name) > 253
+            or not all(_LABEL.match(label) for label in name.split("."))
+            or _is_ip(name)
+        ):
+            raise PkiError(
+                f"invalid broker host name {host!r}: give a DNS name such as broker.example.org "
+                "(letters, digits, hyphens; an IP address goes in --ip)"
+            )
+        if name not in dns:
+            dns.append(name)
+    addrs: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
+        ipaddress.ip_address(a) for a in LOOPBACK_IPS
+    ]
+    for ip in ips:
+        try:
+            addr = ipaddress.ip_address(ip.strip().strip("[]"))
+        except ValueError:
+            raise PkiError(
+                f"invalid broker IP address {ip!r}: give an IPv4 or IPv6 address "
+                "such as 10.0.0.5 or fd00::5 (a name goes in --host)"
+            ) from None
+        if addr not in addrs:
+            addrs.append(addr)
+    return [*(x509.DNSName(d) for d in dns), *(x509.IPAddress(a) for a in addrs)]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def issue_tls_cert(
     ca: CertificateAuthority,
     identity: Identity,
@@ -231,18 +280,15 @@ def issue_tls_cert(
     now_ms: int,
     *,
     valid_days: int = DEFAULT_CERT_DAYS,
+    broker_names: list[x509.GeneralName] | None = None,
 ) -> x509.Certificate:
     """A TLS certificate: clientAuth for partners and operators, plus serverAuth and
-    DNS:localhost, IP:127.0.0.1 and IP:::1 for the broker."""
+    ``broker_names`` for the broker (default: DNS:localhost, IP:127.0.0.1 and IP:::1)."""
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     sans: list[x509.GeneralName] = []
     if identity.kind is IdentityKind.BROKER:
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
-        sans = [
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-        ]
+        sans = broker_names if broker_names is not None else broker_host_names()
     builder = _end_entity(
         ca, identity, public_key, now_ms, valid_days, identity.name, sans
     ).add_extension(x509.ExtendedKeyUsage(usages), critical=False)
@@ -405,10 +451,17 @@ def load_ca(root: str | os.PathLike[str]) -> CertificateAuthority:
 
 
 def _issue_tls(
-    ca: CertificateAuthority, d: Path, identity: Identity, now_ms: int, valid_days: int
+    ca: CertificateAuthority,
+    d: Path,
+    identity: Identity,
+    now_ms: int,
+    valid_days: int,
+    broker_names: list[x509.GeneralName] | None = None,
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = issue_tls_cert(ca, identity, key.public_key(), now_ms, valid_days=valid_days)
+    cert = issue_tls_cert(
+        ca, identity, key.public_key(), now_ms, valid_days=valid_days, broker_names=broker_names
+    )
     _write_private(d / "tls.key", _pem_key(key))
     _write_public(d / "tls.crt", _pem_cert(cert))
 
@@ -505,14 +558,21 @@ def issue_broker(
     name: str = "broker",
     valid_days: int = DEFAULT_CERT_DAYS,
     force: bool = False,
+    hosts: Iterable[str] = (),
+    ips: Iterable[str] = (),
 ) -> Path:
-    """Issue the broker's TLS cert (server+client) and Ed25519 audit key + cert."""
+    """Issue the broker's TLS cert (server+client) and Ed25519 audit key + cert.
+
+    The TLS certificate names localhost, 127.0.0.1 and ::1, plus ``hosts`` (DNS names)
+    and ``ips``: every name clients use to reach the broker must be among them.
+    """
     identity = Identity.broker(name)
+    names = broker_host_names(hosts, ips)  # validated before anything is written
     d = Path(root) / BROKER_DIR
     _refuse_overwrite([d / "tls.key", d / "audit.key"], force)
     ca = load_ca(root)
     _mkdir(d)
-    _issue_tls(ca, d, identity, now_ms, valid_days)
+    _issue_tls(ca, d, identity, now_ms, valid_days, names)
     audit = Ed25519PrivateKey.generate()
     audit_cert = issue_signing_cert(ca, identity, audit.public_key(), now_ms, valid_days=valid_days)
     _write_private(d / "audit.key", _pem_key(audit))
@@ -527,9 +587,15 @@ def make_dev_pki(
     now_ms: int,
     *,
     force: bool = False,
+    broker_hosts: Iterable[str] = (),
+    broker_ips: Iterable[str] = (),
 ) -> None:
-    """A whole development PKI: CA, broker, each partner and operator. Raises PkiError."""
+    """A whole development PKI: CA, broker, each partner and operator. Raises PkiError.
+
+    ``broker_hosts`` and ``broker_ips`` are added to the broker certificate's names."""
     partners, operators = list(partners), list(operators)
+    broker_hosts, broker_ips = list(broker_hosts), list(broker_ips)
+    broker_host_names(broker_hosts, broker_ips)  # validate before writing anything
     for code in partners:
         Identity.partner(code)  # validate every name before writing anything
     for name in operators:
@@ -537,7 +603,7 @@ def make_dev_pki(
     if not force and (Path(dir) / CA_DIR / "ca.key").exists():
         raise PkiError(f"{dir} already holds a PKI; use --force to replace it")
     init_ca(dir, now_ms, force=force)
-    issue_broker(dir, now_ms, force=force)
+    issue_broker(dir, now_ms, force=force, hosts=broker_hosts, ips=broker_ips)
     for code in partners:
         issue_partner(dir, code, now_ms, force=force)
     for name in operators:

@@ -20,7 +20,7 @@ from clients.node.hook import hook_document, run_hook
 from clients.node.inbox import Entry, Expired, Inbox
 from clients.node.logs import log
 from clients.node.receive import Handled, Outcome, handle
-from clients.sdk import ClientError, PartnerClient, Subscription, wall_clock_ms
+from clients.sdk import BrokerTlsError, ClientError, PartnerClient, Subscription, wall_clock_ms
 from coalition.pki import PartnerCredentials
 from coalition.v1 import exchange_pb2
 
@@ -53,6 +53,8 @@ class Backoff:
 
 def describe(exc: ClientError, target: str, me: str) -> str:
     """One status sentence for a failed connection attempt."""
+    if isinstance(exc, BrokerTlsError):
+        return f"broker {target}: {exc}"
     if exc.status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return f"broker {target} unreachable ({exc.message})"
     if exc.status == grpc.StatusCode.UNAUTHENTICATED:
