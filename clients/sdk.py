@@ -226,6 +226,8 @@ class Sequencer:
         self.last = start or time.time_ns() // 1000
         self.per_recipient = per_recipient
         self.recipient_last: dict[str, int] = {}
+        # Numbers given back by refused envelopes below the last: taken again first.
+        self.recipient_free: dict[str, set[int]] = {}
 
     def next(self) -> int:
         self.last += 1
@@ -236,15 +238,30 @@ class Sequencer:
         per: dict[str, int] = {}
         if self.per_recipient:
             for r in recipients:
-                per[r] = self.recipient_last.get(r, 0) + 1
-                self.recipient_last[r] = per[r]
+                free = self.recipient_free.get(r)
+                if free:
+                    per[r] = min(free)
+                    free.discard(per[r])
+                else:
+                    per[r] = self.recipient_last.get(r, 0) + 1
+                    self.recipient_last[r] = per[r]
         return Allocation(self.next(), per)
 
     def release(self, allocation: Allocation) -> None:
-        """Give back recipient numbers of an envelope the broker refused, if still the last."""
+        """Give back the recipient numbers of an envelope the broker refused (never stored).
+
+        The last number is simply taken back; one below it (later envelopes were sealed
+        meanwhile, pipelined) goes to a free list that the next envelopes to that
+        recipient take first, so the recipient's hole fills instead of looking withheld.
+        """
         for r, n in allocation.per_recipient.items():
-            if self.recipient_last.get(r) == n:
-                self.recipient_last[r] = n - 1
+            free = self.recipient_free.setdefault(r, set())
+            free.add(n)
+            last = self.recipient_last.get(r, 0)
+            while last in free:
+                free.discard(last)
+                last -= 1
+            self.recipient_last[r] = last
 
 
 # -- partner client --------------------------------------------------------------------------
@@ -392,10 +409,11 @@ class PartnerClient:
         return Sealed(envelope, message_id, tuple(r.partner for r in chosen), seq, alloc)
 
     def discard(self, sealed: Sealed) -> None:
-        """Forget a sealed envelope the broker refused: its recipients' numbers may be reused.
+        """Forget a sealed envelope the broker refused: its recipients' numbers are reused.
 
         Only for a definite refusal; after an ambiguous failure (the connection broke) the
-        envelope may be stored, so its numbers must stay taken.
+        envelope may be stored, so its numbers must stay taken. A discarded envelope must
+        not be published again (seal the payload anew): its numbers now belong to others.
         """
         self.sequencer.release(sealed.allocation)
 
@@ -645,6 +663,8 @@ class Subscription:
         self.ended = asyncio.Event()
         self.on_expired = on_expired
         self.expired: list[exchange_pb2.Expired] = []
+        # Awaited in stream order with each caught_up status (after the deliveries before it).
+        self.on_status: Callable[[bool], Awaitable[None]] | None = None
 
     def __aiter__(self) -> AsyncGenerator[exchange_pb2.Delivery, None]:
         self._gen = self._deliveries()
@@ -657,8 +677,14 @@ class Subscription:
             async for resp in self._call:
                 kind = resp.WhichOneof("kind")
                 if kind == "status":
+                    # caught_up=False: the stream fell behind again (a backlog follows,
+                    # FLASH first); True: that backlog is out, live messages follow.
                     if resp.status.caught_up:
                         self.caught_up.set()
+                    else:
+                        self.caught_up.clear()
+                    if self.on_status is not None:
+                        await self.on_status(resp.status.caught_up)
                     continue
                 if kind == "expired":
                     notices = list(resp.expired.expired)
