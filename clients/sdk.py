@@ -67,10 +67,12 @@ class ClientError(Exception):
 
 
 class NoRecipients(ClientError):
-    """No partner is eligible for this label and topic right now."""
+    """No partner is eligible for this label and topic right now; ``not_sealed_for`` says,
+    for each partner named in REL TO, why it got no key (see PartnerClient.seal)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, not_sealed_for: Mapping[str, str] | None = None) -> None:
         super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
+        self.not_sealed_for = dict(not_sealed_for or {})
 
 
 # What grpcio's asyncio client reports when writing a request fails inside gRPC Core.
@@ -264,6 +266,35 @@ class Sequencer:
             self.recipient_last[r] = last
 
 
+# What a sender may say about a partner named in REL TO that got no key: only what it
+# legitimately has (the directory it may see, the broker's Recipients answer for a label
+# it may originate), never another partner's clearance, categories or topics.
+NOT_LISTED = "not a listed partner: not admitted, unknown, or a group"
+NO_KEY_BUNDLE = "no key bundle"
+NOT_ELIGIBLE = "not eligible now"
+KEYS_UNVERIFIED = "its keys do not verify"
+
+
+def _not_sealed_for(
+    label: Label, me: str, eligible: Sequence[str], chosen: Sequence[str], d: Directory
+) -> dict[str, str]:
+    """Each partner named in REL TO (but this one) that is not among chosen, and why."""
+    out: dict[str, str] = {}
+    for code in label.releasable_to or ():
+        if code == me or code in chosen:
+            continue
+        peer = d.peers.get(code)
+        if code in d.problems:
+            out[code] = KEYS_UNVERIFIED
+        elif peer is None:
+            out[code] = NOT_LISTED
+        elif peer.hpke_public is None:
+            out[code] = NO_KEY_BUNDLE  # none registered, or none this sender may use
+        elif code not in eligible:
+            out[code] = NOT_ELIGIBLE  # the broker's word: policy, suspension, topic
+    return out
+
+
 # -- partner client --------------------------------------------------------------------------
 
 
@@ -274,6 +305,8 @@ class Sealed:
     recipients: tuple[str, ...]
     sequence: int
     allocation: Allocation = field(default_factory=lambda: Allocation(0))
+    # Partners named in REL TO that got no key, with why (see PartnerClient.seal).
+    not_sealed_for: Mapping[str, str] = field(default_factory=dict)
 
 
 class PartnerClient:
@@ -384,8 +417,14 @@ class PartnerClient:
             for name in names
             if usable(directory, name) and (peer := directory.peers[name]).hpke_public is not None
         ]
+        dropped = _not_sealed_for(label, self.code, names, [r.partner for r in chosen], directory)
         if not chosen:
-            raise NoRecipients(f"no eligible recipient for {label.human()} on {topic} right now")
+            why = "; ".join(f"{p} ({r})" for p, r in dropped.items())
+            raise NoRecipients(
+                f"no eligible recipient for {label.human()} on {topic} right now"
+                + (f": {why}" if why else ""),
+                dropped,
+            )
         alloc = self.sequencer.allocate([r.partner for r in chosen])
         seq = alloc.sequence
         chosen = [
@@ -406,7 +445,7 @@ class PartnerClient:
             recipients=chosen,
             created_ms=self.clock(),
         )
-        return Sealed(envelope, message_id, tuple(r.partner for r in chosen), seq, alloc)
+        return Sealed(envelope, message_id, tuple(r.partner for r in chosen), seq, alloc, dropped)
 
     def discard(self, sealed: Sealed) -> None:
         """Forget a sealed envelope the broker refused: its recipients' numbers are reused.

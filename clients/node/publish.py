@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
+
 from clients.node.config import NodeConfig
 from clients.node.sequences import DurableSequencer
 from clients.sdk import ClientError, NoRecipients, PartnerClient
@@ -14,7 +16,12 @@ from coalition.v1 import exchange_pb2, intel_pb2
 
 
 class PublishError(Exception):
-    """Publishing failed; the message is one line for the operator."""
+    """Publishing failed; the message is one line for the operator, ``details`` the same
+    for --json."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or {}
 
 
 async def publish(
@@ -42,8 +49,17 @@ async def publish(
                     timeout,
                 )
             except NoRecipients as exc:
-                raise PublishError(exc.message) from None
+                raise PublishError(
+                    f"not published: {exc.message}", {"not_sealed_for": exc.not_sealed_for}
+                ) from None
             except ClientError as exc:
+                if exc.status == grpc.StatusCode.PERMISSION_DENIED:
+                    # The broker names the sender's own failing rule (origination ceiling,
+                    # publish topics), or that it is suspended or not admitted.
+                    raise PublishError(
+                        f"not published, the broker refused: {exc.message}",
+                        {"status": exc.status.name},
+                    ) from None
                 raise PublishError(f"broker {cfg.broker}: {exc}") from None
             except TimeoutError:
                 raise PublishError(f"broker {cfg.broker} did not answer in {timeout:g} s") from None
@@ -67,6 +83,7 @@ async def publish(
         "offset": res.offset,
         "sequence": sealed.sequence,
         "recipients": list(sealed.recipients),
+        "not_sealed_for": dict(sealed.not_sealed_for),
         "recipient_sequences": dict(sealed.allocation.per_recipient),
         "label": label.human(),
         "topic": topic,
