@@ -17,7 +17,7 @@ import grpc
 
 from clients.node.config import NodeConfig
 from clients.node.hook import hook_document, run_hook
-from clients.node.inbox import GAP_GRACE_S, Entry, Expired, Inbox
+from clients.node.inbox import GAP_BEHIND_S, GAP_GRACE_S, Entry, Expired, Inbox
 from clients.node.logs import log
 from clients.node.receive import Handled, Outcome, handle
 from clients.sdk import ClientError, PartnerClient, Subscription, wall_clock_ms
@@ -212,11 +212,12 @@ class NodeDaemon:
             self._warn_gaps()
 
     async def _judge_gaps(self) -> None:
-        """While caught up, warn about holes open longer than the grace period."""
+        """Warn about holes open longer than the grace period (while caught up) or than
+        GAP_BEHIND_S (while a backlog is delivered)."""
         while True:
             await asyncio.sleep(1.0)
-            if not self._behind:
-                self._warn_gaps(wall_clock_ms() - int(GAP_GRACE_S * 1000))
+            wait_s = GAP_BEHIND_S if self._behind else GAP_GRACE_S
+            self._warn_gaps(wall_clock_ms() - int(wait_s * 1000))
 
     async def _watch_caught_up(self, sub: Subscription) -> None:
         await sub.caught_up.wait()

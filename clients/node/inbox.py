@@ -87,6 +87,9 @@ _SQLITE_MAX = 2**63 - 1
 # once it has stayed open this long: concurrent publishers' envelopes may be stored a
 # little out of their numbering, and a refused number comes with the sender's next one.
 GAP_GRACE_S = 10.0
+# While the stream is behind (a backlog, FLASH first), holes wait for caught_up; but not
+# longer than this, so a broker that never says it caught up cannot hide one for ever.
+GAP_BEHIND_S = 300.0
 
 
 @dataclass(frozen=True)
