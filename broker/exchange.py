@@ -925,6 +925,13 @@ class ExchangeCore:
             if sub.live_after is not None and not sub.feed_overflow:
                 batch = sub.take_live(room)
             else:
+                if sub.live_after is not None and caught_up_sent:
+                    # Fell behind (its live feed overflowed): the store is read again,
+                    # FLASH first, so say so; caught_up follows once that backlog is out.
+                    caught_up_sent = False
+                    yield exchange_pb2.SubscribeResponse(
+                        status=exchange_pb2.SubscribeStatus(caught_up=False)
+                    )
                 sub.reset_feed()
                 sub.acked_during_read.clear()
                 try:

@@ -242,13 +242,17 @@ def _publish(cfg: NodeConfig, ns: argparse.Namespace) -> int:
             )
         )
     except PublishError as exc:
+        if ns.json:
+            print(json.dumps({"error": str(exc), **exc.details}))
         return fail(str(exc), exc.code)
     if ns.json:
         print(json.dumps(result))
     else:
+        dropped = ", ".join(f"{p} ({why})" for p, why in result["not_sealed_for"].items())
         print(
-            f"published {result['message_id']} (offset {result['offset']}) "
-            f"to {', '.join(result['recipients'])}"
+            f"published {result['message_id']} (offset {result['offset']}), "
+            f"sealed for {', '.join(result['recipients'])}"
+            + (f"; not for {dropped}" if dropped else "")
         )
     return 0
 

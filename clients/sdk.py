@@ -67,10 +67,12 @@ class ClientError(Exception):
 
 
 class NoRecipients(ClientError):
-    """No partner is eligible for this label and topic right now."""
+    """No partner is eligible for this label and topic right now; ``not_sealed_for`` says,
+    for each partner named in REL TO, why it got no key (see PartnerClient.seal)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, not_sealed_for: Mapping[str, str] | None = None) -> None:
         super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
+        self.not_sealed_for = dict(not_sealed_for or {})
 
 
 class BrokerTlsError(ClientError):
@@ -284,6 +286,8 @@ class Sequencer:
         self.last = start or time.time_ns() // 1000
         self.per_recipient = per_recipient
         self.recipient_last: dict[str, int] = {}
+        # Numbers given back by refused envelopes below the last: taken again first.
+        self.recipient_free: dict[str, set[int]] = {}
 
     def next(self) -> int:
         self.last += 1
@@ -294,15 +298,59 @@ class Sequencer:
         per: dict[str, int] = {}
         if self.per_recipient:
             for r in recipients:
-                per[r] = self.recipient_last.get(r, 0) + 1
-                self.recipient_last[r] = per[r]
+                free = self.recipient_free.get(r)
+                if free:
+                    per[r] = min(free)
+                    free.discard(per[r])
+                else:
+                    per[r] = self.recipient_last.get(r, 0) + 1
+                    self.recipient_last[r] = per[r]
         return Allocation(self.next(), per)
 
     def release(self, allocation: Allocation) -> None:
-        """Give back recipient numbers of an envelope the broker refused, if still the last."""
+        """Give back the recipient numbers of an envelope the broker refused (never stored).
+
+        The last number is simply taken back; one below it (later envelopes were sealed
+        meanwhile, pipelined) goes to a free list that the next envelopes to that
+        recipient take first, so the recipient's hole fills instead of looking withheld.
+        """
         for r, n in allocation.per_recipient.items():
-            if self.recipient_last.get(r) == n:
-                self.recipient_last[r] = n - 1
+            free = self.recipient_free.setdefault(r, set())
+            free.add(n)
+            last = self.recipient_last.get(r, 0)
+            while last in free:
+                free.discard(last)
+                last -= 1
+            self.recipient_last[r] = last
+
+
+# What a sender may say about a partner named in REL TO that got no key: only what it
+# legitimately has (the directory it may see, the broker's Recipients answer for a label
+# it may originate), never another partner's clearance, categories or topics.
+NOT_LISTED = "not a listed partner: not admitted, unknown, or a group"
+NO_KEY_BUNDLE = "no key bundle"
+NOT_ELIGIBLE = "not eligible now"
+KEYS_UNVERIFIED = "its keys do not verify"
+
+
+def _not_sealed_for(
+    label: Label, me: str, eligible: Sequence[str], chosen: Sequence[str], d: Directory
+) -> dict[str, str]:
+    """Each partner named in REL TO (but this one) that is not among chosen, and why."""
+    out: dict[str, str] = {}
+    for code in label.releasable_to or ():
+        if code == me or code in chosen:
+            continue
+        peer = d.peers.get(code)
+        if code in d.problems:
+            out[code] = KEYS_UNVERIFIED
+        elif peer is None:
+            out[code] = NOT_LISTED
+        elif peer.hpke_public is None:
+            out[code] = NO_KEY_BUNDLE  # none registered, or none this sender may use
+        elif code not in eligible:
+            out[code] = NOT_ELIGIBLE  # the broker's word: policy, suspension, topic
+    return out
 
 
 # -- partner client --------------------------------------------------------------------------
@@ -315,6 +363,8 @@ class Sealed:
     recipients: tuple[str, ...]
     sequence: int
     allocation: Allocation = field(default_factory=lambda: Allocation(0))
+    # Partners named in REL TO that got no key, with why (see PartnerClient.seal).
+    not_sealed_for: Mapping[str, str] = field(default_factory=dict)
 
 
 class PartnerClient:
@@ -425,8 +475,14 @@ class PartnerClient:
             for name in names
             if usable(directory, name) and (peer := directory.peers[name]).hpke_public is not None
         ]
+        dropped = _not_sealed_for(label, self.code, names, [r.partner for r in chosen], directory)
         if not chosen:
-            raise NoRecipients(f"no eligible recipient for {label.human()} on {topic} right now")
+            why = "; ".join(f"{p} ({r})" for p, r in dropped.items())
+            raise NoRecipients(
+                f"no eligible recipient for {label.human()} on {topic} right now"
+                + (f": {why}" if why else ""),
+                dropped,
+            )
         alloc = self.sequencer.allocate([r.partner for r in chosen])
         seq = alloc.sequence
         chosen = [
@@ -447,13 +503,14 @@ class PartnerClient:
             recipients=chosen,
             created_ms=self.clock(),
         )
-        return Sealed(envelope, message_id, tuple(r.partner for r in chosen), seq, alloc)
+        return Sealed(envelope, message_id, tuple(r.partner for r in chosen), seq, alloc, dropped)
 
     def discard(self, sealed: Sealed) -> None:
-        """Forget a sealed envelope the broker refused: its recipients' numbers may be reused.
+        """Forget a sealed envelope the broker refused: its recipients' numbers are reused.
 
         Only for a definite refusal; after an ambiguous failure (the connection broke) the
-        envelope may be stored, so its numbers must stay taken.
+        envelope may be stored, so its numbers must stay taken. A discarded envelope must
+        not be published again (seal the payload anew): its numbers now belong to others.
         """
         self.sequencer.release(sealed.allocation)
 
@@ -703,6 +760,8 @@ class Subscription:
         self.ended = asyncio.Event()
         self.on_expired = on_expired
         self.expired: list[exchange_pb2.Expired] = []
+        # Awaited in stream order with each caught_up status (after the deliveries before it).
+        self.on_status: Callable[[bool], Awaitable[None]] | None = None
 
     def __aiter__(self) -> AsyncGenerator[exchange_pb2.Delivery, None]:
         self._gen = self._deliveries()
@@ -715,8 +774,14 @@ class Subscription:
             async for resp in self._call:
                 kind = resp.WhichOneof("kind")
                 if kind == "status":
+                    # caught_up=False: the stream fell behind again (a backlog follows,
+                    # FLASH first); True: that backlog is out, live messages follow.
                     if resp.status.caught_up:
                         self.caught_up.set()
+                    else:
+                        self.caught_up.clear()
+                    if self.on_status is not None:
+                        await self.on_status(resp.status.caught_up)
                     continue
                 if kind == "expired":
                     notices = list(resp.expired.expired)

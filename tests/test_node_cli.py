@@ -67,7 +67,7 @@ async def test_daemon_stores_and_commands_show_it(
             *pub, "--precedence", "FLASH", "--area", "Sector 4", "-", stdin=BODY.encode()
         )
         assert first.code == 0, first.err
-        assert first.out.startswith("published ") and first.out.strip().endswith("to USA")
+        assert first.out.startswith("published ") and first.out.strip().endswith("sealed for USA")
         msg_id = first.out.split()[1]
         doc = json.dumps({"title": "Bridge down", "summary": "span collapsed", "reliability": "B"})
         second = await node(*pub, "--json", "-", stdin=doc.encode())

@@ -16,6 +16,7 @@ from clients.node.daemon import Backoff
 from clients.node.inbox import Inbox
 from clients.node.receive import Outcome, handle
 from clients.node.sequences import DurableSequencer
+from clients.sdk import Sequencer
 from coalition import envelope as env
 from coalition.labels import label_to_proto, parse_label
 from coalition.pki import PartnerCredentials, load_partner
@@ -161,6 +162,19 @@ async def test_gaps_are_detected_and_late_arrivals_close_them(
     assert inbox.senders() == {"KOR": 6}
 
 
+async def test_gaps_are_taken_by_when_they_opened(
+    tmp_path: Path, creds: dict[str, PartnerCredentials]
+) -> None:
+    # The daemon asks for holes older than its grace period: a fresh one waits.
+    inbox = Inbox(tmp_path / "inbox.db")
+    for seq in (1, 3):
+        await receive(delivery(creds, seq=seq, offset=seq), inbox, creds)
+    [gap] = inbox.gaps()
+    assert inbox.take_unreported_gaps(opened_by_ms=gap.detected_ms - 1) == []
+    assert inbox.take_unreported_gaps(opened_by_ms=gap.detected_ms) == [gap]
+    assert inbox.take_unreported_gaps() == []
+
+
 def test_durable_sequences_survive_restarts(tmp_path: Path) -> None:
     db = tmp_path / "node.db"
     clock = iter(range(100, 0, -10))  # a clock that goes backwards
@@ -248,3 +262,21 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
     assert max(delays) == 5.0
     low = Backoff(rng=lambda: 0.0)
     assert low.next() == 0.1
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["node-db", "in-memory"])
+def test_refused_numbers_are_taken_again_first(tmp_path: Path, durable: bool) -> None:
+    # Pipelined: 1, 2, 3 sealed; 2 refused (never stored) -> the next envelope takes 2.
+    s = DurableSequencer(tmp_path / "node.db") if durable else Sequencer(per_recipient=True)
+    a, b, c = (s.allocate(["USA"]) for _ in range(3))
+    s.release(b)
+    assert s.allocate(["USA"]).per_recipient == {"USA": 2}
+    assert s.allocate(["USA"]).per_recipient == {"USA": 4}
+    # 3 refused below the last (taken again first); 5 refused as the last (simply taken
+    # back, as is GBR's 1).
+    e = s.allocate(["USA", "GBR"])
+    s.release(c)
+    s.release(e)
+    assert s.allocate(["USA"]).per_recipient == {"USA": 3}
+    assert s.allocate(["USA", "GBR"]).per_recipient == {"USA": 5, "GBR": 1}
+    assert a.per_recipient == {"USA": 1}

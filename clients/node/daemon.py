@@ -17,7 +17,7 @@ import grpc
 
 from clients.node.config import NodeConfig
 from clients.node.hook import hook_document, run_hook
-from clients.node.inbox import Entry, Expired, Inbox
+from clients.node.inbox import GAP_BEHIND_S, GAP_GRACE_S, Entry, Expired, Inbox
 from clients.node.logs import log
 from clients.node.receive import Handled, Outcome, handle
 from clients.sdk import BrokerTlsError, ClientError, PartnerClient, Subscription, wall_clock_ms
@@ -76,6 +76,8 @@ class NodeDaemon:
         self.backoff = Backoff()
         self.stored = 0
         self._handling = asyncio.Lock()
+        self._behind = True  # until the stream says caught_up; holes are judged after
+        self._fell_behind = False
 
     async def run(self) -> int:
         """Serve until stop is set; returns the exit status (0)."""
@@ -109,8 +111,11 @@ class NodeDaemon:
         sub = self.client.subscribe(
             self.cfg.topics, window=self.cfg.window, on_expired=self._expired
         )
+        sub.on_status = self._status
+        self._behind, self._fell_behind = True, False
         consumer = asyncio.create_task(self._consume(sub))
         watcher = asyncio.create_task(self._watch_caught_up(sub))
+        judge = asyncio.create_task(self._judge_gaps())
         stopper = asyncio.create_task(self.stop.wait())
         self.inbox.note("last_connected_ms", str(wall_clock_ms()))
         self.inbox.note("broker", self.cfg.broker)
@@ -134,7 +139,7 @@ class NodeDaemon:
                 await consumer
             await sub.aclose()
         finally:
-            for t in (consumer, watcher, stopper):
+            for t in (consumer, watcher, stopper, judge):
                 t.cancel()
             sub.close()
 
@@ -190,19 +195,36 @@ class NodeDaemon:
             log.debug("stored %s from %s (%s, %s)", e.message_id, e.sender, e.precedence, e.topic)
             if h.gap == "filled":
                 log.info("sequence %d from %s arrived late", e.recipient_sequence, e.sender)
-            elif h.gap == "opened" and live:
-                self._warn_gaps()
 
-    def _warn_gaps(self) -> None:
-        for g in self.inbox.take_unreported_gaps():
+    def _warn_gaps(self, opened_by_ms: int | None = None) -> None:
+        for g in self.inbox.take_unreported_gaps(opened_by_ms=opened_by_ms):
             log.warning(g.describe())
+
+    async def _status(self, caught_up: bool) -> None:
+        """In stream order: caught up (again), every hole still open was not a matter of
+        delivery order (a backlog comes FLASH first), so it is warned about now."""
+        if not caught_up:
+            log.info("fell behind: the broker is delivering a backlog again (FLASH first)")
+            self._fell_behind = True
+        elif self._fell_behind:
+            log.info("caught up again: that backlog is delivered")
+            self._fell_behind = False
+        self._behind = not caught_up
+        if caught_up:
+            self._warn_gaps()
+
+    async def _judge_gaps(self) -> None:
+        """Warn about holes open longer than the grace period (while caught up) or than
+        GAP_BEHIND_S (while a backlog is delivered)."""
+        while True:
+            await asyncio.sleep(1.0)
+            wait_s = GAP_BEHIND_S if self._behind else GAP_GRACE_S
+            self._warn_gaps(wall_clock_ms() - int(wait_s * 1000))
 
     async def _watch_caught_up(self, sub: Subscription) -> None:
         await sub.caught_up.wait()
         n, q = self.inbox.counts()
         log.info("caught up: backlog delivered; inbox holds %d messages, %d quarantined", n, q)
-        # A backlog arrives FLASH first, so holes seen during it may fill; judge them now.
-        self._warn_gaps()
 
     async def _hook(self, e: Entry, payload: bytes | None) -> None:
         assert self.cfg.hook is not None

@@ -83,6 +83,13 @@ _EXPIRED_COLUMNS = (
     " stored_ms, removed_ms, noticed_ms"
 )
 _SQLITE_MAX = 2**63 - 1
+# A hole in a sender's numbers seen while the stream is caught up (live) is warned about
+# once it has stayed open this long: concurrent publishers' envelopes may be stored a
+# little out of their numbering, and a refused number comes with the sender's next one.
+GAP_GRACE_S = 10.0
+# While the stream is behind (a backlog, FLASH first), holes wait for caught_up; but not
+# longer than this, so a broker that never says it caught up cannot hide one for ever.
+GAP_BEHIND_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -214,11 +221,20 @@ class Inbox:
         ).fetchall()
         return [_expired(r) for r in reversed(rows)]
 
-    def take_unreported_gaps(self) -> list[Gap]:
-        """Open gaps not yet warned about, marked as reported."""
+    def take_unreported_gaps(self, *, opened_by_ms: int | None = None) -> list[Gap]:
+        """Open gaps not yet warned about (only those opened at or before opened_by_ms,
+        if given), marked as reported.
+
+        When to ask is the caller's judgement (see GAP_GRACE_S): a hole is only
+        suspicious once the stream caught up after it opened, or after the grace period,
+        because a backlog arrives FLASH first and so out of per-recipient order.
+        """
+        cut = _SQLITE_MAX if opened_by_ms is None else opened_by_ms
         with transaction(self.conn) as c:
-            gaps = _gaps(c, "WHERE reported = 0")
-            c.execute("UPDATE gaps SET reported = 1 WHERE reported = 0")
+            gaps = _gaps(c, "WHERE reported = 0 AND detected_ms <= ?", (cut,))
+            c.execute(
+                "UPDATE gaps SET reported = 1 WHERE reported = 0 AND detected_ms <= ?", (cut,)
+            )
         return gaps
 
     # -- reading --------------------------------------------------------------------------
@@ -307,10 +323,11 @@ def _account(c: sqlite3.Connection, sender: str, seq: int, now_ms: int) -> str:
     return "filled"
 
 
-def _gaps(c: sqlite3.Connection, where: str) -> list[Gap]:
+def _gaps(c: sqlite3.Connection, where: str, params: tuple[int, ...] = ()) -> list[Gap]:
     rows = c.execute(
         f"SELECT sender, first_seq, last_seq, detected_ms FROM gaps {where}"
-        " ORDER BY sender, first_seq"
+        " ORDER BY sender, first_seq",
+        params,
     ).fetchall()
     return [Gap(str(s), int(f), int(la), int(d)) for s, f, la, d in rows]
 

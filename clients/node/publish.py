@@ -17,11 +17,15 @@ from coalition.v1 import exchange_pb2, intel_pb2
 
 
 class PublishError(Exception):
-    """Publishing failed; the message is one line for the operator, code the exit status."""
+    """Publishing failed; the message is one line for the operator, code the exit status,
+    ``details`` the same for --json."""
 
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+    def __init__(
+        self, message: str, code: int = EXIT_ERROR, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.details = details or {}
 
 
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -58,8 +62,20 @@ async def publish(
                     timeout,
                 )
             except NoRecipients as exc:
-                raise PublishError(exc.message, EXIT_REFUSED) from None
+                raise PublishError(
+                    f"not published: {exc.message}",
+                    EXIT_REFUSED,
+                    {"not_sealed_for": exc.not_sealed_for},
+                ) from None
             except ClientError as exc:
+                if exc.status == grpc.StatusCode.PERMISSION_DENIED:
+                    # The broker names the sender's own failing rule (origination ceiling,
+                    # publish topics), or that it is suspended or not admitted.
+                    raise PublishError(
+                        f"not published, the broker refused: {exc.message}",
+                        EXIT_REFUSED,
+                        {"status": exc.status.name},
+                    ) from None
                 raise PublishError(f"broker {cfg.broker}: {exc}", _code(exc)) from None
             except TimeoutError:
                 raise PublishError(
@@ -86,6 +102,7 @@ async def publish(
         "offset": res.offset,
         "sequence": sealed.sequence,
         "recipients": list(sealed.recipients),
+        "not_sealed_for": dict(sealed.not_sealed_for),
         "recipient_sequences": dict(sealed.allocation.per_recipient),
         "label": label.human(),
         "topic": topic,

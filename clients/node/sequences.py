@@ -44,16 +44,28 @@ class DurableSequencer:
             _set(c, _HEADER, seq)
             per = {}
             for r in recipients:
-                per[r] = _last(c, r) + 1
-                _set(c, r, per[r])
+                row = c.execute("SELECT MIN(n) FROM tx_free WHERE scope = ?", (r,)).fetchone()
+                if row[0] is not None:
+                    per[r] = int(row[0])
+                    c.execute("DELETE FROM tx_free WHERE scope = ? AND n = ?", (r, per[r]))
+                else:
+                    per[r] = _last(c, r) + 1
+                    _set(c, r, per[r])
         return Allocation(seq, per)
 
     def release(self, allocation: Allocation) -> None:
-        """Give back the numbers of a refused envelope where nobody took a later one."""
+        """Give back the numbers of a refused (never stored) envelope: the last is taken
+        back, one below it is kept free and taken first by the next envelope to that
+        recipient, so the recipient's hole fills rather than looking withheld."""
         with transaction(self.conn) as c:
             for r, n in allocation.per_recipient.items():
-                if _last(c, r) == n:
-                    _set(c, r, n - 1)
+                c.execute("INSERT OR IGNORE INTO tx_free (scope, n) VALUES (?, ?)", (r, n))
+                last = _last(c, r)
+                while c.execute(
+                    "DELETE FROM tx_free WHERE scope = ? AND n = ?", (r, last)
+                ).rowcount:
+                    last -= 1
+                _set(c, r, last)
 
     def last(self, scope: str = _HEADER) -> int:
         return _last(self.conn, scope)

@@ -245,7 +245,10 @@ class SubscribeStatus(_message.Message):
     CAUGHT_UP_FIELD_NUMBER: _builtins.int
     BACKLOG_FIELD_NUMBER: _builtins.int
     caught_up: _builtins.bool
-    """True once the backlog has been delivered; live messages follow."""
+    """True once the backlog has been delivered; live messages follow. False when a live
+    stream fell behind (the store is read again, FLASH first); True again once that
+    backlog is out. Nodes judge sequence gaps only when caught up.
+    """
     backlog: _builtins.int
     def __init__(
         self,
