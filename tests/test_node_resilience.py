@@ -325,3 +325,20 @@ async def test_a_handshake_failing_for_the_clock_names_the_clock(tmp_path: Path)
         assert all(line.startswith("20") for line in text.splitlines()), text
     finally:
         await b.stop(grace=1)
+
+
+def test_reconnect_caps_are_configurable(tmp_path: Path) -> None:
+    from clients.node.config import ConfigError, parse_config
+
+    base = {"broker": "b:1", "identity": "i", "inbox": "x.db"}
+    cfg = parse_config(base, tmp_path / "n.toml")
+    assert (cfg.max_backoff_s, cfg.operator_max_backoff_s) == (30.0, 300.0)
+    cfg = parse_config(
+        {**base, "reconnect": {"max_backoff_s": 10, "operator_max_backoff_s": 60}},
+        tmp_path / "n.toml",
+    )
+    assert (cfg.max_backoff_s, cfg.operator_max_backoff_s) == (10.0, 60.0)
+    with pytest.raises(ConfigError, match="operator_max_backoff_s must be a number"):
+        parse_config({**base, "reconnect": {"operator_max_backoff_s": 0}}, tmp_path / "n.toml")
+    with pytest.raises(ConfigError, match="unknown key 'max_s'"):
+        parse_config({**base, "reconnect": {"max_s": 5}}, tmp_path / "n.toml")

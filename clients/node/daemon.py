@@ -43,10 +43,9 @@ from coalition.pki import PartnerCredentials
 from coalition.v1 import directory_pb2, exchange_pb2
 
 BACKOFF_BASE_S = 0.2
-BACKOFF_CAP_S = 30.0
+BACKOFF_CAP_S = 30.0  # the default of [reconnect] max_backoff_s
 # Suspended or not yet admitted: only an operator changes that, so ask rarely.
-OPERATOR_BACKOFF_BASE_S = 1.0
-OPERATOR_BACKOFF_CAP_S = 300.0
+OPERATOR_BACKOFF_BASE_S = 1.0  # doubling up to [reconnect] operator_max_backoff_s
 RATE_EVERY_S = 10.0
 # How often messages held back for the clock are tried again, and the heartbeat written.
 PARKED_RETRY_S = 30.0
@@ -55,8 +54,6 @@ EXIT_REFUSED = 1  # a permanent refusal: retrying cannot help
 # For tests only: shift the node's clock by this many milliseconds (a slow or fast
 # host clock), as the node sees certificates, key bundles and message times.
 CLOCK_OFFSET_ENV = "COALITION_NODE_CLOCK_OFFSET_MS"
-# For tests only: the backoff for a refusal only operators can lift, "base,cap" seconds.
-OPERATOR_BACKOFF_ENV = "COALITION_NODE_OPERATOR_BACKOFF_S"
 
 
 class Backoff:
@@ -199,14 +196,6 @@ def _iso(when: dt.datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _env_float_pair(name: str, default: tuple[float, float]) -> tuple[float, float]:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    base, _, cap = raw.partition(",")
-    return float(base), float(cap or base)
-
-
 def node_clock() -> Callable[[], int]:
     """The node's clock: the wall clock, shifted only when a test sets CLOCK_OFFSET_ENV."""
     offset = int(os.environ.get(CLOCK_OFFSET_ENV, "0") or 0)
@@ -231,12 +220,8 @@ class NodeDaemon:
         self.inbox = Inbox(cfg.inbox)
         self.hooks = HookRunner(cfg.hook, self.inbox) if cfg.hook is not None else None
         self.stop = asyncio.Event()
-        self.backoff = Backoff()
-        self.operator_backoff = Backoff(
-            *_env_float_pair(
-                OPERATOR_BACKOFF_ENV, (OPERATOR_BACKOFF_BASE_S, OPERATOR_BACKOFF_CAP_S)
-            )
-        )
+        self.backoff = Backoff(BACKOFF_BASE_S, cfg.max_backoff_s)
+        self.operator_backoff = Backoff(OPERATOR_BACKOFF_BASE_S, cfg.operator_max_backoff_s)
         self.key_id = directory_pb2.KeyBundle.FromString(creds.bundle.bundle).key_id
         self.stored = 0
         self.registrations = 0
