@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections import Counter
@@ -220,19 +221,32 @@ async def test_a_slow_node_clock_holds_messages_instead_of_refusing_them(
         box.close()
 
 
-HOOK = """import os, sys
+# Each run writes one line as it starts (message id, pid, attempt), then works a moment.
+HOOK = """import os, sys, time
 sys.stdin.read()
 with open(sys.argv[1], "a") as f:
     f.write(os.environ["COALITION_MESSAGE_ID"] + " " + str(os.getpid()) + " "
             + os.environ.get("COALITION_HOOK_ATTEMPT", "-") + "\\n")
+time.sleep(0.3)
 """
 
 
-def _running(pid: int) -> bool:
+async def _exited(pid: int) -> None:
+    """Return the moment process pid exits (a pidfd turns readable), not a poll later."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already gone
+    try:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        loop.add_reader(fd, done.set)
+        try:
+            await asyncio.wait_for(done.wait(), 10)
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
 
 
 async def test_a_finished_hook_is_not_run_again_after_a_kill(
@@ -249,7 +263,7 @@ async def test_a_finished_hook_is_not_run_again_after_a_kill(
     )
     log = tmp_path / "usa.log"
     daemon = await start_daemon(cfg, log)
-    kills = 8
+    kills = 10
     try:
         await eventually(lambda: bool(broker.exchange.live.get("USA")), 20)
         for i in range(kills):
@@ -257,7 +271,7 @@ async def test_a_finished_hook_is_not_run_again_after_a_kill(
             await eventually(lambda: runs.exists() and msg_id in runs.read_text(), 20)  # noqa: B023
             line = next(x for x in runs.read_text().splitlines() if x.startswith(msg_id))
             pid = int(line.split()[1])
-            await eventually(lambda: not _running(pid), 10)  # noqa: B023 - the hook has exited
+            await _exited(pid)  # the hook has finished its work and exited
             daemon.send_signal(signal.SIGKILL)  # right after: before it could record that
             await daemon.wait()
             daemon = await start_daemon(cfg, log)
