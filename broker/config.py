@@ -48,6 +48,10 @@ class BrokerConfig:
     max_streams_per_connection: int = 32
     # A connection with no call for this long is closed (clients reconnect on demand).
     max_connection_idle_ms: int = 5 * 60 * 1000
+    # Shortest interval at which a client may send HTTP/2 keepalive pings on a connection
+    # with no data moving (an idle subscription); faster pingers are sent GOAWAY
+    # too_many_pings. Below the SDK's 30 s keepalive, so idle node streams stay up.
+    min_ping_interval_ms: int = 10_000
     # Connections on which one identity may have calls in progress at once (0 = off).
     max_connections_per_identity: int = 16
     # Hand new messages to caught-up subscribers straight from the publish path instead
@@ -107,6 +111,7 @@ _SECTIONS = {
         "max_subscribe_pattern_bytes",
         "max_streams_per_connection",
         "max_connection_idle_ms",
+        "min_ping_interval_ms",
         "max_connections_per_identity",
         "default_publish_rate_per_s",
         "audit_checkpoint_every",

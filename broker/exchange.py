@@ -1219,8 +1219,26 @@ class ExchangeCore:
             cert = x509.load_der_x509_certificate(rec.signing_cert)
             key = self.signer(partner, format(cert.serial_number, "x"))
             bundle = verify_key_bundle(signed, key, partner, now)
-        except (KeyError, IdentityError, ValueError) as exc:
+        except SigningCertNotValid as exc:
             raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}") from exc
+        except KeyError as exc:
+            # Not a KeyError's bare repr ('USA'): say which certificate failed and why.
+            why = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+            raise InvalidInput(
+                "bad_key_bundle",
+                f"key bundle refused: the signing certificate operators admitted for "
+                f"{partner} does not verify under this broker's CA{why}; operators must "
+                f"admit {partner} again with its current signing certificate",
+            ) from exc
+        except (IdentityError, ValueError) as exc:
+            hint = ""
+            if "signature does not verify" in str(exc):
+                hint = (
+                    f" (it is not signed by the signing key operators admitted for {partner}:"
+                    " if the partner's keys were issued again, operators must admit its"
+                    " current signing certificate)"
+                )
+            raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}{hint}") from exc
         try:
             await self.registry.set_bundle(
                 partner,

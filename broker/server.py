@@ -161,6 +161,7 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
             # Without this gRPC binds with SO_REUSEPORT: a second broker on the same port
             # would start too, and the kernel would share the connections between them.
             ("grpc.so_reuseport", 0),
+            *_keepalive(cfg),
             *_stream_limits(cfg),
         ],
     )
@@ -229,6 +230,17 @@ def _stream_limits(cfg: BrokerConfig) -> list[tuple[str, int]]:
     if cfg.max_connection_idle_ms > 0:
         opts.append(("grpc.max_connection_idle_ms", cfg.max_connection_idle_ms))
     return opts
+
+
+def _keepalive(cfg: BrokerConfig) -> list[tuple[str, int]]:
+    """Accept the clients' keepalive pings (the SDK's every 30 s) on idle streams: grpc's
+    default minimum of 5 min would answer them with GOAWAY too_many_pings, dropping an
+    idle subscription every few minutes."""
+    return [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", cfg.min_ping_interval_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", cfg.min_ping_interval_ms),
+    ]
 
 
 def _free_bytes(cfg: BrokerConfig) -> int | None:

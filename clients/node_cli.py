@@ -9,6 +9,7 @@ import json
 import signal
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,14 @@ RUN_EPILOG = """examples:
   coalition-node run --config kor.toml
   coalition-node run --config kor.toml --log-json 2>>kor.log
 
-The daemon registers its key bundle, subscribes, and for each delivery verifies and
-decrypts it, checks the label the broker routed under is the signed one, stores it
-in the inbox and only then acknowledges it. It reconnects with backoff for as long as
-it runs. SIGTERM or SIGINT: finish the current message, close the stream, exit 0.
+The daemon registers its key bundle (when the broker does not hold it yet), subscribes,
+and for each delivery verifies and decrypts it, checks the label the broker routed under
+is the signed one, stores it in the inbox and only then acknowledges it. It reconnects
+with backoff while the broker is unreachable or busy (up to 30 s), and rarely (up to
+5 min) while operators have it suspended or not yet admitted. SIGTERM or SIGINT: finish
+the current message, close the stream, exit 0. A refusal retrying cannot fix (a
+certificate the broker does not accept, an unknown partner, a refused key bundle):
+one line saying why, exit 1.
 """
 PUBLISH_EPILOG = """examples:
   echo "Armour moving north of the river" | coalition-node publish --config kor.toml \\
@@ -55,6 +60,7 @@ INBOX_EPILOG = """examples:
   coalition-node inbox --config kor.toml
   coalition-node inbox --config kor.toml --topic "intel.ground.>" --since 2025-06-01T08:00
   coalition-node inbox --config kor.toml --since 1717228800000 --json
+  coalition-node inbox --config kor.toml --follow      # then new messages as they arrive
 """
 SHOW_EPILOG = """examples:
   coalition-node show --config kor.toml 3f9a1c
@@ -120,7 +126,14 @@ def _parser() -> argparse.ArgumentParser:
         help="received at or after: ISO time (UTC if no zone), Unix ms, or an age (15m, 2h, 7d)",
     )
     ib.add_argument("--limit", type=int, help="only the newest N")
-    ib.add_argument("--json", action="store_true", help="one JSON array")
+    ib.add_argument(
+        "--json", action="store_true", help="one JSON array (one object a line with --follow)"
+    )
+    ib.add_argument(
+        "--follow",
+        action="store_true",
+        help="after the listing, print new messages as they arrive, until Ctrl-C",
+    )
 
     sh = cmd("show", "show one message: metadata and content", SHOW_EPILOG)
     sh.add_argument("id", help="message id, or a unique prefix of at least 6 characters")
@@ -185,6 +198,11 @@ def _credentials(cfg: NodeConfig) -> PartnerCredentials:
 
 
 def _run(cfg: NodeConfig, ns: argparse.Namespace) -> int:
+    import os
+
+    # gRPC Core's own log lines (handshake failures at INFO, ...) would interleave raw
+    # text with the daemon's status lines, which say the same in a sentence.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from clients.node.daemon import NodeDaemon
     from clients.node.logs import setup_logging
 
@@ -321,6 +339,13 @@ def _inbox(inbox: Inbox, ns: argparse.Namespace) -> int:
     ]
     if ns.limit is not None:
         entries = entries[-ns.limit :] if ns.limit > 0 else []
+    if ns.follow:
+        return _follow(
+            inbox,
+            entries,
+            lambda e: pattern is None or topic_matches(pattern, e.topic),
+            as_json=ns.json,
+        )
     if ns.json:
         print(json.dumps([_entry_dict(e) for e in entries], indent=2))
         return 0
@@ -338,6 +363,40 @@ def _inbox(inbox: Inbox, ns: argparse.Namespace) -> int:
         if x.removed_ms >= since and (pattern is None or topic_matches(pattern, x.topic)):
             print(f"{iso(x.removed_ms)}  {x.describe()}")
     return 0
+
+
+FOLLOW_POLL_S = 0.5
+
+
+def _row(e: Entry) -> str:
+    return "  ".join(
+        (iso(e.received_ms), e.sender, e.precedence, e.label, e.topic, e.title, e.message_id[:12])
+    )
+
+
+def _follow(
+    inbox: Inbox, entries: list[Entry], wanted: Callable[[Entry], bool], *, as_json: bool
+) -> int:
+    """Print entries, then new ones as the daemon stores them (polling the database),
+    until Ctrl-C or SIGTERM; exit 0."""
+    import time
+
+    def emit(e: Entry) -> None:
+        print(json.dumps(_entry_dict(e)) if as_json else _row(e), flush=True)
+
+    for e in entries:
+        emit(e)
+    seen = inbox.last_row_id()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(FOLLOW_POLL_S)
+            for row_id, e in inbox.entries_after(seen):
+                seen = row_id
+                if wanted(e):
+                    emit(e)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _show(inbox: Inbox, ns: argparse.Namespace) -> int:
@@ -394,8 +453,13 @@ def _status(cfg: NodeConfig, inbox: Inbox, ns: argparse.Namespace) -> int:
     n, q = inbox.counts()
     gaps = inbox.gaps()
     expired = inbox.expired()
+    from clients.node.parked import summary
+    from clients.node.status import read_state
+
     connected = inbox.meta("last_connected_ms")
     offset = inbox.meta("last_offset")
+    daemon = read_state(inbox, int(dt.datetime.now(dt.UTC).timestamp() * 1000))
+    held = summary(inbox.conn)
     doc: dict[str, Any] = {
         "identity": str(cfg.identity),
         "broker": cfg.broker,
@@ -411,6 +475,8 @@ def _status(cfg: NodeConfig, inbox: Inbox, ns: argparse.Namespace) -> int:
         "senders": inbox.senders(),
         "recent_quarantine": inbox.quarantined(5),
         "expired": [_expired_dict(e) for e in expired],
+        "daemon": daemon,
+        "held_for_clock": held,
     }
     if ns.json:
         print(json.dumps(doc, indent=2))
@@ -418,7 +484,7 @@ def _status(cfg: NodeConfig, inbox: Inbox, ns: argparse.Namespace) -> int:
     print(f"identity      {cfg.identity}")
     print(f"broker        {cfg.broker}")
     print(f"inbox         {cfg.inbox}: {n} messages, {q} quarantined")
-    print(f"connected     {iso(int(connected)) if connected else 'never'}")
+    print(f"connection    {_connection(daemon, connected)}")
     print(f"last offset   {offset or '-'}")
     for sender, high in doc["senders"].items():
         print(f"from {sender:8} up to sequence {high}")
@@ -430,9 +496,38 @@ def _status(cfg: NodeConfig, inbox: Inbox, ns: argparse.Namespace) -> int:
         print(g.describe() + note)
     for e in expired:
         print(f"{e.describe()}; removed {iso(e.removed_ms)}")
+    for hd in held:
+        print(f"held back offset {hd['offset']} from {hd['sender']}: {hd['detail']}")
     for qd in doc["recent_quarantine"]:
         print(f"quarantined offset {qd['offset']} from {qd['sender'] or '?'}: {qd['reason']}")
     return 0
+
+
+def _connection(d: dict[str, Any], connected: str | None) -> str:
+    """ "connected now", or when it last was and what the daemon is doing about it."""
+    last = f"last connected at {iso(int(connected))}" if connected else "never connected"
+    state, since, detail = d["state"], d["since_ms"], d["detail"]
+    if not d["running"]:
+        if state == "refused":
+            return f"not running: refused at {iso(int(since))}: {detail}; {last}"
+        return f"daemon not running; {last}"
+    if state == "connected":
+        return f"connected now (since {iso(int(since))})"
+    retry = d["retry_s"]
+    every = (
+        ""
+        if retry is None
+        else f"; retrying every {retry / 60:.0f} min"
+        if retry >= 60
+        else f"; retrying every {retry:.0f} s"
+    )
+    if state == "suspended":
+        return f"suspended by operators since {iso(int(since))}{every}; {last}"
+    if state == "not_admitted":
+        return f"not admitted by operators since {iso(int(since))}{every}; {last}"
+    if state == "connecting":
+        return f"connecting; {last}"
+    return f"disconnected since {iso(int(since))}: {detail}{every}; {last}"
 
 
 if __name__ == "__main__":

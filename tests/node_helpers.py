@@ -51,19 +51,22 @@ async def node(*args: str, stdin: bytes = b"", timeout: float = 30.0) -> Result:
     return Result(proc.returncode, out.decode(), err.decode())
 
 
-async def start_daemon(config: Path, log: Path) -> asyncio.subprocess.Process:
-    """`coalition-node run` in the background, stderr to a log file."""
+async def start_daemon(
+    config: Path, log: Path, *args: str, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """`coalition-node run` in the background, stderr to a log file; env adds variables."""
     with log.open("ab") as f:
         return await asyncio.create_subprocess_exec(
             *NODE,
             "run",
             "--config",
             str(config),
+            *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=f,
             cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
         )
 
 

@@ -13,7 +13,10 @@ DEFAULT_WINDOW = 64
 DEFAULT_HOOK_TIMEOUT_S = 10.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-_TOP_KEYS = {"broker", "identity", "inbox", "topics", "window", "hook", "log"}
+_TOP_KEYS = {"broker", "identity", "inbox", "topics", "window", "hook", "log", "reconnect"}
+_RECONNECT_KEYS = {"max_backoff_s", "operator_max_backoff_s"}
+DEFAULT_MAX_BACKOFF_S = 30.0
+DEFAULT_OPERATOR_MAX_BACKOFF_S = 300.0
 _HOOK_KEYS = {"command", "timeout_s", "content"}
 _LOG_KEYS = {"json", "level"}
 
@@ -45,6 +48,10 @@ class NodeConfig:
     hook: HookConfig | None = None
     log_json: bool = False
     log_level: str = "info"
+    # Longest wait between attempts: after a transient failure, and while operators
+    # have the partner suspended or not yet admitted.
+    max_backoff_s: float = DEFAULT_MAX_BACKOFF_S
+    operator_max_backoff_s: float = DEFAULT_OPERATOR_MAX_BACKOFF_S
 
 
 def load_config(path: Path) -> NodeConfig:
@@ -88,6 +95,17 @@ def parse_config(raw: dict[str, Any], path: Path) -> NodeConfig:
     log_json = log.get("json", False)
     if not isinstance(log_json, bool):
         raise ConfigError(f"{where} [log]: json must be true or false")
+    reconnect = _table(raw, "reconnect", where)
+    _no_unknown(reconnect, _RECONNECT_KEYS, f"{where} [reconnect]")
+    caps = {}
+    for key, default in (
+        ("max_backoff_s", DEFAULT_MAX_BACKOFF_S),
+        ("operator_max_backoff_s", DEFAULT_OPERATOR_MAX_BACKOFF_S),
+    ):
+        v = reconnect.get(key, default)
+        if not isinstance(v, int | float) or isinstance(v, bool) or not 1 <= v <= 3600:
+            raise ConfigError(f"{where} [reconnect]: {key} must be a number of seconds, 1 to 3600")
+        caps[key] = float(v)
     return NodeConfig(
         path=path,
         broker=broker,
@@ -98,6 +116,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> NodeConfig:
         hook=_hook(raw, base, where),
         log_json=log_json,
         log_level=level,
+        **caps,
     )
 
 

@@ -1,4 +1,5 @@
-"""The node's one SQLite file: inbox, quarantine, gaps, receive and send state."""
+"""The node's one SQLite file: inbox, quarantine, gaps, held-back deliveries, receive and
+send state."""
 
 from __future__ import annotations
 
@@ -62,6 +63,14 @@ CREATE TABLE IF NOT EXISTS tx_sequences (
     scope TEXT PRIMARY KEY, last INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tx_free (
     scope TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (scope, n)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS parked (
+    id INTEGER PRIMARY KEY,
+    broker_offset INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    parked_ms INTEGER NOT NULL,
+    delivery BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """

@@ -249,6 +249,18 @@ class Inbox:
         ).fetchall()
         return [_entry(r) for r in reversed(rows)]
 
+    def last_row_id(self) -> int:
+        """The newest row's id (0 when empty): where `inbox --follow` starts."""
+        return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM inbox").fetchone()[0])
+
+    def entries_after(self, row_id: int, limit: int = 1000) -> list[tuple[int, Entry]]:
+        """Rows stored after row_id, oldest first, with their ids."""
+        rows = self.conn.execute(
+            f"SELECT id, {_LIST_COLUMNS} FROM inbox WHERE id > ? ORDER BY id LIMIT ?",
+            (row_id, limit),
+        ).fetchall()
+        return [(int(r[0]), _entry(r[1:])) for r in rows]
+
     def find(self, prefix: str) -> list[tuple[Entry, bytes]]:
         """Messages whose id starts with prefix (show takes a unique prefix)."""
         rows = self.conn.execute(

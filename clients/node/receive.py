@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from clients.node.content import ContentError, title_of
 from clients.node.inbox import Entry, Inbox
+from clients.node.parked import park
 from coalition import envelope as env
 from coalition.labels import LabelError, label_from_proto
 from coalition.v1 import exchange_pb2, label_pb2
@@ -21,12 +22,16 @@ _SQLITE_MAX = 2**63 - 1
 _PRECEDENCES = frozenset(v for v in label_pb2.Precedence.values() if v)
 
 Opener = Callable[[exchange_pb2.Delivery], Awaitable[env.Opened]]
+# Given the sender a header claims, a sentence when its key fails only for time by the
+# node's clock (not yet valid, or expired), else None.
+ClockProblem = Callable[[str], Awaitable[str | None]]
 
 
 class Outcome(enum.StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"
     QUARANTINED = "quarantined"
+    PARKED = "parked"  # held back: it fails only for time by the node's clock
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,18 @@ async def handle(
     inbox: Inbox,
     now_ms: int,
     hook: bool = False,
+    clock_problem: ClockProblem | None = None,
 ) -> Handled:
-    """Verify, check, and store or quarantine one delivery (the caller acknowledges after)."""
+    """Verify, check, and store, hold back or quarantine one delivery (the caller
+    acknowledges after)."""
     try:
         opened = await opener(delivery)
         entry = _checked(delivery, opened, me, now_ms, "pending" if hook else None)
     except env.InvalidEnvelope as exc:
+        if exc.reason is env.Failure.UNKNOWN_SENDER and clock_problem is not None:
+            held = await _hold_for_clock(delivery, inbox, clock_problem, now_ms)
+            if held is not None:
+                return held
         return _quarantine(delivery, inbox, exc.reason.value, str(exc), now_ms)
     except Refused as exc:
         return _quarantine(delivery, inbox, exc.reason, exc.detail, now_ms)
@@ -126,6 +137,28 @@ def _human(label: label_pb2.Label) -> str:
         return label_from_proto(label).human()
     except LabelError:
         return "an invalid label"
+
+
+async def _hold_for_clock(
+    d: exchange_pb2.Delivery, inbox: Inbox, clock_problem: ClockProblem, now_ms: int
+) -> Handled | None:
+    """Park a delivery whose sender's key fails only for time; never refuse it for that."""
+    try:
+        h = env.parse_header(d.envelope)
+    except env.InvalidEnvelope:
+        return None
+    detail = await clock_problem(h.sender)
+    if detail is None:
+        return None
+    park(
+        inbox.conn,
+        d,
+        sender=h.sender[:64],
+        message_id=h.message_id[:64],
+        detail=detail,
+        now_ms=now_ms,
+    )
+    return Handled(Outcome.PARKED, reason="clock", detail=detail)
 
 
 def _quarantine(
