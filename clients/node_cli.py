@@ -24,6 +24,7 @@ from coalition.cli_common import (
     duration_s,
     parse_time_ms,
 )
+from coalition.logfmt import escape
 from coalition.pki import PartnerCredentials, PkiError, load_partner
 
 PROG = "coalition-node"
@@ -349,11 +350,10 @@ def _inbox(inbox: Inbox, ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps([_entry_dict(e) for e in entries], indent=2))
         return 0
-    rows = [("TIME", "SENDER", "PRECEDENCE", "LABEL", "TOPIC", "TITLE", "ID")]
-    rows += [
-        (iso(e.received_ms), e.sender, e.precedence, e.label, e.topic, e.title, e.message_id[:12])
-        for e in entries
+    rows: list[tuple[str, ...]] = [
+        ("TIME", "SENDER", "PRECEDENCE", "LABEL", "TOPIC", "TITLE", "ID")
     ]
+    rows += [_cells(e) for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -368,10 +368,15 @@ def _inbox(inbox: Inbox, ns: argparse.Namespace) -> int:
 FOLLOW_POLL_S = 0.5
 
 
+def _cells(e: Entry) -> tuple[str, ...]:
+    """An inbox row's cells, escaped: the title and topic come from the sender, and a
+    control character must not reach this terminal."""
+    cells = (iso(e.received_ms), e.sender, e.precedence, e.label, e.topic, e.title)
+    return (*(escape(c) for c in cells), e.message_id[:12])
+
+
 def _row(e: Entry) -> str:
-    return "  ".join(
-        (iso(e.received_ms), e.sender, e.precedence, e.label, e.topic, e.title, e.message_id[:12])
-    )
+    return "  ".join(_cells(e))
 
 
 def _follow(
@@ -435,18 +440,20 @@ def _print_content(c: dict[str, Any]) -> None:
     if "payload_size" in c:
         print(f"(raw payload, {c['payload_size']} bytes)")
         return
-    print(c.get("title", ""))
+    print(escape(str(c.get("title", ""))))
     area = c.get("area")
     if area:
-        print(f"area: {area.get('name', '')}")
+        print(f"area: {escape(str(area.get('name', '')))}")
     if c.get("reliability") or c.get("credibility"):
         rel = str(c.get("reliability", "?")).removeprefix("RELIABILITY_")
         cred = str(c.get("credibility", "?")).removeprefix("CREDIBILITY_")
         print(f"grading: {rel}{cred}")
     print()
-    print(c.get("summary", ""))
+    # The summary's own lines are kept; every control character within them is escaped.
+    print("\n".join(escape(line) for line in str(c.get("summary", "")).split("\n")))
     for a in c.get("attachments", []):
-        print(f"attachment: {a.get('filename', '')} ({a.get('media_type', '')}, {a['size']} bytes)")
+        name, media = escape(str(a.get("filename", ""))), escape(str(a.get("media_type", "")))
+        print(f"attachment: {name} ({media}, {a['size']} bytes)")
 
 
 def _status(cfg: NodeConfig, inbox: Inbox, ns: argparse.Namespace) -> int:

@@ -494,3 +494,13 @@ def test_classification_words() -> None:
     assert parse_policy_level("eu=restricted") == ("EU", Classification.RESTRICTED)
     with pytest.raises(FlagError):
         parse_policy_level("SECRET")
+
+
+def test_tables_escape_what_partners_wrote() -> None:
+    """Audit details and partner-supplied values reach an operator's terminal escaped."""
+    from clients.admin.render import fields, table
+
+    out = table(["KIND", "DETAIL"], [["publish.refused", '{"reason": "x\x1b[2J\nFORGED"}']])
+    assert "\x1b" not in out and "\nFORGED" not in out
+    assert "x\\x1b[2J\\nFORGED" in out
+    assert fields([("reason", "a\rb")]) == "reason:  a\\rb"

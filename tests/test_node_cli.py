@@ -216,3 +216,35 @@ async def test_unreachable_broker_is_retried_with_a_clear_status(pki: Path, tmp_
         "publish", "--config", str(cfg), "--topic", "intel.x", "--label", SECRET, "-", stdin=b"x"
     )
     assert pub.code == 4 and len(pub.err.strip().splitlines()) == 1
+
+
+async def test_sender_text_cannot_drive_the_terminal(
+    pki: Path, tmp_path: Path, broker: Broker
+) -> None:
+    """A title and summary holding ANSI escapes (clear screen, a forged line) are shown
+    escaped by `inbox` and `show`: what a partner wrote never reaches the terminal raw."""
+    usa = write_config(tmp_path / "usa" / "node.toml", pki, "USA", broker.port)
+    kor = write_config(tmp_path / "kor" / "node.toml", pki, "KOR", broker.port)
+    log = tmp_path / "usa.log"
+    daemon = await start_daemon(usa, log)
+    try:
+        await wait_for_text(log, "caught up")
+        evil = {"title": "ok\x1b[2J\rFORGED", "summary": "line one\nline two\x1b[31m red"}
+        pub = ("publish", "--config", str(kor), "--topic", "intel.ground", "--label", SECRET)
+        sent = await node(*pub, "--json", "-", stdin=json.dumps(evil).encode())
+        assert sent.code == 0, sent.err
+        msg_id = json.loads(sent.out)["message_id"]
+        inbox = Inbox(usa.parent / "usa-inbox.db")
+        await eventually(lambda: inbox.counts() == (1, 0), 20)
+        inbox.close()
+        listing = await node("inbox", "--config", str(usa))
+        shown = await node("show", "--config", str(usa), msg_id)
+        for out in (listing.out, shown.out):
+            assert "\x1b" not in out and "\r" not in out, out
+        assert "ok\\x1b[2J\\rFORGED" in listing.out
+        assert "line one\nline two\\x1b[31m red" in shown.out  # its own lines are kept
+        # --json carries the exact text (JSON escapes it).
+        raw = json.loads((await node("inbox", "--config", str(usa), "--json")).out)
+        assert raw[0]["title"] == evil["title"]
+    finally:
+        assert await stop(daemon) == 0

@@ -12,6 +12,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from coalition.labels import Classification
+from coalition.logfmt import escape
 from coalition.v1 import directory_pb2, policy_pb2
 
 _URN = "urn:coalition:"
@@ -70,8 +71,15 @@ def print_json(obj: Any, out: TextIO | None = None) -> None:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Left-aligned columns separated by two spaces; the last column is not padded."""
-    cells = [[str(h) for h in headers], *[["-" if c == "" else str(c) for c in r] for r in rows]]
+    """Left-aligned columns separated by two spaces; the last column is not padded.
+
+    Cells are escaped (coalition.logfmt.escape): values such as audit details and titles
+    come from partners, and a control character must not reach the operator's terminal.
+    """
+    cells = [
+        [str(h) for h in headers],
+        *[["-" if c == "" else escape(str(c)) for c in r] for r in rows],
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for r in cells:
@@ -83,7 +91,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def fields(pairs: Sequence[tuple[str, object]]) -> str:
     """Key/value lines with the values aligned."""
     width = max(len(k) for k, _ in pairs) + 1
-    return "\n".join(f"{(k + ':').ljust(width)}  {'-' if v == '' else v}" for k, v in pairs)
+    return "\n".join(
+        f"{(k + ':').ljust(width)}  {'-' if v == '' else escape(str(v))}" for k, v in pairs
+    )
 
 
 def levels(items: Sequence[policy_pb2.Clearance]) -> str:
