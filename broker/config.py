@@ -58,6 +58,8 @@ class BrokerConfig:
     # of each subscriber reading them back from the store (same decisions, same audit).
     live_delivery: bool = True
     default_publish_rate_per_s: int = 2000
+    # Key-bundle changes one partner may make in a sliding minute (0 = unbounded).
+    max_key_changes_per_min: int = 10
     audit_checkpoint_every: int = 500
     # Refusals a partner can cause at will are audited one by one up to this many per
     # partner and interval (all kinds together); the rest are counted and summarised per
@@ -114,6 +116,7 @@ _SECTIONS = {
         "min_ping_interval_ms",
         "max_connections_per_identity",
         "default_publish_rate_per_s",
+        "max_key_changes_per_min",
         "audit_checkpoint_every",
         "refusal_audit_threshold",
         "refusal_audit_interval_ms",

@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -290,6 +290,7 @@ class ExchangeCore:
         self.counters: dict[str, Counters] = defaultdict(Counters)
         self._buckets: dict[str, TokenBucket] = {}
         self._signers: dict[tuple[str, str], CertifiedKey] = {}
+        self._key_changes: dict[str, deque[int]] = {}
         self.closing = False
         self.audit_failed = False
         self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
@@ -1239,27 +1240,41 @@ class ExchangeCore:
                     " current signing certificate)"
                 )
             raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}{hint}") from exc
-        try:
-            await self.registry.set_bundle(
-                partner,
-                bundle.key_id,
-                signed,
-                now,
-                audit=AuditItem(
-                    "keys.registered", partner, partner, "", "allow", {"key_id": bundle.key_id}
-                ),
-            )
-        except Exhausted:
-            if rec.bundle is None or rec.bundle.SerializeToString() != signed.SerializeToString():
-                raise
+        if rec.bundle is not None and rec.bundle.SerializeToString() == signed.SerializeToString():
             # A node reconnecting with the bundle the broker already has: nothing changes,
-            # so a full disk (which cannot take the write) need not keep it out.
-            log.warning(
-                "key bundle unchanged, not written again (disk full)", extra={"partner": partner}
-            )
+            # so nothing is written (no registry write, no audit entry; on a full disk too).
             return bundle.key_id
+        self._admit_key_change(partner, now)
+        await self.registry.set_bundle(
+            partner,
+            bundle.key_id,
+            signed,
+            now,
+            audit=AuditItem(
+                "keys.registered", partner, partner, "", "allow", {"key_id": bundle.key_id}
+            ),
+        )
         await self.registry_changed()
         return bundle.key_id
+
+    def _admit_key_change(self, partner: str, now: int) -> None:
+        """Count a key-bundle change against the partner's max_key_changes_per_min (a
+        sliding minute); raise Exhausted rate_limited past it. Each change costs a
+        registry write and an audit entry, so a partner signing new bundles in a loop
+        must not be able to fill the disk with them."""
+        limit = self.cfg.max_key_changes_per_min
+        if limit <= 0:
+            return
+        recent = self._key_changes.setdefault(partner, deque())
+        while recent and recent[0] <= now - 60_000:
+            recent.popleft()
+        if len(recent) >= limit:
+            raise Exhausted(
+                "rate_limited",
+                f"{partner} changed its key bundle {len(recent)} times in the last minute, "
+                f"the most allowed ({limit}); retry later",
+            )
+        recent.append(now)
 
     def eligible(self, label: Label, topic: str, *, exclude: str = "") -> list[str]:
         """Partners that policy allows to receive label on topic now and that have keys."""

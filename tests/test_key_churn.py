@@ -1,0 +1,70 @@
+"""Key bundles a partner can send at will are bounded: re-sending the bundle the broker
+already holds writes nothing, and new bundles are limited per minute (each is a registry
+write and an audit entry). Real gRPC over mTLS, real SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coalition.hpke import HpkePrivateKey
+from coalition.identity import sign_key_bundle
+from coalition.pki import load_partner, make_key_bundle
+from coalition.v1 import exchange_pb2
+from tests.helpers import admit, now_ms, partner, policy, running_broker
+
+LIMIT = 10
+
+
+async def test_resent_and_new_key_bundles_are_bounded(pki: Path, tmp_path: Path) -> None:
+    b = await running_broker(pki, tmp_path / "broker", max_key_changes_per_min=LIMIT)
+    try:
+        await admit(pki, b.port, policy("KOR"))
+        creds = load_partner(pki / "partners" / "KOR")
+        async with partner(pki, "KOR", b.port) as kor:
+            # The node's own bundle, sent 200 times: one registration, the rest no-ops.
+            for _ in range(200):
+                await kor.stub.RegisterKeys(exchange_pb2.RegisterKeysRequest(bundle=creds.bundle))
+            registered = await b.audit.query(kind="keys.registered", partner="KOR")
+            assert len(registered) == 1
+            # New bundles, freshly signed by KOR's certified key: LIMIT per minute in all.
+            codes = []
+            for _ in range(LIMIT + 5):
+                fresh = make_key_bundle(
+                    "KOR", HpkePrivateKey.generate(), now_ms(), now_ms() + 3600_000
+                )
+                req = exchange_pb2.RegisterKeysRequest(
+                    bundle=sign_key_bundle(fresh, creds.signing_key)
+                )
+                try:
+                    await kor.stub.RegisterKeys(req)
+                    codes.append("OK")
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code().name)
+                    assert "changed its key bundle" in (exc.details() or "")
+            assert codes == ["OK"] * (LIMIT - 1) + ["RESOURCE_EXHAUSTED"] * 6
+            assert len(await b.audit.query(kind="keys.registered", partner="KOR")) == LIMIT
+            refused = await b.audit.query(kind="keys.refused", partner="KOR")
+            assert [e.decision for e in refused] == ["rate_limited"] * 6
+    finally:
+        await b.stop(grace=1)
+
+
+@pytest.mark.parametrize("limit", [0])
+async def test_the_bound_can_be_switched_off(pki: Path, tmp_path: Path, limit: int) -> None:
+    b = await running_broker(pki, tmp_path / "broker", max_key_changes_per_min=limit)
+    try:
+        await admit(pki, b.port, policy("KOR"))
+        creds = load_partner(pki / "partners" / "KOR")
+        async with partner(pki, "KOR", b.port) as kor:
+            for _ in range(LIMIT + 2):
+                fresh = make_key_bundle(
+                    "KOR", HpkePrivateKey.generate(), now_ms(), now_ms() + 3600_000
+                )
+                bundle = sign_key_bundle(fresh, creds.signing_key)
+                await kor.stub.RegisterKeys(exchange_pb2.RegisterKeysRequest(bundle=bundle))
+        assert len(await b.audit.query(kind="keys.registered", partner="KOR")) == LIMIT + 2
+    finally:
+        await b.stop(grace=1)
