@@ -1,7 +1,7 @@
 """AuditLog: the broker's append-only, hash-chained audit log in its own SQLite file.
 
 Every record() is durable on return (group commit, fsync). Each entry commits to the one
-before it (see broker.audit_chain for the exact encoding), and every ``checkpoint_every``
+before it (see coalition.audit_chain for the exact encoding), and every ``checkpoint_every``
 entries, and on close, the broker signs the chain head with its audit key.
 
 Callers must never put plaintext, keys, tokens or other secrets in ``detail``: entries are
@@ -30,7 +30,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from broker.audit_chain import (
+from broker.store.readers import ReaderPool
+from broker.store.writer import GroupCommitWriter, is_disk_full
+from coalition.audit_chain import (
     GENESIS,
     ChainVerifier,
     VerifyResult,
@@ -38,8 +40,6 @@ from broker.audit_chain import (
     entry_hash,
     sign_checkpoint,
 )
-from broker.store.readers import ReaderPool
-from broker.store.writer import GroupCommitWriter, is_disk_full
 from coalition.v1 import audit_pb2
 
 __all__ = ["AuditError", "AuditItem", "AuditLog", "RefusalSummary", "VerifyResult"]

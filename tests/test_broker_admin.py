@@ -14,9 +14,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit_chain import ChainVerifier, checkpoint_body
 from broker.server import Broker, start_broker
 from clients.sdk import ClientError, OperatorClient
+from coalition.audit_chain import ChainVerifier, checkpoint_body
 from coalition.labels import Classification, parse_label
 from coalition.pki import load_partner
 from coalition.policy import PartnerStatus, policy_to_proto
