@@ -41,11 +41,15 @@ class AdminCore:
         registry: Registry,
         audit: AuditLog,
         audit_public_key: Ed25519PublicKey,
+        audit_certificate: bytes = b"",
     ) -> None:
         self.ex = exchange
         self.registry = registry
         self.audit = audit
         self.audit_public_key = audit_public_key
+        # DER of the CA-issued certificate for audit_public_key ("" when not configured):
+        # ExportAudit sends it so an export verifies offline with only the CA certificate.
+        self.audit_certificate = audit_certificate
 
     def _now(self) -> int:
         return self.ex.clock()
