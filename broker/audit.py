@@ -23,7 +23,6 @@ import functools
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,7 @@ from coalition.audit_chain import (
     entry_hash,
     sign_checkpoint,
 )
+from coalition.clock import wall_clock_ms
 from coalition.v1 import audit_pb2
 
 __all__ = ["AuditError", "AuditItem", "AuditLog", "RefusalSummary", "VerifyResult"]
@@ -144,10 +144,6 @@ def _fields(item: AuditItem, now_ms: int) -> audit_pb2.AuditEntry:
         decision=item.decision,
         detail_json=detail_json,
     )
-
-
-def _wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -300,7 +296,7 @@ class AuditLog:
         signing_key: Ed25519PrivateKey,
         checkpoint_every: int,
         refusals: RefusalSummary | None = None,
-        clock: Callable[[], int] = _wall_clock_ms,
+        clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self._writer = writer
         self._readers = readers
@@ -319,7 +315,7 @@ class AuditLog:
         *,
         refusal_threshold: int = 0,
         refusal_interval_ms: int = 60_000,
-        clock: Callable[[], int] = _wall_clock_ms,
+        clock: Callable[[], int] = wall_clock_ms,
     ) -> AuditLog:
         """Open or create the log at path; raises AuditError, ValueError for checkpoint_every<1
         or a bad refusal threshold or interval (see RefusalSummary; clock times the summaries)."""

@@ -24,12 +24,13 @@ from broker.audit import AuditError, AuditLog
 from broker.auth import AuthInterceptor
 from broker.config import BrokerConfig
 from broker.errors import BrokerError
-from broker.exchange import Clock, ExchangeCore, wall_clock_ms
+from broker.exchange import Clock, ExchangeCore
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.registry import Registry
 from broker.retention import Retention
 from broker.servicers import AdminServicer, ExchangeServicer
 from broker.store import SqliteMessageStore, StoreError
+from coalition.clock import wall_clock_ms
 from coalition.pki import load_broker
 from coalition.v1 import admin_pb2, admin_pb2_grpc, exchange_pb2, exchange_pb2_grpc
 

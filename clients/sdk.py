@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from coalition import envelope as env
+from coalition.clock import wall_clock_ms
 from coalition.hpke import HpkePublicKey
 from coalition.identity import IdentityError, signing_key_id, verify_key_bundle, verify_signing_cert
 from coalition.labels import Label, Precedence, label_to_proto
@@ -51,10 +52,6 @@ if TYPE_CHECKING:
     from coalition.v1.exchange_pb2_grpc import ExchangeAsyncStub
 
 T = TypeVar("T")
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class ClientError(Exception):
