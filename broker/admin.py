@@ -21,7 +21,7 @@ from coalition.policy import (
     PartnerPolicy,
     PartnerStatus,
     PolicyError,
-    decide,
+    eligibility,
     policy_diff,
     policy_from_proto,
     privilege_raises,
@@ -355,13 +355,10 @@ class AdminCore:
         now = self._now()
         out = admin_pb2.WhoReceivesResponse()
         for rec in self.registry.all():
-            d = decide(rec.policy, label, topic, now)
-            allowed, reason, why = d.allowed, d.reason.value, d.explanation
-            if allowed and rec.bundle is None:
-                allowed, reason, why = False, "no_key_bundle", "no encryption key registered"
+            e = eligibility(rec.policy, label, topic, now, has_keys=rec.bundle is not None)
             out.decisions.append(
                 admin_pb2.WhoReceivesDecision(
-                    partner=rec.code, allowed=allowed, reason=reason, explanation=why
+                    partner=rec.code, allowed=e.allowed, reason=e.reason, explanation=e.explanation
                 )
             )
         return out

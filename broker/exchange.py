@@ -67,6 +67,7 @@ from coalition.policy import (
     Reason,
     decide,
     decide_origination,
+    eligibility,
 )
 from coalition.topics import PatternSet, TopicError, validate_topic
 from coalition.v1 import directory_pb2, envelope_pb2, exchange_pb2, label_pb2
@@ -1259,8 +1260,7 @@ class ExchangeCore:
             rec.code
             for rec in self.registry.all()
             if rec.code != exclude
-            and rec.bundle is not None
-            and decide(rec.policy, label, topic, now).allowed
+            and eligibility(rec.policy, label, topic, now, has_keys=rec.bundle is not None).allowed
         ]
 
     def recipients(self, partner: str, label_pb: label_pb2.Label, topic: str) -> list[str]:

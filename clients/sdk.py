@@ -36,6 +36,7 @@ from coalition.hpke import HpkePublicKey
 from coalition.identity import IdentityError, signing_key_id, verify_key_bundle, verify_signing_cert
 from coalition.labels import Label, Precedence, label_to_proto
 from coalition.pki import OperatorCredentials, PartnerCredentials
+from coalition.policy import releases_to_anyone
 from coalition.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -470,7 +471,7 @@ class PartnerClient:
             # key: CA-certified signing key, bundle signed under it.
             peer = d.peers.get(name)
             return (
-                bool(label.releasable_to)
+                releases_to_anyone(label)
                 and peer is not None
                 and peer.hpke_public is not None
                 and name != self.code
