@@ -173,7 +173,13 @@ def audit_verify_file(ns: argparse.Namespace, as_json: bool) -> None:
             f"broker {v.broker!r} verified"
         )
         if v.unsigned_tail:
-            print(f"  ({v.unsigned_tail} entries after the last checkpoint are not yet signed)")
+            n = v.unsigned_tail
+            what = (
+                "1 entry after the last checkpoint is"
+                if n == 1
+                else f"{n} entries after the last checkpoint are"
+            )
+            print(f"  ({what} not yet signed)")
     else:
         print(f"BROKEN at entry {r.first_broken_seq}: {r.problem}")
         print(f"  ({r.entries} entries and {r.checkpoints} checkpoints read)")
