@@ -1429,11 +1429,6 @@ def _overlap(a: list[str], b: list[str]) -> bool:
     return _overlap(a[1:], b[1:])
 
 
-def _pattern_within(pattern: str, allowed: Sequence[str]) -> bool:
-    """True if every topic pattern could match is also permitted by some allowed pattern."""
-    return PatternSet(allowed).covers(pattern)
-
-
 def _check_pattern_limits(topics: Sequence[str], cfg: BrokerConfig) -> None:
     """Refuse an open with more patterns, or more pattern bytes, than the limits allow.
 
