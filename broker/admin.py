@@ -21,7 +21,7 @@ from coalition.policy import (
     PartnerPolicy,
     PartnerStatus,
     PolicyError,
-    decide,
+    eligibility,
     policy_diff,
     policy_from_proto,
     privilege_raises,
@@ -41,11 +41,15 @@ class AdminCore:
         registry: Registry,
         audit: AuditLog,
         audit_public_key: Ed25519PublicKey,
+        audit_certificate: bytes = b"",
     ) -> None:
         self.ex = exchange
         self.registry = registry
         self.audit = audit
         self.audit_public_key = audit_public_key
+        # DER of the CA-issued certificate for audit_public_key ("" when not configured):
+        # ExportAudit sends it so an export verifies offline with only the CA certificate.
+        self.audit_certificate = audit_certificate
 
     def _now(self) -> int:
         return self.ex.clock()
@@ -351,13 +355,10 @@ class AdminCore:
         now = self._now()
         out = admin_pb2.WhoReceivesResponse()
         for rec in self.registry.all():
-            d = decide(rec.policy, label, topic, now)
-            allowed, reason, why = d.allowed, d.reason.value, d.explanation
-            if allowed and rec.bundle is None:
-                allowed, reason, why = False, "no_key_bundle", "no encryption key registered"
+            e = eligibility(rec.policy, label, topic, now, has_keys=rec.bundle is not None)
             out.decisions.append(
                 admin_pb2.WhoReceivesDecision(
-                    partner=rec.code, allowed=allowed, reason=reason, explanation=why
+                    partner=rec.code, allowed=e.allowed, reason=e.reason, explanation=e.explanation
                 )
             )
         return out

@@ -1,7 +1,7 @@
 """AuditLog: the broker's append-only, hash-chained audit log in its own SQLite file.
 
 Every record() is durable on return (group commit, fsync). Each entry commits to the one
-before it (see broker.audit_chain for the exact encoding), and every ``checkpoint_every``
+before it (see coalition.audit_chain for the exact encoding), and every ``checkpoint_every``
 entries, and on close, the broker signs the chain head with its audit key.
 
 Callers must never put plaintext, keys, tokens or other secrets in ``detail``: entries are
@@ -23,14 +23,15 @@ import functools
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from broker.audit_chain import (
+from broker.store.readers import ReaderPool
+from broker.store.writer import GroupCommitWriter, is_disk_full
+from coalition.audit_chain import (
     GENESIS,
     ChainVerifier,
     VerifyResult,
@@ -38,8 +39,7 @@ from broker.audit_chain import (
     entry_hash,
     sign_checkpoint,
 )
-from broker.store.readers import ReaderPool
-from broker.store.writer import GroupCommitWriter, is_disk_full
+from coalition.clock import wall_clock_ms
 from coalition.v1 import audit_pb2
 
 __all__ = ["AuditError", "AuditItem", "AuditLog", "RefusalSummary", "VerifyResult"]
@@ -144,10 +144,6 @@ def _fields(item: AuditItem, now_ms: int) -> audit_pb2.AuditEntry:
         decision=item.decision,
         detail_json=detail_json,
     )
-
-
-def _wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -300,7 +296,7 @@ class AuditLog:
         signing_key: Ed25519PrivateKey,
         checkpoint_every: int,
         refusals: RefusalSummary | None = None,
-        clock: Callable[[], int] = _wall_clock_ms,
+        clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self._writer = writer
         self._readers = readers
@@ -319,7 +315,7 @@ class AuditLog:
         *,
         refusal_threshold: int = 0,
         refusal_interval_ms: int = 60_000,
-        clock: Callable[[], int] = _wall_clock_ms,
+        clock: Callable[[], int] = wall_clock_ms,
     ) -> AuditLog:
         """Open or create the log at path; raises AuditError, ValueError for checkpoint_every<1
         or a bad refusal threshold or interval (see RefusalSummary; clock times the summaries)."""

@@ -51,6 +51,8 @@ from broker.store import (
 )
 from broker.store.base import Notice
 from coalition import envelope as env
+from coalition.checks import HeaderProblem, check_header
+from coalition.clock import wall_clock_ms
 from coalition.identity import (
     IdentityError,
     datetime_to_ms,
@@ -65,6 +67,7 @@ from coalition.policy import (
     Reason,
     decide,
     decide_origination,
+    eligibility,
 )
 from coalition.topics import PatternSet, TopicError, validate_topic
 from coalition.v1 import directory_pb2, envelope_pb2, exchange_pb2, label_pb2
@@ -88,10 +91,6 @@ INLINE_VERIFY_MAX = 8
 INLINE_VERIFY_MAX_BYTES = 256 * 1024
 _DECISION_CACHE_SIZE = 4096
 _NOTICE_PAGE = 512  # expiry notices per SubscribeResponse
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -797,26 +796,19 @@ class ExchangeCore:
         rec = self.registry.get(partner)
         if rec is None:
             raise NotAuthenticated("unknown_sender", f"partner {partner} is not registered")
-        try:
-            label = self._label(header.label)
-            validate_topic(header.topic)
-        except (LabelError, TopicError) as exc:
-            raise InvalidInput(
-                "bad_label" if isinstance(exc, LabelError) else "bad_topic", str(exc)
-            ) from exc
-        if header.precedence not in (1, 2, 3, 4):
-            raise InvalidInput("bad_precedence", "precedence must be ROUTINE..FLASH")
-        if abs(header.created_ms - now) > self.cfg.clock_skew_ms:
-            raise InvalidInput(
-                "clock_skew",
-                f"created time is {(header.created_ms - now) / 1000:+.1f} s from the broker's "
-                f"clock; the window is ±{self.cfg.clock_skew_ms / 1000:.0f} s",
+        try:  # the checks a node makes too (coalition.checks), then policy and rate
+            label = check_header(
+                header,
+                partner,
+                now_ms=now,
+                clock_skew_ms=self.cfg.clock_skew_ms,
+                whose_clock="the broker's",
+                parse_label=self._label,
             )
-        if label.originator and label.originator != partner:
-            raise Forbidden(
-                "originator_mismatch",
-                f"label originator {label.originator!r} is not the sender {partner!r}",
-            )
+        except HeaderProblem as exc:
+            if exc.code == "originator_mismatch":
+                raise Forbidden(exc.code, exc.message) from exc
+            raise InvalidInput(exc.code, exc.message) from exc
         decision = self._decided(decide_origination, rec.policy, label, header.topic, now)
         if not decision.allowed:
             raise Forbidden(decision.reason.value, decision.explanation)
@@ -1283,8 +1275,7 @@ class ExchangeCore:
             rec.code
             for rec in self.registry.all()
             if rec.code != exclude
-            and rec.bundle is not None
-            and decide(rec.policy, label, topic, now).allowed
+            and eligibility(rec.policy, label, topic, now, has_keys=rec.bundle is not None).allowed
         ]
 
     def recipients(self, partner: str, label_pb: label_pb2.Label, topic: str) -> list[str]:
@@ -1451,11 +1442,6 @@ def _overlap(a: list[str], b: list[str]) -> bool:
     if a[0] != "*" and b[0] != "*" and a[0] != b[0]:
         return False
     return _overlap(a[1:], b[1:])
-
-
-def _pattern_within(pattern: str, allowed: Sequence[str]) -> bool:
-    """True if every topic pattern could match is also permitted by some allowed pattern."""
-    return PatternSet(allowed).covers(pattern)
 
 
 def _check_pattern_limits(topics: Sequence[str], cfg: BrokerConfig) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -23,12 +24,13 @@ from broker.audit import AuditError, AuditLog
 from broker.auth import AuthInterceptor
 from broker.config import BrokerConfig
 from broker.errors import BrokerError
-from broker.exchange import Clock, ExchangeCore, wall_clock_ms
+from broker.exchange import Clock, ExchangeCore
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.registry import Registry
 from broker.retention import Retention
 from broker.servicers import AdminServicer, ExchangeServicer
 from broker.store import SqliteMessageStore, StoreError
+from coalition.clock import wall_clock_ms
 from coalition.pki import load_broker
 from coalition.v1 import admin_pb2, admin_pb2_grpc, exchange_pb2, exchange_pb2_grpc
 
@@ -150,7 +152,10 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
         _degrade_or_raise(cfg, exc, exchange)
         unwritten.append("the expiry notices left by a crash")
     _warn_overcommitted(cfg, len(registry.all()))
-    admin = AdminCore(exchange, registry, audit, creds.audit_key.public_key())
+    audit_cert_der = b""
+    if creds.audit_cert is not None:
+        audit_cert_der = creds.audit_cert.public_bytes(serialization.Encoding.DER)
+    admin = AdminCore(exchange, registry, audit, creds.audit_key.public_key(), audit_cert_der)
     auth = AuthInterceptor(cfg, registry, audit, clock)
     server = grpc.aio.server(
         interceptors=[auth],

@@ -294,12 +294,28 @@ def _audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--until", metavar="TIME", help="as --since; exclusive")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="at most N (default all)")
-    _leaf(
+    p = _leaf(
         g,
         "verify",
         audit.audit_verify,
         "recompute the hash chain and check the signed checkpoints (exit 5 if broken)",
-        "  coalition-admin audit verify",
+        "  coalition-admin audit verify\n"
+        "  coalition-admin audit verify --file audit.jsonl --ca pki/ca/ca.crt   # offline",
+    )
+    p.add_argument(
+        "--file",
+        type=Path,
+        metavar="EXPORT",
+        help="verify this export (from `audit export`) offline, without a broker",
+    )
+    p.add_argument(
+        "--ca", type=Path, metavar="CA_CERT", help="with --file: the coalition CA certificate"
+    )
+    p.add_argument(
+        "--audit-cert",
+        type=Path,
+        metavar="CERT",
+        help="with --file: the broker's audit.crt, for exports that do not carry it",
     )
     p = _leaf(
         g,
@@ -365,6 +381,9 @@ def _identity(ns: argparse.Namespace) -> Path:
 
 
 async def _run(ns: argparse.Namespace) -> None:
+    if getattr(ns, "file", None) is not None:  # audit verify --file: offline, no broker
+        audit.audit_verify_file(ns, bool(ns.json))
+        return
     target = _target(ns)
     timeout = DEFAULT_TIMEOUT if ns.timeout is None else ns.timeout
     if timeout <= 0:

@@ -28,18 +28,17 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from coalition import envelope as env
-from coalition.hpke import HpkePublicKey
-from coalition.identity import IdentityError, signing_key_id, verify_key_bundle, verify_signing_cert
+from coalition.clock import wall_clock_ms
+from coalition.directory import Directory, Peer
 from coalition.labels import Label, Precedence, label_to_proto
 from coalition.pki import OperatorCredentials, PartnerCredentials
+from coalition.policy import releases_to_anyone
 from coalition.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     audit_pb2,
-    directory_pb2,
     envelope_pb2,
     exchange_pb2,
     exchange_pb2_grpc,
@@ -51,10 +50,6 @@ if TYPE_CHECKING:
     from coalition.v1.exchange_pb2_grpc import ExchangeAsyncStub
 
 T = TypeVar("T")
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class ClientError(Exception):
@@ -203,68 +198,6 @@ def secure_channel(target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) 
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ],
     )
-
-
-# -- the verified directory ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A partner as this node verified it: certified signing key, signed key bundle.
-
-    The broker's directory gives partners no status or groups of other partners (only
-    operators see those), so ``status`` is 0 and ``groups`` empty for entries from it;
-    ``hpke_public`` is set only for partners this node may send to (and itself).
-    """
-
-    partner: str
-    status: int
-    groups: frozenset[str]
-    signing_key: Ed25519PublicKey
-    signing_key_id: str
-    key_id: str = ""
-    hpke_public: HpkePublicKey | None = None
-
-
-@dataclass
-class Directory:
-    """The partner directory, each entry checked against the coalition CA."""
-
-    peers: dict[str, Peer] = field(default_factory=dict)
-    problems: dict[str, str] = field(default_factory=dict)
-
-    def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
-        peer = self.peers.get(sender)
-        if peer is None or peer.signing_key_id != key_id:
-            raise KeyError(sender)
-        return peer.signing_key
-
-    @classmethod
-    def verify(
-        cls, entries: Sequence[directory_pb2.DirectoryEntry], ca: x509.Certificate, now_ms: int
-    ) -> Directory:
-        """Keep only entries whose signing cert and key bundle verify; note the others."""
-        out = cls()
-        for e in entries:
-            try:
-                key = verify_signing_cert(e.signing_cert, ca, e.partner, now_ms)
-                kid = signing_key_id(x509.load_der_x509_certificate(e.signing_cert))
-                peer = Peer(e.partner, int(e.status), frozenset(e.groups), key, kid)
-                if e.HasField("key_bundle"):
-                    b = verify_key_bundle(e.key_bundle, key, e.partner, now_ms)
-                    peer = Peer(
-                        e.partner,
-                        int(e.status),
-                        frozenset(e.groups),
-                        key,
-                        kid,
-                        b.key_id,
-                        HpkePublicKey(b.public_key),
-                    )
-                out.peers[e.partner] = peer
-            except (IdentityError, ValueError) as exc:
-                out.problems[e.partner] = str(exc)
-        return out
 
 
 # -- sequence numbers ------------------------------------------------------------------------
@@ -473,7 +406,7 @@ class PartnerClient:
             # key: CA-certified signing key, bundle signed under it.
             peer = d.peers.get(name)
             return (
-                bool(label.releasable_to)
+                releases_to_anyone(label)
                 and peer is not None
                 and peer.hpke_public is not None
                 and name != self.code

@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import re
-import time
 from collections.abc import Callable
 from importlib import metadata
+
+from coalition.clock import wall_clock_ms
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -123,7 +124,7 @@ def parse_time_ms(text: str, *, now_ms: int | None = None) -> int:
     if t.isdigit():
         return int(t)
     if _AGE.fullmatch(t.lower()):
-        now = int(time.time() * 1000) if now_ms is None else now_ms
+        now = wall_clock_ms() if now_ms is None else now_ms
         return now - parse_duration_ms(t)
     try:
         when = dt.datetime.fromisoformat(t.replace("Z", "+00:00"))

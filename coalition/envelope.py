@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 
 from coalition import ed25519
 from coalition.hpke import SUITE, HpkePrivateKey, HpkePublicKey
-from coalition.labels import label_bounds_problem
+from coalition.labels import label_bounds_problem, valid_precedence
 from coalition.pae import HEADER_TYPE, pae
 from coalition.v1 import envelope_pb2, label_pb2
 
@@ -65,7 +65,6 @@ _NONCE_LEN = 12
 _DATA_KEY_LEN = 32
 _TAG_LEN = 16
 _DIGEST_LEN = 32
-_PRECEDENCES = frozenset(v for v in label_pb2.Precedence.values() if v)
 # Header.payload_digest (field 9, length-delimited) holding 32 bytes.
 _DIGEST_FIELD_PREFIX = bytes([(9 << 3) | 2, _DIGEST_LEN])
 
@@ -151,7 +150,7 @@ def seal(
     if message_id is None:
         message_id = os.urandom(16).hex()
     _check_seal_inputs(sender, signing_key_id, sequence, topic, message_id, recipients)
-    if precedence not in _PRECEDENCES:
+    if not valid_precedence(precedence):
         raise ValueError("precedence must be ROUTINE, PRIORITY, IMMEDIATE or FLASH")
 
     data_key = AESGCM.generate_key(bit_length=256)

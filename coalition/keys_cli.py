@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from coalition import pki
 from coalition.cli_common import EXIT_EPILOG, EXIT_ERROR, EXIT_OK, add_version, duration_days
+from coalition.clock import wall_clock_ms
 from coalition.identity import (
     IdentityError,
     datetime_to_ms,
@@ -42,7 +42,7 @@ class CliError(Exception):
 
 
 def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return wall_clock_ms()
 
 
 def _iso(ms: int) -> str:

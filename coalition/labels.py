@@ -112,6 +112,12 @@ class Precedence(enum.IntEnum):
         )
 
 
+def valid_precedence(value: int) -> bool:
+    """Whether value is a known precedence (ROUTINE..FLASH); 0 (unset) and others are not."""
+    return value in _PRECEDENCE_VALUES
+
+
+_PRECEDENCE_VALUES = frozenset(int(p) for p in Precedence)
 _PROSIGNS = {
     "R": Precedence.ROUTINE,
     "P": Precedence.PRIORITY,

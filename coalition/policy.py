@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
@@ -189,14 +190,25 @@ def _level_check(attr: str, what: str, missing: Reason, above: Reason) -> _Check
     return check
 
 
+def releases_to_anyone(label: Label) -> bool:
+    """Whether the label's REL TO names anyone: without one it is released to no one."""
+    return bool(label.releasable_to)
+
+
+def released_to(label: Label, partner: str, groups: AbstractSet[str]) -> bool:
+    """Whether the label's REL TO names the partner or one of its groups (the one rule)."""
+    rel = label.releasable_to
+    return rel is not None and (partner in rel or not groups.isdisjoint(rel))
+
+
 def _releasable(p: PartnerPolicy, label: Label, topic: str, now_ms: int) -> Decision | None:
+    if released_to(label, p.partner, p.groups):
+        return None
     rel = label.releasable_to
     if rel is None:
         return Decision(
             Reason.NOT_RELEASABLE, "the label has no REL TO, so it is released to no one"
         )
-    if p.partner in rel or not p.groups.isdisjoint(rel):
-        return None
     groups = ", ".join(sorted(p.groups)) or "none"
     return Decision(
         Reason.NOT_RELEASABLE,
@@ -269,6 +281,32 @@ def decide(policy: PartnerPolicy, label: Label, topic: str, now_ms: int) -> Deci
 def decide_origination(policy: PartnerPolicy, label: Label, topic: str, now_ms: int) -> Decision:
     """Whether this partner may publish the label on the topic; never raises."""
     return _run(_ORIGINATION, policy, label, topic, now_ms)
+
+
+NO_KEY_BUNDLE = "no_key_bundle"
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Whether a partner would receive a label on a topic now, with a reason code.
+
+    ``reason`` is a Reason value, or NO_KEY_BUNDLE when policy allows but the partner has
+    no encryption key registered (nothing can be sealed for it).
+    """
+
+    allowed: bool
+    reason: str
+    explanation: str
+
+
+def eligibility(
+    policy: PartnerPolicy, label: Label, topic: str, now_ms: int, *, has_keys: bool
+) -> Eligibility:
+    """The delivery decision plus the key: the one rule for Recipients and WhoReceives."""
+    d = decide(policy, label, topic, now_ms)
+    if d.allowed and not has_keys:
+        return Eligibility(False, NO_KEY_BUNDLE, "no encryption key registered")
+    return Eligibility(d.allowed, d.reason.value, d.explanation)
 
 
 # --- changes -------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import AuditLog
-from broker.audit_chain import GENESIS, canonical_bytes, checkpoint_body, entry_hash
+from coalition.audit_chain import GENESIS, canonical_bytes, checkpoint_body, entry_hash
 from coalition.v1 import audit_pb2
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))

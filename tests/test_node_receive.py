@@ -18,7 +18,7 @@ from clients.node.receive import Outcome, handle
 from clients.node.sequences import DurableSequencer
 from clients.sdk import Sequencer
 from coalition import envelope as env
-from coalition.labels import label_to_proto, parse_label
+from coalition.labels import Label, label_to_proto, parse_label
 from coalition.pki import PartnerCredentials, load_partner
 from coalition.v1 import exchange_pb2, intel_pb2, label_pb2
 from tests.helpers import now_ms
@@ -48,6 +48,7 @@ def delivery(
     offset: int = 1,
     to: tuple[str, ...] = ("USA",),
     title: str = "Armour moving north",
+    label: Label = LABEL,
 ) -> exchange_pb2.Delivery:
     kor = creds["KOR"]
     recipients = []
@@ -62,7 +63,7 @@ def delivery(
         signing_key_id=kor.signing_key_id,
         sequence=1000 + seq,
         topic="intel.ground",
-        label=label_to_proto(LABEL),
+        label=label_to_proto(label),
         precedence=int(label_pb2.FLASH),
         content_type=env.INTEL_SUMMARY,
         recipients=recipients,
@@ -71,7 +72,7 @@ def delivery(
     return exchange_pb2.Delivery(
         offset=offset,
         envelope=e,
-        label=label_to_proto(LABEL),
+        label=label_to_proto(label),
         topic="intel.ground",
         precedence=label_pb2.FLASH,
     )
@@ -116,6 +117,19 @@ async def test_relabelled_delivery_is_quarantined(
     [q] = inbox.quarantined()
     assert q["reason"] == "label_mismatch"
     assert "NATO RESTRICTED" in str(q["detail"]) and "secret body" not in str(q["detail"])
+    assert inbox.counts() == (0, 1)
+
+
+async def test_a_label_claiming_another_originator_is_quarantined(
+    tmp_path: Path, creds: dict[str, PartnerCredentials]
+) -> None:
+    """The broker's header rule (coalition.checks), made again by the node: KOR signed a
+    label that says GBR originated it, and a broker that let it through is not trusted."""
+    inbox = Inbox(tmp_path / "inbox.db")
+    forged = parse_label("NATO SECRET // REL TO KOR, USA", originator="GBR")
+    assert await receive(delivery(creds, label=forged), inbox, creds) is Outcome.QUARANTINED
+    [q] = inbox.quarantined()
+    assert q["reason"] == "originator_mismatch" and "'GBR'" in str(q["detail"])
     assert inbox.counts() == (0, 1)
 
 

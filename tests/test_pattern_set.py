@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.exchange import _pattern_within
 from coalition.topics import PatternSet, TopicError, any_match, topic_matches
 
 # A small alphabet, so random patterns and topics overlap often.
@@ -54,7 +53,6 @@ def test_tree_covers_exactly_what_one_allowed_pattern_covers(
 ) -> None:
     expected = any(a == pattern or _old_covers(a.split("."), pattern.split(".")) for a in allowed)
     assert PatternSet(allowed).covers(pattern) is expected
-    assert _pattern_within(pattern, allowed) is expected
 
 
 # Every topic of up to 5 tokens over a slightly larger alphabet: a finite stand-in for

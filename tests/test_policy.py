@@ -8,6 +8,7 @@ import pytest
 
 from coalition.labels import Classification, Label, parse_label
 from coalition.policy import (
+    NO_KEY_BUNDLE,
     Decision,
     PartnerPolicy,
     PartnerStatus,
@@ -15,10 +16,13 @@ from coalition.policy import (
     Reason,
     decide,
     decide_origination,
+    eligibility,
     policy_diff,
     policy_from_proto,
     policy_to_proto,
     privilege_raises,
+    released_to,
+    releases_to_anyone,
 )
 from coalition.v1 import directory_pb2, label_pb2, policy_pb2
 
@@ -343,3 +347,23 @@ def test_policy_from_proto_rejects_invalid(msg: policy_pb2.PartnerPolicy, named:
     with pytest.raises(PolicyError) as caught:
         policy_from_proto(msg)
     assert named in str(caught.value)
+
+
+def test_releasability_is_one_rule() -> None:
+    rel = L("NATO SECRET // REL TO KOR, FVEY")
+    assert releases_to_anyone(rel) and not releases_to_anyone(L("NATO SECRET"))
+    assert released_to(rel, "KOR", frozenset())
+    assert released_to(rel, "GBR", frozenset({"FVEY"}))
+    assert not released_to(rel, "GBR", frozenset({"NATO"}))
+    assert not released_to(L("NATO SECRET"), "KOR", frozenset({"KOR"}))
+
+
+def test_eligibility_adds_the_key_to_the_delivery_decision() -> None:
+    label = L("NATO SECRET // REL TO KOR")
+    ok = eligibility(KOR, label, "intel.ground", NOW, has_keys=True)
+    assert ok.allowed and ok.reason == Reason.ALLOW.value
+    keyless = eligibility(KOR, label, "intel.ground", NOW, has_keys=False)
+    assert (keyless.allowed, keyless.reason) == (False, NO_KEY_BUNDLE)
+    # A policy denial is reported as such, keys or not.
+    denied = eligibility(KOR, L("NATO SECRET // REL TO USA"), "intel.ground", NOW, has_keys=False)
+    assert (denied.allowed, denied.reason) == (False, Reason.NOT_RELEASABLE.value)

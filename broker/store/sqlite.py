@@ -33,6 +33,7 @@ from broker.store.base import (
 )
 from broker.store.readers import ReaderPool
 from broker.store.writer import GroupCommitWriter, is_disk_full
+from coalition.labels import valid_precedence
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (
@@ -319,7 +320,7 @@ class SqliteMessageStore:
         rides along with the next append instead of costing a commit of its own.
         """
         for m in messages:
-            if m.precedence not in PRECEDENCES:
+            if not valid_precedence(m.precedence):
                 raise ValueError(f"message {m.message_id}: precedence {m.precedence} not in 1..4")
             if hashlib.sha256(m.envelope).digest() != m.digest:
                 raise ValueError(f"message {m.message_id}: digest is not SHA-256 of the envelope")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import json
@@ -9,8 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from clients.admin.context import AuditBroken, Ctx, UsageError
 from clients.admin.render import actor, iso, print_json, table, to_json
+from coalition.audit_export import ExportError, verify_export
 from coalition.cli_common import parse_time_ms
 from coalition.v1 import audit_pb2
 
@@ -99,10 +104,16 @@ async def audit_export(ctx: Ctx) -> None:
     lines, counts = [], {"entry": 0, "checkpoint": 0}
     for r in records:
         kind = r.WhichOneof("kind")
-        if kind is None:
+        if kind == "audit_certificate":  # lets `audit verify --file` work with only the CA
+            pem = x509.load_der_x509_certificate(r.audit_certificate).public_bytes(
+                serialization.Encoding.PEM
+            )
+            body = {"certificate_pem": pem.decode("ascii")}
+        elif kind in counts:
+            counts[kind] += 1
+            body = to_json(r.entry if kind == "entry" else r.checkpoint)
+        else:
             continue
-        counts[kind] += 1
-        body = to_json(r.entry if kind == "entry" else r.checkpoint)
         lines.append(json.dumps({"record": kind, **body}, ensure_ascii=False))
     text = "".join(f"{line}\n" for line in lines)
     out: Path | None = ctx.ns.out
@@ -118,3 +129,59 @@ async def audit_export(ctx: Ctx) -> None:
         print_json(summary)
     else:
         print(f"exported {counts['entry']} entries and {counts['checkpoint']} checkpoints to {out}")
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UsageError(f"cannot read {what} {path}: {why}") from None
+
+
+def audit_verify_file(ns: argparse.Namespace, as_json: bool) -> None:
+    """Verify an export offline: chain hashes and checkpoints under the CA-certified key."""
+    if ns.ca is None:
+        raise UsageError("audit verify --file needs --ca CA_CERT (the coalition CA certificate)")
+    text = _read(ns.file, "export")
+    try:
+        ca = x509.load_pem_x509_certificate(_read(ns.ca, "CA certificate").encode("utf-8"))
+    except ValueError:
+        raise UsageError(f"{ns.ca} is not a PEM certificate") from None
+    cert_pem = None if ns.audit_cert is None else _read(ns.audit_cert, "audit certificate")
+    now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+    try:
+        v = verify_export(text.splitlines(), ca, now, cert_pem)
+    except ExportError as exc:
+        raise UsageError(f"{ns.file}: {exc}") from None
+    r = v.result
+    if as_json:
+        print_json(
+            {
+                "ok": r.ok,
+                "entries": r.entries,
+                "checkpoints": r.checkpoints,
+                "first_broken_seq": r.first_broken_seq,
+                "problem": r.problem,
+                "broker": v.broker,
+                "unsigned_tail": v.unsigned_tail,
+            }
+        )
+    elif r.ok:
+        print(
+            f"OK: {r.entries} entries chained, {r.checkpoints} checkpoints signed by "
+            f"broker {v.broker!r} verified"
+        )
+        if v.unsigned_tail:
+            n = v.unsigned_tail
+            what = (
+                "1 entry after the last checkpoint is"
+                if n == 1
+                else f"{n} entries after the last checkpoint are"
+            )
+            print(f"  ({what} not yet signed)")
+    else:
+        print(f"BROKEN at entry {r.first_broken_seq}: {r.problem}")
+        print(f"  ({r.entries} entries and {r.checkpoints} checkpoints read)")
+    if not r.ok:
+        raise AuditBroken(f"the audit chain is broken at entry {r.first_broken_seq}")

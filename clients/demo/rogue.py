@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clients.sdk import PartnerClient, wall_clock_ms
+from clients.sdk import PartnerClient
 from coalition import envelope as env
+from coalition.clock import wall_clock_ms
 from coalition.labels import Classification, label_to_proto, parse_label
 from coalition.pki import load_partner
 from coalition.v1 import envelope_pb2, exchange_pb2

@@ -18,6 +18,7 @@ from typing import Any
 from clients.demo.procs import Proc, python_module, wait_for_file
 from clients.node.inbox import Entry, Inbox
 from clients.sdk import OperatorClient
+from coalition.clock import wall_clock_ms
 from coalition.labels import COMPARTMENT, Classification, parse_label
 from coalition.pki import load_operator, load_partner, make_dev_pki
 from coalition.policy import PartnerPolicy, PartnerStatus, policy_to_proto
@@ -204,7 +205,7 @@ class Demo:
             stderr=asyncio.subprocess.PIPE,
         )
         stdout, stderr = await proc.communicate()
-        pub.published_ms = time.time_ns() // 1_000_000
+        pub.published_ms = wall_clock_ms()
         if proc.returncode == 0:
             doc = json.loads(stdout)
             pub.message_id = doc["message_id"]
@@ -277,7 +278,7 @@ class Demo:
     # -- the scenario -----------------------------------------------------------------------------
     async def run(self) -> None:
         self.say("setup", f"development PKI: CA, broker, {', '.join(PARTNERS)}, operators op1 op2")
-        make_dev_pki(self.pki, PARTNERS, OPERATORS, time.time_ns() // 1_000_000)
+        make_dev_pki(self.pki, PARTNERS, OPERATORS, wall_clock_ms())
         self.start_broker()
         for code in ("USA", "GBR", "UKR", "NATO"):
             await self.admit(code)

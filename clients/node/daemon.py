@@ -37,7 +37,8 @@ from clients.node.inbox import GAP_BEHIND_S, GAP_GRACE_S, Expired, Inbox
 from clients.node.logs import log
 from clients.node.receive import Handled, Outcome, handle
 from clients.node.status import State, write_state
-from clients.sdk import BrokerTlsError, ClientError, PartnerClient, Subscription, wall_clock_ms
+from clients.sdk import BrokerTlsError, ClientError, PartnerClient, Subscription
+from coalition.clock import wall_clock_ms
 from coalition.identity import datetime_to_ms, ms_to_datetime
 from coalition.pki import PartnerCredentials
 from coalition.v1 import directory_pb2, exchange_pb2

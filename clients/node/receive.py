@@ -15,11 +15,11 @@ from clients.node.content import ContentError, title_of
 from clients.node.inbox import Entry, Inbox
 from clients.node.parked import park
 from coalition import envelope as env
+from coalition.checks import HeaderProblem, check_header
 from coalition.labels import LabelError, label_from_proto
 from coalition.v1 import exchange_pb2, label_pb2
 
 _SQLITE_MAX = 2**63 - 1
-_PRECEDENCES = frozenset(v for v in label_pb2.Precedence.values() if v)
 
 Opener = Callable[[exchange_pb2.Delivery], Awaitable[env.Opened]]
 # Given the sender a header claims, a sentence when its key fails only for time by the
@@ -90,10 +90,10 @@ def _checked(
     wrapped = next((w for w in h.wrapped_keys if w.recipient == me), None)
     if wrapped is None or h.sender == me:  # open() checks this too; a node never trusts one check
         raise Refused("not_a_recipient", f"no key is wrapped for {me}")
-    try:
-        signed = label_from_proto(h.label)
-    except LabelError as exc:
-        raise Refused("bad_label", f"the signed label is invalid: {exc}") from None
+    try:  # the broker's own checks (coalition.checks): a node never trusts it made them
+        signed = check_header(h, h.sender)
+    except HeaderProblem as exc:
+        raise Refused(exc.code, f"the signed header is invalid: {exc.message}") from None
     try:
         routed = label_from_proto(d.label)
     except LabelError:
@@ -113,8 +113,6 @@ def _checked(
         title = title_of(h.content_type, opened.plaintext)
     except ContentError as exc:
         raise Refused("bad_content", str(exc)) from None
-    if h.precedence not in _PRECEDENCES:
-        raise Refused("bad_precedence", "the signed precedence is not a known value")
     return Entry(
         message_id=h.message_id,
         sender=h.sender,

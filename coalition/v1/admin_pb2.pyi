@@ -476,6 +476,11 @@ class AuditRecord(_message.Message):
 
     ENTRY_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
+    AUDIT_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    audit_certificate: _builtins.bytes
+    """The broker's audit certificate (DER, issued by the coalition CA), sent once after
+    the last entry and checkpoint so an export verifies offline with only the CA.
+    """
     @_builtins.property
     def entry(self) -> _audit_pb2.AuditEntry: ...
     @_builtins.property
@@ -485,12 +490,13 @@ class AuditRecord(_message.Message):
         *,
         entry: _audit_pb2.AuditEntry | None = ...,
         checkpoint: _audit_pb2.AuditCheckpoint | None = ...,
+        audit_certificate: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "entry", b"entry", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit_certificate", b"audit_certificate", "checkpoint", b"checkpoint", "entry", b"entry", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "entry", b"entry", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_certificate", b"audit_certificate", "checkpoint", b"checkpoint", "entry", b"entry", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["entry", "checkpoint"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["entry", "checkpoint", "audit_certificate"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

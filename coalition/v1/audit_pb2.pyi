@@ -50,7 +50,7 @@ class AuditEntry(_message.Message):
     prev_hash: _builtins.bytes
     """The previous entry's hash (32 zero bytes for the first entry)."""
     hash: _builtins.bytes
-    """SHA-256 of prev_hash || this entry's canonical bytes (broker/audit_chain.py)."""
+    """SHA-256 of prev_hash || this entry's canonical bytes (coalition/audit_chain.py)."""
     def __init__(
         self,
         *,
