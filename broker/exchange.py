@@ -9,24 +9,21 @@ subscriber costs store rows, not broker memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import hashlib
-import json
 import logging
-import shutil
-import time
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit_keeping import AuditKeeping, acceptance_item
 from broker.config import BrokerConfig
+from broker.directory import PartnerDirectory
+from broker.directory import SigningCertNotValid as SigningCertNotValid
 from broker.errors import (
     AlreadyExists,
     BrokerError,
@@ -34,7 +31,6 @@ from broker.errors import (
     Forbidden,
     InvalidInput,
     NotAuthenticated,
-    NotFound,
     Precondition,
     Unavailable,
     status_name,
@@ -53,12 +49,6 @@ from broker.store.base import Notice
 from coalition import envelope as env
 from coalition.checks import HeaderProblem, check_header
 from coalition.clock import wall_clock_ms
-from coalition.identity import (
-    IdentityError,
-    datetime_to_ms,
-    verify_key_bundle,
-    verify_signing_cert,
-)
 from coalition.labels import Label, LabelError, label_from_proto
 from coalition.policy import (
     Decision,
@@ -67,9 +57,8 @@ from coalition.policy import (
     Reason,
     decide,
     decide_origination,
-    eligibility,
 )
-from coalition.topics import PatternSet, TopicError, validate_topic
+from coalition.topics import PatternSet, TopicError
 from coalition.v1 import directory_pb2, envelope_pb2, exchange_pb2, label_pb2
 
 log = logging.getLogger("coalition.broker")
@@ -82,8 +71,6 @@ _PARSE_CACHE_SIZE = 1024
 _FEED_MAX_MESSAGES = 1024
 _FEED_MAX_BYTES = 8 << 20
 _LABEL_CACHE_SIZE = 1024
-# Disk a publish request takes beyond twice its envelope bytes (see _disk_too_full).
-_DISK_PER_REQUEST = 64 * 1024
 # A publish request of at most this many envelopes and bytes is verified on the event
 # loop when the verify thread is idle (see ExchangeCore._verify_in_order); the byte bound
 # keeps digesting large payloads (~0.5 ms per 256 KiB here) off the loop.
@@ -183,52 +170,6 @@ class Subscription:
         self.feed_overflow = False
 
 
-class SigningCertNotValid(KeyError):
-    """A partner's signing certificate is outside its validity period by the broker's clock
-    now (code ``signing_cert_expired`` or ``signing_cert_not_yet_valid``)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message  # not KeyError's quoted repr
-
-
-@dataclass(frozen=True)
-class CertifiedKey:
-    """A verified signing key, cached with what makes it stale: the period in which its
-    certificate and the CA's are both valid. Checked against the clock at every use."""
-
-    key: Ed25519PublicKey
-    not_before_ms: int
-    not_after_ms: int
-
-    def check(self, sender: str, now_ms: int) -> None:
-        """Raise SigningCertNotValid unless not_before <= now <= not_after."""
-        _check_period(sender, self.not_before_ms, self.not_after_ms, now_ms)
-
-
-def _check_period(sender: str, not_before_ms: int, not_after_ms: int, now_ms: int) -> None:
-    if now_ms > not_after_ms:
-        raise SigningCertNotValid(
-            "signing_cert_expired",
-            f"{sender}'s signing certificate (or the CA's) expired at {_iso(not_after_ms)}; "
-            "envelopes signed under it are refused",
-        )
-    if now_ms < not_before_ms:
-        raise SigningCertNotValid(
-            "signing_cert_not_yet_valid",
-            f"{sender}'s signing certificate is not valid before {_iso(not_before_ms)} "
-            "by the broker's clock",
-        )
-
-
-def _iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms // 1000))
-
-
 class TokenBucket:
     """Per-partner publish rate limit: every envelope the broker works on takes a token,
     accepted or refused (a refusal costs a signature check and an audit entry too).
@@ -288,64 +229,33 @@ class ExchangeCore:
         self.live: dict[str, set[Subscription]] = defaultdict(set)
         self.counters: dict[str, Counters] = defaultdict(Counters)
         self._buckets: dict[str, TokenBucket] = {}
-        self._signers: dict[tuple[str, str], CertifiedKey] = {}
-        self._key_changes: dict[str, deque[int]] = {}
         self.closing = False
-        self.audit_failed = False
         self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self._verifying = 0  # requests handed to the verify thread, not yet resumed
         self._label_cache: dict[bytes, Label] = {}
         self._decisions: dict[
             tuple[object, int, int, str], tuple[PartnerPolicy, Label, Decision]
         ] = {}
-        self._disk_free = (0, 0)  # (checked at ms, free bytes then)
-        # Acceptance bookkeeping (see reconcile_audit): offsets stored whose entries are
-        # queued but not committed yet; the audited mark (every offset at or below it has
-        # its entry), which the next append persists in its own transaction; offsets above
-        # the mark whose entries committed (offsets are contiguous: one per stored message).
-        self._accepting: set[int] = set()
-        self._audited_through = 0
-        self._audited_above: set[int] = set()
-        self._reconciling = asyncio.Lock()
-        self._registry_flush = asyncio.Lock()
+        self.books = AuditKeeping(cfg, store, audit, registry, clock)
+        self.keys = PartnerDirectory(
+            cfg,
+            registry,
+            ca_cert,
+            clock,
+            label=self._label,
+            decided=self._decided,
+            on_change=self.books.registry_changed,
+        )
         self._parse_cache: OrderedDict[int, tuple[envelope_pb2.Header, Label]] = OrderedDict()
         # Partners with audited expiry notices to read (broker.retention), by generation.
         self.notice_gen: dict[str, int] = {}
         self._notice_drops: set[asyncio.Task[int]] = set()
 
-    # -- identity helpers -------------------------------------------------------------------
+    # -- identity helpers (see broker.directory) ---------------------------------------------
     def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
-        """The certified signing key of sender, valid now by the broker's clock.
+        """The certified signing key of sender, valid now (PartnerDirectory.signer)."""
+        return self.keys.signer(sender, key_id)
 
-        Raises SigningCertNotValid (a KeyError) when its certificate or the CA's is expired
-        or not yet valid, KeyError when the key is unknown or not certified. The parsed key
-        is cached with its validity period, which is compared with the clock at every use,
-        so a certificate that expires while the broker runs stops verifying then.
-        """
-        now = self.clock()
-        cached = self._signers.get((sender, key_id))
-        if cached is None:
-            rec = self.registry.get(sender)
-            if rec is None:
-                raise KeyError(sender)
-            cert = x509.load_der_x509_certificate(rec.signing_cert)
-            if format(cert.serial_number, "x") != key_id:
-                raise KeyError(key_id)
-            period = (
-                datetime_to_ms(max(cert.not_valid_before_utc, self.ca_cert.not_valid_before_utc)),
-                datetime_to_ms(min(cert.not_valid_after_utc, self.ca_cert.not_valid_after_utc)),
-            )
-            _check_period(sender, *period, now)
-            try:
-                key = verify_signing_cert(rec.signing_cert, self.ca_cert, sender, now)
-            except IdentityError as exc:
-                raise KeyError(sender) from exc
-            cached = CertifiedKey(key, *period)
-            self._signers[(sender, key_id)] = cached
-        cached.check(sender, now)
-        return cached.key
-
-    # -- publish ------------------------------------------------------------------------------
     async def publish(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope]
     ) -> list[exchange_pb2.PublishResult]:
@@ -360,7 +270,7 @@ class ExchangeCore:
             return await self._throttled(partner, envelopes, rate, now)
         if self.audit_failed:
             try:
-                await self._probe_audit(now)
+                await self.books.probe_audit(now)
             except BrokerError:
                 bucket.charge(len(envelopes))
                 raise
@@ -388,7 +298,7 @@ class ExchangeCore:
         fresh: list[StoredMessage] = []
         if accepted:
             msgs = [m for _, m, _ in accepted]
-            low = self._disk_too_full(sum(len(m.envelope) for m in msgs))
+            low = self.books.disk_too_full(sum(len(m.envelope) for m in msgs))
             if low is not None:
                 for i, _, header in accepted:
                     results[i] = self._refusal(envelopes[i], low, header)
@@ -396,7 +306,7 @@ class ExchangeCore:
             outcomes: list[Appended | Rejected | StoreFull]
             try:
                 outcomes = list(
-                    await self.store.append(msgs, now, audited_through=self._audited_through)
+                    await self.store.append(msgs, now, audited_through=self.books.audited_through)
                 )
             except StoreFull as exc:
                 outcomes = [exc for _ in msgs]
@@ -411,7 +321,7 @@ class ExchangeCore:
                         offset=out.offset,
                     )
                     self.counters[partner].published += 1
-                    audits.append(_acceptance(fresh[-1]))
+                    audits.append(acceptance_item(fresh[-1]))
                 elif isinstance(out, StoreFull):
                     results[i] = self._refusal(
                         envelopes[i], Exhausted("store_full", str(out)), header
@@ -447,7 +357,7 @@ class ExchangeCore:
                         s.hand_over(fresh, size)
             self.wake_all()
         stored = [m.offset for m in fresh]
-        self._accepting.update(stored)
+        self.books.accepting.update(stored)
         try:
             await self.audit.record_many(audits, now_ms=now)
         except AuditError:
@@ -457,9 +367,9 @@ class ExchangeCore:
             self.audit_failed = True
             log.critical("audit log cannot be written; refusing publishes until it can")
         else:
-            self._advance_audited(stored)
+            self.books.advance_audited(stored)
         finally:
-            self._accepting.difference_update(stored)
+            self.books.accepting.difference_update(stored)
         return [r for r in results if r is not None]
 
     def _bucket(self, partner: str, now: int) -> tuple[TokenBucket, int]:
@@ -520,174 +430,32 @@ class ExchangeCore:
                 )
         return out
 
-    def _advance_audited(self, offsets: Sequence[int]) -> None:
-        """These offsets' acceptance entries are durable: move the mark over the prefix."""
-        above = self._audited_above
-        above.update(offsets)
-        mark = self._audited_through
-        while mark + 1 in above:
-            mark += 1
-            above.remove(mark)
-        self._audited_through = mark
+    # -- acceptance records (see broker.audit_keeping) ----------------------------------------
+    @property
+    def audit_failed(self) -> bool:
+        """Whether the audit log could not record a decision: publishes are refused
+        until it can again (AuditKeeping.audit_failed)."""
+        return self.books.audit_failed
+
+    @audit_failed.setter
+    def audit_failed(self, failed: bool) -> None:
+        self.books.audit_failed = failed
 
     async def flush_audited(self) -> None:
-        """Persist the audited mark now (at shutdown, when no next append will)."""
-        try:
-            await self.store.mark_audited(self._audited_through)
-        except (StoreError, RuntimeError) as exc:
-            # Harmless: their entries are in the log, so reconcile_audit finds them there
-            # at the next start and records nothing twice.
-            log.warning("could not mark accepted messages audited: %s", exc)
+        """Persist the audited mark now (AuditKeeping.flush_audited)."""
+        await self.books.flush_audited()
 
     async def reconcile_audit(self) -> int:
-        """Record ``publish.accepted`` for stored messages whose acceptance entry never
-        committed, and return how many.
-
-        A publish writes its acceptance entries after the store commit, so a crash or an
-        audit failure between the two leaves a stored (and deliverable) message with no
-        record of the decision. The store keeps an audited mark (every message at or
-        below it has its entry; each append moves it up to what had committed by then).
-        This records the missing entries above it, marked ``recovered``, once per
-        message: an entry already in the log (committed just before a crash) is found
-        by sender and message id among the entries written since the message was stored.
-        It first records what the registry's audit outbox still holds (see
-        flush_registry_audit); the count returned covers both. The broker runs it before
-        serving and when the audit log is writable again. Raises AuditError if the log
-        cannot record them.
-        """
-        recovered = await self.flush_registry_audit(recovering=True)
-        async with self._reconciling:
-            self._audited_through = max(self._audited_through, await self.store.audited_through())
-            while True:
-                batch = [
-                    m
-                    for m in await self.store.unaudited()
-                    if m.offset > self._audited_through
-                    and m.offset not in self._audited_above
-                    and m.offset not in self._accepting
-                ]
-                if not batch:
-                    return recovered
-                since = min(m.stored_ms for m in batch)
-                have = {
-                    (e.partner, e.message_id)
-                    for e in await self.audit.query(kind="publish.accepted", since_ms=since)
-                }
-                missing = [m for m in batch if (m.sender, m.message_id) not in have]
-                if missing:
-                    await self.audit.record_many(
-                        [_acceptance(m, stored_ms=m.stored_ms, recovered=True) for m in missing],
-                        now_ms=self.clock(),
-                    )
-                    log.warning(
-                        "recorded missing acceptance entries",
-                        extra={"count": len(missing), "first_offset": missing[0].offset},
-                    )
-                    recovered += len(missing)
-                before = self._audited_through
-                self._advance_audited([m.offset for m in batch])
-                await self.store.mark_audited(self._audited_through)
-                if self._audited_through == before:
-                    return recovered  # held below by a publish still writing its entries
-
-    def _disk_too_full(self, incoming: int) -> Exhausted | None:
-        """A refusal if storing incoming envelope bytes would eat into the free-space reserve.
-
-        A request takes more disk than its bytes at first: SQLite writes them to the WAL
-        and later into the database file, and every commit rewrites the B-tree and index
-        pages it touches in both the store and the audit log (measured: ~54 KiB for one
-        9.7 KiB envelope). So the estimate is twice the bytes plus a fixed cost per
-        request; counting only the bytes let fast publishers fill the disk between two
-        free-space checks, and then the audit log could not record its entries.
-
-        The WAL files count as spent too: a checkpoint copies their pages into the
-        database files (up to ~4 MiB each at once), which the free space does not show
-        until it happens. Their size is an upper bound of what is still to come.
-        """
-        if self.cfg.min_free_bytes <= 0:
-            return None
-        need = 2 * incoming + _DISK_PER_REQUEST
-        now = self.clock()
-        at, free = self._disk_free
-        # statvfs at most every 100 ms, or sooner when the margin looks thin.
-        if now - at > 100 or free - need < 2 * self.cfg.min_free_bytes:
-            try:
-                free = shutil.disk_usage(self.cfg.data_dir).free - _wal_bytes(self.cfg.data_dir)
-            except OSError:
-                return None
-            self._disk_free = (now, free)
-        else:
-            self._disk_free = (at, free - need)
-        if free - need >= self.cfg.min_free_bytes:
-            return None
-        return Exhausted(
-            "store_full",
-            f"the broker's disk is nearly full ({free / 1048576:.1f} MiB free, "
-            f"{self.cfg.min_free_bytes / 1048576:.1f} MiB kept in reserve); "
-            "refusing new messages until space is freed",
-        )
+        """Record missing acceptance and registry entries (AuditKeeping.reconcile_audit)."""
+        return await self.books.reconcile_audit()
 
     async def flush_registry_audit(self, *, recovering: bool = False) -> int:
-        """Record the audit entries of committed registry changes still in its outbox
-        (see Registry.pending_audit), in order, and forget them; return how many.
-
-        Each entry's detail carries ``ref`` (``registry:<outbox id>``). recovering (at
-        start and when the audit log is writable again) first looks for that ref among
-        the entries of the same kind and partner since the change, so an entry that
-        committed just before a crash is not written twice, and marks the others
-        ``recovered`` with the change's time. Raises AuditError.
-        """
-        async with self._registry_flush:
-            pending = await self.registry.pending_audit()
-            items: list[AuditItem] = []
-            for oid, item, at in pending:
-                ref = f"registry:{oid}"
-                if recovering and await self._has_ref(item, ref, at):
-                    continue
-                extra: dict[str, object] = {"ref": ref}
-                if recovering:
-                    extra.update(recovered=True, changed_ms=at)
-                items.append(dataclasses.replace(item, detail={**(item.detail or {}), **extra}))
-            await self.audit.record_many(items, now_ms=self.clock())
-            await self.registry.audit_recorded([oid for oid, _, _ in pending])
-            if recovering and items:
-                log.warning("recorded missing registry audit entries", extra={"count": len(items)})
-            return len(items)
-
-    async def _has_ref(self, item: AuditItem, ref: str, since_ms: int) -> bool:
-        for e in await self.audit.query(kind=item.kind, partner=item.partner, since_ms=since_ms):
-            with contextlib.suppress(ValueError, AttributeError):
-                if json.loads(e.detail_json).get("ref") == ref:
-                    return True
-        return False
+        """Record the registry outbox's entries (AuditKeeping.flush_registry_audit)."""
+        return await self.books.flush_registry_audit(recovering=recovering)
 
     async def registry_changed(self) -> None:
-        """After a registry write: record its audit entry now. If the audit log cannot,
-        the entry stays in the registry's outbox (the change itself is durable), is
-        recorded once the log is writable again, and publishes are refused until then."""
-        try:
-            if self.audit_failed:  # entries may be waiting: record them first, as recovered
-                await self._probe_audit(self.clock())
-            else:
-                await self.flush_registry_audit()
-        except (AuditError, Exhausted):
-            self.audit_failed = True
-            log.critical("audit log cannot be written; refusing publishes until it can")
-
-    async def _probe_audit(self, now: int) -> None:
-        try:
-            await self.audit.record(kind="audit.recovered", actor="broker", now_ms=now)
-            try:
-                await self.reconcile_audit()
-            except StoreError as exc:  # retried at the next start; publishing may go on
-                log.error("could not reconcile acceptance entries: %s", exc)
-        except AuditError as exc:
-            raise Exhausted(
-                "audit_unavailable",
-                "the audit log cannot be written (disk full?); publishes are refused until it can",
-            ) from exc
-        self.audit_failed = False
-        log.warning("audit log writable again; accepting publishes")
+        """After a registry write: record its audit entry (AuditKeeping.registry_changed)."""
+        await self.books.registry_changed()
 
     def _refusal(
         self,
@@ -1136,10 +904,7 @@ class ExchangeCore:
         return header, "allow", ""
 
     def _record(self, partner: str) -> PartnerRecord:
-        rec = self.registry.get(partner)
-        if rec is None:
-            raise NotAuthenticated("unknown_partner", f"partner {partner} is not registered")
-        return rec
+        return self.keys.record(partner)
 
     def wake_all(self) -> None:
         for subs in self.live.values():
@@ -1154,165 +919,30 @@ class ExchangeCore:
                 s.closed = Forbidden("suspended", f"partner {partner} has been suspended")
             s.wake.set()
 
-    # -- directory, keys, recipients ------------------------------------------------------
+    # -- directory, keys, recipients (see broker.directory) -----------------------------------
     def directory(self, partner: str) -> list[directory_pb2.DirectoryEntry]:
-        """What partner needs to verify and encrypt, and nothing about others' standing.
-
-        Every admitted partner's signing certificate (active or suspended alike, so the
-        list does not change when one is suspended), with no status and no groups; a key
-        bundle only for the caller itself and for partners it may send to (may_reach:
-        a policy it may originate under that they are cleared for, and a topic it may
-        publish that they may subscribe to). Not-yet-admitted partners are not listed.
-        Refuses a caller that is not registered, not admitted or suspended.
-        """
-        caller = self._admitted(partner)
-        out = []
-        for rec in self.registry.all():
-            if rec.code != partner and rec.policy.status is PartnerStatus.PENDING:
-                continue
-            entry = directory_pb2.DirectoryEntry(partner=rec.code, signing_cert=rec.signing_cert)
-            if rec.bundle is not None and (
-                rec.code == partner or may_reach(caller.policy, rec.policy)
-            ):
-                entry.key_bundle.CopyFrom(rec.bundle)
-            out.append(entry)
-        return out
+        """What partner may see of the directory (PartnerDirectory.directory)."""
+        return self.keys.directory(partner)
 
     def directory_entry(self, partner: str) -> directory_pb2.DirectoryEntry:
-        """The operators' full view of one partner: certificate, bundle, status and groups."""
-        rec = self.partner_record(partner)
-        entry = directory_pb2.DirectoryEntry(
-            partner=rec.code,
-            signing_cert=rec.signing_cert,
-            status=directory_pb2.PartnerStatus.ValueType(int(rec.policy.status)),
-            groups=sorted(rec.policy.groups),
-        )
-        if rec.bundle is not None:
-            entry.key_bundle.CopyFrom(rec.bundle)
-        return entry
-
-    def _admitted(self, partner: str) -> PartnerRecord:
-        """partner's record if it is admitted and not suspended; else the refusal.
-
-        The auth interceptor refuses partners that are not admitted before any Exchange
-        call; this holds the same line in the core.
-        """
-        rec = self._record(partner)
-        if rec.policy.status is PartnerStatus.PENDING:
-            raise Forbidden("not_admitted", f"partner {partner} is not yet admitted by operators")
-        if rec.policy.status is PartnerStatus.SUSPENDED:
-            raise Forbidden("suspended", f"partner {partner} is suspended")
-        return rec
+        """The operators' full view of one partner (PartnerDirectory.directory_entry)."""
+        return self.keys.directory_entry(partner)
 
     async def register_keys(self, partner: str, signed: directory_pb2.SignedKeyBundle) -> str:
-        """Verify a key bundle under the partner's certified key and make it current."""
-        rec = self._record(partner)
-        now = self.clock()
-        try:
-            cert = x509.load_der_x509_certificate(rec.signing_cert)
-            key = self.signer(partner, format(cert.serial_number, "x"))
-            bundle = verify_key_bundle(signed, key, partner, now)
-        except SigningCertNotValid as exc:
-            raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}") from exc
-        except KeyError as exc:
-            # Not a KeyError's bare repr ('USA'): say which certificate failed and why.
-            why = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
-            raise InvalidInput(
-                "bad_key_bundle",
-                f"key bundle refused: the signing certificate operators admitted for "
-                f"{partner} does not verify under this broker's CA{why}; operators must "
-                f"admit {partner} again with its current signing certificate",
-            ) from exc
-        except (IdentityError, ValueError) as exc:
-            hint = ""
-            if "signature does not verify" in str(exc):
-                hint = (
-                    f" (it is not signed by the signing key operators admitted for {partner}:"
-                    " if the partner's keys were issued again, operators must admit its"
-                    " current signing certificate)"
-                )
-            raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}{hint}") from exc
-        if rec.bundle is not None and rec.bundle.SerializeToString() == signed.SerializeToString():
-            # A node reconnecting with the bundle the broker already has: nothing changes,
-            # so nothing is written (no registry write, no audit entry; on a full disk too).
-            return bundle.key_id
-        self._admit_key_change(partner, now)
-        await self.registry.set_bundle(
-            partner,
-            bundle.key_id,
-            signed,
-            now,
-            audit=AuditItem(
-                "keys.registered", partner, partner, "", "allow", {"key_id": bundle.key_id}
-            ),
-        )
-        await self.registry_changed()
-        return bundle.key_id
-
-    def _admit_key_change(self, partner: str, now: int) -> None:
-        """Count a key-bundle change against the partner's max_key_changes_per_min (a
-        sliding minute); raise Exhausted rate_limited past it. Each change costs a
-        registry write and an audit entry, so a partner signing new bundles in a loop
-        must not be able to fill the disk with them."""
-        limit = self.cfg.max_key_changes_per_min
-        if limit <= 0:
-            return
-        recent = self._key_changes.setdefault(partner, deque())
-        while recent and recent[0] <= now - 60_000:
-            recent.popleft()
-        if len(recent) >= limit:
-            raise Exhausted(
-                "rate_limited",
-                f"{partner} changed its key bundle {len(recent)} times in the last minute, "
-                f"the most allowed ({limit}); retry later",
-            )
-        recent.append(now)
+        """Verify a key bundle and make it current (PartnerDirectory.register_keys)."""
+        return await self.keys.register_keys(partner, signed)
 
     def eligible(self, label: Label, topic: str, *, exclude: str = "") -> list[str]:
-        """Partners that policy allows to receive label on topic now and that have keys."""
-        now = self.clock()
-        return [
-            rec.code
-            for rec in self.registry.all()
-            if rec.code != exclude
-            and eligibility(rec.policy, label, topic, now, has_keys=rec.bundle is not None).allowed
-        ]
+        """Partners allowed label on topic now, with keys (PartnerDirectory.eligible)."""
+        return self.keys.eligible(label, topic, exclude=exclude)
 
     def recipients(self, partner: str, label_pb: label_pb2.Label, topic: str) -> list[str]:
-        """Partners eligible now for a label and topic that partner itself may originate.
-
-        The broker answers only what the caller needs to seal a message it may publish:
-        for any other label or topic it refuses (not_permitted_to_originate) without
-        saying who would qualify, so no partner can map the others' clearances,
-        categories or topics by asking. Suspended and not-admitted callers are refused.
-        """
-        rec = self._admitted(partner)
-        try:
-            label = self._label(label_pb)
-            validate_topic(topic)
-        except (LabelError, TopicError) as exc:
-            raise InvalidInput("bad_label", str(exc)) from exc
-        if label.originator and label.originator != partner:
-            raise Forbidden(
-                "not_permitted_to_originate",
-                f"{partner} may not originate a label whose originator is "
-                f"{label.originator!r}; recipients are answered only for labels the caller "
-                "may publish",
-            )
-        decision = self._decided(decide_origination, rec.policy, label, topic, self.clock())
-        if not decision.allowed:
-            raise Forbidden(
-                "not_permitted_to_originate",
-                f"{decision.explanation} ({decision.reason.value}); recipients are answered "
-                "only for labels and topics the caller may publish",
-            )
-        return self.eligible(label, topic, exclude=partner)
+        """Recipients for a label partner may originate (PartnerDirectory.recipients)."""
+        return self.keys.recipients(partner, label_pb, topic)
 
     def partner_record(self, partner: str) -> PartnerRecord:
-        rec = self.registry.get(partner)
-        if rec is None:
-            raise NotFound("unknown_partner", f"no partner {partner!r} is registered")
-        return rec
+        """partner's record, or NotFound (PartnerDirectory.partner_record)."""
+        return self.keys.partner_record(partner)
 
     def shutdown(self) -> None:
         """Stop taking new work and end live streams."""
@@ -1367,34 +997,6 @@ def _expired(n: Notice) -> exchange_pb2.Expired:
     )
 
 
-def _wal_bytes(data_dir: Path) -> int:
-    """The size of the SQLite WAL files in data_dir (not yet copied into their databases)."""
-    total = 0
-    for wal in Path(data_dir).glob("*.db-wal"):
-        with contextlib.suppress(OSError):  # gone between listing and stat: nothing owed
-            total += wal.stat().st_size
-    return total
-
-
-def _acceptance(m: StoredMessage, **extra: object) -> AuditItem:
-    """The publish.accepted entry of a stored message (extra joins its detail)."""
-    return AuditItem(
-        "publish.accepted",
-        m.sender,
-        m.sender,
-        m.message_id,
-        "allow",
-        {
-            "offset": m.offset,
-            "topic": m.topic,
-            "sequence": m.sequence,
-            "digest": m.digest.hex(),
-            "classification": m.classification,
-            **extra,
-        },
-    )
-
-
 def _batch_audit(
     kind: str,
     partner: str,
@@ -1413,35 +1015,6 @@ def _batch_audit(
     }
     mid = msgs[0].message_id if len(msgs) == 1 else ""
     return AuditItem(kind, "broker", partner, mid, decision, detail)
-
-
-def may_reach(sender: PartnerPolicy, recipient: PartnerPolicy) -> bool:
-    """Whether some message sender may originate could be delivered to recipient.
-
-    True when sender holds an origination ceiling under a labelling policy that
-    recipient holds a clearance for (a label at UNCLASSIFIED under it, naming recipient
-    in REL TO, with no RESTRICTIVE category, passes both), and one of sender's publish
-    patterns overlaps one of recipient's subscribe patterns. Status is ignored, so the
-    answer does not change when recipient is suspended or reinstated.
-    """
-    if sender.origination_ceilings.keys().isdisjoint(recipient.clearances.keys()):
-        return False
-    return any(
-        _overlap(p.split("."), s.split("."))
-        for p in sender.publish_topics
-        for s in recipient.subscribe_topics
-    )
-
-
-def _overlap(a: list[str], b: list[str]) -> bool:
-    """Whether some topic matches both token lists ('*' one token, '>' one or more)."""
-    if not a or not b:
-        return not a and not b
-    if a[0] == ">" or b[0] == ">":
-        return True  # the other still has at least one token to match ">" with more
-    if a[0] != "*" and b[0] != "*" and a[0] != b[0]:
-        return False
-    return _overlap(a[1:], b[1:])
 
 
 def _check_pattern_limits(topics: Sequence[str], cfg: BrokerConfig) -> None:
