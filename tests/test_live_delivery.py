@@ -13,8 +13,8 @@ import pytest
 
 from broker import exchange as exchange_mod
 from broker.server import Broker
-from clients import sdk
 from clients.sdk import PartnerClient, Subscription
+from clients.sdk import publish as sdk_publish
 from coalition.labels import Precedence, parse_label
 from coalition.v1 import exchange_pb2
 from tests.helpers import admit, eventually, partner, policy, running_broker
@@ -196,15 +196,15 @@ async def test_concurrent_publishes_are_merged_and_answered_each(
 ) -> None:
     _, kor, _ = pair
     requests: list[int] = []
-    real = sdk._PublishStream.next_request
+    real = sdk_publish._PublishStream.next_request
 
-    async def counting(self: sdk._PublishStream) -> exchange_pb2.PublishRequest | None:
+    async def counting(self: sdk_publish._PublishStream) -> exchange_pb2.PublishRequest | None:
         req = await real(self)
         if req is not None:
             requests.append(len(req.envelopes))
         return req
 
-    monkeypatch.setattr(sdk._PublishStream, "next_request", counting)
+    monkeypatch.setattr(sdk_publish._PublishStream, "next_request", counting)
     sealed = [
         await kor.seal(f"m{i}".encode(), topic=TOPIC, label=LABEL, recipients=["USA"])
         for i in range(40)

@@ -1,0 +1,76 @@
+"""The client SDK: the one path to the broker for the node daemon, the CLIs, tests and benchmarks.
+
+``PartnerClient`` connects over mutual TLS, verifies the directory against the
+coalition CA (it does not trust the broker for keys), chooses recipients, seals and
+publishes with per-envelope results, and subscribes with acknowledgement.
+``OperatorClient`` wraps the Admin service. gRPC errors are mapped at this edge to
+``ClientError``.
+
+One module per responsibility: errors (``ClientError`` and the TLS sentences), channel
+(credentials, channel options, keepalive), sequences (sequence allocation), publish (the
+Publish stream and its merging), subscription (``SubscribeStream``), partner
+(``PartnerClient``) and operator (``OperatorClient``). Callers import from here.
+"""
+
+from clients.sdk.channel import KEEPALIVE_ENV, KEEPALIVE_MS, keepalive_ms, secure_channel
+from clients.sdk.errors import (
+    BrokerTlsError,
+    ClientError,
+    NoRecipients,
+    call,
+    client_error,
+    mapped_errors,
+    tls_failure,
+)
+from clients.sdk.operator import OperatorClient
+from clients.sdk.partner import (
+    KEYS_UNVERIFIED,
+    NO_KEY_BUNDLE,
+    NOT_ELIGIBLE,
+    NOT_LISTED,
+    PartnerClient,
+    Sealed,
+)
+from clients.sdk.publish import (
+    PUBLISH_MAX_INFLIGHT,
+    PUBLISH_MERGE_MAX_BYTES,
+    PUBLISH_MERGE_MAX_ENVELOPES,
+    merge_count,
+)
+from clients.sdk.sequences import Allocation, Sequencer, SequenceSource
+from clients.sdk.subscription import ACK_LINGER_S, ExpiredHandler, SubscribeStream, Subscription
+from coalition.directory import Directory, Peer
+
+__all__ = [
+    "ACK_LINGER_S",
+    "KEEPALIVE_ENV",
+    "KEEPALIVE_MS",
+    "KEYS_UNVERIFIED",
+    "NOT_ELIGIBLE",
+    "NOT_LISTED",
+    "NO_KEY_BUNDLE",
+    "PUBLISH_MAX_INFLIGHT",
+    "PUBLISH_MERGE_MAX_BYTES",
+    "PUBLISH_MERGE_MAX_ENVELOPES",
+    "Allocation",
+    "BrokerTlsError",
+    "ClientError",
+    "Directory",
+    "ExpiredHandler",
+    "NoRecipients",
+    "OperatorClient",
+    "PartnerClient",
+    "Peer",
+    "Sealed",
+    "SequenceSource",
+    "Sequencer",
+    "SubscribeStream",
+    "Subscription",
+    "call",
+    "client_error",
+    "keepalive_ms",
+    "mapped_errors",
+    "merge_count",
+    "secure_channel",
+    "tls_failure",
+]
