@@ -199,11 +199,8 @@ def _credentials(cfg: NodeConfig) -> PartnerCredentials:
 
 
 def _run(cfg: NodeConfig, ns: argparse.Namespace) -> int:
-    import os
-
-    # gRPC Core's own log lines (handshake failures at INFO, ...) would interleave raw
-    # text with the daemon's status lines, which say the same in a sentence.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # gRPC Core's own log lines are already silenced for every client command
+    # (clients/__init__.py sets GRPC_VERBOSITY before grpc is first imported).
     from clients.node.daemon import NodeDaemon
     from clients.node.logs import setup_logging
 
