@@ -32,6 +32,7 @@ class CliError(Exception):
 
 
 def iso(ms: int) -> str:
+    """Unix milliseconds as ISO 8601 UTC, e.g. ``2026-06-01T10:05:00Z``."""
     return ms_to_datetime(ms).isoformat().replace("+00:00", "Z")
 
 
