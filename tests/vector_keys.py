@@ -46,7 +46,7 @@ def hpke_key(partner: str) -> HpkePrivateKey:
 
 
 def key_id_for(public: HpkePublicKey) -> str:
-    """First 16 hex of SHA-256 of the public key, as coalition.pki.key_id_for defines it."""
+    """First 16 hex of SHA-256 of the public key, as coalition.identity.key_id_for defines it."""
     return hashlib.sha256(public.raw).hexdigest()[:16]
 
 
