@@ -31,7 +31,8 @@ from cryptography import x509
 from broker.audit import AuditError, AuditItem, AuditLog
 from broker.config import BrokerConfig
 from broker.connections import ConnectionLimit
-from broker.errors import InvalidInput
+from broker.errors import MalformedRequest
+from broker.grpc.status import abort
 from broker.registry import Registry
 from broker.revocation import parse_serials, serial_hex
 from coalition.identity import (
@@ -100,17 +101,6 @@ def current_identity() -> Identity:
 
 
 MALFORMED_KIND = "request.malformed"
-
-
-class MalformedRequest(InvalidInput):
-    """A request, or the ``ordinal``-th request of a stream, that does not parse."""
-
-    def __init__(self, message_name: str, ordinal: int, exc: BaseException) -> None:
-        where = f"request {ordinal} of the stream" if ordinal else "request"
-        super().__init__(
-            "malformed_request", f"{where} is not a valid {message_name}: {exc or type(exc)}"
-        )
-        self.ordinal = ordinal
 
 
 class AuthRefused(Exception):
@@ -534,7 +524,7 @@ def _wrap(h: Any, check: Check, refuse: Refuse) -> grpc.RpcMethodHandler[Any, An
             return parse(req, 0)
         except MalformedRequest as err:
             await refuse(ctx, err)
-            await ctx.abort(err.status, err.message)
+            await abort(ctx, err)
 
     if h.unary_unary:
         inner_uu = h.unary_unary
@@ -560,7 +550,7 @@ def _wrap(h: Any, check: Check, refuse: Refuse) -> grpc.RpcMethodHandler[Any, An
             try:
                 return await inner_su(ParsedStream(it, parse, ctx, refuse), ctx)
             except MalformedRequest as err:
-                await ctx.abort(err.status, err.message)
+                await abort(ctx, err)
 
         return grpc.stream_unary_rpc_method_handler(su, None, h.response_serializer)
     inner_ss = h.stream_stream
@@ -571,6 +561,6 @@ def _wrap(h: Any, check: Check, refuse: Refuse) -> grpc.RpcMethodHandler[Any, An
             async for item in inner_ss(ParsedStream(it, parse, ctx, refuse), ctx):
                 yield item
         except MalformedRequest as err:
-            await ctx.abort(err.status, err.message)
+            await abort(ctx, err)
 
     return grpc.stream_stream_rpc_method_handler(ss, None, h.response_serializer)

@@ -1,6 +1,6 @@
 """Thin gRPC servicers: protobuf in, a call on the core, protobuf out.
 
-Domain errors become gRPC statuses here, through the table in broker.errors.
+Domain errors become gRPC statuses here, through the table in broker.grpc.status.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import grpc
 
 from broker.admin import AdminCore
 from broker.audit import AuditError, AuditItem
-from broker.auth import MalformedRequest, current_identity
-from broker.errors import BrokerError, Exhausted, InvalidInput
+from broker.auth import current_identity
+from broker.errors import BrokerError, Exhausted, InvalidInput, MalformedRequest
 from broker.exchange import ExchangeCore
+from broker.grpc.status import abort, status_name
 from coalition.policy import PartnerStatus
 from coalition.v1 import (
     admin_pb2,
@@ -33,10 +34,6 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
 # Publish requests of one stream being processed at once.
 PUBLISH_PIPELINE_DEPTH = 32
-
-
-async def _abort(ctx: Ctx, err: BrokerError) -> None:
-    await ctx.abort(err.status, err.message)
 
 
 class PublishBudget:
@@ -90,7 +87,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
             await self.core.audit.record_refusal(item, now_ms=self.core.clock())
         except AuditError as exc:  # disk full: the caller still gets the refusal itself
             log.critical("%s not audited: %s", kind, exc)
-        await _abort(ctx, err)
+        await abort(ctx, err)
 
     async def Publish(
         self, request_iterator: AsyncIterator[exchange_pb2.PublishRequest], context: Ctx
@@ -151,7 +148,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         try:
             while (item := await inflight.get()) is not None:
                 if isinstance(item, MalformedRequest):
-                    await _abort(context, item)
+                    await abort(context, item)
                     return
                 req, task, size = item
                 batch_id = req.batch_id
@@ -164,7 +161,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
                             outcome=exchange_pb2.REFUSED,
                             reason_code=err.code,
                             reason=err.message,
-                            status=err.status.name,
+                            status=status_name(err),
                         )
                         for _ in req.envelopes
                     ]
@@ -223,7 +220,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
             async for resp in self.core.deliveries(sub):
                 yield resp
         except BrokerError as err:
-            await _abort(context, err)
+            await abort(context, err)
         finally:
             self.core.close_subscription(sub)
             acks.cancel()
@@ -280,7 +277,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 )
             except AuditError as exc:  # disk full: the operator still gets the refusal
                 log.critical("admin.refused not audited: %s", exc)
-            await _abort(ctx, err)
+            await abort(ctx, err)
             raise  # abort() raises; this keeps the type checker informed
 
     def _op(self) -> str:
