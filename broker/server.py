@@ -21,10 +21,10 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.admin import AdminCore
 from broker.audit import AuditError, AuditLog
-from broker.auth import AuthInterceptor
 from broker.config import BrokerConfig
 from broker.errors import BrokerError
 from broker.exchange import Clock, ExchangeCore
+from broker.grpc.interceptor import AuthInterceptor
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.registry import Registry
 from broker.retention import Retention

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from broker.auth import AuthInterceptor, AuthRefused
 from broker.config import BrokerConfig, ConfigError, load_config
+from broker.grpc.interceptor import AuthInterceptor, AuthRefused
 from broker.server import Broker
 from clients.sdk import ClientError, PartnerClient, secure_channel
 from coalition.identity import Identity
