@@ -15,9 +15,9 @@ import grpc
 
 from broker.admin import AdminCore
 from broker.audit import AuditError, AuditItem
+from broker.auth import current_identity
 from broker.errors import BrokerError, Exhausted, InvalidInput, MalformedRequest
 from broker.exchange import ExchangeCore
-from broker.grpc.interceptor import current_identity
 from broker.grpc.status import abort, status_name
 from coalition.policy import PartnerStatus
 from coalition.v1 import (

@@ -1,11 +1,11 @@
-"""Authentication and service-level authorization, as a server interceptor.
+"""The gRPC interceptor: every call authenticated and authorized before its request is
+parsed, and ended when its certificate is revoked or expires.
 
-The TLS layer has already verified the client certificate against the coalition
-CA. This interceptor maps the certificate's SAN URI to an identity, re-checks
-validity and revocation, and decides which service the identity may call:
-partners the Exchange service, operators the Admin service, anyone
-authenticated the health and reflection services. Servicers hold no auth code;
-they read the identity from ``current_identity()``.
+The decisions are ``broker.auth``'s (``Authorizer``): this interceptor reads the
+connection's certificate and TLS parameters from grpc, refuses with the status of the
+decision's domain error (``broker.grpc.status``), audited (``auth.refused``), and
+otherwise sets the caller's identity for the servicers (``broker.auth.current_identity``).
+It also bounds the connections one identity may hold calls on (``ConnectionLimit``).
 
 Requests reach the broker as bytes: the interceptor registers every handler with a
 pass-through deserializer, authorizes the caller first, and only then parses the
@@ -26,59 +26,42 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from cryptography import x509
 
 from broker.audit import AuditError, AuditItem, AuditLog
+from broker.auth import (
+    Authorizer,
+    AuthRefused,
+    current_identity,
+    identity_or_none,
+    set_identity,
+    too_many_connections,
+)
 from broker.config import BrokerConfig
 from broker.connections import ConnectionLimit
-from broker.errors import MalformedRequest
+from broker.errors import MalformedRequest, NotAuthenticated
 from broker.grpc.status import abort
 from broker.registry import Registry
-from broker.revocation import parse_serials, serial_hex
-from coalition.identity import (
-    Identity,
-    IdentityError,
-    IdentityKind,
-    check_validity,
-    datetime_to_ms,
-    identity_from_cert,
-    ms_to_datetime,
-)
-from coalition.policy import PartnerStatus
+from broker.revocation import serial_hex
+from coalition.identity import Identity, IdentityKind, ms_to_datetime
 
 log = logging.getLogger("coalition.broker.auth")
 
-_IDENTITY: contextvars.ContextVar[Identity] = contextvars.ContextVar("coalition_identity")
 # The client certificate of the call being served: (serial, not_after_ms). See track().
 _CERT: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar("coalition_cert")
 # A live call is ended this long after its certificate's not_after (the broker's clock).
 EXPIRY_GRACE_MS = 50
-
-EXCHANGE = "/coalition.v1.Exchange/"
-ADMIN = "/coalition.v1.Admin/"
-OPEN_SERVICES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
+MALFORMED_KIND = "request.malformed"
 
 
-TLS_VERSION = "TLSv1.3"
-# Key exchange groups accepted: hybrid post-quantum only (ML-KEM-768 with X25519), so
-# traffic recorded today cannot be decrypted later with a quantum computer.
-HYBRID_GROUPS = frozenset({"X25519MLKEM768"})
+def _auth_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
+    """One value grpc reports for this call's connection ("" if none)."""
+    values = list(context.auth_context().get(key) or [])
+    return values[0].decode("ascii", "replace") if values else ""
 
 
 def _tls_version(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The TLS version grpc negotiated for this call's connection ("" if not TLS)."""
-    values = list(context.auth_context().get("ssl_tls_version") or [])
-    return values[0].decode("ascii", "replace") if values else ""
-
-
-def _key_exchange_group(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The TLS key exchange group grpc negotiated for this call's connection ("" if none)."""
-    values = list(context.auth_context().get("ssl_negotiated_key_exchange_group") or [])
-    return values[0].decode("ascii", "replace") if values else ""
+    return _auth_value(context, "ssl_tls_version")
 
 
 @dataclass(eq=False)
@@ -95,149 +78,34 @@ class _LiveCall:
     expiry: asyncio.TimerHandle | None = None
 
 
-def current_identity() -> Identity:
-    """The authenticated caller of the RPC being served."""
-    return _IDENTITY.get()
-
-
-MALFORMED_KIND = "request.malformed"
-
-
-class AuthRefused(Exception):
-    def __init__(self, status: grpc.StatusCode, code: str, message: str, actor: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.actor = status, code, message, actor
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Resolve the mTLS identity and refuse (audited) what it may not call."""
 
     def __init__(
         self, cfg: BrokerConfig, registry: Registry, audit: AuditLog, clock: Callable[[], int]
     ) -> None:
-        self.cfg = cfg
-        self.registry = registry
         self.audit = audit
         self.clock = clock
-        # Serials compared as numbers: "011D49", "01:1d:49" and "0x11d49" are one serial.
-        self.revoked = parse_serials(cfg.revoked_serials)
+        self.decide = Authorizer(cfg, registry, clock)
         self._live: dict[int, set[_LiveCall]] = {}
         self._ending: set[asyncio.Task[bool]] = set()
         self.connections = ConnectionLimit(cfg.max_connections_per_identity)
 
     def authorize(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:
-        """The caller's identity, or AuthRefused."""
-        auth = context.auth_context()
-        pems = list(auth.get("x509_pem_cert") or [])
-        if not pems:
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "no_certificate",
-                "a client certificate is required",
-                "",
-            )
+        """The caller's identity (Authorizer.authorize on what grpc reports), or
+        AuthRefused."""
+        pems = list(context.auth_context().get("x509_pem_cert") or [])
         tls = _tls_version(context)
-        if tls != TLS_VERSION:
-            # grpc Python has no knob for the minimum TLS version, so it is enforced here.
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "tls_version",
-                f"the connection uses {tls or 'no TLS'}; {TLS_VERSION} is required",
-                "",
-            )
-        group = _key_exchange_group(context)
-        if group not in HYBRID_GROUPS:
-            # grpc Python cannot restrict the server's groups, but reports the one chosen.
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "key_exchange",
-                f"the connection's TLS key exchange is {group or 'unknown'}; the hybrid "
-                f"post-quantum {', '.join(sorted(HYBRID_GROUPS))} is required (a current "
-                "grpc client offers it by default)",
-                "",
-            )
-        try:
-            cert = x509.load_pem_x509_certificate(pems[0])
-            ident = identity_from_cert(cert)
-        except (ValueError, IdentityError) as exc:
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "no_identity",
-                f"the client certificate names no coalition identity: {exc}",
-                "",
-            ) from exc
-        try:
-            check_validity(cert, self.clock(), "the client certificate")
-        except IdentityError as exc:
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED, "cert_expired", str(exc), ident.uri
-            ) from exc
-        _CERT.set((cert.serial_number, datetime_to_ms(cert.not_valid_after_utc)))
-        if cert.serial_number in self.revoked:
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "cert_revoked",
-                "the client certificate has been revoked",
-                ident.uri,
-            )
-        if method.startswith(OPEN_SERVICES):
-            return ident
-        if method.startswith(EXCHANGE):
-            if ident.kind is not IdentityKind.PARTNER:
-                raise AuthRefused(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "not_a_partner",
-                    f"{ident.uri} is not a partner; the Exchange service is for partners",
-                    ident.uri,
-                )
-            rec = self.registry.get(ident.name)
-            if rec is None:
-                raise AuthRefused(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "unknown_partner",
-                    f"partner {ident.name} is not registered with this broker; "
-                    "an operator must admit it",
-                    ident.uri,
-                )
-            if rec.policy.status is PartnerStatus.PENDING:
-                # Deny by default: proposed by one operator is not admitted. Until a
-                # second operator approves, only the health check answers.
-                raise AuthRefused(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "not_admitted",
-                    f"partner {ident.name} is not admitted yet: its admission awaits a "
-                    "second operator's approval",
-                    ident.uri,
-                )
-            return ident
-        if method.startswith(ADMIN):
-            if ident.kind is not IdentityKind.OPERATOR:
-                raise AuthRefused(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "not_an_operator",
-                    f"{ident.uri} is not an operator; the Admin service is for operators",
-                    ident.uri,
-                )
-            if ident.name not in self.cfg.operators:
-                raise AuthRefused(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "unknown_operator",
-                    f"operator {ident.name} is not authorized on this broker",
-                    ident.uri,
-                )
-            return ident
-        raise AuthRefused(
-            grpc.StatusCode.PERMISSION_DENIED,
-            "unknown_service",
-            f"no such service for {ident.uri}",
-            ident.uri,
-        )
+        group = _auth_value(context, "ssl_negotiated_key_exchange_group")
+        caller = self.decide.authorize(pems, tls, group, method)
+        _CERT.set((caller.serial, caller.not_after_ms))
+        return caller.identity
 
     async def _check(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
         try:
             ident = self.authorize(context, method)
             self._hold_connection(context, ident)
-            _IDENTITY.set(ident)
+            set_identity(ident)
         except AuthRefused as exc:
             one_by_one = await self._audit(
                 context,
@@ -251,7 +119,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 log.warning(
                     "refused", extra={"method": method, "actor": exc.actor, "reason": exc.code}
                 )
-            await context.abort(exc.status, exc.message)
+            await abort(context, exc.error)
         self.track(context, method)
 
     def track(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
@@ -261,7 +129,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         cert, task = _CERT.get(None), asyncio.current_task()
         if cert is None or task is None:
             return
-        ident = _IDENTITY.get()
+        ident = current_identity()
         partner = ident.name if ident.kind is IdentityKind.PARTNER else ""
         call = _LiveCall(context, task, cert[0], cert[1], ident.uri, partner, method)
         self._live.setdefault(call.serial, set()).add(call)
@@ -312,10 +180,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         ``cert_revoked``, each audited. Raises ValueError for an entry that is not a serial
         (nothing changes then).
         """
-        revoked = parse_serials(entries)
-        added = sorted(revoked - self.revoked)
-        removed = sorted(self.revoked - revoked)
-        self.revoked = revoked
+        added, removed = self.decide.set_revoked(entries)
+        revoked = self.decide.revoked
         await self._record(
             kind="revocation.reloaded",
             actor="broker",
@@ -360,7 +226,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # abort() sends the status from this task, then raises here (AbortError); the
             # call's own task is cancelled so its handler stops at once.
             with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
-                await call.context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+                await abort(call.context, NotAuthenticated(code, message))
         call.task.cancel()
         return True
 
@@ -377,14 +243,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """Count this call's connection as busy for ident until the call ends."""
         peer = context.peer()
         if not self.connections.enter(ident.uri, peer):
-            raise AuthRefused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "too_many_connections",
-                f"{ident.uri} already has calls in progress on {self.connections.limit} "
-                "connections, the most allowed; make further calls on those (one "
-                "connection carries many calls)",
-                ident.uri,
-            )
+            raise too_many_connections(ident, self.connections.limit)
         # grpc-stubs types the callback as a class; any callable of the context works.
         context.add_done_callback(
             lambda _: self.connections.leave(ident.uri, peer)  # type: ignore[arg-type]
@@ -417,7 +276,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self, context: grpc.aio.ServicerContext[Any, Any], method: str, err: MalformedRequest
     ) -> None:
         """Audit a request that did not parse (the caller is already authorized)."""
-        ident = _IDENTITY.get(None)
+        ident = identity_or_none()
         who = ident.name if ident is not None else context.peer()
         partner = ident.name if ident is not None and ident.kind is IdentityKind.PARTNER else ""
         detail: dict[str, object] = {"method": method, "reason": err.message}
