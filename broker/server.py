@@ -24,11 +24,12 @@ from broker.audit import AuditError, AuditLog
 from broker.config import BrokerConfig
 from broker.errors import BrokerError
 from broker.exchange import Clock, ExchangeCore
+from broker.grpc.admin import AdminServicer
 from broker.grpc.interceptor import AuthInterceptor
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.registry import Registry
 from broker.retention import Retention
-from broker.servicers import AdminServicer, ExchangeServicer
+from broker.servicers import ExchangeServicer
 from broker.store import SqliteMessageStore, StoreError
 from coalition.clock import wall_clock_ms
 from coalition.pki import load_broker
