@@ -86,7 +86,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> None:
         self.audit = audit
         self.clock = clock
-        self.decide = Authorizer(cfg, registry, clock)
+        self.authorizer = Authorizer(cfg, registry, clock)
         self._live: dict[int, set[_LiveCall]] = {}
         self._ending: set[asyncio.Task[bool]] = set()
         self.connections = ConnectionLimit(cfg.max_connections_per_identity)
@@ -97,7 +97,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         pems = list(context.auth_context().get("x509_pem_cert") or [])
         tls = _tls_version(context)
         group = _auth_value(context, "ssl_negotiated_key_exchange_group")
-        caller = self.decide.authorize(pems, tls, group, method)
+        caller = self.authorizer.authorize(pems, tls, group, method)
         _CERT.set((caller.serial, caller.not_after_ms))
         return caller.identity
 
@@ -180,8 +180,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         ``cert_revoked``, each audited. Raises ValueError for an entry that is not a serial
         (nothing changes then).
         """
-        added, removed = self.decide.set_revoked(entries)
-        revoked = self.decide.revoked
+        added, removed = self.authorizer.set_revoked(entries)
+        revoked = self.authorizer.revoked
         await self._record(
             kind="revocation.reloaded",
             actor="broker",
