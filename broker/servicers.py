@@ -1,7 +1,7 @@
 """Thin gRPC servicers: protobuf in, a call on the core, protobuf out.
 
 Domain errors become gRPC statuses here, through the table in broker.grpc.status. The
-Admin servicer is broker.grpc.admin; this module moves into broker/grpc/ next.
+Admin servicer is in broker.grpc.admin.
 """
 
 from __future__ import annotations
