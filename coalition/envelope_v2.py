@@ -144,7 +144,8 @@ class RootCache:
 
     Keyed by (signing public key, root bytes); a hit needs the same signature bytes
     too, so an envelope is accepted only with the signature that verified. Bounded:
-    the least recently used root is dropped first.
+    the least recently used root is dropped first. Not thread-safe: one per thread, or
+    guarded by the caller.
     """
 
     def __init__(self, max_roots: int = 4096) -> None:
