@@ -214,7 +214,7 @@ class SenderEpochs:
 
 
 class RecipientEpochs:
-    """One recipient's cache of epoch KEKs, keyed by (sender, key id, epoch id)."""
+    """One recipient's cache of epoch KEKs, keyed by (sender, key id, epoch id). Not thread-safe."""
 
     def __init__(
         self,
