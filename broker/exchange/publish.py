@@ -1,9 +1,12 @@
-"""The Exchange core: the publish pipeline, live subscriptions and routing.
+"""The publish pipeline: from a partner's envelopes to stored messages and their audit.
 
-Servicers translate protobuf to calls on this class; this class holds no gRPC code.
-The store is the source of truth for deliveries: a subscription is woken when
-something changes and pulls what is pending for it, so a slow or absent
-subscriber costs store rows, not broker memory.
+Each envelope, in order: the partner's rate bucket (a request over its rate is refused
+whole, before any work), size, header and signature (verified in arrival order, on the
+verify thread for large requests), the kernel's header checks (coalition.checks), the
+origination policy, the rate again, then the disk guard and one store append for the
+request. Every envelope gets an outcome (Accepted or Refused); refusals are audited
+(one by one up to a threshold, then summarised by the audit log), acceptances are
+audited after the append. Stored messages are handed to live subscriptions at once.
 """
 
 from __future__ import annotations
@@ -11,19 +14,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.audit import AuditError, AuditItem, AuditLog
 from broker.audit_keeping import AuditKeeping, acceptance_item
 from broker.config import BrokerConfig
-from broker.directory import PartnerDirectory
-from broker.directory import SigningCertNotValid as SigningCertNotValid
 from broker.errors import (
     AlreadyExists,
     BrokerError,
@@ -35,181 +33,39 @@ from broker.errors import (
     Unavailable,
     status_name,
 )
-from broker.registry import PartnerRecord, Registry
+from broker.exchange.decisions import Decisions
+from broker.exchange.delivery import Counters, Parsed
+from broker.exchange.directory import SigningCertNotValid
+from broker.exchange.disk_guard import DiskGuard
+from broker.exchange.live import LiveStreams
+from broker.exchange.outcomes import Accepted, PublishOutcome, Refused
+from broker.exchange.ratelimit import RateLimits
+from broker.registry import Registry
 from broker.store import (
     Appended,
     MessageStore,
     NewMessage,
     Rejected,
     StoredMessage,
-    StoreError,
     StoreFull,
 )
-from broker.store.base import Notice
 from coalition import envelope as env
 from coalition.checks import HeaderProblem, check_header
-from coalition.clock import wall_clock_ms
-from coalition.labels import Label, LabelError, label_from_proto
-from coalition.policy import (
-    Decision,
-    PartnerPolicy,
-    PartnerStatus,
-    Reason,
-    decide,
-    decide_origination,
-)
-from coalition.topics import PatternSet, TopicError
-from coalition.v1 import directory_pb2, envelope_pb2, exchange_pb2, label_pb2
+from coalition.labels import Label
+from coalition.policy import decide_origination
+from coalition.v1 import envelope_pb2
 
 log = logging.getLogger("coalition.broker")
 
-Clock = Callable[[], int]
-_PARSE_CACHE_SIZE = 1024
-# A caught-up subscription's live feed holds at most this much; beyond it the feed is
-# dropped and the subscription reads from the store again (FLASH first), so a stalled
-# subscriber costs store rows, not broker memory.
-_FEED_MAX_MESSAGES = 1024
-_FEED_MAX_BYTES = 8 << 20
-_LABEL_CACHE_SIZE = 1024
 # A publish request of at most this many envelopes and bytes is verified on the event
-# loop when the verify thread is idle (see ExchangeCore._verify_in_order); the byte bound
-# keeps digesting large payloads (~0.5 ms per 256 KiB here) off the loop.
+# loop when the verify thread is idle (see PublishPipeline._verify_in_order); the byte
+# bound keeps digesting large payloads off the loop.
 INLINE_VERIFY_MAX = 8
 INLINE_VERIFY_MAX_BYTES = 256 * 1024
-_DECISION_CACHE_SIZE = 4096
-_NOTICE_PAGE = 512  # expiry notices per SubscribeResponse
 
 
-@dataclass
-class Counters:
-    published: int = 0
-    delivered: int = 0
-    refused: int = 0
-
-
-@dataclass(eq=False)
-class Subscription:
-    """One live Subscribe stream."""
-
-    partner: str
-    patterns: tuple[str, ...]
-    window: int
-    # The patterns as a subject tree, built once: matching a topic costs its tokens,
-    # not the number of patterns.
-    tree: PatternSet
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    inflight: set[int] = field(default_factory=set)
-    # Offsets acknowledged while deliveries() was reading the store: that read may predate
-    # the acknowledgement, so these must not be delivered again from it.
-    acked_during_read: set[int] = field(default_factory=set)
-    closed: BrokerError | None = None
-    # The client half-closed: acknowledgements are settled, the stream ends with OK.
-    finished: bool = False
-    # Acknowledged but not yet settled in the store; one flusher task settles them in
-    # batches, so a stream of acks costs one group-committed write per batch, not per ack.
-    unsettled: set[int] = field(default_factory=set)
-    flusher: asyncio.Task[None] | None = None
-    # Live delivery. Set when a store read found nothing more pending: the head offset
-    # of that read's snapshot. From then on, messages above it arrive through `feed`,
-    # handed over by publish once durable, instead of being read back from the store.
-    live_after: int | None = None
-    feed: list[StoredMessage] = field(default_factory=list)
-    feed_bytes: int = 0
-    # The feed outgrew its bound and was dropped: the next turn reads the store.
-    feed_overflow: bool = False
-    topic_ok: dict[str, bool] = field(default_factory=dict)
-    # Expiry notices (see broker.retention): sent, not yet acknowledged; and the
-    # partner's notice generation last read (a new one means more to read).
-    notices_inflight: set[int] = field(default_factory=set)
-    notice_gen: int = -1
-
-    def wants(self, topic: str) -> bool:
-        """Whether the stream's patterns match topic (memoized: topics repeat)."""
-        hit = self.topic_ok.get(topic)
-        if hit is None:
-            hit = self.tree.matches(topic)
-            if len(self.topic_ok) >= 1024:
-                self.topic_ok.clear()
-            self.topic_ok[topic] = hit
-        return hit
-
-    def hand_over(self, fresh: Sequence[StoredMessage], size: int) -> None:
-        """Queue newly stored messages for this subscription (publish calls this)."""
-        if self.feed_overflow:
-            return
-        if (
-            len(self.feed) + len(fresh) > _FEED_MAX_MESSAGES
-            or self.feed_bytes + size > _FEED_MAX_BYTES
-        ):
-            self.feed.clear()
-            self.feed_bytes = 0
-            self.feed_overflow = True
-            return
-        self.feed.extend(fresh)
-        self.feed_bytes += size
-
-    def take_live(self, room: int) -> list[StoredMessage]:
-        """Up to room fed messages that the last store read did not see, oldest first."""
-        assert self.live_after is not None
-        after, inflight = self.live_after, self.inflight
-        out: list[StoredMessage] = []
-        keep: list[StoredMessage] = []
-        for m in self.feed:
-            if m.offset <= after or m.offset in inflight:
-                continue  # the store read saw it (delivered, excluded or settled there)
-            (out if len(out) < room else keep).append(m)
-        self.feed = keep
-        self.feed_bytes = sum(len(m.envelope) for m in keep)
-        return out
-
-    def reset_feed(self) -> None:
-        """Before a store read: the read will see everything fed so far."""
-        self.live_after = None
-        self.feed.clear()
-        self.feed_bytes = 0
-        self.feed_overflow = False
-
-
-class TokenBucket:
-    """Per-partner publish rate limit: every envelope the broker works on takes a token,
-    accepted or refused (a refusal costs a signature check and an audit entry too).
-
-    A refused envelope is charged after the fact (charge()), which may leave the bucket
-    in debt by at most one request's envelopes; while it holds less than one token,
-    whole requests are refused before any work (empty()).
-    """
-
-    def __init__(self, rate: int, now_ms: int) -> None:
-        self.rate = max(rate, 1)
-        self.tokens = float(self.rate)
-        self.at = now_ms
-
-    def _refill(self, now_ms: int, rate: int) -> None:
-        self.rate = max(rate, 1)
-        elapsed = max(now_ms - self.at, 0)
-        self.tokens = min(float(self.rate), self.tokens + elapsed * self.rate / 1000)
-        self.at = max(self.at, now_ms)
-
-    def take(self, now_ms: int, rate: int) -> bool:
-        """Take one token if there is one."""
-        self._refill(now_ms, rate)
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-    def charge(self, n: int = 1) -> None:
-        """Take n tokens for work already done (refused envelopes), into debt if need be."""
-        self.tokens -= n
-
-    def empty(self, now_ms: int, rate: int) -> bool:
-        """Whether not even one token is left (refilled up to now_ms first)."""
-        self._refill(now_ms, rate)
-        return self.tokens < 1
-
-
-class ExchangeCore:
-    """Authorize, store and route envelopes; serve the directory."""
+class PublishPipeline:
+    """Authorize and store envelopes; one per broker (it owns the one verify thread)."""
 
     def __init__(
         self,
@@ -217,64 +73,57 @@ class ExchangeCore:
         store: MessageStore,
         audit: AuditLog,
         registry: Registry,
-        ca_cert: x509.Certificate,
-        clock: Clock = wall_clock_ms,
+        clock: Callable[[], int],
+        *,
+        books: AuditKeeping,
+        live: LiveStreams,
+        decisions: Decisions,
+        counters: dict[str, Counters],
+        signer: Callable[[str, str], Ed25519PublicKey],
+        remember: Callable[[int, Parsed], None],
+        closing: Callable[[], bool],
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.audit = audit
         self.registry = registry
-        self.ca_cert = ca_cert
         self.clock = clock
-        self.live: dict[str, set[Subscription]] = defaultdict(set)
-        self.counters: dict[str, Counters] = defaultdict(Counters)
-        self._buckets: dict[str, TokenBucket] = {}
-        self.closing = False
+        self.books = books
+        self.live = live
+        self.decisions = decisions
+        self.counters = counters
+        self.signer = signer
+        self._remember = remember
+        self._closing = closing
+        self.rates = RateLimits(cfg, registry)
+        self.disk = DiskGuard(cfg, clock)
         self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self._verifying = 0  # requests handed to the verify thread, not yet resumed
-        self._label_cache: dict[bytes, Label] = {}
-        self._decisions: dict[
-            tuple[object, int, int, str], tuple[PartnerPolicy, Label, Decision]
-        ] = {}
-        self.books = AuditKeeping(cfg, store, audit, registry, clock)
-        self.keys = PartnerDirectory(
-            cfg,
-            registry,
-            ca_cert,
-            clock,
-            label=self._label,
-            decided=self._decided,
-            on_change=self.books.registry_changed,
-        )
-        self._parse_cache: OrderedDict[int, tuple[envelope_pb2.Header, Label]] = OrderedDict()
-        # Partners with audited expiry notices to read (broker.retention), by generation.
-        self.notice_gen: dict[str, int] = {}
-        self._notice_drops: set[asyncio.Task[int]] = set()
-
-    # -- identity helpers (see broker.directory) ---------------------------------------------
-    def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
-        """The certified signing key of sender, valid now (PartnerDirectory.signer)."""
-        return self.keys.signer(sender, key_id)
 
     async def publish(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope]
-    ) -> list[exchange_pb2.PublishResult]:
-        """Run each envelope through the pipeline; results in order, durable when returned."""
-        if self.closing:
+    ) -> list[PublishOutcome]:
+        """Run each envelope through the pipeline; outcomes in order, durable when returned.
+
+        Raises Unavailable when the broker is shutting down and Exhausted
+        audit_unavailable while the audit log cannot record decisions; every other
+        refusal is a Refused outcome of its envelope.
+        """
+        if self._closing():
             raise Unavailable("shutting_down", "the broker is shutting down; retry shortly")
         now = self.clock()
-        bucket, rate = self._bucket(partner, now)
+        bucket, rate = self.rates.bucket(partner, now)
         if bucket.empty(now, rate):
             # Over its rate, refused envelopes included: refuse the whole request before
             # any signature check or store work (its audit entries are summarised too).
             return await self._throttled(partner, envelopes, rate, now)
-        if self.audit_failed:
+        if self.books.audit_failed:
             try:
                 await self.books.probe_audit(now)
             except BrokerError:
                 bucket.charge(len(envelopes))
                 raise
-        results: list[exchange_pb2.PublishResult | None] = [None] * len(envelopes)
+        results: list[PublishOutcome | None] = [None] * len(envelopes)
         accepted: list[tuple[int, NewMessage, envelope_pb2.Header]] = []
         labels: dict[int, Label] = {}
         signed = await self._verify_in_order(partner, envelopes)
@@ -282,7 +131,7 @@ class ExchangeCore:
             if isinstance(checked, BrokerError):
                 # Not raised here: its traceback would hold this frame (and the request).
                 bucket.charge()  # refused work counts against the rate as well
-                results[i] = self._refusal(e, checked)
+                results[i] = _refusal(e, checked)
                 continue
             try:
                 header = checked
@@ -290,7 +139,7 @@ class ExchangeCore:
             except BrokerError as err:
                 if err.code != "rate_limited":
                     bucket.charge()  # refused work counts against the rate as well
-                results[i] = self._refusal(e, err)
+                results[i] = _refusal(e, err)
                 continue
             accepted.append((i, msg, header))
             labels[i] = label
@@ -298,10 +147,10 @@ class ExchangeCore:
         fresh: list[StoredMessage] = []
         if accepted:
             msgs = [m for _, m, _ in accepted]
-            low = self.books.disk_too_full(sum(len(m.envelope) for m in msgs))
+            low = self.disk.too_full(sum(len(m.envelope) for m in msgs))
             if low is not None:
                 for i, _, header in accepted:
-                    results[i] = self._refusal(envelopes[i], low, header)
+                    results[i] = _refusal(envelopes[i], low, header)
                 accepted, msgs = [], []
             outcomes: list[Appended | Rejected | StoreFull]
             try:
@@ -314,20 +163,13 @@ class ExchangeCore:
                 if isinstance(out, Appended):
                     self._remember(out.offset, (header, labels[i]))
                     fresh.append(_stored(msg, out.offset, now))
-                    results[i] = exchange_pb2.PublishResult(
-                        message_id=msg.message_id,
-                        outcome=exchange_pb2.ACCEPTED,
-                        sequence=msg.sequence,
-                        offset=out.offset,
-                    )
+                    results[i] = Accepted(msg.message_id, msg.sequence, out.offset)
                     self.counters[partner].published += 1
                     audits.append(acceptance_item(fresh[-1]))
                 elif isinstance(out, StoreFull):
-                    results[i] = self._refusal(
-                        envelopes[i], Exhausted("store_full", str(out)), header
-                    )
+                    results[i] = _refusal(envelopes[i], Exhausted("store_full", str(out)), header)
                 elif out.reason == "quota_exceeded":
-                    results[i] = self._refusal(
+                    results[i] = _refusal(
                         envelopes[i], _quota_refusal(partner, out, len(msg.envelope)), header
                     )
                 else:
@@ -343,19 +185,17 @@ class ExchangeCore:
                             f"from {partner}",
                         )
                     )
-                    results[i] = self._refusal(envelopes[i], refusal, header)
-        audits += self._refusal_audits(partner, results, now)
+                    results[i] = _refusal(envelopes[i], refusal, header)
+        done = [r for r in results if r is not None]
+        audits += self._refusal_audits(partner, done, now)
         if fresh:
             # Stored durably: subscribers may have them now. Their delivery audit entries
             # are queued behind this publish's own (the audit writer is FIFO and nothing
             # awaits between here and record_many's submit), so the chain still records
             # the acceptance first, and both usually share one commit.
             if self.cfg.live_delivery:
-                size = sum(len(m.envelope) for m in fresh)
-                for subs in self.live.values():
-                    for s in subs:
-                        s.hand_over(fresh, size)
-            self.wake_all()
+                self.live.hand_over(fresh)
+            self.live.wake_all()
         stored = [m.offset for m in fresh]
         self.books.accepting.update(stored)
         try:
@@ -364,113 +204,59 @@ class ExchangeCore:
             # Fail closed: what is stored stays stored (and holds the audited mark below
             # it, so its acceptance is recorded once the log recovers), but no further
             # publish is accepted until the audit log can record decisions again.
-            self.audit_failed = True
+            self.books.audit_failed = True
             log.critical("audit log cannot be written; refusing publishes until it can")
         else:
             self.books.advance_audited(stored)
         finally:
             self.books.accepting.difference_update(stored)
-        return [r for r in results if r is not None]
-
-    def _bucket(self, partner: str, now: int) -> tuple[TokenBucket, int]:
-        """The partner's token bucket and its rate (policy, else the broker's default)."""
-        rec = self.registry.get(partner)
-        rate = (rec.policy.publish_rate_per_s if rec else 0) or self.cfg.default_publish_rate_per_s
-        bucket = self._buckets.get(partner)
-        if bucket is None:
-            bucket = self._buckets[partner] = TokenBucket(rate, now)
-        return bucket, rate
+        return done
 
     async def _throttled(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope], rate: int, now: int
-    ) -> list[exchange_pb2.PublishResult]:
+    ) -> list[PublishOutcome]:
         """Refuse a whole request rate_limited, cheaply: no signature check, no store."""
         err = Exhausted(
             "rate_limited",
             f"{partner} is over its rate of {rate} messages/s (refused envelopes count too); "
             "slow down and retry",
         )
-        results = [self._refusal(e, err) for e in envelopes]
+        results: list[PublishOutcome] = [_refusal(e, err) for e in envelopes]
         audits = self._refusal_audits(partner, results, now)
         if audits:
             try:
                 await self.audit.record_many(audits, now_ms=now)
             except AuditError:
-                self.audit_failed = True
+                self.books.audit_failed = True
                 log.critical("audit log cannot be written; refusing publishes until it can")
         return results
 
     def _refusal_audits(
-        self,
-        partner: str,
-        results: Sequence[exchange_pb2.PublishResult | None],
-        now: int,
+        self, partner: str, results: Sequence[PublishOutcome], now: int
     ) -> list[AuditItem]:
         """The publish.refused entries to record one by one for the refused results; the
         audit log counts the rest into its summaries (see AuditLog.admit_refusal)."""
         out: list[AuditItem] = []
         for i, r in enumerate(results):
-            assert r is not None
-            if r.outcome != exchange_pb2.REFUSED:
+            if not isinstance(r, Refused):
                 continue
             self.counters[partner].refused += 1
+            err = r.error
             item = AuditItem(
                 "publish.refused",
                 partner,
                 partner,
                 r.message_id,
-                r.reason_code,
-                {"reason": r.reason, "status": r.status, "index": i},
+                err.code,
+                {"reason": err.message, "status": status_name(err), "index": i},
             )
             if self.audit.admit_refusal(item, now):
                 out.append(item)
                 log.info(
                     "publish refused",
-                    extra={"partner": partner, "reason": r.reason_code, "message_id": r.message_id},
+                    extra={"partner": partner, "reason": err.code, "message_id": r.message_id},
                 )
         return out
-
-    # -- acceptance records (see broker.audit_keeping) ----------------------------------------
-    @property
-    def audit_failed(self) -> bool:
-        """Whether the audit log could not record a decision: publishes are refused
-        until it can again (AuditKeeping.audit_failed)."""
-        return self.books.audit_failed
-
-    @audit_failed.setter
-    def audit_failed(self, failed: bool) -> None:
-        self.books.audit_failed = failed
-
-    async def flush_audited(self) -> None:
-        """Persist the audited mark now (AuditKeeping.flush_audited)."""
-        await self.books.flush_audited()
-
-    async def reconcile_audit(self) -> int:
-        """Record missing acceptance and registry entries (AuditKeeping.reconcile_audit)."""
-        return await self.books.reconcile_audit()
-
-    async def flush_registry_audit(self, *, recovering: bool = False) -> int:
-        """Record the registry outbox's entries (AuditKeeping.flush_registry_audit)."""
-        return await self.books.flush_registry_audit(recovering=recovering)
-
-    async def registry_changed(self) -> None:
-        """After a registry write: record its audit entry (AuditKeeping.registry_changed)."""
-        await self.books.registry_changed()
-
-    def _refusal(
-        self,
-        e: envelope_pb2.Envelope,
-        err: BrokerError,
-        header: envelope_pb2.Header | None = None,
-    ) -> exchange_pb2.PublishResult:
-        mid = header.message_id if header else _message_id_or_empty(e)
-        return exchange_pb2.PublishResult(
-            message_id=mid,
-            outcome=exchange_pb2.REFUSED,
-            reason_code=err.code,
-            reason=err.message,
-            status=status_name(err),
-        )
 
     async def _verify_in_order(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope]
@@ -480,11 +266,10 @@ class ExchangeCore:
         Large requests (by count or bytes) go to the one verify thread, so the event loop
         serves other streams meanwhile; one thread, first in first out, keeps their
         order. A small request is checked right here when nothing is queued for that
-        thread: handing a few signatures (~0.15 ms each here) to a thread costs more in
-        wake-ups and CPU queueing than it spares the loop (at 500 msg/s, ~9 ms of a
-        message's latency). "Nothing queued" counts a request until its task has resumed
-        on the loop, and a publish reaches the store's queue without waiting after this
-        step, so an inline check can never overtake an earlier request.
+        thread: handing a few signatures to a thread costs more in wake-ups and CPU
+        queueing than it spares the loop. "Nothing queued" counts a request until its
+        task has resumed on the loop, and a publish reaches the store's queue without
+        waiting after this step, so an inline check can never overtake an earlier request.
         """
         if (
             self._verifying == 0
@@ -571,17 +356,16 @@ class ExchangeCore:
                 now_ms=now,
                 clock_skew_ms=self.cfg.clock_skew_ms,
                 whose_clock="the broker's",
-                parse_label=self._label,
+                parse_label=self.decisions.label,
             )
         except HeaderProblem as exc:
             if exc.code == "originator_mismatch":
                 raise Forbidden(exc.code, exc.message) from exc
             raise InvalidInput(exc.code, exc.message) from exc
-        decision = self._decided(decide_origination, rec.policy, label, header.topic, now)
+        decision = self.decisions.decided(decide_origination, rec.policy, label, header.topic, now)
         if not decision.allowed:
             raise Forbidden(decision.reason.value, decision.explanation)
-        rate = rec.policy.publish_rate_per_s or self.cfg.default_publish_rate_per_s
-        bucket = self._buckets.setdefault(partner, TokenBucket(rate, now))
+        bucket, rate = self.rates.bucket(partner, now)
         if not bucket.take(now, rate):
             raise Exhausted("rate_limited", f"{partner} is over its rate of {rate} messages/s")
         raw = e.SerializeToString()
@@ -600,358 +384,15 @@ class ExchangeCore:
         )
         return label, msg
 
-    # -- subscribe ------------------------------------------------------------------------------
-    def open_subscription(self, partner: str, topics: Sequence[str], window: int) -> Subscription:
-        """Register a live stream; raises InvalidInput/Forbidden for a bad or forbidden open."""
-        if self.closing:
-            raise Unavailable("shutting_down", "the broker is shutting down; retry shortly")
-        if not topics:
-            raise InvalidInput("no_topics", "subscribe needs at least one topic pattern")
-        _check_pattern_limits(topics, self.cfg)
-        try:
-            tree = PatternSet(topics)
-        except TopicError as exc:
-            raise InvalidInput("bad_topic", str(exc)) from exc
-        patterns = tuple(topics)
-        rec = self._record(partner)
-        if rec.policy.status is PartnerStatus.SUSPENDED:
-            raise Forbidden("suspended", f"partner {partner} is suspended")
-        allowed = rec.policy.subscribe_topics
-        if rec.policy.status is PartnerStatus.ACTIVE:
-            permitted = PatternSet(allowed)  # built once: each check walks the tree
-            for p in patterns:
-                if not permitted.covers(p):
-                    raise Forbidden(
-                        "topic_not_permitted",
-                        f"{partner} may not subscribe to {p!r} (permitted: "
-                        f"{', '.join(allowed) or 'none'})",
-                    )
-        win = min(max(window or self.cfg.subscriber_window, 1), self.cfg.subscriber_window)
-        sub = Subscription(partner, patterns, win, tree)
-        for old in self.live[partner]:
-            old.closed = Precondition("superseded", "a newer subscription replaced this one")
-            old.wake.set()
-        self.live[partner] = {sub}
-        return sub
-
-    def close_subscription(self, sub: Subscription) -> None:
-        subs = self.live.get(sub.partner)
-        if subs is not None:
-            subs.discard(sub)
-
-    def note_acks(self, sub: Subscription, offsets: Sequence[int]) -> None:
-        """Record acknowledgements; a flusher task settles them (batched) in the store."""
-        sub.unsettled.update(o for o in offsets if o in sub.inflight)
-        if sub.notices_inflight:
-            self._drop_notices(sub, offsets)
-        if sub.unsettled and (sub.flusher is None or sub.flusher.done()):
-            sub.flusher = asyncio.create_task(self._flush_acks(sub))
-
-    async def _flush_acks(self, sub: Subscription) -> None:
-        while sub.unsettled:
-            offs = sorted(sub.unsettled)
-            sub.unsettled.clear()
-            await self.store.settle(sub.partner, offs)
-            sub.inflight.difference_update(offs)
-            sub.acked_during_read.update(offs)
-            sub.wake.set()
-
-    async def acknowledge(self, sub: Subscription, offsets: Sequence[int] = ()) -> None:
-        """Settle acknowledged deliveries (and any noted before) so the cursor advances."""
-        self.note_acks(sub, offsets)
-        if sub.flusher is not None:
-            await sub.flusher
-
-    async def deliveries(self, sub: Subscription) -> AsyncIterator[exchange_pb2.SubscribeResponse]:
-        """Yield deliveries for sub as policy allows them now, backlog first by precedence."""
-        caught_up_sent = False
-        while True:
-            sub.wake.clear()
-            if sub.closed is not None:
-                raise sub.closed
-            if sub.finished:
-                return
-            if self.closing:
-                raise Unavailable("shutting_down", "the broker is shutting down; reconnect later")
-            rec = self._record(sub.partner)
-            if rec.policy.status is PartnerStatus.SUSPENDED:
-                raise Forbidden("suspended", f"partner {sub.partner} has been suspended")
-            if sub.notice_gen != self.notice_gen.get(sub.partner, -1):
-                async for notices in self._expiry_notices(sub):
-                    yield notices
-            room = sub.window - len(sub.inflight)
-            if room <= 0:
-                await sub.wake.wait()
-                continue
-            if sub.live_after is not None and not sub.feed_overflow:
-                batch = sub.take_live(room)
-            else:
-                if sub.live_after is not None and caught_up_sent:
-                    # Fell behind (its live feed overflowed): the store is read again,
-                    # FLASH first, so say so; caught_up follows once that backlog is out.
-                    caught_up_sent = False
-                    yield exchange_pb2.SubscribeResponse(
-                        status=exchange_pb2.SubscribeStatus(caught_up=False)
-                    )
-                sub.reset_feed()
-                sub.acked_during_read.clear()
-                try:
-                    stored, head = await self.store.pending_and_head(
-                        sub.partner, room, exclude=sub.inflight
-                    )
-                except StoreError:  # no cursor yet: not admitted
-                    await sub.wake.wait()
-                    continue
-                batch = [
-                    m
-                    for m in stored
-                    if m.offset not in sub.inflight and m.offset not in sub.acked_during_read
-                ]
-                if len(stored) < room and self.cfg.live_delivery:
-                    # Nothing more is pending up to head: go live from there.
-                    sub.live_after = head
-            if not batch:
-                if not caught_up_sent:
-                    caught_up_sent = True
-                    yield exchange_pb2.SubscribeResponse(
-                        status=exchange_pb2.SubscribeStatus(caught_up=True, backlog=0)
-                    )
-                await sub.wake.wait()
-                continue
-            now = self.clock()
-            skipped: list[int] = []
-            sent: list[StoredMessage] = []
-            denied: dict[str, list[tuple[StoredMessage, str]]] = defaultdict(list)
-            resp = exchange_pb2.SubscribeResponse()
-            out = resp.batch  # filled in place: SubscribeResponse(batch=out) copies it all
-            for m in batch:
-                routed, reason, why = self._route(sub, rec, m, now)
-                if routed is None:
-                    skipped.append(m.offset)
-                    if reason != "own_message":
-                        denied[reason].append((m, why))
-                    continue
-                sub.inflight.add(m.offset)
-                sent.append(m)
-                # add() + copy into place: appending a built Delivery to the repeated
-                # field costs ~10x more (upb copies the whole message again).
-                d = out.deliveries.add(
-                    offset=m.offset, topic=routed.topic, precedence=routed.precedence
-                )
-                d.envelope.MergeFromString(m.envelope)
-                d.label.CopyFrom(routed.label)
-            self.counters[sub.partner].delivered += len(sent)
-            audits = (
-                [
-                    _batch_audit(
-                        "deliver",
-                        sub.partner,
-                        "allow",
-                        sent,
-                        {"topics": sorted({m.topic for m in sent})},
-                    )
-                ]
-                if sent
-                else []
-            )
-            for reason, items in denied.items():
-                audits.append(
-                    _batch_audit(
-                        "deliver.denied",
-                        sub.partner,
-                        reason,
-                        [m for m, _ in items],
-                        {"why": items[0][1]},
-                    )
-                )
-            # Audited before it leaves: every delivery decision is durable first.
-            try:
-                await self.audit.record_many(audits, now_ms=now)
-            except AuditError as exc:
-                raise Exhausted(
-                    "audit_unavailable",
-                    "the audit log cannot be written (the broker's disk is full?); "
-                    "deliveries resume once it can, reconnect later",
-                ) from exc
-            if out.deliveries:
-                yield resp
-            if skipped:
-                # Settled in the background with the acknowledgements; until then they
-                # count as in flight, so no read delivers them meanwhile.
-                sub.inflight.update(skipped)
-                self.note_acks(sub, skipped)
-
-    def notices_ready(self, partners: Iterable[str]) -> None:
-        """These partners have new audited expiry notices: their streams send them now."""
-        for p in partners:
-            self.notice_gen[p] = self.notice_gen.get(p, 0) + 1
-            for s in self.live.get(p, ()):
-                s.wake.set()
-
-    async def _expiry_notices(
-        self, sub: Subscription
-    ) -> AsyncIterator[exchange_pb2.SubscribeResponse]:
-        """The partner's unacknowledged expiry notices not in flight, in pages."""
-        gen = self.notice_gen.get(sub.partner, -1)
-        after = 0
-        while True:
-            page = await self.store.notices(sub.partner, _NOTICE_PAGE, after=after)
-            fresh = [n for n in page if n.offset not in sub.notices_inflight]
-            if fresh:
-                sub.notices_inflight.update(n.offset for n in fresh)
-                yield exchange_pb2.SubscribeResponse(
-                    expired=exchange_pb2.ExpiredBatch(expired=[_expired(n) for n in fresh])
-                )
-            if len(page) < _NOTICE_PAGE:
-                sub.notice_gen = gen
-                return
-            after = page[-1].offset
-
-    def _drop_notices(self, sub: Subscription, offsets: Sequence[int]) -> None:
-        done = [o for o in offsets if o in sub.notices_inflight]
-        if not done:
-            return
-        sub.notices_inflight.difference_update(done)
-        task = asyncio.create_task(self.store.drop_notices(sub.partner, done))
-        self._notice_drops.add(task)
-        task.add_done_callback(self._notice_dropped)
-
-    def _notice_dropped(self, task: asyncio.Task[int]) -> None:
-        self._notice_drops.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # Kept in the store: sent again on the next subscription.
-            log.warning("could not forget acknowledged expiry notices: %s", task.exception())
-
-    def _decided(
-        self,
-        fn: Callable[[PartnerPolicy, Label, str, int], Decision],
-        policy: PartnerPolicy,
-        label: Label,
-        topic: str,
-        now: int,
-    ) -> Decision:
-        """fn(policy, label, topic, now), memoized while neither policy nor label changes.
-
-        Policies and labels are immutable and replaced, not edited, so their identity is
-        the key (each entry holds them, so an id is never reused while cached). Only label
-        expiry depends on the time: labels that expire are decided afresh every time.
-        """
-        if label.expiry_time_ms:
-            return fn(policy, label, topic, now)
-        key = (fn, id(policy), id(label), topic)
-        hit = self._decisions.get(key)
-        if hit is not None and hit[0] is policy and hit[1] is label:
-            return hit[2]
-        d = fn(policy, label, topic, now)
-        if len(self._decisions) >= _DECISION_CACHE_SIZE:
-            self._decisions.clear()
-        self._decisions[key] = (policy, label, d)
-        return d
-
-    def _label(self, msg: label_pb2.Label) -> Label:
-        """label_from_proto, memoized by the label's wire bytes (labels repeat a lot).
-
-        Raises LabelError like label_from_proto.
-        """
-        key = msg.SerializeToString()
-        hit = self._label_cache.get(key)
-        if hit is None:
-            hit = label_from_proto(msg)
-            if len(self._label_cache) >= _LABEL_CACHE_SIZE:
-                self._label_cache.clear()
-            self._label_cache[key] = hit
-        return hit
-
-    def _parsed(self, m: StoredMessage) -> tuple[envelope_pb2.Header, Label]:
-        """The stored envelope's header and label, parsed once for every subscriber.
-
-        A small LRU by offset, seeded by publish with what it already parsed. Raises
-        InvalidEnvelope or LabelError if the stored bytes were tampered with.
-        """
-        hit = self._parse_cache.get(m.offset)
-        if hit is not None:
-            self._parse_cache.move_to_end(m.offset)
-            return hit
-        header = env.parse_header(envelope_pb2.Envelope.FromString(m.envelope))
-        parsed = (header, self._label(header.label))
-        self._remember(m.offset, parsed)
-        return parsed
-
-    def _remember(self, offset: int, parsed: tuple[envelope_pb2.Header, Label]) -> None:
-        self._parse_cache[offset] = parsed
-        if len(self._parse_cache) > _PARSE_CACHE_SIZE:
-            self._parse_cache.popitem(last=False)
-
-    def _route(
-        self, sub: Subscription, rec: PartnerRecord, m: StoredMessage, now: int
-    ) -> tuple[envelope_pb2.Header | None, str, str]:
-        """The header to deliver m under, or None with the reason and why it is not."""
-        if m.sender == sub.partner:
-            return None, "own_message", ""
-        # Route on the envelope's own header (which the recipient verifies under the
-        # sender's signature), never on a separate store column that could be edited alone.
-        try:
-            header, label = self._parsed(m)
-        except (env.InvalidEnvelope, LabelError) as exc:  # validated at publish: tampering
-            return None, "malformed", str(exc)
-        if not sub.wants(header.topic):
-            return None, "not_subscribed", f"topic {header.topic} is outside this subscription"
-        d = self._decided(decide, rec.policy, label, header.topic, now)
-        if d.reason is not Reason.ALLOW:
-            return None, d.reason.value, d.explanation
-        if not any(w.recipient == sub.partner for w in header.wrapped_keys):
-            return None, "no_key_wrapped", "the sender wrapped no key for this partner"
-        return header, "allow", ""
-
-    def _record(self, partner: str) -> PartnerRecord:
-        return self.keys.record(partner)
-
-    def wake_all(self) -> None:
-        for subs in self.live.values():
-            for s in subs:
-                s.wake.set()
-
-    def policy_changed(self, partner: str) -> None:
-        """Apply a policy change to live streams at once (suspension closes them)."""
-        rec = self.registry.get(partner)
-        for s in self.live.get(partner, set()):
-            if rec is not None and rec.policy.status is PartnerStatus.SUSPENDED:
-                s.closed = Forbidden("suspended", f"partner {partner} has been suspended")
-            s.wake.set()
-
-    # -- directory, keys, recipients (see broker.directory) -----------------------------------
-    def directory(self, partner: str) -> list[directory_pb2.DirectoryEntry]:
-        """What partner may see of the directory (PartnerDirectory.directory)."""
-        return self.keys.directory(partner)
-
-    def directory_entry(self, partner: str) -> directory_pb2.DirectoryEntry:
-        """The operators' full view of one partner (PartnerDirectory.directory_entry)."""
-        return self.keys.directory_entry(partner)
-
-    async def register_keys(self, partner: str, signed: directory_pb2.SignedKeyBundle) -> str:
-        """Verify a key bundle and make it current (PartnerDirectory.register_keys)."""
-        return await self.keys.register_keys(partner, signed)
-
-    def eligible(self, label: Label, topic: str, *, exclude: str = "") -> list[str]:
-        """Partners allowed label on topic now, with keys (PartnerDirectory.eligible)."""
-        return self.keys.eligible(label, topic, exclude=exclude)
-
-    def recipients(self, partner: str, label_pb: label_pb2.Label, topic: str) -> list[str]:
-        """Recipients for a label partner may originate (PartnerDirectory.recipients)."""
-        return self.keys.recipients(partner, label_pb, topic)
-
-    def partner_record(self, partner: str) -> PartnerRecord:
-        """partner's record, or NotFound (PartnerDirectory.partner_record)."""
-        return self.keys.partner_record(partner)
-
-    def shutdown(self) -> None:
-        """Stop taking new work and end live streams."""
-        self.closing = True
-        self.wake_all()
-
     def close(self) -> None:
         """Release the verify thread, once the server no longer calls in."""
         self._verifier.shutdown(wait=True)
+
+
+def _refusal(
+    e: envelope_pb2.Envelope, err: BrokerError, header: envelope_pb2.Header | None = None
+) -> Refused:
+    return Refused(header.message_id if header else _message_id_or_empty(e), err)
 
 
 def _stored(msg: NewMessage, offset: int, stored_ms: int) -> StoredMessage:
@@ -981,60 +422,6 @@ def _quota_refusal(partner: str, out: Rejected, size: int) -> Exhausted:
         f"{out.limit} bytes and this envelope needs {size} more; retry once its stored "
         "messages have been removed by retention",
     )
-
-
-def _expired(n: Notice) -> exchange_pb2.Expired:
-    return exchange_pb2.Expired(
-        offset=n.offset,
-        sender=n.sender,
-        message_id=n.message_id,
-        sequence=n.sequence,
-        recipient_sequence=n.recipient_sequence,
-        topic=n.topic,
-        reason=n.reason,
-        stored_ms=n.stored_ms,
-        removed_ms=n.removed_ms,
-    )
-
-
-def _batch_audit(
-    kind: str,
-    partner: str,
-    decision: str,
-    msgs: Sequence[StoredMessage],
-    extra: dict[str, object],
-) -> AuditItem:
-    """One audit entry for the same decision on several messages of one batch.
-
-    message_id is set when the batch holds one message; detail always lists them all.
-    """
-    detail: dict[str, object] = {
-        "offsets": [m.offset for m in msgs],
-        "message_ids": [m.message_id for m in msgs],
-        **extra,
-    }
-    mid = msgs[0].message_id if len(msgs) == 1 else ""
-    return AuditItem(kind, "broker", partner, mid, decision, detail)
-
-
-def _check_pattern_limits(topics: Sequence[str], cfg: BrokerConfig) -> None:
-    """Refuse an open with more patterns, or more pattern bytes, than the limits allow.
-
-    Checked before any pattern is parsed, so an oversized open costs one pass over it.
-    """
-    if len(topics) > cfg.max_subscribe_patterns:
-        raise InvalidInput(
-            "too_many_patterns",
-            f"the subscription has {len(topics)} topic patterns; at most "
-            f"{cfg.max_subscribe_patterns} are allowed per subscription",
-        )
-    size = sum(len(t.encode()) for t in topics)
-    if size > cfg.max_subscribe_pattern_bytes:
-        raise InvalidInput(
-            "too_many_patterns",
-            f"the subscription's topic patterns take {size} bytes; at most "
-            f"{cfg.max_subscribe_pattern_bytes} are allowed per subscription",
-        )
 
 
 def _message_id_or_empty(e: envelope_pb2.Envelope) -> str:
