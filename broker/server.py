@@ -23,7 +23,7 @@ from broker.admin import AdminCore
 from broker.audit import AuditError, AuditLog
 from broker.auth import AuthInterceptor
 from broker.config import BrokerConfig
-from broker.errors import BrokerError
+from broker.errors import BrokerError, status_name
 from broker.exchange import Clock, ExchangeCore
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.registry import Registry
@@ -133,7 +133,9 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
         clock=clock,
     )
     registry = Registry(data / "state.db")
-    exchange = ExchangeCore(cfg, store, audit, registry, creds.ca_cert, clock)
+    exchange = ExchangeCore(
+        cfg, store, audit, registry, creds.ca_cert, clock, status_of=status_name
+    )
     # Before serving: acceptances and registry changes a crash kept out of the audit log.
     # On a full disk this cannot be written: serve anyway (deliveries, admin reads) and
     # refuse publishes until it can (the next publish after space is freed does it).

@@ -41,6 +41,10 @@ Clock = Callable[[], int]
 class ExchangeCore:
     """Authorize, store and route envelopes; serve the directory.
 
+    status_of names a refusal's status in its ``publish.refused`` audit entry (the
+    server passes the gRPC status table's name for the error); without it the entry
+    records the error's own code.
+
     ``store``, ``live`` (live subscriptions by partner), ``counters`` (per partner) and
     ``clock`` are read by the admin core and the servicers.
     """
@@ -53,6 +57,8 @@ class ExchangeCore:
         registry: Registry,
         ca_cert: x509.Certificate,
         clock: Clock = wall_clock_ms,
+        *,
+        status_of: Callable[[BrokerError], str] | None = None,
     ) -> None:
         self.cfg = cfg
         self._store = store
@@ -99,6 +105,7 @@ class ExchangeCore:
             signer=self.signer,
             remember=self.delivery.remember,
             closing=self._is_closing,
+            status_of=status_of or _own_code,
         )
 
     @property
@@ -234,3 +241,7 @@ class ExchangeCore:
     def close(self) -> None:
         """Release the verify thread, once the server no longer calls in."""
         self.pipeline.close()
+
+
+def _own_code(err: BrokerError) -> str:
+    return err.code

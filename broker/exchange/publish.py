@@ -31,7 +31,6 @@ from broker.errors import (
     NotAuthenticated,
     Precondition,
     Unavailable,
-    status_name,
 )
 from broker.exchange.decisions import Decisions
 from broker.exchange.delivery import Counters, Parsed
@@ -82,6 +81,7 @@ class PublishPipeline:
         signer: Callable[[str, str], Ed25519PublicKey],
         remember: Callable[[int, Parsed], None],
         closing: Callable[[], bool],
+        status_of: Callable[[BrokerError], str],
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -95,6 +95,7 @@ class PublishPipeline:
         self.signer = signer
         self._remember = remember
         self._closing = closing
+        self._status_of = status_of
         self.rates = RateLimits(cfg, registry)
         self.disk = DiskGuard(cfg, clock)
         self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
@@ -248,7 +249,7 @@ class PublishPipeline:
                 partner,
                 r.message_id,
                 err.code,
-                {"reason": err.message, "status": status_name(err), "index": i},
+                {"reason": err.message, "status": self._status_of(err), "index": i},
             )
             if self.audit.admit_refusal(item, now):
                 out.append(item)
