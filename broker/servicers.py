@@ -286,14 +286,13 @@ def _subscribe_response(item: StreamItem) -> exchange_pb2.SubscribeResponse:
     resp = exchange_pb2.SubscribeResponse()
     if isinstance(item, DeliveryBatch):
         out = resp.batch  # filled in place: SubscribeResponse(batch=out) copies it all
-        for d in item.deliveries:
+        for m, h in zip(item.messages, item.headers, strict=True):
             # add() + copy into place: appending a built Delivery to the repeated field
             # costs more (upb copies the whole message again); the stored envelope bytes
             # are merged in, not parsed into a separate message first.
-            h = d.header
-            w = out.deliveries.add(offset=d.message.offset, topic=h.topic, precedence=h.precedence)
-            w.envelope.MergeFromString(d.message.envelope)
-            w.label.CopyFrom(h.label)
+            d = out.deliveries.add(offset=m.offset, topic=h.topic, precedence=h.precedence)
+            d.envelope.MergeFromString(m.envelope)
+            d.label.CopyFrom(h.label)
     elif isinstance(item, StreamStatus):
         resp.status.caught_up = item.caught_up
         resp.status.backlog = item.backlog

@@ -138,9 +138,9 @@ async def test_delivery_loop_yields_domain_items(pair: tuple[Broker, PartnerClie
         core.close_subscription(sub)
     batch, status = items
     assert isinstance(batch, DeliveryBatch)
-    [d] = batch.deliveries
-    assert (d.message.offset, d.header.topic) == (ok.offset, "intel.ground")
-    assert d.message.envelope == sealed.envelope.SerializeToString()
+    [m], [h] = batch.messages, batch.headers
+    assert (m.offset, h.topic) == (ok.offset, "intel.ground")
+    assert m.envelope == sealed.envelope.SerializeToString()
     assert status == StreamStatus(caught_up=True, backlog=0)
     assert sub.inflight == {ok.offset}
     [audited] = await b.audit.query(kind="deliver", partner="USA")

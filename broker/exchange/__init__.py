@@ -7,7 +7,6 @@ from broker.exchange.facade import Clock, ExchangeCore
 from broker.exchange.live import Subscription
 from broker.exchange.outcomes import (
     Accepted,
-    Delivery,
     DeliveryBatch,
     ExpiryBatch,
     PublishOutcome,
@@ -21,7 +20,6 @@ __all__ = [
     "Accepted",
     "Clock",
     "Counters",
-    "Delivery",
     "DeliveryBatch",
     "ExchangeCore",
     "ExpiryBatch",

@@ -22,7 +22,6 @@ from broker.exchange.decisions import Decisions
 from broker.exchange.live import LiveStreams, Subscription
 from broker.exchange.memo import Memo
 from broker.exchange.outcomes import (
-    Delivery,
     DeliveryBatch,
     ExpiryBatch,
     StreamItem,
@@ -168,7 +167,8 @@ class DeliveryLoop:
                 continue
             now = self.clock()
             skipped: list[int] = []
-            sent: list[Delivery] = []
+            sent: list[StoredMessage] = []
+            headers: list[envelope_pb2.Header] = []
             denied: dict[str, list[tuple[StoredMessage, str]]] = defaultdict(list)
             for m in batch:
                 routed, reason, why = self._route(sub, rec, m, now)
@@ -178,12 +178,12 @@ class DeliveryLoop:
                         denied[reason].append((m, why))
                     continue
                 sub.inflight.add(m.offset)
-                sent.append(Delivery(m, routed))
+                sent.append(m)
+                headers.append(routed)
             self.counters[sub.partner].delivered += len(sent)
-            msgs = [d.message for d in sent]
-            topics = sorted({m.topic for m in msgs})
+            topics = sorted({m.topic for m in sent})
             audits = (
-                [_batch_audit("deliver", sub.partner, "allow", msgs, {"topics": topics})]
+                [_batch_audit("deliver", sub.partner, "allow", sent, {"topics": topics})]
                 if sent
                 else []
             )
@@ -207,7 +207,7 @@ class DeliveryLoop:
                     "deliveries resume once it can, reconnect later",
                 ) from exc
             if sent:
-                yield DeliveryBatch(sent)
+                yield DeliveryBatch(sent, headers)
             if skipped:
                 # Settled in the background with the acknowledgements; until then they
                 # count as in flight, so no read delivers them meanwhile.

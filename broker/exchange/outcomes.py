@@ -34,19 +34,14 @@ PublishOutcome = Accepted | Refused
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
-    """One stored message routed to a subscriber, under the header it was routed by (the
-    envelope's own signed header: topic, precedence and label come from it)."""
-
-    message: StoredMessage
-    header: envelope_pb2.Header
-
-
-@dataclass(frozen=True, slots=True)
 class DeliveryBatch:
-    """Deliveries for one subscription, each already audited and counted in flight."""
+    """Deliveries for one subscription, each already audited and counted in flight:
+    messages[i] is routed under headers[i], the envelope's own signed header (topic,
+    precedence and label come from it). Two lists, not one object per delivery: a batch
+    is built for every turn of the delivery loop."""
 
-    deliveries: list[Delivery]
+    messages: list[StoredMessage]
+    headers: list[envelope_pb2.Header]
 
 
 @dataclass(frozen=True, slots=True)
