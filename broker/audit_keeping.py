@@ -1,4 +1,4 @@
-"""Acceptance-record bookkeeping and recovery, and the disk guard of the publish path.
+"""Acceptance-record bookkeeping and recovery (the disk guard is broker.exchange.disk_guard).
 
 A publish stores its messages first and writes their ``publish.accepted`` entries after;
 AuditKeeping tracks which stored offsets have their entry (the audited mark), records
@@ -15,9 +15,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from broker.audit import AuditError, AuditItem, AuditLog
 from broker.config import BrokerConfig
@@ -28,8 +26,6 @@ from broker.store import MessageStore, StoredMessage, StoreError
 log = logging.getLogger("coalition.broker")
 
 Clock = Callable[[], int]
-# Disk a publish request takes beyond twice its envelope bytes (see disk_too_full).
-_DISK_PER_REQUEST = 64 * 1024
 
 
 class AuditKeeping:
@@ -49,7 +45,6 @@ class AuditKeeping:
         self.registry = registry
         self.clock = clock
         self.audit_failed = False
-        self._disk_free = (0, 0)  # (checked at ms, free bytes then)
         # Acceptance bookkeeping (see reconcile_audit): offsets stored whose entries are
         # queued but not committed yet; the audited mark (every offset at or below it has
         # its entry), which the next append persists in its own transaction; offsets above
@@ -133,43 +128,6 @@ class AuditKeeping:
                 if self.audited_through == before:
                     return recovered  # held below by a publish still writing its entries
 
-    def disk_too_full(self, incoming: int) -> Exhausted | None:
-        """A refusal if storing incoming envelope bytes would eat into the free-space reserve.
-
-        A request takes more disk than its bytes at first: SQLite writes them to the WAL
-        and later into the database file, and every commit rewrites the B-tree and index
-        pages it touches in both the store and the audit log (measured: ~54 KiB for one
-        9.7 KiB envelope). So the estimate is twice the bytes plus a fixed cost per
-        request; counting only the bytes let fast publishers fill the disk between two
-        free-space checks, and then the audit log could not record its entries.
-
-        The WAL files count as spent too: a checkpoint copies their pages into the
-        database files (up to ~4 MiB each at once), which the free space does not show
-        until it happens. Their size is an upper bound of what is still to come.
-        """
-        if self.cfg.min_free_bytes <= 0:
-            return None
-        need = 2 * incoming + _DISK_PER_REQUEST
-        now = self.clock()
-        at, free = self._disk_free
-        # statvfs at most every 100 ms, or sooner when the margin looks thin.
-        if now - at > 100 or free - need < 2 * self.cfg.min_free_bytes:
-            try:
-                free = shutil.disk_usage(self.cfg.data_dir).free - _wal_bytes(self.cfg.data_dir)
-            except OSError:
-                return None
-            self._disk_free = (now, free)
-        else:
-            self._disk_free = (at, free - need)
-        if free - need >= self.cfg.min_free_bytes:
-            return None
-        return Exhausted(
-            "store_full",
-            f"the broker's disk is nearly full ({free / 1048576:.1f} MiB free, "
-            f"{self.cfg.min_free_bytes / 1048576:.1f} MiB kept in reserve); "
-            "refusing new messages until space is freed",
-        )
-
     async def flush_registry_audit(self, *, recovering: bool = False) -> int:
         """Record the audit entries of committed registry changes still in its outbox
         (see Registry.pending_audit), in order, and forget them; return how many.
@@ -234,15 +192,6 @@ class AuditKeeping:
             ) from exc
         self.audit_failed = False
         log.warning("audit log writable again; accepting publishes")
-
-
-def _wal_bytes(data_dir: Path) -> int:
-    """The size of the SQLite WAL files in data_dir (not yet copied into their databases)."""
-    total = 0
-    for wal in Path(data_dir).glob("*.db-wal"):
-        with contextlib.suppress(OSError):  # gone between listing and stat: nothing owed
-            total += wal.stat().st_size
-    return total
 
 
 def acceptance_item(m: StoredMessage, **extra: object) -> AuditItem:

@@ -55,14 +55,3 @@ class MalformedRequest(InvalidInput):
             "malformed_request", f"{where} is not a valid {message_name}: {exc or type(exc)}"
         )
         self.ordinal = ordinal
-
-
-def status_name(err: BrokerError) -> str:
-    """The gRPC status name for err, e.g. "PERMISSION_DENIED" (broker.grpc.status).
-
-    Kept here only while the exchange core still fills a refused publish's status
-    itself; the import is deferred so that this module loads without gRPC.
-    """
-    from broker.grpc.status import status_name as from_table
-
-    return from_table(err)

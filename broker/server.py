@@ -26,11 +26,12 @@ from broker.config import BrokerConfig
 from broker.errors import BrokerError
 from broker.exchange import Clock, ExchangeCore
 from broker.grpc.admin import AdminServicer
+from broker.grpc.exchange import ExchangeServicer
 from broker.grpc.interceptor import AuthInterceptor
+from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.registry import Registry
 from broker.retention import Retention
-from broker.servicers import ExchangeServicer
 from broker.store import SqliteMessageStore, StoreError
 from coalition.clock import wall_clock_ms
 from coalition.pki import load_broker
@@ -154,7 +155,9 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
         clock=clock,
     )
     registry = Registry(data / "state.db")
-    exchange = ExchangeCore(cfg, store, audit, registry, creds.ca_cert, clock)
+    exchange = ExchangeCore(
+        cfg, store, audit, registry, creds.ca_cert, clock, status_of=status_name
+    )
     # Before serving: acceptances and registry changes a crash kept out of the audit log.
     # On a full disk this cannot be written: serve anyway (deliveries, admin reads) and
     # refuse publishes until it can (the next publish after space is freed does it).

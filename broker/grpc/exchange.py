@@ -1,7 +1,10 @@
-"""Thin gRPC servicers: protobuf in, a call on the core, protobuf out.
+"""The Exchange servicer: protobuf in, a call on the exchange core, protobuf out.
 
-Domain errors become gRPC statuses here, through the table in broker.grpc.status. The
-Admin servicer is in broker.grpc.admin.
+The core answers with domain values (broker.exchange.outcomes) and raises domain errors;
+this module turns them into PublishResult / SubscribeResponse messages and, through the
+table in broker.grpc.status, into gRPC statuses. It also holds the Publish stream's
+pipelining and its byte budget (PublishBudget), which exist because of how HTTP/2 streams
+are read. The Admin servicer is in broker.grpc.admin.
 """
 
 from __future__ import annotations
@@ -14,11 +17,18 @@ from typing import Any
 
 import grpc
 
-from broker.audit import AuditError, AuditItem
 from broker.auth import current_identity
 from broker.errors import BrokerError, Exhausted, InvalidInput, MalformedRequest
-from broker.exchange import ExchangeCore
+from broker.exchange import (
+    DeliveryBatch,
+    ExchangeCore,
+    PublishOutcome,
+    Refused,
+    StreamItem,
+    StreamStatus,
+)
 from broker.grpc.status import abort, status_name
+from broker.store.base import Notice
 from coalition.v1 import exchange_pb2, exchange_pb2_grpc
 
 log = logging.getLogger("coalition.broker")
@@ -73,11 +83,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         self.budgets: dict[str, PublishBudget] = {}
 
     async def _refuse(self, ctx: Ctx, kind: str, partner: str, err: BrokerError) -> None:
-        item = AuditItem(kind, partner, partner, "", err.code, {"reason": err.message})
-        try:  # one by one up to a threshold per partner and interval, then summarised
-            await self.core.audit.record_refusal(item, now_ms=self.core.clock())
-        except AuditError as exc:  # disk full: the caller still gets the refusal itself
-            log.critical("%s not audited: %s", kind, exc)
+        await self.core.refused(kind, partner, err)  # audited by the core
         await abort(ctx, err)
 
     async def Publish(
@@ -106,7 +112,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         budget.streams += 1
         own = [0]  # request bytes this stream holds in flight
         inflight: asyncio.Queue[
-            tuple[exchange_pb2.PublishRequest, asyncio.Task[list[exchange_pb2.PublishResult]], int]
+            tuple[exchange_pb2.PublishRequest, asyncio.Task[list[PublishOutcome]], int]
             | MalformedRequest
             | None
         ] = asyncio.Queue(maxsize=PUBLISH_PIPELINE_DEPTH)
@@ -144,18 +150,10 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
                 req, task, size = item
                 batch_id = req.batch_id
                 try:
-                    results = await task
+                    results = [_publish_result(o) for o in await task]
                 except BrokerError as err:
                     # Shutting down: refuse each envelope explicitly rather than drop it.
-                    results = [
-                        exchange_pb2.PublishResult(
-                            outcome=exchange_pb2.REFUSED,
-                            reason_code=err.code,
-                            reason=err.message,
-                            status=status_name(err),
-                        )
-                        for _ in req.envelopes
-                    ]
+                    results = [_refused_result("", err) for _ in req.envelopes]
                 del req, task, item  # the answer no longer needs the request's bytes
                 yield exchange_pb2.PublishResponse(batch_id=batch_id, results=results)
                 own[0] -= size
@@ -208,8 +206,8 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
 
         acks = asyncio.create_task(read_acks())
         try:
-            async for resp in self.core.deliveries(sub):
-                yield resp
+            async for item in self.core.deliveries(sub):
+                yield _subscribe_response(item)
         except BrokerError as err:
             await abort(context, err)
         finally:
@@ -250,3 +248,58 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
             await self._refuse(context, "recipients.refused", partner, err)
             raise
         return exchange_pb2.RecipientsResponse(partners=names)
+
+
+def _refused_result(message_id: str, err: BrokerError) -> exchange_pb2.PublishResult:
+    return exchange_pb2.PublishResult(
+        message_id=message_id,
+        outcome=exchange_pb2.REFUSED,
+        reason_code=err.code,
+        reason=err.message,
+        status=status_name(err),
+    )
+
+
+def _publish_result(o: PublishOutcome) -> exchange_pb2.PublishResult:
+    if isinstance(o, Refused):
+        return _refused_result(o.message_id, o.error)
+    return exchange_pb2.PublishResult(
+        message_id=o.message_id,
+        outcome=exchange_pb2.ACCEPTED,
+        sequence=o.sequence,
+        offset=o.offset,
+    )
+
+
+def _subscribe_response(item: StreamItem) -> exchange_pb2.SubscribeResponse:
+    """The wire form of one item of the delivery loop."""
+    resp = exchange_pb2.SubscribeResponse()
+    if isinstance(item, DeliveryBatch):
+        out = resp.batch  # filled in place: SubscribeResponse(batch=out) copies it all
+        for m, h in zip(item.messages, item.headers, strict=True):
+            # add() + copy into place: appending a built Delivery to the repeated field
+            # costs more (upb copies the whole message again); the stored envelope bytes
+            # are merged in, not parsed into a separate message first.
+            d = out.deliveries.add(offset=m.offset, topic=h.topic, precedence=h.precedence)
+            d.envelope.MergeFromString(m.envelope)
+            d.label.CopyFrom(h.label)
+    elif isinstance(item, StreamStatus):
+        resp.status.caught_up = item.caught_up
+        resp.status.backlog = item.backlog
+    else:
+        resp.expired.expired.extend(_expired(n) for n in item.notices)
+    return resp
+
+
+def _expired(n: Notice) -> exchange_pb2.Expired:
+    return exchange_pb2.Expired(
+        offset=n.offset,
+        sender=n.sender,
+        message_id=n.message_id,
+        sequence=n.sequence,
+        recipient_sequence=n.recipient_sequence,
+        topic=n.topic,
+        reason=n.reason,
+        stored_ms=n.stored_ms,
+        removed_ms=n.removed_ms,
+    )
