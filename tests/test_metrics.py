@@ -5,7 +5,9 @@ what partners did (a scrape during a publish burst included), with bounded label
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -359,3 +361,72 @@ async def test_metrics_port_taken_refuses_to_start(pki: Path, tmp_path: Path) ->
         taken = s.getsockname()[1]
         with pytest.raises(OSError, match="address in use"):
             await running_broker(pki, tmp_path / "b", metrics_listen=f"127.0.0.1:{taken}")
+
+
+# -- the Grafana dashboard ----------------------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "coalition.json"
+# Labels Prometheus adds to every scraped series (target labels), not the broker.
+TARGET_LABELS = {"instance", "job"}
+_NAME = re.compile(r"\b((?:coalition|process)_[a-z0-9_]+)\b")
+_SELECTOR = re.compile(r"\b((?:coalition|process)_[a-z0-9_]+)\{([^}]*)\}")
+_MATCHER = re.compile(r'\s*([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"([^"]*)"\s*')
+_BY = re.compile(r"\bby\s*\(([^)]*)\)")
+
+
+def _dashboard_queries() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
+    assert len(exprs) > 20
+    return exprs
+
+
+async def test_dashboard_queries_only_what_the_broker_exposes(metered: Broker, pki: Path) -> None:
+    """Every metric, label and literal label value a dashboard query names is in a real
+    broker's exposition (after one accepted and one refused publish)."""
+    assert metered.metrics is not None
+    kor, usa = partner(pki, "KOR", metered.port), partner(pki, "USA", metered.port)
+    try:
+        await kor.register_keys()
+        await usa.register_keys()
+        envs = await _seal(kor, 1, "dash")
+        assert (await kor.publish(envs))[0].outcome == exchange_pb2.ACCEPTED
+        assert (await kor.publish(envs))[0].outcome == exchange_pb2.REFUSED  # replay
+    finally:
+        await kor.close()
+        await usa.close()
+    got = await scrape(metered.metrics.port)
+    labels_of: dict[str, set[str]] = {}
+    values_of: dict[tuple[str, str], set[str]] = {}
+    for name, lbl in got.samples:
+        labels_of.setdefault(name, set()).update(k for k, _ in lbl)
+        for k, v in lbl:
+            values_of.setdefault((name, k), set()).add(v)
+    problems: list[str] = []
+    for expr in _dashboard_queries():
+        names = set(_NAME.findall(expr))
+        if not names:
+            problems.append(f"no broker metric in {expr!r}")
+        for name in names:
+            if name not in labels_of:
+                problems.append(f"{name} is not exposed ({expr!r})")
+        known = set().union(*(labels_of.get(n, set()) for n in names)) | TARGET_LABELS
+        for by in _BY.findall(expr):
+            for label in filter(None, (s.strip() for s in by.split(","))):
+                if label not in known:
+                    problems.append(f"by ({label}) is no label of {sorted(names)} ({expr!r})")
+        for name, body in _SELECTOR.findall(expr):
+            for matcher in filter(None, body.split(",")):
+                m = _MATCHER.fullmatch(matcher)
+                if m is None:
+                    problems.append(f"cannot read matcher {matcher!r} in {expr!r}")
+                    continue
+                label, op, value = m.groups()
+                if label in TARGET_LABELS:
+                    continue
+                if label not in labels_of.get(name, set()):
+                    problems.append(f"{name} has no label {label} ({expr!r})")
+                elif op == "=" and value not in values_of.get((name, label), set()):
+                    problems.append(f'{name}{{{label}="{value}"}} never exposed ({expr!r})')
+    assert problems == []
