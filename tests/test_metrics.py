@@ -109,6 +109,8 @@ async def test_metrics_are_off_by_default(pki: Path, tmp_path: Path) -> None:
 
 
 def test_metrics_listen_in_the_config_file(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "broker.toml"
+    assert load_config(example).metrics_listen == ""  # the example sets it: off
     cfg = tmp_path / "broker.toml"
     cfg.write_text('[broker]\nlisten = "127.0.0.1:7443"\n[metrics]\nlisten = "127.0.0.1:9464"\n')
     loaded = load_config(cfg)
