@@ -8,10 +8,13 @@ one, so two brokers in one process (as in the tests) never mix their numbers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from broker.exchange import ExchangeCore
@@ -70,8 +73,13 @@ class MetricsExporter:
 
     async def render(self) -> bytes:
         """The text exposition, after refreshing what the store holds (cached)."""
-        await self.collector.refresh()
-        return generate_latest(self.registry)
+        try:
+            await self.collector.refresh()
+        except Exception as exc:  # a store read failed: serve the last snapshot, say so
+            log.warning("metrics: store figures not refreshed: %s", exc)
+        # Read on the loop (broker state changes there), formatted on a thread.
+        families = _Taken(list(self.registry.collect()))
+        return await asyncio.to_thread(generate_latest, families)
 
     @property
     def port(self) -> int:
@@ -87,3 +95,13 @@ class MetricsExporter:
 
     async def stop(self) -> None:
         await self.http.stop()
+
+
+class _Taken:
+    """Metric families already collected, for the formatter (which only calls collect)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)

@@ -67,14 +67,16 @@ class Instruments:
     def publish_outcomes(self, partner: str, outcomes: Sequence[PublishOutcome]) -> None:
         """Count one publish request's outcomes (PublishPipeline.on_outcomes)."""
         who = self._partner(partner)
-        tally: Tally[tuple[str, str]] = Tally()
-        for o in outcomes:
-            if isinstance(o, Refused):
-                tally["refused", labels.reason(o.error.code, labels.PUBLISH_REASONS)] += 1
-            else:
-                tally["accepted", labels.NONE] += 1
-        for (result, reason), count in tally.items():
-            self.published.labels(who, result, reason).inc(count)
+        refused = Tally(
+            labels.reason(o.error.code, labels.PUBLISH_REASONS)
+            for o in outcomes
+            if isinstance(o, Refused)
+        )
+        accepted = len(outcomes) - refused.total()
+        if accepted:
+            self.published.labels(who, "accepted", labels.NONE).inc(accepted)
+        for reason, count in refused.items():
+            self.published.labels(who, "refused", reason).inc(count)
 
     def routed(self, allowed: int, denied: Mapping[str, Sequence[Any]]) -> None:
         """Count one delivery batch's decisions (DeliveryLoop.on_routed)."""
