@@ -185,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:  # what needs nothing started: one line, before any log line
         parse_listen(cfg.listen)
-        if cfg.metrics_listen:
-            parse_listen(cfg.metrics_listen)
         missing = _missing_pki(cfg)
+        if cfg.metrics_listen:
+            try:
+                parse_listen(cfg.metrics_listen)
+            except ValueError as exc:
+                missing = f"metrics: {exc}"
     except ValueError as exc:
         missing = str(exc)
     if missing is not None:

@@ -354,6 +354,19 @@ async def test_unknown_callers_make_no_label_series(metered: Broker, pki: Path) 
         await rogue.close()
 
 
+def test_a_metrics_address_without_port_is_one_line(
+    pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from broker.cli import main
+
+    argv = ["serve", "--pki", str(pki), "--data", str(tmp_path / "d")]
+    assert main([*argv, "--metrics-listen", "localhost"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("coalition-broker: cannot start: metrics: listen address 'localhost'")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "d").exists()  # nothing written
+
+
 async def test_metrics_port_taken_refuses_to_start(pki: Path, tmp_path: Path) -> None:
     import socket
 
