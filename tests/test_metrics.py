@@ -147,6 +147,19 @@ async def test_endpoint_serves_text_exposition(metered: Broker) -> None:
     assert got.value("coalition_store_commit_duration_seconds_count", store="audit") > 0
     assert (await http_get(port, "/"))[0] == 404
     assert (await http_get(port, "/metrics/../admin"))[0] == 404
+    # Anything but GET or HEAD is refused; a request head over 8 KiB gets no answer.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 405 ")
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n")
+    try:
+        answer = await reader.read()
+    except ConnectionResetError:  # closed with the head unread: the kernel resets
+        answer = b""
+    assert answer == b""
+    writer.close()
 
 
 async def test_store_reads_are_cached_between_scrapes(metered: Broker) -> None:
