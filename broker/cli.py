@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     s.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over plain HTTP here (default: off; docs/metrics.md)",
+    )
+    s.add_argument(
         "--event-loop",
         choices=["uvloop", "asyncio"],
         default="uvloop",
@@ -110,6 +115,7 @@ def _config(ns: argparse.Namespace) -> BrokerConfig:
         refusal_audit_interval_ms=ns.refusal_audit_interval_ms,
         log_json=ns.log_json,
         log_level=ns.log_level,
+        metrics_listen=ns.metrics_listen,
     )
 
 
@@ -180,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     try:  # what needs nothing started: one line, before any log line
         parse_listen(cfg.listen)
         missing = _missing_pki(cfg)
+        if cfg.metrics_listen:
+            try:
+                parse_listen(cfg.metrics_listen)
+            except ValueError as exc:
+                missing = f"metrics: {exc}"
     except ValueError as exc:
         missing = str(exc)
     if missing is not None:

@@ -78,6 +78,8 @@ class BrokerConfig:
     max_publish_streams: int = 8
     log_json: bool = False
     log_level: str = "info"
+    # Prometheus metrics over plain HTTP on this address ("" = off, the default).
+    metrics_listen: str = ""
     revoked_serials: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -126,6 +128,7 @@ _SECTIONS = {
         "max_publish_streams",
     },
     "log": {"json", "level"},
+    "metrics": {"listen"},
 }
 
 
@@ -149,7 +152,7 @@ def load_config(path: Path | None) -> BrokerConfig:
             if key not in allowed:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
             renamed = {"dir": "pki_dir", "json": "log_json", "level": "log_level"}
-            name = str(renamed.get(key, key))
+            name = f"metrics_{key}" if section == "metrics" else str(renamed.get(key, key))
             values[name] = value
     for key in ("pki_dir", "data_dir"):
         if key in values:

@@ -30,6 +30,7 @@ from broker.grpc.exchange import ExchangeServicer
 from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
+from broker.metrics import MetricsExporter
 from broker.registry import Registry
 from broker.retention import Retention
 from broker.store import SqliteMessageStore, StoreError
@@ -83,6 +84,7 @@ class Broker:
     retention: Retention | None = None
     auth: AuthInterceptor | None = None
     lock: DataDirLock | None = None
+    metrics: MetricsExporter | None = None  # None unless cfg.metrics_listen is set
 
     async def reload(self, cfg: BrokerConfig) -> None:
         """Apply what may change while serving (SIGHUP): the revoked serials. Live calls
@@ -94,6 +96,8 @@ class Broker:
         """Stop accepting, drain in-flight publishes, close streams, flush the stores."""
         log.info("shutting down", extra={"grace_s": grace})
         await self.health.enter_graceful_shutdown()
+        if self.metrics is not None:
+            await self.metrics.stop()  # scrapes read the stores closed below
         self.exchange.shutdown()
         await self.server.stop(grace)
         self.exchange.close()
@@ -122,11 +126,15 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
     without a port, a data directory another broker holds, an address in use.
     """
     parse_listen(cfg.listen)
+    if cfg.metrics_listen:
+        parse_listen(cfg.metrics_listen)
     data = Path(cfg.data_dir)
     data.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once at start-up
     lock = DataDirLock(data).acquire()
     try:
         refuse_taken(cfg.listen)
+        if cfg.metrics_listen:
+            refuse_taken(cfg.metrics_listen)
         broker = await _start_broker(cfg, clock)
     except BaseException:
         lock.release()
@@ -231,6 +239,8 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     for name in ("", *SERVICES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     broker = Broker(server, port, exchange, admin, store, audit, registry, health, auth=auth)
+    if cfg.metrics_listen:
+        broker.metrics = await _start_metrics(cfg, broker)
     broker.retention = retention
     broker._retention = asyncio.create_task(
         _retention_loop(retention, cfg.retention_interval_ms / 1000)
@@ -249,6 +259,20 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     _report_disk(cfg, unwritten)
     log.info("serving", extra={"listen": cfg.listen, "port": port, "data_dir": str(data)})
     return broker
+
+
+async def _start_metrics(cfg: BrokerConfig, b: Broker) -> MetricsExporter:
+    """The Prometheus endpoint on its own plain-HTTP address (broker.metrics)."""
+    metrics = MetricsExporter(b.exchange, b.store, b.registry, Path(cfg.data_dir) / "audit.db")
+    metrics.attach(b.exchange, {"messages": b.store, "audit": b.audit})
+    if b.auth is not None:
+        b.auth.on_refused = metrics.instruments.auth_refused
+    try:
+        await metrics.start(cfg.metrics_listen)
+    except OSError:
+        await b.stop(grace=0)
+        raise
+    return metrics
 
 
 def _stream_limits(cfg: BrokerConfig) -> list[tuple[str, int]]:

@@ -77,6 +77,8 @@ class DeliveryLoop:
         # (publish seeds it with what it already parsed).
         self._parsed_memo: Memo[int, Parsed] = Memo(PARSE_MEMO_SIZE)
         self._notice_drops: set[asyncio.Task[int]] = set()
+        # Metrics hook (broker.metrics): each batch's allowed count and denials by reason.
+        self.on_routed: Callable[[int, dict[str, list[tuple[StoredMessage, str]]]], None] = _ignore
 
     # -- acknowledgements ---------------------------------------------------------------------
     def note_acks(self, sub: Subscription, offsets: Sequence[int]) -> None:
@@ -181,6 +183,7 @@ class DeliveryLoop:
                 sent.append(m)
                 headers.append(routed)
             self.counters[sub.partner].delivered += len(sent)
+            self.on_routed(len(sent), denied)
             topics = sorted({m.topic for m in sent})
             audits = (
                 [_batch_audit("deliver", sub.partner, "allow", sent, {"topics": topics})]
@@ -283,6 +286,10 @@ class DeliveryLoop:
         if not task.cancelled() and task.exception() is not None:
             # Kept in the store: sent again on the next subscription.
             log.warning("could not forget acknowledged expiry notices: %s", task.exception())
+
+
+def _ignore(*_: object) -> None:
+    pass
 
 
 def _batch_audit(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,6 +101,9 @@ class PublishPipeline:
         self.disk = DiskGuard(cfg, clock)
         self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self._verifying = 0  # requests handed to the verify thread, not yet resumed
+        # Metrics hooks (broker.metrics), no-ops unless metrics are on.
+        self.on_outcomes: Callable[[str, Sequence[PublishOutcome]], None] = _ignore
+        self.on_verified: Callable[[float], None] = _ignore
 
     async def publish(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope]
@@ -211,6 +215,7 @@ class PublishPipeline:
             self.books.advance_audited(stored)
         finally:
             self.books.accepting.difference_update(stored)
+        self.on_outcomes(partner, done)
         return done
 
     async def _throttled(
@@ -230,6 +235,7 @@ class PublishPipeline:
             except AuditError:
                 self.books.audit_failed = True
                 log.critical("audit log cannot be written; refusing publishes until it can")
+        self.on_outcomes(partner, results)
         return results
 
     def _refusal_audits(
@@ -294,6 +300,7 @@ class PublishPipeline:
         Runs on the verify thread or the loop (see _verify_in_order): it only reads broker
         state, and cryptography releases the GIL while it checks an Ed25519 signature.
         """
+        started = time.perf_counter()
         out: list[envelope_pb2.Header | BrokerError] = []
         for e in envelopes:
             try:
@@ -302,6 +309,7 @@ class PublishPipeline:
                 # Without its traceback: that would hold this frame, whose `out` holds
                 # the error (a cycle that keeps the request's bytes until a GC pass).
                 out.append(err.with_traceback(None))
+        self.on_verified(time.perf_counter() - started)
         return out
 
     def _check_signed(self, partner: str, e: envelope_pb2.Envelope) -> envelope_pb2.Header:
@@ -388,6 +396,10 @@ class PublishPipeline:
     def close(self) -> None:
         """Release the verify thread, once the server no longer calls in."""
         self._verifier.shutdown(wait=True)
+
+
+def _ignore(*_: object) -> None:
+    pass
 
 
 def _refusal(

@@ -90,6 +90,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._live: dict[int, set[_LiveCall]] = {}
         self._ending: set[asyncio.Task[bool]] = set()
         self.connections = ConnectionLimit(cfg.max_connections_per_identity)
+        # Metrics hook (broker.metrics): each refusal's reason code.
+        self.on_refused: Callable[[str], None] = lambda _code: None
 
     def authorize(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:
         """The caller's identity (Authorizer.authorize on what grpc reports), or
@@ -107,6 +109,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             self._hold_connection(context, ident)
             set_identity(ident)
         except AuthRefused as exc:
+            self.on_refused(exc.code)
             one_by_one = await self._audit(
                 context,
                 kind="auth.refused",

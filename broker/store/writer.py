@@ -20,6 +20,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -84,6 +85,8 @@ class GroupCommitWriter:
         self._closed = False
         self.commits = 0  # transactions committed
         self.jobs = 0  # jobs committed
+        # Called on the writer thread with each commit's seconds (broker.metrics).
+        self.on_commit: Callable[[float], None] | None = None
         self._thread = threading.Thread(target=self._loop, name=f"{name}-writer", daemon=True)
         self._thread.start()
 
@@ -164,6 +167,7 @@ class GroupCommitWriter:
 
     def _transaction(self, batch: list[_Job]) -> list[_Outcome]:
         conn = self._conn
+        started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
         outcomes: list[_Outcome] = []
         for job in batch:
@@ -183,6 +187,8 @@ class GroupCommitWriter:
             conn.execute("ROLLBACK")
             return outcomes
         conn.execute("COMMIT")
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started)
         self.commits += 1
         self.jobs += sum(1 for o in outcomes if o.error is None)
         return outcomes
