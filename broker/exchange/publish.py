@@ -243,6 +243,7 @@ class PublishPipeline:
                 continue
             self.counters[partner].refused += 1
             err = r.error
+            self.counters[partner].refusals[err.code] += 1
             item = AuditItem(
                 "publish.refused",
                 partner,
