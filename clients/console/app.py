@@ -31,8 +31,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from clients.console import views
+from clients.console.policy_form import form_values, policy_from_form
 from clients.sdk import BrokerTlsError, ClientError, OperatorClient
 from coalition.clock import wall_clock_ms
+from coalition.policy import policy_from_proto, policy_to_proto
 
 HERE = Path(__file__).resolve().parent
 COOKIE = "coalition_console"
@@ -210,10 +212,37 @@ def build_app(console: Console, *, allowed_hosts: list[str] | None = None) -> St
         await console.rpc().suspend(code, reason)
         return RedirectResponse(f"/partners?suspended={code}", status_code=303)
 
-    async def history_page(request: Request) -> Response:
+    async def partner_page(request: Request) -> Response:
         code = request.path_params["code"]
-        versions = await views.history(console.rpc(), code)
-        return render(request, "history.html", partner=code, versions=versions)
+        client = console.rpc()
+        versions = await views.history(client, code)
+        current = policy_from_proto((await client.policy(code)).policy)
+        return render(
+            request,
+            "partner.html",
+            partner=code,
+            versions=versions,
+            form=form_values(current),
+            done=request.query_params,
+        )
+
+    async def change_policy(request: Request) -> Response:
+        code = request.path_params["code"]
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        reason = form.get("reason", "").strip()
+        if not reason:
+            return failed(request, Problem(400, "A reason is needed", "Say why it changes."))
+        client = console.rpc()
+        current = await client.policy(code)
+        try:
+            new = policy_from_form(policy_from_proto(current.policy), form)
+        except ValueError as exc:
+            return failed(request, Problem(400, "The policy is not valid", str(exc)))
+        resp = await client.set_policy(policy_to_proto(new), reason, current.version)
+        if resp.WhichOneof("result") == "proposal":
+            pid = resp.proposal.proposal_id
+            return RedirectResponse(f"/proposals?proposed={pid}", status_code=303)
+        return RedirectResponse(f"/partners/{code}?applied={resp.applied.version}", 303)
 
     async def proposals_page(request: Request) -> Response:
         include = request.query_params.get("all") == "1"
@@ -316,7 +345,8 @@ def build_app(console: Console, *, allowed_hosts: list[str] | None = None) -> St
         Route("/", page(home)),
         Route("/partners", page(partners_page)),
         Route("/partners/{code}/suspend", page(suspend), methods=["POST"]),
-        Route("/partners/{code}/history", page(history_page)),
+        Route("/partners/{code}", page(partner_page)),
+        Route("/partners/{code}/policy", page(change_policy), methods=["POST"]),
         Route("/proposals", page(proposals_page)),
         Route("/proposals/{pid}/{verb:str}", page(decide), methods=["POST"]),
         Route("/audit", page(audit_page)),

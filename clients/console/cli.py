@@ -129,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"console for operator {creds.name} (broker {target}) at {url}")
         print(f"open: {link}")
     sys.stdout.flush()
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2
+    )
     server = uvicorn.Server(config)
     try:
         asyncio.run(server.serve(sockets=[sock]))
