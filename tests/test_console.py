@@ -143,7 +143,7 @@ async def shot(page: Page, name: str) -> None:
     """Save the page's screenshot for the docs, only when asked (it changes every run)."""
     if os.environ.get("CONSOLE_SCREENSHOTS") == "1":
         SHOTS.mkdir(exist_ok=True)
-        await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
 
 
 async def test_two_person_flow_in_two_browsers(
@@ -322,6 +322,9 @@ async def test_tampered_audit_log_shown_broken(
         await expect(verdict).to_contain_text("Audit log BROKEN")
         await expect(verdict.locator(".first-bad")).to_have_text(f"#{victim.seq}")
         await expect(verdict).to_contain_text("decision forged")
+        bad = page.locator(f'#entries tr[data-seq="{victim.seq}"]')
+        assert await bad.get_attribute("class") == "bad"
+        assert await page.locator("#entries tr.bad").count() == 1
         color = await verdict.evaluate("e => getComputedStyle(e).color")
         assert color == "rgb(179, 38, 30)"  # the red of --bad
         await shot(page, "audit-broken")
