@@ -384,7 +384,7 @@ async def test_stats_counts_streams_and_backlog(pki: Path, env: Env) -> None:
             assert [m.offset for m in msgs] == sorted((r.offset for r in results[:3]), reverse=True)
             for m in msgs:
                 assert (m.sender, m.topic, list(m.delivered_to)) == ("KOR", "intel.ground", ["USA"])
-                assert m.label.classification == LABEL.classification and m.size > 0
+                assert int(m.label.classification) == LABEL.classification and m.size > 0
             assert [m.offset for m in await env.op1.messages(limit=1, sender="KOR")] == [
                 msgs[0].offset
             ]
