@@ -32,7 +32,7 @@ from playwright.async_api import (
 
 from clients.sdk import ClientError
 from coalition.labels import Classification, parse_label
-from coalition.v1 import envelope_pb2, exchange_pb2
+from coalition.v1 import directory_pb2, envelope_pb2, exchange_pb2
 from tests.helpers import admit, eventually, operator, partner, policy
 from tests.test_broker_faults import BrokerProcess
 
@@ -258,6 +258,15 @@ async def test_suspension_from_partners_page_closes_live_stream(
             assert width <= NARROW["width"], width
 
             await page.goto(consoles["op1"].url + "partners")
+            # A form that did not come from this console (no CSRF token) changes nothing,
+            # even sent by the signed-in browser itself.
+            forged = await page.evaluate(
+                """async () => { const r = await fetch('/partners/GBR/suspend',
+                     {method: 'POST', body: new URLSearchParams({reason: 'forged'})});
+                     return [r.status, await r.text()]; }"""
+            )
+            assert forged[0] == 403 and "Form expired" in forged[1]
+            assert (await op1.policy("GBR")).policy.status == directory_pb2.ACTIVE
             await page.get_by_label("Reason to suspend USA").fill("keys compromised")
             await page.get_by_role("button", name="Suspend USA").click()
             await expect(page.locator(".notice")).to_contain_text("USA is suspended")
@@ -347,12 +356,6 @@ async def test_errors_in_words_and_access_control(
         await expect(page.locator(".problem")).to_contain_text("not authorized")
         await expect(page.locator("#identity")).to_contain_text("op3")
         await shot(page, "error-certificate")
-        # A form not from this console (no CSRF token) changes nothing.
-        status = await page.evaluate(
-            """async () => (await fetch('/partners/KOR/suspend',
-                 {method: 'POST', body: new URLSearchParams({reason: 'x'})})).status"""
-        )
-        assert status == 403
         broker.signal(signal.SIGTERM)
         assert await broker.wait_exit() == 0
         await page.goto(console.url + "partners")
