@@ -186,8 +186,11 @@ async def test_two_person_flow_in_two_browsers(
         approve2 = card2.get_by_role("button", name="Approve")
         await expect(approve2).to_be_enabled()
         await expect(card2.locator(".why-disabled")).to_have_count(0)
+        # By keyboard: from the reason field, Tab reaches Approve, Enter presses it.
         await card2.get_by_label("Reason (recorded").fill("agreed with J2")
-        await approve2.click()
+        await p2.keyboard.press("Tab")
+        await expect(approve2).to_be_focused()
+        await p2.keyboard.press("Enter")
         await expect(p2.locator(".notice")).to_contain_text("approved")
 
         # The policy changed at the broker, approved by op2.
