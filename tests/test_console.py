@@ -139,11 +139,11 @@ async def signed_in(
     return ctx, page
 
 
-async def shot(page: Page, name: str) -> None:
+async def shot(page: Page, name: str, *, full: bool = False) -> None:
     """Save the page's screenshot for the docs, only when asked (it changes every run)."""
     if os.environ.get("CONSOLE_SCREENSHOTS") == "1":
         SHOTS.mkdir(exist_ok=True)
-        await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
+        await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full)
 
 
 async def test_two_person_flow_in_two_browsers(
@@ -165,6 +165,10 @@ async def test_two_person_flow_in_two_browsers(
     # Partner-written text is escaped, never markup.
     await expect(card.locator("q.why")).to_have_text("J2 asks for <b>TS</b> access")
     await expect(card.locator("ul.diff")).to_contain_text("clearance NATO: SECRET -> TOP SECRET")
+    changed = card.locator("table.compare tr.changed")
+    await expect(changed).to_have_count(1)
+    await expect(changed).to_contain_text("NATO=SECRET")
+    await expect(changed).to_contain_text("NATO=TOP_SECRET")
     gains = card.locator("ul.gain").first
     await expect(gains).to_contain_text("NATO TOP SECRET // REL TO KOR")
     approve1 = card.get_by_role("button", name="Approve")
@@ -172,7 +176,7 @@ async def test_two_person_flow_in_two_browsers(
     why = card.locator(".why-disabled")
     await expect(why).to_contain_text("You proposed this change")
     assert await approve1.get_attribute("aria-describedby") == await why.get_attribute("id")
-    await shot(p1, "proposals")
+    await shot(p1, "proposals", full=True)
 
     async with operator(pki, "op1", broker.port) as op1:
         [prop] = await op1.proposals()

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass, field
 
+from clients.console.policy_form import FIELDS, form_values
 from clients.sdk import OperatorClient
 from coalition.impact import Impact, change_impact
 from coalition.labels import Classification, LabelError, Precedence, label_from_proto
@@ -126,6 +127,8 @@ class ProposalView:
     diff: list[str]
     impact: Impact | None
     mine: bool
+    # (field, before, after) of the whole policy, for a pending proposal.
+    compare: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 async def proposals(
@@ -139,6 +142,13 @@ async def proposals(
         before = coalition.get(p.policy.partner)
         pending = p.state == policy_pb2.PROPOSAL_PENDING
         impact = change_impact(before, after, coalition.values()) if after and pending else None
+        compare = []
+        if after is not None and pending:
+            old = form_values(before) if before is not None else {}
+            new = form_values(after)
+            old["status"] = before.status.name.lower() if before is not None else "-"
+            new["status"] = after.status.name.lower()
+            compare = [(k, old.get(k, ""), new[k]) for k in ("status", *FIELDS)]
         out.append(
             ProposalView(
                 id=p.proposal_id,
@@ -152,6 +162,7 @@ async def proposals(
                 diff=list(p.diff),
                 impact=impact,
                 mine=p.proposed_by == me,
+                compare=compare,
             )
         )
     return out
