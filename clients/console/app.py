@@ -280,6 +280,7 @@ def build_app(console: Console, *, allowed_hosts: list[str] | None = None) -> St
             "audit.html",
             entries=[views.entry_dict(e) for e in reversed(entries)],
             last_seq=entries[-1].seq if entries else 0,
+            tail=TAIL,
             verdict=verdict,
             q=request.query_params,
         )
@@ -287,7 +288,11 @@ def build_app(console: Console, *, allowed_hosts: list[str] | None = None) -> St
     async def audit_stream(request: Request) -> Response:
         f = audit_filters(request)
         try:
-            after = int(request.query_params.get("after", "0"))
+            # A reconnecting EventSource says the last entry it got (the events' ids).
+            after = max(
+                int(request.query_params.get("after", "0") or 0),
+                int(request.headers.get("last-event-id", "0") or 0),
+            )
         except ValueError:
             after = 0
 
@@ -305,11 +310,15 @@ def build_app(console: Console, *, allowed_hosts: list[str] | None = None) -> St
                     yield f"event: problem\ndata: {json.dumps(p.title)}\n\n"
                     await asyncio.sleep(1)
                     continue
+                if len(got) == TAIL and got[0].seq > last + 1 and last:
+                    # More than TAIL new entries since the last poll: say so, never hide it.
+                    yield f"event: gap\ndata: {json.dumps(got[0].seq - last - 1)}\n\n"
                 for e in got:
                     if e.seq > last:
                         last = e.seq
                         since = max(since, e.time_ms)
-                        yield f"event: entry\ndata: {json.dumps(views.entry_dict(e))}\n\n"
+                        data = json.dumps(views.entry_dict(e))
+                        yield f"id: {e.seq}\nevent: entry\ndata: {data}\n\n"
                 await asyncio.sleep(POLL_S)
 
         return StreamingResponse(
