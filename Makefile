@@ -5,7 +5,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PROTOS := $(wildcard proto/coalition/v1/*.proto)
 
-.PHONY: all test check lint typecheck unit proto proto-check demo bench bench-quick clean pki fuzz
+# The console's browser tests drive the distribution's Chromium (Playwright cannot
+# download its own everywhere): CONSOLE_CHROMIUM names another binary.
+CHROMIUM := $(or $(CONSOLE_CHROMIUM),/usr/bin/chromium)
+
+.PHONY: all test check browser lint typecheck unit proto proto-check demo bench bench-quick clean pki fuzz
 
 all: test
 
@@ -14,7 +18,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
 	@echo "installing coalition and its dev/bench dependencies into $(VENV) ..."
-	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,console]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -36,7 +40,23 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	@$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-test: proto-check lint typecheck unit
+# Chromium for the browser tests: installed from the distribution's packages when
+# missing (as root), otherwise a clear failure; never a silent skip.
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium (the console's browser tests drive it) ..."; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && \
+		test -x "$(CHROMIUM)" || { echo "chromium installed but $(CHROMIUM) is missing; set CONSOLE_CHROMIUM" >&2; exit 1; }; \
+	else \
+		echo "The console's browser tests need Chromium at $(CHROMIUM)." >&2; \
+		echo "Install it with: sudo apt-get install -y chromium" >&2; \
+		echo "(or set CONSOLE_CHROMIUM to a Chromium or Chrome binary)" >&2; \
+		exit 1; \
+	fi
+
+test: browser proto-check lint typecheck unit
 
 format: $(STAMP)
 	@$(VENV)/bin/ruff format .

@@ -417,6 +417,7 @@ class AdminCore:
                     counts=self.exchange.counters(rec.code),
                     live_streams=self.exchange.live_streams(rec.code),
                     backlog=backlog,
+                    in_flight=self.exchange.in_flight(rec.code),
                 )
             )
         return BrokerStats(

@@ -7,6 +7,7 @@ through as they are stored.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +24,7 @@ class Counts:
     published: int = 0
     delivered: int = 0
     refused: int = 0
+    refused_by_reason: Mapping[str, int] = field(default_factory=dict)
 
 
 class ExchangeLink(Protocol):
@@ -37,6 +39,9 @@ class ExchangeLink(Protocol):
 
     def counters(self, partner: str) -> Counts:
         """partner's counts since the broker started."""
+
+    def in_flight(self, partner: str) -> int:
+        """Messages delivered to partner's live streams and not yet acknowledged."""
 
 
 class RegistryAudit(Protocol):
@@ -80,12 +85,14 @@ class PartnerView:
 
 @dataclass(frozen=True)
 class PartnerStats:
-    """One partner's counts, live streams and backlog (messages owed, not acknowledged)."""
+    """One partner's counts, live streams, backlog (messages owed, not acknowledged) and
+    in-flight window (delivered, not yet acknowledged)."""
 
     partner: str
     counts: Counts
     live_streams: int
     backlog: int
+    in_flight: int = 0
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,10 @@ class ExchangeLink:
 
     def counters(self, partner: str) -> Counts:
         c = self._ex.counters[partner]
-        return Counts(c.published, c.delivered, c.refused)
+        return Counts(c.published, c.delivered, c.refused, dict(c.refusals))
+
+    def in_flight(self, partner: str) -> int:
+        return sum(len(s.inflight) for s in self._ex.live.get(partner, ()))
 
 
 @dataclass

@@ -236,9 +236,20 @@ async def test_raising_is_proposed_then_rejected(broker: Broker, pki: Path) -> N
     assert header.split()[:4] == ["ID", "PARTNER", "STATE", "BY"]
     pid = row.split()[0]
     assert row.split()[1:4] == ["KOR", "PENDING", "op1"]
+    impact = (await cli("policy", "impact", pid, "--json", broker=broker, pki=pki)).json()
+    assert impact["partner"] == "KOR" and impact["loses_receive"] == []
+    assert "NATO TOP SECRET // REL TO KOR" in impact["gains_receive"]
+    assert "NATO SECRET // REL TO KOR // RESTRICTIVE OPS: ALPHA" in impact["gains_receive"]
+    assert "NATO SECRET // REL TO KOR // RESTRICTIVE OPS: BRAVO" in impact["gains_receive"]
+    assert impact["gains_subscribe"] == impact["loses_publish"] == []
+    text = (await cli("policy", "impact", pid, broker=broker, pki=pki)).out
+    assert f"proposal {pid} for KOR:" in text and "  gains receive:" in text
     r = await cli("policy", "reject", pid, "--reason", "no", broker=broker, pki=pki, op="op2")
     assert r.code == 0, r
     assert f"proposal {pid} rejected by op2" in r.out
+    assert "no pending proposal" in one_error_line(
+        await cli("policy", "impact", pid, broker=broker, pki=pki), 2
+    )
     assert (await cli("policy", "proposals", broker=broker, pki=pki)).out.splitlines()[1:] == []
     every = (await cli("policy", "proposals", "--all", "--json", broker=broker, pki=pki)).json()
     states = {p["proposal_id"]: p["state"] for p in every["proposals"]}
@@ -479,7 +490,8 @@ def test_every_command_has_help_with_examples() -> None:
         return [x for name, c in subs[0].choices.items() for x in leaves(c, f"{path} {name}")]
 
     found = leaves(admin_cli.parser(), "coalition-admin")
-    assert len(found) == 18  # the 16 Admin operations, audit tail, the propose alias
+    # The 16 Admin operations, audit tail, the propose alias and policy impact.
+    assert len(found) == 19
     for path, text in found:
         assert "examples:\n  coalition-admin" in text, path
         assert "--json" in text and "--identity" in text, path

@@ -44,6 +44,9 @@ class Recording:
     def counters(self, partner: str) -> Counts:
         return self.link.counters(partner)
 
+    def in_flight(self, partner: str) -> int:
+        return self.link.in_flight(partner)
+
 
 @pytest.fixture
 async def broker(pki: Path, tmp_path: Path) -> AsyncIterator[Broker]:

@@ -377,6 +377,21 @@ async def test_stats_counts_streams_and_backlog(pki: Path, env: Env) -> None:
             assert per["USA"].live_streams == 1 and stats.live_streams == 1
             assert stats.store_messages == 3 and stats.store_bytes > 0
             assert stats.audit_entries == (await env.broker.audit.count())
+            # One of three deliveries acknowledged: two in the window; the refusal by reason.
+            assert per["USA"].in_flight == 2 and per["KOR"].in_flight == 0
+            assert dict(per["KOR"].refusals) == {results[3].reason_code: 1}
+            msgs = await env.op1.messages()
+            assert [m.offset for m in msgs] == sorted((r.offset for r in results[:3]), reverse=True)
+            for m in msgs:
+                assert (m.sender, m.topic, list(m.delivered_to)) == ("KOR", "intel.ground", ["USA"])
+                assert int(m.label.classification) == LABEL.classification and m.size > 0
+            assert [m.offset for m in await env.op1.messages(limit=1, sender="KOR")] == [
+                msgs[0].offset
+            ]
+            assert await env.op1.messages(sender="USA") == []
+            assert await env.op1.messages(topic="intel.air") == []
+            older = await env.op1.messages(before_offset=msgs[0].offset)
+            assert [m.offset for m in older] == [m.offset for m in msgs[1:]]
         finally:
             sub.close()
             task.cancel()

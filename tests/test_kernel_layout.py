@@ -66,9 +66,10 @@ def test_each_command_line_sits_beside_what_it_drives() -> None:
         "coalition-node": "clients.node.cli:main",
         "coalition-admin": "clients.admin.cli:main",
         "coalition-demo": "clients.demo:main",
+        "coalition-console": "clients.console.cli:main",
     }
     assert sorted(p.name for p in (REPO / "clients").glob("*_cli.py")) == []
-    for name in ("keys", "node", "admin"):
+    for name in ("keys", "node", "admin", "console"):
         lines = len((REPO / "clients" / name / "cli.py").read_text().splitlines())
         assert lines <= MAX_LINES, (name, lines)
 

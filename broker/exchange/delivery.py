@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker.audit import AuditError, AuditItem, AuditLog
 from broker.config import BrokerConfig
@@ -47,6 +47,7 @@ class Counters:
     published: int = 0
     delivered: int = 0
     refused: int = 0
+    refusals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 class DeliveryLoop:

@@ -249,6 +249,7 @@ class PublishPipeline:
                 continue
             self.counters[partner].refused += 1
             err = r.error
+            self.counters[partner].refusals[err.code] += 1
             item = AuditItem(
                 "publish.refused",
                 partner,

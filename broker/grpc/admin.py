@@ -24,6 +24,7 @@ from broker.admin_types import (
     PolicyChange,
     ReceiverDecision,
 )
+from broker.admin_views import MessageMeta, list_messages
 from broker.audit import AuditError
 from broker.auth import current_identity
 from broker.errors import BrokerError, InvalidInput
@@ -195,6 +196,19 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
         return receivers_out(await self._guard(context, "who-receives", "", run()))
 
+    async def ListMessages(
+        self, request: admin_pb2.ListMessagesRequest, context: Ctx
+    ) -> admin_pb2.ListMessagesResponse:
+        found = await list_messages(
+            self.core.store,
+            self.core.audit,
+            before_offset=request.before_offset,
+            limit=request.limit,
+            sender=request.sender,
+            topic=request.topic,
+        )
+        return admin_pb2.ListMessagesResponse(messages=[message_out(m) for m in found])
+
 
 # -- wire in ------------------------------------------------------------------------------
 def policy_in(pb: policy_pb2.PartnerPolicy) -> PartnerPolicy:
@@ -276,6 +290,8 @@ def stats_out(st: BrokerStats) -> admin_pb2.StatsResponse:
                 refused=p.counts.refused,
                 live_streams=p.live_streams,
                 backlog=p.backlog,
+                in_flight=p.in_flight,
+                refusals=dict(p.counts.refused_by_reason),
             )
             for p in st.partners
         ],
@@ -294,3 +310,19 @@ def receivers_out(decisions: list[ReceiverDecision]) -> admin_pb2.WhoReceivesRes
             for d in decisions
         ]
     )
+
+
+def message_out(m: MessageMeta) -> admin_pb2.MessageMeta:
+    out = admin_pb2.MessageMeta(
+        offset=m.offset,
+        message_id=m.message_id,
+        sender=m.sender,
+        topic=m.topic,
+        precedence=m.precedence,
+        size=m.size,
+        stored_ms=m.stored_ms,
+        expiry_ms=m.expiry_ms,
+        delivered_to=m.delivered_to,
+    )
+    out.label.ParseFromString(m.label)
+    return out

@@ -224,6 +224,14 @@ def _policy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--all", action="store_true", help="include approved and rejected ones")
     p = _leaf(
         g,
+        "impact",
+        cmd.policy_impact,
+        "which labels and topics a pending proposal grants or withdraws",
+        "  coalition-admin policy impact 3f2a...\n  coalition-admin policy impact 3f2a... --json",
+    )
+    p.add_argument("proposal_id", metavar="PROPOSAL_ID")
+    p = _leaf(
+        g,
         "history",
         cmd.policy_history,
         "every policy version of a partner",

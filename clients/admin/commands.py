@@ -20,6 +20,7 @@ from clients.admin.render import (
     to_json,
     version_pairs,
 )
+from coalition.impact import change_impact
 from coalition.labels import LabelError, parse_label
 from coalition.policy import (
     PartnerPolicy,
@@ -217,6 +218,32 @@ async def policy_proposals(ctx: Ctx) -> None:
     ]
     heads = ("ID", "PARTNER", "STATE", "BY", "PROPOSED", "DECIDED BY", "REASON", "CHANGES")
     print(table(heads, rows))
+
+
+async def policy_impact(ctx: Ctx) -> None:
+    """What a pending proposal would grant and withdraw (coalition.impact), from the
+    partners' current policies."""
+    props = await ctx.rpc(ctx.client.proposals())
+    prop = next((p for p in props if p.proposal_id == ctx.ns.proposal_id), None)
+    if prop is None:
+        raise UsageError(f"no pending proposal {ctx.ns.proposal_id}")
+    current = {}
+    for s in await ctx.rpc(ctx.client.partners()):
+        current[s.partner] = policy_from_proto(
+            (await ctx.rpc(ctx.client.show(s.partner))).policy.policy
+        )
+    after = policy_from_proto(prop.policy)
+    imp = change_impact(current.get(after.partner), after, current.values())
+    if ctx.as_json:
+        print_json({"proposal_id": prop.proposal_id, **imp.as_dict()})
+        return
+    print(f"proposal {prop.proposal_id} for {after.partner}:")
+    if imp.empty:
+        print("  grants and withdraws no label or topic the coalition uses")
+    for name, values in imp.as_dict().items():
+        if name != "partner" and isinstance(values, list) and values:
+            print(f"  {name.replace('_', ' ')}:")
+            print("\n".join(f"    {v}" for v in values))
 
 
 async def policy_history(ctx: Ctx) -> None:

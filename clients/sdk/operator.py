@@ -120,3 +120,16 @@ class OperatorClient:
                 admin_pb2.WhoReceivesRequest(label=label_to_proto(label), topic=topic)
             )
         )
+
+    async def messages(
+        self, *, before_offset: int = 0, limit: int = 0, sender: str = "", topic: str = ""
+    ) -> list[admin_pb2.MessageMeta]:
+        """Stored messages' metadata, newest first (never their contents)."""
+        resp = await call(
+            self.stub.ListMessages(
+                admin_pb2.ListMessagesRequest(
+                    before_offset=before_offset, limit=limit, sender=sender, topic=topic
+                )
+            )
+        )
+        return list(resp.messages)

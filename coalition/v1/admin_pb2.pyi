@@ -521,18 +521,46 @@ Global___StatsRequest: _TypeAlias = StatsRequest  # noqa: Y015
 class PartnerStats(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class RefusalsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PARTNER_FIELD_NUMBER: _builtins.int
     PUBLISHED_FIELD_NUMBER: _builtins.int
     DELIVERED_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
     LIVE_STREAMS_FIELD_NUMBER: _builtins.int
     BACKLOG_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    REFUSALS_FIELD_NUMBER: _builtins.int
     partner: _builtins.str
     published: _builtins.int
     delivered: _builtins.int
     refused: _builtins.int
     live_streams: _builtins.int
     backlog: _builtins.int
+    in_flight: _builtins.int
+    """Messages delivered to the partner's live stream and not yet acknowledged."""
+    @_builtins.property
+    def refusals(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """The partner's refused publishes since the broker started, by reason code."""
+
     def __init__(
         self,
         *,
@@ -542,10 +570,12 @@ class PartnerStats(_message.Message):
         refused: _builtins.int = ...,
         live_streams: _builtins.int = ...,
         backlog: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        refusals: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "delivered", b"delivered", "live_streams", b"live_streams", "partner", b"partner", "published", b"published", "refused", b"refused"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "delivered", b"delivered", "in_flight", b"in_flight", "live_streams", b"live_streams", "partner", b"partner", "published", b"published", "refusals", b"refusals", "refused", b"refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -654,3 +684,107 @@ class WhoReceivesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WhoReceivesResponse: _TypeAlias = WhoReceivesResponse  # noqa: Y015
+
+@_typing.final
+class ListMessagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEFORE_OFFSET_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    before_offset: _builtins.int
+    """Only messages stored below this offset (0 = from the newest)."""
+    limit: _builtins.int
+    """At most this many (0 = 50; at most 500)."""
+    sender: _builtins.str
+    """Only messages from this sender ("" = any)."""
+    topic: _builtins.str
+    """Prefix match on the topic ("" = any)."""
+    def __init__(
+        self,
+        *,
+        before_offset: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        sender: _builtins.str = ...,
+        topic: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_offset", b"before_offset", "limit", b"limit", "sender", b"sender", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMessagesRequest: _TypeAlias = ListMessagesRequest  # noqa: Y015
+
+@_typing.final
+class MessageMeta(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    PRECEDENCE_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    STORED_MS_FIELD_NUMBER: _builtins.int
+    EXPIRY_MS_FIELD_NUMBER: _builtins.int
+    DELIVERED_TO_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    message_id: _builtins.str
+    sender: _builtins.str
+    topic: _builtins.str
+    precedence: _builtins.int
+    """1..4: ROUTINE, PRIORITY, IMMEDIATE, FLASH."""
+    size: _builtins.int
+    """Size of the stored (encrypted) envelope in bytes."""
+    stored_ms: _builtins.int
+    expiry_ms: _builtins.int
+    @_builtins.property
+    def label(self) -> _label_pb2.Label: ...
+    @_builtins.property
+    def delivered_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Partners the broker delivered it to, by its audit log."""
+
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        message_id: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        topic: _builtins.str = ...,
+        precedence: _builtins.int = ...,
+        label: _label_pb2.Label | None = ...,
+        size: _builtins.int = ...,
+        stored_ms: _builtins.int = ...,
+        expiry_ms: _builtins.int = ...,
+        delivered_to: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["label", b"label"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_to", b"delivered_to", "expiry_ms", b"expiry_ms", "label", b"label", "message_id", b"message_id", "offset", b"offset", "precedence", b"precedence", "sender", b"sender", "size", b"size", "stored_ms", b"stored_ms", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageMeta: _TypeAlias = MessageMeta  # noqa: Y015
+
+@_typing.final
+class ListMessagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___MessageMeta]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___MessageMeta] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015

@@ -119,6 +119,11 @@ class AdminStub:
                 request_serializer=coalition_dot_v1_dot_admin__pb2.WhoReceivesRequest.SerializeToString,
                 response_deserializer=coalition_dot_v1_dot_admin__pb2.WhoReceivesResponse.FromString,
                 _registered_method=True)
+        self.ListMessages = channel.unary_unary(
+                '/coalition.v1.Admin/ListMessages',
+                request_serializer=coalition_dot_v1_dot_admin__pb2.ListMessagesRequest.SerializeToString,
+                response_deserializer=coalition_dot_v1_dot_admin__pb2.ListMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -223,6 +228,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMessages(self, request, context):
+        """Stored messages' metadata (never their contents: envelopes are end-to-end
+        encrypted), newest first, with the partners each was delivered to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -305,6 +318,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.WhoReceives,
                     request_deserializer=coalition_dot_v1_dot_admin__pb2.WhoReceivesRequest.FromString,
                     response_serializer=coalition_dot_v1_dot_admin__pb2.WhoReceivesResponse.SerializeToString,
+            ),
+            'ListMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMessages,
+                    request_deserializer=coalition_dot_v1_dot_admin__pb2.ListMessagesRequest.FromString,
+                    response_serializer=coalition_dot_v1_dot_admin__pb2.ListMessagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -742,6 +760,33 @@ class Admin:
             '/coalition.v1.Admin/WhoReceives',
             coalition_dot_v1_dot_admin__pb2.WhoReceivesRequest.SerializeToString,
             coalition_dot_v1_dot_admin__pb2.WhoReceivesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coalition.v1.Admin/ListMessages',
+            coalition_dot_v1_dot_admin__pb2.ListMessagesRequest.SerializeToString,
+            coalition_dot_v1_dot_admin__pb2.ListMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,10 @@ class AdminStub:
     ExportAudit: _grpc.UnaryStreamMultiCallable[_admin_pb2.ExportAuditRequest, _admin_pb2.AuditRecord]
     Stats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StatsRequest, _admin_pb2.StatsResponse]
     WhoReceives: _grpc.UnaryUnaryMultiCallable[_admin_pb2.WhoReceivesRequest, _admin_pb2.WhoReceivesResponse]
+    ListMessages: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListMessagesRequest, _admin_pb2.ListMessagesResponse]
+    """Stored messages' metadata (never their contents: envelopes are end-to-end
+    encrypted), newest first, with the partners each was delivered to.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -79,6 +83,10 @@ class AdminAsyncStub(AdminStub):
     ExportAudit: _aio.UnaryStreamMultiCallable[_admin_pb2.ExportAuditRequest, _admin_pb2.AuditRecord]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_admin_pb2.StatsRequest, _admin_pb2.StatsResponse]  # type: ignore[assignment]
     WhoReceives: _aio.UnaryUnaryMultiCallable[_admin_pb2.WhoReceivesRequest, _admin_pb2.WhoReceivesResponse]  # type: ignore[assignment]
+    ListMessages: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListMessagesRequest, _admin_pb2.ListMessagesResponse]  # type: ignore[assignment]
+    """Stored messages' metadata (never their contents: envelopes are end-to-end
+    encrypted), newest first, with the partners each was delivered to.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """The operators' service. The caller's identity is its mTLS certificate
@@ -197,5 +205,15 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.WhoReceivesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.WhoReceivesResponse, _abc.Awaitable[_admin_pb2.WhoReceivesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListMessages(
+        self,
+        request: _admin_pb2.ListMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListMessagesResponse, _abc.Awaitable[_admin_pb2.ListMessagesResponse]]:
+        """Stored messages' metadata (never their contents: envelopes are end-to-end
+        encrypted), newest first, with the partners each was delivered to.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

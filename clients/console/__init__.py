@@ -1,0 +1,1 @@
+"""``coalition-console``: an operator's web console over the broker's Admin service."""
