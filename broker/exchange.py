@@ -20,7 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.audit import AuditError, AuditItem, AuditLog
-from broker.audit_keeping import AuditKeeping, acceptance_item
+from broker.audit.items import encode
+from broker.audit_keeping import AuditKeeping, acceptance_records
 from broker.config import BrokerConfig
 from broker.directory import PartnerDirectory
 from broker.directory import SigningCertNotValid as SigningCertNotValid
@@ -294,82 +295,72 @@ class ExchangeCore:
                 continue
             accepted.append((i, msg, header))
             labels[i] = label
-        audits: list[AuditItem] = []
         fresh: list[StoredMessage] = []
-        if accepted:
-            msgs = [m for _, m, _ in accepted]
+        msgs = [m for _, m, _ in accepted]
+        if msgs:
             low = self.books.disk_too_full(sum(len(m.envelope) for m in msgs))
             if low is not None:
                 for i, _, header in accepted:
                     results[i] = self._refusal(envelopes[i], low, header)
                 accepted, msgs = [], []
-            outcomes: list[Appended | Rejected | StoreFull]
+        # The request's refusals so far are recorded in the store's commit with the
+        # acceptances (see MessageStore: a commit carries its audit records).
+        early = self._refusal_audits(partner, results, now)
+        late: list[AuditItem] = []
+        outcomes: list[Appended | Rejected | StoreFull] = []
+        if msgs or early:
             try:
                 outcomes = list(
-                    await self.store.append(msgs, now, audited_through=self.books.audited_through)
+                    await self.store.append(
+                        msgs, now, records=acceptance_records, also=[encode(a) for a in early]
+                    )
                 )
             except StoreFull as exc:
-                outcomes = [exc for _ in msgs]
-            for (i, msg, header), out in zip(accepted, outcomes, strict=True):
-                if isinstance(out, Appended):
-                    self._remember(out.offset, (header, labels[i]))
-                    fresh.append(_stored(msg, out.offset, now))
-                    results[i] = exchange_pb2.PublishResult(
-                        message_id=msg.message_id,
-                        outcome=exchange_pb2.ACCEPTED,
-                        sequence=msg.sequence,
-                        offset=out.offset,
-                    )
-                    self.counters[partner].published += 1
-                    audits.append(acceptance_item(fresh[-1]))
-                elif isinstance(out, StoreFull):
-                    results[i] = self._refusal(
-                        envelopes[i], Exhausted("store_full", str(out)), header
-                    )
-                elif out.reason == "quota_exceeded":
-                    results[i] = self._refusal(
-                        envelopes[i], _quota_refusal(partner, out, len(msg.envelope)), header
-                    )
-                else:
-                    refusal: BrokerError = (
-                        AlreadyExists(
-                            "replay",
-                            f"message id {msg.message_id} was already published (replay refused)",
-                        )
-                        if out.reason == "duplicate_id"
-                        else Precondition(
-                            "sequence_not_increasing",
-                            f"sequence {msg.sequence} is not above the last accepted sequence "
-                            f"from {partner}",
-                        )
-                    )
-                    results[i] = self._refusal(envelopes[i], refusal, header)
-        audits += self._refusal_audits(partner, results, now)
+                outcomes, late = [exc for _ in msgs], early
+            self.books.recorded()
+        refused_late: list[exchange_pb2.PublishResult | None] = [None] * len(results)
+        for (i, msg, header), out in zip(accepted, outcomes, strict=True):
+            if isinstance(out, Appended):
+                self._remember(out.offset, (header, labels[i]))
+                fresh.append(_stored(msg, out.offset, now))
+                results[i] = exchange_pb2.PublishResult(
+                    message_id=msg.message_id,
+                    outcome=exchange_pb2.ACCEPTED,
+                    sequence=msg.sequence,
+                    offset=out.offset,
+                )
+                self.counters[partner].published += 1
+                continue
+            if isinstance(out, StoreFull):
+                refusal: BrokerError = Exhausted("store_full", str(out))
+            elif out.reason == "quota_exceeded":
+                refusal = _quota_refusal(partner, out, len(msg.envelope))
+            elif out.reason == "duplicate_id":
+                refusal = AlreadyExists(
+                    "replay", f"message id {msg.message_id} was already published (replay refused)"
+                )
+            else:
+                refusal = Precondition(
+                    "sequence_not_increasing",
+                    f"sequence {msg.sequence} is not above the last accepted sequence "
+                    f"from {partner}",
+                )
+            results[i] = refused_late[i] = self._refusal(envelopes[i], refusal, header)
         if fresh:
-            # Stored durably: subscribers may have them now. Their delivery audit entries
-            # are queued behind this publish's own (the audit writer is FIFO and nothing
-            # awaits between here and record_many's submit), so the chain still records
-            # the acceptance first, and both usually share one commit.
+            # Stored durably with their acceptance records: subscribers may have them now.
             if self.cfg.live_delivery:
                 size = sum(len(m.envelope) for m in fresh)
                 for subs in self.live.values():
                     for s in subs:
                         s.hand_over(fresh, size)
             self.wake_all()
-        stored = [m.offset for m in fresh]
-        self.books.accepting.update(stored)
-        try:
-            await self.audit.record_many(audits, now_ms=now)
-        except AuditError:
-            # Fail closed: what is stored stays stored (and holds the audited mark below
-            # it, so its acceptance is recorded once the log recovers), but no further
-            # publish is accepted until the audit log can record decisions again.
-            self.audit_failed = True
-            log.critical("audit log cannot be written; refusing publishes until it can")
-        else:
-            self.books.advance_audited(stored)
-        finally:
-            self.books.accepting.difference_update(stored)
+        late += self._refusal_audits(partner, refused_late, now)
+        if late:  # refused by the store itself: recorded before the answer
+            try:
+                await self.books.record(late, now)
+            except StoreError:
+                self.audit_failed = True
+                log.critical("audit records cannot be written; refusing publishes until they can")
         return [r for r in results if r is not None]
 
     def _bucket(self, partner: str, now: int) -> tuple[TokenBucket, int]:
@@ -406,12 +397,12 @@ class ExchangeCore:
         results: Sequence[exchange_pb2.PublishResult | None],
         now: int,
     ) -> list[AuditItem]:
-        """The publish.refused entries to record one by one for the refused results; the
-        audit log counts the rest into its summaries (see AuditLog.admit_refusal)."""
+        """The publish.refused entries to record one by one for the refused results (None:
+        not decided here); the audit log counts the rest into its summaries (see
+        AuditLog.admit_refusal)."""
         out: list[AuditItem] = []
         for i, r in enumerate(results):
-            assert r is not None
-            if r.outcome != exchange_pb2.REFUSED:
+            if r is None or r.outcome != exchange_pb2.REFUSED:
                 continue
             self.counters[partner].refused += 1
             item = AuditItem(
@@ -440,18 +431,6 @@ class ExchangeCore:
     @audit_failed.setter
     def audit_failed(self, failed: bool) -> None:
         self.books.audit_failed = failed
-
-    async def flush_audited(self) -> None:
-        """Persist the audited mark now (AuditKeeping.flush_audited)."""
-        await self.books.flush_audited()
-
-    async def reconcile_audit(self) -> int:
-        """Record missing acceptance and registry entries (AuditKeeping.reconcile_audit)."""
-        return await self.books.reconcile_audit()
-
-    async def flush_registry_audit(self, *, recovering: bool = False) -> int:
-        """Record the registry outbox's entries (AuditKeeping.flush_registry_audit)."""
-        return await self.books.flush_registry_audit(recovering=recovering)
 
     async def registry_changed(self) -> None:
         """After a registry write: record its audit entry (AuditKeeping.registry_changed)."""
@@ -764,10 +743,11 @@ class ExchangeCore:
                         {"why": items[0][1]},
                     )
                 )
-            # Audited before it leaves: every delivery decision is durable first.
+            # Recorded before it leaves: every delivery decision is durable (in the store's
+            # outbox) first.
             try:
-                await self.audit.record_many(audits, now_ms=now)
-            except AuditError as exc:
+                await self.books.record(audits, now)
+            except StoreError as exc:
                 raise Exhausted(
                     "audit_unavailable",
                     "the audit log cannot be written (the broker's disk is full?); "
