@@ -9,10 +9,11 @@ subscriber costs store rows, not broker memory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -90,7 +91,27 @@ class Counters:
 
 @dataclass(eq=False)
 class Subscription:
-    """One live Subscribe stream."""
+    """One live Subscribe stream, and its live feed.
+
+    The live feed's invariants (one place; live_after, hand_over, take_live, decided):
+
+    - A message enters the feed only after the store commit that holds it and its
+      ``publish.accepted`` record (recorded before released).
+    - For a stream caught up when a publish starts, publish decides the routing of the
+      request's messages before its commit, with the same checks as ``_route`` (own
+      message, subscribed topic, ``decide()`` under the partner's policy object, a key
+      wrapped for it), and writes those delivery-decision records in that same commit;
+      the messages then enter the feed with their ``Decided``. The stream sends such a
+      message without another commit only if the partner's policy object is still the
+      one it was decided under; otherwise (policy change, suspension) it decides again
+      and records normally before sending.
+    - A reset (a store read) or an overflow drops the feed and its decisions: those
+      messages are read from the store, decided again and recorded normally. So every
+      delivery sent has a durable decision record; one decided at publish and sent
+      after such a re-decision has two (as a message redelivered on a new stream does).
+    - Nothing fed is lost: an overflowing feed sends the stream back to the store,
+      FLASH first, and the store is the source of truth for what is pending.
+    """
 
     partner: str
     patterns: tuple[str, ...]
@@ -118,6 +139,8 @@ class Subscription:
     feed_bytes: int = 0
     # The feed outgrew its bound and was dropped: the next turn reads the store.
     feed_overflow: bool = False
+    # Routing decided and recorded by publish for fed messages (see the invariants).
+    decided: dict[int, Decided] = field(default_factory=dict)
     topic_ok: dict[str, bool] = field(default_factory=dict)
     # Expiry notices (see broker.retention): sent, not yet acknowledged; and the
     # partner's notice generation last read (a new one means more to read).
@@ -134,8 +157,14 @@ class Subscription:
             self.topic_ok[topic] = hit
         return hit
 
-    def hand_over(self, fresh: Sequence[StoredMessage], size: int) -> None:
-        """Queue newly stored messages for this subscription (publish calls this)."""
+    def hand_over(
+        self,
+        fresh: Sequence[StoredMessage],
+        size: int,
+        decided: Mapping[int, Decided] | None = None,
+    ) -> None:
+        """Queue newly stored messages for this subscription (publish calls this), with
+        the routing publish decided and recorded for them, by offset."""
         if self.feed_overflow:
             return
         if (
@@ -143,11 +172,14 @@ class Subscription:
             or self.feed_bytes + size > _FEED_MAX_BYTES
         ):
             self.feed.clear()
+            self.decided.clear()
             self.feed_bytes = 0
             self.feed_overflow = True
             return
         self.feed.extend(fresh)
         self.feed_bytes += size
+        if decided:
+            self.decided.update(decided)
 
     def take_live(self, room: int) -> list[StoredMessage]:
         """Up to room fed messages that the last store read did not see, oldest first."""
@@ -157,6 +189,7 @@ class Subscription:
         keep: list[StoredMessage] = []
         for m in self.feed:
             if m.offset <= after or m.offset in inflight:
+                self.decided.pop(m.offset, None)
                 continue  # the store read saw it (delivered, excluded or settled there)
             (out if len(out) < room else keep).append(m)
         self.feed = keep
@@ -167,8 +200,21 @@ class Subscription:
         """Before a store read: the read will see everything fed so far."""
         self.live_after = None
         self.feed.clear()
+        self.decided.clear()
         self.feed_bytes = 0
         self.feed_overflow = False
+
+
+@dataclass(frozen=True)
+class Decided:
+    """How publish routed a message to a caught-up stream, recorded in the message's own
+    commit: the header to deliver it under (None: not delivered, for reason and why),
+    and the partner's policy object it was decided under."""
+
+    policy: PartnerPolicy
+    header: envelope_pb2.Header | None
+    reason: str
+    why: str
 
 
 class TokenBucket:
@@ -308,11 +354,13 @@ class ExchangeCore:
         early = self._refusal_audits(partner, results, now)
         late: list[AuditItem] = []
         outcomes: list[Appended | Rejected | StoreFull] = []
+        routes = self._pre_route(partner, accepted, labels, now) if msgs else {}
         if msgs or early:
+            records = functools.partial(_routed_records, routes) if routes else acceptance_records
             try:
                 outcomes = list(
                     await self.store.append(
-                        msgs, now, records=acceptance_records, also=[encode(a) for a in early]
+                        msgs, now, records=records, also=[encode(a) for a in early]
                     )
                 )
             except StoreFull as exc:
@@ -352,7 +400,12 @@ class ExchangeCore:
                 size = sum(len(m.envelope) for m in fresh)
                 for subs in self.live.values():
                     for s in subs:
-                        s.hand_over(fresh, size)
+                        ahead = routes.get(s)
+                        s.hand_over(
+                            fresh,
+                            size,
+                            {m.offset: ahead[m.message_id] for m in fresh} if ahead else None,
+                        )
             self.wake_all()
         late += self._refusal_audits(partner, refused_late, now)
         if late:  # refused by the store itself: recorded before the answer
@@ -362,6 +415,38 @@ class ExchangeCore:
                 self.audit_failed = True
                 log.critical("audit records cannot be written; refusing publishes until they can")
         return [r for r in results if r is not None]
+
+    def _pre_route(
+        self,
+        sender: str,
+        accepted: Sequence[tuple[int, NewMessage, envelope_pb2.Header]],
+        labels: Mapping[int, Label],
+        now: int,
+    ) -> dict[Subscription, dict[str, Decided]]:
+        """The caught-up streams' routing of accepted messages, decided now, by stream
+        and message id (see Subscription: the live feed's invariants)."""
+        if not self.cfg.live_delivery:
+            return {}
+        out: dict[Subscription, dict[str, Decided]] = {}
+        for subs in self.live.values():
+            for s in subs:
+                if s.live_after is None or s.feed_overflow or s.closed is not None:
+                    continue
+                rec = self.registry.get(s.partner)
+                if rec is None or rec.policy.status is PartnerStatus.SUSPENDED:
+                    continue
+                out[s] = {
+                    msg.message_id: Decided(
+                        rec.policy,
+                        *(
+                            (None, "own_message", "")
+                            if sender == s.partner
+                            else self._route_parsed(s, rec.policy, header, labels[i], now)
+                        ),
+                    )
+                    for i, msg, header in accepted
+                }
+        return out
 
     def _bucket(self, partner: str, now: int) -> tuple[TokenBucket, int]:
         """The partner's token bucket and its rate (policy, else the broker's default)."""
@@ -703,15 +788,23 @@ class ExchangeCore:
             denied: dict[str, list[tuple[StoredMessage, str]]] = defaultdict(list)
             resp = exchange_pb2.SubscribeResponse()
             out = resp.batch  # filled in place: SubscribeResponse(batch=out) copies it all
+            unrecorded: list[StoredMessage] = []
             for m in batch:
-                routed, reason, why = self._route(sub, rec, m, now)
+                ahead = sub.decided.pop(m.offset, None)
+                if ahead is not None and ahead.policy is rec.policy:
+                    routed, reason, why = ahead.header, ahead.reason, ahead.why
+                else:  # decided again, recorded below (see the live feed's invariants)
+                    ahead = None
+                    routed, reason, why = self._route(sub, rec, m, now)
                 if routed is None:
                     skipped.append(m.offset)
-                    if reason != "own_message":
+                    if reason != "own_message" and ahead is None:
                         denied[reason].append((m, why))
                     continue
                 sub.inflight.add(m.offset)
                 sent.append(m)
+                if ahead is None:
+                    unrecorded.append(m)
                 # add() + copy into place: appending a built Delivery to the repeated
                 # field costs ~10x more (upb copies the whole message again).
                 d = out.deliveries.add(
@@ -720,29 +813,7 @@ class ExchangeCore:
                 d.envelope.MergeFromString(m.envelope)
                 d.label.CopyFrom(routed.label)
             self.counters[sub.partner].delivered += len(sent)
-            audits = (
-                [
-                    _batch_audit(
-                        "deliver",
-                        sub.partner,
-                        "allow",
-                        sent,
-                        {"topics": sorted({m.topic for m in sent})},
-                    )
-                ]
-                if sent
-                else []
-            )
-            for reason, items in denied.items():
-                audits.append(
-                    _batch_audit(
-                        "deliver.denied",
-                        sub.partner,
-                        reason,
-                        [m for m, _ in items],
-                        {"why": items[0][1]},
-                    )
-                )
+            audits = _decision_items(sub.partner, unrecorded, denied)
             # Recorded before it leaves: every delivery decision is durable (in the store's
             # outbox) first.
             try:
@@ -874,9 +945,21 @@ class ExchangeCore:
             header, label = self._parsed(m)
         except (env.InvalidEnvelope, LabelError) as exc:  # validated at publish: tampering
             return None, "malformed", str(exc)
+        return self._route_parsed(sub, rec.policy, header, label, now)
+
+    def _route_parsed(
+        self,
+        sub: Subscription,
+        policy: PartnerPolicy,
+        header: envelope_pb2.Header,
+        label: Label,
+        now: int,
+    ) -> tuple[envelope_pb2.Header | None, str, str]:
+        """_route's checks after the parse (another partner's message): topic, policy,
+        wrapped key. Pure: publish runs it before the commit for caught-up streams."""
         if not sub.wants(header.topic):
             return None, "not_subscribed", f"topic {header.topic} is outside this subscription"
-        d = self._decided(decide, rec.policy, label, header.topic, now)
+        d = self._decided(decide, policy, label, header.topic, now)
         if d.reason is not Reason.ALLOW:
             return None, d.reason.value, d.explanation
         if not any(w.recipient == sub.partner for w in header.wrapped_keys):
@@ -995,6 +1078,42 @@ def _batch_audit(
     }
     mid = msgs[0].message_id if len(msgs) == 1 else ""
     return AuditItem(kind, "broker", partner, mid, decision, detail)
+
+
+def _decision_items(
+    partner: str,
+    sent: Sequence[StoredMessage],
+    denied: Mapping[str, Sequence[tuple[StoredMessage, str]]],
+) -> list[AuditItem]:
+    """A delivery batch's decision records: one ``deliver`` entry for what is sent, one
+    ``deliver.denied`` entry per reason for what is not."""
+    out = []
+    if sent:
+        topics: dict[str, object] = {"topics": sorted({m.topic for m in sent})}
+        out.append(_batch_audit("deliver", partner, "allow", sent, topics))
+    for reason, items in denied.items():
+        batch = [m for m, _ in items]
+        out.append(_batch_audit("deliver.denied", partner, reason, batch, {"why": items[0][1]}))
+    return out
+
+
+def _routed_records(
+    routes: Mapping[Subscription, Mapping[str, Decided]], stored: Sequence[StoredMessage]
+) -> list[str]:
+    """The records of a publish's commit (MessageStore.append's records; pure, run in the
+    store's writer): the acceptances, then each caught-up stream's decisions on them."""
+    out = acceptance_records(stored)
+    for sub, decided in routes.items():
+        sent: list[StoredMessage] = []
+        denied: dict[str, list[tuple[StoredMessage, str]]] = defaultdict(list)
+        for m in stored:
+            d = decided[m.message_id]
+            if d.header is not None:
+                sent.append(m)
+            elif d.reason != "own_message":
+                denied[d.reason].append((m, d.why))
+        out += [encode(i) for i in _decision_items(sub.partner, sent, denied)]
+    return out
 
 
 def _check_pattern_limits(topics: Sequence[str], cfg: BrokerConfig) -> None:
