@@ -21,7 +21,7 @@ from broker.config import ConfigError, load_config
 from broker.retention import expiry_records
 from broker.server import Broker
 from broker.store import Appended, NewMessage, Rejected, SqliteMessageStore, StoredMessage
-from broker.store.sqlite import fair_level
+from broker.store.sweeping import fair_level
 from clients.node.inbox import Entry, Expired, Inbox
 from clients.sdk import PartnerClient, Sequencer
 from coalition import envelope as env

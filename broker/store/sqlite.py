@@ -46,11 +46,9 @@ from broker.store.schema import (
     state,
     stored,
 )
-from broker.store.sweeping import NOTICE_COLUMNS, fair_level, notice
+from broker.store.sweeping import NOTICE_COLUMNS, notice
 from broker.store.writer import GroupCommitWriter
 from coalition.labels import valid_precedence
-
-__all__ = ["SqliteMessageStore", "fair_level"]
 
 
 class SqliteMessageStore:
@@ -374,11 +372,7 @@ class SqliteMessageStore:
         """Unsettled messages above subscriber's cursor; raises StoreError if no cursor."""
 
         def read(conn: sqlite3.Connection) -> int:
-            cursor = cursor_of(conn, subscriber)
-            row = conn.execute(
-                BACKLOG,
-                (cursor, subscriber),
-            ).fetchone()
+            row = conn.execute(BACKLOG, (cursor_of(conn, subscriber), subscriber)).fetchone()
             return int(row[0])
 
         return await self._readers.run(read)
