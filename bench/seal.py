@@ -1,10 +1,13 @@
-"""Envelope seal/open/verify cost: ``python -m bench.seal [--json] [--seconds S]``.
+"""Envelope seal/open/verify cost: ``python -m bench.seal [--json] [--seconds S] [--messages N]``.
 
-1 KiB payload; seal to 1, 3 and 10 recipients (one HPKE ML-KEM-768+X25519
-encapsulation each), open by one recipient, and verify (the broker's check,
-no decryption); then the bare Ed25519 check on the same bytes with OpenSSL
+1 KiB payload. First v1 alone: seal to 1, 3 and 10 recipients (one HPKE
+ML-KEM-768+X25519 encapsulation each), open by one recipient, and verify (the broker's
+check, no decryption); then the bare Ed25519 check on the same bytes with OpenSSL
 (cryptography) and with libsodium (what coalition.ed25519 uses). Each case runs for
 about ``--seconds`` after a short warm-up.
+
+Then v1 and v2 side by side (``bench.seal_v2``), per message, at batch sizes 1, 16
+and 256, 3 recipients.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from functools import partial
 import cryptography
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from bench import seal_v2
 from coalition import ed25519, envelope
 from coalition.envelope import INTEL_SUMMARY, Recipient
 from coalition.hpke import HpkePrivateKey
@@ -129,8 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Envelope seal/open benchmark (1 KiB payload).")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--seconds", type=float, default=2.0, help="time per case (default 2)")
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=2048,
+        help="messages per batch size in the v1/v2 comparison (default 2048)",
+    )
     args = parser.parse_args(argv)
     results = run(args.seconds)
+    comparison = seal_v2.compare(args.messages)
     if args.json:
         print(
             json.dumps(
@@ -141,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                     "cryptography": cryptography.__version__,
                     "machine": platform.machine(),
                     "results": [asdict(r) for r in results],
+                    "v1_v2": seal_v2.as_json(comparison),
                 },
                 indent=2,
             )
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"envelope, {len(PAYLOAD)} B payload, cryptography {cryptography.__version__}")
         print(_table(results))
+        print()
+        print(seal_v2.table(comparison))
 
 
 if __name__ == "__main__":

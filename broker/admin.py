@@ -1,5 +1,10 @@
 """The Admin core: partner admission, versioned policy changes with a two-person rule,
-audit queries and statistics. Servicers translate protobuf to calls on this class.
+audit verification and the operators' views. It takes and returns domain values
+(``broker.admin_types``); ``broker.grpc.admin`` translates them to and from protobuf.
+
+Its collaborators are its own: the registry, the message store, the audit log, the
+registry's audit outbox (``RegistryAudit``) and a narrow view of the exchange
+(``ExchangeLink``: apply a policy change to live streams, who is connected, counters).
 """
 
 from __future__ import annotations
@@ -8,51 +13,79 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from broker.admin_types import (
+    AuditVerdict,
+    BrokerStats,
+    ExchangeLink,
+    PartnerStats,
+    PartnerSummary,
+    PartnerView,
+    PolicyChange,
+    ReceiverDecision,
+    RegistryAudit,
+)
 from broker.audit import AuditError, AuditItem, AuditLog
 from broker.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, Precondition
-from broker.exchange import ExchangeCore
-from broker.registry import Registry, StaleVersion, pending_policy
+from broker.registry import PartnerRecord, Registry, StaleVersion, pending_policy
+from broker.store import MessageStore
 from coalition.identity import IdentityError, verify_signing_cert
-from coalition.labels import LabelError, label_from_proto
+from coalition.labels import Label
 from coalition.policy import (
     PartnerPolicy,
     PartnerStatus,
-    PolicyError,
     eligibility,
     policy_diff,
     policy_from_proto,
     privilege_raises,
 )
 from coalition.topics import TopicError, validate_topic
-from coalition.v1 import admin_pb2, directory_pb2, label_pb2, policy_pb2
+from coalition.v1 import audit_pb2, policy_pb2
 
 log = logging.getLogger("coalition.broker.admin")
 
 
 class AdminCore:
-    """Operator actions. Every action, allowed or refused, is audited."""
+    """Operator actions. Every action, allowed or refused, is audited.
+
+    Refusals are ``broker.errors`` domain errors; the caller audits them with
+    ``refused()`` (the servicer does, for every action).
+    """
 
     def __init__(
         self,
-        exchange: ExchangeCore,
         registry: Registry,
+        store: MessageStore,
         audit: AuditLog,
+        registry_audit: RegistryAudit,
+        exchange: ExchangeLink,
+        ca_cert: x509.Certificate,
+        clock: Callable[[], int],
         audit_public_key: Ed25519PublicKey,
         audit_certificate: bytes = b"",
     ) -> None:
-        self.ex = exchange
         self.registry = registry
+        self.store = store
         self.audit = audit
+        self.registry_audit = registry_audit
+        self.exchange = exchange
+        self.ca_cert = ca_cert
+        self.clock = clock
         self.audit_public_key = audit_public_key
         # DER of the CA-issued certificate for audit_public_key ("" when not configured):
         # ExportAudit sends it so an export verifies offline with only the CA certificate.
         self.audit_certificate = audit_certificate
 
-    def _now(self) -> int:
-        return self.ex.clock()
+    def record(self, partner: str) -> PartnerRecord:
+        """partner's record, or NotFound ``unknown_partner``."""
+        rec = self.registry.get(partner)
+        if rec is None:
+            raise NotFound("unknown_partner", f"no partner {partner!r} is registered")
+        return rec
 
     async def refused(
         self, operator: str, action: str, code: str, message: str, partner: str = ""
@@ -64,7 +97,7 @@ class AdminCore:
             partner=partner,
             decision=code,
             detail={"action": action, "reason": message},
-            now_ms=self._now(),
+            now_ms=self.clock(),
         )
 
     # -- admission and policy -------------------------------------------------------------
@@ -73,18 +106,24 @@ class AdminCore:
         operator: str,
         partner: str,
         signing_cert: bytes,
-        policy_pb: policy_pb2.PartnerPolicy,
+        policy: PartnerPolicy,
         reason: str,
-    ) -> admin_pb2.PolicyChangeResponse:
-        """Register a partner as PENDING and propose its policy for a second operator."""
-        now = self._now()
+    ) -> PolicyChange:
+        """Register a partner as PENDING and propose its policy for a second operator.
+
+        Refused: AlreadyExists ``already_registered``, InvalidInput ``bad_signing_cert``
+        (not issued by the CA to partner, or not valid now) or ``partner_mismatch``
+        (policy names another partner), and whatever a policy change is refused with.
+        """
+        now = self.clock()
         if self.registry.get(partner) is not None:
             raise AlreadyExists("already_registered", f"partner {partner} is already registered")
         try:
-            verify_signing_cert(signing_cert, self.ex.ca_cert, partner, now)
+            verify_signing_cert(signing_cert, self.ca_cert, partner, now)
         except IdentityError as exc:
             raise InvalidInput("bad_signing_cert", f"signing certificate refused: {exc}") from exc
-        policy = self._parse_policy(policy_pb, partner)
+        if policy.partner != partner:
+            raise InvalidInput("partner_mismatch", "the policy names another partner")
         if policy.status is PartnerStatus.PENDING:
             policy = dataclasses.replace(policy, status=PartnerStatus.ACTIVE)
         await self.registry.register(
@@ -98,28 +137,32 @@ class AdminCore:
                 "partner.registered", operator, partner, "", "allow", {"reason": reason}
             ),
         )
-        await self.ex.registry_changed()
+        await self.registry_audit.registry_changed()
         return await self._change(operator, policy, reason or "admit partner", expected=0)
 
     async def set_policy(
-        self, operator: str, policy_pb: policy_pb2.PartnerPolicy, reason: str, expected: int
-    ) -> admin_pb2.PolicyChangeResponse:
-        """Apply a lowering change at once, or propose a privilege-raising one."""
-        policy = self._parse_policy(policy_pb, policy_pb.partner)
+        self, operator: str, policy: PartnerPolicy, reason: str, expected: int
+    ) -> PolicyChange:
+        """Apply a lowering change at once, or propose a privilege-raising one.
+
+        Refused: NotFound ``unknown_partner``, Precondition ``stale_version`` (expected
+        is not 0 and not the current version), InvalidInput ``no_change``.
+        """
         return await self._change(operator, policy, reason, expected=expected)
 
     async def set_status(
         self, operator: str, partner: str, status: PartnerStatus, reason: str
-    ) -> admin_pb2.PolicyChangeResponse:
-        rec = self.ex.partner_record(partner)
+    ) -> PolicyChange:
+        """Suspend (applied at once) or reinstate (proposed) partner, as set_policy."""
+        rec = self.record(partner)
         return await self._change(
             operator, dataclasses.replace(rec.policy, status=status), reason, expected=0
         )
 
     async def _change(
         self, operator: str, policy: PartnerPolicy, reason: str, *, expected: int
-    ) -> admin_pb2.PolicyChangeResponse:
-        rec = self.ex.partner_record(policy.partner)
+    ) -> PolicyChange:
+        rec = self.record(policy.partner)
         if expected and expected != rec.version:
             raise Precondition(
                 "stale_version",
@@ -129,7 +172,7 @@ class AdminCore:
         if not diff:
             raise InvalidInput("no_change", f"the policy of {policy.partner} already says that")
         raises = privilege_raises(rec.policy, policy)
-        now = self._now()
+        now = self.clock()
         if raises:
             prop = await self.registry.propose(
                 policy,
@@ -147,10 +190,10 @@ class AdminCore:
                     {"proposal": pid, "diff": diff, "raises": raises, "reason": reason},
                 ),
             )
-            await self.ex.registry_changed()
-            return admin_pb2.PolicyChangeResponse(proposal=prop)
+            await self.registry_audit.registry_changed()
+            return PolicyChange(proposal=prop)
         pv = await self._apply(policy, operator, "", reason, diff)
-        return admin_pb2.PolicyChangeResponse(applied=pv)
+        return PolicyChange(applied=pv)
 
     async def _apply(
         self,
@@ -161,8 +204,8 @@ class AdminCore:
         diff: list[str],
         expected: int = 0,
     ) -> policy_pb2.PolicyVersion:
-        now = self._now()
-        was = self.ex.partner_record(policy.partner).policy.status
+        now = self.clock()
+        was = self.record(policy.partner).policy.status
         try:
             pv = await self.registry.apply(
                 policy,
@@ -194,8 +237,8 @@ class AdminCore:
             ) from exc
         if policy.status is PartnerStatus.ACTIVE and was is not PartnerStatus.ACTIVE:
             # Deliveries start from now: the cursor of a newly active partner is the head.
-            await self.ex.store.ensure_cursor(policy.partner, await self.ex.store.head())
-        await self.ex.registry_changed()
+            await self.store.ensure_cursor(policy.partner, await self.store.head())
+        await self.registry_audit.registry_changed()
         log.info(
             "policy changed",
             extra={
@@ -205,13 +248,18 @@ class AdminCore:
                 "approved_by": approved_by,
             },
         )
-        self.ex.policy_changed(policy.partner)
+        self.exchange.policy_changed(policy.partner)
         return pv
 
     async def decide_proposal(
         self, operator: str, pid: str, *, approve: bool, reason: str
-    ) -> admin_pb2.PolicyChangeResponse:
-        """Approve (a different operator) or reject a pending proposal."""
+    ) -> PolicyChange:
+        """Approve (a different operator) or reject a pending proposal.
+
+        Refused: NotFound ``unknown_proposal``, Precondition ``proposal_decided`` or
+        ``stale_proposal`` (the policy changed since; the proposal stays pending),
+        Forbidden ``self_approval``.
+        """
         found = await self.registry.proposal(pid)
         if found is None:
             raise NotFound("unknown_proposal", f"no proposal {pid!r}")
@@ -224,7 +272,7 @@ class AdminCore:
                 f"operator {operator} proposed {pid} and cannot also approve it; "
                 "a second operator must",
             )
-        current = self.ex.partner_record(prop.policy.partner).version
+        current = self.record(prop.policy.partner).version
         if approve and current != base:
             # Refuse before marking it approved: a stale proposal can never apply, and it
             # stays pending so that an operator can reject it or propose again.
@@ -243,29 +291,21 @@ class AdminCore:
             {"proposal": pid, "proposed_by": prop.proposed_by, "reason": reason},
         )
         if not await self.registry.decide_proposal(
-            pid, state=state, decided_by=operator, now_ms=self._now(), audit=decided
+            pid, state=state, decided_by=operator, now_ms=self.clock(), audit=decided
         ):
             raise Precondition("proposal_decided", f"proposal {pid} was already decided")
-        await self.ex.registry_changed()
+        await self.registry_audit.registry_changed()
         prop.state = state
         prop.decided_by = operator
         if not approve:
-            return admin_pb2.PolicyChangeResponse(proposal=prop)
+            return PolicyChange(proposal=prop)
         policy = policy_from_proto(prop.policy)
         pv = await self._apply(
             policy, prop.proposed_by, operator, prop.reason, list(prop.diff), expected=base
         )
-        return admin_pb2.PolicyChangeResponse(applied=pv)
+        return PolicyChange(applied=pv)
 
-    def _parse_policy(self, pb: policy_pb2.PartnerPolicy, partner: str) -> PartnerPolicy:
-        if pb.partner != partner:
-            raise InvalidInput("partner_mismatch", "the policy names another partner")
-        try:
-            return policy_from_proto(pb)
-        except PolicyError as exc:
-            raise InvalidInput("bad_policy", str(exc)) from exc
-
-    async def verify(self, operator: str) -> admin_pb2.VerifyAuditResponse:
+    async def verify(self, operator: str) -> AuditVerdict:
         """Verify the audit chain and its signed checkpoints, and the store against it.
 
         Each accepted message's digest was committed to the hash chain when it was
@@ -273,13 +313,13 @@ class AdminCore:
         altered with it.
         """
         res = await self.audit.verify(self.audit_public_key)
-        tampered = set(await self.ex.store.verify_integrity())
+        tampered = set(await self.store.verify_integrity())
         for entry in await self.audit.query(kind="publish.accepted"):
             detail = json.loads(entry.detail_json or "{}")
             offset, digest = detail.get("offset"), detail.get("digest")
             if not isinstance(offset, int) or not isinstance(digest, str):
                 continue
-            stored = await self.ex.store.get(offset)
+            stored = await self.store.get(offset)
             if stored is not None and hashlib.sha256(stored.envelope).hexdigest() != digest:
                 tampered.add(offset)
         problems = [res.problem] if res.problem else []
@@ -296,11 +336,11 @@ class AdminCore:
                 actor=operator,
                 decision="allow" if ok else "verify_failed",
                 detail={"action": "audit.verify", "ok": ok, "tampered": len(tampered)},
-                now_ms=self._now(),
+                now_ms=self.clock(),
             )
         except AuditError as exc:  # a full disk: the verdict is still worth having
             log.critical("audit.verify by %s not audited: %s", operator, exc)
-        return admin_pb2.VerifyAuditResponse(
+        return AuditVerdict(
             ok=ok,
             entries=res.entries,
             checkpoints=res.checkpoints,
@@ -310,55 +350,95 @@ class AdminCore:
         )
 
     # -- views --------------------------------------------------------------------------
-    def summary(self, partner: str) -> admin_pb2.PartnerSummary:
-        rec = self.ex.partner_record(partner)
-        return admin_pb2.PartnerSummary(
+    def summary(self, partner: str) -> PartnerSummary:
+        """One partner's standing (NotFound ``unknown_partner``)."""
+        rec = self.record(partner)
+        return PartnerSummary(
             partner=rec.code,
-            status=directory_pb2.PartnerStatus.ValueType(rec.policy.status.value),
+            status=rec.policy.status,
             policy_version=rec.version,
-            connected=bool(self.ex.live.get(rec.code)),
+            connected=self.exchange.live_streams(rec.code) > 0,
             key_id=rec.key_id,
         )
 
-    async def stats(self) -> admin_pb2.StatsResponse:
-        st = await self.ex.store.stats()
-        out = admin_pb2.StatsResponse(
-            live_streams=sum(len(s) for s in self.ex.live.values()),
-            store_messages=st.messages,
-            store_bytes=st.bytes,
-            audit_entries=await self.audit.count(),
+    def partners(self) -> list[PartnerSummary]:
+        """Every registered partner's standing, by code."""
+        return [self.summary(r.code) for r in self.registry.all()]
+
+    async def show(self, partner: str) -> PartnerView:
+        """One partner in full (NotFound ``unknown_partner``)."""
+        summary = self.summary(partner)
+        history = await self.registry.history(partner)
+        return PartnerView(summary, history[-1], self.record(partner))
+
+    async def policy(self, partner: str) -> policy_pb2.PolicyVersion:
+        """partner's current policy version (NotFound ``unknown_partner``)."""
+        return (await self.history(partner))[-1]
+
+    async def history(self, partner: str) -> list[policy_pb2.PolicyVersion]:
+        """Every policy version of partner, oldest first (NotFound ``unknown_partner``)."""
+        self.record(partner)
+        return await self.registry.history(partner)
+
+    async def proposals(self, *, include_decided: bool) -> list[policy_pb2.Proposal]:
+        """Pending proposals (and the decided ones with include_decided)."""
+        return await self.registry.proposals(include_decided=include_decided)
+
+    async def query_audit(
+        self, *, partner: str, kind: str, since_ms: int, until_ms: int, limit: int, tail: bool
+    ) -> list[audit_pb2.AuditEntry]:
+        """Audit entries (AuditLog.query)."""
+        return await self.audit.query(
+            partner=partner,
+            kind=kind,
+            since_ms=since_ms,
+            until_ms=until_ms,
+            limit=limit,
+            tail=tail,
         )
+
+    def export_audit(self) -> AsyncIterator[audit_pb2.AuditEntry | audit_pb2.AuditCheckpoint]:
+        """Every audit entry in order, with its checkpoints (AuditLog.export)."""
+        return self.audit.export()
+
+    async def stats(self) -> BrokerStats:
+        """Store, audit and live-stream totals, and each partner's counts and backlog."""
+        st = await self.store.stats()
+        live_streams = self.exchange.live_streams()
+        audit_entries = await self.audit.count()
+        partners = []
         for rec in self.registry.all():
-            c = self.ex.counters[rec.code]
             # A partner not yet admitted has no cursor, so nothing is owed to it.
-            has_cursor = await self.ex.store.cursor(rec.code) is not None
-            backlog = await self.ex.store.backlog_count(rec.code) if has_cursor else 0
-            out.partners.append(
-                admin_pb2.PartnerStats(
+            has_cursor = await self.store.cursor(rec.code) is not None
+            backlog = await self.store.backlog_count(rec.code) if has_cursor else 0
+            partners.append(
+                PartnerStats(
                     partner=rec.code,
-                    published=c.published,
-                    delivered=c.delivered,
-                    refused=c.refused,
-                    live_streams=len(self.ex.live.get(rec.code, ())),
+                    counts=self.exchange.counters(rec.code),
+                    live_streams=self.exchange.live_streams(rec.code),
                     backlog=backlog,
                 )
             )
-        return out
+        return BrokerStats(
+            live_streams=live_streams,
+            store_messages=st.messages,
+            store_bytes=st.bytes,
+            audit_entries=audit_entries,
+            partners=partners,
+        )
 
-    def who_receives(self, label_pb: label_pb2.Label, topic: str) -> admin_pb2.WhoReceivesResponse:
-        """A dry run of the delivery decision for every partner, with reasons."""
+    def who_receives(self, label: Label, topic: str) -> list[ReceiverDecision]:
+        """A dry run of the delivery decision for every partner, with reasons
+        (InvalidInput ``bad_label`` for a topic that is not one)."""
         try:
-            label = label_from_proto(label_pb)
             validate_topic(topic)
-        except (LabelError, TopicError) as exc:
+        except TopicError as exc:
             raise InvalidInput("bad_label", str(exc)) from exc
-        now = self._now()
-        out = admin_pb2.WhoReceivesResponse()
-        for rec in self.registry.all():
-            e = eligibility(rec.policy, label, topic, now, has_keys=rec.bundle is not None)
-            out.decisions.append(
-                admin_pb2.WhoReceivesDecision(
-                    partner=rec.code, allowed=e.allowed, reason=e.reason, explanation=e.explanation
-                )
+        now = self.clock()
+        return [
+            ReceiverDecision(
+                rec.code,
+                eligibility(rec.policy, label, topic, now, has_keys=rec.bundle is not None),
             )
-        return out
+            for rec in self.registry.all()
+        ]

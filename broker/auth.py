@@ -1,39 +1,28 @@
-"""Authentication and service-level authorization, as a server interceptor.
+"""Who is calling and what they may call: the authentication and service-level
+authorization decisions, with no gRPC in them.
 
-The TLS layer has already verified the client certificate against the coalition
-CA. This interceptor maps the certificate's SAN URI to an identity, re-checks
-validity and revocation, and decides which service the identity may call:
-partners the Exchange service, operators the Admin service, anyone
-authenticated the health and reflection services. Servicers hold no auth code;
-they read the identity from ``current_identity()``.
-
-Requests reach the broker as bytes: the interceptor registers every handler with a
-pass-through deserializer, authorizes the caller first, and only then parses the
-request (each item of a stream as the servicer asks for it). A request that is not
-valid protobuf is refused ``INVALID_ARGUMENT`` and audited (``request.malformed``), so
-an unauthorized caller learns nothing from what it sends, and junk never surfaces as
-``UNKNOWN``.
+The TLS layer has already verified the client certificate against the coalition CA.
+``Authorizer.authorize`` takes what the connection reports (the certificate, the TLS
+version, the key exchange group) and the method called, and either returns the
+caller's identity and certificate or raises ``AuthRefused`` carrying the domain error
+to answer with: partners may call the Exchange service, operators the Admin service,
+anyone authenticated the health and reflection services; everything else is refused
+(deny by default). ``broker.grpc.interceptor`` applies these decisions to every call.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import contextvars
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
 from cryptography import x509
 
-from broker.audit import AuditError, AuditItem, AuditLog
 from broker.config import BrokerConfig
-from broker.connections import ConnectionLimit
-from broker.errors import InvalidInput
+from broker.errors import BrokerError, Exhausted, Forbidden, NotAuthenticated
+from broker.errors import MalformedRequest as MalformedRequest  # its old home, for servicers
 from broker.registry import Registry
-from broker.revocation import parse_serials, serial_hex
+from broker.revocation import parse_serials
 from coalition.identity import (
     Identity,
     IdentityError,
@@ -41,17 +30,8 @@ from coalition.identity import (
     check_validity,
     datetime_to_ms,
     identity_from_cert,
-    ms_to_datetime,
 )
 from coalition.policy import PartnerStatus
-
-log = logging.getLogger("coalition.broker.auth")
-
-_IDENTITY: contextvars.ContextVar[Identity] = contextvars.ContextVar("coalition_identity")
-# The client certificate of the call being served: (serial, not_after_ms). See track().
-_CERT: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar("coalition_cert")
-# A live call is ended this long after its certificate's not_after (the broker's clock).
-EXPIRY_GRACE_MS = 50
 
 EXCHANGE = "/coalition.v1.Exchange/"
 ADMIN = "/coalition.v1.Admin/"
@@ -61,516 +41,185 @@ OPEN_SERVICES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 
-
 TLS_VERSION = "TLSv1.3"
 # Key exchange groups accepted: hybrid post-quantum only (ML-KEM-768 with X25519), so
 # traffic recorded today cannot be decrypted later with a quantum computer.
 HYBRID_GROUPS = frozenset({"X25519MLKEM768"})
 
-
-def _tls_version(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The TLS version grpc negotiated for this call's connection ("" if not TLS)."""
-    values = list(context.auth_context().get("ssl_tls_version") or [])
-    return values[0].decode("ascii", "replace") if values else ""
-
-
-def _key_exchange_group(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The TLS key exchange group grpc negotiated for this call's connection ("" if none)."""
-    values = list(context.auth_context().get("ssl_negotiated_key_exchange_group") or [])
-    return values[0].decode("ascii", "replace") if values else ""
-
-
-@dataclass(eq=False)
-class _LiveCall:
-    """An authorized call still running: what a revocation needs to end it."""
-
-    context: grpc.aio.ServicerContext[Any, Any]
-    task: asyncio.Task[Any]
-    serial: int
-    not_after_ms: int
-    actor: str
-    partner: str
-    method: str
-    expiry: asyncio.TimerHandle | None = None
+_IDENTITY: contextvars.ContextVar[Identity] = contextvars.ContextVar("coalition_identity")
 
 
 def current_identity() -> Identity:
-    """The authenticated caller of the RPC being served."""
+    """The authenticated caller of the RPC being served (LookupError outside a call)."""
     return _IDENTITY.get()
 
 
-MALFORMED_KIND = "request.malformed"
+def identity_or_none() -> Identity | None:
+    """The authenticated caller of the RPC being served, or None before authentication."""
+    return _IDENTITY.get(None)
 
 
-class MalformedRequest(InvalidInput):
-    """A request, or the ``ordinal``-th request of a stream, that does not parse."""
-
-    def __init__(self, message_name: str, ordinal: int, exc: BaseException) -> None:
-        where = f"request {ordinal} of the stream" if ordinal else "request"
-        super().__init__(
-            "malformed_request", f"{where} is not a valid {message_name}: {exc or type(exc)}"
-        )
-        self.ordinal = ordinal
+def set_identity(ident: Identity) -> None:
+    """Make ident the caller of the RPC being served (the interceptor, once authorized)."""
+    _IDENTITY.set(ident)
 
 
 class AuthRefused(Exception):
-    def __init__(self, status: grpc.StatusCode, code: str, message: str, actor: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.actor = status, code, message, actor
+    """A call refused before it ran: ``error`` is what the caller is told (its class gives
+    the status), ``actor`` the identity's URI when the certificate named one ("" if not).
+    """
+
+    def __init__(self, error: BrokerError, actor: str) -> None:
+        super().__init__(error.message)
+        self.error, self.actor = error, actor
+
+    @property
+    def code(self) -> str:
+        return self.error.code
+
+    @property
+    def message(self) -> str:
+        return self.error.message
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Resolve the mTLS identity and refuse (audited) what it may not call."""
+@dataclass(frozen=True)
+class Caller:
+    """An authorized caller and the certificate it called with."""
 
-    def __init__(
-        self, cfg: BrokerConfig, registry: Registry, audit: AuditLog, clock: Callable[[], int]
-    ) -> None:
+    identity: Identity
+    serial: int
+    not_after_ms: int
+
+
+def _unauthenticated(code: str, message: str, actor: str = "") -> AuthRefused:
+    return AuthRefused(NotAuthenticated(code, message), actor)
+
+
+def _forbidden(code: str, message: str, actor: str) -> AuthRefused:
+    return AuthRefused(Forbidden(code, message), actor)
+
+
+def check_tls(tls_version: str, key_exchange_group: str) -> None:
+    """Refuse (UNAUTHENTICATED) a connection that is not TLS 1.3 with a hybrid
+    post-quantum key exchange: grpc Python can neither set the minimum version nor
+    restrict the server's groups, but it reports what was negotiated."""
+    if tls_version != TLS_VERSION:
+        raise _unauthenticated(
+            "tls_version",
+            f"the connection uses {tls_version or 'no TLS'}; {TLS_VERSION} is required",
+        )
+    if key_exchange_group not in HYBRID_GROUPS:
+        raise _unauthenticated(
+            "key_exchange",
+            f"the connection's TLS key exchange is {key_exchange_group or 'unknown'}; the "
+            f"hybrid post-quantum {', '.join(sorted(HYBRID_GROUPS))} is required (a current "
+            "grpc client offers it by default)",
+        )
+
+
+def too_many_connections(ident: Identity, limit: int) -> AuthRefused:
+    """The refusal (RESOURCE_EXHAUSTED) of a call on one connection too many."""
+    return AuthRefused(
+        Exhausted(
+            "too_many_connections",
+            f"{ident.uri} already has calls in progress on {limit} connections, the most "
+            "allowed; make further calls on those (one connection carries many calls)",
+        ),
+        ident.uri,
+    )
+
+
+class Authorizer:
+    """The decisions: identity from the certificate, validity and revocation, and which
+    service the identity may call. Reads the registry and the configured operators."""
+
+    def __init__(self, cfg: BrokerConfig, registry: Registry, clock: Callable[[], int]) -> None:
         self.cfg = cfg
         self.registry = registry
-        self.audit = audit
         self.clock = clock
         # Serials compared as numbers: "011D49", "01:1d:49" and "0x11d49" are one serial.
         self.revoked = parse_serials(cfg.revoked_serials)
-        self._live: dict[int, set[_LiveCall]] = {}
-        self._ending: set[asyncio.Task[bool]] = set()
-        self.connections = ConnectionLimit(cfg.max_connections_per_identity)
 
-    def authorize(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:
-        """The caller's identity, or AuthRefused."""
-        auth = context.auth_context()
-        pems = list(auth.get("x509_pem_cert") or [])
+    def set_revoked(self, entries: Iterable[str]) -> tuple[list[int], list[int]]:
+        """Make entries the revoked serials; return those newly revoked and those no
+        longer revoked. Raises ValueError for an entry that is not a serial (nothing
+        changes then)."""
+        revoked = parse_serials(entries)
+        added = sorted(revoked - self.revoked)
+        removed = sorted(self.revoked - revoked)
+        self.revoked = revoked
+        return added, removed
+
+    def authorize(
+        self, pems: Sequence[bytes], tls_version: str, key_exchange_group: str, method: str
+    ) -> Caller:
+        """The caller of method, from the connection's client certificate (PEM, first
+        one) and TLS parameters, or AuthRefused (UNAUTHENTICATED or PERMISSION_DENIED)."""
         if not pems:
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "no_certificate",
-                "a client certificate is required",
-                "",
-            )
-        tls = _tls_version(context)
-        if tls != TLS_VERSION:
-            # grpc Python has no knob for the minimum TLS version, so it is enforced here.
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "tls_version",
-                f"the connection uses {tls or 'no TLS'}; {TLS_VERSION} is required",
-                "",
-            )
-        group = _key_exchange_group(context)
-        if group not in HYBRID_GROUPS:
-            # grpc Python cannot restrict the server's groups, but reports the one chosen.
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "key_exchange",
-                f"the connection's TLS key exchange is {group or 'unknown'}; the hybrid "
-                f"post-quantum {', '.join(sorted(HYBRID_GROUPS))} is required (a current "
-                "grpc client offers it by default)",
-                "",
-            )
+            raise _unauthenticated("no_certificate", "a client certificate is required")
+        check_tls(tls_version, key_exchange_group)
         try:
             cert = x509.load_pem_x509_certificate(pems[0])
             ident = identity_from_cert(cert)
         except (ValueError, IdentityError) as exc:
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "no_identity",
-                f"the client certificate names no coalition identity: {exc}",
-                "",
+            raise _unauthenticated(
+                "no_identity", f"the client certificate names no coalition identity: {exc}"
             ) from exc
         try:
             check_validity(cert, self.clock(), "the client certificate")
         except IdentityError as exc:
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED, "cert_expired", str(exc), ident.uri
-            ) from exc
-        _CERT.set((cert.serial_number, datetime_to_ms(cert.not_valid_after_utc)))
+            raise _unauthenticated("cert_expired", str(exc), ident.uri) from exc
         if cert.serial_number in self.revoked:
-            raise AuthRefused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "cert_revoked",
-                "the client certificate has been revoked",
-                ident.uri,
+            raise _unauthenticated(
+                "cert_revoked", "the client certificate has been revoked", ident.uri
             )
+        self.admit(ident, method)
+        return Caller(ident, cert.serial_number, datetime_to_ms(cert.not_valid_after_utc))
+
+    def admit(self, ident: Identity, method: str) -> None:
+        """Whether ident may call method: AuthRefused if not."""
         if method.startswith(OPEN_SERVICES):
-            return ident
+            return
         if method.startswith(EXCHANGE):
-            if ident.kind is not IdentityKind.PARTNER:
-                raise AuthRefused(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "not_a_partner",
-                    f"{ident.uri} is not a partner; the Exchange service is for partners",
-                    ident.uri,
-                )
-            rec = self.registry.get(ident.name)
-            if rec is None:
-                raise AuthRefused(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "unknown_partner",
-                    f"partner {ident.name} is not registered with this broker; "
-                    "an operator must admit it",
-                    ident.uri,
-                )
-            if rec.policy.status is PartnerStatus.PENDING:
-                # Deny by default: proposed by one operator is not admitted. Until a
-                # second operator approves, only the health check answers.
-                raise AuthRefused(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "not_admitted",
-                    f"partner {ident.name} is not admitted yet: its admission awaits a "
-                    "second operator's approval",
-                    ident.uri,
-                )
-            return ident
+            self._admit_partner(ident)
+            return
         if method.startswith(ADMIN):
             if ident.kind is not IdentityKind.OPERATOR:
-                raise AuthRefused(
-                    grpc.StatusCode.PERMISSION_DENIED,
+                raise _forbidden(
                     "not_an_operator",
                     f"{ident.uri} is not an operator; the Admin service is for operators",
                     ident.uri,
                 )
             if ident.name not in self.cfg.operators:
-                raise AuthRefused(
-                    grpc.StatusCode.UNAUTHENTICATED,
+                raise _unauthenticated(
                     "unknown_operator",
                     f"operator {ident.name} is not authorized on this broker",
                     ident.uri,
                 )
-            return ident
-        raise AuthRefused(
-            grpc.StatusCode.PERMISSION_DENIED,
-            "unknown_service",
-            f"no such service for {ident.uri}",
-            ident.uri,
-        )
-
-    async def _check(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
-        try:
-            ident = self.authorize(context, method)
-            self._hold_connection(context, ident)
-            _IDENTITY.set(ident)
-        except AuthRefused as exc:
-            one_by_one = await self._audit(
-                context,
-                kind="auth.refused",
-                actor=exc.actor or context.peer(),
-                decision=exc.code,
-                detail={"method": method, "reason": exc.message, "tls": _tls_version(context)},
-                source=exc.actor or "unidentified",
-            )
-            if one_by_one:
-                log.warning(
-                    "refused", extra={"method": method, "actor": exc.actor, "reason": exc.code}
-                )
-            await context.abort(exc.status, exc.message)
-        self.track(context, method)
-
-    def track(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
-        """Remember an authorized call until it ends, so that revoking its certificate can
-        end it (set_revoked), and so can the certificate expiring while the call goes on.
-        Runs in the call's own task, after authorize()."""
-        cert, task = _CERT.get(None), asyncio.current_task()
-        if cert is None or task is None:
             return
-        ident = _IDENTITY.get()
-        partner = ident.name if ident.kind is IdentityKind.PARTNER else ""
-        call = _LiveCall(context, task, cert[0], cert[1], ident.uri, partner, method)
-        self._live.setdefault(call.serial, set()).add(call)
-        self._arm_expiry(call)
-        # The stubs declare DoneCallback as a class; grpc calls any callable with the context.
-        context.add_done_callback(lambda _: self._untrack(call))  # type: ignore[arg-type]
+        raise _forbidden("unknown_service", f"no such service for {ident.uri}", ident.uri)
 
-    def _untrack(self, call: _LiveCall) -> None:
-        if call.expiry is not None:
-            call.expiry.cancel()
-            call.expiry = None
-        calls = self._live.get(call.serial)
-        if calls is not None:
-            calls.discard(call)
-            if not calls:
-                del self._live[call.serial]
-
-    def _arm_expiry(self, call: _LiveCall) -> None:
-        delay_ms = max(call.not_after_ms - self.clock(), 0) + EXPIRY_GRACE_MS
-        call.expiry = asyncio.get_running_loop().call_later(delay_ms / 1000, self._expiry_due, call)
-
-    def _expiry_due(self, call: _LiveCall) -> None:
-        """The timer of a live call's certificate expiry: end the call if the broker's
-        clock agrees it has expired, else wait again."""
-        call.expiry = None
-        if call not in self._live.get(call.serial, ()):
-            return
-        if self.clock() <= call.not_after_ms:
-            self._arm_expiry(call)
-            return
-        when = ms_to_datetime(call.not_after_ms).isoformat()
-        task = asyncio.ensure_future(
-            self._end(call, "cert_expired", f"the client certificate expired at {when}")
-        )
-        self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
-
-    def live_calls(self) -> int:
-        """How many authorized calls are running now."""
-        return sum(len(c) for c in self._live.values())
-
-    async def set_revoked(self, entries: Iterable[str]) -> tuple[list[int], int]:
-        """Make entries the revoked serials now (a reload); return the newly revoked serials
-        and how many live calls were ended.
-
-        Every live call (a Subscribe or Publish stream, an operator's audit export, ...)
-        made with a newly revoked certificate ends at once with UNAUTHENTICATED
-        ``cert_revoked``, each audited. Raises ValueError for an entry that is not a serial
-        (nothing changes then).
-        """
-        revoked = parse_serials(entries)
-        added = sorted(revoked - self.revoked)
-        removed = sorted(self.revoked - revoked)
-        self.revoked = revoked
-        await self._record(
-            kind="revocation.reloaded",
-            actor="broker",
-            decision="allow",
-            detail={
-                "revoked": len(revoked),
-                "added": [serial_hex(s) for s in added],
-                "removed": [serial_hex(s) for s in removed],
-            },
-        )
-        ended = 0
-        for serial in added:
-            for call in list(self._live.get(serial, ())):
-                message = "the client certificate has been revoked"
-                ended += await self._end(call, "cert_revoked", message)
-        log.warning(
-            "revoked serials reloaded",
-            extra={"revoked": len(revoked), "added": len(added), "ended_calls": ended},
-        )
-        return added, ended
-
-    async def _end(self, call: _LiveCall, code: str, message: str) -> bool:
-        """End a live call with UNAUTHENTICATED code, audited first (once: a call both
-        revoked and expired is ended by whichever comes first)."""
-        if call not in self._live.get(call.serial, ()):
-            return False
-        self._untrack(call)
-        await self._record(
-            kind="auth.refused",
-            actor=call.actor,
-            partner=call.partner,
-            decision=code,
-            detail={
-                "method": call.method,
-                "reason": f"{message}; the call in progress was ended",
-                "serial": serial_hex(call.serial),
-            },
-        )
-        extra = {"method": call.method, "actor": call.actor, "reason": code}
-        log.warning("call in progress ended", extra=extra)
-        if not call.context.done():
-            # abort() sends the status from this task, then raises here (AbortError); the
-            # call's own task is cancelled so its handler stops at once.
-            with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
-                await call.context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        call.task.cancel()
-        return True
-
-    async def _record(self, **entry: Any) -> None:
-        """An audit entry; if the log cannot take it, the call is ended all the same."""
-        try:
-            await self.audit.record(**entry, now_ms=self.clock())
-        except AuditError as exc:
-            log.critical("audit entry not written: %s", exc, extra={"kind": entry["kind"]})
-
-    def _hold_connection(
-        self, context: grpc.aio.ServicerContext[Any, Any], ident: Identity
-    ) -> None:
-        """Count this call's connection as busy for ident until the call ends."""
-        peer = context.peer()
-        if not self.connections.enter(ident.uri, peer):
-            raise AuthRefused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "too_many_connections",
-                f"{ident.uri} already has calls in progress on {self.connections.limit} "
-                "connections, the most allowed; make further calls on those (one "
-                "connection carries many calls)",
+    def _admit_partner(self, ident: Identity) -> None:
+        if ident.kind is not IdentityKind.PARTNER:
+            raise _forbidden(
+                "not_a_partner",
+                f"{ident.uri} is not a partner; the Exchange service is for partners",
                 ident.uri,
             )
-        # grpc-stubs types the callback as a class; any callable of the context works.
-        context.add_done_callback(
-            lambda _: self.connections.leave(ident.uri, peer)  # type: ignore[arg-type]
-        )
-
-    async def _audit(
-        self,
-        context: grpc.aio.ServicerContext[Any, Any],
-        *,
-        kind: str,
-        actor: str,
-        decision: str,
-        detail: dict[str, object],
-        partner: str = "",
-        source: str = "",
-    ) -> bool:
-        """Record a refusal: one by one up to a threshold per caller and interval, then
-        counted into a summary (AuditLog.record_refusal). True if written one by one."""
-        item = AuditItem(kind, actor, partner, "", decision, detail)
-        try:
-            return await self.audit.record_refusal(
-                item, now_ms=self.clock(), source=source or partner or actor
+        rec = self.registry.get(ident.name)
+        if rec is None:
+            raise _unauthenticated(
+                "unknown_partner",
+                f"partner {ident.name} is not registered with this broker; "
+                "an operator must admit it",
+                ident.uri,
             )
-        except AuditError:
-            # The refusal still goes back with its status; the log says why it has no entry.
-            log.critical("audit log cannot be written; %s %s not recorded", kind, decision)
-            return True
-
-    async def malformed(
-        self, context: grpc.aio.ServicerContext[Any, Any], method: str, err: MalformedRequest
-    ) -> None:
-        """Audit a request that did not parse (the caller is already authorized)."""
-        ident = _IDENTITY.get(None)
-        who = ident.name if ident is not None else context.peer()
-        partner = ident.name if ident is not None and ident.kind is IdentityKind.PARTNER else ""
-        detail: dict[str, object] = {"method": method, "reason": err.message}
-        if err.ordinal:
-            detail["ordinal"] = err.ordinal
-        if await self._audit(
-            context,
-            kind=MALFORMED_KIND,
-            actor=who,
-            partner=partner,
-            decision=err.code,
-            detail=detail,
-        ):
-            log.warning("malformed request", extra={"method": method, "actor": who})
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method: str = handler_call_details.method
-
-        async def refuse(ctx: grpc.aio.ServicerContext[Any, Any], err: MalformedRequest) -> None:
-            await self.malformed(ctx, method, err)
-
-        return _wrap(handler, lambda ctx: self._check(ctx, method), refuse)
-
-
-Check = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
-Refuse = Callable[[grpc.aio.ServicerContext[Any, Any], MalformedRequest], Awaitable[None]]
-
-
-def _message_name(deserializer: Any) -> str:
-    cls = getattr(deserializer, "__self__", None)
-    descriptor = getattr(cls, "DESCRIPTOR", None)
-    return str(getattr(descriptor, "full_name", "request message"))
-
-
-def _parser(deserializer: Any) -> Callable[[Any, int], Any]:
-    """parse(raw, ordinal): the request message, or MalformedRequest."""
-    name = _message_name(deserializer)
-
-    def parse(raw: Any, ordinal: int) -> Any:
-        if deserializer is None or not isinstance(raw, bytes):
-            return raw
-        try:
-            return deserializer(raw)
-        except Exception as exc:  # DecodeError, and anything else a parser may raise
-            raise MalformedRequest(name, ordinal, exc) from None
-
-    return parse
-
-
-class ParsedStream:
-    """A stream's requests, parsed one by one as they are asked for.
-
-    A request that does not parse is audited, then raised as MalformedRequest; the
-    servicer decides how to end the stream (after answering the earlier requests).
-    ``last_size`` is the serialized size of the request just returned.
-    """
-
-    def __init__(
-        self,
-        raw: AsyncIterator[Any],
-        parse: Callable[[Any, int], Any],
-        ctx: grpc.aio.ServicerContext[Any, Any],
-        refuse: Refuse,
-    ) -> None:
-        self._raw, self._parse, self._ctx, self._refuse = raw, parse, ctx, refuse
-        self.count = 0
-        self.last_size = 0
-
-    def __aiter__(self) -> ParsedStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        raw = await anext(self._raw)
-        self.count += 1
-        self.last_size = len(raw) if isinstance(raw, bytes) else 0
-        try:
-            return self._parse(raw, self.count)
-        except MalformedRequest as err:
-            await self._refuse(self._ctx, err)
-            raise
-
-
-def _wrap(h: Any, check: Check, refuse: Refuse) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler taking raw bytes: check() first, then parse, in the handler's task.
-
-    A malformed unary request is refused INVALID_ARGUMENT (audited by refuse()); a
-    stream's requests are parsed lazily (ParsedStream), and a MalformedRequest the
-    servicer lets escape ends the stream INVALID_ARGUMENT.
-    """
-    parse = _parser(h.request_deserializer)
-
-    async def unary_request(req: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await check(ctx)
-        try:
-            return parse(req, 0)
-        except MalformedRequest as err:
-            await refuse(ctx, err)
-            await ctx.abort(err.status, err.message)
-
-    if h.unary_unary:
-        inner_uu = h.unary_unary
-
-        async def uu(req: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            return await inner_uu(await unary_request(req, ctx), ctx)
-
-        return grpc.unary_unary_rpc_method_handler(uu, None, h.response_serializer)
-    if h.unary_stream:
-        inner_us = h.unary_stream
-
-        async def us(req: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            parsed = await unary_request(req, ctx)
-            async for item in inner_us(parsed, ctx):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(us, None, h.response_serializer)
-    if h.stream_unary:
-        inner_su = h.stream_unary
-
-        async def su(it: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await check(ctx)
-            try:
-                return await inner_su(ParsedStream(it, parse, ctx, refuse), ctx)
-            except MalformedRequest as err:
-                await ctx.abort(err.status, err.message)
-
-        return grpc.stream_unary_rpc_method_handler(su, None, h.response_serializer)
-    inner_ss = h.stream_stream
-
-    async def ss(it: Any, ctx: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        await check(ctx)
-        try:
-            async for item in inner_ss(ParsedStream(it, parse, ctx, refuse), ctx):
-                yield item
-        except MalformedRequest as err:
-            await ctx.abort(err.status, err.message)
-
-    return grpc.stream_stream_rpc_method_handler(ss, None, h.response_serializer)
+        if rec.policy.status is PartnerStatus.PENDING:
+            # Deny by default: proposed by one operator is not admitted. Until a second
+            # operator approves, only the health check answers.
+            raise _forbidden(
+                "not_admitted",
+                f"partner {ident.name} is not admitted yet: its admission awaits a "
+                "second operator's approval",
+                ident.uri,
+            )

@@ -20,15 +20,18 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from broker.admin import AdminCore
+from broker.admin_types import Counts
 from broker.audit import AuditError, AuditLog
-from broker.auth import AuthInterceptor
 from broker.config import BrokerConfig
 from broker.errors import BrokerError
 from broker.exchange import Clock, ExchangeCore
+from broker.grpc.admin import AdminServicer
+from broker.grpc.exchange import ExchangeServicer
+from broker.grpc.interceptor import AuthInterceptor
+from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.registry import Registry
 from broker.retention import Retention
-from broker.servicers import AdminServicer, ExchangeServicer
 from broker.store import SqliteMessageStore, StoreError
 from coalition.clock import wall_clock_ms
 from coalition.pki import load_broker
@@ -43,6 +46,25 @@ SERVICES = (
     exchange_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
+
+
+class ExchangeLink:
+    """The admin core's view of the exchange (broker.admin_types.ExchangeLink)."""
+
+    def __init__(self, exchange: ExchangeCore) -> None:
+        self._ex = exchange
+
+    def policy_changed(self, partner: str) -> None:
+        self._ex.policy_changed(partner)
+
+    def live_streams(self, partner: str | None = None) -> int:
+        if partner is None:
+            return sum(len(subs) for subs in self._ex.live.values())
+        return len(self._ex.live.get(partner, ()))
+
+    def counters(self, partner: str) -> Counts:
+        c = self._ex.counters[partner]
+        return Counts(c.published, c.delivered, c.refused)
 
 
 @dataclass
@@ -135,7 +157,9 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
         clock=clock,
     )
     registry = Registry(data / "state.db")
-    exchange = ExchangeCore(cfg, store, audit, registry, creds.ca_cert, clock)
+    exchange = ExchangeCore(
+        cfg, store, audit, registry, creds.ca_cert, clock, status_of=status_name
+    )
     drainer = exchange.books.drainer
     drainer.add_source("messages", store)
     audit.before_read = drainer.drain  # audit reads see every committed decision
@@ -162,7 +186,17 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     audit_cert_der = b""
     if creds.audit_cert is not None:
         audit_cert_der = creds.audit_cert.public_bytes(serialization.Encoding.DER)
-    admin = AdminCore(exchange, registry, audit, creds.audit_key.public_key(), audit_cert_der)
+    admin = AdminCore(
+        registry,
+        store,
+        audit,
+        exchange.books,
+        ExchangeLink(exchange),
+        creds.ca_cert,
+        clock,
+        creds.audit_key.public_key(),
+        audit_cert_der,
+    )
     auth = AuthInterceptor(cfg, registry, audit, clock)
     server = grpc.aio.server(
         interceptors=[auth],

@@ -1,10 +1,9 @@
 """Ed25519 signature checks, on libsodium (PyNaCl). Keys, signing and X.509 stay in cryptography.
 
 Every Ed25519 check in the code base goes through ``verify`` here. Why a second library:
-the check is the largest single cost per message. The broker pays it once per envelope
-and every recipient pays it for every delivery. libsodium's check takes about half the
-time of OpenSSL's for the same RFC 8032 signature (on the benchmark host, 69-107 µs against
-158-175 µs with cryptography 50; ``python -m bench.seal`` prints both).
+the check is the largest single cost per message (the broker pays it once per envelope,
+every recipient for every delivery), and libsodium's is the faster of the two; the
+figures are in docs/bench.md, and ``python -m bench.seal`` measures both.
 
 libsodium is also the stricter of the two. It refuses a non-canonical ``S`` (``S >= L``),
 small-order public keys and a non-canonical ``R``, none of which an honest signer produces.

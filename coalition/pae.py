@@ -10,6 +10,8 @@ from __future__ import annotations
 HEADER_TYPE = "application/vnd.coalition.header.v1+proto"
 KEY_BUNDLE_TYPE = "application/vnd.coalition.key-bundle.v1+proto"
 AUDIT_CHECKPOINT_TYPE = "application/vnd.coalition.audit-checkpoint.v1"
+# Envelope v2: the batch root a publisher signs (coalition.envelope_v2).
+BATCH_ROOT_TYPE = "application/vnd.coalition.batch-root.v2+proto"
 
 
 def pae(payload_type: str, body: bytes) -> bytes:

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-NODE = [sys.executable, "-m", "clients.node_cli"]
+NODE = [sys.executable, "-m", "clients.node.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
 

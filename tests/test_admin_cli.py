@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from broker.server import Broker
-from clients import admin_cli
+from clients.admin import cli as admin_cli
 from clients.admin.policy_flags import FlagError, parse_level, parse_policy_level
 from coalition.labels import Classification
 from tests.helpers import admit, partner, policy, running_broker
@@ -70,7 +70,7 @@ async def cli(
     env: dict[str, str] | None = None,
 ) -> Run:
     """Run coalition-admin in a subprocess; the in-process broker keeps serving meanwhile."""
-    argv = [sys.executable, "-m", "clients.admin_cli"]
+    argv = [sys.executable, "-m", "clients.admin.cli"]
     if broker is not None:
         argv += ["--broker", f"127.0.0.1:{broker.port}"]
     if pki is not None and op is not None:
@@ -343,7 +343,7 @@ async def test_audit_verify_reports_the_first_broken_entry(
 
 
 async def test_audit_tail_follow_prints_new_entries(broker: Broker, pki: Path) -> None:
-    argv = [sys.executable, "-m", "clients.admin_cli", "--broker", f"127.0.0.1:{broker.port}",
+    argv = [sys.executable, "-m", "clients.admin.cli", "--broker", f"127.0.0.1:{broker.port}",
             "--identity", str(pki / "operators" / "op1")]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *argv, "audit", "tail", "-f", "--interval", "0.1", "--json",

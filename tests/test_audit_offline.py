@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clients import admin_cli
+from clients.admin import cli as admin_cli
 from coalition.audit_chain import entry_hash, sign_checkpoint
 from coalition.identity import Identity
 from coalition.pki import create_ca, issue_signing_cert

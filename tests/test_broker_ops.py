@@ -19,8 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from broker.auth import AuthInterceptor, AuthRefused
+from broker.auth import AuthRefused
 from broker.config import BrokerConfig, ConfigError, load_config
+from broker.grpc.interceptor import AuthInterceptor
+from broker.grpc.status import status_of
 from broker.server import Broker
 from clients.sdk import ClientError, PartnerClient, secure_channel
 from coalition.identity import Identity
@@ -210,7 +212,7 @@ async def test_tls13_is_negotiated_and_required(pki: Path, broker: Broker) -> No
     with pytest.raises(AuthRefused) as info:
         interceptor.authorize(Probe(downgraded), method)  # type: ignore[arg-type]
     assert info.value.code == "tls_version"
-    assert info.value.status == grpc.StatusCode.UNAUTHENTICATED
+    assert status_of(info.value.error) == grpc.StatusCode.UNAUTHENTICATED
 
 
 # -- configuration and command line ---------------------------------------------------------

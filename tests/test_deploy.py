@@ -185,7 +185,7 @@ def test_missing_pki_directory_is_one_sentence(tmp_path: Path) -> None:
 
 def keys(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "coalition.keys_cli", *args],
+        [sys.executable, "-m", "clients.keys.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

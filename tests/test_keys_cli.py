@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from coalition.keys_cli import main
+from clients.keys.cli import main
 
 SUBCOMMANDS = [
     "init-ca",
@@ -47,7 +47,7 @@ def root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
 def test_dev_pki_as_a_subprocess_makes_the_default_partners(tmp_path: Path) -> None:
     d = tmp_path / "pki"
     done = subprocess.run(
-        [sys.executable, "-m", "coalition.keys_cli", "dev-pki", str(d)],
+        [sys.executable, "-m", "clients.keys.cli", "dev-pki", str(d)],
         capture_output=True,
         text=True,
         check=False,

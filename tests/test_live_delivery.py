@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from broker import exchange as exchange_mod
+from broker.exchange import live as live_mod
+from broker.exchange import publish as publish_mod
 from broker.server import Broker
 from clients.sdk import PartnerClient, Subscription
 from clients.sdk import publish as sdk_publish
@@ -188,7 +189,7 @@ async def test_overflowing_feed_falls_back_to_the_store(
     pair: tuple[Broker, PartnerClient, PartnerClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     b, kor, usa = pair
-    monkeypatch.setattr(exchange_mod, "_FEED_MAX_MESSAGES", 4)
+    monkeypatch.setattr(live_mod, "FEED_MAX_MESSAGES", 4)
     counting = CountingStore(b.exchange.store)
     b.exchange.store = counting
     sub = usa.subscribe([TOPIC], window=2)
@@ -327,13 +328,13 @@ async def test_small_requests_verified_inline_never_overtake_a_large_one(
     the store first (refused: sequence not increasing). Every one must be accepted, in
     order, and the large ones must really have been handed to the thread."""
     b, kor, _ = pair
-    big = exchange_mod.INLINE_VERIFY_MAX * 5
+    big = publish_mod.INLINE_VERIFY_MAX * 5
     sizes = [big, 1, 1, big, 1, 2, big, 1]
     sealed = [
         (await kor.seal(f"m{i}".encode(), topic=TOPIC, label=LABEL, recipients=["USA"])).envelope
         for i in range(sum(sizes))
     ]
-    core = b.exchange
+    core = b.exchange.pipeline
     handed: list[int] = []
     signed = core._signed
 
@@ -366,7 +367,7 @@ async def test_few_but_large_envelopes_are_verified_off_the_loop(
     """Two envelopes over the inline byte bound go to the verify thread; two small ones
     are checked on the loop (the thread is idle). Both are accepted."""
     b, kor, _ = pair
-    core = b.exchange
+    core = b.exchange.pipeline
     handed: list[int] = []
     signed = core._signed
 
@@ -375,7 +376,7 @@ async def test_few_but_large_envelopes_are_verified_off_the_loop(
         return signed(partner_code, envelopes)
 
     core._signed = spy  # type: ignore[method-assign,assignment]
-    big = exchange_mod.INLINE_VERIFY_MAX_BYTES // 2 + 1024
+    big = publish_mod.INLINE_VERIFY_MAX_BYTES // 2 + 1024
     await _publish(kor, [b"a" * big, b"b" * big])
     await _publish(kor, [b"c", b"d"])
     assert handed == [2, 0]  # [on the thread, inline]

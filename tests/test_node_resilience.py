@@ -332,13 +332,55 @@ async def test_a_handshake_failing_for_the_clock_names_the_clock(tmp_path: Path)
         finally:
             assert await stop(daemon) == 0
         text = log.read_text()
-        # Before: only "unreachable" and grpc's raw handshake error.
-        assert "the broker's TLS certificate is not valid until" in text, text
-        assert "the node's clock may be slow" in text
+        # Before: only "unreachable" and grpc's raw handshake error. The sentence is the
+        # SDK's (the same one every client prints), with this host's clock reading.
+        assert f"TLS handshake with broker 127.0.0.1:{b.port} failed: " in text, text
+        assert "the broker's certificate is not yet valid by this computer's clock" in text
+        assert "(it reads 20" in text and "this clock is probably behind" in text
         # Status lines only: no raw gRPC Core log line in between.
         assert all(line.startswith("20") for line in text.splitlines()), text
     finally:
         await b.stop(grace=1)
+
+
+async def test_a_broker_from_another_ca_stops_the_daemon_with_the_sdk_sentence(
+    tmp_path: Path, broker: Broker
+) -> None:
+    # The node's identity comes from a PKI the session broker was not issued from.
+    other = tmp_path / "other-pki"
+    make_dev_pki(other, ["USA"], ["op1"], now_ms(), force=True)
+    cfg = write_config(tmp_path / "usa" / "node.toml", other, "USA", broker.port)
+    log = tmp_path / "usa.log"
+    daemon = await start_daemon(cfg, log, "--log-json")
+    code = await _exit_code(daemon, 20)
+    if code is None:
+        await stop(daemon)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert code == 1, lines
+    refused = [d for d in lines if d.get("event") == "refused"]
+    assert len(refused) == 1, lines
+    # One explanation, the SDK's: the same sentence coalition-admin and publish print,
+    # and the reason it carries (before: the daemon fetched the certificate itself and
+    # wrote its own sentence, with no reason field).
+    assert refused[0]["tls_reason"] == "other_ca", refused
+    assert (
+        f"TLS handshake with broker 127.0.0.1:{broker.port} failed: the broker's certificate "
+        "is not signed by this coalition's CA (pki/ca.crt)"
+    ) in refused[0]["msg"], refused
+
+
+def test_the_sdk_reason_decides_whether_the_daemon_retries() -> None:
+    from clients.node.daemon import Kind, classify
+    from clients.sdk import BrokerTlsError, TlsReason
+
+    kinds = {r: classify(BrokerTlsError("sentence", r)) for r in TlsReason}
+    assert kinds == {
+        TlsReason.OTHER_CA: Kind.PERMANENT,
+        TlsReason.NOT_YET_VALID: Kind.TRANSIENT,
+        TlsReason.EXPIRED: Kind.TRANSIENT,
+        TlsReason.NAME_MISMATCH: Kind.TRANSIENT,
+        TlsReason.UNVERIFIED: Kind.TRANSIENT,
+    }
 
 
 def test_reconnect_caps_are_configurable(tmp_path: Path) -> None:

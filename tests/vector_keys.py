@@ -1,7 +1,8 @@
 """Test-vector keys, derived in code from public labels so no private key is ever committed.
 
 These keys are public by construction (anyone can derive them): use them only for
-test vectors. Used by scripts/make_envelope_vectors.py and tests/test_envelope_vectors.py.
+test vectors. Used by scripts/make_envelope_vectors.py, scripts/make_envelope_v2_vectors.py and the
+tests of both vector files.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from coalition.envelope import Recipient
 from coalition.hpke import PRIVATE_LEN, HpkePrivateKey, HpkePublicKey
+from coalition.hybrid import PRIVATE_LEN as HYBRID_PRIVATE_LEN
+from coalition.hybrid import HybridPublicKey, HybridSigningKey
 
 _PREFIX = b"coalition test vector: "
 
@@ -46,7 +49,7 @@ def hpke_key(partner: str) -> HpkePrivateKey:
 
 
 def key_id_for(public: HpkePublicKey) -> str:
-    """First 16 hex of SHA-256 of the public key, as coalition.pki.key_id_for defines it."""
+    """First 16 hex of SHA-256 of the public key, as coalition.identity.key_id_for defines it."""
     return hashlib.sha256(public.raw).hexdigest()[:16]
 
 
@@ -95,4 +98,34 @@ def public_summary() -> dict[str, dict[str, str]]:
             "hpke_key_id": p.hpke_key_id,
             "hpke_public_key_sha256": hashlib.sha256(p.hpke_key.public_key().raw).hexdigest(),
         }
+    return out
+
+
+def hybrid_key(partner: str) -> HybridSigningKey:
+    """The partner's hybrid (Ed25519 + ML-DSA-65) test signing key, for envelope v2."""
+    return HybridSigningKey.from_private_bytes(
+        _derive(_PREFIX + b"hybrid signing " + partner.encode(), HYBRID_PRIVATE_LEN)
+    )
+
+
+def hybrid_key_id(partner: str) -> str:
+    """A stand-in for the hybrid signing certificate serial (hex)."""
+    return hashlib.sha256(_PREFIX + b"hybrid key id " + partner.encode()).hexdigest()[:16]
+
+
+def hybrid_signer(sender: str, key_id: str) -> HybridPublicKey:
+    """A directory of the vector partners' hybrid keys; KeyError when unknown."""
+    if sender not in PARTNERS or key_id != hybrid_key_id(sender):
+        raise KeyError((sender, key_id))
+    return hybrid_key(sender).public_key()
+
+
+def public_summary_v2() -> dict[str, dict[str, str]]:
+    """As public_summary, with the hybrid signing keys envelope v2 uses."""
+    out = public_summary()
+    for code in PARTNERS:
+        out[code]["hybrid_key_id"] = hybrid_key_id(code)
+        out[code]["hybrid_public_key_sha256"] = hashlib.sha256(
+            hybrid_key(code).public_key().raw
+        ).hexdigest()
     return out

@@ -146,7 +146,7 @@ class Demo:
     def start_node(self, code: str) -> None:
         proc = Proc(
             f"node {code}",
-            python_module("clients.node_cli", "run", "--config", str(self.node_config(code))),
+            python_module("clients.node.cli", "run", "--config", str(self.node_config(code))),
             self.work / "logs" / f"node-{code}.log",
         )
         proc.start()
@@ -180,7 +180,7 @@ class Demo:
         body.write_text(text)
         proc = await asyncio.create_subprocess_exec(
             *python_module(
-                "clients.node_cli",
+                "clients.node.cli",
                 "publish",
                 "--config",
                 str(self.node_config(sender)),

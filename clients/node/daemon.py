@@ -12,6 +12,11 @@ or not known to the broker at all: retried from 1 s doubling to 5 min, registeri
 nothing meanwhile), or permanent (a certificate the broker does not accept, a key
 bundle it refuses, not a partner at all, topics the policy does not permit: the
 daemon stops with one sentence and exit status 1, since retrying cannot help).
+
+A TLS handshake that fails verification is explained by the SDK (``BrokerTlsError``, one
+sentence and a ``TlsReason``); the daemon logs that sentence with the reason
+(``tls_reason``) and stops only for a broker certificate from another CA: a clock can be
+corrected, and the broker re-issued for its address, while the node keeps retrying.
 """
 
 from __future__ import annotations
@@ -22,13 +27,9 @@ import datetime as dt
 import enum
 import os
 import random
-import socket
-import ssl
 from collections.abc import Callable, Sequence
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from clients.node import parked
 from clients.node.config import NodeConfig
@@ -37,9 +38,9 @@ from clients.node.inbox import GAP_BEHIND_S, GAP_GRACE_S, Expired, Inbox
 from clients.node.logs import log
 from clients.node.receive import Handled, Outcome, handle
 from clients.node.status import State, write_state
-from clients.sdk import BrokerTlsError, ClientError, PartnerClient, Subscription
+from clients.sdk import BrokerTlsError, ClientError, PartnerClient, Subscription, TlsReason
 from coalition.clock import wall_clock_ms
-from coalition.identity import datetime_to_ms, ms_to_datetime
+from coalition.identity import ms_to_datetime
 from coalition.pki import PartnerCredentials
 from coalition.v1 import directory_pb2, exchange_pb2
 
@@ -102,6 +103,10 @@ _TRANSIENT = frozenset(
 
 def classify(exc: ClientError) -> Kind:
     """Transient, waiting for operators, or permanent (see the module docstring)."""
+    if isinstance(exc, BrokerTlsError):
+        # A clock may be corrected and a broker re-issued for its address while the node
+        # runs; a broker from another CA needs this node's ca.crt and identity replaced.
+        return Kind.PERMANENT if exc.reason is TlsReason.OTHER_CA else Kind.TRANSIENT
     if exc.status in _TRANSIENT:
         return Kind.TRANSIENT
     text = exc.message.lower()
@@ -123,7 +128,7 @@ _UNKNOWN_PARTNER = "not registered with this broker"
 def describe(exc: ClientError, target: str, me: str) -> str:
     """One status sentence for a failed connection attempt."""
     if isinstance(exc, BrokerTlsError):
-        return f"broker {target}: {exc}"
+        return f"TLS handshake with broker {target} failed: {exc}"
     if exc.status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return f"broker {target} unreachable ({exc.message})"
     if exc.status == grpc.StatusCode.UNAUTHENTICATED and _UNKNOWN_PARTNER in exc.message:
@@ -135,68 +140,13 @@ def describe(exc: ClientError, target: str, me: str) -> str:
     return f"broker {target}: {exc.status.name}: {exc.message}"
 
 
-def _handshake_failed(exc: ClientError) -> bool:
-    text = exc.message.lower()
-    return exc.status == grpc.StatusCode.UNAVAILABLE and (
-        "handshake" in text or "certificate" in text or "ssl" in text
-    )
-
-
-def _broker_certificate(target: str, timeout: float = 5.0) -> x509.Certificate | None:
-    """The certificate the broker presents, fetched WITHOUT verifying it, only to explain
-    a failed handshake (nothing is sent on this connection); None if it cannot be had."""
-    host, _, port = target.rpartition(":")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    try:
-        with (
-            socket.create_connection((host.strip("[]"), int(port)), timeout) as raw,
-            ctx.wrap_socket(raw, server_hostname=host.strip("[]")) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except (OSError, ValueError):
-        return None
-    return None if der is None else x509.load_der_x509_certificate(der)
-
-
-def explain_handshake(
-    cert: x509.Certificate | None, ca: x509.Certificate, now_ms: int
-) -> tuple[Kind, str] | None:
-    """Why the broker's certificate fails for this node: the node's clock, or another CA."""
-    if cert is None:
-        return None
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return (
-            Kind.PERMANENT,
-            "the broker's TLS certificate is not issued by this node's CA (was the PKI "
-            "regenerated? the node needs the broker's current ca.crt and a certificate "
-            "issued by it)",
-        )
-    now = ms_to_datetime(now_ms)
-    start = max(cert.not_valid_before_utc, ca.not_valid_before_utc)
-    end = min(cert.not_valid_after_utc, ca.not_valid_after_utc)
-    if now < start:
-        return (
-            Kind.TRANSIENT,
-            f"the broker's TLS certificate is not valid until {_iso(start)} by this node's "
-            f"clock ({_iso(now)}): the node's clock may be slow "
-            f"({(datetime_to_ms(start) - now_ms) // 1000} s); check its time synchronisation",
-        )
-    if now > end:
-        return (
-            Kind.TRANSIENT,
-            f"the broker's TLS certificate expired at {_iso(end)} by this node's clock "
-            f"({_iso(now)}): the node's clock may be fast, or the broker needs a new "
-            "certificate",
-        )
-    return None
-
-
 def _iso(when: dt.datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _tls_reason(exc: ClientError) -> dict[str, str]:
+    """The log field naming why a TLS handshake failed (the SDK's reason), if it did."""
+    return {"tls_reason": exc.reason.value} if isinstance(exc, BrokerTlsError) else {}
 
 
 def node_clock() -> Callable[[], int]:
@@ -258,7 +208,7 @@ class NodeDaemon:
                 except ClientError as exc:
                     if self.stop.is_set():
                         break
-                    kind, sentence = await self._judge(exc)
+                    kind, sentence = classify(exc), describe(exc, self.cfg.broker, self.me)
                     if kind is Kind.PERMANENT:
                         log.error(
                             "%s; stopping: retrying cannot help until this is fixed",
@@ -269,6 +219,7 @@ class NodeDaemon:
                                 "partner": self.me,
                                 "status": exc.status.name,
                                 "kind": kind.value,
+                                **_tls_reason(exc),
                             },
                         )
                         self._state(State.REFUSED, sentence)
@@ -290,16 +241,6 @@ class NodeDaemon:
                 extra={"event": "stopped", "messages": n, "quarantined": q},
             )
         return status
-
-    async def _judge(self, exc: ClientError) -> tuple[Kind, str]:
-        kind, sentence = classify(exc), describe(exc, self.cfg.broker, self.me)
-        if _handshake_failed(exc):
-            cert = await asyncio.to_thread(_broker_certificate, self.cfg.broker)
-            why = explain_handshake(cert, self.client.ca_cert, self.clock())
-            if why is not None:
-                kind = why[0]
-                sentence = f"TLS handshake with broker {self.cfg.broker} failed: {why[1]}"
-        return kind, sentence
 
     async def _wait_retry(self, kind: Kind, sentence: str, exc: ClientError) -> None:
         if kind is Kind.OPERATOR:
@@ -323,6 +264,7 @@ class NodeDaemon:
                 "status": exc.status.name,
                 "kind": kind.value,
                 "retry_s": round(delay, 3),
+                **_tls_reason(exc),
             },
         )
         with contextlib.suppress(TimeoutError):

@@ -6,10 +6,11 @@ publishes with per-envelope results, and subscribes with acknowledgement.
 ``OperatorClient`` wraps the Admin service. gRPC errors are mapped at this edge to
 ``ClientError``.
 
-One module per responsibility: errors (``ClientError`` and the TLS sentences), channel
-(credentials, channel options, keepalive), sequences (sequence allocation), publish (the
-Publish stream and its merging), subscription (``SubscribeStream``), partner
-(``PartnerClient``) and operator (``OperatorClient``). Callers import from here.
+One module per responsibility: errors (``ClientError``; ``BrokerTlsError``, why a TLS
+handshake failed, as one sentence and a ``TlsReason``), channel (credentials, channel
+options, keepalive), sequences (sequence allocation), publish (the Publish stream and its
+merging), subscription (``SubscribeStream``), partner (``PartnerClient``) and operator
+(``OperatorClient``). Callers import from here.
 """
 
 from clients.sdk.channel import KEEPALIVE_ENV, KEEPALIVE_MS, keepalive_ms, secure_channel
@@ -17,6 +18,7 @@ from clients.sdk.errors import (
     BrokerTlsError,
     ClientError,
     NoRecipients,
+    TlsReason,
     call,
     client_error,
     mapped_errors,
@@ -66,6 +68,7 @@ __all__ = [
     "Sequencer",
     "SubscribeStream",
     "Subscription",
+    "TlsReason",
     "call",
     "client_error",
     "keepalive_ms",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import enum
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TypeVar
 
 import grpc
+
+from coalition.clock import wall_clock_ms
 
 T = TypeVar("T")
 
@@ -29,57 +33,85 @@ class NoRecipients(ClientError):
         self.not_sealed_for = dict(not_sealed_for or {})
 
 
-class BrokerTlsError(ClientError):
-    """The TLS handshake with the broker failed verification: retrying will not help.
+class TlsReason(enum.StrEnum):
+    """Why the broker's certificate failed this client's verification."""
 
+    OTHER_CA = "other_ca"  # not signed by this coalition's CA: another PKI
+    NOT_YET_VALID = "not_yet_valid"  # by this computer's clock (which may be behind)
+    EXPIRED = "expired"  # by this computer's clock (which may be ahead)
+    NAME_MISMATCH = "name_mismatch"  # does not name the address connected to
+    UNVERIFIED = "unverified"  # failed verification for a reason gRPC does not name
+
+    @property
+    def clock(self) -> bool:
+        """The certificate fails only for the time: this computer's clock may be wrong."""
+        return self in (TlsReason.NOT_YET_VALID, TlsReason.EXPIRED)
+
+
+class BrokerTlsError(ClientError):
+    """The TLS handshake with the broker failed verification: ``reason`` says why.
+
+    Retrying does not help until the PKI, the address or the clock is put right.
     ``str()`` is the one sentence for a person (no status name, no gRPC detail)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, reason: TlsReason = TlsReason.UNVERIFIED) -> None:
         super().__init__(grpc.StatusCode.UNAVAILABLE, message)
         self.args = (message,)
+        self.reason = reason
 
     def __str__(self) -> str:
         return self.message
 
 
-# gRPC Core's words for a failed handshake (OpenSSL/BoringSSL reasons), and the sentence.
+# gRPC Core's words for a failed handshake (OpenSSL/BoringSSL reasons), the reason and
+# the sentence; "{now}" is this computer's clock.
 _TLS_FAILURES = (
     (
         ("unable to get local issuer certificate", "self signed certificate", "self-signed"),
+        TlsReason.OTHER_CA,
         "the broker's certificate is not signed by this coalition's CA (pki/ca.crt); this "
         "identity and the broker come from different PKIs: use the ca.crt the broker's "
         "certificate was issued by, or re-issue the broker from this CA",
     ),
     (
         ("certificate is not yet valid",),
-        "the broker's certificate is not yet valid by this computer's clock: this clock is "
-        "probably behind (check the date and NTP), or the certificate was issued for a "
-        "later date",
+        TlsReason.NOT_YET_VALID,
+        "the broker's certificate is not yet valid by this computer's clock ({now}): this "
+        "clock is probably behind (check the date and NTP), or the certificate was issued "
+        "for a later date",
     ),
     (
         ("certificate has expired",),
-        "the broker's certificate has expired by this computer's clock: renew it "
+        TlsReason.EXPIRED,
+        "the broker's certificate has expired by this computer's clock ({now}): renew it "
         "('coalition-keys issue-broker --force'), or check this clock if it is ahead",
     ),
     (
         ("hostname verification check failed",),
+        TlsReason.NAME_MISMATCH,
         "the broker's certificate does not name the address this client connects to "
         "(name mismatch): connect by a name it holds, or re-issue it with "
         "'coalition-keys issue-broker --host NAME --ip ADDR'",
     ),
     (
         ("certificate_verify_failed", "certificate verify failed"),
+        TlsReason.UNVERIFIED,
         "the broker's certificate failed verification against this coalition's CA (pki/ca.crt)",
     ),
 )
 
 
-def tls_failure(details: str) -> str | None:
-    """The sentence for a gRPC UNAVAILABLE detail that is a failed TLS verification."""
+def tls_failure(details: str, now_ms: int | None = None) -> tuple[TlsReason, str] | None:
+    """The reason and sentence for a gRPC UNAVAILABLE detail that is a failed TLS
+    verification, or None; a clock sentence names ``now_ms`` (default: the wall clock)."""
     low = details.lower()
-    for needles, sentence in _TLS_FAILURES:
+    for needles, reason, sentence in _TLS_FAILURES:
         if any(n in low for n in needles):
-            return sentence
+            if reason.clock:
+                now = wall_clock_ms() if now_ms is None else now_ms
+                when = dt.datetime.fromtimestamp(now / 1000, dt.UTC)
+                sentence = sentence.format(now=f"it reads {when:%Y-%m-%dT%H:%M:%SZ}")
+            return reason, sentence
     return None
 
 
@@ -106,9 +138,9 @@ def client_error(exc: grpc.aio.AioRpcError) -> ClientError:
             "the broker ended the stream while a request was on its way; retry",
         )
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        sentence = tls_failure(exc.details() or "")
-        if sentence is not None:
-            return BrokerTlsError(sentence)
+        failure = tls_failure(exc.details() or "")
+        if failure is not None:
+            return BrokerTlsError(failure[1], failure[0])
     return ClientError(exc.code(), exc.details() or exc.code().name)
 
 

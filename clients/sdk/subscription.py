@@ -1,6 +1,6 @@
 """``SubscribeStream`` (alias ``Subscription``): the SDK's end of a Subscribe stream.
 
-Not the broker's ``Subscription`` (broker/exchange.py), which is the server's end.
+Not the broker's ``Subscription`` (broker/exchange/live.py), which is the server's end.
 """
 
 from __future__ import annotations

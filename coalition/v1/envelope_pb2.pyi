@@ -126,23 +126,223 @@ class Envelope(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CIPHERTEXT_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    HEADER_V2_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     header: _builtins.bytes
     """Serialized Header, exactly as signed."""
     ciphertext: _builtins.bytes
     """AES-256-GCM: 12-byte nonce || ciphertext || tag; AAD = header."""
     signature: _builtins.bytes
     """Ed25519 over PAE("application/vnd.coalition.header.v1+proto", header)."""
+    header_v2: _builtins.bytes
+    """v2 only (header and signature empty): the serialized HeaderV2, exactly as
+    it is a leaf of the batch tree.
+    """
+    @_builtins.property
+    def batch(self) -> Global___BatchProof:
+        """v2 only: inclusion path and the signed batch root."""
+
     def __init__(
         self,
         *,
         header: _builtins.bytes = ...,
         ciphertext: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        header_v2: _builtins.bytes = ...,
+        batch: Global___BatchProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "header", b"header", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "ciphertext", b"ciphertext", "header", b"header", "header_v2", b"header_v2", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
+
+@_typing.final
+class EpochKey(_message.Message):
+    """---------------------------------------------------------------------------
+    Envelope v2 (coalition/envelope_v2.py): batch signatures, hybrid signatures,
+    epoch keys. Additive: a v1 envelope sets header and signature and leaves the
+    fields below empty; a v2 envelope leaves header and signature empty and sets
+    header_v2 and batch (Envelope fields 4 and 5).
+
+    One recipient's copy of a v2 message's data key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_ID_FIELD_NUMBER: _builtins.int
+    ENCAPSULATION_FIELD_NUMBER: _builtins.int
+    WRAPPED_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    recipient: _builtins.str
+    key_id: _builtins.str
+    """Key id of the recipient's key bundle the epoch was opened under."""
+    epoch_id: _builtins.bytes
+    """16 random bytes naming the (sender, recipient) epoch."""
+    encapsulation: _builtins.bytes
+    """HPKE (ML-KEM-768 + X25519) encapsulation of the epoch's 32-byte
+    key-encryption key. Carried in every message of the epoch until the
+    recipient has acknowledged the epoch; empty afterwards.
+    """
+    wrapped: _builtins.bytes
+    """AES-256-GCM under the epoch key: 12-byte nonce || wrapped data key || tag.
+    Associated data: the recipient, the epoch id and HeaderV2.core.
+    """
+    sequence: _builtins.int
+    """Per (sender, recipient) sequence, as WrappedKey.sequence."""
+    def __init__(
+        self,
+        *,
+        recipient: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        epoch_id: _builtins.bytes = ...,
+        encapsulation: _builtins.bytes = ...,
+        wrapped: _builtins.bytes = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encapsulation", b"encapsulation", "epoch_id", b"epoch_id", "key_id", b"key_id", "recipient", b"recipient", "sequence", b"sequence", "wrapped", b"wrapped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EpochKey: _TypeAlias = EpochKey  # noqa: Y015
+
+@_typing.final
+class HeaderV2(_message.Message):
+    """The v2 header. Its exact bytes are a Merkle leaf; they are never re-serialized."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORE_FIELD_NUMBER: _builtins.int
+    EPOCH_KEYS_FIELD_NUMBER: _builtins.int
+    PAYLOAD_DIGEST_FIELD_NUMBER: _builtins.int
+    core: _builtins.bytes
+    """A serialized Header (message_id, sender, sequence, topic, precedence,
+    created_ms, label, content_type, signing_key_id) without wrapped_keys and
+    payload_digest. These exact bytes are the payload's associated data.
+    """
+    payload_digest: _builtins.bytes
+    """SHA-256 of Envelope.ciphertext."""
+    @_builtins.property
+    def epoch_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___EpochKey]: ...
+    def __init__(
+        self,
+        *,
+        core: _builtins.bytes = ...,
+        epoch_keys: _abc.Iterable[Global___EpochKey] | None = ...,
+        payload_digest: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["core", b"core", "epoch_keys", b"epoch_keys", "payload_digest", b"payload_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeaderV2: _TypeAlias = HeaderV2  # noqa: Y015
+
+@_typing.final
+class BatchRoot(_message.Message):
+    """The statement a publisher signs once per batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    SIGNING_KEY_ID_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    ROOT_FIELD_NUMBER: _builtins.int
+    CREATED_MS_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    signing_key_id: _builtins.str
+    """Id of the sender's hybrid (Ed25519 + ML-DSA-65) signing key."""
+    batch_id: _builtins.bytes
+    """16 random bytes."""
+    tree_size: _builtins.int
+    root: _builtins.bytes
+    """RFC 9162 Merkle tree hash over the batch's salted leaves."""
+    created_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        signing_key_id: _builtins.str = ...,
+        batch_id: _builtins.bytes = ...,
+        tree_size: _builtins.int = ...,
+        root: _builtins.bytes = ...,
+        created_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "created_ms", b"created_ms", "root", b"root", "sender", b"sender", "signing_key_id", b"signing_key_id", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchRoot: _TypeAlias = BatchRoot  # noqa: Y015
+
+@_typing.final
+class HybridSignature(_message.Message):
+    """Both signatures are over the same domain-separated bytes; both must verify."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ED25519_FIELD_NUMBER: _builtins.int
+    ML_DSA_65_FIELD_NUMBER: _builtins.int
+    ed25519: _builtins.bytes
+    ml_dsa_65: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        ed25519: _builtins.bytes = ...,
+        ml_dsa_65: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ed25519", b"ed25519", "ml_dsa_65", b"ml_dsa_65"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HybridSignature: _TypeAlias = HybridSignature  # noqa: Y015
+
+@_typing.final
+class BatchProof(_message.Message):
+    """What makes one v2 envelope verifiable on its own."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEAF_SALT_FIELD_NUMBER: _builtins.int
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    ROOT_FIELD_NUMBER: _builtins.int
+    ROOT_SIGNATURE_FIELD_NUMBER: _builtins.int
+    leaf_salt: _builtins.bytes
+    """32 random bytes prefixed to the leaf (leaf = 0x00 || salt || HeaderV2)."""
+    leaf_index: _builtins.int
+    root: _builtins.bytes
+    """Serialized BatchRoot, exactly as signed."""
+    @_builtins.property
+    def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """RFC 9162 inclusion path, leaf to root."""
+
+    @_builtins.property
+    def root_signature(self) -> Global___HybridSignature: ...
+    def __init__(
+        self,
+        *,
+        leaf_salt: _builtins.bytes = ...,
+        leaf_index: _builtins.int = ...,
+        path: _abc.Iterable[_builtins.bytes] | None = ...,
+        root: _builtins.bytes = ...,
+        root_signature: Global___HybridSignature | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["root_signature", b"root_signature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leaf_index", b"leaf_index", "leaf_salt", b"leaf_salt", "path", b"path", "root", b"root", "root_signature", b"root_signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchProof: _TypeAlias = BatchProof  # noqa: Y015

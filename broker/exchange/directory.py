@@ -1,8 +1,8 @@
 """The partner directory and key bundles: certified signing keys, what each partner may
 see of the others, key-bundle registration, and who may receive a label on a topic.
 
-ExchangeCore (broker.exchange) holds one PartnerDirectory and delegates its directory,
-key and recipient calls to it; this module holds no gRPC code.
+ExchangeCore (broker.exchange.facade) holds one PartnerDirectory and delegates its
+directory, key and recipient calls to it; this module holds no gRPC code.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from broker.audit import AuditItem
 from broker.config import BrokerConfig
 from broker.errors import Exhausted, Forbidden, InvalidInput, NotAuthenticated, NotFound
+from broker.exchange.decisions import DecisionFn
+from broker.exchange.memo import Memo
 from broker.registry import PartnerRecord, Registry
 from coalition.identity import (
     IdentityError,
@@ -31,8 +33,7 @@ from coalition.topics import TopicError, validate_topic
 from coalition.v1 import directory_pb2, label_pb2
 
 Clock = Callable[[], int]
-# A policy decision function (coalition.policy.decide_origination, decide).
-DecisionFn = Callable[[PartnerPolicy, Label, str, int], Decision]
+SIGNER_MEMO_SIZE = 4096
 
 
 class SigningCertNotValid(KeyError):
@@ -84,7 +85,7 @@ def _iso(ms: int) -> str:
 class PartnerDirectory:
     """Partners' certified signing keys and key bundles, and who may see or receive what.
 
-    label parses a label proto (memoized by ExchangeCore), decided memoizes a policy
+    label parses a label proto (memoized, see broker.exchange.decisions), decided memoizes a policy
     decision, and on_change records a registry change's audit entry (see
     AuditKeeping.registry_changed); all three are shared with the publish pipeline.
     """
@@ -107,7 +108,7 @@ class PartnerDirectory:
         self._label = label
         self._decided = decided
         self.registry_changed = on_change
-        self._signers: dict[tuple[str, str], CertifiedKey] = {}
+        self._signers: Memo[tuple[str, str], CertifiedKey] = Memo(SIGNER_MEMO_SIZE)
         self._key_changes: dict[str, deque[int]] = {}
 
     def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
@@ -137,7 +138,7 @@ class PartnerDirectory:
             except IdentityError as exc:
                 raise KeyError(sender) from exc
             cached = CertifiedKey(key, *period)
-            self._signers[(sender, key_id)] = cached
+            self._signers.put((sender, key_id), cached)
         cached.check(sender, now)
         return cached.key
 

@@ -1,7 +1,7 @@
 """``coalition-keys``: make and inspect the coalition PKI directory.
 
-The only place in the key tooling that reads the clock; the library takes ``now_ms``.
-Never prints private key material.
+The only place in the key tooling that reads the clock; ``coalition.pki`` takes ``now_ms``.
+Never prints private key material. Errors: one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -15,116 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from google.protobuf.message import DecodeError
 
+from clients.keys.describe import PROG, CliError, collect, inspect_file, iso, read_cert
 from coalition import pki
 from coalition.cli_common import EXIT_EPILOG, EXIT_ERROR, EXIT_OK, add_version, duration_days
 from coalition.clock import wall_clock_ms
-from coalition.identity import (
-    IdentityError,
-    datetime_to_ms,
-    identity_from_cert,
-    ms_to_datetime,
-    signing_key_id,
-    verify_key_bundle,
-)
-from coalition.v1 import directory_pb2
+from coalition.identity import IdentityError, signing_key_id
 
-PROG = "coalition-keys"
 DEFAULT_PARTNERS = "KOR,USA,GBR,UKR,NATO"
 DEFAULT_OPERATORS = "op1,op2"
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
-
-
 def _now_ms() -> int:
     return wall_clock_ms()
-
-
-def _iso(ms: int) -> str:
-    return ms_to_datetime(ms).isoformat().replace("+00:00", "Z")
-
-
-def _status(not_before_ms: int, not_after_ms: int, now_ms: int) -> str:
-    if now_ms < not_before_ms:
-        return "not yet valid"
-    if now_ms > not_after_ms:
-        return "expired"
-    return "valid"
-
-
-def _key_type(cert: x509.Certificate) -> str:
-    key = cert.public_key()
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return f"ECDSA {key.curve.name}"
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return "Ed25519"
-    return type(key).__name__
-
-
-def describe_cert(cert: x509.Certificate, now_ms: int) -> dict[str, Any]:
-    """Public facts about a certificate, as JSON-ready values."""
-    try:
-        identity: str | None = identity_from_cert(cert).uri
-    except IdentityError:
-        identity = None
-    nb = datetime_to_ms(cert.not_valid_before_utc)
-    na = datetime_to_ms(cert.not_valid_after_utc)
-    return {
-        "kind": "certificate",
-        "subject": cert.subject.rfc4514_string(),
-        "identity": identity,
-        "issuer": cert.issuer.rfc4514_string(),
-        "serial": signing_key_id(cert),
-        "not_before": _iso(nb),
-        "not_after": _iso(na),
-        "status": _status(nb, na, now_ms),
-        "key_type": _key_type(cert),
-        "sha256_fingerprint": cert.fingerprint(hashes.SHA256()).hex(),
-    }
-
-
-def describe_bundle(signed: directory_pb2.SignedKeyBundle, now_ms: int) -> dict[str, Any]:
-    """Public facts about a signed key bundle (signature not checked here)."""
-    bundle = directory_pb2.KeyBundle.FromString(signed.bundle)
-    h = hashes.Hash(hashes.SHA256())
-    h.update(bundle.public_key)
-    return {
-        "kind": "key bundle",
-        "partner": bundle.partner,
-        "key_id": bundle.key_id,
-        "kem": bundle.kem,
-        "not_before": _iso(bundle.not_before_ms),
-        "not_after": _iso(bundle.not_after_ms),
-        "status": _status(bundle.not_before_ms, bundle.not_after_ms - 1, now_ms),
-        "public_key_sha256": h.finalize().hex(),
-        "signature_bytes": len(signed.signature),
-    }
-
-
-def _read_cert(path: Path) -> x509.Certificate:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise CliError(f"no such file: {path}") from exc
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError as exc:
-        raise CliError(f"{path} is not a PEM certificate") from exc
-
-
-def _read_bundle(path: Path) -> directory_pb2.SignedKeyBundle:
-    signed = directory_pb2.SignedKeyBundle()
-    try:
-        signed.ParseFromString(path.read_bytes())
-        directory_pb2.KeyBundle.FromString(signed.bundle)
-    except DecodeError as exc:
-        raise CliError(f"{path} is not a key bundle") from exc
-    return signed
 
 
 # --- commands ------------------------------------------------------------------------
@@ -173,7 +76,7 @@ def _cmd_issue_broker(args: argparse.Namespace) -> None:
 
 def _broker_names(d: Path) -> str:
     """The DNS names and addresses the broker's TLS certificate was issued for."""
-    cert = _read_cert(d / "tls.crt")
+    cert = read_cert(d / "tls.crt")
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     names = [*sans.get_values_for_type(x509.DNSName)]
     names += [str(a) for a in sans.get_values_for_type(x509.IPAddress)]
@@ -200,52 +103,6 @@ def _cmd_dev_pki(args: argparse.Namespace) -> None:
         f"({_broker_names(Path(args.dir) / pki.BROKER_DIR)}), "
         f"partners {', '.join(partners) or '-'}, operators {', '.join(operators) or '-'}"
     )
-
-
-def _cert_if(path: Path, now_ms: int) -> dict[str, Any] | None:
-    return describe_cert(_read_cert(path), now_ms) if path.exists() else None
-
-
-def collect(root: Path, now_ms: int) -> dict[str, Any]:
-    """Everything ``show`` reports: certificates and key ids, never private keys."""
-    ca_crt = root / pki.CA_DIR / "ca.crt"
-    if not ca_crt.exists():
-        raise CliError(f"no PKI in {root} (missing {ca_crt}); run '{PROG} init-ca {root}'")
-    out: dict[str, Any] = {"dir": str(root), "ca": describe_cert(_read_cert(ca_crt), now_ms)}
-    b = root / pki.BROKER_DIR
-    out["broker"] = (
-        {"tls": _cert_if(b / "tls.crt", now_ms), "audit": _cert_if(b / "audit.crt", now_ms)}
-        if b.is_dir()
-        else None
-    )
-    partners = []
-    pdir = root / pki.PARTNERS_DIR
-    for d in sorted(pdir.iterdir()) if pdir.is_dir() else []:
-        if not d.is_dir():
-            continue
-        bundle_path = d / pki.BUNDLE_FILE
-        partners.append(
-            {
-                "code": d.name,
-                "tls": _cert_if(d / "tls.crt", now_ms),
-                "signing": _cert_if(d / "signing.crt", now_ms),
-                "bundle": describe_bundle(_read_bundle(bundle_path), now_ms)
-                if bundle_path.exists()
-                else None,
-                "hpke_key_ids": sorted(
-                    p.name[len(pki.HPKE_PREFIX) : -len(pki.HPKE_SUFFIX)]
-                    for p in d.glob(f"{pki.HPKE_PREFIX}*{pki.HPKE_SUFFIX}")
-                ),
-            }
-        )
-    out["partners"] = partners
-    operators = []
-    odir = root / pki.OPERATORS_DIR
-    for d in sorted(odir.iterdir()) if odir.is_dir() else []:
-        if d.is_dir():
-            operators.append({"name": d.name, "tls": _cert_if(d / "tls.crt", now_ms)})
-    out["operators"] = operators
-    return out
 
 
 def _cert_line(label: str, c: dict[str, Any] | None) -> str:
@@ -287,48 +144,6 @@ def _cmd_show(args: argparse.Namespace) -> None:
         print(_cert_line("tls", o["tls"]))
 
 
-def inspect_file(path: Path, now_ms: int) -> dict[str, Any]:
-    """Describe a certificate (PEM or DER) or a bundle.bin. Refuses private keys."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise CliError(f"no such file: {path}") from exc
-    except IsADirectoryError as exc:
-        raise CliError(f"{path} is a directory; use '{PROG} show' for a PKI directory") from exc
-    if b"PRIVATE KEY" in data or (
-        path.name.startswith(pki.HPKE_PREFIX) and path.name.endswith(pki.HPKE_SUFFIX)
-    ):
-        raise CliError(f"{path} is a private key; inspect shows certificates and bundles only")
-    cert: x509.Certificate | None = None
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            cert = x509.load_pem_x509_certificate(data)
-        else:
-            cert = x509.load_der_x509_certificate(data)
-    except ValueError:
-        cert = None
-    if cert is not None:
-        return {"file": str(path), **describe_cert(cert, now_ms)}
-    try:
-        signed = _read_bundle(path)
-        info = {"file": str(path), **describe_bundle(signed, now_ms)}
-    except CliError as exc:
-        raise CliError(f"{path} is neither a certificate nor a key bundle") from exc
-    if not info["partner"] or not signed.signature:
-        raise CliError(f"{path} is neither a certificate nor a key bundle")
-    # A bundle beside its partner's signing.crt can be checked completely.
-    signing_crt = path.parent / "signing.crt"
-    if signing_crt.exists():
-        key = _read_cert(signing_crt).public_key()
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            try:
-                verify_key_bundle(signed, key, info["partner"], now_ms)
-                info["verified"] = f"ok against {signing_crt}"
-            except IdentityError as exc:
-                info["verified"] = f"FAILED: {exc}"
-    return info
-
-
 def _cmd_inspect(args: argparse.Namespace) -> None:
     info = inspect_file(Path(args.file), _now_ms())
     if args.json:
@@ -342,7 +157,7 @@ def _cmd_rotate_hpke(args: argparse.Namespace) -> None:
     bundle = pki.rotate_hpke(args.dir, args.code, _now_ms(), valid_days=args.valid_days)
     print(
         f"rotated {args.code}: new HPKE key id {bundle.key_id}, valid until "
-        f"{_iso(bundle.not_after_ms)}; older keys kept so earlier messages still open"
+        f"{iso(bundle.not_after_ms)}; older keys kept so earlier messages still open"
     )
 
 

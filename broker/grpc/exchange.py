@@ -1,6 +1,10 @@
-"""Thin gRPC servicers: protobuf in, a call on the core, protobuf out.
+"""The Exchange servicer: protobuf in, a call on the exchange core, protobuf out.
 
-Domain errors become gRPC statuses here, through the table in broker.errors.
+The core answers with domain values (broker.exchange.outcomes) and raises domain errors;
+this module turns them into PublishResult / SubscribeResponse messages and, through the
+table in broker.grpc.status, into gRPC statuses. It also holds the Publish stream's
+pipelining and its byte budget (PublishBudget), which exist because of how HTTP/2 streams
+are read. The Admin servicer is in broker.grpc.admin.
 """
 
 from __future__ import annotations
@@ -8,35 +12,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
-from broker.admin import AdminCore
-from broker.audit import AuditError, AuditItem
-from broker.auth import MalformedRequest, current_identity
-from broker.errors import BrokerError, Exhausted, InvalidInput
-from broker.exchange import ExchangeCore
-from coalition.policy import PartnerStatus
-from coalition.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    audit_pb2,
-    exchange_pb2,
-    exchange_pb2_grpc,
-    policy_pb2,
+from broker.auth import current_identity
+from broker.errors import BrokerError, Exhausted, InvalidInput, MalformedRequest
+from broker.exchange import (
+    DeliveryBatch,
+    ExchangeCore,
+    PublishOutcome,
+    Refused,
+    StreamItem,
+    StreamStatus,
 )
+from broker.grpc.status import abort, status_name
+from broker.store.base import Notice
+from coalition.v1 import exchange_pb2, exchange_pb2_grpc
 
 log = logging.getLogger("coalition.broker")
 Ctx = grpc.aio.ServicerContext[Any, Any]
-T = TypeVar("T")
 # Publish requests of one stream being processed at once.
 PUBLISH_PIPELINE_DEPTH = 32
-
-
-async def _abort(ctx: Ctx, err: BrokerError) -> None:
-    await ctx.abort(err.status, err.message)
 
 
 class PublishBudget:
@@ -85,12 +83,8 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         self.budgets: dict[str, PublishBudget] = {}
 
     async def _refuse(self, ctx: Ctx, kind: str, partner: str, err: BrokerError) -> None:
-        item = AuditItem(kind, partner, partner, "", err.code, {"reason": err.message})
-        try:  # one by one up to a threshold per partner and interval, then summarised
-            await self.core.audit.record_refusal(item, now_ms=self.core.clock())
-        except AuditError as exc:  # disk full: the caller still gets the refusal itself
-            log.critical("%s not audited: %s", kind, exc)
-        await _abort(ctx, err)
+        await self.core.refused(kind, partner, err)  # audited by the core
+        await abort(ctx, err)
 
     async def Publish(
         self, request_iterator: AsyncIterator[exchange_pb2.PublishRequest], context: Ctx
@@ -118,7 +112,7 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         budget.streams += 1
         own = [0]  # request bytes this stream holds in flight
         inflight: asyncio.Queue[
-            tuple[exchange_pb2.PublishRequest, asyncio.Task[list[exchange_pb2.PublishResult]], int]
+            tuple[exchange_pb2.PublishRequest, asyncio.Task[list[PublishOutcome]], int]
             | MalformedRequest
             | None
         ] = asyncio.Queue(maxsize=PUBLISH_PIPELINE_DEPTH)
@@ -151,23 +145,15 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         try:
             while (item := await inflight.get()) is not None:
                 if isinstance(item, MalformedRequest):
-                    await _abort(context, item)
+                    await abort(context, item)
                     return
                 req, task, size = item
                 batch_id = req.batch_id
                 try:
-                    results = await task
+                    results = [_publish_result(o) for o in await task]
                 except BrokerError as err:
                     # Shutting down: refuse each envelope explicitly rather than drop it.
-                    results = [
-                        exchange_pb2.PublishResult(
-                            outcome=exchange_pb2.REFUSED,
-                            reason_code=err.code,
-                            reason=err.message,
-                            status=err.status.name,
-                        )
-                        for _ in req.envelopes
-                    ]
+                    results = [_refused_result("", err) for _ in req.envelopes]
                 del req, task, item  # the answer no longer needs the request's bytes
                 yield exchange_pb2.PublishResponse(batch_id=batch_id, results=results)
                 own[0] -= size
@@ -220,10 +206,10 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
 
         acks = asyncio.create_task(read_acks())
         try:
-            async for resp in self.core.deliveries(sub):
-                yield resp
+            async for item in self.core.deliveries(sub):
+                yield _subscribe_response(item)
         except BrokerError as err:
-            await _abort(context, err)
+            await abort(context, err)
         finally:
             self.core.close_subscription(sub)
             acks.cancel()
@@ -264,182 +250,56 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
         return exchange_pb2.RecipientsResponse(partners=names)
 
 
-class AdminServicer(admin_pb2_grpc.AdminServicer):
-    """Every refusal is audited with the operator and the action."""
+def _refused_result(message_id: str, err: BrokerError) -> exchange_pb2.PublishResult:
+    return exchange_pb2.PublishResult(
+        message_id=message_id,
+        outcome=exchange_pb2.REFUSED,
+        reason_code=err.code,
+        reason=err.message,
+        status=status_name(err),
+    )
 
-    def __init__(self, core: AdminCore) -> None:
-        self.core = core
 
-    async def _guard(self, ctx: Ctx, action: str, partner: str, coro: Awaitable[T]) -> T:
-        try:
-            return await coro
-        except BrokerError as err:
-            try:
-                await self.core.refused(
-                    current_identity().name, action, err.code, err.message, partner
-                )
-            except AuditError as exc:  # disk full: the operator still gets the refusal
-                log.critical("admin.refused not audited: %s", exc)
-            await _abort(ctx, err)
-            raise  # abort() raises; this keeps the type checker informed
+def _publish_result(o: PublishOutcome) -> exchange_pb2.PublishResult:
+    if isinstance(o, Refused):
+        return _refused_result(o.message_id, o.error)
+    return exchange_pb2.PublishResult(
+        message_id=o.message_id,
+        outcome=exchange_pb2.ACCEPTED,
+        sequence=o.sequence,
+        offset=o.offset,
+    )
 
-    def _op(self) -> str:
-        return current_identity().name
 
-    async def AdmitPartner(
-        self, request: admin_pb2.AdmitPartnerRequest, context: Ctx
-    ) -> admin_pb2.PolicyChangeResponse:
-        return await self._guard(
-            context,
-            "admit",
-            request.partner,
-            self.core.admit(
-                self._op(), request.partner, request.signing_cert, request.policy, request.reason
-            ),
-        )
+def _subscribe_response(item: StreamItem) -> exchange_pb2.SubscribeResponse:
+    """The wire form of one item of the delivery loop."""
+    resp = exchange_pb2.SubscribeResponse()
+    if isinstance(item, DeliveryBatch):
+        out = resp.batch  # filled in place: SubscribeResponse(batch=out) copies it all
+        for m, h in zip(item.messages, item.headers, strict=True):
+            # add() + copy into place: appending a built Delivery to the repeated field
+            # costs more (upb copies the whole message again); the stored envelope bytes
+            # are merged in, not parsed into a separate message first.
+            d = out.deliveries.add(offset=m.offset, topic=h.topic, precedence=h.precedence)
+            d.envelope.MergeFromString(m.envelope)
+            d.label.CopyFrom(h.label)
+    elif isinstance(item, StreamStatus):
+        resp.status.caught_up = item.caught_up
+        resp.status.backlog = item.backlog
+    else:
+        resp.expired.expired.extend(_expired(n) for n in item.notices)
+    return resp
 
-    async def ListPartners(
-        self, request: admin_pb2.ListPartnersRequest, context: Ctx
-    ) -> admin_pb2.ListPartnersResponse:
-        return admin_pb2.ListPartnersResponse(
-            partners=[self.core.summary(r.code) for r in self.core.registry.all()]
-        )
 
-    async def ShowPartner(
-        self, request: admin_pb2.ShowPartnerRequest, context: Ctx
-    ) -> admin_pb2.ShowPartnerResponse:
-        async def run() -> admin_pb2.ShowPartnerResponse:
-            summary = self.core.summary(request.partner)
-            history = await self.core.registry.history(request.partner)
-            entry = self.core.ex.directory_entry(request.partner)
-            return admin_pb2.ShowPartnerResponse(
-                summary=summary, policy=history[-1], directory=entry
-            )
-
-        return await self._guard(context, "show", request.partner, run())
-
-    async def GetPolicy(
-        self, request: admin_pb2.GetPolicyRequest, context: Ctx
-    ) -> policy_pb2.PolicyVersion:
-        async def run() -> policy_pb2.PolicyVersion:
-            self.core.ex.partner_record(request.partner)
-            return (await self.core.registry.history(request.partner))[-1]
-
-        return await self._guard(context, "policy.get", request.partner, run())
-
-    async def SetPolicy(
-        self, request: admin_pb2.SetPolicyRequest, context: Ctx
-    ) -> admin_pb2.PolicyChangeResponse:
-        return await self._guard(
-            context,
-            "policy.set",
-            request.policy.partner,
-            self.core.set_policy(
-                self._op(), request.policy, request.reason, request.expected_version
-            ),
-        )
-
-    async def ApproveProposal(
-        self, request: admin_pb2.DecideProposalRequest, context: Ctx
-    ) -> admin_pb2.PolicyChangeResponse:
-        return await self._guard(
-            context,
-            "proposal.approve",
-            "",
-            self.core.decide_proposal(
-                self._op(), request.proposal_id, approve=True, reason=request.reason
-            ),
-        )
-
-    async def RejectProposal(
-        self, request: admin_pb2.DecideProposalRequest, context: Ctx
-    ) -> admin_pb2.PolicyChangeResponse:
-        return await self._guard(
-            context,
-            "proposal.reject",
-            "",
-            self.core.decide_proposal(
-                self._op(), request.proposal_id, approve=False, reason=request.reason
-            ),
-        )
-
-    async def ListProposals(
-        self, request: admin_pb2.ListProposalsRequest, context: Ctx
-    ) -> admin_pb2.ListProposalsResponse:
-        return admin_pb2.ListProposalsResponse(
-            proposals=await self.core.registry.proposals(include_decided=request.all)
-        )
-
-    async def PolicyHistory(
-        self, request: admin_pb2.PolicyHistoryRequest, context: Ctx
-    ) -> admin_pb2.PolicyHistoryResponse:
-        async def run() -> admin_pb2.PolicyHistoryResponse:
-            self.core.ex.partner_record(request.partner)
-            return admin_pb2.PolicyHistoryResponse(
-                versions=await self.core.registry.history(request.partner)
-            )
-
-        return await self._guard(context, "policy.history", request.partner, run())
-
-    async def Suspend(
-        self, request: admin_pb2.StatusChangeRequest, context: Ctx
-    ) -> admin_pb2.PolicyChangeResponse:
-        return await self._guard(
-            context,
-            "suspend",
-            request.partner,
-            self.core.set_status(
-                self._op(), request.partner, PartnerStatus.SUSPENDED, request.reason
-            ),
-        )
-
-    async def Reinstate(
-        self, request: admin_pb2.StatusChangeRequest, context: Ctx
-    ) -> admin_pb2.PolicyChangeResponse:
-        return await self._guard(
-            context,
-            "reinstate",
-            request.partner,
-            self.core.set_status(self._op(), request.partner, PartnerStatus.ACTIVE, request.reason),
-        )
-
-    async def QueryAudit(
-        self, request: admin_pb2.QueryAuditRequest, context: Ctx
-    ) -> AsyncIterator[audit_pb2.AuditEntry]:
-        rows = await self.core.audit.query(
-            partner=request.partner,
-            kind=request.kind,
-            since_ms=request.since_ms,
-            until_ms=request.until_ms,
-            limit=request.limit,
-            tail=request.tail,
-        )
-        for row in rows:
-            yield row
-
-    async def VerifyAudit(
-        self, request: admin_pb2.VerifyAuditRequest, context: Ctx
-    ) -> admin_pb2.VerifyAuditResponse:
-        return await self.core.verify(self._op())
-
-    async def ExportAudit(
-        self, request: admin_pb2.ExportAuditRequest, context: Ctx
-    ) -> AsyncIterator[admin_pb2.AuditRecord]:
-        async for rec in self.core.audit.export():
-            if isinstance(rec, audit_pb2.AuditEntry):
-                yield admin_pb2.AuditRecord(entry=rec)
-            else:
-                yield admin_pb2.AuditRecord(checkpoint=rec)
-        if self.core.audit_certificate:
-            yield admin_pb2.AuditRecord(audit_certificate=self.core.audit_certificate)
-
-    async def Stats(self, request: admin_pb2.StatsRequest, context: Ctx) -> admin_pb2.StatsResponse:
-        return await self.core.stats()
-
-    async def WhoReceives(
-        self, request: admin_pb2.WhoReceivesRequest, context: Ctx
-    ) -> admin_pb2.WhoReceivesResponse:
-        async def run() -> admin_pb2.WhoReceivesResponse:
-            return self.core.who_receives(request.label, request.topic)
-
-        return await self._guard(context, "who-receives", "", run())
+def _expired(n: Notice) -> exchange_pb2.Expired:
+    return exchange_pb2.Expired(
+        offset=n.offset,
+        sender=n.sender,
+        message_id=n.message_id,
+        sequence=n.sequence,
+        recipient_sequence=n.recipient_sequence,
+        topic=n.topic,
+        reason=n.reason,
+        stored_ms=n.stored_ms,
+        removed_ms=n.removed_ms,
+    )

@@ -1,0 +1,1 @@
+"""``coalition-keys``: the command line that makes and inspects the PKI directory."""

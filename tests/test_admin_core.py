@@ -1,0 +1,125 @@
+"""The Admin core on its own collaborators, called directly (no gRPC): it takes parsed
+domain inputs and returns domain values, and tells the exchange of each applied policy
+change once, through its narrow ExchangeLink. A real broker's stores back it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker.admin_types import (
+    BrokerStats,
+    Counts,
+    ExchangeLink,
+    PartnerSummary,
+    PolicyChange,
+    ReceiverDecision,
+)
+from broker.errors import InvalidInput, NotFound
+from broker.server import Broker, start_broker
+from coalition.labels import parse_label
+from coalition.pki import load_partner
+from coalition.policy import PartnerStatus
+from coalition.v1 import policy_pb2
+from tests.helpers import broker_config, policy
+
+
+class Recording:
+    """The broker's own ExchangeLink, noting which partners it was told changed."""
+
+    def __init__(self, link: ExchangeLink) -> None:
+        self.link = link
+        self.changed: list[str] = []
+
+    def policy_changed(self, partner: str) -> None:
+        self.changed.append(partner)
+        self.link.policy_changed(partner)
+
+    def live_streams(self, partner: str | None = None) -> int:
+        return self.link.live_streams(partner)
+
+    def counters(self, partner: str) -> Counts:
+        return self.link.counters(partner)
+
+
+@pytest.fixture
+async def broker(pki: Path, tmp_path: Path) -> AsyncIterator[Broker]:
+    b = await start_broker(broker_config(pki, tmp_path / "broker"))
+    try:
+        yield b
+    finally:
+        await b.stop(grace=1)
+
+
+async def test_admission_and_suspension_in_domain_values(pki: Path, broker: Broker) -> None:
+    core = broker.admin
+    link = Recording(core.exchange)
+    core.exchange = link
+    cert = load_partner(pki / "partners" / "KOR").signing_cert_der
+
+    proposed = await core.admit("op1", "KOR", cert, policy("KOR"), "joins")
+    assert isinstance(proposed, PolicyChange) and proposed.applied is None
+    assert proposed.proposal is not None
+    assert proposed.proposal.state == policy_pb2.PROPOSAL_PENDING
+    assert link.changed == []  # a proposal changes nothing a live stream sees
+    assert core.summary("KOR") == PartnerSummary("KOR", PartnerStatus.PENDING, 1, False, "")
+
+    pid = proposed.proposal.proposal_id
+    applied = await core.decide_proposal("op2", pid, approve=True, reason="ok")
+    assert applied.proposal is None and applied.applied is not None
+    assert applied.applied.version == 2
+    assert link.changed == ["KOR"]
+    assert core.summary("KOR").status is PartnerStatus.ACTIVE
+
+    suspended = await core.set_status("op1", "KOR", PartnerStatus.SUSPENDED, "incident")
+    assert suspended.applied is not None and suspended.applied.version == 3
+    assert link.changed == ["KOR", "KOR"]  # once per applied change
+    assert [s.partner for s in core.partners()] == ["KOR"]
+    assert (await core.show("KOR")).record.policy.status is PartnerStatus.SUSPENDED
+    assert [v.version for v in await core.history("KOR")] == [1, 2, 3]
+
+    kinds = [
+        e.kind
+        for e in await core.query_audit(
+            partner="KOR", kind="p", since_ms=0, until_ms=0, limit=0, tail=False
+        )
+    ]
+    assert kinds == [
+        "partner.registered",
+        "policy.proposed",
+        "policy.approved",
+        "policy.change",
+        "policy.change",
+    ]
+
+
+async def test_views_and_refusals_are_domain_values(pki: Path, broker: Broker) -> None:
+    core = broker.admin
+    stats = await core.stats()
+    assert isinstance(stats, BrokerStats)
+    assert (stats.live_streams, stats.store_messages, stats.partners) == (0, 0, [])
+    assert stats.audit_entries >= 1  # broker.started
+
+    with pytest.raises(NotFound) as missing:
+        core.summary("NOPE")
+    assert missing.value.code == "unknown_partner"
+
+    label = parse_label("NATO SECRET // REL TO KOR, USA")
+    assert core.who_receives(label, "intel.a") == []
+    with pytest.raises(InvalidInput) as bad:
+        core.who_receives(label, "Not A Topic")
+    assert bad.value.code == "bad_label"
+
+    cert = load_partner(pki / "partners" / "KOR").signing_cert_der
+    usa_policy = dataclasses.replace(policy("KOR"), partner="USA")
+    with pytest.raises(InvalidInput) as mismatch:
+        await core.admit("op1", "KOR", cert, usa_policy, "")
+    assert mismatch.value.code == "partner_mismatch"
+    proposed = await core.admit("op1", "KOR", cert, policy("KOR"), "")
+    assert proposed.proposal is not None
+    [decision] = core.who_receives(label, "intel.a")
+    assert isinstance(decision, ReceiverDecision) and decision.partner == "KOR"
+    assert not decision.eligibility.allowed  # pending: not admitted yet
