@@ -108,7 +108,7 @@ async def test_an_acceptance_waits_in_the_outbox_while_the_audit_log_fails(
         [probe] = await b.audit.query(kind="audit.recovered")
         # Drained after the probe, but at the time of its own commit.
         assert probe.seq < entries[0].seq and before <= entries[0].time_ms <= probe.time_ms
-        assert await b.store.read_outbox(0, 10) == []
+        assert await b.exchange.books.drainer.undrained() == []
         await _chain_ok(pki, b)
     finally:
         await kor.close()
@@ -213,9 +213,9 @@ async def test_acceptances_a_kill_left_in_the_outbox_are_chained_exactly_once(
     for e in entries:
         offset = _detail(e)["offset"]
         assert offset == results[ids.index(e.message_id)].offset
-    assert _outbox_records(b.data / "messages.db") == []
     b.signal(signal.SIGTERM)
     assert await b.wait_exit() == 0
+    assert _outbox_records(b.data / "messages.db") == []
 
 
 def _change_entry(code: str) -> Callable[[int], AuditItem]:

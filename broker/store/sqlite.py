@@ -172,8 +172,9 @@ class SqliteMessageStore:
         return await self._readers.run(lambda conn: outbox.read(conn, after, limit))
 
     async def forget_outbox(self, through: int) -> None:
-        """The audit log holds every row up to through: delete them."""
-        await self._writer.submit(lambda conn: outbox.forget(conn, through))
+        """The audit log holds every row up to through: delete them in the next write
+        transaction (no commit of its own; close() runs it if none comes)."""
+        self._writer.ride(lambda conn: outbox.forget(conn, through))
 
     async def ensure_cursor(self, subscriber: str, at_offset: int) -> int:
         """Create subscriber's cursor at at_offset unless it exists; return the cursor."""
