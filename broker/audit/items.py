@@ -7,7 +7,6 @@ turns it back into an AuditItem with decode() and appends it to the hash chain.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,8 +32,16 @@ def encode(item: AuditItem) -> str:
     """item as outbox text; raises ValueError if its detail is not plain JSON."""
     if not item.kind:
         raise ValueError("audit entry needs a kind")
+    fields = {  # not dataclasses.asdict: it deep-copies detail, and this runs per record
+        "kind": item.kind,
+        "actor": item.actor,
+        "partner": item.partner,
+        "message_id": item.message_id,
+        "decision": item.decision,
+        "detail": item.detail,
+    }
     try:
-        return json.dumps(dataclasses.asdict(item), sort_keys=True, allow_nan=False)
+        return json.dumps(fields, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"audit detail is not plain JSON: {exc}") from exc
 
