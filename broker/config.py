@@ -61,6 +61,10 @@ class BrokerConfig:
     # Key-bundle changes one partner may make in a sliding minute (0 = unbounded).
     max_key_changes_per_min: int = 10
     audit_checkpoint_every: int = 500
+    # The audit drainer moves outbox records into the audit log at most once per this
+    # interval (records committed meanwhile go in one batch); reads and shutdown drain
+    # at once.
+    audit_drain_interval_ms: int = 20
     # Refusals a partner can cause at will are audited one by one up to this many per
     # partner and interval (all kinds together); the rest are counted and summarised per
     # kind and reason when the interval closes (0 = every refusal one by one).
@@ -120,6 +124,7 @@ _SECTIONS = {
         "default_publish_rate_per_s",
         "max_key_changes_per_min",
         "audit_checkpoint_every",
+        "audit_drain_interval_ms",
         "refusal_audit_threshold",
         "refusal_audit_interval_ms",
         "max_request_bytes",

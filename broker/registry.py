@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import sqlite3
 import threading
@@ -19,8 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.audit import AuditItem
+from broker.audit.items import AuditItem, encode
 from broker.errors import Exhausted
+from broker.store.base import OutboxRow
 from broker.store.writer import is_disk_full
 from coalition.policy import PartnerPolicy, PartnerStatus, policy_from_proto, policy_to_proto
 from coalition.v1 import directory_pb2, policy_pb2
@@ -39,9 +39,8 @@ CREATE TABLE IF NOT EXISTS proposals (
 CREATE TABLE IF NOT EXISTS key_bundles (
   partner TEXT NOT NULL, key_id TEXT NOT NULL, signed BLOB NOT NULL, registered_ms INTEGER NOT NULL,
   PRIMARY KEY (partner, key_id));
--- The audit entry of each change, written in the change's own transaction and deleted
--- once the audit log has it: a crash or an audit failure between the two commits cannot
--- leave a change unaudited (ExchangeCore.flush_registry_audit records what is left).
+-- The audit entry of each change, written in the change's own transaction; the audit
+-- drainer (broker.audit.drainer) appends it to the log and then deletes it.
 CREATE TABLE IF NOT EXISTS audit_outbox (
   id INTEGER PRIMARY KEY AUTOINCREMENT, item TEXT NOT NULL, time_ms INTEGER NOT NULL);
 """
@@ -113,7 +112,7 @@ class Registry:
         """Register a new partner with its first (unprivileged) policy version.
 
         Every write takes the change's audit entry (if any) into its own transaction, in
-        the audit outbox (see pending_audit).
+        the audit outbox (see read_outbox).
         """
         return await asyncio.to_thread(
             self._register, code, signing_cert, policy, actor, reason, now_ms, audit
@@ -129,7 +128,7 @@ class Registry:
             if audit is not None:
                 self._db.execute(
                     "INSERT INTO audit_outbox (item, time_ms) VALUES (?, ?)",
-                    (json.dumps(dataclasses.asdict(audit)), now_ms),
+                    (encode(audit), now_ms),
                 )
             self._db.execute("COMMIT")
         except BaseException as exc:
@@ -213,39 +212,22 @@ class Registry:
 
         audit makes the change's audit entry from the new version number.
         """
-        return await asyncio.to_thread(
-            self._apply,
-            policy,
-            changed_by,
-            approved_by,
-            reason,
-            diff,
-            now_ms,
-            expected_version,
-            audit,
-        )
 
-    def _apply(
-        self,
-        policy: PartnerPolicy,
-        by: str,
-        approved: str,
-        reason: str,
-        diff: list[str],
-        now_ms: int,
-        expected: int,
-        audit: Callable[[int], AuditItem] | None,
-    ) -> policy_pb2.PolicyVersion:
-        with self._lock:
-            rec = self._cache[policy.partner]
-            if expected and expected != rec.version:
-                raise StaleVersion(rec.version)
-            version = rec.version + 1
-            with self._transaction(audit(version) if audit else None, now_ms):
-                pv = self._insert_version(policy, version, by, approved, reason, diff, now_ms)
-            rec.policy = policy
-            rec.version = version
-            return pv
+        def run() -> policy_pb2.PolicyVersion:
+            with self._lock:
+                rec = self._cache[policy.partner]
+                if expected_version and expected_version != rec.version:
+                    raise StaleVersion(rec.version)
+                version = rec.version + 1
+                with self._transaction(audit(version) if audit else None, now_ms):
+                    pv = self._insert_version(
+                        policy, version, changed_by, approved_by, reason, diff, now_ms
+                    )
+                rec.policy = policy
+                rec.version = version
+                return pv
+
+        return await asyncio.to_thread(run)
 
     async def history(self, code: str) -> list[policy_pb2.PolicyVersion]:
         def run() -> list[policy_pb2.PolicyVersion]:
@@ -403,33 +385,38 @@ class Registry:
 
         await asyncio.to_thread(run)
 
-    async def pending_audit(self) -> list[tuple[int, AuditItem, int]]:
-        """Audit entries of committed changes not yet known to be in the audit log:
-        (outbox id, entry, time of the change), oldest first."""
+    # -- the audit outbox (an OutboxSource of broker.audit.drainer) ------------------------
+    async def read_outbox(self, after: int, limit: int) -> list[OutboxRow]:
+        """Audit records of committed changes with outbox id above after, oldest first;
+        each entry's detail carries ``ref`` (``registry:<outbox id>``)."""
 
-        def run() -> list[tuple[int, AuditItem, int]]:
+        def run() -> list[tuple[int, str, int]]:
             with self._lock:
-                rows = self._db.execute(
-                    "SELECT id, item, time_ms FROM audit_outbox ORDER BY id"
+                return self._db.execute(
+                    "SELECT id, item, time_ms FROM audit_outbox WHERE id > ? ORDER BY id LIMIT ?",
+                    (after, limit),
                 ).fetchall()
-            return [(int(i), AuditItem(**json.loads(item)), int(t)) for i, item, t in rows]
 
-        return await asyncio.to_thread(run)
+        out = []
+        for i, text, t in await asyncio.to_thread(run):
+            fields = json.loads(text)
+            fields["detail"] = {**(fields.get("detail") or {}), "ref": f"registry:{i}"}
+            out.append(OutboxRow(int(i), int(t), json.dumps(fields)))
+        return out
 
-    async def audit_recorded(self, ids: list[int]) -> None:
-        """The audit log has these outbox entries: forget them."""
+    async def forget_outbox(self, through: int) -> None:
+        """The audit log holds every record up to through: forget them."""
 
         def run() -> None:
             with self._lock:
                 try:
-                    self._db.executemany("DELETE FROM audit_outbox WHERE id=?", ((i,) for i in ids))
+                    self._db.execute("DELETE FROM audit_outbox WHERE id <= ?", (through,))
                 except sqlite3.Error as exc:
                     if is_disk_full(exc):
                         raise _disk_full(exc) from exc
                     raise
 
-        if ids:
-            await asyncio.to_thread(run)
+        await asyncio.to_thread(run)
 
     def close(self) -> None:
         with self._lock:

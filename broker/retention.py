@@ -3,24 +3,23 @@
 A retention sweep (store.sweep) removes messages by age, label expiry and size. A message
 it removes before an eligible recipient had it (policy allows it to that partner now, the
 sender wrapped a key for it, and the partner had neither acknowledged nor skipped it)
-leaves a notice for that partner, in the sweep's own transaction. This module records
-each such expiry in the audit log (``deliver.expired``, one entry per recipient and
-reason, partner = the recipient) and only then lets the Subscribe stream tell the
-recipient (ExchangeCore.notices_ready). Partners that could not have received a
+leaves a notice for that partner, and its audit record (``deliver.expired``, one entry
+per recipient and reason, partner = the recipient), both in the sweep's own transaction
+(the store's outbox; the drainer appends it to the audit log). So a notice is audited
+once the sweep commits, and only then does the Subscribe stream tell the recipient
+(ExchangeCore.notices_ready). Partners that could not have received a
 message are never told about it: eligibility is the delivery path's own decide().
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 from google.protobuf.message import DecodeError
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit.items import AuditItem, encode
 from broker.exchange import Clock, ExchangeCore
 from broker.store import MessageStore, StoredMessage
 from broker.store.base import Eligibility, Notice, Sweep
@@ -68,33 +67,31 @@ def eligibility(policies: Sequence[tuple[str, PartnerPolicy]], now_ms: int) -> E
 
 
 class Retention:
-    """Runs sweeps and keeps every expiry audited before its notice is sent."""
+    """Runs sweeps; each expiry is audited in the sweep's commit, then its notice sent."""
 
     def __init__(
         self,
         exchange: ExchangeCore,
         store: MessageStore,
-        audit: AuditLog,
         clock: Clock,
         *,
         max_notices: int = 10_000,
     ) -> None:
         self.exchange = exchange
         self.store = store
-        self.audit = audit
         self.clock = clock
         self.max_notices = max_notices
 
     async def start(self) -> None:
-        """Before serving: audit notices a crash left unaudited; arm the streams."""
-        await self.flush(recovering=True)
+        """Before serving: arm the streams of partners holding notices."""
         self.exchange.notices_ready(await self.store.notice_subscribers())
 
     async def sweep(self) -> Sweep:
-        """One retention sweep; its notices are audited, then sent. Raises StoreError."""
+        """One retention sweep, its expiries audited in its commit; then their notices
+        are sent. Raises StoreError."""
         now = self.clock()
         policies = [(r.code, r.policy) for r in self.exchange.registry.all()]
-        result = await self.store.sweep(now, eligibility(policies, now))
+        result = await self.store.sweep(now, eligibility(policies, now), expiry_records)
         if result.removed:
             log.info(
                 "retention",
@@ -104,36 +101,8 @@ class Retention:
                     "notices": len(result.notices),
                 },
             )
-        await self.flush()
-        return result
-
-    async def flush(self, *, recovering: bool = False) -> int:
-        """Audit the notices not audited yet, mark them, and wake their partners' streams.
-
-        recovering (at start): skip the ones whose entry is already in the log (a crash
-        between the audit commit and the mark) and mark the others ``recovered``.
-        Returns how many entries were written. If the audit log cannot record them, the
-        notices wait (and are not sent) and publishes are refused until it can.
-        """
-        total = 0
-        while True:
-            pending = await self.store.unaudited_notices(limit=10_000)
-            if not pending:
-                return total
-            todo = pending
-            if recovering:
-                todo = [n for n in pending if not await self._recorded(n)]
-            items = [
-                _expired_audit(subscriber, reason, group, recovered=recovering)
-                for (subscriber, reason), group in _grouped(todo).items()
-            ]
-            try:
-                await self.audit.record_many(items, now_ms=self.clock())
-            except AuditError as exc:
-                self.exchange.audit_failed = True
-                log.critical("audit log cannot record message expiries (%s); notices wait", exc)
-                return total
-            await self.store.mark_notices_audited(pending)
+        if result.notices:
+            self.exchange.books.recorded()
             trimmed = await self.store.trim_notices(self.max_notices)
             if trimmed:
                 log.warning(
@@ -142,17 +111,16 @@ class Retention:
                     self.max_notices,
                     extra={"forgotten": trimmed},
                 )
-            self.exchange.notices_ready({n.subscriber for n in pending})
-            total += len(items)
+            self.exchange.notices_ready({n.subscriber for n in result.notices})
+        return result
 
-    async def _recorded(self, n: Notice) -> bool:
-        for e in await self.audit.query(
-            kind="deliver.expired", partner=n.subscriber, since_ms=n.removed_ms
-        ):
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                if n.offset in json.loads(e.detail_json).get("offsets", []):
-                    return True
-        return False
+
+def expiry_records(notices: Sequence[Notice]) -> list[str]:
+    """The deliver.expired records of a sweep's notices (pure: run in the store's writer)."""
+    return [
+        encode(_expired_audit(subscriber, reason, group))
+        for (subscriber, reason), group in _grouped(notices).items()
+    ]
 
 
 def _grouped(notices: Iterable[Notice]) -> dict[tuple[str, str], list[Notice]]:
@@ -162,9 +130,7 @@ def _grouped(notices: Iterable[Notice]) -> dict[tuple[str, str], list[Notice]]:
     return out
 
 
-def _expired_audit(
-    subscriber: str, reason: str, notices: Sequence[Notice], *, recovered: bool = False
-) -> AuditItem:
+def _expired_audit(subscriber: str, reason: str, notices: Sequence[Notice]) -> AuditItem:
     """One ``deliver.expired`` entry: these messages were removed before subscriber had them."""
     detail: dict[str, object] = {
         "offsets": [n.offset for n in notices],
@@ -172,7 +138,5 @@ def _expired_audit(
         "senders": [n.sender for n in notices],
         "removed_ms": notices[0].removed_ms,
     }
-    if recovered:
-        detail["recovered"] = True
     mid = notices[0].message_id if len(notices) == 1 else ""
     return AuditItem("deliver.expired", "broker", subscriber, mid, reason, detail)

@@ -104,9 +104,11 @@ class Broker:
         self.exchange.shutdown()
         await self.server.stop(grace)
         self.exchange.close()
-        await self.exchange.flush_audited()
         if self._retention is not None:
             self._retention.cancel()
+        # Everything the outboxes hold goes into the chain before the final checkpoint
+        # (what cannot, stays in its outbox for the next start).
+        await self.exchange.books.drainer.close()
         await self.store.close()
         try:
             await self.audit.checkpoint(self.exchange.clock())
@@ -169,23 +171,28 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     exchange = ExchangeCore(
         cfg, store, audit, registry, creds.ca_cert, clock, status_of=status_name
     )
-    # Before serving: acceptances and registry changes a crash kept out of the audit log.
-    # On a full disk this cannot be written: serve anyway (deliveries, admin reads) and
-    # refuse publishes until it can (the next publish after space is freed does it).
+    drainer = exchange.books.drainer
+    drainer.add_source("messages", store)
+    audit.before_read = drainer.drain  # audit reads see every committed decision
+    audit.read_through = drainer.undrained
+    # Before serving: the audit records the outboxes still hold (a crash or an audit
+    # failure left them there) go into the chain, each once. On a full disk this cannot
+    # be written: serve anyway (deliveries, admin reads) and refuse publishes until it
+    # can (the next publish after space is freed drains them).
     unwritten: list[str] = []
     try:
-        recovered = await exchange.reconcile_audit()
-        if recovered:
-            log.warning("recorded %d audit entries missing after a crash", recovered)
+        drained = await drainer.start()
+        if drained:
+            log.info("drained %d audit records left in the outboxes", drained)
     except (AuditError, StoreError, BrokerError) as exc:
         _degrade_or_raise(cfg, exc, exchange)
-        unwritten.append("the audit recovery after a crash")
-    retention = Retention(exchange, store, audit, clock, max_notices=cfg.max_notices_per_partner)
+        unwritten.append("the audit records left in the outboxes")
+    retention = Retention(exchange, store, clock, max_notices=cfg.max_notices_per_partner)
     try:
-        await retention.start()  # expiries a crash left unaudited; streams send the rest
-    except (AuditError, StoreError, BrokerError) as exc:
+        await retention.start()  # streams send the notices left by the last run
+    except (StoreError, BrokerError) as exc:
         _degrade_or_raise(cfg, exc, exchange)
-        unwritten.append("the expiry notices left by a crash")
+        unwritten.append("the expiry notices left by the last run")
     _warn_overcommitted(cfg, len(registry.all()))
     audit_cert_der = b""
     if creds.audit_cert is not None:

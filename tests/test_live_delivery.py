@@ -16,9 +16,10 @@ from broker.exchange import publish as publish_mod
 from broker.server import Broker
 from clients.sdk import PartnerClient, Subscription
 from clients.sdk import publish as sdk_publish
-from coalition.labels import Precedence, parse_label
+from coalition.labels import Classification, Precedence, parse_label
+from coalition.policy import policy_to_proto
 from coalition.v1 import exchange_pb2
-from tests.helpers import admit, eventually, partner, policy, running_broker
+from tests.helpers import admit, eventually, operator, partner, policy, running_broker
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA")
 TOPIC = "intel.ground"
@@ -110,6 +111,78 @@ async def test_caught_up_subscriber_is_fed_without_store_reads(
     for e in entries:
         for mid in json.loads(e.detail_json)["message_ids"]:
             assert accepted[mid] < e.seq
+
+
+async def test_a_caught_up_delivery_rides_its_publishs_commit(
+    pair: tuple[Broker, PartnerClient, PartnerClient],
+) -> None:
+    """A caught-up stream's delivery decision is recorded in the publish's own store
+    commit: publish to delivery costs one commit, and the decision is in the chain
+    once, after the acceptance."""
+    b, kor, usa = pair
+    sub = usa.subscribe([TOPIC])
+    got: list[exchange_pb2.Delivery] = []
+
+    async def receive() -> None:
+        async for d in sub:
+            got.append(d)
+
+    task = asyncio.create_task(receive())
+    try:
+        await eventually(lambda: sub.caught_up.is_set())
+        commits = b.store.commits
+        [offset] = await _publish(kor, [b"rides the publish's commit"])
+        await eventually(lambda: len(got) == 1)
+        assert got[0].offset == offset
+        assert b.store.commits == commits + 1  # the append; no commit of its own
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sub.aclose()
+    [delivered] = await b.audit.query(partner="USA", kind="deliver")
+    [accepted] = await b.audit.query(kind="publish.accepted")
+    assert json.loads(delivered.detail_json)["offsets"] == [offset]
+    assert accepted.seq < delivered.seq and accepted.time_ms == delivered.time_ms
+
+
+async def test_a_policy_change_before_sending_decides_a_fed_message_again(
+    pki: Path, pair: tuple[Broker, PartnerClient, PartnerClient]
+) -> None:
+    """Decided (and recorded) at publish while USA may receive it; USA's clearance is
+    lowered before the stream sends it: decided again under the new policy, denied,
+    recorded, not sent."""
+    b, kor, usa = pair
+    sub = usa.subscribe([TOPIC], window=1)
+    got: list[exchange_pb2.Delivery] = []
+
+    async def receive() -> None:
+        async for d in sub:
+            got.append(d)  # not acknowledged: the window stays full
+
+    task = asyncio.create_task(receive())
+    try:
+        await eventually(lambda: sub.caught_up.is_set())
+        [first] = await _publish(kor, [b"fills the window"])
+        await eventually(lambda: len(got) == 1)
+        [held] = await _publish(kor, [b"waits in the feed, decided"])
+        async with operator(pki, "op1", b.port) as op:
+            lowered = policy("USA", level=Classification.CONFIDENTIAL)
+            resp = await op.set_policy(policy_to_proto(lowered), "test: lower at once")
+            assert resp.WhichOneof("result") == "applied"
+        await sub.ack([first])
+        denied: list[Any] = []
+        for _ in range(500):  # bounded: a failure ends
+            denied = await b.audit.query(partner="USA", kind="deliver.denied")
+            if denied:
+                break
+            await asyncio.sleep(0.02)
+        assert [json.loads(e.detail_json)["offsets"] for e in denied] == [[held]]
+        assert denied[0].decision == "above_clearance"
+        assert [d.offset for d in got] == [first]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sub.aclose()
 
 
 async def test_overflowing_feed_falls_back_to_the_store(

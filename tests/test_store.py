@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,9 +19,11 @@ from broker.store import (
     NewMessage,
     Rejected,
     SqliteMessageStore,
+    StoredMessage,
     StoreError,
     StoreFull,
 )
+from broker.store.base import OutboxRow
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -259,52 +261,79 @@ async def test_retention_by_age_expiry_and_size(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_the_audited_mark_lists_what_is_above_it_and_survives_reopen(
-    tmp_path: Path,
-) -> None:
+def _records(stored: Sequence[StoredMessage]) -> list[str]:
+    return [f"accepted {m.message_id} at {m.offset}" for m in stored]
+
+
+async def test_an_append_commits_its_audit_records_with_its_messages(tmp_path: Path) -> None:
+    """The outbox: records(the stored messages) and the caller's other records are in
+    the append's own commit, in order; rejected messages get none; a StoreFull append
+    writes no record either; the drainer's reads and forgets survive a reopen, and an
+    id is never reused."""
     path = tmp_path / "s.db"
-    store = await SqliteMessageStore.open(path, max_bytes=MiB, max_age_ms=10_000)
+    store = await SqliteMessageStore.open(path, max_bytes=1000)
     try:
-        assert await store.audited_through() == 0
-        await store.append([message(sequence=i) for i in (1, 2, 3)], now_ms=1_000)
-        await store.append([message(sequence=1)], now_ms=1_000)  # rejected: no offset
-        assert [m.offset for m in await store.unaudited()] == [1, 2, 3]
-        assert [m.message_id for m in await store.unaudited(limit=2)] == ["KOR-1", "KOR-2"]
-        await store.mark_audited(2)
-        await store.mark_audited(1)  # never moves back
-        assert [m.offset for m in await store.unaudited()] == [3]
+        got = await store.append(
+            [message(sequence=1), message(sequence=1, message_id="dup")],
+            now_ms=5,
+            records=_records,
+            also=["refused KOR-x"],
+        )
+        assert got == [Appended(1), Rejected("sequence_not_increasing")]
+        assert await store.read_outbox(0, 10) == [
+            OutboxRow(1, 5, "accepted KOR-1 at 1"),
+            OutboxRow(2, 5, "refused KOR-x"),
+        ]
+        with pytest.raises(StoreFull):
+            await store.append(
+                [message(sequence=2, size=2000)], now_ms=6, records=_records, also=["no"]
+            )
+        await store.record(["delivered 1"], now_ms=7)
+        assert [r.record for r in await store.read_outbox(2, 10)] == ["delivered 1"]
+        assert [r.id for r in await store.read_outbox(0, 2)] == [1, 2]
+        await store.forget_outbox(3)  # rides on the next write transaction
+        assert len(await store.read_outbox(0, 10)) == 3
+        await store.ensure_cursor("USA", 0)
+        assert await store.read_outbox(0, 10) == []
     finally:
         await store.close()
-    store = await SqliteMessageStore.open(path, max_bytes=MiB, max_age_ms=10_000)
+    store = await SqliteMessageStore.open(path, max_bytes=1000)
     try:
-        assert await store.audited_through() == 2
-        # An append moves the mark in its own transaction.
-        await store.append([message(sequence=4)], now_ms=50_000, audited_through=3)
-        assert [m.offset for m in await store.unaudited()] == [4]
-        await store.mark_audited(0)
-        assert await store.audited_through() == 3
-        # Messages removed by retention are not listed.
-        assert await store.enforce_retention(now_ms=50_000) == 3
-        assert [m.offset for m in await store.unaudited()] == [4]
+        await store.append([message(sequence=2)], now_ms=8, records=_records)
+        assert await store.read_outbox(0, 10) == [OutboxRow(4, 8, "accepted KOR-2 at 2")]
     finally:
         await store.close()
 
 
-async def test_a_store_from_before_the_audited_mark_counts_as_audited(tmp_path: Path) -> None:
+async def test_a_crash_keeps_an_appends_records_with_its_messages(tmp_path: Path) -> None:
+    """SIGKILL right after an append returned: the reopened store holds the message and
+    its record (both durable in one commit)."""
     path = tmp_path / "s.db"
-    store = await SqliteMessageStore.open(path, max_bytes=MiB)
-    await store.append([message(sequence=i) for i in (1, 2)], now_ms=1_000)
-    await store.close()
-    conn = sqlite3.connect(path)
-    conn.execute("ALTER TABLE state DROP COLUMN audited")  # as the store was before it
-    conn.commit()
-    conn.close()
-    store = await SqliteMessageStore.open(path, max_bytes=MiB)
+    code = textwrap.dedent(
+        f"""
+        import asyncio, os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from tests.test_store import message
+        from broker.store import SqliteMessageStore
+
+        async def main():
+            store = await SqliteMessageStore.open({str(path)!r}, max_bytes=1 << 20)
+            await store.append([message(sequence=1)], 1, records=lambda ms: ["r1"])
+            print("appended", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        asyncio.run(main())
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    assert out == b"appended\n" and proc.returncode == -signal.SIGKILL
+    store = await SqliteMessageStore.open(path, max_bytes=1 << 20)
     try:
-        assert await store.audited_through() == 2
-        assert await store.unaudited() == []
-        await store.append([message(sequence=3)], now_ms=2_000)
-        assert [m.offset for m in await store.unaudited()] == [3]
+        assert await store.head() == 1
+        assert [r.record for r in await store.read_outbox(0, 10)] == ["r1"]
     finally:
         await store.close()
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from broker.config import ConfigError, load_config
+from broker.retention import expiry_records
 from broker.server import Broker
 from broker.store import Appended, NewMessage, Rejected, SqliteMessageStore, StoredMessage
-from broker.store.sqlite import fair_level
+from broker.store.sweeping import fair_level
 from clients.node.inbox import Entry, Expired, Inbox
 from clients.sdk import PartnerClient, Sequencer
 from coalition import envelope as env
@@ -275,14 +276,15 @@ async def test_an_expiry_is_audited_and_told_at_once_or_on_reconnect(
 
 
 async def _no_notices(b: Broker, partner_code: str) -> bool:
-    return await b.store.notices(partner_code, 10, audited=False) == []
+    return await b.store.notices(partner_code, 10) == []
 
 
-async def test_notices_a_crash_left_unaudited_are_audited_at_start(
+async def test_a_sweeps_expiry_records_commit_with_its_notices_and_drain_once(
     pki: Path, tmp_path: Path
 ) -> None:
-    """A sweep committed its notices, then the broker died before auditing them: the
-    next start records them (marked recovered) before anyone is told."""
+    """A sweep committed its notices with their expiry records (the store's outbox),
+    then the broker died before draining them: the next start appends them to the audit
+    log, once, and the partner is told."""
     data = tmp_path / "broker"
     b = await running_broker(pki, data)
     try:
@@ -296,8 +298,9 @@ async def test_notices_a_crash_left_unaudited_are_audited_at_start(
     # The sweep's transaction alone, as if the process died right after it.
     store = await SqliteMessageStore.open(data / "messages.db", max_bytes=1 << 30, max_age_ms=1)
     try:
-        swept = await store.sweep(now_ms() + 10, lambda m: {"USA": 0})
+        swept = await store.sweep(now_ms() + 10, lambda m: {"USA": 0}, expiry_records)
         assert [(n.subscriber, n.message_id) for n in swept.notices] == [("USA", lost)]
+        assert len(await store.read_outbox(0, 10)) == 1
     finally:
         await store.close()
     b = await running_broker(pki, data)
@@ -305,7 +308,7 @@ async def test_notices_a_crash_left_unaudited_are_audited_at_start(
         [entry] = await b.audit.query(kind="deliver.expired", partner="USA")
         detail = json.loads(entry.detail_json)
         assert (entry.message_id, entry.decision) == (lost, "retention_age")
-        assert detail["recovered"] is True
+        assert detail["removed_ms"] == entry.time_ms  # the sweep's time, not the drain's
         async with partner(pki, "USA", b.port) as usa:
             told: list[exchange_pb2.Expired] = []
 
@@ -407,10 +410,7 @@ async def test_size_retention_trims_only_the_largest_and_notices_only_the_eligib
             ("GBR", 4),
             ("USA", 4),
         ]
-        # Unaudited notices are not offered to streams.
-        assert await store.notices("USA", 10) == []
-        assert len(await store.notices("USA", 10, audited=False)) == 3
-        await store.mark_notices_audited(swept.notices)
+        assert len(await store.notices("USA", 10)) == 3
         assert await store.notice_subscribers() == {"USA", "GBR"}
         # At most 2 kept per subscriber: USA's oldest goes.
         assert await store.trim_notices(2) == 1

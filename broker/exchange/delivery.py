@@ -2,9 +2,11 @@
 
 Each turn reads what is pending for the subscriber (from the store, FLASH first, or from
 its live feed, see broker.exchange.live), routes every message on the envelope's own
-signed header under the subscriber's policy now, records the decisions in the audit log
-and only then hands the batch to the stream. Acknowledgements settle the subscriber's
-cursor in the store; expiry notices go out before deliveries when there are new ones.
+signed header under the subscriber's policy now (or takes the decision publish made and
+recorded for a caught-up stream, see broker.exchange.live), records the decisions in the
+store's outbox (MessageStore.record) and only then hands the batch to the stream.
+Acknowledgements settle the subscriber's cursor in the store; expiry notices go out
+before deliveries when there are new ones.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit_keeping import AuditKeeping
 from broker.config import BrokerConfig
 from broker.errors import Exhausted, Forbidden, Unavailable
 from broker.exchange.decisions import Decisions
-from broker.exchange.live import LiveStreams, Subscription
+from broker.exchange.live import LiveStreams, Route, Subscription, decision_items
 from broker.exchange.memo import Memo
 from broker.exchange.outcomes import (
     DeliveryBatch,
@@ -31,7 +33,7 @@ from broker.registry import PartnerRecord
 from broker.store import MessageStore, StoredMessage, StoreError
 from coalition import envelope as env
 from coalition.labels import Label, LabelError
-from coalition.policy import PartnerStatus, Reason, decide
+from coalition.policy import PartnerPolicy, PartnerStatus, Reason, decide
 from coalition.v1 import envelope_pb2
 
 log = logging.getLogger("coalition.broker")
@@ -57,7 +59,7 @@ class DeliveryLoop:
         self,
         cfg: BrokerConfig,
         store: MessageStore,
-        audit: AuditLog,
+        books: AuditKeeping,
         clock: Callable[[], int],
         live: LiveStreams,
         decisions: Decisions,
@@ -67,7 +69,7 @@ class DeliveryLoop:
     ) -> None:
         self.cfg = cfg
         self.store = store
-        self.audit = audit
+        self.books = books
         self.clock = clock
         self.live = live
         self.decisions = decisions
@@ -173,38 +175,31 @@ class DeliveryLoop:
             sent: list[StoredMessage] = []
             headers: list[envelope_pb2.Header] = []
             denied: dict[str, list[tuple[StoredMessage, str]]] = defaultdict(list)
+            unrecorded: list[StoredMessage] = []
             for m in batch:
-                routed, reason, why = self._route(sub, rec, m, now)
+                ahead = sub.decided.pop(m.offset, None)
+                if ahead is not None and ahead.policy is rec.policy:
+                    routed, reason, why = ahead.header, ahead.reason, ahead.why
+                else:  # decided again, recorded below (see broker.exchange.live)
+                    ahead = None
+                    routed, reason, why = self._route(sub, rec, m, now)
                 if routed is None:
                     skipped.append(m.offset)
-                    if reason != "own_message":
+                    if reason != "own_message" and ahead is None:
                         denied[reason].append((m, why))
                     continue
                 sub.inflight.add(m.offset)
                 sent.append(m)
                 headers.append(routed)
+                if ahead is None:
+                    unrecorded.append(m)
             self.counters[sub.partner].delivered += len(sent)
             self.on_routed(len(sent), denied)
-            topics = sorted({m.topic for m in sent})
-            audits = (
-                [_batch_audit("deliver", sub.partner, "allow", sent, {"topics": topics})]
-                if sent
-                else []
-            )
-            for reason, items in denied.items():
-                audits.append(
-                    _batch_audit(
-                        "deliver.denied",
-                        sub.partner,
-                        reason,
-                        [m for m, _ in items],
-                        {"why": items[0][1]},
-                    )
-                )
-            # Audited before it leaves: every delivery decision is durable first.
+            # Recorded before it leaves: every delivery decision is durable (in the
+            # store's outbox) first.
             try:
-                await self.audit.record_many(audits, now_ms=now)
-            except AuditError as exc:
+                await self.books.record(decision_items(sub.partner, unrecorded, denied), now)
+            except StoreError as exc:
                 raise Exhausted(
                     "audit_unavailable",
                     "the audit log cannot be written (the broker's disk is full?); "
@@ -248,9 +243,21 @@ class DeliveryLoop:
             header, label = self._parsed(m)
         except (env.InvalidEnvelope, LabelError) as exc:  # validated at publish: tampering
             return None, "malformed", str(exc)
+        return self.route_parsed(sub, rec.policy, header, label, now)
+
+    def route_parsed(
+        self,
+        sub: Subscription,
+        policy: PartnerPolicy,
+        header: envelope_pb2.Header,
+        label: Label,
+        now: int,
+    ) -> Route:
+        """_route's checks once parsed (another partner's message): topic, policy, key.
+        Pure: publish runs it before its commit for caught-up streams (pre_route)."""
         if not sub.wants(header.topic):
             return None, "not_subscribed", f"topic {header.topic} is outside this subscription"
-        d = self.decisions.decided(decide, rec.policy, label, header.topic, now)
+        d = self.decisions.decided(decide, policy, label, header.topic, now)
         if d.reason is not Reason.ALLOW:
             return None, d.reason.value, d.explanation
         if not any(w.recipient == sub.partner for w in header.wrapped_keys):
@@ -291,23 +298,3 @@ class DeliveryLoop:
 
 def _ignore(*_: object) -> None:
     pass
-
-
-def _batch_audit(
-    kind: str,
-    partner: str,
-    decision: str,
-    msgs: Sequence[StoredMessage],
-    extra: dict[str, object],
-) -> AuditItem:
-    """One audit entry for the same decision on several messages of one batch.
-
-    message_id is set when the batch holds one message; detail always lists them all.
-    """
-    detail: dict[str, object] = {
-        "offsets": [m.offset for m in msgs],
-        "message_ids": [m.message_id for m in msgs],
-        **extra,
-    }
-    mid = msgs[0].message_id if len(msgs) == 1 else ""
-    return AuditItem(kind, "broker", partner, mid, decision, detail)

@@ -84,7 +84,7 @@ class ExchangeCore:
         self.delivery = DeliveryLoop(
             cfg,
             store,
-            audit,
+            self.books,
             clock,
             self.streams,
             self.decisions,
@@ -104,6 +104,7 @@ class ExchangeCore:
             counters=self.counters,
             signer=self.signer,
             remember=self.delivery.remember,
+            route=self.delivery.route_parsed,
             closing=self._is_closing,
             status_of=status_of or _own_code,
         )
@@ -190,18 +191,6 @@ class ExchangeCore:
     @audit_failed.setter
     def audit_failed(self, failed: bool) -> None:
         self.books.audit_failed = failed
-
-    async def flush_audited(self) -> None:
-        """Persist the audited mark now (AuditKeeping.flush_audited)."""
-        await self.books.flush_audited()
-
-    async def reconcile_audit(self) -> int:
-        """Record missing acceptance and registry entries (AuditKeeping.reconcile_audit)."""
-        return await self.books.reconcile_audit()
-
-    async def flush_registry_audit(self, *, recovering: bool = False) -> int:
-        """Record the registry outbox's entries (AuditKeeping.flush_registry_audit)."""
-        return await self.books.flush_registry_audit(recovering=recovering)
 
     async def registry_changed(self) -> None:
         """After a registry write: record its audit entry (AuditKeeping.registry_changed)."""

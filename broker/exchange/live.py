@@ -20,26 +20,63 @@ rows, not broker memory. The live feed spares a caught-up subscription that read
   fed so far.
 - Acknowledgements settled while a store read was running are kept in
   ``acked_during_read``: the read may predate them, so they are not delivered from it.
+
+Recorded before released, with the publish's one commit:
+
+- A message enters a feed only after the store commit that holds it and its
+  ``publish.accepted`` record.
+- For each stream caught up when a publish starts (``live_after`` set, no overflow),
+  publish decides the stream's routing of the request's messages before the commit
+  (``pre_route``: the delivery loop's own checks, own message, subscribed topic,
+  ``decide()`` under the partner's policy object, a key wrapped for it) and writes
+  those delivery-decision records in that same commit (``routed_records``); the
+  messages enter the feed with their ``Decided``.
+- The delivery loop sends such a message without another commit only while the
+  partner's policy object is the one it was decided under. After a policy change or a
+  suspension it decides the message again and records that decision before sending.
+- A reset (store read) or an overflow drops the feed with its decisions: those
+  messages are read from the store, decided again and recorded normally. So every
+  delivery sent has a durable decision record; a message decided at publish and sent
+  after such a re-decision has two (as a message redelivered on a new stream does).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from broker.audit import AuditItem
+from broker.audit.items import encode
+from broker.audit_keeping import acceptance_records
 from broker.config import BrokerConfig
 from broker.errors import BrokerError, Forbidden, InvalidInput, Precondition
 from broker.exchange.memo import Memo
 from broker.registry import PartnerRecord
 from broker.store import StoredMessage
-from coalition.policy import PartnerStatus
+from coalition.labels import Label
+from coalition.policy import PartnerPolicy, PartnerStatus
 from coalition.topics import PatternSet, TopicError
+from coalition.v1 import envelope_pb2
 
 FEED_MAX_MESSAGES = 1024
 FEED_MAX_BYTES = 8 << 20
 TOPIC_MEMO_SIZE = 1024
+
+# A routing decision: the header to deliver under (None: not delivered), reason, why.
+Route = tuple[envelope_pb2.Header | None, str, str]
+
+
+@dataclass(frozen=True)
+class Decided:
+    """How publish routed a message to a caught-up stream, recorded in the message's own
+    commit, and the partner's policy object it was decided under."""
+
+    policy: PartnerPolicy
+    header: envelope_pb2.Header | None
+    reason: str
+    why: str
 
 
 @dataclass(eq=False)
@@ -66,6 +103,8 @@ class Subscription:
     feed: list[StoredMessage] = field(default_factory=list)
     feed_bytes: int = 0
     feed_overflow: bool = False
+    # Routing decided and recorded by publish for fed messages, by offset.
+    decided: dict[int, Decided] = field(default_factory=dict)
     topic_ok: Memo[str, bool] = field(default_factory=lambda: Memo(TOPIC_MEMO_SIZE))
     # Expiry notices (see broker.retention): sent, not yet acknowledged; and the
     # partner's notice generation last read (a new one means more to read).
@@ -80,8 +119,14 @@ class Subscription:
             self.topic_ok.put(topic, hit)
         return hit
 
-    def hand_over(self, fresh: Sequence[StoredMessage], size: int) -> None:
-        """Queue newly stored messages (size bytes of envelopes) for this subscription."""
+    def hand_over(
+        self,
+        fresh: Sequence[StoredMessage],
+        size: int,
+        decided: Mapping[int, Decided] | None = None,
+    ) -> None:
+        """Queue newly stored messages (size bytes of envelopes) for this subscription,
+        with the routing publish decided and recorded for them, by offset."""
         if self.feed_overflow:
             return
         if (
@@ -89,11 +134,14 @@ class Subscription:
             or self.feed_bytes + size > FEED_MAX_BYTES
         ):
             self.feed.clear()
+            self.decided.clear()
             self.feed_bytes = 0
             self.feed_overflow = True
             return
         self.feed.extend(fresh)
         self.feed_bytes += size
+        if decided:
+            self.decided.update(decided)
 
     def take_live(self, room: int) -> list[StoredMessage]:
         """Up to room fed messages that the last store read did not see, oldest first."""
@@ -103,6 +151,7 @@ class Subscription:
         keep: list[StoredMessage] = []
         for m in self.feed:
             if m.offset <= after or m.offset in inflight:
+                self.decided.pop(m.offset, None)
                 continue  # the store read saw it (delivered, excluded or settled there)
             (out if len(out) < room else keep).append(m)
         self.feed = keep
@@ -113,6 +162,7 @@ class Subscription:
         """Before a store read: the read will see everything fed so far."""
         self.live_after = None
         self.feed.clear()
+        self.decided.clear()
         self.feed_bytes = 0
         self.feed_overflow = False
 
@@ -170,12 +220,52 @@ class LiveStreams:
         if subs is not None:
             subs.discard(sub)
 
-    def hand_over(self, fresh: Sequence[StoredMessage]) -> None:
-        """Feed messages publish just stored durably to every live subscription."""
+    def hand_over(
+        self,
+        fresh: Sequence[StoredMessage],
+        routes: Mapping[Subscription, Mapping[str, Decided]] | None = None,
+    ) -> None:
+        """Feed messages publish just stored durably to every live subscription, with
+        the routing pre_route decided for a stream (by message id), if any."""
         size = sum(len(m.envelope) for m in fresh)
         for subs in self.by_partner.values():
             for s in subs:
-                s.hand_over(fresh, size)
+                ahead = routes.get(s) if routes else None
+                decided = {m.offset: ahead[m.message_id] for m in fresh} if ahead else None
+                s.hand_over(fresh, size, decided)
+
+    def pre_route(
+        self,
+        sender: str,
+        messages: Sequence[tuple[str, envelope_pb2.Header, Label]],
+        now: int,
+        route: Callable[[Subscription, PartnerPolicy, envelope_pb2.Header, Label, int], Route],
+    ) -> dict[Subscription, dict[str, Decided]]:
+        """Each caught-up stream's routing of (message id, header, label) published by
+        sender, decided now by route (the delivery loop's checks), by stream and id."""
+        out: dict[Subscription, dict[str, Decided]] = {}
+        for subs in self.by_partner.values():
+            for s in subs:
+                if s.live_after is None or s.feed_overflow or s.closed is not None:
+                    continue
+                try:
+                    policy = self._record(s.partner).policy
+                except BrokerError:
+                    continue
+                if policy.status is PartnerStatus.SUSPENDED:
+                    continue
+                out[s] = {
+                    mid: Decided(
+                        policy,
+                        *(
+                            (None, "own_message", "")
+                            if sender == s.partner
+                            else route(s, policy, header, label, now)
+                        ),
+                    )
+                    for mid, header, label in messages
+                }
+        return out
 
     def wake_all(self) -> None:
         for subs in self.by_partner.values():
@@ -215,3 +305,59 @@ def _check_pattern_limits(topics: Sequence[str], cfg: BrokerConfig) -> None:
             f"the subscription's topic patterns take {size} bytes; at most "
             f"{cfg.max_subscribe_pattern_bytes} are allowed per subscription",
         )
+
+
+def batch_audit(
+    kind: str,
+    partner: str,
+    decision: str,
+    msgs: Sequence[StoredMessage],
+    extra: dict[str, object],
+) -> AuditItem:
+    """One audit entry for the same decision on several messages of one batch.
+
+    message_id is set when the batch holds one message; detail always lists them all.
+    """
+    detail: dict[str, object] = {
+        "offsets": [m.offset for m in msgs],
+        "message_ids": [m.message_id for m in msgs],
+        **extra,
+    }
+    mid = msgs[0].message_id if len(msgs) == 1 else ""
+    return AuditItem(kind, "broker", partner, mid, decision, detail)
+
+
+def decision_items(
+    partner: str,
+    sent: Sequence[StoredMessage],
+    denied: Mapping[str, Sequence[tuple[StoredMessage, str]]],
+) -> list[AuditItem]:
+    """A delivery batch's decision records: one ``deliver`` entry for what is sent, one
+    ``deliver.denied`` entry per reason for what is not."""
+    out = []
+    if sent:
+        topics: dict[str, object] = {"topics": sorted({m.topic for m in sent})}
+        out.append(batch_audit("deliver", partner, "allow", sent, topics))
+    for reason, items in denied.items():
+        batch = [m for m, _ in items]
+        out.append(batch_audit("deliver.denied", partner, reason, batch, {"why": items[0][1]}))
+    return out
+
+
+def routed_records(
+    routes: Mapping[Subscription, Mapping[str, Decided]], stored: Sequence[StoredMessage]
+) -> list[str]:
+    """The records of a publish's commit (MessageStore.append's records; pure, run in the
+    store's writer): the acceptances, then each caught-up stream's decisions on them."""
+    out = acceptance_records(stored)
+    for sub, decided in routes.items():
+        sent: list[StoredMessage] = []
+        denied: dict[str, list[tuple[StoredMessage, str]]] = defaultdict(list)
+        for m in stored:
+            d = decided[m.message_id]
+            if d.header is not None:
+                sent.append(m)
+            elif d.reason != "own_message":
+                denied[d.reason].append((m, d.why))
+        out += [encode(i) for i in decision_items(sub.partner, sent, denied)]
+    return out

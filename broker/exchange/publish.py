@@ -4,14 +4,16 @@ Each envelope, in order: the partner's rate bucket (a request over its rate is r
 whole, before any work), size, header and signature (verified in arrival order, on the
 verify thread for large requests), the kernel's header checks (coalition.checks), the
 origination policy, the rate again, then the disk guard and one store append for the
-request. Every envelope gets an outcome (Accepted or Refused); refusals are audited
-(one by one up to a threshold, then summarised by the audit log), acceptances are
-audited after the append. Stored messages are handed to live subscriptions at once.
+request. Every envelope gets an outcome (Accepted or Refused). The append's one commit
+carries the acceptances' audit records, the refusals' (one by one up to a threshold,
+then summarised by the audit log) and the caught-up streams' delivery decisions; the
+stored messages are then handed to live subscriptions at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -21,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.audit import AuditError, AuditItem, AuditLog
-from broker.audit_keeping import AuditKeeping, acceptance_item
+from broker.audit.items import encode
+from broker.audit_keeping import AuditKeeping, acceptance_records
 from broker.config import BrokerConfig
 from broker.errors import (
     AlreadyExists,
@@ -37,7 +40,7 @@ from broker.exchange.decisions import Decisions
 from broker.exchange.delivery import Counters, Parsed
 from broker.exchange.directory import SigningCertNotValid
 from broker.exchange.disk_guard import DiskGuard
-from broker.exchange.live import LiveStreams
+from broker.exchange.live import Decided, LiveStreams, Route, Subscription, routed_records
 from broker.exchange.outcomes import Accepted, PublishOutcome, Refused
 from broker.exchange.ratelimit import RateLimits
 from broker.registry import Registry
@@ -47,12 +50,13 @@ from broker.store import (
     NewMessage,
     Rejected,
     StoredMessage,
+    StoreError,
     StoreFull,
 )
 from coalition import envelope as env
 from coalition.checks import HeaderProblem, check_header
 from coalition.labels import Label
-from coalition.policy import decide_origination
+from coalition.policy import PartnerPolicy, decide_origination
 from coalition.v1 import envelope_pb2
 
 log = logging.getLogger("coalition.broker")
@@ -81,6 +85,7 @@ class PublishPipeline:
         counters: dict[str, Counters],
         signer: Callable[[str, str], Ed25519PublicKey],
         remember: Callable[[int, Parsed], None],
+        route: Callable[[Subscription, PartnerPolicy, envelope_pb2.Header, Label, int], Route],
         closing: Callable[[], bool],
         status_of: Callable[[BrokerError], str],
     ) -> None:
@@ -95,6 +100,7 @@ class PublishPipeline:
         self.counters = counters
         self.signer = signer
         self._remember = remember
+        self._route = route
         self._closing = closing
         self._status_of = status_of
         self.rates = RateLimits(cfg, registry)
@@ -148,73 +154,71 @@ class PublishPipeline:
                 continue
             accepted.append((i, msg, header))
             labels[i] = label
-        audits: list[AuditItem] = []
         fresh: list[StoredMessage] = []
-        if accepted:
-            msgs = [m for _, m, _ in accepted]
+        msgs = [m for _, m, _ in accepted]
+        if msgs:
             low = self.disk.too_full(sum(len(m.envelope) for m in msgs))
             if low is not None:
                 for i, _, header in accepted:
                     results[i] = _refusal(envelopes[i], low, header)
                 accepted, msgs = [], []
-            outcomes: list[Appended | Rejected | StoreFull]
+        # The request's refusals so far, and the acceptances, are recorded in the append's
+        # own commit (a commit carries its audit records; see MessageStore), and so are
+        # the caught-up streams' delivery decisions (see broker.exchange.live).
+        early = self._refusal_audits(partner, results, now)
+        late: list[AuditItem] = []
+        outcomes: list[Appended | Rejected | StoreFull] = []
+        routes: dict[Subscription, dict[str, Decided]] = {}
+        if msgs and self.cfg.live_delivery:
+            mine = [(m.message_id, h, labels[i]) for i, m, h in accepted]
+            routes = self.live.pre_route(partner, mine, now, self._route)
+        if msgs or early:
+            records = functools.partial(routed_records, routes) if routes else acceptance_records
             try:
                 outcomes = list(
-                    await self.store.append(msgs, now, audited_through=self.books.audited_through)
+                    await self.store.append(
+                        msgs, now, records=records, also=[encode(a) for a in early]
+                    )
                 )
             except StoreFull as exc:
-                outcomes = [exc for _ in msgs]
-            for (i, msg, header), out in zip(accepted, outcomes, strict=True):
-                if isinstance(out, Appended):
-                    self._remember(out.offset, (header, labels[i]))
-                    fresh.append(_stored(msg, out.offset, now))
-                    results[i] = Accepted(msg.message_id, msg.sequence, out.offset)
-                    self.counters[partner].published += 1
-                    audits.append(acceptance_item(fresh[-1]))
-                elif isinstance(out, StoreFull):
-                    results[i] = _refusal(envelopes[i], Exhausted("store_full", str(out)), header)
-                elif out.reason == "quota_exceeded":
-                    results[i] = _refusal(
-                        envelopes[i], _quota_refusal(partner, out, len(msg.envelope)), header
-                    )
-                else:
-                    refusal: BrokerError = (
-                        AlreadyExists(
-                            "replay",
-                            f"message id {msg.message_id} was already published (replay refused)",
-                        )
-                        if out.reason == "duplicate_id"
-                        else Precondition(
-                            "sequence_not_increasing",
-                            f"sequence {msg.sequence} is not above the last accepted sequence "
-                            f"from {partner}",
-                        )
-                    )
-                    results[i] = _refusal(envelopes[i], refusal, header)
-        done = [r for r in results if r is not None]
-        audits += self._refusal_audits(partner, done, now)
+                outcomes, late = [exc for _ in msgs], early
+            self.books.recorded()
+        refused_late: list[PublishOutcome | None] = [None] * len(results)
+        for (i, msg, header), out in zip(accepted, outcomes, strict=True):
+            if isinstance(out, Appended):
+                self._remember(out.offset, (header, labels[i]))
+                fresh.append(_stored(msg, out.offset, now))
+                results[i] = Accepted(msg.message_id, msg.sequence, out.offset)
+                self.counters[partner].published += 1
+                continue
+            if isinstance(out, StoreFull):
+                refusal: BrokerError = Exhausted("store_full", str(out))
+            elif out.reason == "quota_exceeded":
+                refusal = _quota_refusal(partner, out, len(msg.envelope))
+            elif out.reason == "duplicate_id":
+                refusal = AlreadyExists(
+                    "replay", f"message id {msg.message_id} was already published (replay refused)"
+                )
+            else:
+                refusal = Precondition(
+                    "sequence_not_increasing",
+                    f"sequence {msg.sequence} is not above the last accepted sequence "
+                    f"from {partner}",
+                )
+            results[i] = refused_late[i] = _refusal(envelopes[i], refusal, header)
         if fresh:
-            # Stored durably: subscribers may have them now. Their delivery audit entries
-            # are queued behind this publish's own (the audit writer is FIFO and nothing
-            # awaits between here and record_many's submit), so the chain still records
-            # the acceptance first, and both usually share one commit.
+            # Durable with their acceptance records: subscribers may have them now.
             if self.cfg.live_delivery:
-                self.live.hand_over(fresh)
+                self.live.hand_over(fresh, routes)
             self.live.wake_all()
-        stored = [m.offset for m in fresh]
-        self.books.accepting.update(stored)
-        try:
-            await self.audit.record_many(audits, now_ms=now)
-        except AuditError:
-            # Fail closed: what is stored stays stored (and holds the audited mark below
-            # it, so its acceptance is recorded once the log recovers), but no further
-            # publish is accepted until the audit log can record decisions again.
-            self.books.audit_failed = True
-            log.critical("audit log cannot be written; refusing publishes until it can")
-        else:
-            self.books.advance_audited(stored)
-        finally:
-            self.books.accepting.difference_update(stored)
+        late += self._refusal_audits(partner, refused_late, now)
+        if late:  # refused by the store itself: recorded before the answer
+            try:
+                await self.books.record(late, now)
+            except StoreError:
+                self.books.audit_failed = True
+                log.critical("audit records cannot be written; refusing publishes until they can")
+        done = [r for r in results if r is not None]
         self.on_outcomes(partner, done)
         return done
 
@@ -239,10 +243,11 @@ class PublishPipeline:
         return results
 
     def _refusal_audits(
-        self, partner: str, results: Sequence[PublishOutcome], now: int
+        self, partner: str, results: Sequence[PublishOutcome | None], now: int
     ) -> list[AuditItem]:
-        """The publish.refused entries to record one by one for the refused results; the
-        audit log counts the rest into its summaries (see AuditLog.admit_refusal)."""
+        """The publish.refused entries to record one by one for the refused results (None:
+        not decided here); the audit log counts the rest into its summaries (see
+        AuditLog.admit_refusal)."""
         out: list[AuditItem] = []
         for i, r in enumerate(results):
             if not isinstance(r, Refused):

@@ -74,8 +74,8 @@ ExpiryReason = Literal["retention_age", "retention_size"]
 class Notice:
     """A message retention removed before one of its eligible recipients had it.
 
-    Kept in the store per (subscriber, offset) until the subscriber acknowledges it; the
-    broker audits it first (``audited``) and only then tells the subscriber.
+    Kept in the store per (subscriber, offset) until the subscriber acknowledges it; its
+    audit record is written in the sweep's own commit, so every notice is audited.
     """
 
     subscriber: str
@@ -106,6 +106,24 @@ class Sweep:
 
 
 @dataclass(frozen=True)
+class OutboxRow:
+    """One audit record waiting in an outbox: its id (ascending, never reused), the time
+    of the commit that wrote it, and the record as its writer encoded it (opaque here)."""
+
+    id: int
+    time_ms: int
+    record: str
+
+
+# The audit records of the messages an append stores: called once per append, in the
+# writer, with the messages stored (offsets assigned), inside the transaction that
+# stores them; it must be pure and fast. Its records are written in that transaction.
+AcceptanceRecords = Callable[[Sequence[StoredMessage]], Sequence[str]]
+# The same for the notices a retention sweep records.
+NoticeRecords = Callable[[Sequence[Notice]], Sequence[str]]
+
+
+@dataclass(frozen=True)
 class StoreStats:
     """Size of the store, for operators and metrics."""
 
@@ -125,23 +143,41 @@ class StoreFull(StoreError):
 
 
 class MessageStore(Protocol):
-    """Durable, ordered message log with per-subscriber cursors (see docs in each backend)."""
+    """Durable, ordered message log with per-subscriber cursors and retention.
+
+    The audit contract: **a commit carries its audit records.** Every write that makes
+    a decision (append, record, sweep) writes the decision's audit records into the
+    store's outbox in the same atomic, durable commit as the decision itself: when the
+    call returns, both are durable, and a crash leaves both or neither. So a message is
+    never stored (or delivered) without its acceptance record, and a record is never
+    written for something that did not happen. Each record gets an outbox id above every
+    earlier one (never reused) and the commit's time. The broker's audit drainer
+    (broker.audit.drainer, through the backend's read_outbox/forget_outbox) appends the
+    records to the audit log in id order and then lets the backend forget them; a
+    backend must keep every record until forget_outbox covers it. Records are opaque
+    text to the store. A backend that cannot write a message and its records atomically
+    (a JetStream cluster puts both in one atomic batch) cannot implement this interface.
+    """
 
     async def append(
-        self, messages: Sequence[NewMessage], now_ms: int, *, audited_through: int = 0
+        self,
+        messages: Sequence[NewMessage],
+        now_ms: int,
+        *,
+        records: AcceptanceRecords | None = None,
+        also: Sequence[str] = (),
     ) -> list[Appended | Rejected]:
-        """Store messages atomically and durably, one result per message; raises StoreFull.
+        """Store messages atomically and durably, one result per message; raises StoreFull
+        (then nothing is written, records included).
 
-        In the same transaction, mark_audited(audited_through).
+        In the same commit, the outbox gets records(the messages stored) and then also
+        (records of other decisions the caller made for the same request).
         """
         ...
 
-    async def last_sequence(self, sender: str) -> int:
-        """Highest sequence ever stored for sender, 0 if none."""
-        ...
-
-    async def has_message(self, sender: str, message_id: str) -> bool:
-        """Whether (sender, message_id) is currently stored."""
+    async def record(self, records: Sequence[str], now_ms: int) -> None:
+        """Write audit records alone into the outbox, durably (sharing a commit with other
+        writes queued at the same time); raises StoreFull, StoreError."""
         ...
 
     async def get(self, offset: int) -> StoredMessage | None:
@@ -160,22 +196,15 @@ class MessageStore(Protocol):
         """Subscriber's durable cursor, None if it has none."""
         ...
 
-    async def pending(
-        self, subscriber: str, limit: int, exclude: Collection[int] = ()
-    ) -> list[StoredMessage]:
-        """Unsettled messages above the cursor (not in exclude), FLASH first then oldest first.
-
-        Raises StoreError if the subscriber has no cursor.
-        """
-        ...
-
     async def pending_and_head(
         self, subscriber: str, limit: int, exclude: Collection[int] = ()
     ) -> tuple[list[StoredMessage], int]:
-        """pending(), and the highest offset assigned, both read from one snapshot.
+        """Unsettled messages above the cursor (not in exclude), FLASH first then oldest
+        first, and the highest offset assigned, both read from one snapshot.
 
         Every message at or below that head is either in the list, excluded, settled, or
         (when the list is full) still pending; nothing above it was visible to the read.
+        Raises StoreError if the subscriber has no cursor.
         """
         ...
 
@@ -191,44 +220,23 @@ class MessageStore(Protocol):
         """Counts and sizes of the store."""
         ...
 
-    async def unaudited(self, limit: int = 10_000) -> list[StoredMessage]:
-        """Stored messages above the audited mark, oldest first (at most limit)."""
-        ...
-
-    async def audited_through(self) -> int:
-        """The audited mark: messages at or below it have their acceptance entries."""
-        ...
-
-    async def mark_audited(self, through: int) -> None:
-        """Move the audited mark up to through (never back)."""
-        ...
-
-    async def enforce_retention(self, now_ms: int) -> int:
-        """Remove messages too old, expired, or beyond the retention size; return the count."""
-        ...
-
-    async def sweep(self, now_ms: int, eligible: Eligibility | None = None) -> Sweep:
-        """enforce_retention(), recording a Notice for each eligible subscriber that had
-        not settled a removed message (in the same transaction)."""
+    async def sweep(
+        self,
+        now_ms: int,
+        eligible: Eligibility | None = None,
+        records: NoticeRecords | None = None,
+    ) -> Sweep:
+        """Remove messages too old, expired, or beyond the retention size, recording a
+        Notice for each eligible subscriber that had not settled a removed message, and
+        records(those notices) in the outbox, all in one commit."""
         ...
 
     async def usage(self) -> dict[str, int]:
         """Stored envelope bytes per sender (senders holding none are left out)."""
         ...
 
-    async def notices(
-        self, subscriber: str, limit: int, *, after: int = 0, audited: bool = True
-    ) -> list[Notice]:
-        """Subscriber's notices not yet acknowledged above offset after, by offset
-        (only audited ones if so)."""
-        ...
-
-    async def unaudited_notices(self, limit: int = 10_000) -> list[Notice]:
-        """Notices whose audit entries are not recorded yet, by removal time."""
-        ...
-
-    async def mark_notices_audited(self, notices: Sequence[Notice]) -> None:
-        """Their audit entries are durable: they may be sent."""
+    async def notices(self, subscriber: str, limit: int, *, after: int = 0) -> list[Notice]:
+        """Subscriber's notices not yet acknowledged above offset after, by offset."""
         ...
 
     async def drop_notices(self, subscriber: str, offsets: Sequence[int]) -> int:
@@ -236,11 +244,11 @@ class MessageStore(Protocol):
         ...
 
     async def trim_notices(self, keep: int) -> int:
-        """Forget each subscriber's oldest audited notices beyond keep; return how many."""
+        """Forget each subscriber's oldest notices beyond keep; return how many."""
         ...
 
     async def notice_subscribers(self) -> set[str]:
-        """Subscribers holding audited notices not yet acknowledged."""
+        """Subscribers holding notices not yet acknowledged."""
         ...
 
     async def verify_integrity(self) -> list[int]:

@@ -9,6 +9,9 @@ any transaction whose commit did not finish.
 
 If the storage itself fails mid-batch (disk full, I/O error), the batch is rolled back and its
 jobs are retried one transaction each, so the job that cannot fit fails alone.
+
+A rider (ride()) is housekeeping nobody waits for: it runs at the start of the next
+transaction, whoever's it is, so it costs no commit of its own.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._closed = False
+        self._rider: Callable[[sqlite3.Connection], object] | None = None
+        self._rider_lock = threading.Lock()
         self.commits = 0  # transactions committed
         self.jobs = 0  # jobs committed
         # Called on the writer thread with each commit's seconds (broker.metrics).
@@ -114,10 +119,23 @@ class GroupCommitWriter:
         self._queue.put(_Job(job, future, loop))
         return cast(T, await future)
 
+    def ride(self, job: Callable[[sqlite3.Connection], object]) -> None:
+        """Run job at the start of the next transaction, in place of a rider not yet run.
+
+        Nobody waits for it: it is undone with its transaction if the storage fails, and
+        an error it raises itself is ignored. close() runs a rider still pending.
+        """
+        with self._rider_lock:
+            self._rider = job
+
     async def close(self) -> None:
-        """Commit everything already submitted, checkpoint the WAL and close the connection."""
+        """Commit everything already submitted (a pending rider too), checkpoint the WAL
+        and close the connection."""
         if self._closed:
             return
+        if self._rider is not None:
+            with contextlib.suppress(Exception):
+                await self.submit(lambda conn: None)
         self._closed = True
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
@@ -169,6 +187,17 @@ class GroupCommitWriter:
         conn = self._conn
         started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
+        with self._rider_lock:
+            rider, self._rider = self._rider, None
+        if rider is not None:
+            conn.execute("SAVEPOINT rider")
+            try:
+                rider(conn)
+            except (sqlite3.Error, OSError):
+                raise
+            except Exception:
+                conn.execute("ROLLBACK TO rider")
+            conn.execute("RELEASE rider")
         outcomes: list[_Outcome] = []
         for job in batch:
             conn.execute("SAVEPOINT job")

@@ -4,6 +4,12 @@ Every record() is durable on return (group commit, fsync). Each entry commits to
 before it (see coalition.audit_chain for the exact encoding), and every ``checkpoint_every``
 entries, and on close, the broker signs the chain head with its audit key.
 
+Most decisions reach the log through an outbox (broker.audit.drainer): append_outbox
+appends a source's rows with their own times and moves that source's drained mark (the
+``drained`` table) in the same transaction, so a row is in the chain exactly once. Reads
+(query, export, verify, count) first run ``before_read`` (the drainer's drain), so they see
+every decision already committed to an outbox.
+
 Callers must never put plaintext, keys, tokens or other secrets in ``detail``: entries are
 shown to operators and exported. Record identifiers, labels, reasons and sizes instead.
 
@@ -23,26 +29,26 @@ import functools
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from broker.audit.items import AuditItem, entry_fields
+from broker.audit.pages import ENTRY_FIELDS, entry_row, matches, query_sql, read_page
+from broker.audit.refusals import RefusalSummary
 from broker.store.readers import ReaderPool
 from broker.store.writer import GroupCommitWriter, is_disk_full
 from coalition.audit_chain import (
     GENESIS,
     ChainVerifier,
     VerifyResult,
-    canonical_json,
     entry_hash,
     sign_checkpoint,
 )
 from coalition.clock import wall_clock_ms
 from coalition.v1 import audit_pb2
 
-__all__ = ["AuditError", "AuditItem", "AuditLog", "RefusalSummary", "VerifyResult"]
+__all__ = ["AuditError", "AuditLog", "VerifyResult"]
 
 log = logging.getLogger("coalition.broker.audit")
 
@@ -65,31 +71,16 @@ CREATE TRIGGER IF NOT EXISTS entries_append_only_update BEFORE UPDATE ON entries
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS entries_append_only_delete BEFORE DELETE ON entries
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+-- Per outbox source: the highest outbox id whose entry is in the chain (append_outbox).
+CREATE TABLE IF NOT EXISTS drained (
+    source TEXT PRIMARY KEY, through INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 # Every query is a constant with bound values, except query()'s WHERE made of fixed fragments.
-_ENTRY_FIELDS = (
-    "seq",
-    "time_ms",
-    "kind",
-    "actor",
-    "partner",
-    "message_id",
-    "decision",
-    "detail_json",
-    "prev_hash",
-    "hash",
-)
 _INSERT_ENTRY = (
     "INSERT INTO entries (seq, time_ms, kind, actor, partner, message_id, decision, detail_json,"
     " prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_SELECT_ENTRIES = (
-    "SELECT seq, time_ms, kind, actor, partner, message_id, decision, detail_json, prev_hash, hash"
-    " FROM entries"
-)
-_PAGE_OF_ENTRIES = _SELECT_ENTRIES + " WHERE seq > ? ORDER BY seq LIMIT ?"
-_PAGE = 1000
 
 
 class AuditError(Exception):
@@ -104,186 +95,11 @@ def _map_error(exc: BaseException) -> Exception:
     return AuditError(f"audit log failed: {exc}")
 
 
-def _entry(row: tuple[Any, ...]) -> audit_pb2.AuditEntry:
-    return audit_pb2.AuditEntry(**dict(zip(_ENTRY_FIELDS, row, strict=True)))
-
-
-def _checkpoint(row: tuple[Any, ...]) -> audit_pb2.AuditCheckpoint:
-    seq, chain_hash, time_ms, signature = row
-    return audit_pb2.AuditCheckpoint(
-        seq=int(seq), hash=bytes(chain_hash), time_ms=int(time_ms), signature=bytes(signature)
-    )
-
-
-@dataclass(frozen=True)
-class AuditItem:
-    """One entry to append (see AuditLog.record for the rules on detail)."""
-
-    kind: str
-    actor: str
-    partner: str = ""
-    message_id: str = ""
-    decision: str = "allow"
-    detail: Mapping[str, object] | None = None
-
-
-def _fields(item: AuditItem, now_ms: int) -> audit_pb2.AuditEntry:
-    if not item.kind:
-        raise ValueError("audit entry needs a kind")
-    try:
-        detail_json = canonical_json(item.detail)
-        detail_json.encode("utf-8")
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"audit detail is not plain JSON: {exc}") from exc
-    return audit_pb2.AuditEntry(
-        time_ms=now_ms,
-        kind=item.kind,
-        actor=item.actor,
-        partner=item.partner,
-        message_id=item.message_id,
-        decision=item.decision,
-        detail_json=detail_json,
-    )
-
-
-@dataclass
-class _Tally:
-    """Refusals of one kind, source and reason in one interval, beyond the threshold."""
-
-    actor: str
-    partner: str
-    status: str
-    example: str
-    first_ms: int
-    first_message_id: str
-    last_ms: int = 0
-    last_message_id: str = ""
-    count: int = 0
-
-
-# (kind, source, reason, interval index)
-_TallyKey = tuple[str, str, str, int]
-
-
-class RefusalSummary:
-    """Which refusals to record one by one, and exact counts of the others.
-
-    Pure bookkeeping: no I/O, the time is passed in. Intervals are aligned to multiples of
-    interval_ms. Per source (who caused them, e.g. the partner), whatever the kind, the
-    first ``threshold`` refusals of an interval are admitted (to be recorded one by one);
-    the rest are tallied per kind and reason and, once their interval has closed, taken
-    as summary entries. A threshold of 0 admits everything. Memory: one counter per
-    source and one tally per (kind, source, reason) with refusals beyond the threshold.
-    """
-
-    def __init__(self, threshold: int, interval_ms: int) -> None:
-        if threshold < 0:
-            raise ValueError("refusal_audit_threshold must be 0 or more")
-        if interval_ms < 1:
-            raise ValueError("refusal_audit_interval_ms must be at least 1")
-        self.threshold = threshold
-        self.interval_ms = interval_ms
-        self._admitted: dict[str, tuple[int, int]] = {}  # source -> (interval, count)
-        self._tallies: dict[_TallyKey, _Tally] = {}
-
-    @property
-    def pending(self) -> int:
-        """Refusals counted and not yet taken as summaries."""
-        return sum(t.count for t in self._tallies.values())
-
-    def next_due_ms(self) -> int | None:
-        """When the earliest pending interval closes (None when nothing is pending)."""
-        if not self._tallies:
-            return None
-        return (min(k[3] for k in self._tallies) + 1) * self.interval_ms
-
-    def admit(self, item: AuditItem, source: str, now_ms: int) -> bool:
-        """True: record item one by one. False: it was counted into its interval's summary."""
-        if self.threshold == 0:
-            return True
-        window = now_ms // self.interval_ms
-        at, count = self._admitted.get(source, (window, 0))
-        if at != window:
-            count = 0
-        if count < self.threshold:
-            self._admitted[source] = (window, count + 1)
-            return True
-        self._admitted[source] = (window, count)
-        detail = item.detail or {}
-        tally = self._tallies.get((item.kind, source, item.decision, window))
-        if tally is None:
-            tally = self._tallies[(item.kind, source, item.decision, window)] = _Tally(
-                actor=item.actor,
-                partner=item.partner,
-                status=str(detail.get("status", "")),
-                example=str(detail.get("reason", "")),
-                first_ms=now_ms,
-                first_message_id=item.message_id,
-            )
-        tally.count += 1
-        tally.last_ms = now_ms
-        tally.last_message_id = item.message_id
-        return False
-
-    def take_due(self, now_ms: int, *, final: bool = False) -> list[tuple[_TallyKey, _Tally]]:
-        """The tallies of intervals that have closed by now_ms (all of them when final),
-        removed from the pending ones; put them back with restore() if not written."""
-        current = now_ms // self.interval_ms
-        due = sorted((k for k in self._tallies if final or k[3] < current), key=lambda k: (k[3], k))
-        out = [(k, self._tallies.pop(k)) for k in due]
-        for source, (at, _) in list(self._admitted.items()):
-            if at < current:
-                del self._admitted[source]
-        return out
-
-    def restore(self, taken: Sequence[tuple[_TallyKey, _Tally]]) -> None:
-        """Put back tallies that take_due returned but could not be written."""
-        for key, tally in taken:
-            have = self._tallies.get(key)
-            if have is None:
-                self._tallies[key] = tally
-            else:  # counted again meanwhile (the clock went back): merge, keep it exact
-                have.count += tally.count
-                have.first_ms, have.first_message_id = tally.first_ms, tally.first_message_id
-
-    def summary(self, key: _TallyKey, tally: _Tally) -> AuditItem:
-        """The summary entry of one tally: ``<kind>.summary`` with the exact count."""
-        kind, source, reason, window = key
-        detail: dict[str, object] = {
-            "count": tally.count,
-            "reason_code": reason,
-            "interval_start_ms": window * self.interval_ms,
-            "interval_ms": self.interval_ms,
-            "recorded_individually_up_to": self.threshold,
-            "first_ms": tally.first_ms,
-            "last_ms": tally.last_ms,
-            "first_message_id": tally.first_message_id,
-            "last_message_id": tally.last_message_id,
-            "example": tally.example,
-        }
-        if tally.status:
-            detail["status"] = tally.status
-        return AuditItem(
-            f"{kind}.summary", tally.actor or source, tally.partner, "", reason, detail
-        )
-
-
 def _head(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
     row = conn.execute(
         "SELECT seq, hash, time_ms FROM entries ORDER BY seq DESC LIMIT 1"
     ).fetchone()
     return (int(row[0]), bytes(row[1]), int(row[2])) if row else (0, GENESIS, 0)
-
-
-def _glob_prefix(prefix: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in prefix) + "*"
-
-
-@dataclass(frozen=True)
-class _Page:
-    records: list[audit_pb2.AuditEntry | audit_pb2.AuditCheckpoint]
-    last_seq: int
-    done: bool
 
 
 class AuditLog:
@@ -305,6 +121,12 @@ class AuditLog:
         self._refusals = refusals or RefusalSummary(0, 1)
         self._clock = clock
         self._summarizer: asyncio.Task[None] | None = None
+        # Run before every read so it sees what outboxes hold (set by the broker's wiring
+        # to the drainer's drain). Its failure is logged; the read goes on.
+        self.before_read: Callable[[], Awaitable[object]] | None = None
+        # If before_read fails: the records it could not append, as (time, entry), which
+        # query() then shows after the chain's entries with seq 0 and no hash.
+        self.read_through: Callable[[], Awaitable[list[tuple[int, AuditItem]]]] | None = None
 
     @classmethod
     async def open(
@@ -363,24 +185,99 @@ class AuditLog:
         """
         if not items:
             return []
-        fields = [_fields(item, now_ms) for item in items]
+        fields = [entry_fields(item, now_ms) for item in items]
 
         def job(conn: sqlite3.Connection) -> list[int]:
             seq, prev_hash, _ = _head(conn)
             out = []
             for f in fields:
-                entry = audit_pb2.AuditEntry()
-                entry.CopyFrom(f)
-                entry.seq, entry.prev_hash = seq + 1, prev_hash
-                entry.hash = entry_hash(prev_hash, entry)
-                conn.execute(_INSERT_ENTRY, tuple(getattr(entry, f) for f in _ENTRY_FIELDS))
-                if entry.seq % self._every == 0:
-                    self._insert_checkpoint(conn, entry.seq, entry.hash, entry.time_ms)
-                seq, prev_hash = entry.seq, entry.hash
-                out.append(entry.seq)
+                seq, prev_hash = seq + 1, self._append(conn, f, seq + 1, prev_hash)
+                if seq % self._every == 0:
+                    self._insert_checkpoint(conn, seq, prev_hash, f.time_ms)
+                out.append(seq)
             return out
 
         return await self._writer.submit(job)
+
+    async def append_outbox(
+        self, source: str, rows: Sequence[tuple[int, audit_pb2.AuditEntry]]
+    ) -> int:
+        """Append (outbox id, entry) rows of source in id order, each at its own time,
+        and move source's drained mark to the last id, in one transaction; return the
+        mark. Rows at or below the mark are skipped (each row is appended once). One
+        checkpoint is signed if the batch crossed a multiple of checkpoint_every.
+        Raises AuditError."""
+        decoded = sorted(rows, key=lambda r: r[0])
+
+        def job(conn: sqlite3.Connection) -> int:
+            found = conn.execute("SELECT through FROM drained WHERE source = ?", (source,))
+            mark = int((found.fetchone() or (0,))[0])
+            fresh = [(i, f) for i, f in decoded if i > mark]
+            if not fresh:
+                return mark
+            seq, prev_hash, _ = _head(conn)
+            first = seq
+            for _, f in fresh:
+                prev_hash = self._append(conn, f, seq + 1, prev_hash)
+                seq += 1
+            if seq // self._every != first // self._every:
+                self._insert_checkpoint(conn, seq, prev_hash, fresh[-1][1].time_ms)
+            conn.execute(
+                "INSERT INTO drained (source, through) VALUES (?, ?)"
+                " ON CONFLICT (source) DO UPDATE SET through = excluded.through",
+                (source, fresh[-1][0]),
+            )
+            return fresh[-1][0]
+
+        return await self._writer.submit(job)
+
+    async def drained_through(self, source: str) -> int:
+        """The highest outbox id of source whose entry is in the chain, 0 if none."""
+
+        def read(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT through FROM drained WHERE source = ?", (source,))
+            return int((row.fetchone() or (0,))[0])
+
+        return await self._readers.run(read)
+
+    def _append(
+        self, conn: sqlite3.Connection, fields: audit_pb2.AuditEntry, seq: int, prev: bytes
+    ) -> bytes:
+        """Insert fields as entry seq after prev (the previous hash); return its hash."""
+        entry = audit_pb2.AuditEntry()
+        entry.CopyFrom(fields)
+        entry.seq, entry.prev_hash = seq, prev
+        entry.hash = entry_hash(prev, entry)
+        conn.execute(_INSERT_ENTRY, tuple(getattr(entry, f) for f in ENTRY_FIELDS))
+        return entry.hash
+
+    async def _catch_up(self) -> bool:
+        """Run before_read; False if it failed (reads answer with what the chain holds)."""
+        if self.before_read is None:
+            return True
+        try:
+            await self.before_read()
+        except Exception as exc:
+            log.error("audit outbox not drained before a read: %s", exc)
+            return False
+        return True
+
+    async def _unchained(
+        self, partner: str, kind: str, since_ms: int, until_ms: int
+    ) -> list[audit_pb2.AuditEntry]:
+        """read_through's records that match query()'s filters, as entries with seq 0."""
+        if self.read_through is None:
+            return []
+        try:
+            waiting = await self.read_through()
+        except Exception as exc:
+            log.error("audit outbox not readable: %s", exc)
+            return []
+        return [
+            entry_fields(item, t)
+            for t, item in waiting
+            if matches(item, t, partner, kind, since_ms, until_ms)
+        ]
 
     # -- refusals a partner can cause at will -------------------------------------------
     def admit_refusal(self, item: AuditItem, now_ms: int, source: str = "") -> bool:
@@ -473,36 +370,27 @@ class AuditLog:
     ) -> list[audit_pb2.AuditEntry]:
         """Entries in seq order; kind is a prefix, since_ms inclusive, until_ms exclusive,
         0/"" means no filter; with tail, the newest `limit` entries (still in seq order)."""
-        where, args = ["1"], list[object]()
-        if partner:
-            where.append("partner = ?")
-            args.append(partner)
-        if kind:
-            where.append("kind GLOB ?")
-            args.append(_glob_prefix(kind))
-        if since_ms:
-            where.append("time_ms >= ?")
-            args.append(since_ms)
-        if until_ms:
-            where.append("time_ms < ?")
-            args.append(until_ms)
-        sql = f"{_SELECT_ENTRIES} WHERE {' AND '.join(where)}"  # fixed fragments only
-        sql += " ORDER BY seq DESC" if tail else " ORDER BY seq"
-        if limit > 0:
-            sql += " LIMIT ?"
-            args.append(limit)
+        sql, args = query_sql(partner, kind, since_ms, until_ms, limit, tail)
 
         def read(conn: sqlite3.Connection) -> list[audit_pb2.AuditEntry]:
-            return [_entry(row) for row in conn.execute(sql, args)]
+            return [entry_row(row) for row in conn.execute(sql, args)]
 
+        drained = await self._catch_up()
         entries = await self._readers.run(read)
-        return entries[::-1] if tail else entries
+        if tail:
+            entries.reverse()
+        if not drained:
+            entries += await self._unchained(partner, kind, since_ms, until_ms)
+            if limit > 0:
+                entries = entries[-limit:] if tail else entries[:limit]
+        return entries
 
     async def export(self) -> AsyncIterator[audit_pb2.AuditEntry | audit_pb2.AuditCheckpoint]:
         """Every entry in seq order, each followed by the checkpoints taken at its seq."""
+        await self._catch_up()
         after = -1
         while True:
-            page = await self._readers.run(functools.partial(_read_page, after=after))
+            page = await self._readers.run(functools.partial(read_page, after=after))
             for record in page.records:
                 yield record
             if page.done:
@@ -511,10 +399,11 @@ class AuditLog:
 
     async def verify(self, public_key: Ed25519PublicKey) -> VerifyResult:
         """Recompute the chain and check every checkpoint; report the first break."""
+        await self._catch_up()
         verifier = ChainVerifier(public_key)
         after = -1
         while True:
-            page = await self._readers.run(functools.partial(_read_page, after=after))
+            page = await self._readers.run(functools.partial(read_page, after=after))
             verifier.feed(page.records)
             if page.done:
                 return verifier.result()
@@ -522,6 +411,7 @@ class AuditLog:
 
     async def count(self) -> int:
         """Number of entries stored."""
+        await self._catch_up()
         return await self._readers.run(
             lambda conn: int(conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
         )
@@ -558,37 +448,3 @@ class AuditLog:
         finally:
             await self._readers.close()
             await self._writer.close()
-
-
-def _read_page(conn: sqlite3.Connection, after: int) -> _Page:
-    """Entries with seq > after (one page) merged with their checkpoints, in export order.
-
-    after = -1 starts at the beginning (checkpoints at seq 0 included).
-    """
-    entries = [
-        _entry(row)
-        for row in conn.execute(
-            _PAGE_OF_ENTRIES,
-            (after, _PAGE),
-        )
-    ]
-    done = len(entries) < _PAGE
-    upper = entries[-1].seq if entries and not done else 2**63 - 1
-    checkpoints = [
-        (int(row[0]), _checkpoint(row))
-        for row in conn.execute(
-            "SELECT seq, hash, time_ms, signature FROM checkpoints"
-            " WHERE seq > ? AND seq <= ? ORDER BY seq, id",
-            (after, upper),
-        )
-    ]
-    records: list[audit_pb2.AuditEntry | audit_pb2.AuditCheckpoint] = []
-    i = 0
-    for entry in entries:
-        # A checkpoint goes after the last entry at or below its seq.
-        while i < len(checkpoints) and checkpoints[i][0] < entry.seq:
-            records.append(checkpoints[i][1])
-            i += 1
-        records.append(entry)
-    records.extend(cp for _, cp in checkpoints[i:])
-    return _Page(records, entries[-1].seq if entries else after, done)
