@@ -64,7 +64,7 @@ class BrokerConfig:
     # The audit drainer moves outbox records into the audit log at most once per this
     # interval (records committed meanwhile go in one batch); reads and shutdown drain
     # at once.
-    audit_drain_interval_ms: int = 20
+    audit_drain_interval_ms: int = 200
     # Refusals a partner can cause at will are audited one by one up to this many per
     # partner and interval (all kinds together); the rest are counted and summarised per
     # kind and reason when the interval closes (0 = every refusal one by one).

@@ -58,7 +58,7 @@ class Drainer:
         self,
         audit: AuditLog,
         *,
-        interval_ms: int = 20,
+        interval_ms: int = 200,
         on_failure: Callable[[Exception], None] | None = None,
     ) -> None:
         self.audit = audit
