@@ -37,7 +37,7 @@ from broker.audit.items import AuditItem, entry_fields
 from broker.audit.pages import ENTRY_FIELDS, entry_row, matches, query_sql, read_page
 from broker.audit.refusals import RefusalSummary
 from broker.store.readers import ReaderPool
-from broker.store.writer import GroupCommitWriter, is_disk_full
+from broker.store.writer import GroupCommitWriter, WriterOwner, is_disk_full
 from coalition.audit_chain import (
     GENESIS,
     ChainVerifier,
@@ -102,7 +102,7 @@ def _head(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
     return (int(row[0]), bytes(row[1]), int(row[2])) if row else (0, GENESIS, 0)
 
 
-class AuditLog:
+class AuditLog(WriterOwner):
     """Append-only hash-chained audit log; open with ``await AuditLog.open(...)``."""
 
     def __init__(
@@ -153,11 +153,6 @@ class AuditLog:
             await writer.close()
             raise
         return cls(writer, readers, signing_key, checkpoint_every, refusals, clock)
-
-    @property
-    def commits(self) -> int:
-        """Transactions committed since open (for tests and metrics)."""
-        return self._writer.commits
 
     async def record(
         self,

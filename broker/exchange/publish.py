@@ -52,6 +52,7 @@ from broker.store import (
     StoredMessage,
     StoreError,
     StoreFull,
+    stored_message,
 )
 from coalition import envelope as env
 from coalition.checks import HeaderProblem, check_header
@@ -187,7 +188,7 @@ class PublishPipeline:
         for (i, msg, header), out in zip(accepted, outcomes, strict=True):
             if isinstance(out, Appended):
                 self._remember(out.offset, (header, labels[i]))
-                fresh.append(_stored(msg, out.offset, now))
+                fresh.append(stored_message(msg, out.offset, now))
                 results[i] = Accepted(msg.message_id, msg.sequence, out.offset)
                 self.counters[partner].published += 1
                 continue
@@ -412,25 +413,6 @@ def _refusal(
     e: envelope_pb2.Envelope, err: BrokerError, header: envelope_pb2.Header | None = None
 ) -> Refused:
     return Refused(header.message_id if header else _message_id_or_empty(e), err)
-
-
-def _stored(msg: NewMessage, offset: int, stored_ms: int) -> StoredMessage:
-    """The message as the store now holds it (what a read of offset would return)."""
-    return StoredMessage(
-        offset=offset,
-        stored_ms=stored_ms,
-        message_id=msg.message_id,
-        sender=msg.sender,
-        sequence=msg.sequence,
-        topic=msg.topic,
-        precedence=msg.precedence,
-        classification=msg.classification,
-        label=msg.label,
-        created_ms=msg.created_ms,
-        expiry_ms=msg.expiry_ms,
-        envelope=msg.envelope,
-        digest=msg.digest,
-    )
 
 
 def _quota_refusal(partner: str, out: Rejected, size: int) -> Exhausted:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -25,9 +26,14 @@ from broker.metrics.instruments import Instruments
 from broker.metrics.labels import partner_label
 from broker.registry import Registry
 from broker.store import MessageStore
-from broker.store.writer import GroupCommitWriter
 
 log = logging.getLogger("coalition.broker")
+
+
+class TimesCommits(Protocol):
+    """A store that reports each commit's duration (SqliteMessageStore, AuditLog)."""
+
+    def time_commits(self, hook: Callable[[float], None] | None) -> None: ...
 
 
 class MetricsExporter:
@@ -57,19 +63,14 @@ class MetricsExporter:
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
         self.http = MetricsHttp(self.render)
 
-    def attach(self, exchange: ExchangeCore, writers: dict[str, object]) -> None:
+    def attach(self, exchange: ExchangeCore, writers: Mapping[str, TimesCommits]) -> None:
         """Point the exchange core's and the store writers' hooks at the instruments."""
         ins = self.instruments
         exchange.pipeline.on_outcomes = ins.publish_outcomes
         exchange.pipeline.on_verified = ins.verified
         exchange.delivery.on_routed = ins.routed
         for name, owner in writers.items():
-            # The writer of each SQLite store (GroupCommitWriter) times its own commits.
-            writer = getattr(owner, "_writer", None)
-            if isinstance(writer, GroupCommitWriter):
-                writer.on_commit = ins.committed(name)
-            else:
-                log.warning("metrics: no commit timing for the %s store", name)
+            owner.time_commits(ins.committed(name))
 
     async def render(self) -> bytes:
         """The text exposition, after refreshing what the store holds (cached)."""

@@ -9,6 +9,7 @@ from broker.store.base import (
     StoreError,
     StoreFull,
     StoreStats,
+    stored_message,
 )
 from broker.store.sqlite import SqliteMessageStore
 
@@ -22,4 +23,5 @@ __all__ = [
     "StoreFull",
     "StoreStats",
     "StoredMessage",
+    "stored_message",
 ]

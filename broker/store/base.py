@@ -45,6 +45,25 @@ class StoredMessage:
     digest: bytes
 
 
+def stored_message(msg: NewMessage, offset: int, stored_ms: int) -> StoredMessage:
+    """The message as the store holds it at offset (what a read of offset returns)."""
+    return StoredMessage(
+        offset=offset,
+        stored_ms=stored_ms,
+        message_id=msg.message_id,
+        sender=msg.sender,
+        sequence=msg.sequence,
+        topic=msg.topic,
+        precedence=msg.precedence,
+        classification=msg.classification,
+        label=msg.label,
+        created_ms=msg.created_ms,
+        expiry_ms=msg.expiry_ms,
+        envelope=msg.envelope,
+        digest=msg.digest,
+    )
+
+
 @dataclass(frozen=True)
 class Appended:
     """The message is durably stored at this offset."""

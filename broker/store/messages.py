@@ -14,6 +14,7 @@ from broker.store.base import (
     Rejected,
     StoredMessage,
     StoreFull,
+    stored_message,
 )
 from broker.store.schema import (
     INSERT,
@@ -135,22 +136,3 @@ def pending_and_head(
     sql = ROWS_BY_OFFSET.format(",".join("?" * len(chosen)))
     by_offset = {row[0]: stored(row) for row in conn.execute(sql, chosen)}
     return [by_offset[o] for o in chosen if o in by_offset], head
-
-
-def stored_message(msg: NewMessage, offset: int, stored_ms: int) -> StoredMessage:
-    """The message as the store holds it at offset (what a read of offset returns)."""
-    return StoredMessage(
-        offset=offset,
-        stored_ms=stored_ms,
-        message_id=msg.message_id,
-        sender=msg.sender,
-        sequence=msg.sequence,
-        topic=msg.topic,
-        precedence=msg.precedence,
-        classification=msg.classification,
-        label=msg.label,
-        created_ms=msg.created_ms,
-        expiry_ms=msg.expiry_ms,
-        envelope=msg.envelope,
-        digest=msg.digest,
-    )

@@ -47,11 +47,11 @@ from broker.store.schema import (
     stored,
 )
 from broker.store.sweeping import NOTICE_COLUMNS, notice
-from broker.store.writer import GroupCommitWriter
+from broker.store.writer import GroupCommitWriter, WriterOwner
 from coalition.labels import valid_precedence
 
 
-class SqliteMessageStore:
+class SqliteMessageStore(WriterOwner):
     """MessageStore on one SQLite file; open with ``await SqliteMessageStore.open(...)``."""
 
     def __init__(
@@ -113,11 +113,6 @@ class SqliteMessageStore:
             max_age_ms=max_age_ms,
             sender_bytes=sender_bytes,
         )
-
-    @property
-    def commits(self) -> int:
-        """Transactions committed since open (for tests and metrics)."""
-        return self._writer.commits
 
     # -- writes ------------------------------------------------------------------------------
 

@@ -228,6 +228,21 @@ class GroupCommitWriter:
                 self._conn.execute("ROLLBACK")
 
 
+class WriterOwner:
+    """What a class owning one GroupCommitWriter (as ``_writer``) reports about it."""
+
+    _writer: GroupCommitWriter
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed since open (for tests and metrics)."""
+        return self._writer.commits
+
+    def time_commits(self, hook: Callable[[float], None] | None) -> None:
+        """Call hook with each commit's duration in seconds (None: stop)."""
+        self._writer.on_commit = hook
+
+
 def _resolve(future: asyncio.Future[Any], outcome: _Outcome) -> None:
     if future.done():
         return
