@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
 	@echo "installing coalition and its dev/bench dependencies into $(VENV) ..."
-	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,console]'
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,console,cluster]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
