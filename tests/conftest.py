@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from broker.jetstream.connect import ClusterSettings
+from clients.cluster import NatsCluster
 from coalition.pki import make_dev_pki
 from tests.helpers import ALL_PARTNERS, OPERATORS, now_ms
 
@@ -14,3 +18,21 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
     make_dev_pki(d, ALL_PARTNERS, OPERATORS, now_ms(), force=True)
     return d
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """Three real nats-server processes clustered on loopback (JetStream, sync always),
+    shared by the session; each test takes its own deployment prefix (``cluster_settings``)."""
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_settings(nats_cluster: NatsCluster) -> ClusterSettings:
+    """Settings for a fresh deployment on the shared cluster (a prefix no other test uses)."""
+    return ClusterSettings(servers=tuple(nats_cluster.urls), prefix=f"T{uuid.uuid4().hex[:12]}")

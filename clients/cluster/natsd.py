@@ -189,9 +189,13 @@ class NatsCluster:
                     health = node.monitor("healthz")
                     if health.get("status") != "ok":
                         raise OSError(f"{node.name}: {health}")
-                    jsz = node.monitor("jsz")
-                    if not (jsz.get("meta_cluster") or {}).get("leader"):
+                    meta = node.monitor("jsz").get("meta_cluster") or {}
+                    if not meta.get("leader"):
                         raise OSError(f"{node.name}: no JetStream meta leader yet")
+                    if meta["leader"] == node.name and not all(
+                        r.get("current") for r in meta.get("replicas", ())
+                    ):
+                        raise OSError(f"{node.name}: JetStream peers not current yet")
                 return
             except RuntimeError:
                 raise

@@ -1,0 +1,63 @@
+"""How a broker reaches its JetStream cluster: the settings, the connection, and the
+names every stream and bucket of one deployment share.
+
+One deployment's streams and buckets all begin with its ``prefix`` (default
+``COALITION``), so several deployments (or tests) can share one NATS cluster without
+seeing each other's data.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where the cluster is and how to reach it (the ``[store]`` section of the config)."""
+
+    servers: tuple[str, ...]
+    prefix: str = "COALITION"
+    replicas: int = 3
+    tls_ca: Path | None = None  # CA that signed the NATS servers' certificates
+    tls_cert: Path | None = None  # this broker's client certificate, if NATS requires one
+    tls_key: Path | None = None
+    allow_data_loss: bool = False  # start even if the cluster's durability is weaker
+
+    def name(self, what: str) -> str:
+        """A stream's or bucket's name in this deployment, e.g. ``COALITION_MESSAGES``."""
+        return f"{self.prefix}_{what}"
+
+    def subject(self, *tokens: str) -> str:
+        """A subject in this deployment's namespace, e.g. ``coalition.msg.4.USA``."""
+        return ".".join((self.prefix.lower(), *tokens))
+
+
+def _tls_context(settings: ClusterSettings) -> ssl.SSLContext | None:
+    if settings.tls_ca is None and settings.tls_cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.tls_cert is not None:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return ctx
+
+
+async def connect(settings: ClusterSettings, *, name: str = "coalition-broker") -> Client:
+    """Connect to the cluster (any listed server; the client follows the cluster's
+    membership and reconnects on its own). Raises ``OSError``-like NATS errors with the
+    server list in the message when none answers."""
+    nc: Client = await nats.connect(
+        servers=list(settings.servers),
+        name=name,
+        tls=_tls_context(settings),
+        connect_timeout=5,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        allow_reconnect=True,
+    )
+    return nc
