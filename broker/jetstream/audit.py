@@ -123,7 +123,7 @@ class JetStreamAuditLog(AuditBackend):
         self._key = signing_key
         self._every = checkpoint_every
         self._certificate = certificate
-        self._trust = SignerTrust(ca, own=certificate)
+        self._trust = SignerTrust(ca)
         self._init_front(refusals, clock)
         self._queue: list[_Write] = []
         self._writer: asyncio.Task[None] | None = None
@@ -308,7 +308,9 @@ class JetStreamAuditLog(AuditBackend):
     async def close(self, now_ms: int | None = None) -> None:
         """Write pending refusal summaries, then checkpoint the head if it is not yet (at
         now_ms, default the last entry's time), whoever wrote it; then stop writing. The
-        NATS connection is the caller's."""
+        NATS connection is the caller's. Closing again does nothing."""
+        if self._closed:
+            return
         await self.stop_summaries(now_ms)
         try:
             self._head, _ = await self._stream.head(self._head)
@@ -371,6 +373,7 @@ class JetStreamAuditLog(AuditBackend):
         the stream that is not a block breaks the chain where it stands."""
         await self._catch_up()
         verifier = ChainVerifier(public_key)
+        added: set[bytes] = set()
         seq = 0
         async for block in self._blocks():
             if block is None:
@@ -381,7 +384,8 @@ class JetStreamAuditLog(AuditBackend):
                 continue
             for c in block.checkpoints:
                 key = self._trust.meet(c.signer, c.checkpoint.time_ms)
-                if key is not None:
+                if key is not None and c.signer not in added:
+                    added.add(c.signer)
                     verifier.add_key(key)
             verifier.feed(export_order(block))
             if block.entries:

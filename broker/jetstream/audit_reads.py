@@ -25,23 +25,19 @@ class SignerTrust:
     CA issued to a broker identity, valid when the checkpoint was signed (none without a
     CA). Each certificate is judged once, at the first checkpoint that carries it."""
 
-    def __init__(self, ca: x509.Certificate | None, own: bytes = b"") -> None:
+    def __init__(self, ca: x509.Certificate | None) -> None:
         self._ca = ca
         self._judged: dict[bytes, Ed25519PublicKey | None] = {}
-        if own:
-            self._judged[own] = None  # this broker's own key is trusted by the caller
         self.seen: list[bytes] = []  # every distinct signer certificate met, in order
 
     def meet(self, der: bytes, time_ms: int) -> Ed25519PublicKey | None:
-        """The key of der if it is newly trusted (to add to the verifier), else None."""
+        """The key of der if it is trusted (judged at its first meeting), else None."""
         if not der:
             return None
-        if der not in self.seen:
+        if der not in self._judged:
             self.seen.append(der)
-        if der in self._judged:
-            return None
-        self._judged[der] = key = self._certified(der, time_ms)
-        return key
+            self._judged[der] = self._certified(der, time_ms)
+        return self._judged[der]
 
     def _certified(self, der: bytes, time_ms: int) -> Ed25519PublicKey | None:
         if self._ca is None:
