@@ -21,7 +21,7 @@ from typing import TypeVar
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from broker.audit.log import AuditError
 from broker.jetstream.audit_blocks import Block, BlockError, Head, decode, encode
@@ -39,12 +39,14 @@ _UNCERTAIN = (
     asyncio.TimeoutError,
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
+    NoStreamResponseError,  # no stream leader answered (being elected)
     nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError,
     nats.errors.StaleConnectionError,
     nats.errors.OutboundBufferLimitError,
 )
 _RETRY_STATUS = {503, 408}  # no quorum yet / the leader is being elected
+_DUPLICATE_IN_PROCESS = 10158  # the first copy of a message id is still being stored
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,7 @@ class AuditStream:
             except _UNCERTAIN as exc:
                 problem: Exception = exc
             except APIError as exc:
-                if exc.code not in _RETRY_STATUS:
+                if exc.code not in _RETRY_STATUS and exc.err_code != _DUPLICATE_IN_PROCESS:
                     raise
                 problem = exc
             except nats.errors.Error as exc:
