@@ -29,7 +29,7 @@ from broker.admin_types import (
     ReceiverDecision,
     RegistryAudit,
 )
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, Precondition
 from broker.registry import PartnerRecord, Registry, StaleVersion, pending_policy
 from broker.store import MessageStore
@@ -60,7 +60,7 @@ class AdminCore:
         self,
         registry: Registry,
         store: MessageStore,
-        audit: AuditLog,
+        audit: AuditBackend,
         registry_audit: RegistryAudit,
         exchange: ExchangeLink,
         ca_cert: x509.Certificate,

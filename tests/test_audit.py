@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.audit import AuditBackend, AuditLog
+from broker.audit import AuditBackend, AuditItem, AuditLog
+from broker.audit.drainer import Drainer, _entries
+from broker.audit.items import encode
 from broker.jetstream.audit import JetStreamAuditLog
 from broker.jetstream.connect import connect
+from broker.store import SqliteMessageStore
 from coalition.audit_chain import GENESIS, canonical_bytes, checkpoint_body, entry_hash
 from coalition.v1 import audit_pb2
 
@@ -300,3 +303,30 @@ async def test_the_table_refuses_updates_through_sqlite(log: AuditLog, path: Pat
     await fill(log, 1)
     with sqlite3.connect(path) as raw, pytest.raises(sqlite3.IntegrityError, match="append-only"):
         raw.execute("DELETE FROM entries")
+
+
+@on_both_backends
+async def test_a_drainer_restarted_after_the_audit_commit_chains_each_row_once(
+    log: AuditBackend, tmp_path: Path
+) -> None:
+    store = await SqliteMessageStore.open(tmp_path / "messages.db", max_bytes=1 << 30)
+    try:
+        for i in range(5):
+            item = AuditItem("publish.accepted", "KOR", "KOR", f"m{i}")
+            await store.record([encode(item)], 1_000 + i)
+        # The drainer's audit commit of the first two rows, then a crash before the
+        # outbox forgot them: the next start forgets them unread and drains the rest.
+        await log.append_outbox("messages", _entries("messages", await store.read_outbox(0, 2)))
+        drainer = Drainer(log)
+        drainer.add_source("messages", store)
+        assert await drainer.start() == 3
+        await drainer.close()
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "messages.db") as db:  # forgotten, once closed
+        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+    entries = await log.query()
+    assert [e.message_id for e in entries] == [f"m{i}" for i in range(5)]
+    assert [e.time_ms for e in entries] == [1_000 + i for i in range(5)]
+    assert await log.drained_through("messages") == 5
+    assert (await log.verify(KEY.public_key())).ok
