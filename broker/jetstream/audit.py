@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -322,14 +323,15 @@ class JetStreamAuditLog(AuditBackend):
                 await asyncio.gather(self._writer, return_exceptions=True)
 
     # -- reading --------------------------------------------------------------------------
-    async def _blocks(self) -> AsyncIterator[Block | None]:
+    async def _blocks(self) -> AsyncGenerator[Block | None, None]:
         """Every message of the stream as it stands now, in order (see scan)."""
         self._head, _ = await self._stream.head(self._head)
-        async for _, block in scan(self._stream, self._head.stream_seq):
-            if block is not None:
-                for c in block.checkpoints:
-                    self._trust.meet(c.signer, c.checkpoint.time_ms)
-            yield block
+        async with contextlib.aclosing(scan(self._stream, self._head.stream_seq)) as blocks:
+            async for _, block in blocks:
+                if block is not None:
+                    for c in block.checkpoints:
+                        self._trust.meet(c.signer, c.checkpoint.time_ms)
+                yield block
 
     async def query(
         self,
@@ -346,12 +348,13 @@ class JetStreamAuditLog(AuditBackend):
         drained = await self._catch_up()
         keep = limit if limit > 0 and tail else None
         entries: collections.deque[audit_pb2.AuditEntry] = collections.deque(maxlen=keep)
-        async for block in self._blocks():
-            for e in block.entries if block is not None else ():
-                if _matches(e, partner, kind, since_ms, until_ms):
-                    entries.append(e)
-            if limit > 0 and not tail and len(entries) >= limit:
-                break
+        async with contextlib.aclosing(self._blocks()) as blocks:
+            async for block in blocks:
+                for e in block.entries if block is not None else ():
+                    if _matches(e, partner, kind, since_ms, until_ms):
+                        entries.append(e)
+                if limit > 0 and not tail and len(entries) >= limit:
+                    break
         out = list(entries)[:limit] if limit > 0 and not tail else list(entries)
         if not drained:
             out += await self._unchained(partner, kind, since_ms, until_ms)
