@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ from coalition.v1 import audit_pb2
 
 __all__ = ["JetStreamAuditLog"]
 
+log = logging.getLogger("coalition.broker.audit")
+
 # What one block holds at most (the server's max_payload is larger); an outbox batch
 # beyond it is written as several blocks, each moving the mark past its own rows.
 _BLOCK_BYTES = 256 * 1024
@@ -100,7 +103,7 @@ class _Write:
     fields: list[audit_pb2.AuditEntry] = field(default_factory=list)
     source: str = ""  # an outbox chunk of this source: rows are (id, fields)
     rows: list[tuple[int, audit_pb2.AuditEntry]] = field(default_factory=list)
-    checkpoint_at: int | None = None  # a checkpoint of the head at this time
+    checkpoint_at: int | None = None  # a checkpoint of the head at this time (-1: its own)
     only_if_unsigned: bool = False
     future: asyncio.Future[object] | None = None
 
@@ -247,6 +250,17 @@ class JetStreamAuditLog(AuditBackend):
                 self._commits += 1
                 self._head = self._head.after(block, outcome)
                 return results
+            if outcome.last_seq < self._head.stream_seq:
+                # The stream answers from behind what it acknowledged (a leader still
+                # catching up, or lost writes): wait, then chain onto what it holds.
+                log.critical(
+                    "audit stream reports last sequence %d, below %d it acknowledged",
+                    outcome.last_seq,
+                    self._head.stream_seq,
+                )
+                await asyncio.sleep(0.25)
+                self._head, _ = await self._stream.head(Head())
+                continue
             # Another block was stored first. If this one was stored after all (its first
             # answer was lost), that is the result: never chain it twice.
             look_for = block.id if outcome.uncertain else ""
