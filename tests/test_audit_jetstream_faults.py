@@ -5,12 +5,17 @@ than an election; every record lands in the one chain exactly once and it verifi
 A publish in flight to the dead leader loses its answer: the broker sends it again
 with the same message id, and the stream either dedupes it or refuses it while the
 broker looks for it among the blocks stored since. These tests run their own cluster.
+
+And a broker's drainer SIGKILLed at random points (a real process, ten times): each
+outbox row is chained once, each acknowledged record once, nothing twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from broker.jetstream.audit import JetStreamAuditLog
 from broker.jetstream.connect import ClusterSettings, connect
 from broker.store import SqliteMessageStore
 from clients.cluster import NatsCluster
+from tests.test_broker_faults import ROOT
 
 pytestmark = pytest.mark.asyncio
 
@@ -123,3 +129,57 @@ async def test_freezing_the_stream_leader_past_an_election_forks_nothing(
     cluster: NatsCluster, tmp_path: Path
 ) -> None:
     await _burst(cluster, tmp_path, "stop")
+
+
+async def _add_rows(db: Path, first: int, n: int) -> None:
+    """n more records in the outbox (m{first}..), written while no drainer runs."""
+    store = await SqliteMessageStore.open(db, max_bytes=1 << 30)
+    try:
+        for i in range(first, first + n):
+            await store.record([encode(AuditItem("publish.accepted", "KOR", "KOR", f"m{i}"))], i)
+    finally:
+        await store.close()
+
+
+async def test_a_drainer_killed_at_random_points_chains_everything_once(
+    cluster_settings: ClusterSettings, tmp_path: Path
+) -> None:
+    db = tmp_path / "messages.db"
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    rows, acknowledged = 0, set()
+    servers = ",".join(cluster_settings.servers)
+    for run in range(10):
+        await _add_rows(db, rows, 30)
+        rows += 30
+        child = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "tests.audit_drainer_process", servers],
+            *[cluster_settings.prefix, str(db), f"r{run}."],
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert child.stdout is not None
+        assert await child.stdout.readline() == b"ready\n", f"seed {seed}"
+        await asyncio.sleep(rng.uniform(0.0, 0.4))
+        child.send_signal(signal.SIGKILL)
+        out, _ = await child.communicate()
+        lines = out.decode().splitlines()
+        acknowledged |= {line.split()[1] for line in lines if line.startswith("recorded")}
+    nc = await connect(cluster_settings)
+    log = await JetStreamAuditLog.open(nc, cluster_settings, KEY, checkpoint_every=5)
+    store = await SqliteMessageStore.open(db, max_bytes=1 << 30)
+    try:
+        drainer = Drainer(log)
+        drainer.add_source("messages", store)
+        await drainer.start()
+        await drainer.close()
+        ids = [e.message_id for e in await log.query()]
+        assert [i for i in ids if i.startswith("m")] == [f"m{i}" for i in range(rows)], seed
+        mine = [i for i in ids if i.startswith("r")]
+        assert len(mine) == len(set(mine)) and acknowledged <= set(mine), seed
+        result = await log.verify(KEY.public_key())
+        assert result.ok, (seed, result)
+    finally:
+        await log.close()
+        await store.close()
+        await nc.close()
