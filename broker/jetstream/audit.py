@@ -268,6 +268,13 @@ class JetStreamAuditLog(AuditBackend):
             if mine:
                 return results
 
+    async def _refresh(self) -> Head:
+        """Read the stream's head; keep it unless the writer got further meanwhile."""
+        head, _ = await self._stream.head(self._head)
+        if head.stream_seq > self._head.stream_seq:
+            self._head = head
+        return self._head
+
     async def record_many(self, items: Sequence[AuditItem], *, now_ms: int) -> list[int]:
         """Append several entries in one block (one link each in the chain); their seqs.
 
@@ -311,8 +318,7 @@ class JetStreamAuditLog(AuditBackend):
     async def drained_through(self, source: str) -> int:
         """The highest outbox id of source whose entry is in the chain, 0 if none (read
         from the stream's last block)."""
-        self._head, _ = await self._stream.head(self._head)
-        return self._head.marks.get(source, 0)
+        return (await self._refresh()).marks.get(source, 0)
 
     async def checkpoint(self, now_ms: int) -> audit_pb2.AuditCheckpoint:
         """Sign the current head (seq 0 and zero hash when empty), store and return it."""
@@ -328,7 +334,7 @@ class JetStreamAuditLog(AuditBackend):
             return
         await self.stop_summaries(now_ms)
         try:
-            self._head, _ = await self._stream.head(self._head)
+            await self._refresh()
             at = -1 if now_ms is None else now_ms
             await self._submit(_Write(checkpoint_at=at, only_if_unsigned=True))
         finally:
@@ -339,8 +345,8 @@ class JetStreamAuditLog(AuditBackend):
     # -- reading --------------------------------------------------------------------------
     async def _blocks(self) -> AsyncGenerator[Block | None, None]:
         """Every message of the stream as it stands now, in order (see scan)."""
-        self._head, _ = await self._stream.head(self._head)
-        async with contextlib.aclosing(scan(self._stream, self._head.stream_seq)) as blocks:
+        head = await self._refresh()
+        async with contextlib.aclosing(scan(self._stream, head.stream_seq)) as blocks:
             async for _, block in blocks:
                 if block is not None:
                     for c in block.checkpoints:
@@ -412,8 +418,7 @@ class JetStreamAuditLog(AuditBackend):
     async def count(self) -> int:
         """Number of entries in the chain (its head's seq)."""
         await self._catch_up()
-        self._head, _ = await self._stream.head(self._head)
-        return self._head.seq
+        return (await self._refresh()).seq
 
     async def signer_certificates(self) -> list[bytes]:
         """DER of every audit certificate carried by the checkpoints read so far (an
