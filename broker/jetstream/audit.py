@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -68,7 +69,7 @@ from broker.jetstream.audit_blocks import (
     chain,
     export_order,
 )
-from broker.jetstream.audit_reads import SignerTrust, scan
+from broker.jetstream.audit_reads import SignerTrust, matches, newest, scan
 from broker.jetstream.audit_stream import AuditStream, Conflict
 from broker.jetstream.connect import ClusterSettings
 from coalition.audit_chain import ChainVerifier, VerifyResult, sign_checkpoint
@@ -366,21 +367,31 @@ class JetStreamAuditLog(AuditBackend):
         """Entries in seq order; kind is a prefix, since_ms inclusive, until_ms exclusive,
         0/"" means no filter; with tail, the newest `limit` entries (still in seq order)."""
         drained = await self._catch_up()
-        keep = limit if limit > 0 and tail else None
-        entries: collections.deque[audit_pb2.AuditEntry] = collections.deque(maxlen=keep)
-        async with contextlib.aclosing(self._blocks()) as blocks:
-            async for block in blocks:
-                for e in block.entries if block is not None else ():
-                    if _matches(e, partner, kind, since_ms, until_ms):
-                        entries.append(e)
-                if limit > 0 and not tail and len(entries) >= limit:
-                    break
-        out = list(entries)[:limit] if limit > 0 and not tail else list(entries)
+        wanted = functools.partial(
+            matches, partner=partner, kind=kind, since=since_ms, until=until_ms
+        )
+        found = None
+        if tail and limit > 0:  # most tails are in the last few blocks
+            found = await newest(self._stream, (await self._refresh()).stream_seq, wanted, limit)
+        out = await self._scan_for(wanted, limit, tail) if found is None else found
         if not drained:
             out += await self._unchained(partner, kind, since_ms, until_ms)
             if limit > 0:
                 out = out[-limit:] if tail else out[:limit]
         return out
+
+    async def _scan_for(
+        self, wanted: Callable[[audit_pb2.AuditEntry], bool], limit: int, tail: bool
+    ) -> list[audit_pb2.AuditEntry]:
+        """The entries wanted accepts, the first (or with tail the last) limit of them."""
+        keep = limit if limit > 0 and tail else None
+        entries: collections.deque[audit_pb2.AuditEntry] = collections.deque(maxlen=keep)
+        async with contextlib.aclosing(self._blocks()) as blocks:
+            async for block in blocks:
+                entries.extend(e for e in (block.entries if block else ()) if wanted(e))
+                if limit > 0 and not tail and len(entries) >= limit:
+                    break
+        return list(entries)[:limit] if limit > 0 and not tail else list(entries)
 
     async def export(self) -> AsyncIterator[audit_pb2.AuditEntry | audit_pb2.AuditCheckpoint]:
         """Every entry in seq order, each followed by the checkpoints taken at its seq."""
@@ -424,12 +435,3 @@ class JetStreamAuditLog(AuditBackend):
         """DER of every audit certificate carried by the checkpoints read so far (an
         export has read them all)."""
         return list(self._trust.seen)
-
-
-def _matches(e: audit_pb2.AuditEntry, partner: str, kind: str, since: int, until: int) -> bool:
-    return (
-        (not partner or e.partner == partner)
-        and e.kind.startswith(kind)
-        and e.time_ms >= since
-        and (not until or e.time_ms < until)
-    )
