@@ -29,7 +29,7 @@ from broker.admin_types import (
     ReceiverDecision,
     RegistryAudit,
 )
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, Precondition
 from broker.registry import PartnerRecord, Registry, StaleVersion, pending_policy
 from broker.store import MessageStore
@@ -60,7 +60,7 @@ class AdminCore:
         self,
         registry: Registry,
         store: MessageStore,
-        audit: AuditLog,
+        audit: AuditBackend,
         registry_audit: RegistryAudit,
         exchange: ExchangeLink,
         ca_cert: x509.Certificate,
@@ -400,6 +400,11 @@ class AdminCore:
     def export_audit(self) -> AsyncIterator[audit_pb2.AuditEntry | audit_pb2.AuditCheckpoint]:
         """Every audit entry in order, with its checkpoints (AuditLog.export)."""
         return self.audit.export()
+
+    async def audit_certificates(self) -> list[bytes]:
+        """DER of the audit certificates an export needs: this broker's, then the signers'."""
+        own = [self.audit_certificate] if self.audit_certificate else []
+        return list(dict.fromkeys(own + await self.audit.signer_certificates()))
 
     async def stats(self) -> BrokerStats:
         """Store, audit and live-stream totals, and each partner's counts and backlog."""

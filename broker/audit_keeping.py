@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.audit.drainer import Drainer
 from broker.audit.items import acceptance_item, encode
 from broker.config import BrokerConfig
@@ -35,7 +35,7 @@ class AuditKeeping:
         self,
         cfg: BrokerConfig,
         store: MessageStore,
-        audit: AuditLog,
+        audit: AuditBackend,
         registry: Registry,
         clock: Clock,
     ) -> None:

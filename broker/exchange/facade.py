@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.audit_keeping import AuditKeeping
 from broker.config import BrokerConfig
 from broker.errors import BrokerError, Unavailable
@@ -53,7 +53,7 @@ class ExchangeCore:
         self,
         cfg: BrokerConfig,
         store: MessageStore,
-        audit: AuditLog,
+        audit: AuditBackend,
         registry: Registry,
         ca_cert: x509.Certificate,
         clock: Clock = wall_clock_ms,

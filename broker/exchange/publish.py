@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.audit.items import encode
 from broker.audit_keeping import AuditKeeping, acceptance_records
 from broker.config import BrokerConfig
@@ -76,7 +76,7 @@ class PublishPipeline:
         self,
         cfg: BrokerConfig,
         store: MessageStore,
-        audit: AuditLog,
+        audit: AuditBackend,
         registry: Registry,
         clock: Callable[[], int],
         *,

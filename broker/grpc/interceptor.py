@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.auth import (
     Authorizer,
     AuthRefused,
@@ -82,7 +82,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Resolve the mTLS identity and refuse (audited) what it may not call."""
 
     def __init__(
-        self, cfg: BrokerConfig, registry: Registry, audit: AuditLog, clock: Callable[[], int]
+        self, cfg: BrokerConfig, registry: Registry, audit: AuditBackend, clock: Callable[[], int]
     ) -> None:
         self.audit = audit
         self.clock = clock
