@@ -36,10 +36,6 @@ GIVE_UP_S = 60.0  # how long one commit keeps trying through elections before it
 REQUEST_TIMEOUT_S = 5.0
 
 
-class Stale(Exception):
-    """The job was planned for a stream position that has passed; plan it again."""
-
-
 @dataclass
 class Draft:
     """The view plus the uncommitted writes of the jobs planned before in this batch."""
@@ -80,7 +76,6 @@ class Feed(Protocol):
 class _Job:
     plan: Plan
     future: asyncio.Future[Any]
-    pin: int | None = None  # plan only at this stream position (else Stale)
     alone: bool = False  # never share a batch
 
 
@@ -95,16 +90,17 @@ class Committer:
         self._carry: list[_Job] = []
         self._task = asyncio.create_task(self._run(), name="jetstream-store-writer")
         self._closed = False
+        self._stopping = False
         self.commits = 0  # batches committed by this store
         self.on_commit: Callable[[float], None] | None = None
 
-    async def submit(self, plan: Plan, *, pin: int | None = None, alone: bool = False) -> Any:
+    async def submit(self, plan: Plan, *, alone: bool = False) -> Any:
         """Plan and commit; return what the plan's answer returns. Raises what the plan
-        raised, Stale, StoreFull, StoreError."""
+        raised, StoreFull, StoreError."""
         if self._closed:
             raise RuntimeError("the message store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(plan, future, pin, alone))
+        self._queue.put_nowait(_Job(plan, future, alone))
         return await future
 
     async def close(self) -> None:
@@ -117,8 +113,7 @@ class Committer:
             await self._task
 
     async def _run(self) -> None:
-        stopping = False
-        while not stopping or self._carry:
+        while not self._stopping or self._carry:
             group = self._carry
             self._carry = []
             if not group:
@@ -126,24 +121,27 @@ class Committer:
                 if job is None:
                     break
                 group = [job]
-            while not group[0].alone and not stopping:
-                try:
-                    job = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if job is None:
-                    stopping = True
-                elif job.alone:
-                    self._carry.append(job)
-                    break
-                else:
-                    group.append(job)
+            self._gather(group)
             try:
                 await self._commit(group)
             except Exception as exc:  # the task must outlive any one commit
                 for job in group:
                     if not job.future.done():
                         job.future.set_exception(StoreError(f"message store failed: {exc}"))
+
+    def _gather(self, group: list[_Job]) -> None:
+        """Add the jobs queued meanwhile to group (up to one that must be alone)."""
+        while group and not group[0].alone and not self._stopping and not self._carry:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if job is None:
+                self._stopping = True
+            elif job.alone:
+                self._carry.append(job)
+            else:
+                group.append(job)
 
     async def _commit(self, group: list[_Job]) -> None:
         attempts: list[tuple[str, list[tuple[_Job, Callable[[], Any]]]]] = []
@@ -156,6 +154,8 @@ class Committer:
             group = [j for j in group if not j.future.done() and j not in self._carry]
             if not group:
                 return
+            if attempts:
+                self._gather(group)  # while this batch waited, more queued: take them too
             if time.monotonic() - started > GIVE_UP_S:
                 err = StoreError(
                     "message store failed: the cluster did not confirm the write within "
@@ -214,9 +214,6 @@ class Committer:
         entries: list[Entry] = []
         planned: list[tuple[_Job, Callable[[], Any]]] = []
         for job in group:
-            if job.pin is not None and job.pin != base:
-                job.future.set_exception(Stale())
-                continue
             child = draft.child()
             try:
                 mine, answer = job.plan(child, base + 1 + len(entries), batch_id)
