@@ -185,7 +185,8 @@ async def test_what_one_broker_writes_the_other_reads(brokers: Brokers) -> None:
     await a.append([message("KOR", i) for i in (1, 2, 3)], now_ms=1_000)
     for store in (a, b):
         await store.ensure_cursor("USA", 0)
-    await until(lambda: b._view.head == 3)
+    assert await b.wait_for_head(3, timeout=10)
+    assert not await b.wait_for_head(4, timeout=0.05)  # nothing was stored there yet
     assert [m.offset for m in await b.pending("USA", 10)] == [1, 2, 3]
     assert await b.settle("USA", [1]) == 1
     assert await a.cursor("USA") == 1

@@ -343,6 +343,11 @@ class JetStreamMessageStore:
         """Highest offset ever assigned, 0 if none."""
         return self._view.head
 
+    async def wait_for_head(self, offset: int, timeout: float) -> bool:
+        """Wait until this store has read the stream up to a message at offset (written
+        through any broker), at most timeout seconds; return whether it has."""
+        return await self._feed.wait_for_head(lambda: self._view.head, offset, timeout)
+
     async def cursor(self, subscriber: str) -> int | None:
         """Subscriber's durable cursor, None if it has none."""
         state = await self._cursors.get(subscriber)
