@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from broker.jetstream import batches, codec
 from broker.jetstream.connect import ClusterSettings, connect
 from broker.jetstream.store import JetStreamMessageStore
-from broker.store import Appended, Rejected, StoredMessage
+from broker.store import Appended, Rejected, StoredMessage, StoreError
 from broker.store.base import RejectReason
 from clients.cluster import NatsCluster
 from tests.helpers import eventually
@@ -297,3 +297,16 @@ async def test_the_stream_leader_dies_mid_burst_and_nothing_acknowledged_is_lost
             assert await reader.verify_integrity() == []
         finally:
             await brokers.close()
+
+
+async def test_a_message_larger_than_one_nats_message_is_refused_alone(brokers: Brokers) -> None:
+    store = await brokers.open(max_bytes=1 << 30)
+    too_big = message(sequence=1, message_id="big", size=brokers.connections[0].max_payload)
+    outcomes = await asyncio.gather(
+        store.append([too_big], now_ms=1),
+        store.append([message("USA", 1)], now_ms=1),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], StoreError) and "max_payload" in str(outcomes[0])
+    assert outcomes[1] == [Appended(1)]
+    assert not await store.has_message("KOR", "big")

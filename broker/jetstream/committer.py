@@ -91,6 +91,7 @@ class Committer:
         self._task = asyncio.create_task(self._run(), name="jetstream-store-writer")
         self._closed = False
         self._stopping = False
+        self.max_payload = nc.max_payload  # the largest entry the servers accept
         self.commits = 0  # batches committed by this store
         self.on_commit: Callable[[float], None] | None = None
 
