@@ -310,3 +310,32 @@ async def test_a_message_larger_than_one_nats_message_is_refused_alone(brokers: 
     assert isinstance(outcomes[0], StoreError) and "max_payload" in str(outcomes[0])
     assert outcomes[1] == [Appended(1)]
     assert not await store.has_message("KOR", "big")
+
+
+def test_names_and_topics_become_safe_subject_tokens_and_come_back_exactly() -> None:
+    hostile = ["", "KOR", "a.b", "*", ">", "a b", "tab\there", "ünï", "=41", "x\r\ny", "-_"]
+    tokens = [codec.token(t) for t in hostile]
+    assert len(set(tokens)) == len(hostile)  # one-to-one
+    for text, tok in zip(hostile, tokens, strict=True):
+        assert tok and all(c.isascii() and (c.isalnum() or c in "_-=") for c in tok), tok
+        assert codec.untoken(tok) == text
+
+
+async def test_a_hostile_sender_and_topic_are_stored_and_read_back_exactly(
+    brokers: Brokers,
+) -> None:
+    a, b = await brokers.open(), await brokers.open()
+    m = replace(
+        message(sequence=1), sender="K.O*R >", topic="intel..gr ound.>.ü", message_id="id\n2"
+    )
+    assert await a.append([m], now_ms=3) == [Appended(1)]
+    assert await b.wait_for_head(1, timeout=10)
+    got = await b.get(1)
+    assert got is not None
+    assert (got.sender, got.topic, got.message_id, got.envelope) == (
+        m.sender,
+        m.topic,
+        m.message_id,
+        m.envelope,
+    )
+    assert await b.last_sequence("K.O*R >") == 1
