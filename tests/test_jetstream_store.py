@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
@@ -339,3 +340,36 @@ async def test_a_hostile_sender_and_topic_are_stored_and_read_back_exactly(
         m.envelope,
     )
     assert await b.last_sequence("K.O*R >") == 1
+
+
+async def test_a_lost_acknowledgement_is_resolved_from_the_stream_never_stored_twice(
+    brokers: Brokers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster stored a batch but its acknowledgement never came back (as when the
+    leader dies right after committing): the writer finds its batch in the stream and
+    answers with its offsets; the retry it planned cannot store the messages again, and
+    writes queued meanwhile are committed after it. (The lost reply is the one thing
+    injected: a real batch is committed, then the writer is told nothing came back.)"""
+    store = await brokers.open()
+    real = batches.publish
+    lost: list[int] = []
+
+    async def ack_lost(*args: Any, **kwargs: Any) -> int:
+        last = await real(*args, **kwargs)
+        if not lost:
+            lost.append(last)
+            await asyncio.sleep(0.2)  # meanwhile another write queues
+            raise batches.OutcomeUnknown("the acknowledgement was lost")
+        return last
+
+    monkeypatch.setattr(batches, "publish", ack_lost)
+    first = asyncio.create_task(store.append([message(sequence=1)], 1, records=_accepted))
+    await asyncio.sleep(0.05)
+    second = store.append([message(sequence=2)], 1, records=_accepted)
+    assert await first == [Appended(1)]
+    assert await second == [Appended(3)]  # after KOR-1 and its record
+    assert lost == [2]
+    assert await store.last_sequence("KOR") == 2
+    reader = await brokers.open()
+    assert [m.message_id for m in reader._view.live.values()] == ["KOR-1", "KOR-2"]
+    assert [r.record for r in await reader.read_outbox(0, 10)] == ["accepted 1", "accepted 3"]
