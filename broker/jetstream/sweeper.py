@@ -131,6 +131,11 @@ class Sweeper:
                 entries.append(
                     Entry(subjects.control, headers, codec.control_payload("removed", items=items))
                 )
+                # Every sender's last sequence and the head, so that older control
+                # entries can be deleted once what they removed is gone (see view).
+                last = dict(view.last_sequence)
+                checkpoint = codec.control_payload("senders", last=last, head=view.head)
+                entries.append(Entry(subjects.control, headers, checkpoint))
             by_reason: dict[str, int] = {}
             for reason in gone.values():
                 by_reason[reason] = by_reason.get(reason, 0) + 1
@@ -182,6 +187,8 @@ class Sweeper:
         return result
 
     async def collect(self) -> None:
-        """Delete from the stream the entries the state no longer holds (housekeeping)."""
-        if self._view.garbage:
-            self._view.garbage -= await self._envelopes.delete(set(self._view.garbage))
+        """Delete from the stream the entries the state no longer holds (housekeeping):
+        removed messages, dropped notices, then the control entries that removed them."""
+        for _ in range(2):
+            if self._view.garbage:
+                self._view.collected(await self._envelopes.delete(set(self._view.garbage)))
