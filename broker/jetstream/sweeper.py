@@ -8,7 +8,10 @@ survives the removal). The batch is re-checked when it is planned on the state i
 pinned to: a victim another broker removed meanwhile is skipped with its notices, so
 two brokers sweeping at once never record a notice twice. Only after the batch is
 committed are the removed entries deleted from the stream; a crash in between leaves
-them in the stream but removed from the state, and the next sweep deletes them.
+them in the stream but removed from the state, and the next sweep deletes them. The
+batch ends with a checkpoint of every sender's last sequence and the head, so a control
+entry is itself deleted once what it removed is gone (see view.collected): the stream
+keeps what the state needs, not the history of every sweep.
 
 Acknowledged (dropped) and trimmed notices are control entries too, so every broker
 forgets them; their notice entries are then deleted the same way.
