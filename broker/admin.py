@@ -31,7 +31,7 @@ from broker.admin_types import (
 )
 from broker.audit import AuditError, AuditItem, AuditLog
 from broker.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, Precondition
-from broker.registry import PartnerRecord, Registry, StaleVersion, pending_policy
+from broker.registry import PartnerRecord, PartnerRegistry, StaleVersion, pending_policy
 from broker.store import MessageStore
 from coalition.identity import IdentityError, verify_signing_cert
 from coalition.labels import Label
@@ -58,7 +58,7 @@ class AdminCore:
 
     def __init__(
         self,
-        registry: Registry,
+        registry: PartnerRegistry,
         store: MessageStore,
         audit: AuditLog,
         registry_audit: RegistryAudit,
@@ -192,7 +192,8 @@ class AdminCore:
             )
             await self.registry_audit.registry_changed()
             return PolicyChange(proposal=prop)
-        pv = await self._apply(policy, operator, "", reason, diff)
+        # Against the version diffed: another operator's change is never overwritten unseen.
+        pv = await self._apply(policy, operator, "", reason, diff, expected=rec.version)
         return PolicyChange(applied=pv)
 
     async def _apply(
@@ -230,6 +231,9 @@ class AdminCore:
                 ),
             )
         except StaleVersion as exc:
+            if not approved_by:  # a change applied at once, not an approved proposal
+                what = f"the policy of {policy.partner} changed meanwhile ({exc}); read it again"
+                raise Precondition("stale_version", what) from exc
             raise Precondition(
                 "stale_proposal",
                 f"the policy of {policy.partner} changed since this was proposed ({exc}); "
