@@ -285,6 +285,7 @@ class RegistryStream:
             try:
                 last = await self._publish(plan.messages)
             except _Conflict:
+                log.info("registry change lost a race; reading the stream again")
                 await self._refresh(checked, deadline)
                 fresh = True
                 continue
@@ -295,6 +296,7 @@ class RegistryStream:
                         f"the registry change could not be confirmed by the cluster ({exc}); "
                         "it may be electing a leader or have lost its quorum; retry",
                     ) from exc
+                log.warning("registry change unconfirmed (%s); checking and retrying", exc)
                 await asyncio.sleep(0.25)
                 await self._refresh(checked, deadline)
                 fresh = True

@@ -1,0 +1,91 @@
+"""Registry changes made while the registry stream's leader is killed (SIGKILL of a real
+nats-server of a three-node cluster): every change the caller was told of is recorded
+exactly once, with exactly one audit record, and both brokers' views agree; a change
+whose outcome could not be known in time was recorded once or not at all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from broker.audit.items import AuditItem
+from broker.errors import Unavailable
+from broker.jetstream.connect import ClusterSettings, connect
+from broker.jetstream.registry import JetStreamRegistry
+from clients.cluster import NatsCluster
+from coalition.labels import Classification
+from coalition.policy import PartnerStatus
+from tests.helpers import eventually, policy
+
+pytestmark = pytest.mark.asyncio
+
+CHANGES = 40
+
+
+async def test_changes_through_a_leader_failover_are_recorded_once(tmp_path: Path) -> None:
+    with NatsCluster(tmp_path) as cluster:
+        settings = ClusterSettings(servers=tuple(cluster.urls), prefix="FAILOVER")
+        conns = [await connect(settings) for _ in range(2)]
+        try:
+            a, b = [await JetStreamRegistry.open(nc, settings) for nc in conns]
+            await a.register(
+                "KOR",
+                b"cert",
+                policy("KOR", status=PartnerStatus.PENDING),
+                actor="op1",
+                reason="",
+                now_ms=0,
+                audit=AuditItem("partner.registered", "op1", "KOR", "", "allow", {}),
+            )
+            info = await conns[0].jetstream().stream_info(settings.name("REGISTRY"))
+            assert info.cluster is not None
+            leader = next(n for n in cluster.nodes if n.name == info.cluster.leader)
+            told: list[int] = []  # versions the caller was told were applied
+            unknown = 0
+
+            async def changes() -> None:
+                nonlocal unknown
+                levels = (Classification.SECRET, Classification.CONFIDENTIAL)
+                for n in range(CHANGES):
+                    try:
+                        pv = await a.apply(
+                            policy("KOR", level=levels[n % 2]),
+                            changed_by="op1",
+                            approved_by="op2",
+                            reason=str(n),
+                            diff=["d"],
+                            now_ms=n,
+                            audit=lambda v: AuditItem(
+                                "policy.change", "op1", "KOR", "", "allow", {"version": v}
+                            ),
+                        )
+                        told.append(pv.version)
+                    except Unavailable:
+                        unknown += 1
+
+            writing = asyncio.create_task(changes())
+            await eventually(lambda: len(told) >= 5, timeout=30)
+            leader.kill()
+            await writing
+            assert len(told) + unknown == CHANGES
+            assert len(told) >= CHANGES - 2  # a change fails only if no leader is elected in time
+            assert told == sorted(set(told))  # each told version is its own
+            history = [v.version for v in await a.history("KOR")]
+            assert history == list(range(1, len(history) + 1))  # no version twice, none skipped
+            assert set(told) <= set(history)
+            assert len(history) - 1 <= CHANGES  # nothing recorded twice
+            # One audit record per recorded change, none for a change not recorded.
+            rows = await a.read_outbox(0, 1000)
+            versions = [json.loads(r.record)["detail"].get("version") for r in rows]
+            assert versions == [None, *history[1:]]
+            # The other broker's view agrees.
+            await eventually(lambda: len(b._view.versions.get("KOR", [])) == len(history), 30)
+            assert await b.history("KOR") == await a.history("KOR")
+            for reg in (a, b):
+                reg.close()
+        finally:
+            for nc in conns:
+                await nc.close()
