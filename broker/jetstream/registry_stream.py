@@ -197,6 +197,10 @@ class RegistryStream:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._moved.wait(), left)
 
+    async def refresh(self, subjects: list[str]) -> None:
+        """Bring the view up to each subject's last sequence now (see _refresh)."""
+        await self._refresh(subjects, asyncio.get_running_loop().time() + self.write_timeout_s)
+
     async def _refresh(self, subjects: list[str], deadline: float) -> None:
         """Bring the view up to each subject's last sequence, as the stream's leader
         reports it (retried through elections until deadline)."""
@@ -251,7 +255,7 @@ class RegistryStream:
             raise _Uncertain(type(exc).__name__) from exc
 
     async def commit(
-        self, make: Callable[[bool], Plan | None], depends_on: list[str]
+        self, make: Callable[[bool], Plan | None], depends_on: Callable[[], list[str]]
     ) -> Plan | None:
         """Make a change against the view and write it (see the module docstring).
 
@@ -259,7 +263,7 @@ class RegistryStream:
         raises the caller's refusal. It is called again after each lost race, so its
         checks see what won. When the caller knows of more than the view holds (a
         version or a partner another broker made a moment ago) make raises ``Behind``
-        unless fresh: the view is then brought up to the subjects in depends_on, and
+        unless fresh: the view is then brought up to the subjects depends_on() names, and
         make called again with fresh True. Returns the plan written, or None.
         """
         loop = asyncio.get_running_loop()
@@ -274,8 +278,9 @@ class RegistryStream:
             try:
                 plan = make(fresh)
             except Behind:
-                await self._refresh(depends_on, deadline)
-                fresh = True
+                subjects = depends_on()
+                await self._refresh(subjects, deadline)
+                fresh = depends_on() == subjects  # else what was read names more to read
                 continue
             if plan is None:
                 return None
