@@ -31,7 +31,7 @@ from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.metrics import MetricsExporter
-from broker.registry import PartnerRegistry, Registry
+from broker.registry import Registry
 from broker.retention import Retention
 from broker.store import SqliteMessageStore, StoreError
 from coalition.clock import wall_clock_ms
@@ -81,7 +81,7 @@ class Broker:
     admin: AdminCore
     store: SqliteMessageStore
     audit: AuditLog
-    registry: PartnerRegistry
+    registry: Registry
     health: HealthServicer
     _retention: asyncio.Task[None] | None = None
     retention: Retention | None = None

@@ -27,7 +27,7 @@ from broker.exchange.directory import PartnerDirectory
 from broker.exchange.live import LiveStreams, Subscription
 from broker.exchange.outcomes import PublishOutcome, StreamItem
 from broker.exchange.publish import PublishPipeline
-from broker.registry import PartnerRecord, PartnerRegistry
+from broker.registry import PartnerRecord, Registry
 from broker.store import MessageStore
 from coalition.clock import wall_clock_ms
 from coalition.labels import Label
@@ -54,7 +54,7 @@ class ExchangeCore:
         cfg: BrokerConfig,
         store: MessageStore,
         audit: AuditLog,
-        registry: PartnerRegistry,
+        registry: Registry,
         ca_cert: x509.Certificate,
         clock: Clock = wall_clock_ms,
         *,

@@ -43,7 +43,7 @@ from broker.exchange.disk_guard import DiskGuard
 from broker.exchange.live import Decided, LiveStreams, Route, Subscription, routed_records
 from broker.exchange.outcomes import Accepted, PublishOutcome, Refused
 from broker.exchange.ratelimit import RateLimits
-from broker.registry import PartnerRegistry
+from broker.registry import Registry
 from broker.store import (
     Appended,
     MessageStore,
@@ -77,7 +77,7 @@ class PublishPipeline:
         cfg: BrokerConfig,
         store: MessageStore,
         audit: AuditLog,
-        registry: PartnerRegistry,
+        registry: Registry,
         clock: Callable[[], int],
         *,
         books: AuditKeeping,
