@@ -61,7 +61,7 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from broker.audit.items import AuditItem, encode
 from broker.errors import Unavailable
@@ -75,7 +75,15 @@ log = logging.getLogger("coalition.broker.registry")
 # A compare-and-set lost: 10071 names the subject's last sequence; 10164 does not (a
 # replicated stream, or another write to the subject still in flight).
 _WRONG_LAST_SEQUENCE = (10071, 10164)
-_UNCERTAIN = (NatsTimeout, NoRespondersError, ConnectionClosedError, asyncio.TimeoutError)
+# No answer, so no knowing whether a write was stored (js.publish reports no responders
+# as NoStreamResponseError).
+_UNCERTAIN = (
+    NatsTimeout,
+    NoRespondersError,
+    NoStreamResponseError,
+    ConnectionClosedError,
+    asyncio.TimeoutError,
+)
 
 
 class Behind(Exception):
