@@ -90,5 +90,38 @@ async def test_changes_through_a_leader_failover_are_recorded_once(tmp_path: Pat
                 await nc.close()
 
 
+async def test_the_watch_survives_the_death_of_its_server(tmp_path: Path) -> None:
+    """The nats-server holding a broker's watch of the registry dies: the watch moves to a
+    live server and the broker hears of the next change made through another broker."""
+    with NatsCluster(tmp_path) as cluster:
+        settings = ClusterSettings(servers=tuple(cluster.urls), prefix="WATCH")
+        conns = [await connect(settings) for _ in range(2)]
+        try:
+            a, b = [await JetStreamRegistry.open(nc, settings) for nc in conns]
+            await a.register("KOR", b"cert", policy("KOR"), actor="op1", reason="", now_ms=0)
+            await eventually(lambda: b.get("KOR") is not None)
+            heard: list[str] = []
+            b.on_change(lambda change: heard.append(change.partner))
+            watch = b._s._sub
+            info = (
+                await conns[0].jetstream().consumer_info(settings.name("REGISTRY"), watch._consumer)
+            )
+            assert info.cluster is not None
+            host = next(n for n in cluster.nodes if n.name == info.cluster.leader)
+            host.kill()
+            suspended = policy("KOR", status=PartnerStatus.SUSPENDED)
+            await a.apply(
+                suspended, changed_by="op1", approved_by="", reason="", diff=["s"], now_ms=1
+            )
+            await eventually(lambda: heard == ["KOR"], timeout=45)
+            rec = b.get("KOR")
+            assert rec is not None and rec.policy.status is PartnerStatus.SUSPENDED
+            for reg in (a, b):
+                reg.close()
+        finally:
+            for nc in conns:
+                await nc.close()
+
+
 def _entry(version: int) -> AuditItem:
     return AuditItem("policy.change", "op1", "KOR", "", "allow", {"version": version})
