@@ -59,5 +59,9 @@ async def connect(settings: ClusterSettings, *, name: str = "coalition-broker") 
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
         allow_reconnect=True,
+        # A server that stops answering (frozen, or cut off) is left within a few
+        # seconds for another, instead of after nats-py's default of minutes.
+        ping_interval=2,
+        max_outstanding_pings=2,
     )
     return nc
