@@ -166,7 +166,10 @@ class RegistryStream:
             await self._js.add_stream(config)
         except APIError as exc:
             # Already there with another configuration: use it if it can do what this needs.
-            info = await self._js.stream_info(self.name)
+            try:
+                info = await self._js.stream_info(self.name)
+            except NotFoundError:
+                raise exc from None  # not there: the cluster refused to make it (say why)
             if not info.config.allow_atomic:
                 raise Unavailable(
                     "registry_unavailable",
