@@ -75,15 +75,17 @@ async def test_the_weaknesses_are_each_named() -> None:
         config: dict[str, object] = {"sync_interval": 120_000_000_000}
         if sync:
             config["sync_always"] = True
-        return {"server_name": name, "jetstream": {"config": config, "meta": {"cluster_size": size}}}
+        return {
+            "server_name": name,
+            "jetstream": {"config": config, "meta": {"cluster_size": size}},
+        }
 
     good = [ServerReport(f"http://n{i}", varz(f"n{i}", True)) for i in range(3)]
     assert server_weaknesses(good) == ([], [])
     lazy = [*good[:2], ServerReport("http://n2", varz("n2", False))]
     weak, _ = server_weaknesses(lazy)
     assert weak == [
-        "nats-server n2 fsyncs every 120 s, not before each acknowledgement "
-        "(sync_interval: always)"
+        "nats-server n2 fsyncs every 120 s, not before each acknowledgement (sync_interval: always)"
     ]
     # One server down: a majority still speaks for the cluster; it is only a warning.
     down = [*good[:2], ServerReport("http://n2", None, "not read (refused)")]

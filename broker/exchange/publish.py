@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.audit.items import encode
 from broker.audit_keeping import AuditKeeping, acceptance_records
 from broker.config import BrokerConfig
@@ -43,7 +43,7 @@ from broker.exchange.disk_guard import DiskGuard
 from broker.exchange.live import Decided, LiveStreams, Route, Subscription, routed_records
 from broker.exchange.outcomes import Accepted, PublishOutcome, Refused
 from broker.exchange.ratelimit import RateLimits
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.store import (
     Appended,
     MessageStore,
@@ -76,8 +76,8 @@ class PublishPipeline:
         self,
         cfg: BrokerConfig,
         store: MessageStore,
-        audit: AuditLog,
-        registry: Registry,
+        audit: AuditBackend,
+        registry: PartnerRegistry,
         clock: Callable[[], int],
         *,
         books: AuditKeeping,
