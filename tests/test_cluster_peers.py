@@ -61,8 +61,8 @@ async def test_a_publish_on_one_broker_wakes_the_other(
     two: tuple[Peers, Peers, Woken, Woken],
 ) -> None:
     a, b, woke_a, woke_b = two
-    for _ in range(3):
-        a.stored()
+    for offset in range(3):
+        a.stored(offset)
     await eventually(lambda: woke_b.count >= 1)
     assert woke_a.count == 0  # its own wake-up is not sent back to itself
     assert b.wakes_received >= 1
