@@ -13,6 +13,7 @@ The JetStream modules (and nats-py) are imported only for that backend.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,7 +37,11 @@ Clock = Any  # Callable[[], int]; kept loose so the audit log's own alias fits
 
 
 class BrokerStore(MessageStore, OutboxSource, Protocol):
-    """The message store with its audit outbox, as every backend provides it."""
+    """The message store with its audit outbox and commit timing, as every backend
+    provides it."""
+
+    def time_commits(self, hook: Callable[[float], None] | None) -> None:
+        """Call hook with each commit's duration in seconds (None: stop)."""
 
 
 @dataclass

@@ -33,7 +33,6 @@ from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.metrics import MetricsExporter
-from broker.metrics.exporter import TimesCommits
 from broker.registry import PartnerRegistry
 from broker.retention import Retention
 from broker.store import SqliteMessageStore, StoreError
@@ -278,13 +277,10 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
 
 async def _start_metrics(cfg: BrokerConfig, b: Broker) -> MetricsExporter:
     """The Prometheus endpoint on its own plain-HTTP address (broker.metrics)."""
-    files = isinstance(b.store, SqliteMessageStore)  # not on the JetStream backend: n/a
+    files = isinstance(b.store, SqliteMessageStore)  # else JetStream: no audit.db
     audit_db = Path(cfg.data_dir) / "audit.db" if files else None
-    metrics = MetricsExporter(b.exchange, b.store, b.registry, audit_db)
-    writers: dict[str, TimesCommits] = {}
-    if isinstance(b.store, SqliteMessageStore):
-        writers = {"messages": b.store, "audit": b.audit}
-    metrics.attach(b.exchange, writers)
+    metrics = MetricsExporter(b.exchange, b.store, b.registry, audit_db, audit_count=b.audit.count)
+    metrics.attach(b.exchange, {"messages": b.store, "audit": b.audit})
     if b.auth is not None:
         b.auth.on_refused = metrics.instruments.auth_refused
     try:
