@@ -61,7 +61,7 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from broker.audit.items import AuditItem, encode
 from broker.errors import Unavailable
@@ -72,8 +72,22 @@ from broker.store.base import OutboxRow
 
 log = logging.getLogger("coalition.broker.registry")
 
-_WRONG_LAST_SEQUENCE = 10071  # JetStream: a compare-and-set lost
-_UNCERTAIN = (NatsTimeout, NoRespondersError, ConnectionClosedError, asyncio.TimeoutError)
+# A compare-and-set lost: 10071 names the subject's last sequence; 10164 does not (a
+# replicated stream, or another write to the subject still in flight).
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+# No answer, so no knowing whether a write was stored (js.publish reports no responders
+# as NoStreamResponseError).
+_UNCERTAIN = (
+    NatsTimeout,
+    NoRespondersError,
+    NoStreamResponseError,
+    ConnectionClosedError,
+    asyncio.TimeoutError,
+)
+
+
+class Behind(Exception):
+    """The view holds less than the caller knows of: read the stream again first."""
 
 
 class _Conflict(Exception):
@@ -191,6 +205,10 @@ class RegistryStream:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._moved.wait(), left)
 
+    async def refresh(self, subjects: list[str]) -> None:
+        """Bring the view up to each subject's last sequence now (see _refresh)."""
+        await self._refresh(subjects, asyncio.get_running_loop().time() + self.write_timeout_s)
+
     async def _refresh(self, subjects: list[str], deadline: float) -> None:
         """Bring the view up to each subject's last sequence, as the stream's leader
         reports it (retried through elections until deadline)."""
@@ -236,7 +254,7 @@ class RegistryStream:
             assert reply is not None
             return _check_ack(reply.data)
         except APIError as exc:
-            if exc.err_code == _WRONG_LAST_SEQUENCE:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
                 raise _Conflict(str(exc)) from exc
             if exc.code is not None and exc.code >= 500:
                 raise _Uncertain(str(exc)) from exc
@@ -244,19 +262,34 @@ class RegistryStream:
         except _UNCERTAIN as exc:
             raise _Uncertain(type(exc).__name__) from exc
 
-    async def commit(self, make: Callable[[], Plan | None]) -> Plan | None:
-        """Make a change against the view and write it (see the module docstring): make
-        is called again after each lost race, so its checks see what won. Returns the
-        plan written, or None when make found nothing to write."""
+    async def commit(
+        self, make: Callable[[bool], Plan | None], depends_on: Callable[[], list[str]]
+    ) -> Plan | None:
+        """Make a change against the view and write it (see the module docstring).
+
+        make(fresh) returns the change's plan, None when there is nothing to write, or
+        raises the caller's refusal. It is called again after each lost race, so its
+        checks see what won. When the caller knows of more than the view holds (a
+        version or a partner another broker made a moment ago) make raises ``Behind``
+        unless fresh: the view is then brought up to the subjects depends_on() names, and
+        make called again with fresh True. Returns the plan written, or None.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.write_timeout_s
         cid = uuid.uuid4().hex
         self._mine.add(cid)
         plan: Plan | None = None
+        fresh = False
         while True:
             if plan is not None and cid in self.view.changes:
                 return plan  # an earlier try was stored; its acknowledgement was lost
-            plan = make()
+            try:
+                plan = make(fresh)
+            except Behind:
+                subjects = depends_on()
+                await self._refresh(subjects, deadline)
+                fresh = depends_on() == subjects  # else what was read names more to read
+                continue
             if plan is None:
                 return None
             for m in plan.messages:
@@ -265,7 +298,9 @@ class RegistryStream:
             try:
                 last = await self._publish(plan.messages)
             except _Conflict:
+                log.info("registry change lost a race; reading the stream again")
                 await self._refresh(checked, deadline)
+                fresh = True
                 continue
             except _Uncertain as exc:
                 if loop.time() >= deadline:
@@ -274,8 +309,10 @@ class RegistryStream:
                         f"the registry change could not be confirmed by the cluster ({exc}); "
                         "it may be electing a leader or have lost its quorum; retry",
                     ) from exc
+                log.warning("registry change unconfirmed (%s); checking and retrying", exc)
                 await asyncio.sleep(0.25)
                 await self._refresh(checked, deadline)
+                fresh = True
                 continue
             self._written = max(self._written, last)
             first = last - len(plan.messages) + 1
