@@ -394,6 +394,12 @@ class AdminCore:
         """Every audit entry in order, with its checkpoints (AuditLog.export)."""
         return self.audit.export()
 
+    async def audit_certificates(self) -> list[bytes]:
+        """DER of the audit certificates an export needs, after it: this broker's, then
+        any other broker's whose key signed checkpoints of the chain (a cluster)."""
+        own = [self.audit_certificate] if self.audit_certificate else []
+        return list(dict.fromkeys(own + await self.audit.signer_certificates()))
+
     async def stats(self) -> BrokerStats:
         """Store, audit and live-stream totals, and each partner's counts and backlog."""
         st = await self.store.stats()
