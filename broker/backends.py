@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives import serialization
 
 from broker.audit import AuditBackend, AuditLog
 from broker.audit.drainer import OutboxSource
 from broker.config import BrokerConfig
 from broker.registry import PartnerRegistry, Registry
 from broker.store import MessageStore, SqliteMessageStore
+from coalition.pki import BrokerCredentials
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -83,14 +84,14 @@ def cluster_settings(cfg: BrokerConfig) -> ClusterSettings:
     )
 
 
-async def open_backend(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock: Clock) -> Backend:
+async def open_backend(cfg: BrokerConfig, creds: BrokerCredentials, clock: Clock) -> Backend:
     """Open store, audit log and registry for cfg.store_backend.
 
     Raises DurabilityError (a ValueError) for a cluster weaker than required without
     allow_data_loss, OSError when no NATS server answers, and what each store raises.
     """
     if cfg.store_backend == "jetstream":
-        return await _open_jetstream(cfg, audit_key, clock)
+        return await _open_jetstream(cfg, creds, clock)
     data = Path(cfg.data_dir)
     store = await SqliteMessageStore.open(
         data / "messages.db",
@@ -101,7 +102,7 @@ async def open_backend(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock: C
     )
     audit = await AuditLog.open(
         data / "audit.db",
-        audit_key,
+        creds.audit_key,
         checkpoint_every=cfg.audit_checkpoint_every,
         refusal_threshold=cfg.refusal_audit_threshold,
         refusal_interval_ms=cfg.refusal_audit_interval_ms,
@@ -110,7 +111,7 @@ async def open_backend(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock: C
     return Backend("sqlite", store, audit, Registry(data / "state.db"))
 
 
-async def _open_jetstream(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock: Clock) -> Backend:
+async def _open_jetstream(cfg: BrokerConfig, creds: BrokerCredentials, clock: Clock) -> Backend:
     from broker.jetstream.audit import JetStreamAuditLog
     from broker.jetstream.connect import connect, tls_context
     from broker.jetstream.durability import check_servers, check_streams
@@ -118,6 +119,9 @@ async def _open_jetstream(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock
     from broker.jetstream.store import JetStreamMessageStore
 
     settings = cluster_settings(cfg)
+    audit_cert = b""
+    if creds.audit_cert is not None:
+        audit_cert = creds.audit_cert.public_bytes(serialization.Encoding.DER)
     weak = await check_servers(settings, cfg.store_monitor, tls_context(settings))
     try:
         nc = await connect(settings, name=f"coalition-broker {cfg.name}")
@@ -135,11 +139,15 @@ async def _open_jetstream(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock
         audit = await JetStreamAuditLog.open(
             nc,
             settings,
-            audit_key,
+            creds.audit_key,
             checkpoint_every=cfg.audit_checkpoint_every,
             refusal_threshold=cfg.refusal_audit_threshold,
             refusal_interval_ms=cfg.refusal_audit_interval_ms,
             clock=clock,
+            # Its checkpoints carry this broker's audit certificate, and the CA lets the
+            # log trust the other brokers' (each broker may have its own audit key).
+            certificate=audit_cert,
+            ca=creds.ca_cert,
         )
         registry = await JetStreamRegistry.open(nc, settings)
         weak += await check_streams(settings, nc)

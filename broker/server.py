@@ -160,7 +160,7 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     creds = load_broker(Path(cfg.pki_dir))
     data = Path(cfg.data_dir)
     data.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once at start-up
-    backend = await open_backend(cfg, creds.audit_key, clock)
+    backend = await open_backend(cfg, creds, clock)
     store, audit, registry = backend.store, backend.audit, backend.registry
     if backend.kind == "jetstream" and cfg.live_delivery:
         # The live feed sees only this broker's publishes; with brokers sharing the store
