@@ -66,7 +66,7 @@ class Backend:
     async def disconnect(self) -> None:
         """Close the cluster connection, last (after every store is closed)."""
         if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+            await self.nc.close()
 
 
 def cluster_settings(cfg: BrokerConfig) -> ClusterSettings:

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.admin import AdminCore
 from broker.admin_types import Counts
+from broker.admin_types import ExchangeLink as AdminExchangeLink
 from broker.audit import AuditBackend, AuditError
 from broker.backends import Backend, BrokerStore, open_backend
 from broker.config import BrokerConfig
@@ -195,22 +196,23 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     audit_cert_der = b""
     if creds.audit_cert is not None:
         audit_cert_der = creds.audit_cert.public_bytes(serialization.Encoding.DER)
+    link: AdminExchangeLink = ExchangeLink(exchange)
+    peers = None
+    if backend.nc is not None:  # before serving: every stream claims its partner's lease
+        from broker.jetstream.wiring import join_cluster
+
+        peers, link = await join_cluster(backend, cfg, exchange, link, clock)
     admin = AdminCore(
         registry,
         store,
         audit,
         exchange.books,
-        ExchangeLink(exchange),
+        link,
         creds.ca_cert,
         clock,
         creds.audit_key.public_key(),
         audit_cert_der,
     )
-    peers = None
-    if backend.nc is not None:  # before serving: every stream claims its partner's lease
-        from broker.jetstream.wiring import join_cluster
-
-        peers = await join_cluster(backend, cfg, exchange, ExchangeLink(exchange), clock)
     auth = AuthInterceptor(cfg, registry, audit, clock)
     server = grpc.aio.server(
         interceptors=[auth],
