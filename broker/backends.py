@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.hazmat.primitives import serialization
 
@@ -37,7 +37,7 @@ log = logging.getLogger("coalition.broker")
 
 CONNECT_WAIT_S = 30.0
 
-Clock = Any  # Callable[[], int]; kept loose so the audit log's own alias fits
+Clock = Callable[[], int]
 
 
 class BrokerStore(MessageStore, OutboxSource, Protocol):

@@ -6,7 +6,7 @@ Three links, all installed before the broker serves:
   claims a partner's lease before it reads anything for a stream, a stream that ends
   gives it back, and each publish that stored messages wakes the other brokers;
 - registry changes made through any broker (the registry's ``on_change``, fed by its
-  watch of the registry bucket) reach this broker's live streams at once, exactly as a
+  watch of the registry stream) reach this broker's live streams at once, exactly as a
   change made here does (``ExchangeLink.policy_changed``: a suspension closes the
   partner's stream, a lowered clearance stops its next delivery);
 - durability the operator allowed to be weaker (``--allow-data-loss``) is audited.
