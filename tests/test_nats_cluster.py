@@ -3,15 +3,28 @@ cluster whose R3 streams fsync every write and keep accepting writes with one no
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import nats.errors
 import pytest
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import PubAck, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
 
 from broker.jetstream.connect import ClusterSettings, connect
 from clients.cluster import NatsCluster
 
 pytestmark = pytest.mark.asyncio
+
+
+async def _publish(js: JetStreamContext, subject: str, data: bytes) -> PubAck:
+    """Publish until acknowledged, asking again under one message id (deduplicated)."""
+    for _ in range(100):
+        try:
+            return await js.publish(subject, data, timeout=2, headers={"Nats-Msg-Id": data.hex()})
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"{subject}: not acknowledged")
 
 
 async def test_the_cluster_syncs_every_write_and_survives_a_dead_node(tmp_path: Path) -> None:
@@ -31,14 +44,17 @@ async def test_the_cluster_syncs_every_write_and_survives_a_dead_node(tmp_path: 
                     storage=StorageType.FILE,
                 )
             )
-            ack = await js.publish(settings.subject("probe"), b"one")
+            # A new R3 stream takes a moment to elect its leader: until then a publish
+            # meets no responders.
+            ack = await _publish(js, settings.subject("probe"), b"one")
             assert ack.seq == 1
             # One follower dies: the leader and the other follower still make a quorum.
             info = await js.stream_info(name)
             assert info.cluster is not None
             follower = next(n for n in cluster.nodes if n.name != info.cluster.leader)
             follower.kill()
-            ack = await js.publish(settings.subject("probe"), b"two", timeout=10)
+            # A request sent over the dead node's connection is lost with it.
+            ack = await _publish(js, settings.subject("probe"), b"two")
             assert ack.seq == 2
             info = await js.stream_info(name)
             assert info.config.num_replicas == 3
