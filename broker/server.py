@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ log = logging.getLogger("coalition.broker")
 # Below this much free space (or the configured reserve) a failed start-up write is
 # taken for a full disk, not a fault.
 _LOW_DISK = 1 << 20
+# The longest one shutdown step may take on JetStream (each waits through elections).
+CLOSE_STEP_S = 30.0
 
 SERVICES = (
     exchange_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
@@ -113,24 +116,37 @@ class Broker:
             await self.peers.close()
         if self._retention is not None:
             self._retention.cancel()
+        # On JetStream each step below waits through elections; a cluster that stops
+        # answering must not hold the process, so each is bounded there too.
+        bound = None if self.backend is None or self.backend.files else CLOSE_STEP_S
         # Everything the outboxes hold goes into the chain before the final checkpoint
         # (what cannot, stays in its outbox for the next start).
-        await self.exchange.books.drainer.close()
-        await self.store.close()
+        await _bounded(self.exchange.books.drainer.close(), "draining the outboxes", bound)
+        await _bounded(self.store.close(), "closing the message store", bound)
         try:
-            await self.audit.checkpoint(self.exchange.clock())
+            checkpoint = self.audit.checkpoint(self.exchange.clock())
+            await _bounded(checkpoint, "the final audit checkpoint", bound)
         except AuditError as exc:
             # Disk full, most likely. The chain is intact up to its last entry; only the
             # signed checkpoint of its final head is missing. Close the rest regardless.
             log.critical("final audit checkpoint not written: %s", exc)
         with contextlib.suppress(AuditError):  # closed all the same; logged just above
-            await self.audit.close()
+            await _bounded(self.audit.close(), "closing the audit log", bound)
         self.registry.close()
         if self.backend is not None:
             await self.backend.disconnect()
         if self.lock is not None:
             self.lock.release()
         log.info("stopped")
+
+
+async def _bounded(step: Awaitable[object], what: str, bound: float | None) -> None:
+    """Await step, at most bound seconds (None: no bound); past it, say so and go on."""
+    try:
+        async with asyncio.timeout(bound):
+            await step
+    except TimeoutError:
+        log.critical("shutdown: %s did not finish in %.0f s; closing the rest", what, bound)
 
 
 async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Broker:
