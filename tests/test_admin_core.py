@@ -20,6 +20,7 @@ from broker.admin_types import (
     ReceiverDecision,
 )
 from broker.errors import InvalidInput, NotFound, Precondition
+from broker.registry import Registry
 from broker.server import Broker, start_broker
 from coalition.labels import Classification, parse_label
 from coalition.pki import load_partner
@@ -143,13 +144,22 @@ async def test_two_changes_made_against_one_version_do_not_both_apply(
         policy("KOR", level=Classification.CONFIDENTIAL),
         policy("KOR", level=Classification.RESTRICTED),
     ]
-    results = await asyncio.gather(
-        *(
-            core.set_policy(op, p, "lower", expected=0)
-            for op, p in zip(("op1", "op2"), lowered, strict=True)
-        ),
-        return_exceptions=True,
-    )
+    # Both read version 2 before either writes: the registry is held until both wait on it.
+    registry = broker.registry
+    assert isinstance(registry, Registry)
+    registry._lock.acquire()
+    try:
+        changes = asyncio.gather(
+            *(
+                core.set_policy(op, p, "lower", expected=0)
+                for op, p in zip(("op1", "op2"), lowered, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0.5)
+    finally:
+        registry._lock.release()
+    results = await changes
     refused = [r for r in results if isinstance(r, Precondition)]
     assert len(refused) == 1 and refused[0].code == "stale_version"
     assert [v.version for v in await core.history("KOR")] == [1, 2, 3]
