@@ -3,8 +3,7 @@ audit verification and the operators' views. It takes and returns domain values
 (``broker.admin_types``); ``broker.grpc.admin`` translates them to and from protobuf.
 
 Its collaborators are its own: the registry, the message store, the audit log, the
-registry's audit outbox (``RegistryAudit``) and a narrow view of the exchange
-(``ExchangeLink``: apply a policy change to live streams, who is connected, counters).
+registry's audit outbox (``RegistryAudit``) and ``ExchangeLink``, the exchange's live side.
 """
 
 from __future__ import annotations

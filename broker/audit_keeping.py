@@ -20,7 +20,7 @@ from broker.audit.drainer import Drainer
 from broker.audit.items import acceptance_item, encode
 from broker.config import BrokerConfig
 from broker.errors import Exhausted
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.store import MessageStore, StoredMessage, StoreError
 
 log = logging.getLogger("coalition.broker")
@@ -36,7 +36,7 @@ class AuditKeeping:
         cfg: BrokerConfig,
         store: MessageStore,
         audit: AuditBackend,
-        registry: Registry,
+        registry: PartnerRegistry,
         clock: Clock,
     ) -> None:
         self.cfg = cfg

@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -21,7 +23,9 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.admin import AdminCore
 from broker.admin_types import Counts
-from broker.audit import AuditError, AuditLog
+from broker.admin_types import ExchangeLink as AdminExchangeLink
+from broker.audit import AuditBackend, AuditError
+from broker.backends import Backend, BrokerStore, open_backend
 from broker.config import BrokerConfig
 from broker.errors import BrokerError
 from broker.exchange import Clock, ExchangeCore
@@ -31,7 +35,7 @@ from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.metrics import MetricsExporter
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.retention import Retention
 from broker.store import SqliteMessageStore, StoreError
 from coalition.clock import wall_clock_ms
@@ -42,6 +46,8 @@ log = logging.getLogger("coalition.broker")
 # Below this much free space (or the configured reserve) a failed start-up write is
 # taken for a full disk, not a fault.
 _LOW_DISK = 1 << 20
+# The longest one shutdown step may take on JetStream (each waits through elections).
+CLOSE_STEP_S = 30.0
 
 SERVICES = (
     exchange_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
@@ -79,15 +85,17 @@ class Broker:
     port: int
     exchange: ExchangeCore
     admin: AdminCore
-    store: SqliteMessageStore
-    audit: AuditLog
-    registry: Registry
+    store: BrokerStore
+    audit: AuditBackend
+    registry: PartnerRegistry
     health: HealthServicer
     _retention: asyncio.Task[None] | None = None
     retention: Retention | None = None
     auth: AuthInterceptor | None = None
     lock: DataDirLock | None = None
     metrics: MetricsExporter | None = None  # None unless cfg.metrics_listen is set
+    backend: Backend | None = None
+    peers: Any = None  # broker.jetstream.peers.Peers when brokers share a cluster
 
     async def reload(self, cfg: BrokerConfig) -> None:
         """Apply what may change while serving (SIGHUP): the revoked serials. Live calls
@@ -104,24 +112,41 @@ class Broker:
         self.exchange.shutdown()
         await self.server.stop(grace)
         self.exchange.close()
+        if self.peers is not None:
+            await self.peers.close()
         if self._retention is not None:
             self._retention.cancel()
+        # On JetStream each step below waits through elections; a cluster that stops
+        # answering must not hold the process, so each is bounded there too.
+        bound = None if self.backend is None or self.backend.files else CLOSE_STEP_S
         # Everything the outboxes hold goes into the chain before the final checkpoint
         # (what cannot, stays in its outbox for the next start).
-        await self.exchange.books.drainer.close()
-        await self.store.close()
+        await _bounded(self.exchange.books.drainer.close(), "draining the outboxes", bound)
+        await _bounded(self.store.close(), "closing the message store", bound)
         try:
-            await self.audit.checkpoint(self.exchange.clock())
+            checkpoint = self.audit.checkpoint(self.exchange.clock())
+            await _bounded(checkpoint, "the final audit checkpoint", bound)
         except AuditError as exc:
             # Disk full, most likely. The chain is intact up to its last entry; only the
             # signed checkpoint of its final head is missing. Close the rest regardless.
             log.critical("final audit checkpoint not written: %s", exc)
         with contextlib.suppress(AuditError):  # closed all the same; logged just above
-            await self.audit.close()
+            await _bounded(self.audit.close(), "closing the audit log", bound)
         self.registry.close()
+        if self.backend is not None:
+            await self.backend.disconnect()
         if self.lock is not None:
             self.lock.release()
         log.info("stopped")
+
+
+async def _bounded(step: Awaitable[object], what: str, bound: float | None) -> None:
+    """Await step, at most bound seconds (None: no bound); past it, say so and go on."""
+    try:
+        async with asyncio.timeout(bound):
+            await step
+    except TimeoutError:
+        log.critical("shutdown: %s did not finish in %.0f s; closing the rest", what, bound)
 
 
 async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Broker:
@@ -152,22 +177,12 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     creds = load_broker(Path(cfg.pki_dir))
     data = Path(cfg.data_dir)
     data.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once at start-up
-    store = await SqliteMessageStore.open(
-        data / "messages.db",
-        max_bytes=cfg.max_store_bytes,
-        retention_bytes=cfg.retention_bytes,
-        max_age_ms=cfg.retention_ms,
-        sender_bytes=cfg.sender_quota,
-    )
-    audit = await AuditLog.open(
-        data / "audit.db",
-        creds.audit_key,
-        checkpoint_every=cfg.audit_checkpoint_every,
-        refusal_threshold=cfg.refusal_audit_threshold,
-        refusal_interval_ms=cfg.refusal_audit_interval_ms,
-        clock=clock,
-    )
-    registry = Registry(data / "state.db")
+    backend = await open_backend(cfg, creds, clock)
+    store, audit, registry = backend.store, backend.audit, backend.registry
+    if backend.kind == "jetstream" and cfg.live_delivery:
+        # The live feed sees only this broker's publishes; with brokers sharing the store
+        # every delivery is read from it (woken across brokers, broker.jetstream.peers).
+        cfg = cfg.with_overrides(live_delivery=False)
     exchange = ExchangeCore(
         cfg, store, audit, registry, creds.ca_cert, clock, status_of=status_name
     )
@@ -197,12 +212,18 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     audit_cert_der = b""
     if creds.audit_cert is not None:
         audit_cert_der = creds.audit_cert.public_bytes(serialization.Encoding.DER)
+    link: AdminExchangeLink = ExchangeLink(exchange)
+    peers = None
+    if backend.nc is not None:  # before serving: every stream claims its partner's lease
+        from broker.jetstream.wiring import join_cluster
+
+        peers, link = await join_cluster(backend, cfg, exchange, link, clock)
     admin = AdminCore(
         registry,
         store,
         audit,
         exchange.books,
-        ExchangeLink(exchange),
+        link,
         creds.ca_cert,
         clock,
         creds.audit_key.public_key(),
@@ -249,6 +270,7 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     for name in ("", *SERVICES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     broker = Broker(server, port, exchange, admin, store, audit, registry, health, auth=auth)
+    broker.backend, broker.peers = backend, peers
     if cfg.metrics_listen:
         broker.metrics = await _start_metrics(cfg, broker)
     broker.retention = retention
@@ -273,7 +295,9 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
 
 async def _start_metrics(cfg: BrokerConfig, b: Broker) -> MetricsExporter:
     """The Prometheus endpoint on its own plain-HTTP address (broker.metrics)."""
-    metrics = MetricsExporter(b.exchange, b.store, b.registry, Path(cfg.data_dir) / "audit.db")
+    files = isinstance(b.store, SqliteMessageStore)  # else JetStream: no audit.db
+    audit_db = Path(cfg.data_dir) / "audit.db" if files else None
+    metrics = MetricsExporter(b.exchange, b.store, b.registry, audit_db, audit_count=b.audit.count)
     metrics.attach(b.exchange, {"messages": b.store, "audit": b.audit})
     if b.auth is not None:
         b.auth.on_refused = metrics.instruments.auth_refused

@@ -27,7 +27,7 @@ from broker.exchange.directory import PartnerDirectory
 from broker.exchange.live import LiveStreams, Subscription
 from broker.exchange.outcomes import PublishOutcome, StreamItem
 from broker.exchange.publish import PublishPipeline
-from broker.registry import PartnerRecord, Registry
+from broker.registry import PartnerRecord, PartnerRegistry
 from broker.store import MessageStore
 from coalition.clock import wall_clock_ms
 from coalition.labels import Label
@@ -54,7 +54,7 @@ class ExchangeCore:
         cfg: BrokerConfig,
         store: MessageStore,
         audit: AuditBackend,
-        registry: Registry,
+        registry: PartnerRegistry,
         ca_cert: x509.Certificate,
         clock: Clock = wall_clock_ms,
         *,
@@ -108,6 +108,8 @@ class ExchangeCore:
             closing=self._is_closing,
             status_of=status_of or _own_code,
         )
+        # Called when a stream ends (broker.jetstream.peers gives its lease back).
+        self.on_closed: Callable[[Subscription], None] = _nothing
 
     @property
     def store(self) -> MessageStore:
@@ -143,6 +145,7 @@ class ExchangeCore:
 
     def close_subscription(self, sub: Subscription) -> None:
         self.streams.close(sub)
+        self.on_closed(sub)
 
     def deliveries(self, sub: Subscription) -> AsyncIterator[StreamItem]:
         """What sub is to be sent, audited first (DeliveryLoop.deliveries)."""
@@ -234,3 +237,7 @@ class ExchangeCore:
 
 def _own_code(err: BrokerError) -> str:
     return err.code
+
+
+def _nothing(_: Subscription) -> None:
+    pass

@@ -43,7 +43,7 @@ from broker.exchange.disk_guard import DiskGuard
 from broker.exchange.live import Decided, LiveStreams, Route, Subscription, routed_records
 from broker.exchange.outcomes import Accepted, PublishOutcome, Refused
 from broker.exchange.ratelimit import RateLimits
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.store import (
     Appended,
     MessageStore,
@@ -77,7 +77,7 @@ class PublishPipeline:
         cfg: BrokerConfig,
         store: MessageStore,
         audit: AuditBackend,
-        registry: Registry,
+        registry: PartnerRegistry,
         clock: Callable[[], int],
         *,
         books: AuditKeeping,
@@ -111,6 +111,8 @@ class PublishPipeline:
         # Metrics hooks (broker.metrics), no-ops unless metrics are on.
         self.on_outcomes: Callable[[str, Sequence[PublishOutcome]], None] = _ignore
         self.on_verified: Callable[[float], None] = _ignore
+        # After a commit that stored messages (brokers sharing a cluster wake each other).
+        self.on_stored: Callable[[int], None] = _ignore  # the highest offset stored
 
     async def publish(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope]
@@ -212,6 +214,7 @@ class PublishPipeline:
             if self.cfg.live_delivery:
                 self.live.hand_over(fresh, routes)
             self.live.wake_all()
+            self.on_stored(max(m.offset for m in fresh))
         late += self._refusal_audits(partner, refused_late, now)
         if late:  # refused by the store itself: recorded before the answer
             try:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from broker.exchange import ExchangeCore
 from broker.metrics import labels
 from broker.metrics import names as n
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.store import MessageStore, StoreError
 from coalition.policy import PartnerStatus
 
@@ -50,16 +50,20 @@ class BrokerCollector(Collector):
         self,
         exchange: ExchangeCore,
         store: MessageStore,
-        registry: Registry,
-        audit_db: Path,
+        registry: PartnerRegistry,
+        audit_db: Path | None,  # None: the stores are not SQLite files (JetStream)
         *,
         ttl: float = 2.0,
         verify_queue: Callable[[], int] = lambda: 0,
+        audit_count: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self._ex = exchange
         self._store = store
         self._registry = registry
         self._audit_db = audit_db
+        # Without audit.db (JetStream): entries counted by the audit log itself, and the
+        # last checkpoint's time left out.
+        self._audit_count = audit_count
         self._ttl = ttl
         self._verify_queue = verify_queue
         self._snap = Snapshot()
@@ -86,9 +90,12 @@ class BrokerCollector(Collector):
                 with contextlib.suppress(StoreError):
                     if await self._store.cursor(rec.code) is not None:
                         snap.lag[rec.code] = await self._store.backlog_count(rec.code)
-            snap.audit_entries, snap.last_checkpoint_s = await asyncio.to_thread(
-                _audit_head, self._audit_db
-            )
+            if self._audit_db is not None:
+                snap.audit_entries, snap.last_checkpoint_s = await asyncio.to_thread(
+                    _audit_head, self._audit_db
+                )
+            elif self._audit_count is not None:
+                snap.audit_entries = await self._audit_count()
             self._snap = snap
             self._taken = time.monotonic()
             self.refreshes += 1
@@ -164,7 +171,9 @@ class BrokerCollector(Collector):
         yield _gauge(n.STORE_MESSAGES, "Messages in the message store.", snap.messages)
         yield _gauge(n.STORE_BYTES, "Envelope bytes in the message store.", snap.bytes)
         yield _gauge(
-            n.STORE_FILE_BYTES, "messages.db and its write-ahead log on disk.", snap.file_bytes
+            n.STORE_FILE_BYTES,
+            "messages.db and its write-ahead log on disk (JetStream: the stream's bytes).",
+            snap.file_bytes,
         )
         yield _gauge(n.STORE_HEAD, "The message store's highest offset.", snap.head)
         yield _gauge(n.AUDIT_ENTRIES, "Entries in the audit log.", snap.audit_entries)
