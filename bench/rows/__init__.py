@@ -12,7 +12,9 @@ from typing import Protocol
 
 from bench.workload import Sealed
 
-SYSTEMS = ("coalition", "nats-core", "jetstream-sync", "grpc-relay")
+SYSTEMS = ("coalition", "nats-core", "jetstream-sync", "grpc-relay", "jetstream-r3")
+
+NATS_ROWS = ("nats-core", "jetstream-sync", "jetstream-r3")
 
 OnOpened = Callable[[str], None]
 
@@ -53,7 +55,7 @@ def make_publisher(spec: RowSpec, sender: str) -> Publisher:
         from bench.rows.coalition import CoalitionPublisher
 
         return CoalitionPublisher(spec, sender)
-    if spec.system in ("nats-core", "jetstream-sync"):
+    if spec.system in NATS_ROWS:
         from bench.rows.nats import NatsPublisher
 
         return NatsPublisher(spec, sender)
@@ -69,7 +71,7 @@ def make_receiver(spec: RowSpec, code: str) -> Receiver:
         from bench.rows.coalition import CoalitionReceiver
 
         return CoalitionReceiver(spec, code)
-    if spec.system in ("nats-core", "jetstream-sync"):
+    if spec.system in NATS_ROWS:
         from bench.rows.nats import NatsReceiver
 
         return NatsReceiver(spec, code)
