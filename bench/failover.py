@@ -231,7 +231,9 @@ async def _heal(cluster: NatsCluster, node: NatsNode, fault: str, stop_s: float,
 
 
 async def run_scenario(cluster: NatsCluster, sc: Scenario, trials: int, stop_s: float) -> None:
-    stream = f"FAILOVER_{sc.fault.upper()}_{sc.client.upper().replace('-', '_')}"
+    client = sc.client.upper().replace("-", "_")
+    ms = int(sc.publish_timeout_s * 1000)
+    stream = f"FAILOVER_{sc.fault.upper()}_{client}_{ms}"
     subject = f"failover.{stream.lower()}"
     admin = await _connect(cluster.urls)
     js = admin.jetstream()

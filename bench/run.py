@@ -135,6 +135,10 @@ async def start_server(system: str, pki: Path, workdir: Path) -> Server:
         from bench.rows import nats
 
         return await nats.start_cluster(workdir)
+    if system in ("coalition-cluster", "coalition-cluster-1"):
+        from bench.rows import coalition
+
+        return await coalition.start_cluster(pki, workdir, 1 if system.endswith("-1") else 2)
     raise ValueError(system)
 
 
@@ -439,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    systems = tuple(args.rows.split(",")) if args.rows else SMOKE_ROWS if args.smoke else SYSTEMS
+    default = tuple(s for s in SYSTEMS if s != "coalition-cluster-1")
+    systems = tuple(args.rows.split(",")) if args.rows else SMOKE_ROWS if args.smoke else default
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         p.error(f"unknown rows: {', '.join(unknown)}")

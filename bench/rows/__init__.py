@@ -12,7 +12,16 @@ from typing import Protocol
 
 from bench.workload import Sealed
 
-SYSTEMS = ("coalition", "nats-core", "jetstream-sync", "grpc-relay", "jetstream-r3")
+SYSTEMS = (
+    "coalition",
+    "nats-core",
+    "jetstream-sync",
+    "grpc-relay",
+    "jetstream-r3",
+    "coalition-cluster",
+    "coalition-cluster-1",  # one broker over the same cluster: not run unless named
+)
+COALITION_ROWS = ("coalition", "coalition-cluster", "coalition-cluster-1")
 
 NATS_ROWS = ("nats-core", "jetstream-sync", "jetstream-r3")
 
@@ -51,7 +60,7 @@ class Receiver(Protocol):
 
 
 def make_publisher(spec: RowSpec, sender: str) -> Publisher:
-    if spec.system == "coalition":
+    if spec.system in COALITION_ROWS:
         from bench.rows.coalition import CoalitionPublisher
 
         return CoalitionPublisher(spec, sender)
@@ -67,7 +76,7 @@ def make_publisher(spec: RowSpec, sender: str) -> Publisher:
 
 
 def make_receiver(spec: RowSpec, code: str) -> Receiver:
-    if spec.system == "coalition":
+    if spec.system in COALITION_ROWS:
         from bench.rows.coalition import CoalitionReceiver
 
         return CoalitionReceiver(spec, code)
