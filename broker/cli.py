@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics over plain HTTP here (default: off; docs/metrics.md)",
     )
     s.add_argument(
+        "--allow-data-loss",
+        action="store_true",
+        default=None,
+        help="start on a JetStream cluster whose durability is weaker than fsync-before-ack "
+        "on 3 replicas (acknowledged messages may be lost; logged and audited)",
+    )
+    s.add_argument(
         "--event-loop",
         choices=["uvloop", "asyncio"],
         default="uvloop",
@@ -116,6 +123,7 @@ def _config(ns: argparse.Namespace) -> BrokerConfig:
         log_json=ns.log_json,
         log_level=ns.log_level,
         metrics_listen=ns.metrics_listen,
+        allow_data_loss=ns.allow_data_loss,
     )
 
 

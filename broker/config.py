@@ -85,6 +85,23 @@ class BrokerConfig:
     # Prometheus metrics over plain HTTP on this address ("" = off, the default).
     metrics_listen: str = ""
     revoked_serials: tuple[str, ...] = field(default_factory=tuple)
+    # Where messages, cursors, the registry and the audit log live: "sqlite" (files in
+    # data_dir, the embedded default) or "jetstream" (a NATS JetStream cluster, so several
+    # brokers serve the same coalition; docs/cluster.md).
+    store_backend: str = "sqlite"
+    store_servers: tuple[str, ...] = ()
+    store_prefix: str = "COALITION"
+    store_replicas: int = 3
+    # The servers' monitoring URLs (http://host:8222): where the durability check reads
+    # each server's configuration (broker.jetstream.durability).
+    store_monitor: tuple[str, ...] = ()
+    store_tls_ca: Path | None = None
+    store_tls_cert: Path | None = None
+    store_tls_key: Path | None = None
+    # Start even if the cluster's durability is weaker than the SQLite backend's (no
+    # fsync before each acknowledgement, fewer than 3 replicas): acknowledged writes may
+    # be lost. Logged and audited when it takes effect.
+    allow_data_loss: bool = False
 
     @property
     def receive_limit(self) -> int:
@@ -134,7 +151,19 @@ _SECTIONS = {
     },
     "log": {"json", "level"},
     "metrics": {"listen"},
+    "store": {
+        "backend",
+        "servers",
+        "prefix",
+        "replicas",
+        "monitor",
+        "tls_ca",
+        "tls_cert",
+        "tls_key",
+        "allow_data_loss",
+    },
 }
+BACKENDS = ("sqlite", "jetstream")
 
 
 def load_config(path: Path | None) -> BrokerConfig:
@@ -158,17 +187,25 @@ def load_config(path: Path | None) -> BrokerConfig:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
             renamed = {"dir": "pki_dir", "json": "log_json", "level": "log_level"}
             name = f"metrics_{key}" if section == "metrics" else str(renamed.get(key, key))
+            if section == "store" and key != "allow_data_loss":
+                name = f"store_{key}"
             values[name] = value
     for key in ("pki_dir", "data_dir"):
         if key in values:
             values[key] = (base / str(values[key])).resolve()
-    for key in ("operators", "revoked_serials"):
+    for key in ("store_tls_ca", "store_tls_cert", "store_tls_key"):
+        if key in values:
+            if not isinstance(values[key], str) or not values[key]:
+                raise ConfigError(f"{path}: {key.removeprefix('store_')} must be a file path")
+            values[key] = (base / values[key]).resolve()
+    for key in ("operators", "revoked_serials", "store_servers", "store_monitor"):
         if key in values:
             # A bare string would otherwise become a tuple of its characters.
             if not isinstance(values[key], list) or not all(
                 isinstance(v, str) for v in values[key]
             ):
-                raise ConfigError(f"{path}: {key} must be a list of strings")
+                shown = key.removeprefix("store_")
+                raise ConfigError(f"{path}: {shown} must be a list of strings")
             values[key] = tuple(values[key])
     for entry in values.get("revoked_serials", ()):
         try:
@@ -178,14 +215,19 @@ def load_config(path: Path | None) -> BrokerConfig:
     types = {f.name: f.type for f in fields(BrokerConfig)}
     for key, value in values.items():
         # bool is an int subclass in Python; TOML's true is no size.
+        shown = key.removeprefix("store_")
         if types[key] == "int" and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ConfigError(f"{path}: {key} must be an integer, got {value!r}")
+            raise ConfigError(f"{path}: {shown} must be an integer, got {value!r}")
         if types[key] == "bool" and not isinstance(value, bool):
-            shown = {"log_json": "json"}.get(key, key)
+            shown = {"log_json": "json"}.get(key, shown)
             raise ConfigError(f"{path}: {shown} must be true or false, got {value!r}")
         if types[key] == "str" and not isinstance(value, str):
-            raise ConfigError(f"{path}: {key} must be a string, got {value!r}")
+            raise ConfigError(f"{path}: {shown} must be a string, got {value!r}")
     cfg = BrokerConfig(**values)
+    try:
+        check_store(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     if not 0 <= cfg.sender_store_bytes < cfg.max_store_bytes:
         raise ConfigError(
             f"{path}: sender_store_bytes must be below max_store_bytes "
@@ -196,3 +238,26 @@ def load_config(path: Path | None) -> BrokerConfig:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{path}: {key} must be above 0")
     return cfg
+
+
+def check_store(cfg: BrokerConfig) -> None:
+    """Refuse a [store] section that cannot work, naming the key; raises ValueError."""
+    if cfg.store_backend not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {cfg.store_backend!r}"
+        )
+    if cfg.store_replicas < 1 or cfg.store_replicas > 5:
+        raise ValueError(f"replicas must be 1..5 (JetStream's range), got {cfg.store_replicas}")
+    if not cfg.store_prefix.isascii() or not cfg.store_prefix.replace("_", "").isalnum():
+        raise ValueError(
+            f"prefix must be letters, digits and _ (it names streams and subjects), "
+            f"got {cfg.store_prefix!r}"
+        )
+    if (cfg.store_tls_cert is None) != (cfg.store_tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: give both or neither")
+    if cfg.store_backend == "jetstream":
+        if not cfg.store_servers:
+            raise ValueError('servers is empty: backend "jetstream" needs the NATS server URLs')
+        for url in (*cfg.store_servers, *cfg.store_monitor):
+            if "://" not in url:
+                raise ValueError(f"{url!r} in [store] is not a URL (nats://host:4222, ...)")

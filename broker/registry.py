@@ -15,11 +15,14 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from broker.audit.items import AuditItem, encode
 from broker.errors import Exhausted
+from broker.registry_types import ChangeCallback, ChangeKind, RegistryChange, tell
+from broker.registry_types import PartnerRecord as PartnerRecord
+from broker.registry_types import PartnerRegistry as PartnerRegistry
+from broker.registry_types import StaleVersion as StaleVersion
 from broker.store.base import OutboxRow
 from broker.store.writer import is_disk_full
 from coalition.policy import PartnerPolicy, PartnerStatus, policy_from_proto, policy_to_proto
@@ -46,18 +49,6 @@ CREATE TABLE IF NOT EXISTS audit_outbox (
 """
 
 
-@dataclass
-class PartnerRecord:
-    """What the broker knows of one partner, as cached in memory."""
-
-    code: str
-    signing_cert: bytes
-    policy: PartnerPolicy
-    version: int
-    bundle: directory_pb2.SignedKeyBundle | None = None
-    key_id: str = ""
-
-
 class Registry:
     """Partners, their policy history and pending proposals, in SQLite."""
 
@@ -68,6 +59,7 @@ class Registry:
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._cache: dict[str, PartnerRecord] = {}
+        self._callbacks: list[ChangeCallback] = []
         self._load()
 
     def _load(self) -> None:
@@ -97,6 +89,13 @@ class Registry:
     def all(self) -> list[PartnerRecord]:
         return sorted(self._cache.values(), key=lambda r: r.code)
 
+    def on_change(self, callback: ChangeCallback) -> None:
+        """Call callback after each committed change (all made through this object)."""
+        self._callbacks.append(callback)
+
+    def _changed(self, kind: ChangeKind, code: str) -> None:
+        tell(self._callbacks, RegistryChange(kind, code, self._cache.get(code), True))
+
     # -- writes ---------------------------------------------------------------------------
     async def register(
         self,
@@ -114,9 +113,11 @@ class Registry:
         Every write takes the change's audit entry (if any) into its own transaction, in
         the audit outbox (see read_outbox).
         """
-        return await asyncio.to_thread(
+        pv = await asyncio.to_thread(
             self._register, code, signing_cert, policy, actor, reason, now_ms, audit
         )
+        self._changed("policy", code)
+        return pv
 
     @contextmanager
     def _transaction(self, audit: AuditItem | None, now_ms: int) -> Iterator[None]:
@@ -227,7 +228,9 @@ class Registry:
                 rec.version = version
                 return pv
 
-        return await asyncio.to_thread(run)
+        pv = await asyncio.to_thread(run)
+        self._changed("policy", policy.partner)
+        return pv
 
     async def history(self, code: str) -> list[policy_pb2.PolicyVersion]:
         def run() -> list[policy_pb2.PolicyVersion]:
@@ -287,6 +290,7 @@ class Registry:
                 )
 
         await asyncio.to_thread(run)
+        self._changed("proposal", policy.partner)
         return policy_pb2.Proposal(
             proposal_id=pid,
             policy=pb,
@@ -347,20 +351,22 @@ class Registry:
         """Move a pending proposal to approved/rejected; False if it was no longer pending
         (and then nothing is written, audit entry included)."""
 
-        def run() -> bool:
+        def run() -> str:
             with self._lock, self._transaction(audit, now_ms):
-                cur = self._db.execute(
-                    "UPDATE proposals SET state=?, decided_by=? WHERE id=? AND state=?",
+                rows = self._db.execute(
+                    "UPDATE proposals SET state=?, decided_by=? WHERE id=? AND state=? "
+                    "RETURNING partner",
                     (state, decided_by, pid, policy_pb2.PROPOSAL_PENDING),
-                )
-                if cur.rowcount != 1:
+                ).fetchall()
+                if len(rows) != 1:
                     raise _NothingToDo
-            return True
+            return str(rows[0][0])
 
         try:
-            return await asyncio.to_thread(run)
+            self._changed("proposal", await asyncio.to_thread(run))
         except _NothingToDo:
             return False
+        return True
 
     async def set_bundle(
         self,
@@ -384,6 +390,7 @@ class Registry:
                 rec.key_id = key_id
 
         await asyncio.to_thread(run)
+        self._changed("keys", code)
 
     # -- the audit outbox (an OutboxSource of broker.audit.drainer) ------------------------
     async def read_outbox(self, after: int, limit: int) -> list[OutboxRow]:
@@ -434,14 +441,6 @@ def _disk_full(exc: BaseException) -> Exhausted:
 
 class _NothingToDo(Exception):
     """Roll the transaction back: the update matched nothing."""
-
-
-class StaleVersion(Exception):
-    """The policy changed since the version a change was made against."""
-
-    def __init__(self, current: int) -> None:
-        super().__init__(f"policy is now at version {current}")
-        self.current = current
 
 
 def pending_policy(code: str) -> PartnerPolicy:

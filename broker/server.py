@@ -12,6 +12,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from broker.admin import AdminCore
 from broker.admin_types import Counts
 from broker.audit import AuditError, AuditLog
+from broker.backends import Backend, BrokerStore, open_backend
 from broker.config import BrokerConfig
 from broker.errors import BrokerError
 from broker.exchange import Clock, ExchangeCore
@@ -31,6 +33,7 @@ from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.metrics import MetricsExporter
+from broker.metrics.exporter import TimesCommits
 from broker.registry import Registry
 from broker.retention import Retention
 from broker.store import SqliteMessageStore, StoreError
@@ -79,7 +82,7 @@ class Broker:
     port: int
     exchange: ExchangeCore
     admin: AdminCore
-    store: SqliteMessageStore
+    store: BrokerStore
     audit: AuditLog
     registry: Registry
     health: HealthServicer
@@ -88,6 +91,8 @@ class Broker:
     auth: AuthInterceptor | None = None
     lock: DataDirLock | None = None
     metrics: MetricsExporter | None = None  # None unless cfg.metrics_listen is set
+    backend: Backend | None = None
+    peers: Any = None  # broker.jetstream.peers.Peers when brokers share a cluster
 
     async def reload(self, cfg: BrokerConfig) -> None:
         """Apply what may change while serving (SIGHUP): the revoked serials. Live calls
@@ -104,6 +109,8 @@ class Broker:
         self.exchange.shutdown()
         await self.server.stop(grace)
         self.exchange.close()
+        if self.peers is not None:
+            await self.peers.close()
         if self._retention is not None:
             self._retention.cancel()
         # Everything the outboxes hold goes into the chain before the final checkpoint
@@ -118,7 +125,11 @@ class Broker:
             log.critical("final audit checkpoint not written: %s", exc)
         with contextlib.suppress(AuditError):  # closed all the same; logged just above
             await self.audit.close()
-        self.registry.close()
+        if self.backend is not None:
+            await self.backend.close_registry()
+            await self.backend.disconnect()
+        else:
+            self.registry.close()
         if self.lock is not None:
             self.lock.release()
         log.info("stopped")
@@ -152,22 +163,12 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     creds = load_broker(Path(cfg.pki_dir))
     data = Path(cfg.data_dir)
     data.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once at start-up
-    store = await SqliteMessageStore.open(
-        data / "messages.db",
-        max_bytes=cfg.max_store_bytes,
-        retention_bytes=cfg.retention_bytes,
-        max_age_ms=cfg.retention_ms,
-        sender_bytes=cfg.sender_quota,
-    )
-    audit = await AuditLog.open(
-        data / "audit.db",
-        creds.audit_key,
-        checkpoint_every=cfg.audit_checkpoint_every,
-        refusal_threshold=cfg.refusal_audit_threshold,
-        refusal_interval_ms=cfg.refusal_audit_interval_ms,
-        clock=clock,
-    )
-    registry = Registry(data / "state.db")
+    backend = await open_backend(cfg, creds.audit_key, clock)
+    store, audit, registry = backend.store, backend.audit, backend.registry
+    if backend.kind == "jetstream" and cfg.live_delivery:
+        # The live feed sees only this broker's publishes; with brokers sharing the store
+        # every delivery is read from it (woken across brokers, broker.jetstream.peers).
+        cfg = cfg.with_overrides(live_delivery=False)
     exchange = ExchangeCore(
         cfg, store, audit, registry, creds.ca_cert, clock, status_of=status_name
     )
@@ -208,6 +209,11 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
         creds.audit_key.public_key(),
         audit_cert_der,
     )
+    peers = None
+    if backend.nc is not None:  # before serving: every stream claims its partner's lease
+        from broker.jetstream.wiring import join_cluster
+
+        peers = await join_cluster(backend, cfg, exchange, ExchangeLink(exchange), clock)
     auth = AuthInterceptor(cfg, registry, audit, clock)
     server = grpc.aio.server(
         interceptors=[auth],
@@ -249,6 +255,7 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     for name in ("", *SERVICES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     broker = Broker(server, port, exchange, admin, store, audit, registry, health, auth=auth)
+    broker.backend, broker.peers = backend, peers
     if cfg.metrics_listen:
         broker.metrics = await _start_metrics(cfg, broker)
     broker.retention = retention
@@ -273,8 +280,13 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
 
 async def _start_metrics(cfg: BrokerConfig, b: Broker) -> MetricsExporter:
     """The Prometheus endpoint on its own plain-HTTP address (broker.metrics)."""
-    metrics = MetricsExporter(b.exchange, b.store, b.registry, Path(cfg.data_dir) / "audit.db")
-    metrics.attach(b.exchange, {"messages": b.store, "audit": b.audit})
+    files = isinstance(b.store, SqliteMessageStore)  # not on the JetStream backend: n/a
+    audit_db = Path(cfg.data_dir) / "audit.db" if files else None
+    metrics = MetricsExporter(b.exchange, b.store, b.registry, audit_db)
+    writers: dict[str, TimesCommits] = {}
+    if isinstance(b.store, SqliteMessageStore):
+        writers = {"messages": b.store, "audit": b.audit}
+    metrics.attach(b.exchange, writers)
     if b.auth is not None:
         b.auth.on_refused = metrics.instruments.auth_refused
     try:

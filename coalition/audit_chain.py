@@ -90,11 +90,23 @@ class VerifyResult:
     problem: str = ""
 
 
-class ChainVerifier:
-    """Feeds on records in export order (entry n, then checkpoints at n); keeps the first fault."""
+def _signed_by(key: Ed25519PublicKey, signature: bytes, body: bytes) -> bool:
+    try:
+        ed25519.verify(key, signature, body)
+    except InvalidSignature:
+        return False
+    return True
 
-    def __init__(self, public_key: Ed25519PublicKey) -> None:
-        self._key = public_key
+
+class ChainVerifier:
+    """Feeds on records in export order (entry n, then checkpoints at n); keeps the first fault.
+
+    A checkpoint verifies if any of the keys signed it (several brokers may sign one chain,
+    each with its own audit key); add_key() trusts one more key from then on.
+    """
+
+    def __init__(self, public_key: Ed25519PublicKey | Iterable[Ed25519PublicKey]) -> None:
+        self._keys = [public_key] if isinstance(public_key, Ed25519PublicKey) else [*public_key]
         self._seq = 0
         self._hash = GENESIS
         self._entries = 0
@@ -109,6 +121,10 @@ class ChainVerifier:
                 self._entry(record)
             else:
                 self._checkpoint(record)
+
+    def add_key(self, public_key: Ed25519PublicKey) -> None:
+        """Accept checkpoints signed by public_key too."""
+        self._keys.append(public_key)
 
     def result(self) -> VerifyResult:
         """The verdict over everything fed so far."""
@@ -146,9 +162,8 @@ class ChainVerifier:
         self._checkpoints += 1
         if self._problem:
             return
-        try:
-            ed25519.verify(self._key, cp.signature, checkpoint_body(cp.seq, cp.hash, cp.time_ms))
-        except InvalidSignature:
+        body = checkpoint_body(cp.seq, cp.hash, cp.time_ms)
+        if not any(_signed_by(key, cp.signature, body) for key in self._keys):
             self._fail(cp.seq, f"checkpoint at {cp.seq}: bad signature")
             return
         if cp.seq > self._seq:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -9,7 +9,7 @@ import pytest
 from broker.jetstream.connect import ClusterSettings
 from clients.cluster import NatsCluster
 from coalition.pki import make_dev_pki
-from tests.helpers import ALL_PARTNERS, OPERATORS, now_ms
+from tests.helpers import ALL_PARTNERS, OPERATORS, drop_deployment, jetstream_overrides, now_ms
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +36,21 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClust
 def cluster_settings(nats_cluster: NatsCluster) -> ClusterSettings:
     """Settings for a fresh deployment on the shared cluster (a prefix no other test uses)."""
     return ClusterSettings(servers=tuple(nats_cluster.urls), prefix=f"T{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["sqlite", "jetstream"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, object]]:
+    """Broker config overrides for each store backend: ``running_broker(..., **backend)``.
+
+    ``jetstream`` is a fresh deployment (its own prefix) on the session's ``nats_cluster``,
+    whose streams and buckets are deleted after the test. A case that holds only on
+    SQLite says why with ``tests.helpers.sqlite_only``."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    cluster: NatsCluster = request.getfixturevalue("nats_cluster")
+    overrides = jetstream_overrides(cluster, f"T{uuid.uuid4().hex[:12]}")
+    try:
+        yield overrides
+    finally:
+        await drop_deployment(cluster, str(overrides["store_prefix"]))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
 
 from broker.config import BrokerConfig
 from broker.server import Broker, start_broker
@@ -14,6 +18,9 @@ from clients.sdk import OperatorClient, PartnerClient
 from coalition.labels import Classification
 from coalition.pki import load_operator, load_partner
 from coalition.policy import PartnerPolicy, PartnerStatus, policy_to_proto
+
+if TYPE_CHECKING:
+    from clients.cluster import NatsCluster
 
 PARTNERS = ("KOR", "USA", "GBR", "UKR", "NATO")
 # ROGUE holds a valid CA-issued certificate but is never admitted.
@@ -40,6 +47,39 @@ def broker_argv(pki: Path, data: Path, port: int, port_file: Path) -> list[str]:
         "--port-file",
         str(port_file),
     ]
+
+
+def jetstream_overrides(cluster: NatsCluster, prefix: str) -> dict[str, object]:
+    """Broker config overrides for a deployment with this prefix on cluster."""
+    return {
+        "store_backend": "jetstream",
+        "store_servers": tuple(cluster.urls),
+        "store_prefix": prefix,
+        "store_monitor": tuple(f"http://127.0.0.1:{n.monitor_port}" for n in cluster.nodes),
+    }
+
+
+async def drop_deployment(cluster: NatsCluster, prefix: str) -> None:
+    """Delete every stream and bucket of the deployment prefix (a shared test cluster
+    would otherwise carry each test's replicated streams to the end of the session)."""
+    from broker.jetstream.connect import ClusterSettings, connect
+
+    nc = await connect(ClusterSettings(servers=tuple(cluster.urls), prefix=prefix))
+    try:
+        ours = (f"{prefix}_", f"KV_{prefix}_", f"OBJ_{prefix}_")
+        reply = await nc.request("$JS.API.STREAM.NAMES", json.dumps({"offset": 0}).encode())
+        names = [n for n in json.loads(reply.data).get("streams") or [] if n.startswith(ours)]
+        js = nc.jetstream()
+        for name in names:
+            await js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
+def sqlite_only(reason: str) -> Callable[[Any], Any]:
+    """Run a backend-parametrised test on SQLite only; reason says why (one line)."""
+    assert reason
+    return pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
 
 def now_ms() -> int:

@@ -14,6 +14,7 @@ import pytest
 from broker.exchange import live as live_mod
 from broker.exchange import publish as publish_mod
 from broker.server import Broker
+from broker.store import SqliteMessageStore
 from clients.sdk import PartnerClient, Subscription
 from clients.sdk import publish as sdk_publish
 from coalition.labels import Classification, Precedence, parse_label
@@ -130,6 +131,7 @@ async def test_a_caught_up_delivery_rides_its_publishs_commit(
     task = asyncio.create_task(receive())
     try:
         await eventually(lambda: sub.caught_up.is_set())
+        assert isinstance(b.store, SqliteMessageStore)  # counts its commits
         commits = b.store.commits
         [offset] = await _publish(kor, [b"rides the publish's commit"])
         await eventually(lambda: len(got) == 1)

@@ -29,8 +29,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from broker.audit.backend import AuditBackend
 from broker.audit.items import AuditItem, decode, entry_fields
-from broker.audit.log import AuditLog
 from broker.store.base import OutboxRow
 from coalition.v1 import audit_pb2
 
@@ -52,11 +52,11 @@ class OutboxSource(Protocol):
 
 
 class Drainer:
-    """Drains named outbox sources into one AuditLog; see the module docstring."""
+    """Drains named outbox sources into one audit log; see the module docstring."""
 
     def __init__(
         self,
-        audit: AuditLog,
+        audit: AuditBackend,
         *,
         interval_ms: int = 200,
         on_failure: Callable[[Exception], None] | None = None,

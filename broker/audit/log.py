@@ -23,18 +23,16 @@ however fast it arrives.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
-import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from broker.audit.backend import AuditBackend, AuditError
 from broker.audit.items import AuditItem, entry_fields
-from broker.audit.pages import ENTRY_FIELDS, entry_row, matches, query_sql, read_page
+from broker.audit.pages import ENTRY_FIELDS, entry_row, query_sql, read_page
 from broker.audit.refusals import RefusalSummary
 from broker.store.readers import ReaderPool
 from broker.store.writer import GroupCommitWriter, WriterOwner, is_disk_full
@@ -48,9 +46,7 @@ from coalition.audit_chain import (
 from coalition.clock import wall_clock_ms
 from coalition.v1 import audit_pb2
 
-__all__ = ["AuditError", "AuditLog", "VerifyResult"]
-
-log = logging.getLogger("coalition.broker.audit")
+__all__ = ["AuditBackend", "AuditError", "AuditLog", "VerifyResult"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -83,10 +79,6 @@ _INSERT_ENTRY = (
 )
 
 
-class AuditError(Exception):
-    """The audit log could not be written or read; str() says why."""
-
-
 def _map_error(exc: BaseException) -> Exception:
     if isinstance(exc, AuditError):
         return exc
@@ -102,7 +94,7 @@ def _head(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
     return (int(row[0]), bytes(row[1]), int(row[2])) if row else (0, GENESIS, 0)
 
 
-class AuditLog(WriterOwner):
+class AuditLog(WriterOwner, AuditBackend):
     """Append-only hash-chained audit log; open with ``await AuditLog.open(...)``."""
 
     def __init__(
@@ -118,15 +110,7 @@ class AuditLog(WriterOwner):
         self._readers = readers
         self._key = signing_key
         self._every = checkpoint_every
-        self._refusals = refusals or RefusalSummary(0, 1)
-        self._clock = clock
-        self._summarizer: asyncio.Task[None] | None = None
-        # Run before every read so it sees what outboxes hold (set by the broker's wiring
-        # to the drainer's drain). Its failure is logged; the read goes on.
-        self.before_read: Callable[[], Awaitable[object]] | None = None
-        # If before_read fails: the records it could not append, as (time, entry), which
-        # query() then shows after the chain's entries with seq 0 and no hash.
-        self.read_through: Callable[[], Awaitable[list[tuple[int, AuditItem]]]] | None = None
+        self._init_front(refusals, clock)
 
     @classmethod
     async def open(
@@ -153,25 +137,6 @@ class AuditLog(WriterOwner):
             await writer.close()
             raise
         return cls(writer, readers, signing_key, checkpoint_every, refusals, clock)
-
-    async def record(
-        self,
-        *,
-        kind: str,
-        actor: str,
-        partner: str = "",
-        message_id: str = "",
-        decision: str = "allow",
-        detail: Mapping[str, object] | None = None,
-        now_ms: int,
-    ) -> int:
-        """Append one entry, durable on return; return its seq.
-
-        detail must be plain JSON and must never hold plaintext, keys or tokens.
-        Raises ValueError for an empty kind or a detail that is not plain JSON; AuditError.
-        """
-        item = AuditItem(kind, actor, partner, message_id, decision, detail)
-        return (await self.record_many([item], now_ms=now_ms))[0]
 
     async def record_many(self, items: Sequence[AuditItem], *, now_ms: int) -> list[int]:
         """Append several entries in one write job (one link each in the chain); their seqs.
@@ -245,94 +210,6 @@ class AuditLog(WriterOwner):
         entry.hash = entry_hash(prev, entry)
         conn.execute(_INSERT_ENTRY, tuple(getattr(entry, f) for f in ENTRY_FIELDS))
         return entry.hash
-
-    async def _catch_up(self) -> bool:
-        """Run before_read; False if it failed (reads answer with what the chain holds)."""
-        if self.before_read is None:
-            return True
-        try:
-            await self.before_read()
-        except Exception as exc:
-            log.error("audit outbox not drained before a read: %s", exc)
-            return False
-        return True
-
-    async def _unchained(
-        self, partner: str, kind: str, since_ms: int, until_ms: int
-    ) -> list[audit_pb2.AuditEntry]:
-        """read_through's records that match query()'s filters, as entries with seq 0."""
-        if self.read_through is None:
-            return []
-        try:
-            waiting = await self.read_through()
-        except Exception as exc:
-            log.error("audit outbox not readable: %s", exc)
-            return []
-        return [
-            entry_fields(item, t)
-            for t, item in waiting
-            if matches(item, t, partner, kind, since_ms, until_ms)
-        ]
-
-    # -- refusals a partner can cause at will -------------------------------------------
-    def admit_refusal(self, item: AuditItem, now_ms: int, source: str = "") -> bool:
-        """Whether to record this refusal entry one by one (True), or count it into its
-        interval's summary (False; written once the interval closes, or at close()).
-
-        source is who the threshold counts against (default: the entry's partner, else
-        its actor). A caller that gets True must record the item itself.
-        """
-        if self._refusals.admit(item, source or item.partner or item.actor, now_ms):
-            return True
-        if self._summarizer is None or self._summarizer.done():
-            self._summarizer = asyncio.get_running_loop().create_task(self._summarize())
-        return False
-
-    async def record_refusal(self, item: AuditItem, *, now_ms: int, source: str = "") -> bool:
-        """Record a refusal entry, or count it (see admit_refusal); True if written now.
-
-        Raises AuditError (only when it writes) and ValueError like record().
-        """
-        if not self.admit_refusal(item, now_ms, source):
-            return False
-        await self.record_many([item], now_ms=now_ms)
-        return True
-
-    async def flush_refusals(self, now_ms: int, *, final: bool = False) -> int:
-        """Write the summaries of intervals closed by now_ms (every pending one when final);
-        how many entries. Raises AuditError, and then keeps the counts for the next try."""
-        taken = self._refusals.take_due(now_ms, final=final)
-        if not taken:
-            return 0
-        items = [self._refusals.summary(k, t) for k, t in taken]
-        try:
-            await self.record_many(items, now_ms=now_ms)
-        except BaseException:
-            self._refusals.restore(taken)
-            raise
-        for item in items:
-            log.info(
-                "refusals summarised",
-                extra={
-                    "kind": item.kind,
-                    "partner": item.partner or item.actor,
-                    "reason": item.decision,
-                    "count": (item.detail or {}).get("count"),
-                },
-            )
-        return len(items)
-
-    async def _summarize(self) -> None:
-        """Write each interval's summaries once it has closed, while any are pending."""
-        while (due := self._refusals.next_due_ms()) is not None:
-            await asyncio.sleep(max(due - self._clock(), 0) / 1000 + 0.05)
-            try:
-                await self.flush_refusals(self._clock())
-            except AuditError as exc:
-                log.critical("refusal summaries not written yet (kept, retried): %s", exc)
-                await asyncio.sleep(1)
-            except RuntimeError:  # closed
-                return
 
     async def checkpoint(self, now_ms: int) -> audit_pb2.AuditCheckpoint:
         """Sign the current head (seq 0 and zero hash when empty), store and return it."""
@@ -415,20 +292,7 @@ class AuditLog(WriterOwner):
         """Checkpoint the head if it is not yet (at now_ms, default the last entry's time),
         then commit and close. Pending refusal summaries are written first (if the log
         cannot take them, their counts are logged at CRITICAL instead)."""
-        if self._summarizer is not None:
-            self._summarizer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._summarizer
-        at = self._clock() if now_ms is None else now_ms
-        try:
-            await self.flush_refusals(at, final=True)
-        except (AuditError, RuntimeError) as exc:
-            lost = self._refusals.take_due(at, final=True)
-            log.critical(
-                "refusal summaries not written: %s (counts: %s)",
-                exc,
-                "; ".join(f"{k[0]} {k[1]} {k[2]}={t.count}" for k, t in lost),
-            )
+        await self.stop_summaries(now_ms)
 
         def job(conn: sqlite3.Connection) -> None:
             seq, chain_hash, time_ms = _head(conn)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from broker.audit_keeping import AuditKeeping
@@ -82,6 +82,9 @@ class DeliveryLoop:
         self._notice_drops: set[asyncio.Task[int]] = set()
         # Metrics hook (broker.metrics): each batch's allowed count and denials by reason.
         self.on_routed: Callable[[int, dict[str, list[tuple[StoredMessage, str]]]], None] = _ignore
+        # Brokers sharing a cluster (broker.jetstream.peers): make sub the one stream
+        # serving its partner before anything is read for it; raises a BrokerError.
+        self.claim: Callable[[Subscription], Awaitable[None]] = _no_claim
 
     # -- acknowledgements ---------------------------------------------------------------------
     def note_acks(self, sub: Subscription, offsets: Sequence[int]) -> None:
@@ -121,6 +124,7 @@ class DeliveryLoop:
         down, and Exhausted audit_unavailable when the audit log cannot be written.
         """
         caught_up_sent = False
+        await self.claim(sub)
         while True:
             sub.wake.clear()
             if sub.closed is not None:
@@ -297,4 +301,8 @@ class DeliveryLoop:
 
 
 def _ignore(*_: object) -> None:
+    pass
+
+
+async def _no_claim(_: Subscription) -> None:
     pass

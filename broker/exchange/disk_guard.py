@@ -43,8 +43,8 @@ class DiskGuard:
         request's estimate is taken off the last answer. If the system cannot tell (an
         OSError), nothing is refused.
         """
-        if self.cfg.min_free_bytes <= 0:
-            return None
+        if self.cfg.min_free_bytes <= 0 or self.cfg.store_backend != "sqlite":
+            return None  # on JetStream the cluster's limits refuse (store_full), not this disk
         need = 2 * incoming + _DISK_PER_REQUEST
         now = self.clock()
         at, free = self._disk_free

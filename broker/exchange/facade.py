@@ -108,6 +108,8 @@ class ExchangeCore:
             closing=self._is_closing,
             status_of=status_of or _own_code,
         )
+        # Called when a stream ends (broker.jetstream.peers gives its lease back).
+        self.on_closed: Callable[[Subscription], None] = _nothing
 
     @property
     def store(self) -> MessageStore:
@@ -143,6 +145,7 @@ class ExchangeCore:
 
     def close_subscription(self, sub: Subscription) -> None:
         self.streams.close(sub)
+        self.on_closed(sub)
 
     def deliveries(self, sub: Subscription) -> AsyncIterator[StreamItem]:
         """What sub is to be sent, audited first (DeliveryLoop.deliveries)."""
@@ -234,3 +237,7 @@ class ExchangeCore:
 
 def _own_code(err: BrokerError) -> str:
     return err.code
+
+
+def _nothing(_: Subscription) -> None:
+    pass

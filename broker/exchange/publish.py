@@ -111,6 +111,8 @@ class PublishPipeline:
         # Metrics hooks (broker.metrics), no-ops unless metrics are on.
         self.on_outcomes: Callable[[str, Sequence[PublishOutcome]], None] = _ignore
         self.on_verified: Callable[[float], None] = _ignore
+        # After a commit that stored messages (brokers sharing a cluster wake each other).
+        self.on_stored: Callable[[], None] = _ignore
 
     async def publish(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope]
@@ -212,6 +214,7 @@ class PublishPipeline:
             if self.cfg.live_delivery:
                 self.live.hand_over(fresh, routes)
             self.live.wake_all()
+            self.on_stored()
         late += self._refusal_audits(partner, refused_late, now)
         if late:  # refused by the store itself: recorded before the answer
             try:

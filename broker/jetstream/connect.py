@@ -61,3 +61,8 @@ async def connect(settings: ClusterSettings, *, name: str = "coalition-broker") 
         allow_reconnect=True,
     )
     return nc
+
+
+def tls_context(settings: ClusterSettings) -> ssl.SSLContext | None:
+    """The TLS context for the cluster's servers (also their monitoring URLs), or None."""
+    return _tls_context(settings)

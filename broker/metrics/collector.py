@@ -51,7 +51,7 @@ class BrokerCollector(Collector):
         exchange: ExchangeCore,
         store: MessageStore,
         registry: Registry,
-        audit_db: Path,
+        audit_db: Path | None,  # None: the stores are not SQLite files (JetStream)
         *,
         ttl: float = 2.0,
         verify_queue: Callable[[], int] = lambda: 0,
@@ -86,9 +86,10 @@ class BrokerCollector(Collector):
                 with contextlib.suppress(StoreError):
                     if await self._store.cursor(rec.code) is not None:
                         snap.lag[rec.code] = await self._store.backlog_count(rec.code)
-            snap.audit_entries, snap.last_checkpoint_s = await asyncio.to_thread(
-                _audit_head, self._audit_db
-            )
+            if self._audit_db is not None:
+                snap.audit_entries, snap.last_checkpoint_s = await asyncio.to_thread(
+                    _audit_head, self._audit_db
+                )
             self._snap = snap
             self._taken = time.monotonic()
             self.refreshes += 1
@@ -163,11 +164,13 @@ class BrokerCollector(Collector):
         yield _gauge(n.LIVE_STREAMS, "Live Subscribe streams.", sum(len(s) for s in live.values()))
         yield _gauge(n.STORE_MESSAGES, "Messages in the message store.", snap.messages)
         yield _gauge(n.STORE_BYTES, "Envelope bytes in the message store.", snap.bytes)
-        yield _gauge(
-            n.STORE_FILE_BYTES, "messages.db and its write-ahead log on disk.", snap.file_bytes
-        )
+        if self._audit_db is not None:  # n/a on JetStream: no files of this broker's
+            yield _gauge(
+                n.STORE_FILE_BYTES, "messages.db and its write-ahead log on disk.", snap.file_bytes
+            )
         yield _gauge(n.STORE_HEAD, "The message store's highest offset.", snap.head)
-        yield _gauge(n.AUDIT_ENTRIES, "Entries in the audit log.", snap.audit_entries)
+        if self._audit_db is not None:
+            yield _gauge(n.AUDIT_ENTRIES, "Entries in the audit log.", snap.audit_entries)
         if snap.last_checkpoint_s is not None:
             yield _gauge(
                 n.AUDIT_LAST_CHECKPOINT,

@@ -44,7 +44,7 @@ class MetricsExporter:
         exchange: ExchangeCore,
         store: MessageStore,
         registry: Registry,
-        audit_db: Path,
+        audit_db: Path | None,
         *,
         ttl: float = 2.0,
     ) -> None:

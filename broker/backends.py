@@ -1,0 +1,159 @@
+"""Open the message store, the audit log and the registry on the configured backend.
+
+``[store] backend = "sqlite"`` (the default) keeps all three in SQLite files in the data
+directory, for one broker. ``"jetstream"`` keeps them in a NATS JetStream cluster, so
+several brokers serve one coalition (docs/cluster.md): the broker connects, checks that
+the cluster is as durable as the SQLite backend (broker.jetstream.durability), opens the
+three parts, and then checks the replicas of every stream and bucket they use. The data
+directory then holds only the broker's lock.
+
+The JetStream modules (and nats-py) are imported only for that backend.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.audit import AuditLog
+from broker.audit.drainer import OutboxSource
+from broker.config import BrokerConfig
+from broker.registry import Registry
+from broker.store import MessageStore, SqliteMessageStore
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+    from broker.jetstream.connect import ClusterSettings
+
+log = logging.getLogger("coalition.broker")
+
+Clock = Any  # Callable[[], int]; kept loose so the audit log's own alias fits
+
+
+class BrokerStore(MessageStore, OutboxSource, Protocol):
+    """The message store with its audit outbox, as every backend provides it."""
+
+
+@dataclass
+class Backend:
+    """The three stores one broker runs on, and (JetStream) its cluster connection."""
+
+    kind: str
+    store: BrokerStore
+    audit: AuditLog  # the JetStream audit log has the same public interface
+    registry: Registry  # likewise the JetStream registry
+    nc: Client | None = None
+    settings: ClusterSettings | None = None
+    # Durability weaker than required, allowed by the operator (audited at start).
+    weaknesses: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> bool:
+        """Whether the stores are files in the data directory (sizes, audit.db)."""
+        return self.kind == "sqlite"
+
+    async def close_registry(self) -> None:
+        """Close the registry (the SQLite one closes at once, the JetStream one awaits)."""
+        done: object = self.registry.close()  # type: ignore[func-returns-value]
+        if inspect.isawaitable(done):
+            await done
+
+    async def disconnect(self) -> None:
+        """Close the cluster connection, last (after every store is closed)."""
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+
+def cluster_settings(cfg: BrokerConfig) -> ClusterSettings:
+    """The [store] section as the JetStream modules take it."""
+    from broker.jetstream.connect import ClusterSettings
+
+    return ClusterSettings(
+        servers=cfg.store_servers,
+        prefix=cfg.store_prefix,
+        replicas=cfg.store_replicas,
+        tls_ca=cfg.store_tls_ca,
+        tls_cert=cfg.store_tls_cert,
+        tls_key=cfg.store_tls_key,
+        allow_data_loss=cfg.allow_data_loss,
+    )
+
+
+async def open_backend(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock: Clock) -> Backend:
+    """Open store, audit log and registry for cfg.store_backend.
+
+    Raises DurabilityError (a ValueError) for a cluster weaker than required without
+    allow_data_loss, OSError when no NATS server answers, and what each store raises.
+    """
+    if cfg.store_backend == "jetstream":
+        return await _open_jetstream(cfg, audit_key, clock)
+    data = Path(cfg.data_dir)
+    store = await SqliteMessageStore.open(
+        data / "messages.db",
+        max_bytes=cfg.max_store_bytes,
+        retention_bytes=cfg.retention_bytes,
+        max_age_ms=cfg.retention_ms,
+        sender_bytes=cfg.sender_quota,
+    )
+    audit = await AuditLog.open(
+        data / "audit.db",
+        audit_key,
+        checkpoint_every=cfg.audit_checkpoint_every,
+        refusal_threshold=cfg.refusal_audit_threshold,
+        refusal_interval_ms=cfg.refusal_audit_interval_ms,
+        clock=clock,
+    )
+    return Backend("sqlite", store, audit, Registry(data / "state.db"))
+
+
+async def _open_jetstream(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock: Clock) -> Backend:
+    from broker.jetstream.audit import JetStreamAuditLog
+    from broker.jetstream.connect import connect, tls_context
+    from broker.jetstream.durability import check_servers, check_streams
+    from broker.jetstream.registry import JetStreamRegistry
+    from broker.jetstream.store import JetStreamMessageStore
+
+    settings = cluster_settings(cfg)
+    weak = await check_servers(settings, cfg.store_monitor, tls_context(settings))
+    try:
+        nc = await connect(settings, name=f"coalition-broker {cfg.name}")
+    except Exception as exc:  # nats-py raises its own types; one line for the operator
+        raise OSError(f"no NATS server answered ({', '.join(settings.servers)}): {exc}") from exc
+    try:
+        store = await JetStreamMessageStore.open(
+            nc,
+            settings,
+            max_bytes=cfg.max_store_bytes,
+            retention_bytes=cfg.retention_bytes,
+            max_age_ms=cfg.retention_ms,
+            sender_bytes=cfg.sender_quota,
+        )
+        audit = await JetStreamAuditLog.open(
+            nc,
+            settings,
+            audit_key,
+            checkpoint_every=cfg.audit_checkpoint_every,
+            refusal_threshold=cfg.refusal_audit_threshold,
+            refusal_interval_ms=cfg.refusal_audit_interval_ms,
+            clock=clock,
+        )
+        registry = await JetStreamRegistry.open(nc, settings)
+        weak += await check_streams(settings, nc)
+    except BaseException:
+        await nc.close()
+        raise
+    return Backend(
+        "jetstream",
+        store,
+        cast(AuditLog, audit),
+        cast(Registry, registry),
+        nc=nc,
+        settings=settings,
+        weaknesses=weak,
+    )

@@ -1,0 +1,64 @@
+"""Join a broker to the other brokers of its JetStream deployment.
+
+Three links, all installed before the broker serves:
+
+- wake-ups and the partner-stream lease (broker.jetstream.peers): the delivery loop
+  claims a partner's lease before it reads anything for a stream, a stream that ends
+  gives it back, and each publish that stored messages wakes the other brokers;
+- registry changes made through any broker (the registry's ``on_change``, fed by its
+  watch of the registry bucket) reach this broker's live streams at once, exactly as a
+  change made here does (``ExchangeLink.policy_changed``: a suspension closes the
+  partner's stream, a lowered clearance stops its next delivery);
+- durability the operator allowed to be weaker (``--allow-data-loss``) is audited.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from broker.admin_types import ExchangeLink
+from broker.audit import AuditError
+from broker.backends import Backend
+from broker.config import BrokerConfig
+from broker.exchange import Clock, ExchangeCore
+from broker.jetstream.peers import Peers
+
+log = logging.getLogger("coalition.broker")
+
+
+async def join_cluster(
+    backend: Backend, cfg: BrokerConfig, exchange: ExchangeCore, link: ExchangeLink, clock: Clock
+) -> Peers:
+    """Open the peers link and hook it, and the registry's watch, into the exchange."""
+    assert backend.nc is not None and backend.settings is not None
+    peers = await Peers.open(
+        backend.nc, backend.settings, cfg.name, exchange.wake_all, backend.store.head
+    )
+    exchange.delivery.claim = peers.claim
+    exchange.on_closed = peers.release
+    exchange.pipeline.on_stored = peers.stored
+
+    def changed(partner: Any = None, *_: Any) -> None:
+        # A change through any broker: apply it to this broker's live streams now.
+        if isinstance(partner, str):
+            link.policy_changed(partner)
+            return
+        for code in list(exchange.live):
+            link.policy_changed(code)
+
+    on_change = getattr(backend.registry, "on_change", None)
+    if on_change is not None:
+        on_change(changed)
+    if backend.weaknesses:
+        try:
+            await exchange.audit.record(
+                kind="store.durability_weakened",
+                actor="broker",
+                decision="allow",
+                detail={"weaknesses": backend.weaknesses, "broker": peers.broker_id},
+                now_ms=clock(),
+            )
+        except AuditError as exc:
+            log.critical("store.durability_weakened not audited: %s", exc)
+    return peers
