@@ -65,6 +65,9 @@ class Trial:
     stale_info: bool
     settled_after_s: float
     retries: int
+    ack_via: str = ""  # the server the client was connected to when the first ack came
+    stale_during: int = 0  # stream_info answers during the election below the last ack
+    stale_example: str = ""
 
 
 @dataclass
@@ -93,6 +96,8 @@ class Scenario:
                 "mean": round(statistics.fmean(outs), 3) if outs else None,
             },
             "stale_info": sum(t.stale_info for t in self.trials),
+            "stale_during_trials": sum(t.stale_during > 0 for t in self.trials),
+            "stale_during_examples": [t.stale_example for t in self.trials if t.stale_example][:5],
             "acked": self.acked,
             "lost": self.lost,
             "misplaced": self.misplaced,
@@ -184,6 +189,25 @@ async def _leader(nc: Client, stream: str, timeout: float = 30.0) -> str:
     raise TimeoutError(f"stream {stream} has no leader with two current followers")
 
 
+async def _read_during(rjs: Any, stream: str, acked_seq: int, found: list[str]) -> None:
+    """stream_info every 50 ms until cancelled; answers below acked_seq are recorded."""
+    while True:
+        try:
+            info = await rjs.stream_info(
+                stream,
+            )
+            if info.state.last_seq < acked_seq:
+                leader = info.cluster.leader if info.cluster else None
+                found.append(
+                    f"last_seq {info.state.last_seq} < acked {acked_seq} (leader {leader})"
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            pass
+        await asyncio.sleep(0.05)
+
+
 async def _stream_check(nc: Client, stream: str, acked: list[Acked], sc: Scenario) -> None:
     """Read the stream back by sequence; every acked id stored once, at its seq."""
     js = nc.jetstream()
@@ -252,14 +276,20 @@ async def run_scenario(cluster: NatsCluster, sc: Scenario, trials: int, stop_s: 
             task = asyncio.create_task(pub.run())
             while len(pub.acked) < 30:  # noqa: ASYNC110 - polls the publisher's list
                 await asyncio.sleep(0.02)
+            reader = await _connect(others)
+            rjs = reader.jetstream()
             t0 = time.monotonic()
             await _inject(node, sc.fault, admin, stream)
+            before = max(a.seq for a in pub.acked if a.acked_at < t0)
+            # Read stream_info during the election too: does any answer go backwards?
+            stale_during: list[str] = []
+            during = asyncio.create_task(_read_during(rjs, stream, before, stale_during))
             while not any(a.sent_at >= t0 for a in pub.acked):  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
             first = next(a for a in pub.acked if a.sent_at >= t0)
+            during.cancel()
+            await asyncio.gather(during, return_exceptions=True)
             # The first read after the ack, through a connection not on the old leader.
-            reader = await _connect(others)
-            rjs = reader.jetstream()
             try:
                 info = await rjs.stream_info(stream)
                 first_seq = info.state.last_seq
@@ -294,6 +324,9 @@ async def run_scenario(cluster: NatsCluster, sc: Scenario, trials: int, stop_s: 
                     0 <= first_seq < first.seq,
                     settled,
                     pub.retries,
+                    first.server,
+                    len(stale_during),
+                    stale_during[0] if stale_during else "",
                 )
             )
             t = sc.trials[-1]
@@ -348,14 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(
         f"{'fault':9} {'client':10} {'timeout':>7} {'n':>3} {'p50':>6} {'p90':>6} "
-        f"{'max':>6} {'stale':>5} {'acked':>6} {'lost':>4}"
+        f"{'max':>6} {'stale':>5} {'during':>6} {'acked':>6} {'lost':>4} {'dup':>4}"
     )
     for s in results:
         o = s["outage_s"]
         print(
             f"{s['fault']:9} {s['client']:10} {s['publish_timeout_s']:7} {s['trials']:3} "
             f"{o['p50']:6.2f} {o['p90']:6.2f} {o['max']:6.2f} {s['stale_info']:5} "
-            f"{s['acked']:6} {s['lost']:4}"
+            f"{s['stale_during_trials']:6} {s['acked']:6} {s['lost']:4} {s['duplicated']:4}"
         )
     return 1 if any(s["lost"] or s["misplaced"] or s["duplicated"] for s in results) else 0
 
