@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from broker.audit.items import AuditItem
 from broker.errors import AlreadyExists
 from broker.jetstream.connect import ClusterSettings
-from broker.jetstream.registry_stream import Plan, RegistryStream
+from broker.jetstream.registry_stream import Behind, Plan, RegistryStream
 from broker.jetstream.registry_view import H_BASE, H_KEY_ID, H_PARTNER, H_TIME, Outgoing
 from broker.registry_types import ChangeCallback, PartnerRecord, StaleVersion
 from broker.store.base import OutboxRow
@@ -92,7 +92,7 @@ class JetStreamRegistry:
         partner_subject = self._view.subject("partner", code)
         policy_subject = self._view.subject("policy", code)
 
-        def make() -> Plan:
+        def make(fresh: bool) -> Plan:
             if code in self._view.records or self._view.last(partner_subject):
                 raise AlreadyExists("already_registered", f"partner {code} is already registered")
             head = {H_PARTNER: code, **_time(now_ms)}
@@ -105,7 +105,7 @@ class JetStreamRegistry:
                 pv,
             )
 
-        await self._s.commit(make)
+        await self._s.commit(make, [])
         return pv
 
     async def apply(
@@ -126,8 +126,13 @@ class JetStreamRegistry:
         code = policy.partner
         subject = self._view.subject("policy", code)
 
-        def make() -> Plan:
-            rec = self._view.records[code]
+        def make(fresh: bool) -> Plan:
+            rec = self._view.records.get(code)
+            if rec is None or expected_version > rec.version:
+                if not fresh:
+                    raise Behind  # registered or changed through another broker just now
+                if rec is None:
+                    raise KeyError(code)  # as the SQLite registry, for an unknown partner
             if expected_version and expected_version != rec.version:
                 raise StaleVersion(rec.version)
             version = rec.version + 1
@@ -137,7 +142,7 @@ class JetStreamRegistry:
             )
             return Plan([*self._s.outbox(audit(version) if audit else None, now_ms), out], pv)
 
-        plan = await self._s.commit(make)
+        plan = await self._s.commit(make, [subject])
         assert plan is not None
         result: policy_pb2.PolicyVersion = plan.result
         return result
@@ -168,7 +173,7 @@ class JetStreamRegistry:
         headers = {H_PARTNER: policy.partner, H_BASE: str(base_version), **_time(now_ms)}
         out = Outgoing(self._view.subject("proposal", pid), prop.SerializeToString(), headers, 0)
         entry = self._s.outbox(audit(pid) if audit else None, now_ms)
-        await self._s.commit(lambda: Plan([*entry, out], prop))
+        await self._s.commit(lambda _: Plan([*entry, out], prop), [])
         return prop
 
     async def decide_proposal(
@@ -184,8 +189,10 @@ class JetStreamRegistry:
         (decided through any broker; then nothing is written, audit entry included)."""
         subject = self._view.subject("proposal", pid)
 
-        def make() -> Plan | None:
+        def make(fresh: bool) -> Plan | None:
             found = self._view.proposals.get(pid)
+            if found is None and not fresh:
+                raise Behind  # made through another broker just now, perhaps
             if found is None or found[0].state != policy_pb2.PROPOSAL_PENDING:
                 return None
             prop, base, _ = found
@@ -197,7 +204,7 @@ class JetStreamRegistry:
             out = Outgoing(subject, decided.SerializeToString(), headers, self._view.last(subject))
             return Plan([*self._s.outbox(audit, now_ms), out], True)
 
-        return await self._s.commit(make) is not None
+        return await self._s.commit(make, [subject]) is not None
 
     async def set_bundle(
         self,
@@ -210,14 +217,19 @@ class JetStreamRegistry:
         """Make signed the partner's current key bundle (older ones stay on record). A
         bundle does not depend on the one before it: after a lost race it is written
         again on top of the winner (the latest registration is the current one)."""
-        self._view.records[code]  # KeyError for an unknown partner, as the SQLite registry
         subject = self._view.subject("keys", code)
         headers = {H_PARTNER: code, H_KEY_ID: key_id, **_time(now_ms)}
         data = signed.SerializeToString()
         entry = self._s.outbox(audit, now_ms)
-        await self._s.commit(
-            lambda: Plan([*entry, Outgoing(subject, data, headers, self._view.last(subject))])
-        )
+
+        def make(fresh: bool) -> Plan:
+            if code not in self._view.records:
+                if not fresh:
+                    raise Behind
+                raise KeyError(code)  # as the SQLite registry, for an unknown partner
+            return Plan([*entry, Outgoing(subject, data, headers, self._view.last(subject))])
+
+        await self._s.commit(make, [self._view.subject("policy", code)])
 
     # -- the audit outbox (an OutboxSource of broker.audit.drainer) ------------------------
     async def read_outbox(self, after: int, limit: int) -> list[OutboxRow]:

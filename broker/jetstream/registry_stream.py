@@ -72,8 +72,14 @@ from broker.store.base import OutboxRow
 
 log = logging.getLogger("coalition.broker.registry")
 
-_WRONG_LAST_SEQUENCE = 10071  # JetStream: a compare-and-set lost
+# A compare-and-set lost: 10071 names the subject's last sequence; 10164 does not (a
+# replicated stream, or another write to the subject still in flight).
+_WRONG_LAST_SEQUENCE = (10071, 10164)
 _UNCERTAIN = (NatsTimeout, NoRespondersError, ConnectionClosedError, asyncio.TimeoutError)
+
+
+class Behind(Exception):
+    """The view holds less than the caller knows of: read the stream again first."""
 
 
 class _Conflict(Exception):
@@ -236,7 +242,7 @@ class RegistryStream:
             assert reply is not None
             return _check_ack(reply.data)
         except APIError as exc:
-            if exc.err_code == _WRONG_LAST_SEQUENCE:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
                 raise _Conflict(str(exc)) from exc
             if exc.code is not None and exc.code >= 500:
                 raise _Uncertain(str(exc)) from exc
@@ -244,19 +250,33 @@ class RegistryStream:
         except _UNCERTAIN as exc:
             raise _Uncertain(type(exc).__name__) from exc
 
-    async def commit(self, make: Callable[[], Plan | None]) -> Plan | None:
-        """Make a change against the view and write it (see the module docstring): make
-        is called again after each lost race, so its checks see what won. Returns the
-        plan written, or None when make found nothing to write."""
+    async def commit(
+        self, make: Callable[[bool], Plan | None], depends_on: list[str]
+    ) -> Plan | None:
+        """Make a change against the view and write it (see the module docstring).
+
+        make(fresh) returns the change's plan, None when there is nothing to write, or
+        raises the caller's refusal. It is called again after each lost race, so its
+        checks see what won. When the caller knows of more than the view holds (a
+        version or a partner another broker made a moment ago) make raises ``Behind``
+        unless fresh: the view is then brought up to the subjects in depends_on, and
+        make called again with fresh True. Returns the plan written, or None.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.write_timeout_s
         cid = uuid.uuid4().hex
         self._mine.add(cid)
         plan: Plan | None = None
+        fresh = False
         while True:
             if plan is not None and cid in self.view.changes:
                 return plan  # an earlier try was stored; its acknowledgement was lost
-            plan = make()
+            try:
+                plan = make(fresh)
+            except Behind:
+                await self._refresh(depends_on, deadline)
+                fresh = True
+                continue
             if plan is None:
                 return None
             for m in plan.messages:
@@ -266,6 +286,7 @@ class RegistryStream:
                 last = await self._publish(plan.messages)
             except _Conflict:
                 await self._refresh(checked, deadline)
+                fresh = True
                 continue
             except _Uncertain as exc:
                 if loop.time() >= deadline:
@@ -276,6 +297,7 @@ class RegistryStream:
                     ) from exc
                 await asyncio.sleep(0.25)
                 await self._refresh(checked, deadline)
+                fresh = True
                 continue
             self._written = max(self._written, last)
             first = last - len(plan.messages) + 1
