@@ -247,11 +247,11 @@ def table(rows: Sequence[Mapping[str, Any]], details: Mapping[str, Mapping[str, 
     rat = ratios(rows)
     if rat:
         lines += ["", f"ratios, {OURS} / other (deliv/s: >1 better; p99, cpu, RSS: <1 better)"]
-        h2 = f"{'vs':15} {'deliv/s':>8} {'p99@500':>8} {'p99@2k':>8} {'srv cpu':>8} {'RSS':>8}"
+        h2 = f"{'vs':17} {'deliv/s':>8} {'p99@500':>8} {'p99@2k':>8} {'srv cpu':>8} {'RSS':>8}"
         lines += [h2, "-" * len(h2)]
         for system, e in rat.items():
             lines.append(
-                f"{system:15} {_f(e['delivered_per_s'], '.2f'):>8} "
+                f"{system:17} {_f(e['delivered_per_s'], '.2f'):>8} "
                 f"{_f(e['p99_500'], '.2f'):>8} {_f(e['p99_2000'], '.2f'):>8} "
                 f"{_f(e['cpu_s_per_msg'], '.2f'):>8} {_f(e['peak_rss_mb'], '.2f'):>8}"
             )

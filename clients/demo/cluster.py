@@ -26,9 +26,9 @@ from clients.cluster import NatsCluster
 from clients.demo.procs import Proc, python_module, wait_for_file
 from clients.demo.scenario import OPERATORS, PARTNERS, Demo
 from clients.node.sequences import DurableSequencer
-from clients.sdk import ClientError, PartnerClient
+from clients.sdk import ClientError, OperatorClient, PartnerClient
 from coalition.labels import parse_label
-from coalition.pki import load_partner
+from coalition.pki import load_operator, load_partner
 from coalition.v1 import exchange_pb2, intel_pb2
 
 BROKERS = 2
@@ -37,6 +37,8 @@ BATCH = 5
 FAILOVER_LABEL = "NATO SECRET // REL TO NATO, KOR, UKR"
 FAILOVER_ELIGIBLE = ("USA", "UKR", "NATO")  # GBR was suspended in step 6
 ALARM = "the broker may be withholding messages"
+# Whole-request refusals that say "not now" (nothing stored): the same envelopes go again.
+RETRY_LATER = {"audit_unavailable", "shutting_down", "cluster_unavailable", "registry_unavailable"}
 
 
 class ClusterDemo(Demo):
@@ -123,6 +125,17 @@ class ClusterDemo(Demo):
             )
         return cfg
 
+    async def connected(self, code: str) -> bool:
+        """Whether any broker serves a live stream of code (each broker reports its own)."""
+        for first in range(len(self.ports)):
+            if self.brokers[first].alive():
+                async with OperatorClient(
+                    load_operator(self.pki / "operators" / "op1"), f"127.0.0.1:{self.ports[first]}"
+                ) as op:
+                    if any(p.partner == code and p.connected for p in await op.partners()):
+                        return True
+        return False
+
     async def run(self) -> None:
         await super().run()
         await self.step9_failover()
@@ -134,7 +147,7 @@ class ClusterDemo(Demo):
         creds = load_partner(self.pki / "partners" / "KOR")
         label = parse_label(FAILOVER_LABEL)
         acked: list[str] = []
-        resends = 0
+        resends = later = 0
         kor = PartnerClient(creds, self.targets(1), sequencer=seq)
         nats_victim = self.nats.nodes[0]
         try:
@@ -162,17 +175,23 @@ class ClusterDemo(Demo):
                         )
                     )
                 results: list[exchange_pb2.PublishResult] = []
-                for _ in range(60):
+                for _ in range(120):
                     try:
                         results = await asyncio.wait_for(
                             kor.publish([s.envelope for s in sealed]), 30
                         )
-                        break
                     except (ClientError, TimeoutError):
                         resends += 1
                         await kor.close()
                         await asyncio.sleep(0.5)
                         kor = PartnerClient(creds, self.targets(1), sequencer=seq)
+                        continue
+                    if not any(r.reason_code in RETRY_LATER for r in results):
+                        break
+                    # Refused as a whole while the cluster elects a leader: nothing of it
+                    # was stored, so the same envelopes go again.
+                    later += 1
+                    await asyncio.sleep(0.5)
                 for r in results:
                     if r.outcome == exchange_pb2.ACCEPTED or r.reason_code == "replay":
                         acked.append(r.message_id)
@@ -182,7 +201,7 @@ class ClusterDemo(Demo):
         self.say(
             "publish",
             f"{len(acked)}/{BURST} acknowledged to KOR; {resends} batch(es) sent again "
-            "after the broker died",
+            f"after the broker died, {later} after a refusal while the cluster elected a leader",
         )
         self.expect("9", f"every one of KOR's {BURST} reports acknowledged", len(acked) == BURST)
         await self._check_failover(acked)
