@@ -10,6 +10,7 @@ from broker.jetstream.connect import ClusterSettings
 from clients.cluster import NatsCluster
 from coalition.pki import make_dev_pki
 from tests.helpers import ALL_PARTNERS, OPERATORS, drop_deployment, jetstream_overrides, now_ms
+from tests.store_backends import opener  # noqa: F401  (a fixture: a store of each backend)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""SqliteMessageStore: durability, group commit, ordering, cursors, retention, limits."""
+"""The message store contract: durability, group commit, ordering, cursors, retention,
+limits. Each test runs on both backends (SQLite, and JetStream on the session's NATS
+cluster) unless it says why it is about one."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +27,7 @@ from broker.store import (
     StoreFull,
 )
 from broker.store.base import OutboxRow
+from tests.store_backends import StoreOpener
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -61,14 +65,14 @@ def wal_bytes(path: Path) -> int:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteMessageStore]:
-    s = await SqliteMessageStore.open(tmp_path / "store.db", max_bytes=64 * MiB)
+async def store(opener: StoreOpener) -> AsyncIterator[Any]:
+    s = await opener.open(max_bytes=64 * MiB)
     yield s
     await s.close()
 
 
 async def test_append_assigns_contiguous_offsets_and_round_trips(
-    store: SqliteMessageStore,
+    store: Any,
 ) -> None:
     results = await store.append([message(sequence=1), message(sequence=2)], now_ms=5_000)
     assert results == [Appended(1), Appended(2)]
@@ -90,7 +94,7 @@ async def test_append_assigns_contiguous_offsets_and_round_trips(
 
 
 async def test_duplicate_id_and_non_increasing_sequence_are_rejected(
-    store: SqliteMessageStore,
+    store: Any,
 ) -> None:
     assert await store.append([message(sequence=5)], now_ms=1) == [Appended(1)]
     results = await store.append(
@@ -115,7 +119,7 @@ async def test_duplicate_id_and_non_increasing_sequence_are_rejected(
     assert await store.last_sequence("KOR") == 7
 
 
-async def test_malformed_messages_are_refused_before_storage(store: SqliteMessageStore) -> None:
+async def test_malformed_messages_are_refused_before_storage(store: Any) -> None:
     bad_digest = message()
     bad_digest = NewMessage(**{**bad_digest.__dict__, "digest": bytes(32)})
     with pytest.raises(ValueError, match="digest"):
@@ -125,7 +129,7 @@ async def test_malformed_messages_are_refused_before_storage(store: SqliteMessag
     assert await store.head() == 0
 
 
-async def test_group_commit_coalesces_concurrent_appends(store: SqliteMessageStore) -> None:
+async def test_group_commit_coalesces_concurrent_appends(store: Any) -> None:
     before = store.commits
     results = await asyncio.gather(
         *(store.append([message(sender=f"P{i:03d}")], now_ms=1) for i in range(200))
@@ -136,8 +140,8 @@ async def test_group_commit_coalesces_concurrent_appends(store: SqliteMessageSto
     assert (await store.stats()).messages == 200
 
 
-async def test_a_failing_caller_does_not_spoil_its_group(tmp_path: Path) -> None:
-    store = await SqliteMessageStore.open(tmp_path / "s.db", max_bytes=1000)
+async def test_a_failing_caller_does_not_spoil_its_group(opener: StoreOpener) -> None:
+    store = await opener.open(max_bytes=1000)
     try:
         big, small = message("USA", size=2000), message("KOR", size=100)
         outcomes = await asyncio.gather(
@@ -152,8 +156,8 @@ async def test_a_failing_caller_does_not_spoil_its_group(tmp_path: Path) -> None
         await store.close()
 
 
-async def test_store_full_writes_nothing_and_says_why(tmp_path: Path) -> None:
-    store = await SqliteMessageStore.open(tmp_path / "s.db", max_bytes=1000)
+async def test_store_full_writes_nothing_and_says_why(opener: StoreOpener) -> None:
+    store = await opener.open(max_bytes=1000)
     try:
         assert await store.append([message(sequence=1, size=600)], now_ms=1) == [Appended(1)]
         batch = [message(sequence=2, size=300), message(sequence=3, size=300)]
@@ -169,6 +173,7 @@ async def test_store_full_writes_nothing_and_says_why(tmp_path: Path) -> None:
 
 
 async def test_disk_full_from_sqlite_maps_to_store_full(tmp_path: Path) -> None:
+    """SQLite only: it caps the database file's page count."""
     store = await SqliteMessageStore.open(tmp_path / "s.db", max_bytes=1 << 40)
     try:
         await store.append([message(sequence=1)], now_ms=1)
@@ -186,7 +191,7 @@ async def test_disk_full_from_sqlite_maps_to_store_full(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_pending_is_flash_first_then_oldest_first(store: SqliteMessageStore) -> None:
+async def test_pending_is_flash_first_then_oldest_first(store: Any) -> None:
     precedences = [1, 4, 2, 4, 3, 1, 2]
     await store.append(
         [message(sequence=i + 1, precedence=p) for i, p in enumerate(precedences)], now_ms=1
@@ -201,7 +206,7 @@ async def test_pending_is_flash_first_then_oldest_first(store: SqliteMessageStor
 
 
 async def test_settle_advances_cursor_over_contiguous_prefix(
-    store: SqliteMessageStore, tmp_path: Path
+    store: Any, opener: StoreOpener
 ) -> None:
     await store.append([message(sequence=i) for i in range(1, 7)], now_ms=1)
     assert await store.ensure_cursor("USA", 0) == 0
@@ -212,19 +217,23 @@ async def test_settle_advances_cursor_over_contiguous_prefix(
     assert await store.settle("USA", [4, 6]) == 6
     assert await store.pending("USA", 10) == []
     assert await store.backlog_count("USA") == 0
-    with sqlite3.connect(tmp_path / "store.db") as raw:  # settled marks below the cursor pruned
-        assert raw.execute("SELECT COUNT(*) FROM settled").fetchone()[0] == 0
+    # settled marks below the cursor are pruned
+    if opener.backend == "sqlite":
+        with sqlite3.connect(opener.path) as raw:
+            assert raw.execute("SELECT COUNT(*) FROM settled").fetchone()[0] == 0
+    else:
+        state = await store._cursors.get("USA")
+        assert state is not None and state.settled == frozenset()
 
 
-async def test_cursor_survives_reopen_and_is_per_subscriber(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    store = await SqliteMessageStore.open(path, max_bytes=MiB)
+async def test_cursor_survives_reopen_and_is_per_subscriber(opener: StoreOpener) -> None:
+    store = await opener.open(max_bytes=MiB)
     await store.append([message(sequence=i) for i in range(1, 4)], now_ms=1)
     await store.ensure_cursor("USA", 0)
     await store.ensure_cursor("GBR", await store.head())  # a new subscriber starts at the head
     await store.settle("USA", [1, 2])
     await store.close()
-    store = await SqliteMessageStore.open(path, max_bytes=MiB)
+    store = await opener.open(max_bytes=MiB)
     try:
         assert await store.ensure_cursor("USA", 0) == 2  # existing cursor is kept
         assert await store.cursor("GBR") == 3
@@ -238,10 +247,8 @@ async def test_cursor_survives_reopen_and_is_per_subscriber(tmp_path: Path) -> N
         await store.close()
 
 
-async def test_retention_by_age_expiry_and_size(tmp_path: Path) -> None:
-    store = await SqliteMessageStore.open(
-        tmp_path / "s.db", max_bytes=MiB, retention_bytes=250, max_age_ms=10_000
-    )
+async def test_retention_by_age_expiry_and_size(opener: StoreOpener) -> None:
+    store = await opener.open(max_bytes=MiB, retention_bytes=250, max_age_ms=10_000)
     try:
         await store.append([message(sequence=1, size=100)], now_ms=1_000)
         await store.append([message(sequence=2, size=100, expiry_ms=20_000)], now_ms=12_000)
@@ -255,7 +262,10 @@ async def test_retention_by_age_expiry_and_size(tmp_path: Path) -> None:
         assert [m.offset for m in await store.pending("USA", 10)] == [4, 5]
         assert await store.settle("USA", [4, 5]) == 5  # removed offsets count as settled
         assert await store.enforce_retention(now_ms=100_000) == 2
-        assert await store.append([message(sequence=6)], now_ms=100_000) == [Appended(6)]
+        [appended] = await store.append([message(sequence=6)], now_ms=100_000)
+        assert isinstance(appended, Appended) and appended.offset > 5
+        if opener.backend == "sqlite":  # JetStream's retention entries take sequences too
+            assert appended == Appended(6)
         assert await store.last_sequence("KOR") == 6
     finally:
         await store.close()
@@ -265,13 +275,16 @@ def _records(stored: Sequence[StoredMessage]) -> list[str]:
     return [f"accepted {m.message_id} at {m.offset}" for m in stored]
 
 
-async def test_an_append_commits_its_audit_records_with_its_messages(tmp_path: Path) -> None:
+async def test_an_append_commits_its_audit_records_with_its_messages(
+    opener: StoreOpener,
+) -> None:
     """The outbox: records(the stored messages) and the caller's other records are in
     the append's own commit, in order; rejected messages get none; a StoreFull append
     writes no record either; the drainer's reads and forgets survive a reopen, and an
-    id is never reused."""
-    path = tmp_path / "s.db"
-    store = await SqliteMessageStore.open(path, max_bytes=1000)
+    id is never reused. (Outbox ids are ascending on both backends; on JetStream they
+    are stream sequences, shared with the messages, so only SQLite's are 1, 2, 3.)"""
+    sqlite = opener.backend == "sqlite"
+    store = await opener.open(max_bytes=1000)
     try:
         got = await store.append(
             [message(sequence=1), message(sequence=1, message_id="dup")],
@@ -280,44 +293,73 @@ async def test_an_append_commits_its_audit_records_with_its_messages(tmp_path: P
             also=["refused KOR-x"],
         )
         assert got == [Appended(1), Rejected("sequence_not_increasing")]
-        assert await store.read_outbox(0, 10) == [
-            OutboxRow(1, 5, "accepted KOR-1 at 1"),
-            OutboxRow(2, 5, "refused KOR-x"),
+        first = await store.read_outbox(0, 10)
+        assert [(r.time_ms, r.record) for r in first] == [
+            (5, "accepted KOR-1 at 1"),
+            (5, "refused KOR-x"),
         ]
+        assert first[0].id < first[1].id
+        if sqlite:
+            assert [r.id for r in first] == [1, 2]
         with pytest.raises(StoreFull):
             await store.append(
                 [message(sequence=2, size=2000)], now_ms=6, records=_records, also=["no"]
             )
         await store.record(["delivered 1"], now_ms=7)
-        assert [r.record for r in await store.read_outbox(2, 10)] == ["delivered 1"]
-        assert [r.id for r in await store.read_outbox(0, 2)] == [1, 2]
-        await store.forget_outbox(3)  # rides on the next write transaction
-        assert len(await store.read_outbox(0, 10)) == 3
-        await store.ensure_cursor("USA", 0)
+        [delivered] = await store.read_outbox(first[1].id, 10)
+        assert (delivered.record, delivered.time_ms) == ("delivered 1", 7)
+        assert [r.id for r in await store.read_outbox(0, 2)] == [r.id for r in first]
+        await store.forget_outbox(delivered.id)
+        if sqlite:  # the delete rides on the next write transaction
+            assert len(await store.read_outbox(0, 10)) == 3
+            await store.ensure_cursor("USA", 0)
         assert await store.read_outbox(0, 10) == []
     finally:
         await store.close()
-    store = await SqliteMessageStore.open(path, max_bytes=1000)
+    store = await opener.open(max_bytes=1000)
     try:
-        await store.append([message(sequence=2)], now_ms=8, records=_records)
-        assert await store.read_outbox(0, 10) == [OutboxRow(4, 8, "accepted KOR-2 at 2")]
+        [appended] = await store.append([message(sequence=2)], now_ms=8, records=_records)
+        assert isinstance(appended, Appended)
+        [row] = await store.read_outbox(0, 10)
+        assert (row.time_ms, row.record) == (8, f"accepted KOR-2 at {appended.offset}")
+        assert row.id > delivered.id
+        if sqlite:
+            assert row == OutboxRow(4, 8, "accepted KOR-2 at 2")
     finally:
         await store.close()
 
 
-async def test_a_crash_keeps_an_appends_records_with_its_messages(tmp_path: Path) -> None:
+def _open_code(opener: StoreOpener, options: str) -> str:
+    """Python that opens opener's store as ``store`` in a child process (inside main())."""
+    if opener.settings is None:
+        return f"store = await SqliteMessageStore.open({str(opener.path)!r}, {options})"
+    settings = opener.settings
+    return (
+        f"nc = await connect(ClusterSettings({settings.servers!r}, prefix={settings.prefix!r}))"
+        f"; store = await JetStreamMessageStore.open(nc, ClusterSettings("
+        f"{settings.servers!r}, prefix={settings.prefix!r}), {options})"
+    )
+
+
+_IMPORTS = (
+    "from broker.store import Appended, NewMessage, SqliteMessageStore; "
+    "from broker.jetstream.connect import ClusterSettings, connect; "
+    "from broker.jetstream.store import JetStreamMessageStore"
+)
+
+
+async def test_a_crash_keeps_an_appends_records_with_its_messages(opener: StoreOpener) -> None:
     """SIGKILL right after an append returned: the reopened store holds the message and
-    its record (both durable in one commit)."""
-    path = tmp_path / "s.db"
+    its record (both durable in one commit; on JetStream, on a quorum of the cluster)."""
     code = textwrap.dedent(
         f"""
         import asyncio, os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
         from tests.test_store import message
-        from broker.store import SqliteMessageStore
+        {_IMPORTS}
 
         async def main():
-            store = await SqliteMessageStore.open({str(path)!r}, max_bytes=1 << 20)
+            {_open_code(opener, "max_bytes=1 << 20")}
             await store.append([message(sequence=1)], 1, records=lambda ms: ["r1"])
             print("appended", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -330,7 +372,7 @@ async def test_a_crash_keeps_an_appends_records_with_its_messages(tmp_path: Path
     )
     out, _ = await proc.communicate()
     assert out == b"appended\n" and proc.returncode == -signal.SIGKILL
-    store = await SqliteMessageStore.open(path, max_bytes=1 << 20)
+    store = await opener.open(max_bytes=1 << 20)
     try:
         assert await store.head() == 1
         assert [r.record for r in await store.read_outbox(0, 10)] == ["r1"]
@@ -339,6 +381,8 @@ async def test_a_crash_keeps_an_appends_records_with_its_messages(tmp_path: Path
 
 
 async def test_verify_integrity_finds_envelopes_altered_on_disk(tmp_path: Path) -> None:
+    """SQLite only: a JetStream client cannot alter a replicated stream's files (see
+    test_jetstream_store for its verify_integrity)."""
     path = tmp_path / "s.db"
     store = await SqliteMessageStore.open(path, max_bytes=MiB)
     try:
@@ -354,6 +398,7 @@ async def test_verify_integrity_finds_envelopes_altered_on_disk(tmp_path: Path) 
 
 
 async def test_close_checkpoints_the_wal(tmp_path: Path) -> None:
+    """SQLite only: the write-ahead log is SQLite's."""
     path = tmp_path / "s.db"
     store = await SqliteMessageStore.open(path, max_bytes=MiB)
     await store.append([message(sequence=i) for i in range(1, 50)], now_ms=1)
@@ -366,7 +411,7 @@ async def test_close_checkpoints_the_wal(tmp_path: Path) -> None:
 _CHILD = textwrap.dedent(
     """
     import asyncio, hashlib, sys
-    from broker.store import Appended, NewMessage, SqliteMessageStore
+    IMPORTS
 
     def msg(sender, seq, batch):
         envelope = hashlib.sha256(f"{sender}/{seq}".encode()).digest() * 32
@@ -385,7 +430,7 @@ _CHILD = textwrap.dedent(
             sys.stdout.flush()
 
     async def main():
-        store = await SqliteMessageStore.open(sys.argv[1], max_bytes=1 << 40)
+        OPEN
         await asyncio.gather(*(writer(store, f"P{i}") for i in range(8)))
 
     asyncio.run(main())
@@ -394,13 +439,14 @@ _CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-async def test_sigkill_never_loses_an_acknowledged_append(tmp_path: Path) -> None:
-    path = tmp_path / "crash.db"
+async def test_sigkill_never_loses_an_acknowledged_append(opener: StoreOpener) -> None:
+    code = _CHILD.replace("IMPORTS", _IMPORTS).replace(
+        "OPEN", _open_code(opener, "max_bytes=1 << 40")
+    )
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        _CHILD,
-        str(path),
+        code,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
@@ -416,7 +462,7 @@ async def test_sigkill_never_loses_an_acknowledged_append(tmp_path: Path) -> Non
     await child.wait()
     acknowledged += [int(x) for x in rest.decode().split("\n")[:-1]]  # complete lines only
 
-    store = await SqliteMessageStore.open(path, max_bytes=1 << 40)
+    store = await opener.open(max_bytes=1 << 40)
     try:
         head = await store.head()
         assert head >= max(acknowledged)

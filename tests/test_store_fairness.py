@@ -30,6 +30,7 @@ from coalition.pki import load_partner
 from coalition.v1 import envelope_pb2, exchange_pb2
 from tests.helpers import admit, eventually, now_ms, operator, partner, policy, running_broker
 from tests.node_helpers import node, start_daemon, stop, write_config
+from tests.store_backends import StoreOpener
 
 KiB = 1024
 TO_USA = parse_label("NATO SECRET // REL TO KOR, USA")
@@ -367,9 +368,9 @@ def test_fair_level() -> None:
 
 
 async def test_quota_refuses_the_sender_alone_and_the_store_bound_needs_several(
-    tmp_path: Path,
+    opener: StoreOpener, tmp_path: Path
 ) -> None:
-    store = await SqliteMessageStore.open(tmp_path / "s.db", max_bytes=1000, sender_bytes=400)
+    store = await opener.open(max_bytes=1000, sender_bytes=400)
     try:
         out = await store.append([stored_message("UKR", i, 150) for i in (1, 2, 3)], 1)
         assert out[:2] == [Appended(1), Appended(2)]
@@ -385,9 +386,9 @@ async def test_quota_refuses_the_sender_alone_and_the_store_bound_needs_several(
 
 
 async def test_size_retention_trims_only_the_largest_and_notices_only_the_eligible(
-    tmp_path: Path,
+    opener: StoreOpener,
 ) -> None:
-    store = await SqliteMessageStore.open(tmp_path / "s.db", max_bytes=1 << 20, retention_bytes=600)
+    store = await opener.open(max_bytes=1 << 20, retention_bytes=600)
     try:
         await store.ensure_cursor("USA", 0)
         await store.ensure_cursor("GBR", 0)

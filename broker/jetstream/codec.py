@@ -1,0 +1,172 @@
+"""How the JetStream message store writes its entries: subjects, headers, payloads.
+
+One stream holds four kinds of entry, each under the deployment's ``store`` subjects:
+
+- ``<p>.store.msg.<precedence>.<sender>.<topic tokens>``: a message; the payload is the
+  envelope bytes unchanged, every other stored field is a ``Coalition-*`` header;
+- ``<p>.store.out``: one audit record waiting in the outbox (payload = the record);
+- ``<p>.store.notice.<subscriber>``: one expiry notice (payload = JSON);
+- ``<p>.store.ctl``: a state change that is not an entry of its own (messages removed
+  by retention, notices acknowledged), as JSON.
+
+Partner names and topics may hold characters a NATS subject token cannot (``.``, ``*``,
+``>``, spaces, anything outside ASCII): ``token()`` keeps ``A-Z a-z 0-9 _ -`` and writes
+every other UTF-8 byte as ``=XX`` (hex), and an empty string as ``=``; a topic is split
+on ``.`` first, so its hierarchy stays a subject hierarchy. The encoding is one-to-one
+and its output is also a valid KV key. Subjects only route and filter; the exact values
+are read back from the headers, never parsed out of a subject.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from broker.jetstream.connect import ClusterSettings
+from broker.store.base import NewMessage, Notice, StoredMessage
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+H_ID = "Coalition-Id"
+H_SENDER = "Coalition-Sender"
+H_SEQUENCE = "Coalition-Sequence"
+H_TOPIC = "Coalition-Topic"
+H_PRECEDENCE = "Coalition-Precedence"
+H_CLASSIFICATION = "Coalition-Classification"
+H_LABEL = "Coalition-Label"
+H_CREATED = "Coalition-Created"
+H_EXPIRY = "Coalition-Expiry"
+H_DIGEST = "Coalition-Digest"
+H_STORED = "Coalition-Stored"  # the commit's time (stored_ms; an outbox row's time_ms)
+H_BATCH = "Coalition-Batch"  # which commit wrote the entry (to settle an unknown outcome)
+
+
+def token(text: str) -> str:
+    """text as one NATS subject token (and KV key): see the module docstring."""
+    if not text:
+        return "="
+    out = []
+    for b in text.encode():
+        out.append(chr(b) if b in _SAFE else f"={b:02X}")
+    return "".join(out)
+
+
+# A header value cannot hold CR/LF or leading spaces: text fields use the token encoding.
+_header_text = token
+
+
+def untoken(value: str) -> str:
+    """The text token() encoded; raises ValueError for a malformed token."""
+    raw = bytearray()
+    i = 0
+    if value == "=":
+        return ""
+    while i < len(value):
+        if value[i] == "=":
+            raw.append(int(value[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.append(ord(value[i]))
+            i += 1
+    return raw.decode()
+
+
+@dataclasses.dataclass(frozen=True)
+class Subjects:
+    """The store's subjects in one deployment."""
+
+    settings: ClusterSettings
+
+    @property
+    def all(self) -> str:
+        return self.settings.subject("store", ">")
+
+    @property
+    def outbox(self) -> str:
+        return self.settings.subject("store", "out")
+
+    @property
+    def control(self) -> str:
+        return self.settings.subject("store", "ctl")
+
+    @property
+    def notices(self) -> str:
+        return self.settings.subject("store", "notice", "*")
+
+    def message(self, m: NewMessage) -> str:
+        topic = [token(part) for part in m.topic.split(".")]
+        return self.settings.subject("store", "msg", str(m.precedence), token(m.sender), *topic)
+
+    def notice(self, subscriber: str) -> str:
+        return self.settings.subject("store", "notice", token(subscriber))
+
+    def kind(self, subject: str) -> str:
+        """'msg', 'out', 'notice', 'ctl' (or '' for a subject that is none of them)."""
+        head = self.settings.subject("store", "")
+        if not subject.startswith(head):
+            return ""
+        return subject[len(head) :].split(".", 1)[0]
+
+
+def message_headers(m: NewMessage, stored_ms: int, batch: str) -> dict[str, str]:
+    """Every field of m but its envelope (the payload), as headers."""
+    return {
+        H_ID: _header_text(m.message_id),
+        H_SENDER: _header_text(m.sender),
+        H_SEQUENCE: str(m.sequence),
+        H_TOPIC: _header_text(m.topic),
+        H_PRECEDENCE: str(m.precedence),
+        H_CLASSIFICATION: str(m.classification),
+        H_LABEL: base64.b64encode(m.label).decode(),
+        H_CREATED: str(m.created_ms),
+        H_EXPIRY: str(m.expiry_ms),
+        H_DIGEST: m.digest.hex(),
+        H_STORED: str(stored_ms),
+        H_BATCH: batch,
+    }
+
+
+def message_from(offset: int, headers: Mapping[str, str], envelope: bytes) -> StoredMessage:
+    """The stored message an entry holds; raises KeyError/ValueError if it is not one."""
+    return StoredMessage(
+        offset=offset,
+        stored_ms=int(headers[H_STORED]),
+        message_id=untoken(headers[H_ID]),
+        sender=untoken(headers[H_SENDER]),
+        sequence=int(headers[H_SEQUENCE]),
+        topic=untoken(headers[H_TOPIC]),
+        precedence=int(headers[H_PRECEDENCE]),
+        classification=int(headers[H_CLASSIFICATION]),
+        label=base64.b64decode(headers[H_LABEL]),
+        created_ms=int(headers[H_CREATED]),
+        expiry_ms=int(headers[H_EXPIRY]),
+        envelope=envelope,
+        digest=bytes.fromhex(headers[H_DIGEST]),
+    )
+
+
+def plain_headers(time_ms: int, batch: str) -> dict[str, str]:
+    return {H_STORED: str(time_ms), H_BATCH: batch}
+
+
+def notice_payload(n: Notice) -> bytes:
+    return json.dumps(dataclasses.asdict(n), separators=(",", ":")).encode()
+
+
+def notice_from(data: bytes) -> Notice:
+    fields: dict[str, Any] = json.loads(data)
+    return Notice(**fields)
+
+
+def control_payload(op: str, **fields: object) -> bytes:
+    return json.dumps({"op": op, **fields}, separators=(",", ":")).encode()
+
+
+def control_from(data: bytes) -> dict[str, Any]:
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError("control entry is not an object")
+    return value

@@ -1,0 +1,197 @@
+"""The JetStream message store's state, rebuilt from its stream: what one broker knows.
+
+Every change to the store is an entry in one stream (see codec), so the state is a pure
+function of the stream read in order: ``StoreView.apply`` folds one entry in. A view
+that has applied every entry up to sequence S (``applied``) is exactly the store as of
+S, whichever broker wrote those entries. Entries deleted before this view read them
+(retention, acknowledged notices, drained outbox rows) lose nothing: their removal was
+first written as a later control entry, which carries what the state still needs (the
+removed message's sender sequence, so the strict per-sender sequence survives).
+
+The view holds no envelopes (the store reads them from the stream when it needs them),
+only what decisions and reads need: per message its sender, id, sequence, precedence,
+size and times; per sender its last sequence and stored bytes; the outbox rows; the
+notices. No I/O here: the store feeds entries in and asks questions.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from broker.jetstream import codec
+from broker.store.base import PRECEDENCES, Notice, OutboxRow, StoredMessage
+
+_BATCHES_KEPT = 4096  # recent commits remembered by id (to settle an unknown outcome)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What the view keeps of one stored message."""
+
+    sender: str
+    message_id: str
+    sequence: int
+    precedence: int
+    size: int
+    stored_ms: int
+    expiry_ms: int
+
+
+def _remove_sorted(values: list[int], value: int) -> None:
+    i = bisect.bisect_left(values, value)
+    if i < len(values) and values[i] == value:
+        del values[i]
+
+
+@dataclass
+class StoreView:
+    """The store as of stream sequence ``applied``; see the module docstring."""
+
+    subjects: codec.Subjects
+    applied: int = 0
+    head: int = 0
+    size: int = 0  # stored envelope bytes
+    live: dict[int, Meta] = field(default_factory=dict)
+    offsets: list[int] = field(default_factory=list)
+    by_precedence: dict[int, list[int]] = field(
+        default_factory=lambda: {p: [] for p in PRECEDENCES}
+    )
+    ids: dict[tuple[str, str], int] = field(default_factory=dict)
+    last_sequence: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)
+    outbox: dict[int, OutboxRow] = field(default_factory=dict)
+    outbox_ids: list[int] = field(default_factory=list)
+    notices: dict[str, dict[int, tuple[Notice, int]]] = field(default_factory=dict)
+    garbage: set[int] = field(default_factory=set)  # entries read, then logically removed
+    forgot: int = 0  # the entry of the latest "outbox forgotten through" mark
+    batches: OrderedDict[str, int] = field(default_factory=OrderedDict)
+
+    # -- folding entries in ----------------------------------------------------------------
+
+    def apply(
+        self, seq: int, subject: str, headers: Mapping[str, str], data: bytes
+    ) -> StoredMessage | None:
+        """Fold in the entry at seq (ignored if already applied); return it if a message."""
+        if seq <= self.applied:
+            return None
+        self.applied = seq
+        batch = headers.get(codec.H_BATCH)
+        if batch and batch not in self.batches:
+            self.batches[batch] = seq
+            if len(self.batches) > _BATCHES_KEPT:
+                self.batches.popitem(last=False)
+        kind = self.subjects.kind(subject)
+        try:
+            if kind == "msg":
+                m = codec.message_from(seq, headers, data)
+                self._add_message(m)
+                return m
+            if kind == "out":
+                self.outbox[seq] = OutboxRow(seq, int(headers[codec.H_STORED]), data.decode())
+                self.outbox_ids.append(seq)
+            elif kind == "notice":
+                n = codec.notice_from(data)
+                mine = self.notices.setdefault(n.subscriber, {})
+                if n.offset in mine:
+                    self.garbage.add(seq)  # one notice per (subscriber, offset)
+                else:
+                    mine[n.offset] = (n, seq)
+            elif kind == "ctl":
+                self._control(seq, codec.control_from(data))
+        except (KeyError, ValueError, TypeError):
+            pass  # not an entry a store wrote: skipped, as every view skips it
+        return None
+
+    def _add_message(self, m: StoredMessage) -> None:
+        meta = Meta(
+            m.sender,
+            m.message_id,
+            m.sequence,
+            m.precedence,
+            len(m.envelope),
+            m.stored_ms,
+            m.expiry_ms,
+        )
+        self.live[m.offset] = meta
+        self.offsets.append(m.offset)
+        self.by_precedence.setdefault(m.precedence, []).append(m.offset)
+        self.ids[(m.sender, m.message_id)] = m.offset
+        self.last_sequence[m.sender] = max(self.last_sequence.get(m.sender, 0), m.sequence)
+        self.usage[m.sender] = self.usage.get(m.sender, 0) + meta.size
+        self.size += meta.size
+        self.head = max(self.head, m.offset)
+
+    def _control(self, seq: int, op: Mapping[str, object]) -> None:
+        if op.get("op") == "removed":
+            for offset, sender, sequence, _size in op["items"]:  # type: ignore[attr-defined]
+                self._remove_message(int(offset), str(sender), int(sequence))
+        elif op.get("op") == "forgot":
+            self.forget_outbox(int(op["through"]))  # type: ignore[call-overload]
+            if self.forgot:
+                self.garbage.add(self.forgot)  # the newer mark covers the older one
+            self.forgot = seq
+        elif op.get("op") == "drop":
+            mine = self.notices.get(str(op["subscriber"]), {})
+            for offset in op["offsets"]:  # type: ignore[attr-defined]
+                held = mine.pop(int(offset), None)
+                if held is not None:
+                    self.garbage.add(held[1])
+            if not mine:
+                self.notices.pop(str(op["subscriber"]), None)
+
+    def _remove_message(self, offset: int, sender: str, sequence: int) -> None:
+        self.head = max(self.head, offset)
+        self.last_sequence[sender] = max(self.last_sequence.get(sender, 0), sequence)
+        meta = self.live.pop(offset, None)
+        if meta is None:
+            return  # removed before this view read it, or removed twice
+        self.garbage.add(offset)
+        _remove_sorted(self.offsets, offset)
+        _remove_sorted(self.by_precedence[meta.precedence], offset)
+        self.ids.pop((meta.sender, meta.message_id), None)
+        self.size -= meta.size
+        left = self.usage.get(meta.sender, 0) - meta.size
+        if left > 0:
+            self.usage[meta.sender] = left
+        else:
+            self.usage.pop(meta.sender, None)
+
+    def forget_outbox(self, through: int) -> None:
+        """The audit log holds every outbox row up to through: drop them from the view."""
+        cut = bisect.bisect_right(self.outbox_ids, through)
+        for i in self.outbox_ids[:cut]:
+            del self.outbox[i]
+        del self.outbox_ids[:cut]
+
+    # -- questions -------------------------------------------------------------------------
+
+    def read_outbox(self, after: int, limit: int) -> list[OutboxRow]:
+        start = bisect.bisect_right(self.outbox_ids, after)
+        return [self.outbox[i] for i in self.outbox_ids[start : start + limit]]
+
+    def pending(
+        self, cursor: int, settled: Collection[int], limit: int, skip: Collection[int]
+    ) -> list[int]:
+        """Unsettled live offsets above cursor, not in skip: FLASH first, then oldest."""
+        chosen: list[int] = []
+        for precedence in PRECEDENCES:
+            offsets = self.by_precedence.get(precedence, [])
+            for o in offsets[bisect.bisect_right(offsets, cursor) :]:
+                if len(chosen) >= limit:
+                    return chosen
+                if o not in settled and o not in skip:
+                    chosen.append(o)
+        return chosen
+
+    def first_unsettled(self, cursor: int, settled: Collection[int]) -> int | None:
+        for o in self.offsets[bisect.bisect_right(self.offsets, cursor) :]:
+            if o not in settled:
+                return o
+        return None
+
+    def backlog(self, cursor: int, settled: Iterable[int]) -> int:
+        above = len(self.offsets) - bisect.bisect_right(self.offsets, cursor)
+        return above - sum(1 for o in settled if o > cursor and o in self.live)

@@ -1,0 +1,226 @@
+"""The JetStream message store across brokers: two stores on two connections to one
+cluster (as two brokers) decide the same, commit atomically, and lose nothing when a
+connection drops. The single-store contract is in test_store (both backends)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
+
+import pytest
+from nats.aio.client import Client
+
+from broker.jetstream import batches, codec
+from broker.jetstream.connect import ClusterSettings, connect
+from broker.jetstream.store import JetStreamMessageStore
+from broker.store import Appended, Rejected, StoredMessage
+from broker.store.base import RejectReason
+from tests.helpers import eventually
+from tests.test_store import message
+
+MiB = 1 << 20
+
+
+class Brokers:
+    """Stores of one deployment, each on its own connection (one per broker)."""
+
+    def __init__(self, settings: ClusterSettings) -> None:
+        self.settings = settings
+        self.connections: list[Client] = []
+        self.stores: list[JetStreamMessageStore] = []
+
+    async def open(self, **options: int) -> JetStreamMessageStore:
+        nc = await connect(self.settings, name="store-test")
+        self.connections.append(nc)
+        store = await JetStreamMessageStore.open(nc, self.settings, **{"max_bytes": MiB, **options})
+        self.stores.append(store)
+        return store
+
+    async def close(self) -> None:
+        for store in self.stores:
+            if not store._committer._closed:
+                await store.close()
+        for nc in self.connections:
+            if not nc.is_closed:
+                await nc.close()
+
+
+@pytest.fixture
+async def brokers(cluster_settings: ClusterSettings) -> AsyncIterator[Brokers]:
+    b = Brokers(cluster_settings)
+    yield b
+    await b.close()
+
+
+async def until(check: Callable[[], bool]) -> None:
+    await eventually(check, 10)
+
+
+async def test_two_brokers_appending_for_one_sender_never_both_win(brokers: Brokers) -> None:
+    """Each round both brokers append the sender's next sequence (and, every other
+    round, the same message id) at once: exactly one wins, the other is refused with
+    the reason the winner's message gives, and both end with the same state."""
+    a, b = await brokers.open(), await brokers.open()
+    wins = {"a": 0, "b": 0}
+    for seq in range(1, 31):
+        same_id = seq % 2 == 0
+        ma = message(sequence=seq, message_id=f"KOR-{seq}" if same_id else f"a-{seq}")
+        mb = message(sequence=seq, message_id=f"KOR-{seq}" if same_id else f"b-{seq}")
+        [ra], [rb] = await asyncio.gather(a.append([ma], now_ms=1), b.append([mb], now_ms=1))
+        won = [r for r in (ra, rb) if isinstance(r, Appended)]
+        lost = [r for r in (ra, rb) if isinstance(r, Rejected)]
+        assert len(won) == 1 and len(lost) == 1, (seq, ra, rb)
+        reason: RejectReason = "duplicate_id" if same_id else "sequence_not_increasing"
+        assert lost[0] == Rejected(reason)
+        wins["a" if isinstance(ra, Appended) else "b"] += 1
+    await until(lambda: b._view.applied == a._view.applied)
+    for store in (a, b):
+        assert await store.last_sequence("KOR") == 30
+        assert (await store.stats()).messages == 30
+        assert await store.head() == 30  # nothing else was written: offsets stay contiguous
+    assert a._view.live == b._view.live
+    # Both brokers really wrote (the race was real, not one broker winning every time).
+    assert wins["a"] > 0 and wins["b"] > 0, wins
+
+
+async def test_the_sender_quota_holds_across_brokers(brokers: Brokers) -> None:
+    a, b = await brokers.open(sender_bytes=400), await brokers.open(sender_bytes=400)
+    results = await asyncio.gather(
+        *(
+            (a if i % 2 else b).append([message("UKR", i, message_id=f"u{i}", size=150)], 1)
+            for i in range(1, 9)
+        )
+    )
+    stored = [r for [r] in results if isinstance(r, Appended)]
+    refused = [r for [r] in results if isinstance(r, Rejected)]
+    assert len(stored) == 2  # 300 of 400 bytes; a third would make 450
+    assert {r.reason for r in refused} <= {"quota_exceeded", "sequence_not_increasing"}
+    await until(lambda: b._view.applied == a._view.applied)
+    assert await a.usage() == await b.usage() == {"UKR": 300}
+
+
+async def test_a_batch_the_cluster_did_not_commit_stores_neither_message_nor_record(
+    brokers: Brokers,
+) -> None:
+    """A message and its acceptance record are entries of one atomic batch: a batch
+    whose commit never came (the writer died mid-batch), and one pinned to a stale
+    sequence, leave neither in the stream; the next append takes their place."""
+    store = await brokers.open()
+    subjects = codec.Subjects(brokers.settings)
+    m = message(sequence=1)
+    entries = [
+        batches.Entry(subjects.message(m), codec.message_headers(m, 1, "x"), m.envelope),
+        batches.Entry(subjects.outbox, codec.plain_headers(1, "x"), b"accepted KOR-1"),
+        batches.Entry(subjects.outbox, codec.plain_headers(1, "x"), b"another record"),
+    ]
+    # A writer that dies before its commit: the first two entries, then its connection goes.
+    nc = await connect(brokers.settings, name="dies-mid-batch")
+    batch_id = uuid.uuid4().hex
+    for i, e in enumerate(entries[:2], 1):
+        headers = {**e.headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
+        if i == 1:
+            headers["Nats-Expected-Last-Sequence"] = "0"
+            assert (await nc.request(e.subject, e.data, timeout=5, headers=headers)).data == b""
+        else:
+            await nc.publish(e.subject, e.data, headers=headers)
+    await nc.flush()
+    await nc.close()
+    # A batch pinned to a sequence the stream has passed.
+    await store.record(["first"], now_ms=1)
+    with pytest.raises(batches.WrongLastSequence):
+        await batches.publish(
+            brokers.connections[0], entries, expected_last=0, batch_id="stale", timeout=5
+        )
+    info = await brokers.connections[0].jetstream().stream_info(brokers.settings.name("MESSAGES"))
+    assert (info.state.messages, info.state.last_seq) == (1, 1)
+    again = await brokers.open()
+    assert await again.head() == 0
+    assert [r.record for r in await again.read_outbox(0, 10)] == ["first"]
+    assert await again.append([m], now_ms=2, records=lambda ms: ["accepted"]) == [Appended(2)]
+    await until(lambda: store._view.applied == 3)
+    assert [r.record for r in await store.read_outbox(1, 10)] == ["accepted"]
+
+
+async def test_a_store_reopened_after_its_connection_dropped_sees_everything_acknowledged(
+    brokers: Brokers,
+) -> None:
+    a = await brokers.open()
+    assert await a.append([message(sequence=i) for i in (1, 2, 3)], 5, records=_accepted) == [
+        Appended(1),
+        Appended(2),
+        Appended(3),
+    ]
+    await a.ensure_cursor("USA", 0)
+    assert await a.settle("USA", [1, 3]) == 1
+    await brokers.connections[0].close()  # the broker's connection drops, nothing flushed
+    b = await brokers.open()
+    assert await b.head() == 3
+    assert [r.record for r in await b.read_outbox(0, 10)] == [
+        "accepted 1",
+        "accepted 2",
+        "accepted 3",
+    ]
+    assert await b.cursor("USA") == 1
+    assert [m.offset for m in await b.pending("USA", 10)] == [2]
+    got = await b.get(2)
+    assert got is not None and got.envelope == message(sequence=2).envelope
+    assert await b.verify_integrity() == []
+
+
+def _accepted(stored: Sequence[StoredMessage]) -> list[str]:
+    return [f"accepted {m.offset}" for m in stored]
+
+
+async def test_what_one_broker_writes_the_other_reads(brokers: Brokers) -> None:
+    """Appends, settles, sweeps and acknowledged notices made through one broker are
+    what the other answers (once its view has read them)."""
+    a = await brokers.open(max_age_ms=1_000)
+    b = await brokers.open(max_age_ms=1_000)
+    await a.append([message("KOR", i) for i in (1, 2, 3)], now_ms=1_000)
+    for store in (a, b):
+        await store.ensure_cursor("USA", 0)
+    await until(lambda: b._view.head == 3)
+    assert [m.offset for m in await b.pending("USA", 10)] == [1, 2, 3]
+    assert await b.settle("USA", [1]) == 1
+    assert await a.cursor("USA") == 1
+    assert await a.backlog_count("USA") == 2
+
+    def eligible(m: StoredMessage) -> Mapping[str, int]:
+        return {"USA": m.sequence}
+
+    swept = await b.sweep(5_000, eligible, lambda ns: [f"expired {n.offset}" for n in ns])
+    assert swept.removed == 3 and [n.offset for n in swept.notices] == [2, 3]
+    await until(lambda: a._view.applied == b._view.applied)
+    assert await a.get(2) is None
+    assert await a.usage() == {}
+    assert [n.offset for n in await a.notices("USA", 10)] == [2, 3]
+    assert [r.record for r in await a.read_outbox(0, 10)] == ["expired 2", "expired 3"]
+    # A second sweep (here, through the other broker) finds nothing left to remove.
+    assert (await a.sweep(5_000, eligible)).removed == 0
+    assert await a.drop_notices("USA", [2]) == 1
+    await until(lambda: b._view.applied == a._view.applied)
+    assert [n.offset for n in await b.notices("USA", 10)] == [3]
+    assert await b.last_sequence("KOR") == 3
+    # The removed messages are gone from the stream too, not only from the state.
+    info = await brokers.connections[0].jetstream().stream_info(brokers.settings.name("MESSAGES"))
+    assert info.state.messages < info.state.last_seq
+
+
+async def test_verify_integrity_reads_the_envelopes_back_from_the_cluster(
+    brokers: Brokers,
+) -> None:
+    store = await brokers.open()
+    await store.append([message(sequence=1), message(sequence=2)], now_ms=1)
+    assert await store.verify_integrity() == []
+    # An entry whose payload does not match its recorded digest (as a corrupted one).
+    forged = replace(message(sequence=3), envelope=b"forged")
+    js = brokers.connections[0].jetstream()
+    subjects = codec.Subjects(brokers.settings)
+    headers = codec.message_headers(forged, 1, "forged")
+    await js.publish(subjects.message(forged), forged.envelope, headers=headers)
+    await until(lambda: store._view.head == 3)
+    assert hashlib.sha256(forged.envelope).digest() != forged.digest
+    assert await store.verify_integrity() == [3]
