@@ -29,9 +29,9 @@ from broker.admin_types import (
     ReceiverDecision,
     RegistryAudit,
 )
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, Precondition
-from broker.registry import PartnerRecord, Registry, StaleVersion, pending_policy
+from broker.registry import PartnerRecord, PartnerRegistry, StaleVersion, pending_policy
 from broker.store import MessageStore
 from coalition.identity import IdentityError, verify_signing_cert
 from coalition.labels import Label
@@ -58,9 +58,9 @@ class AdminCore:
 
     def __init__(
         self,
-        registry: Registry,
+        registry: PartnerRegistry,
         store: MessageStore,
-        audit: AuditLog,
+        audit: AuditBackend,
         registry_audit: RegistryAudit,
         exchange: ExchangeLink,
         ca_cert: x509.Certificate,

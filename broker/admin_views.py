@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from broker.audit import AuditLog
+from broker.audit import AuditBackend
 from broker.store import MessageStore
 
 DEFAULT_LIMIT = 50
@@ -38,7 +38,7 @@ class MessageMeta:
 
 async def list_messages(
     store: MessageStore,
-    audit: AuditLog,
+    audit: AuditBackend,
     *,
     before_offset: int = 0,
     limit: int = 0,

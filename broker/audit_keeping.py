@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.audit.drainer import Drainer
 from broker.audit.items import acceptance_item, encode
 from broker.config import BrokerConfig
 from broker.errors import Exhausted
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.store import MessageStore, StoredMessage, StoreError
 
 log = logging.getLogger("coalition.broker")
@@ -35,8 +35,8 @@ class AuditKeeping:
         self,
         cfg: BrokerConfig,
         store: MessageStore,
-        audit: AuditLog,
-        registry: Registry,
+        audit: AuditBackend,
+        registry: PartnerRegistry,
         clock: Clock,
     ) -> None:
         self.cfg = cfg

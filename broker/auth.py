@@ -21,7 +21,7 @@ from cryptography import x509
 from broker.config import BrokerConfig
 from broker.errors import BrokerError, Exhausted, Forbidden, NotAuthenticated
 from broker.errors import MalformedRequest as MalformedRequest  # its old home, for servicers
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.revocation import parse_serials
 from coalition.identity import (
     Identity,
@@ -133,7 +133,9 @@ class Authorizer:
     """The decisions: identity from the certificate, validity and revocation, and which
     service the identity may call. Reads the registry and the configured operators."""
 
-    def __init__(self, cfg: BrokerConfig, registry: Registry, clock: Callable[[], int]) -> None:
+    def __init__(
+        self, cfg: BrokerConfig, registry: PartnerRegistry, clock: Callable[[], int]
+    ) -> None:
         self.cfg = cfg
         self.registry = registry
         self.clock = clock

@@ -12,18 +12,17 @@ The JetStream modules (and nats-py) are imported only for that backend.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.audit import AuditLog
+from broker.audit import AuditBackend, AuditLog
 from broker.audit.drainer import OutboxSource
 from broker.config import BrokerConfig
-from broker.registry import Registry
+from broker.registry import PartnerRegistry, Registry
 from broker.store import MessageStore, SqliteMessageStore
 
 if TYPE_CHECKING:
@@ -46,8 +45,8 @@ class Backend:
 
     kind: str
     store: BrokerStore
-    audit: AuditLog  # the JetStream audit log has the same public interface
-    registry: Registry  # likewise the JetStream registry
+    audit: AuditBackend
+    registry: PartnerRegistry
     nc: Client | None = None
     settings: ClusterSettings | None = None
     # Durability weaker than required, allowed by the operator (audited at start).
@@ -57,12 +56,6 @@ class Backend:
     def files(self) -> bool:
         """Whether the stores are files in the data directory (sizes, audit.db)."""
         return self.kind == "sqlite"
-
-    async def close_registry(self) -> None:
-        """Close the registry (the SQLite one closes at once, the JetStream one awaits)."""
-        done: object = self.registry.close()  # type: ignore[func-returns-value]
-        if inspect.isawaitable(done):
-            await done
 
     async def disconnect(self) -> None:
         """Close the cluster connection, last (after every store is closed)."""
@@ -151,8 +144,8 @@ async def _open_jetstream(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock
     return Backend(
         "jetstream",
         store,
-        cast(AuditLog, audit),
-        cast(Registry, registry),
+        audit,
+        registry,
         nc=nc,
         settings=settings,
         weaknesses=weak,

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.admin import AdminCore
 from broker.admin_types import Counts
-from broker.audit import AuditError, AuditLog
+from broker.audit import AuditBackend, AuditError
 from broker.backends import Backend, BrokerStore, open_backend
 from broker.config import BrokerConfig
 from broker.errors import BrokerError
@@ -34,7 +34,7 @@ from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.metrics import MetricsExporter
 from broker.metrics.exporter import TimesCommits
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.retention import Retention
 from broker.store import SqliteMessageStore, StoreError
 from coalition.clock import wall_clock_ms
@@ -83,8 +83,8 @@ class Broker:
     exchange: ExchangeCore
     admin: AdminCore
     store: BrokerStore
-    audit: AuditLog
-    registry: Registry
+    audit: AuditBackend
+    registry: PartnerRegistry
     health: HealthServicer
     _retention: asyncio.Task[None] | None = None
     retention: Retention | None = None
@@ -125,11 +125,9 @@ class Broker:
             log.critical("final audit checkpoint not written: %s", exc)
         with contextlib.suppress(AuditError):  # closed all the same; logged just above
             await self.audit.close()
+        self.registry.close()
         if self.backend is not None:
-            await self.backend.close_registry()
             await self.backend.disconnect()
-        else:
-            self.registry.close()
         if self.lock is not None:
             self.lock.release()
         log.info("stopped")

@@ -67,7 +67,9 @@ async def drop_deployment(cluster: NatsCluster, prefix: str) -> None:
     nc = await connect(ClusterSettings(servers=tuple(cluster.urls), prefix=prefix))
     try:
         ours = (f"{prefix}_", f"KV_{prefix}_", f"OBJ_{prefix}_")
-        reply = await nc.request("$JS.API.STREAM.NAMES", json.dumps({"offset": 0}).encode())
+        reply = await nc.request(
+            "$JS.API.STREAM.NAMES", json.dumps({"offset": 0}).encode(), timeout=10
+        )
         names = [n for n in json.loads(reply.data).get("streams") or [] if n.startswith(ours)]
         js = nc.jetstream()
         for name in names:

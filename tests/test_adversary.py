@@ -18,14 +18,23 @@ from coalition import envelope as env
 from coalition.labels import Classification, label_to_proto, parse_label
 from coalition.pki import load_partner
 from coalition.v1 import envelope_pb2, exchange_pb2
-from tests.helpers import admit, eventually, now_ms, operator, partner, policy, running_broker
+from tests.helpers import (
+    admit,
+    eventually,
+    now_ms,
+    operator,
+    partner,
+    policy,
+    running_broker,
+    sqlite_only,
+)
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA, UKR")
 
 
 @pytest.fixture
-async def broker(pki: Path, tmp_path: Path) -> AsyncIterator[Broker]:
-    b = await running_broker(pki, tmp_path / "broker", max_envelope_bytes=16 * 1024)
+async def broker(pki: Path, tmp_path: Path, backend: dict[str, object]) -> AsyncIterator[Broker]:
+    b = await running_broker(pki, tmp_path / "broker", max_envelope_bytes=16 * 1024, **backend)
     for code in ("KOR", "USA", "UKR"):
         await admit(pki, b.port, policy(code))
     try:
@@ -145,6 +154,7 @@ async def test_misbehaving_partner_at_volume(
     reader.cancel()
 
 
+@sqlite_only("the attacker edits messages.db; JetStream's stream is tested by its store")
 async def test_tampered_store_is_detected(
     pki: Path, broker: Broker, clients: dict[str, PartnerClient], tmp_path: Path
 ) -> None:

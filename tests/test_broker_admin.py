@@ -45,10 +45,11 @@ class Env:
 
 
 @pytest.fixture
-async def env(pki: Path, tmp_path: Path) -> AsyncIterator[Env]:
+async def env(pki: Path, tmp_path: Path, backend: dict[str, object]) -> AsyncIterator[Env]:
     clock = Clock()
     b = await start_broker(
-        broker_config(pki, tmp_path / "broker", audit_checkpoint_every=10), clock=clock
+        broker_config(pki, tmp_path / "broker", audit_checkpoint_every=10, **backend),
+        clock=clock,
     )
     for code in ("KOR", "USA"):
         await admit(pki, b.port, policy(code))

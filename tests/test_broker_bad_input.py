@@ -23,8 +23,8 @@ LABEL = parse_label("NATO SECRET // REL TO KOR, USA, GBR")
 
 
 @pytest.fixture
-async def broker(pki: Path, tmp_path: Path) -> AsyncIterator[Broker]:
-    b = await running_broker(pki, tmp_path / "broker", max_envelope_bytes=64 * 1024)
+async def broker(pki: Path, tmp_path: Path, backend: dict[str, object]) -> AsyncIterator[Broker]:
+    b = await running_broker(pki, tmp_path / "broker", max_envelope_bytes=64 * 1024, **backend)
     for code in ("KOR", "USA", "GBR"):
         await admit(pki, b.port, policy(code))
     await admit(pki, b.port, policy("UKR", level=Classification.RESTRICTED))

@@ -20,8 +20,8 @@ LABEL = parse_label("NATO SECRET // REL TO KOR, USA, GBR")
 
 
 @pytest.fixture
-async def broker(pki: Path, tmp_path: Path) -> AsyncIterator[Broker]:
-    b = await running_broker(pki, tmp_path / "broker")
+async def broker(pki: Path, tmp_path: Path, backend: dict[str, object]) -> AsyncIterator[Broker]:
+    b = await running_broker(pki, tmp_path / "broker", **backend)
     for code in ("KOR", "USA", "GBR"):
         await admit(pki, b.port, policy(code))
     await admit(pki, b.port, policy("UKR", level=Classification.RESTRICTED))

@@ -4,6 +4,8 @@ replicas, are refused by name unless the operator allows data loss."""
 
 from __future__ import annotations
 
+import json
+import signal
 import uuid
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from broker.jetstream.durability import (
     server_weaknesses,
 )
 from clients.cluster import NatsCluster
+from coalition.cli_common import EXIT_ERROR
+from tests.broker_process import ConfiguredBroker
+from tests.helpers import operator
 
 pytestmark = pytest.mark.asyncio
 
@@ -75,15 +80,17 @@ async def test_the_weaknesses_are_each_named() -> None:
         config: dict[str, object] = {"sync_interval": 120_000_000_000}
         if sync:
             config["sync_always"] = True
-        return {"server_name": name, "jetstream": {"config": config, "meta": {"cluster_size": size}}}
+        return {
+            "server_name": name,
+            "jetstream": {"config": config, "meta": {"cluster_size": size}},
+        }
 
     good = [ServerReport(f"http://n{i}", varz(f"n{i}", True)) for i in range(3)]
     assert server_weaknesses(good) == ([], [])
     lazy = [*good[:2], ServerReport("http://n2", varz("n2", False))]
     weak, _ = server_weaknesses(lazy)
     assert weak == [
-        "nats-server n2 fsyncs every 120 s, not before each acknowledgement "
-        "(sync_interval: always)"
+        "nats-server n2 fsyncs every 120 s, not before each acknowledgement (sync_interval: always)"
     ]
     # One server down: a majority still speaks for the cluster; it is only a warning.
     down = [*good[:2], ServerReport("http://n2", None, "not read (refused)")]
@@ -139,3 +146,45 @@ async def test_a_durable_cluster_passes_and_fewer_replicas_are_refused(
         assert await check_streams(other, nc) == []
     finally:
         await nc.close()
+
+
+def _store_toml(path: Path, cluster: NatsCluster, prefix: str) -> Path:
+    servers = ", ".join(f'"{u}"' for u in cluster.urls)
+    monitor = ", ".join(f'"{u}"' for u in _monitors(cluster))
+    path.write_text(
+        f'[store]\nbackend = "jetstream"\nservers = [{servers}]\nprefix = "{prefix}"\n'
+        f"monitor = [{monitor}]\n"
+    )
+    return path
+
+
+async def test_the_broker_refuses_a_lazy_cluster_and_starts_with_the_flag(
+    pki: Path, tmp_path: Path
+) -> None:
+    with NatsCluster(tmp_path / "nats", sync_always=False) as cluster:
+        conf = _store_toml(tmp_path / "broker.toml", cluster, "LAZY")
+        (tmp_path / "b").mkdir()
+        refused = ConfiguredBroker(pki, tmp_path / "b" / "data", extra_args=["--config", str(conf)])
+        refused.proc = refused.spawn()
+        assert await refused.wait_exit() == EXIT_ERROR
+        said = refused.log()
+        assert "cannot start: the JetStream cluster is less durable than required" in said
+        assert "nats-server n1 fsyncs every 120 s" in said and "--allow-data-loss" in said
+        allowed = ConfiguredBroker(
+            pki,
+            tmp_path / "b" / "data",
+            port=refused.port,
+            starts=refused.starts,
+            extra_args=["--config", str(conf), "--allow-data-loss"],
+        )
+        try:
+            await allowed.start()
+            async with operator(pki, "op1", allowed.port) as op1:
+                [entry] = await op1.audit(kind="store.durability_weakened")
+            weaknesses = json.loads(entry.detail_json)["weaknesses"]
+            assert len(weaknesses) == 3 and "sync_interval: always" in weaknesses[0]
+            assert "starting with data loss allowed" in allowed.log()
+            allowed.signal(signal.SIGTERM)
+            assert await allowed.wait_exit() == 0
+        finally:
+            allowed.cleanup()

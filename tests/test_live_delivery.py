@@ -20,7 +20,15 @@ from clients.sdk import publish as sdk_publish
 from coalition.labels import Classification, Precedence, parse_label
 from coalition.policy import policy_to_proto
 from coalition.v1 import exchange_pb2
-from tests.helpers import admit, eventually, operator, partner, policy, running_broker
+from tests.helpers import (
+    admit,
+    eventually,
+    operator,
+    partner,
+    policy,
+    running_broker,
+    sqlite_only,
+)
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA")
 TOPIC = "intel.ground"
@@ -50,9 +58,9 @@ async def _broker(pki: Path, data: Path, **kw: object) -> Broker:
 
 @pytest.fixture
 async def pair(
-    pki: Path, tmp_path: Path
+    pki: Path, tmp_path: Path, backend: dict[str, object]
 ) -> AsyncIterator[tuple[Broker, PartnerClient, PartnerClient]]:
-    b = await _broker(pki, tmp_path / "broker")
+    b = await _broker(pki, tmp_path / "broker", **backend)
     kor, usa = partner(pki, "KOR", b.port), partner(pki, "USA", b.port)
     await kor.register_keys()
     await usa.register_keys()
@@ -81,6 +89,7 @@ async def _open_and_ack(client: PartnerClient, sub: Subscription, got: list[byte
         await sub.ack([d.offset])
 
 
+@sqlite_only("the live feed is off on JetStream: each delivery is read from the shared store")
 async def test_caught_up_subscriber_is_fed_without_store_reads(
     pair: tuple[Broker, PartnerClient, PartnerClient],
 ) -> None:
@@ -114,6 +123,7 @@ async def test_caught_up_subscriber_is_fed_without_store_reads(
             assert accepted[mid] < e.seq
 
 
+@sqlite_only("the live feed is off on JetStream: each delivery is read from the shared store")
 async def test_a_caught_up_delivery_rides_its_publishs_commit(
     pair: tuple[Broker, PartnerClient, PartnerClient],
 ) -> None:
@@ -147,6 +157,7 @@ async def test_a_caught_up_delivery_rides_its_publishs_commit(
     assert accepted.seq < delivered.seq and accepted.time_ms == delivered.time_ms
 
 
+@sqlite_only("the live feed is off on JetStream: each delivery is read from the shared store")
 async def test_a_policy_change_before_sending_decides_a_fed_message_again(
     pki: Path, pair: tuple[Broker, PartnerClient, PartnerClient]
 ) -> None:
@@ -187,6 +198,7 @@ async def test_a_policy_change_before_sending_decides_a_fed_message_again(
         await sub.aclose()
 
 
+@sqlite_only("the live feed is off on JetStream: each delivery is read from the shared store")
 async def test_overflowing_feed_falls_back_to_the_store(
     pair: tuple[Broker, PartnerClient, PartnerClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,8 +252,10 @@ def _is_live(b: Broker) -> bool:
     return all(s.live_after is not None for s in b.exchange.live["USA"])
 
 
-async def test_live_delivery_off_reads_every_turn_from_the_store(pki: Path, tmp_path: Path) -> None:
-    b = await _broker(pki, tmp_path / "broker", live_delivery=False)
+async def test_live_delivery_off_reads_every_turn_from_the_store(
+    pki: Path, tmp_path: Path, backend: dict[str, object]
+) -> None:
+    b = await _broker(pki, tmp_path / "broker", live_delivery=False, **backend)
     kor, usa = partner(pki, "KOR", b.port), partner(pki, "USA", b.port)
     try:
         await kor.register_keys()

@@ -20,7 +20,7 @@ from broker.config import BrokerConfig
 from broker.errors import Exhausted, Forbidden, InvalidInput, NotAuthenticated, NotFound
 from broker.exchange.decisions import DecisionFn
 from broker.exchange.memo import Memo
-from broker.registry import PartnerRecord, Registry
+from broker.registry import PartnerRecord, PartnerRegistry
 from coalition.identity import (
     IdentityError,
     datetime_to_ms,
@@ -93,7 +93,7 @@ class PartnerDirectory:
     def __init__(
         self,
         cfg: BrokerConfig,
-        registry: Registry,
+        registry: PartnerRegistry,
         ca_cert: x509.Certificate,
         clock: Clock,
         *,

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.audit_keeping import AuditKeeping
 from broker.config import BrokerConfig
 from broker.errors import BrokerError, Unavailable
@@ -27,7 +27,7 @@ from broker.exchange.directory import PartnerDirectory
 from broker.exchange.live import LiveStreams, Subscription
 from broker.exchange.outcomes import PublishOutcome, StreamItem
 from broker.exchange.publish import PublishPipeline
-from broker.registry import PartnerRecord, Registry
+from broker.registry import PartnerRecord, PartnerRegistry
 from broker.store import MessageStore
 from coalition.clock import wall_clock_ms
 from coalition.labels import Label
@@ -53,8 +53,8 @@ class ExchangeCore:
         self,
         cfg: BrokerConfig,
         store: MessageStore,
-        audit: AuditLog,
-        registry: Registry,
+        audit: AuditBackend,
+        registry: PartnerRegistry,
         ca_cert: x509.Certificate,
         clock: Clock = wall_clock_ms,
         *,

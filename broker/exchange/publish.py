@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.audit.items import encode
 from broker.audit_keeping import AuditKeeping, acceptance_records
 from broker.config import BrokerConfig
@@ -43,7 +43,7 @@ from broker.exchange.disk_guard import DiskGuard
 from broker.exchange.live import Decided, LiveStreams, Route, Subscription, routed_records
 from broker.exchange.outcomes import Accepted, PublishOutcome, Refused
 from broker.exchange.ratelimit import RateLimits
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.store import (
     Appended,
     MessageStore,
@@ -76,8 +76,8 @@ class PublishPipeline:
         self,
         cfg: BrokerConfig,
         store: MessageStore,
-        audit: AuditLog,
-        registry: Registry,
+        audit: AuditBackend,
+        registry: PartnerRegistry,
         clock: Callable[[], int],
         *,
         books: AuditKeeping,
@@ -112,7 +112,7 @@ class PublishPipeline:
         self.on_outcomes: Callable[[str, Sequence[PublishOutcome]], None] = _ignore
         self.on_verified: Callable[[float], None] = _ignore
         # After a commit that stored messages (brokers sharing a cluster wake each other).
-        self.on_stored: Callable[[], None] = _ignore
+        self.on_stored: Callable[[int], None] = _ignore  # the highest offset stored
 
     async def publish(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope]
@@ -214,7 +214,7 @@ class PublishPipeline:
             if self.cfg.live_delivery:
                 self.live.hand_over(fresh, routes)
             self.live.wake_all()
-            self.on_stored()
+            self.on_stored(max(m.offset for m in fresh))
         late += self._refusal_audits(partner, refused_late, now)
         if late:  # refused by the store itself: recorded before the answer
             try:

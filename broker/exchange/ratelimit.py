@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.config import BrokerConfig
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 
 
 class TokenBucket:
@@ -51,7 +51,7 @@ class RateLimits:
     a partner's first publish.
     """
 
-    def __init__(self, cfg: BrokerConfig, registry: Registry) -> None:
+    def __init__(self, cfg: BrokerConfig, registry: PartnerRegistry) -> None:
         self.cfg = cfg
         self.registry = registry
         self._buckets: dict[str, TokenBucket] = {}

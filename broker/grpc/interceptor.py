@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from broker.audit import AuditError, AuditItem, AuditLog
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.auth import (
     Authorizer,
     AuthRefused,
@@ -40,7 +40,7 @@ from broker.config import BrokerConfig
 from broker.connections import ConnectionLimit
 from broker.errors import MalformedRequest, NotAuthenticated
 from broker.grpc.status import abort
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.revocation import serial_hex
 from coalition.identity import Identity, IdentityKind, ms_to_datetime
 
@@ -82,7 +82,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Resolve the mTLS identity and refuse (audited) what it may not call."""
 
     def __init__(
-        self, cfg: BrokerConfig, registry: Registry, audit: AuditLog, clock: Callable[[], int]
+        self,
+        cfg: BrokerConfig,
+        registry: PartnerRegistry,
+        audit: AuditBackend,
+        clock: Callable[[], int],
     ) -> None:
         self.audit = audit
         self.clock = clock

@@ -175,7 +175,9 @@ async def _our_streams(settings: ClusterSettings, nc: Client) -> list[str]:
     names: list[str] = []
     offset = 0
     while True:
-        msg = await nc.request("$JS.API.STREAM.NAMES", json.dumps({"offset": offset}).encode())
+        msg = await nc.request(
+            "$JS.API.STREAM.NAMES", json.dumps({"offset": offset}).encode(), timeout=10
+        )
         page = json.loads(msg.data)
         if "error" in page:
             raise OSError(f"JetStream refused to list streams: {page['error']}")

@@ -3,11 +3,14 @@
 Wake-ups. A subscriber's delivery loop sleeps until something wakes it; a publish
 through this broker wakes its own streams, but not another broker's. So after each
 publish that stored messages, the broker sends one small core NATS message on the
-deployment's ``wake`` subject (a burst of publishes coalesces into one), and every other
-broker wakes its streams when it receives one: each then reads what is pending for it
-from the shared store. Core NATS delivers at most once (a wake-up sent while a broker
-reconnects is lost), so each broker also looks at the stream's head every second and
-wakes its streams when it moved: a lost wake-up delays a delivery, never loses it.
+deployment's ``wake`` subject with the highest offset it stored (a burst of publishes
+coalesces into one), and every other broker, on receiving it, waits until its store has
+read up to that offset (the JetStream store follows the stream on its own, a little
+behind the commit) and then wakes its streams: each reads what is pending for it from
+the shared store. Core NATS delivers at most once (a wake-up sent while a broker
+reconnects is lost), so each broker also looks at its store's head every
+``HEAD_POLL_S`` and wakes its streams when it moved: a lost wake-up delays a delivery,
+never loses it.
 
 The lease. Today a partner's new Subscribe stream supersedes its old one (``superseded``);
 across brokers that holds too. A key per partner in the deployment's ``LEASES`` bucket
@@ -47,7 +50,8 @@ log = logging.getLogger("coalition.broker")
 
 LEASE_TTL_S = 20.0
 RENEW_EVERY_S = 4.0
-HEAD_POLL_S = 1.0
+HEAD_POLL_S = 0.5
+CATCH_UP_S = 2.0  # longest wait for the store to read a woken-for offset
 # NATS errors that mean "the cluster did not answer", as opposed to a refusal.
 _UNREACHABLE = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
@@ -80,6 +84,9 @@ class Peers:
         self._head = head
         self._subject = settings.subject("wake")
         self._kick = asyncio.Event()
+        self._stored = 0  # highest offset this broker stored, for the next wake-up
+        self._arrived = asyncio.Event()
+        self._want = 0  # highest offset another broker woke this one for
         self._held: dict[str, _Held] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_head = -1
@@ -110,14 +117,22 @@ class Peers:
         peers = cls(nc, settings, kv, f"{name}/{uuid.uuid4().hex[:12]}", wake, head)
         await nc.subscribe(peers._subject, cb=peers._on_wake)
         watcher = await kv.watchall(include_history=False)
-        for job in (peers._send_wakes(), peers._poll_head(), peers._renew(), peers._watch(watcher)):
+        jobs = (
+            peers._send_wakes(),
+            peers._take_wakes(),
+            peers._poll_head(),
+            peers._renew(),
+            peers._watch(watcher),
+        )
+        for job in jobs:
             task = asyncio.create_task(job)
             peers._tasks.add(task)
         return peers
 
     # -- wake-ups ---------------------------------------------------------------------------
-    def stored(self) -> None:
-        """This broker stored messages: wake the other brokers' streams (coalesced)."""
+    def stored(self, offset: int) -> None:
+        """This broker stored messages up to offset: wake the other brokers' streams."""
+        self._stored = max(self._stored, offset)
         self._kick.set()
 
     async def _send_wakes(self) -> None:
@@ -125,13 +140,29 @@ class Peers:
             await self._kick.wait()
             self._kick.clear()
             try:
-                await self._nc.publish(self._subject, self.broker_id.encode())
+                await self._nc.publish(self._subject, f"{self.broker_id} {self._stored}".encode())
             except _UNREACHABLE as exc:  # the head poll wakes them instead
                 log.debug("wake-up not sent: %s", exc)
 
     async def _on_wake(self, msg: Msg) -> None:
-        if msg.data != self.broker_id.encode():
-            self.wakes_received += 1
+        sender, _, offset = msg.data.decode(errors="replace").partition(" ")
+        if sender == self.broker_id:
+            return
+        self.wakes_received += 1
+        self._want = max(self._want, int(offset) if offset.isdigit() else 0)
+        self._arrived.set()
+
+    async def _take_wakes(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            deadline = time.monotonic() + CATCH_UP_S
+            try:
+                # The store offers no event for its head moving: look every 5 ms, briefly.
+                while await self._head() < self._want and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+            except Exception as exc:  # the store says why; wake them all the same
+                log.debug("head not read: %s", exc)
             self._wake()
 
     async def _poll_head(self) -> None:

@@ -15,7 +15,6 @@ Three links, all installed before the broker serves:
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from broker.admin_types import ExchangeLink
 from broker.audit import AuditError
@@ -23,6 +22,7 @@ from broker.backends import Backend
 from broker.config import BrokerConfig
 from broker.exchange import Clock, ExchangeCore
 from broker.jetstream.peers import Peers
+from broker.registry_types import RegistryChange
 
 log = logging.getLogger("coalition.broker")
 
@@ -39,17 +39,13 @@ async def join_cluster(
     exchange.on_closed = peers.release
     exchange.pipeline.on_stored = peers.stored
 
-    def changed(partner: Any = None, *_: Any) -> None:
-        # A change through any broker: apply it to this broker's live streams now.
-        if isinstance(partner, str):
-            link.policy_changed(partner)
-            return
-        for code in list(exchange.live):
-            link.policy_changed(code)
+    def changed(change: RegistryChange) -> None:
+        # A policy change through another broker reaches this broker's live streams now;
+        # one made here was applied by the admin core already.
+        if change.kind == "policy" and not change.local:
+            link.policy_changed(change.partner)
 
-    on_change = getattr(backend.registry, "on_change", None)
-    if on_change is not None:
-        on_change(changed)
+    backend.registry.on_change(changed)
     if backend.weaknesses:
         try:
             await exchange.audit.record(

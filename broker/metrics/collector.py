@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from broker.exchange import ExchangeCore
 from broker.metrics import labels
 from broker.metrics import names as n
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.store import MessageStore, StoreError
 from coalition.policy import PartnerStatus
 
@@ -50,7 +50,7 @@ class BrokerCollector(Collector):
         self,
         exchange: ExchangeCore,
         store: MessageStore,
-        registry: Registry,
+        registry: PartnerRegistry,
         audit_db: Path | None,  # None: the stores are not SQLite files (JetStream)
         *,
         ttl: float = 2.0,

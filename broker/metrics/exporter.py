@@ -24,7 +24,7 @@ from broker.metrics.collector import BrokerCollector
 from broker.metrics.http import MetricsHttp
 from broker.metrics.instruments import Instruments
 from broker.metrics.labels import partner_label
-from broker.registry import Registry
+from broker.registry import PartnerRegistry
 from broker.store import MessageStore
 
 log = logging.getLogger("coalition.broker")
@@ -43,7 +43,7 @@ class MetricsExporter:
         self,
         exchange: ExchangeCore,
         store: MessageStore,
-        registry: Registry,
+        registry: PartnerRegistry,
         audit_db: Path | None,
         *,
         ttl: float = 2.0,
