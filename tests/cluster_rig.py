@@ -22,15 +22,17 @@ from nats.js.api import StorageType, StreamConfig
 from broker.jetstream.connect import ClusterSettings, connect
 from clients.cluster import NatsCluster
 from clients.sdk import ClientError, OperatorClient, PartnerClient, Sealed, Sequencer
-from coalition.labels import parse_label
+from coalition.labels import Classification, parse_label
 from coalition.pki import load_operator, load_partner
 from coalition.v1 import exchange_pb2, intel_pb2
 from tests.broker_process import ConfiguredBroker
 from tests.helpers import admit, eventually, policy
 from tests.node_helpers import start_daemon, stop, write_config
 
-# KOR publishes to USA and GBR; UKR subscribes to the same topics but is not releasable.
-LABEL = parse_label("NATO SECRET // REL TO USA, GBR")
+# KOR publishes to USA, GBR and UKR; the label releases to all three, but UKR is cleared
+# only to CONFIDENTIAL: the broker must withhold every one of them from UKR (the key
+# wrapped for it would let it open them).
+LABEL = parse_label("NATO SECRET // REL TO USA, GBR, UKR")
 TOPIC = "intel.ground"
 ELIGIBLE = ("USA", "GBR")
 INELIGIBLE = ("UKR",)
@@ -140,8 +142,11 @@ class Rig:
             await b.start()
 
     async def admit_all(self) -> None:
-        for code in ("KOR", *ELIGIBLE, *INELIGIBLE):
+        for code in ("KOR", *ELIGIBLE):
             await admit(self.pki, self.brokers[0].port, policy(code))
+        for code in INELIGIBLE:
+            pol = policy(code, level=Classification.CONFIDENTIAL)
+            await admit(self.pki, self.brokers[0].port, pol)
 
     async def start_nodes(self) -> None:
         for i, code in enumerate((*ELIGIBLE, *INELIGIBLE)):
@@ -214,7 +219,10 @@ class Publisher:
                 for _ in range(batch - len(sealed)):
                     self.n += 1
                     s = await kor.seal(
-                        report(self.n), topic=TOPIC, label=LABEL, recipients=list(ELIGIBLE)
+                        report(self.n),
+                        topic=TOPIC,
+                        label=LABEL,
+                        recipients=[*ELIGIBLE, *INELIGIBLE],
                     )
                     sealed.append(s)
                 while True:
@@ -260,6 +268,9 @@ async def check_delivered(rig: Rig, acked: list[str], timeout: float = 90) -> No
         assert set(ids) <= want, f"{code} holds a message never acknowledged"
         assert node.gaps() == [], f"{code}: {node.gaps()}"
         assert node.alarms() == [], node.alarms()
+    for node in rig.nodes.values():
+        held = node.rows("SELECT message_id, reason FROM quarantine")
+        assert held == [], f"{node.code} was sent what it could not accept: {held[:3]}"
     for code in INELIGIBLE:
         assert rig.nodes[code].inbox_ids() == [], f"{code} received what it may not"
     for i, b in enumerate(rig.brokers):
