@@ -259,7 +259,15 @@ async def check_delivered(rig: Rig, acked: list[str], timeout: float = 90) -> No
     assert len(want) == len(acked), "an id was acknowledged twice"
     for code in ELIGIBLE:
         node = rig.nodes[code]
-        await eventually(lambda n=node: want <= set(n.inbox_ids()), timeout)
+        try:
+            await eventually(lambda n=node: want <= set(n.inbox_ids()), timeout)
+        except AssertionError:
+            missing = [m for m in acked if m not in set(node.inbox_ids())]
+            raise AssertionError(
+                f"{code} lacks {len(missing)} of {len(acked)} acknowledged messages "
+                f"(first {missing[:3]}, at positions {[acked.index(m) for m in missing[:3]]}); "
+                f"see {node.log}"
+            ) from None
     await asyncio.sleep(1.5)  # one judgement round of the nodes' gap checks
     for code in ELIGIBLE:
         node = rig.nodes[code]
