@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
@@ -18,6 +20,7 @@ from broker.jetstream.connect import ClusterSettings, connect
 from broker.jetstream.store import JetStreamMessageStore
 from broker.store import Appended, Rejected, StoredMessage
 from broker.store.base import RejectReason
+from clients.cluster import NatsCluster
 from tests.helpers import eventually
 from tests.test_store import message
 
@@ -224,3 +227,72 @@ async def test_verify_integrity_reads_the_envelopes_back_from_the_cluster(
     await until(lambda: store._view.head == 3)
     assert hashlib.sha256(forged.envelope).digest() != forged.digest
     assert await store.verify_integrity() == [3]
+
+
+async def _burst(
+    store: JetStreamMessageStore, sender: str, acknowledged: dict[int, str], stop: asyncio.Event
+) -> None:
+    seq = 0
+    while not stop.is_set():
+        seq += 1
+        [r] = await store.append([message(sender, seq)], now_ms=1)
+        assert isinstance(r, Appended), r
+        acknowledged[r.offset] = f"{sender}-{seq}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "kill",
+        pytest.param("stop", marks=pytest.mark.cluster_long),
+        pytest.param("stop-connected", marks=pytest.mark.cluster_long),
+    ],
+)
+async def test_the_stream_leader_dies_mid_burst_and_nothing_acknowledged_is_lost(
+    tmp_path: Path, fault: str
+) -> None:
+    """SIGKILL of the messages stream's leader, or SIGSTOP (longer than an election) of
+    it or of the server the store is connected to, while four writers append: the
+    writes wait for the new leader (or the client leaves the silent server) and go on;
+    afterwards a store opened on a fresh connection holds every acknowledged message at
+    its offset, each once."""
+    with NatsCluster(tmp_path) as cluster:
+        settings = ClusterSettings(servers=tuple(cluster.urls))
+        brokers = Brokers(settings)
+        try:
+            store = await brokers.open(max_bytes=1 << 30)
+            acknowledged: dict[int, str] = {}
+            stop = asyncio.Event()
+            writers = [
+                asyncio.create_task(_burst(store, f"P{i}", acknowledged, stop)) for i in range(4)
+            ]
+            await eventually(lambda: len(acknowledged) >= 200, 30)
+            js = brokers.connections[0].jetstream()
+            info = await js.stream_info(settings.name("MESSAGES"))
+            assert info.cluster is not None
+            leader = next(n for n in cluster.nodes if n.name == info.cluster.leader)
+            if fault == "stop-connected":
+                url = brokers.connections[0].connected_url
+                assert url is not None
+                leader = next(n for n in cluster.nodes if n.client_port == url.port)
+            before = len(acknowledged)
+            if fault == "kill":
+                leader.kill()
+            else:
+                leader.signal(signal.SIGSTOP)
+            await eventually(lambda: len(acknowledged) >= before + 200, 60)
+            if fault != "kill":
+                leader.signal(signal.SIGCONT)
+            stop.set()
+            await asyncio.gather(*writers)
+            reader = await brokers.open(max_bytes=1 << 30)
+            assert await reader.head() >= max(acknowledged)
+            for offset, message_id in acknowledged.items():
+                got = await reader.get(offset)
+                assert got is not None and got.message_id == message_id, offset
+            ids = [m.message_id for m in reader._view.live.values()]
+            assert len(ids) == len(set(ids)), "a message was stored twice"
+            assert await reader.verify_integrity() == []
+        finally:
+            await brokers.close()

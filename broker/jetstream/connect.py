@@ -47,6 +47,9 @@ def _tls_context(settings: ClusterSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+PING_INTERVAL_S = 2  # a silent server is left for another within about two intervals
+
+
 async def connect(settings: ClusterSettings, *, name: str = "coalition-broker") -> Client:
     """Connect to the cluster (any listed server; the client follows the cluster's
     membership and reconnects on its own). Raises ``OSError``-like NATS errors with the
@@ -59,6 +62,10 @@ async def connect(settings: ClusterSettings, *, name: str = "coalition-broker") 
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
         allow_reconnect=True,
+        # A server that stops answering (SIGSTOP, a hung host) keeps its TCP connection
+        # open: unanswered pings are what show it, so ping often (the default is 2 min).
+        ping_interval=PING_INTERVAL_S,
+        max_outstanding_pings=2,
     )
     return nc
 

@@ -17,6 +17,7 @@ The bucket keeps one revision per key (history 1), replicated like the messages.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from nats.js.kv import KeyValue
 
 from broker.jetstream import codec
 from broker.jetstream.connect import ClusterSettings
+from broker.jetstream.reading import through_elections
 from broker.store.base import StoreError
 
 _RETRIES = 100
@@ -63,24 +65,27 @@ class Cursors:
     @classmethod
     async def open(cls, js: JetStreamContext, settings: ClusterSettings) -> Cursors:
         bucket = settings.name("CURSORS")
+        config = KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            replicas=settings.replicas,
+            storage=StorageType.FILE,
+            direct=False,
+        )
         try:
-            kv = await js.key_value(bucket)
+            kv = await through_elections(lambda: js.key_value(bucket), "open the cursors")
         except nats.js.errors.BucketNotFoundError:
-            kv = await js.create_key_value(
-                KeyValueConfig(
-                    bucket=bucket,
-                    history=1,
-                    replicas=settings.replicas,
-                    storage=StorageType.FILE,
-                    direct=False,
-                )
+            kv = await through_elections(
+                lambda: js.create_key_value(config), "create the cursors' bucket"
             )
         return cls(kv)
 
     async def get(self, subscriber: str) -> CursorState | None:
         """The subscriber's state, None if it has no cursor."""
         try:
-            entry = await self._kv.get(codec.token(subscriber))
+            entry = await through_elections(
+                lambda: self._kv.get(codec.token(subscriber)), f"read the cursor of {subscriber!r}"
+            )
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         return _decode(entry.value, int(entry.revision or 0))
@@ -99,7 +104,11 @@ class Cursors:
             if state is not None:
                 return state.cursor
             try:
-                await self._kv.create(codec.token(subscriber), _encode(at_offset, frozenset()))
+                value = _encode(at_offset, frozenset())
+                await through_elections(
+                    functools.partial(self._kv.create, codec.token(subscriber), value),
+                    f"create the cursor of {subscriber!r}",
+                )
                 return at_offset
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # another broker created it first: read theirs
@@ -112,8 +121,10 @@ class Cursors:
         if cursor == state.cursor and settled == state.settled:
             return True
         try:
-            await self._kv.update(
-                codec.token(subscriber), _encode(cursor, settled), last=state.revision
+            value = _encode(cursor, settled)
+            await through_elections(
+                lambda: self._kv.update(codec.token(subscriber), value, last=state.revision),
+                f"move the cursor of {subscriber!r}",
             )
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
@@ -122,13 +133,16 @@ class Cursors:
     async def all(self) -> dict[str, CursorState]:
         """Every subscriber's state (for retention's notices)."""
         try:
-            keys = await self._kv.keys()
+            keys = await through_elections(self._kv.keys, "list the cursors")
         except nats.js.errors.NoKeysError:
             return {}
         out: dict[str, CursorState] = {}
         for key in keys:
             try:
-                entry = await self._kv.get(key)
+                entry = await through_elections(
+                    functools.partial(self._kv.get, key),
+                    f"read the cursor {key}",
+                )
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
                 continue
             out[codec.untoken(key)] = _decode(entry.value, int(entry.revision or 0))

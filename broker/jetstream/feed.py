@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 
+from broker.jetstream.reading import through_elections
 from broker.jetstream.view import StoreView
 from broker.store.base import StoredMessage
 
@@ -50,13 +51,16 @@ class Feed:
 
     async def start(self) -> None:
         """Subscribe from the first entry, and wait until the view read the whole stream."""
-        self._sub = await self._js.subscribe(
-            self._subject,
-            stream=self._stream,
-            cb=self._deliver,
-            ordered_consumer=True,
-            idle_heartbeat=HEARTBEAT_S,
-            deliver_policy=DeliverPolicy.ALL,
+        self._sub = await through_elections(
+            lambda: self._js.subscribe(
+                self._subject,
+                stream=self._stream,
+                cb=self._deliver,
+                ordered_consumer=True,
+                idle_heartbeat=HEARTBEAT_S,
+                deliver_policy=DeliverPolicy.ALL,
+            ),
+            "read the stream",
         )
         await self.wait_for(await self.last_sequence(), timeout=120)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -25,15 +27,43 @@ from broker.store.base import StoredMessage, StoreError
 
 CACHE_BYTES = 32 << 20
 _PARALLEL = 32
+ELECTION_S = 60.0  # how long a read or a cursor change waits for a leader
+
+T = TypeVar("T")
+# What a request answers while a stream or the cluster elects a leader.
+TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    TimeoutError,
+)
+
+
+async def through_elections(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """call(), again while the cluster answers that it has no leader (up to ELECTION_S);
+    then StoreError naming what could not be done. call must be safe to repeat."""
+    deadline = time.monotonic() + ELECTION_S
+    while True:
+        try:
+            return await call()
+        except TRANSIENT as exc:
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"message store failed: could not {what}: the cluster did not answer "
+                    f"within {ELECTION_S:.0f} s ({type(exc).__name__})"
+                ) from exc
+            await asyncio.sleep(0.25)
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     """Create the stream, or check that the existing one can hold the store."""
-    assert config.name is not None
+    name = config.name
+    assert name is not None
     try:
-        info = await js.stream_info(config.name)
+        info = await through_elections(lambda: js.stream_info(name), "read the stream")
     except nats.js.errors.NotFoundError:
-        await js.add_stream(config)
+        await through_elections(lambda: js.add_stream(config), "create the stream")
         return
     if not info.config.allow_atomic:
         raise StoreError(
@@ -66,18 +96,12 @@ class Envelopes:
         """The message at offset, None if the stream no longer holds one there."""
         if cached and offset in self._cache:
             return self._cache[offset]
-        for attempt in range(20):
-            try:
-                raw = await self._js.get_msg(self._stream, seq=offset)
-                break
-            except nats.js.errors.NotFoundError:
-                return None
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                if attempt == 19:
-                    raise StoreError(
-                        f"message store failed: cannot read offset {offset} ({exc})"
-                    ) from exc
-                await asyncio.sleep(0.25)
+        try:
+            raw = await through_elections(
+                lambda: self._js.get_msg(self._stream, seq=offset), f"read offset {offset}"
+            )
+        except nats.js.errors.NotFoundError:
+            return None
         subject = raw.subject or ""
         if self._view.subjects.kind(subject) != "msg":
             return None
