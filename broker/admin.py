@@ -192,64 +192,47 @@ class AdminCore:
             )
             await self.registry_audit.registry_changed()
             return PolicyChange(proposal=prop)
-        pv = await self._apply(policy, operator, "", reason, diff)
+        # Against the version diffed: another operator's change is never overwritten unseen.
+        pv = await self._apply(policy, operator, reason, diff, expected=rec.version)
         return PolicyChange(applied=pv)
 
     async def _apply(
-        self,
-        policy: PartnerPolicy,
-        by: str,
-        approved_by: str,
-        reason: str,
-        diff: list[str],
-        expected: int = 0,
+        self, policy: PartnerPolicy, by: str, reason: str, diff: list[str], expected: int
     ) -> policy_pb2.PolicyVersion:
-        now = self.clock()
+        """Apply a change at once (one operator: it raises no privilege)."""
         was = self.record(policy.partner).policy.status
         try:
             pv = await self.registry.apply(
                 policy,
                 changed_by=by,
-                approved_by=approved_by,
+                approved_by="",
                 reason=reason,
                 diff=diff,
-                now_ms=now,
+                now_ms=self.clock(),
                 expected_version=expected,
-                audit=lambda version: AuditItem(
-                    "policy.change",
-                    by,
-                    policy.partner,
-                    "",
-                    "allow",
-                    {
-                        "version": version,
-                        "diff": diff,
-                        "approved_by": approved_by,
-                        "reason": reason,
-                    },
-                ),
+                audit=lambda v: _change_entry(policy.partner, by, "", v, diff, reason),
             )
         except StaleVersion as exc:
-            raise Precondition(
-                "stale_proposal",
-                f"the policy of {policy.partner} changed since this was proposed ({exc}); "
-                "propose again",
-            ) from exc
+            what = f"the policy of {policy.partner} changed meanwhile ({exc}); read it again"
+            raise Precondition("stale_version", what) from exc
+        await self._applied(policy, was, pv, by, "")
+        return pv
+
+    async def _applied(
+        self,
+        policy: PartnerPolicy,
+        was: PartnerStatus,
+        pv: policy_pb2.PolicyVersion,
+        by: str,
+        approved_by: str,
+    ) -> None:
         if policy.status is PartnerStatus.ACTIVE and was is not PartnerStatus.ACTIVE:
             # Deliveries start from now: the cursor of a newly active partner is the head.
             await self.store.ensure_cursor(policy.partner, await self.store.head())
         await self.registry_audit.registry_changed()
-        log.info(
-            "policy changed",
-            extra={
-                "partner": policy.partner,
-                "version": pv.version,
-                "by": by,
-                "approved_by": approved_by,
-            },
-        )
+        extra = {"partner": policy.partner, "version": pv.version, "by": by}
+        log.info("policy changed", extra={**extra, "approved_by": approved_by})
         self.exchange.policy_changed(policy.partner)
-        return pv
 
     async def decide_proposal(
         self, operator: str, pid: str, *, approve: bool, reason: str
@@ -272,16 +255,6 @@ class AdminCore:
                 f"operator {operator} proposed {pid} and cannot also approve it; "
                 "a second operator must",
             )
-        current = self.record(prop.policy.partner).version
-        if approve and current != base:
-            # Refuse before marking it approved: a stale proposal can never apply, and it
-            # stays pending so that an operator can reject it or propose again.
-            raise Precondition(
-                "stale_proposal",
-                f"the policy of {prop.policy.partner} changed since this was proposed "
-                f"(version {base}, now {current}); propose again",
-            )
-        state = policy_pb2.PROPOSAL_APPROVED if approve else policy_pb2.PROPOSAL_REJECTED
         decided = AuditItem(
             "policy.approved" if approve else "policy.rejected",
             operator,
@@ -290,19 +263,39 @@ class AdminCore:
             "allow",
             {"proposal": pid, "proposed_by": prop.proposed_by, "reason": reason},
         )
-        if not await self.registry.decide_proposal(
-            pid, state=state, decided_by=operator, now_ms=self.clock(), audit=decided
-        ):
-            raise Precondition("proposal_decided", f"proposal {pid} was already decided")
-        await self.registry_audit.registry_changed()
-        prop.state = state
-        prop.decided_by = operator
+        already = Precondition("proposal_decided", f"proposal {pid} was already decided")
         if not approve:
+            rejected = policy_pb2.PROPOSAL_REJECTED
+            if not await self.registry.decide_proposal(
+                pid, state=rejected, decided_by=operator, now_ms=self.clock(), audit=decided
+            ):
+                raise already
+            await self.registry_audit.registry_changed()
+            prop.state, prop.decided_by = rejected, operator
             return PolicyChange(proposal=prop)
-        policy = policy_from_proto(prop.policy)
-        pv = await self._apply(
-            policy, prop.proposed_by, operator, prop.reason, list(prop.diff), expected=base
-        )
+        policy, diff = policy_from_proto(prop.policy), list(prop.diff)
+        was = self.record(policy.partner).policy.status
+        try:
+            # Decided and applied in one commit: never approved and left unapplied.
+            pv = await self.registry.approve(
+                pid,
+                decided_by=operator,
+                now_ms=self.clock(),
+                audit=lambda v: [
+                    decided,
+                    _change_entry(policy.partner, prop.proposed_by, operator, v, diff, prop.reason),
+                ],
+            )
+        except StaleVersion as exc:
+            # Nothing was written: it stays pending so an operator can reject it or propose again.
+            raise Precondition(
+                "stale_proposal",
+                f"the policy of {policy.partner} changed since this was proposed "
+                f"(version {base}, now {exc.current}); propose again",
+            ) from exc
+        if pv is None:
+            raise already
+        await self._applied(policy, was, pv, prop.proposed_by, operator)
         return PolicyChange(applied=pv)
 
     async def verify(self, operator: str) -> AuditVerdict:
@@ -401,6 +394,12 @@ class AdminCore:
         """Every audit entry in order, with its checkpoints (AuditLog.export)."""
         return self.audit.export()
 
+    async def audit_certificates(self) -> list[bytes]:
+        """DER of the audit certificates an export needs, after it: this broker's, then
+        any other broker's whose key signed checkpoints of the chain (a cluster)."""
+        own = [self.audit_certificate] if self.audit_certificate else []
+        return list(dict.fromkeys(own + await self.audit.signer_certificates()))
+
     async def stats(self) -> BrokerStats:
         """Store, audit and live-stream totals, and each partner's counts and backlog."""
         st = await self.store.stats()
@@ -443,3 +442,11 @@ class AdminCore:
             )
             for rec in self.registry.all()
         ]
+
+
+def _change_entry(
+    partner: str, by: str, approved_by: str, version: int, diff: list[str], reason: str
+) -> AuditItem:
+    """The audit entry of an applied policy version."""
+    detail = {"version": version, "diff": diff, "approved_by": approved_by, "reason": reason}
+    return AuditItem("policy.change", by, partner, "", "allow", detail)

@@ -13,17 +13,19 @@ The JetStream modules (and nats-py) are imported only for that backend.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives import serialization
 
 from broker.audit import AuditBackend, AuditLog
 from broker.audit.drainer import OutboxSource
 from broker.config import BrokerConfig
 from broker.registry import PartnerRegistry, Registry
 from broker.store import MessageStore, SqliteMessageStore
+from coalition.pki import BrokerCredentials
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -36,7 +38,11 @@ Clock = Any  # Callable[[], int]; kept loose so the audit log's own alias fits
 
 
 class BrokerStore(MessageStore, OutboxSource, Protocol):
-    """The message store with its audit outbox, as every backend provides it."""
+    """The message store with its audit outbox and commit timing, as every backend
+    provides it."""
+
+    def time_commits(self, hook: Callable[[float], None] | None) -> None:
+        """Call hook with each commit's duration in seconds (None: stop)."""
 
 
 @dataclass
@@ -60,7 +66,7 @@ class Backend:
     async def disconnect(self) -> None:
         """Close the cluster connection, last (after every store is closed)."""
         if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+            await self.nc.close()
 
 
 def cluster_settings(cfg: BrokerConfig) -> ClusterSettings:
@@ -78,14 +84,14 @@ def cluster_settings(cfg: BrokerConfig) -> ClusterSettings:
     )
 
 
-async def open_backend(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock: Clock) -> Backend:
+async def open_backend(cfg: BrokerConfig, creds: BrokerCredentials, clock: Clock) -> Backend:
     """Open store, audit log and registry for cfg.store_backend.
 
     Raises DurabilityError (a ValueError) for a cluster weaker than required without
     allow_data_loss, OSError when no NATS server answers, and what each store raises.
     """
     if cfg.store_backend == "jetstream":
-        return await _open_jetstream(cfg, audit_key, clock)
+        return await _open_jetstream(cfg, creds, clock)
     data = Path(cfg.data_dir)
     store = await SqliteMessageStore.open(
         data / "messages.db",
@@ -96,7 +102,7 @@ async def open_backend(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock: C
     )
     audit = await AuditLog.open(
         data / "audit.db",
-        audit_key,
+        creds.audit_key,
         checkpoint_every=cfg.audit_checkpoint_every,
         refusal_threshold=cfg.refusal_audit_threshold,
         refusal_interval_ms=cfg.refusal_audit_interval_ms,
@@ -105,7 +111,7 @@ async def open_backend(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock: C
     return Backend("sqlite", store, audit, Registry(data / "state.db"))
 
 
-async def _open_jetstream(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock: Clock) -> Backend:
+async def _open_jetstream(cfg: BrokerConfig, creds: BrokerCredentials, clock: Clock) -> Backend:
     from broker.jetstream.audit import JetStreamAuditLog
     from broker.jetstream.connect import connect, tls_context
     from broker.jetstream.durability import check_servers, check_streams
@@ -113,6 +119,9 @@ async def _open_jetstream(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock
     from broker.jetstream.store import JetStreamMessageStore
 
     settings = cluster_settings(cfg)
+    audit_cert = b""
+    if creds.audit_cert is not None:
+        audit_cert = creds.audit_cert.public_bytes(serialization.Encoding.DER)
     weak = await check_servers(settings, cfg.store_monitor, tls_context(settings))
     try:
         nc = await connect(settings, name=f"coalition-broker {cfg.name}")
@@ -130,11 +139,15 @@ async def _open_jetstream(cfg: BrokerConfig, audit_key: Ed25519PrivateKey, clock
         audit = await JetStreamAuditLog.open(
             nc,
             settings,
-            audit_key,
+            creds.audit_key,
             checkpoint_every=cfg.audit_checkpoint_every,
             refusal_threshold=cfg.refusal_audit_threshold,
             refusal_interval_ms=cfg.refusal_audit_interval_ms,
             clock=clock,
+            # Its checkpoints carry this broker's audit certificate, and the CA lets the
+            # log trust the other brokers' (each broker may have its own audit key).
+            certificate=audit_cert,
+            ca=creds.ca_cert,
         )
         registry = await JetStreamRegistry.open(nc, settings)
         weak += await check_streams(settings, nc)

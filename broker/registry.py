@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from broker import registry_sql as sql
 from broker.audit.items import AuditItem, encode
 from broker.errors import Exhausted
 from broker.registry_types import ChangeCallback, ChangeKind, RegistryChange, tell
@@ -28,26 +29,6 @@ from broker.store.writer import is_disk_full
 from coalition.policy import PartnerPolicy, PartnerStatus, policy_from_proto, policy_to_proto
 from coalition.v1 import directory_pb2, policy_pb2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS partners (
-  code TEXT PRIMARY KEY, signing_cert BLOB NOT NULL, registered_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS policy_versions (
-  partner TEXT NOT NULL, version INTEGER NOT NULL, policy BLOB NOT NULL,
-  changed_by TEXT NOT NULL, approved_by TEXT NOT NULL, changed_ms INTEGER NOT NULL,
-  reason TEXT NOT NULL, diff TEXT NOT NULL, PRIMARY KEY (partner, version));
-CREATE TABLE IF NOT EXISTS proposals (
-  id TEXT PRIMARY KEY, partner TEXT NOT NULL, policy BLOB NOT NULL, base_version INTEGER NOT NULL,
-  proposed_by TEXT NOT NULL, proposed_ms INTEGER NOT NULL, reason TEXT NOT NULL,
-  state INTEGER NOT NULL, decided_by TEXT NOT NULL DEFAULT '', diff TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS key_bundles (
-  partner TEXT NOT NULL, key_id TEXT NOT NULL, signed BLOB NOT NULL, registered_ms INTEGER NOT NULL,
-  PRIMARY KEY (partner, key_id));
--- The audit entry of each change, written in the change's own transaction; the audit
--- drainer (broker.audit.drainer) appends it to the log and then deletes it.
-CREATE TABLE IF NOT EXISTS audit_outbox (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, item TEXT NOT NULL, time_ms INTEGER NOT NULL);
-"""
-
 
 class Registry:
     """Partners, their policy history and pending proposals, in SQLite."""
@@ -56,7 +37,7 @@ class Registry:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(sql.SCHEMA)
         self._lock = threading.Lock()
         self._cache: dict[str, PartnerRecord] = {}
         self._callbacks: list[ChangeCallback] = []
@@ -120,16 +101,18 @@ class Registry:
         return pv
 
     @contextmanager
-    def _transaction(self, audit: AuditItem | None, now_ms: int) -> Iterator[None]:
-        """One transaction holding the change and its audit entry (the caller holds the
+    def _transaction(
+        self, audit: AuditItem | list[AuditItem] | None, now_ms: int
+    ) -> Iterator[None]:
+        """One transaction holding the change and its audit entries (the caller holds the
         lock)."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
             yield
-            if audit is not None:
+            for item in [audit] if isinstance(audit, AuditItem) else audit or []:
                 self._db.execute(
                     "INSERT INTO audit_outbox (item, time_ms) VALUES (?, ?)",
-                    (encode(audit), now_ms),
+                    (encode(item), now_ms),
                 )
             self._db.execute("COMMIT")
         except BaseException as exc:
@@ -235,23 +218,7 @@ class Registry:
     async def history(self, code: str) -> list[policy_pb2.PolicyVersion]:
         def run() -> list[policy_pb2.PolicyVersion]:
             with self._lock:
-                rows = self._db.execute(
-                    "SELECT version, policy, changed_by, approved_by, changed_ms, reason, diff "
-                    "FROM policy_versions WHERE partner=? ORDER BY version",
-                    (code,),
-                ).fetchall()
-            return [
-                policy_pb2.PolicyVersion(
-                    version=v,
-                    policy=policy_pb2.PartnerPolicy.FromString(p),
-                    changed_by=b,
-                    approved_by=a,
-                    changed_ms=t,
-                    reason=r,
-                    diff=json.loads(d),
-                )
-                for v, p, b, a, t, r, d in rows
-            ]
+                return sql.versions(self._db.execute(sql.VERSIONS, (code,)).fetchall())
 
         return await asyncio.to_thread(run)
 
@@ -315,27 +282,7 @@ class Registry:
     ) -> list[tuple[policy_pb2.Proposal, int]]:
         def run() -> list[tuple[policy_pb2.Proposal, int]]:
             with self._lock:
-                rows = self._db.execute(
-                    "SELECT id, policy, base_version, proposed_by, proposed_ms, reason, state, "
-                    f"decided_by, diff FROM proposals {where}",
-                    args,
-                ).fetchall()
-            return [
-                (
-                    policy_pb2.Proposal(
-                        proposal_id=i,
-                        policy=policy_pb2.PartnerPolicy.FromString(p),
-                        proposed_by=by,
-                        proposed_ms=t,
-                        reason=r,
-                        state=policy_pb2.ProposalState.ValueType(s),
-                        decided_by=d,
-                        diff=json.loads(df),
-                    ),
-                    base,
-                )
-                for i, p, base, by, t, r, s, d, df in rows
-            ]
+                return sql.proposals(self._db.execute(sql.PROPOSALS + where, args).fetchall())
 
         return await asyncio.to_thread(run)
 
@@ -367,6 +314,50 @@ class Registry:
         except _NothingToDo:
             return False
         return True
+
+    async def approve(
+        self,
+        pid: str,
+        *,
+        decided_by: str,
+        now_ms: int,
+        audit: Callable[[int], list[AuditItem]] | None = None,
+    ) -> policy_pb2.PolicyVersion | None:
+        """Approve a pending proposal and apply its policy as the next version, in one
+        transaction with the entries audit makes from the new version number. None if
+        the proposal is unknown or no longer pending; StaleVersion if the policy is no
+        longer at the version it was made against. Either way nothing is written."""
+
+        def run() -> tuple[str, policy_pb2.PolicyVersion] | None:
+            with self._lock:
+                rows = sql.proposals(
+                    self._db.execute(sql.PROPOSALS + "WHERE id=?", (pid,)).fetchall()
+                )
+                if not rows or rows[0][0].state != policy_pb2.PROPOSAL_PENDING:
+                    return None
+                prop, base = rows[0]
+                policy = policy_from_proto(prop.policy)
+                rec = self._cache[policy.partner]
+                if rec.version != base:
+                    raise StaleVersion(rec.version)
+                v = base + 1
+                with self._transaction(audit(v) if audit else None, now_ms):
+                    self._db.execute(
+                        "UPDATE proposals SET state=?, decided_by=? WHERE id=?",
+                        (policy_pb2.PROPOSAL_APPROVED, decided_by, pid),
+                    )
+                    pv = self._insert_version(
+                        policy, v, prop.proposed_by, decided_by, prop.reason, [*prop.diff], now_ms
+                    )
+                rec.policy, rec.version = policy, v
+                return policy.partner, pv
+
+        done = await asyncio.to_thread(run)
+        if done is None:
+            return None
+        self._changed("proposal", done[0])
+        self._changed("policy", done[0])
+        return done[1]
 
     async def set_bundle(
         self,

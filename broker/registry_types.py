@@ -142,6 +142,15 @@ class PartnerRegistry(Protocol):
         audit: AuditItem | None = None,
     ) -> bool: ...
 
+    async def approve(
+        self,
+        pid: str,
+        *,
+        decided_by: str,
+        now_ms: int,
+        audit: Callable[[int], list[AuditItem]] | None = None,
+    ) -> policy_pb2.PolicyVersion | None: ...
+
     async def set_bundle(
         self,
         code: str,

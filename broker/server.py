@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.admin import AdminCore
 from broker.admin_types import Counts
+from broker.admin_types import ExchangeLink as AdminExchangeLink
 from broker.audit import AuditBackend, AuditError
 from broker.backends import Backend, BrokerStore, open_backend
 from broker.config import BrokerConfig
@@ -33,7 +34,6 @@ from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.metrics import MetricsExporter
-from broker.metrics.exporter import TimesCommits
 from broker.registry import PartnerRegistry
 from broker.retention import Retention
 from broker.store import SqliteMessageStore, StoreError
@@ -161,7 +161,7 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     creds = load_broker(Path(cfg.pki_dir))
     data = Path(cfg.data_dir)
     data.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once at start-up
-    backend = await open_backend(cfg, creds.audit_key, clock)
+    backend = await open_backend(cfg, creds, clock)
     store, audit, registry = backend.store, backend.audit, backend.registry
     if backend.kind == "jetstream" and cfg.live_delivery:
         # The live feed sees only this broker's publishes; with brokers sharing the store
@@ -196,22 +196,23 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     audit_cert_der = b""
     if creds.audit_cert is not None:
         audit_cert_der = creds.audit_cert.public_bytes(serialization.Encoding.DER)
+    link: AdminExchangeLink = ExchangeLink(exchange)
+    peers = None
+    if backend.nc is not None:  # before serving: every stream claims its partner's lease
+        from broker.jetstream.wiring import join_cluster
+
+        peers, link = await join_cluster(backend, cfg, exchange, link, clock)
     admin = AdminCore(
         registry,
         store,
         audit,
         exchange.books,
-        ExchangeLink(exchange),
+        link,
         creds.ca_cert,
         clock,
         creds.audit_key.public_key(),
         audit_cert_der,
     )
-    peers = None
-    if backend.nc is not None:  # before serving: every stream claims its partner's lease
-        from broker.jetstream.wiring import join_cluster
-
-        peers = await join_cluster(backend, cfg, exchange, ExchangeLink(exchange), clock)
     auth = AuthInterceptor(cfg, registry, audit, clock)
     server = grpc.aio.server(
         interceptors=[auth],
@@ -278,13 +279,10 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
 
 async def _start_metrics(cfg: BrokerConfig, b: Broker) -> MetricsExporter:
     """The Prometheus endpoint on its own plain-HTTP address (broker.metrics)."""
-    files = isinstance(b.store, SqliteMessageStore)  # not on the JetStream backend: n/a
+    files = isinstance(b.store, SqliteMessageStore)  # else JetStream: no audit.db
     audit_db = Path(cfg.data_dir) / "audit.db" if files else None
-    metrics = MetricsExporter(b.exchange, b.store, b.registry, audit_db)
-    writers: dict[str, TimesCommits] = {}
-    if isinstance(b.store, SqliteMessageStore):
-        writers = {"messages": b.store, "audit": b.audit}
-    metrics.attach(b.exchange, writers)
+    metrics = MetricsExporter(b.exchange, b.store, b.registry, audit_db, audit_count=b.audit.count)
+    metrics.attach(b.exchange, {"messages": b.store, "audit": b.audit})
     if b.auth is not None:
         b.auth.on_refused = metrics.instruments.auth_refused
     try:

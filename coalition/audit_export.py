@@ -7,12 +7,14 @@ The export (``coalition-admin audit export``) is JSON lines, one record each:
 - ``{"record": "checkpoint", "seq": ..., "hash": HEX, "time_ms": ..., "signature": HEX}``
 - ``{"record": "audit_certificate", "certificate_pem": PEM}``: the broker's audit
   certificate, written once after the last entry by brokers that send it (older exports
-  lack it; pass the certificate separately, ``pki/broker/audit.crt``).
+  lack it; pass the certificate separately, ``pki/broker/audit.crt``). A chain written by
+  several brokers (a cluster) carries one such record per broker whose key signed
+  checkpoints; a checkpoint verifies under any of them.
 
-Other keys (``time_utc``, ...) are ignored. Trust: the audit certificate must be issued by
-the CA, name a broker identity and hold an Ed25519 key; it must be valid when the newest
-checkpoint that verifies under its key was signed (the current time if none does), so an
-export still verifies after the certificate has expired. Pure: no I/O, no clock.
+Other keys (``time_utc``, ...) are ignored. Trust: each audit certificate must be issued
+by the CA, name a broker identity and hold an Ed25519 key; it must be valid when the
+newest checkpoint that verifies under its key was signed (the current time if none does),
+so an export still verifies after the certificate has expired. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class ExportVerdict:
-    """The chain verdict, who signed it, and how many entries no checkpoint covers."""
+    """The chain verdict, who signed it (brokers' names, comma-separated when several),
+    and how many entries no checkpoint covers."""
 
     result: VerifyResult
     broker: str = ""
@@ -162,22 +165,27 @@ def verify_export(
     log is a verdict (``result.ok`` false, ``first_broken_seq`` naming the first bad entry).
     """
     records, certs, unreadable = _parse(lines)
-    if len(set(certs)) > 1:
-        raise ExportError("the export carries more than one audit certificate")
-    pem = certs[0] if certs else audit_cert_pem
-    if pem is None:
+    pems = list(dict.fromkeys(certs)) or ([audit_cert_pem] if audit_cert_pem is not None else [])
+    if not pems:
         raise ExportError(
             "the export carries no audit certificate: pass the broker's audit.crt as well"
         )
-    cert, key, broker = _audit_key(pem)
-    signed = _signed_times(records, key)
-    at_ms = max((t for _, t in signed), default=now_ms)
-    der = cert.public_bytes(serialization.Encoding.DER)
-    try:
-        verify_audit_cert(der, ca, broker, at_ms)
-    except IdentityError as exc:
-        raise ExportError(f"the audit certificate is not trusted: {exc}") from None
-    verifier = ChainVerifier(key)
+    keys, names = [], []
+    signed: list[tuple[int, int]] = []
+    for pem in pems:
+        cert, key, broker = _audit_key(pem)
+        signed_by = _signed_times(records, key)
+        at_ms = max((t for _, t in signed_by), default=now_ms)
+        der = cert.public_bytes(serialization.Encoding.DER)
+        try:
+            verify_audit_cert(der, ca, broker, at_ms)
+        except IdentityError as exc:
+            raise ExportError(f"the audit certificate is not trusted: {exc}") from None
+        keys.append(key)
+        names.append(broker)
+        signed += signed_by
+    broker = ", ".join(dict.fromkeys(names))
+    verifier = ChainVerifier(keys)
     verifier.feed(records)
     result = verifier.result()
     last_seq = max((r.seq for r in records if isinstance(r, audit_pb2.AuditEntry)), default=0)

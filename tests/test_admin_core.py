@@ -4,6 +4,7 @@ change once, through its narrow ExchangeLink. A real broker's stores back it."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,9 +19,9 @@ from broker.admin_types import (
     PolicyChange,
     ReceiverDecision,
 )
-from broker.errors import InvalidInput, NotFound
+from broker.errors import InvalidInput, NotFound, Precondition
 from broker.server import Broker, start_broker
-from coalition.labels import parse_label
+from coalition.labels import Classification, parse_label
 from coalition.pki import load_partner
 from coalition.policy import PartnerStatus
 from coalition.v1 import policy_pb2
@@ -126,3 +127,68 @@ async def test_views_and_refusals_are_domain_values(pki: Path, broker: Broker) -
     [decision] = core.who_receives(label, "intel.a")
     assert isinstance(decision, ReceiverDecision) and decision.partner == "KOR"
     assert not decision.eligibility.allowed  # pending: not admitted yet
+
+
+async def test_two_changes_made_against_one_version_do_not_both_apply(
+    pki: Path, broker: Broker
+) -> None:
+    """Two operators lower the same policy at once, each against the version they read:
+    one applies, the other is refused stale_version instead of overwriting it unseen."""
+    core = broker.admin
+    cert = load_partner(pki / "partners" / "KOR").signing_cert_der
+    proposed = await core.admit("op1", "KOR", cert, policy("KOR"), "joins")
+    assert proposed.proposal is not None
+    await core.decide_proposal("op2", proposed.proposal.proposal_id, approve=True, reason="")
+    lowered = [
+        policy("KOR", level=Classification.CONFIDENTIAL),
+        policy("KOR", level=Classification.RESTRICTED),
+    ]
+    results = await asyncio.gather(
+        *(
+            core.set_policy(op, p, "lower", expected=0)
+            for op, p in zip(("op1", "op2"), lowered, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, Precondition)]
+    assert len(refused) == 1 and refused[0].code == "stale_version"
+    assert [v.version for v in await core.history("KOR")] == [1, 2, 3]
+
+
+async def test_conflicting_proposals_approved_at_once_one_applies(
+    pki: Path, broker: Broker
+) -> None:
+    """Two proposals made against one version, approved at once by two operators: one
+    applies; the other is refused stale_proposal and stays pending, never approved and
+    left unapplied."""
+    core = broker.admin
+    cert = load_partner(pki / "partners" / "KOR").signing_cert_der
+    proposed = await core.admit(
+        "op1", "KOR", cert, policy("KOR", level=Classification.RESTRICTED), ""
+    )
+    assert proposed.proposal is not None
+    await core.decide_proposal("op2", proposed.proposal.proposal_id, approve=True, reason="")
+    pids = []
+    for level in (Classification.CONFIDENTIAL, Classification.SECRET):
+        change = await core.set_policy("op1", policy("KOR", level=level), "raise", expected=0)
+        assert change.proposal is not None
+        pids.append(change.proposal.proposal_id)
+    results = await asyncio.gather(
+        *(
+            core.decide_proposal(op, pid, approve=True, reason="")
+            for op, pid in zip(("op2", "op3"), pids, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, Precondition)]
+    assert len(refused) == 1 and refused[0].code == "stale_proposal"
+    assert [v.version for v in await core.history("KOR")] == [1, 2, 3]
+    pending = await core.proposals(include_decided=False)
+    assert [p.proposal_id for p in pending] == [pids[results.index(refused[0])]]
+    kinds = [
+        e.kind
+        for e in await core.query_audit(
+            partner="KOR", kind="policy.", since_ms=0, until_ms=0, limit=0, tail=False
+        )
+    ]
+    assert kinds.count("policy.approved") == 2 and kinds.count("policy.change") == 2

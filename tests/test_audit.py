@@ -1,16 +1,25 @@
-"""AuditLog: hash chain, signed checkpoints, tamper detection, queries, export, concurrency."""
+"""AuditLog: hash chain, signed checkpoints, tamper detection, queries, export, concurrency.
+
+The tests marked ``on both backends`` run against the SQLite log and the JetStream one
+(a real three-node cluster); tampering with the file is the SQLite log's own matter.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.audit import AuditLog
+from broker.audit import AuditBackend, AuditItem, AuditLog
+from broker.audit.drainer import Drainer, _entries
+from broker.audit.items import encode
+from broker.jetstream.audit import JetStreamAuditLog
+from broker.jetstream.connect import connect
+from broker.store import SqliteMessageStore
 from coalition.audit_chain import GENESIS, canonical_bytes, checkpoint_body, entry_hash
 from coalition.v1 import audit_pb2
 
@@ -22,14 +31,44 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "audit.db"
 
 
+Opener = Callable[[], Awaitable[AuditBackend]]
+# Parametrise a test with this to run it on both backends (the default is SQLite).
+on_both_backends = pytest.mark.parametrize("open_log", ["sqlite", "jetstream"], indirect=True)
+
+
 @pytest.fixture
-async def log(path: Path) -> AsyncIterator[AuditLog]:
-    a = await AuditLog.open(path, KEY, checkpoint_every=10)
+async def open_log(request: pytest.FixtureRequest, path: Path) -> AsyncIterator[Opener]:
+    """Opens the test's log (again), checkpoint_every=10, on the backend of its parameter."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+
+        async def sqlite() -> AuditBackend:
+            return await AuditLog.open(path, KEY, checkpoint_every=10)
+
+        yield sqlite
+        return
+    settings = request.getfixturevalue("cluster_settings")
+    connections = []
+
+    async def jetstream() -> AuditBackend:
+        nc = await connect(settings)
+        connections.append(nc)
+        return await JetStreamAuditLog.open(nc, settings, KEY, checkpoint_every=10)
+
+    try:
+        yield jetstream
+    finally:
+        for nc in connections:
+            await nc.close()
+
+
+@pytest.fixture
+async def log(open_log: Opener) -> AsyncIterator[AuditBackend]:
+    a = await open_log()
     yield a
     await a.close()
 
 
-async def fill(log: AuditLog, n: int) -> None:
+async def fill(log: AuditBackend, n: int) -> None:
     for i in range(1, n + 1):
         await log.record(
             kind="publish.accepted" if i % 2 else "deliver",
@@ -50,7 +89,8 @@ def tamper(path: Path, *sql: str) -> None:
             raw.execute(statement)
 
 
-async def test_chain_is_documented_encoding_and_verifies(log: AuditLog) -> None:
+@on_both_backends
+async def test_chain_is_documented_encoding_and_verifies(log: AuditBackend) -> None:
     seq = await log.record(
         kind="policy.change",
         actor="urn:coalition:operator:alice",
@@ -77,7 +117,8 @@ async def test_chain_is_documented_encoding_and_verifies(log: AuditLog) -> None:
     assert await log.count() == 25
 
 
-async def test_record_refuses_detail_that_is_not_plain_json(log: AuditLog) -> None:
+@on_both_backends
+async def test_record_refuses_detail_that_is_not_plain_json(log: AuditBackend) -> None:
     with pytest.raises(ValueError, match="not plain JSON"):
         await log.record(kind="x", actor="a", detail={"k": b"bytes"}, now_ms=1)
     with pytest.raises(ValueError, match="not plain JSON"):
@@ -85,11 +126,12 @@ async def test_record_refuses_detail_that_is_not_plain_json(log: AuditLog) -> No
     assert await log.count() == 0
 
 
-async def test_checkpoints_are_signed_every_n_and_on_close(path: Path) -> None:
-    log = await AuditLog.open(path, KEY, checkpoint_every=10)
+@on_both_backends
+async def test_checkpoints_are_signed_every_n_and_on_close(open_log: Opener) -> None:
+    log = await open_log()
     await fill(log, 23)
     await log.close()
-    log = await AuditLog.open(path, KEY, checkpoint_every=10)
+    log = await open_log()
     try:
         checkpoints = [r async for r in log.export() if isinstance(r, audit_pb2.AuditCheckpoint)]
         assert [c.seq for c in checkpoints] == [10, 20, 23]
@@ -203,7 +245,8 @@ async def test_checkpoint_hash_must_match_the_chain(log: AuditLog, path: Path) -
     assert result.problem == "checkpoint at 10: hash does not match the chain"
 
 
-async def test_verifying_with_the_wrong_key_fails(log: AuditLog) -> None:
+@on_both_backends
+async def test_verifying_with_the_wrong_key_fails(log: AuditBackend) -> None:
     await fill(log, 10)
     result = await log.verify(Ed25519PrivateKey.generate().public_key())
     assert result.problem == "checkpoint at 10: bad signature"
@@ -212,7 +255,8 @@ async def test_verifying_with_the_wrong_key_fails(log: AuditLog) -> None:
 Query = Callable[[audit_pb2.AuditEntry], bool]
 
 
-async def test_query_filters(log: AuditLog) -> None:
+@on_both_backends
+async def test_query_filters(log: AuditBackend) -> None:
     await fill(log, 30)
     everything = await log.query()
     assert [e.seq for e in everything] == list(range(1, 31))
@@ -231,7 +275,8 @@ async def test_query_filters(log: AuditLog) -> None:
     assert await log.query(kind="pub*") == []  # the prefix is literal, not a pattern
 
 
-async def test_export_is_seq_order_with_checkpoints_after_their_entry(log: AuditLog) -> None:
+@on_both_backends
+async def test_export_is_seq_order_with_checkpoints_after_their_entry(log: AuditBackend) -> None:
     await log.checkpoint(now_ms=0)  # of the empty log
     await fill(log, 21)
     records = [r async for r in log.export()]
@@ -242,7 +287,8 @@ async def test_export_is_seq_order_with_checkpoints_after_their_entry(log: Audit
     assert shape == expected
 
 
-async def test_concurrent_records_form_a_gap_free_chain(log: AuditLog) -> None:
+@on_both_backends
+async def test_concurrent_records_form_a_gap_free_chain(log: AuditBackend) -> None:
     before = log.commits
     seqs = await asyncio.gather(
         *(log.record(kind="deliver", actor="a", message_id=f"m{i}", now_ms=i) for i in range(300))
@@ -257,3 +303,30 @@ async def test_the_table_refuses_updates_through_sqlite(log: AuditLog, path: Pat
     await fill(log, 1)
     with sqlite3.connect(path) as raw, pytest.raises(sqlite3.IntegrityError, match="append-only"):
         raw.execute("DELETE FROM entries")
+
+
+@on_both_backends
+async def test_a_drainer_restarted_after_the_audit_commit_chains_each_row_once(
+    log: AuditBackend, tmp_path: Path
+) -> None:
+    store = await SqliteMessageStore.open(tmp_path / "messages.db", max_bytes=1 << 30)
+    try:
+        for i in range(5):
+            item = AuditItem("publish.accepted", "KOR", "KOR", f"m{i}")
+            await store.record([encode(item)], 1_000 + i)
+        # The drainer's audit commit of the first two rows, then a crash before the
+        # outbox forgot them: the next start forgets them unread and drains the rest.
+        await log.append_outbox("messages", _entries("messages", await store.read_outbox(0, 2)))
+        drainer = Drainer(log)
+        drainer.add_source("messages", store)
+        assert await drainer.start() == 3
+        await drainer.close()
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "messages.db") as db:  # forgotten, once closed
+        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+    entries = await log.query()
+    assert [e.message_id for e in entries] == [f"m{i}" for i in range(5)]
+    assert [e.time_ms for e in entries] == [1_000 + i for i in range(5)]
+    assert await log.drained_through("messages") == 5
+    assert (await log.verify(KEY.public_key())).ok

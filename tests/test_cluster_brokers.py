@@ -133,6 +133,12 @@ async def test_the_newest_stream_wins_across_brokers(
         assert "replaced" in info.value.message
         await eventually(lambda: second.caught_up.is_set(), 10)
         assert not a.exchange.live.get("USA") and b.exchange.live.get("USA")
+        # Both brokers' operators see one live stream of USA (the lease), not their own.
+        for port in (a.port, b.port):
+            async with operator(pki, "op1", port) as op:
+                [usa] = [p for p in await op.partners() if p.partner == "USA"]
+                assert usa.connected
+                assert (await op.stats()).live_streams == 1
         served.cancel()
         second.close()
     finally:

@@ -68,3 +68,36 @@ async def test_the_bound_can_be_switched_off(pki: Path, tmp_path: Path, limit: i
         assert len(await b.audit.query(kind="keys.registered", partner="KOR")) == LIMIT + 2
     finally:
         await b.stop(grace=1)
+
+
+async def test_an_oversized_key_bundle_is_refused_unstored(pki: Path, tmp_path: Path) -> None:
+    """A bundle the partner signed with a megabyte of unknown fields: refused
+    bad_key_bundle before it is verified or written (a registry fact stays small on
+    every backend), and audited."""
+    b = await running_broker(pki, tmp_path / "broker")
+    try:
+        await admit(pki, b.port, policy("KOR"))
+        creds = load_partner(pki / "partners" / "KOR")
+        fresh = make_key_bundle("KOR", HpkePrivateKey.generate(), now_ms(), now_ms() + 3600_000)
+        junk = b"x" * (1 << 20)
+        fresh.MergeFromString(b"\x9a\x06" + _varint(len(junk)) + junk)  # field 99, unknown
+        req = exchange_pb2.RegisterKeysRequest(bundle=sign_key_bundle(fresh, creds.signing_key))
+        async with partner(pki, "KOR", b.port) as kor:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await kor.stub.RegisterKeys(req)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 16384" in (refused.value.details() or "")
+        assert await b.audit.query(kind="keys.registered", partner="KOR") == []
+        [entry] = await b.audit.query(kind="keys.refused", partner="KOR")
+        assert entry.decision == "bad_key_bundle"
+    finally:
+        await b.stop(grace=1)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)

@@ -27,6 +27,7 @@ from tests.helpers import policy
 pytestmark = pytest.mark.asyncio
 
 Opener = Callable[[], Awaitable[PartnerRegistry]]
+APPROVED = policy_pb2.PROPOSAL_APPROVED
 
 
 @pytest.fixture(params=["sqlite", "jetstream"])
@@ -252,3 +253,43 @@ async def test_a_reopened_registry_sees_everything(opener: Opener) -> None:
     assert await again.proposal(prop.proposal_id) == (prop, 1)
     assert await again.read_outbox(0, 100) == await reg.read_outbox(0, 100)
     assert len(await again.read_outbox(0, 100)) == 2
+
+
+async def test_an_approval_decides_and_applies_in_one_commit(opener: Opener) -> None:
+    reg = await opener()
+    await register(reg, "KOR")
+
+    async def propose(base: int) -> str:
+        prop = await reg.propose(
+            policy("KOR"), base_version=base, proposed_by="op1", reason="why", diff=["d"], now_ms=2
+        )
+        return prop.proposal_id
+
+    def entries(version: int) -> list[AuditItem]:
+        return [item("policy.approved", "KOR"), item("policy.change", "KOR", version=version)]
+
+    first, second = await propose(1), await propose(1)
+    outbox = len(await reg.read_outbox(0, 100))
+    seen: list[RegistryChange] = []
+    reg.on_change(seen.append)
+    pv = await reg.approve(first, decided_by="op2", now_ms=3, audit=entries)
+    assert pv is not None and (pv.version, pv.changed_by, pv.approved_by) == (2, "op1", "op2")
+    assert (pv.reason, list(pv.diff), pv.changed_ms) == ("why", ["d"], 3)
+    rec = reg.get("KOR")
+    assert rec is not None and rec.version == 2 and rec.policy == policy("KOR")
+    found = await reg.proposal(first)
+    assert found is not None and found[0].state == APPROVED and found[0].decided_by == "op2"
+    rows = (await reg.read_outbox(0, 100))[outbox:]
+    assert [json.loads(r.record)["kind"] for r in rows] == ["policy.approved", "policy.change"]
+    assert [(c.kind, c.partner) for c in seen] == [("proposal", "KOR"), ("policy", "KOR")]
+    # Decided already: nothing is written.
+    assert await reg.approve(first, decided_by="op3", now_ms=4, audit=entries) is None
+    assert await reg.approve("nope", decided_by="op3", now_ms=4, audit=entries) is None
+    # Made against version 1, the policy is at 2: refused, and it stays pending.
+    with pytest.raises(StaleVersion) as stale:
+        await reg.approve(second, decided_by="op2", now_ms=5, audit=entries)
+    assert stale.value.current == 2
+    found = await reg.proposal(second)
+    assert found is not None and found[0].state == policy_pb2.PROPOSAL_PENDING
+    assert [v.version for v in await reg.history("KOR")] == [1, 2]
+    assert len(await reg.read_outbox(0, 100)) == outbox + 2

@@ -129,6 +129,52 @@ def _decided(reg: JetStreamRegistry, pid: str, by: str) -> Callable[[], bool]:
     return decided
 
 
+async def test_conflicting_proposals_approved_at_once_one_applies(
+    pair: list[JetStreamRegistry],
+) -> None:
+    a, b = pair
+    await register(a, "KOR")
+    for n in range(5):
+        rec = a.get("KOR")
+        assert rec is not None
+        base = rec.version
+        props = [
+            await a.propose(
+                policy("KOR", level=level), base_version=base, proposed_by="op1", reason="",
+                diff=["d"], now_ms=n,
+            )
+            for level in (Classification.SECRET, Classification.TOP_SECRET)
+        ]  # fmt: skip
+
+        async def approve(reg: JetStreamRegistry, pid: str, base: int = base, n: int = n) -> str:
+            try:
+                pv = await reg.approve(
+                    pid,
+                    decided_by="op2",
+                    now_ms=n,
+                    audit=lambda v: [
+                        item("policy.approved", "KOR", proposal=pid),
+                        item("policy.change", "KOR", version=v),
+                    ],
+                )
+            except StaleVersion:
+                return "stale"
+            assert pv is not None and pv.version == base + 1
+            return "applied"
+
+        outcome = await asyncio.gather(
+            approve(a, props[0].proposal_id), approve(b, props[1].proposal_id)
+        )
+        assert sorted(outcome) == ["applied", "stale"]
+        loser = props[outcome.index("stale")].proposal_id
+        found = await a.proposal(loser)
+        assert found is not None and found[0].state == policy_pb2.PROPOSAL_PENDING
+    assert [v.version for v in await a.history("KOR")] == list(range(1, 7))
+    rows = [json.loads(r.record) for r in await a.read_outbox(0, 1000)]
+    assert sum(r["kind"] == "policy.approved" for r in rows) == 5
+    assert [r["detail"]["version"] for r in rows if r["kind"] == "policy.change"] == [2, 3, 4, 5, 6]
+
+
 async def test_conflicting_policy_versions_at_once_one_wins(
     pair: list[JetStreamRegistry],
 ) -> None:

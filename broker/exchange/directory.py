@@ -34,6 +34,9 @@ from coalition.v1 import directory_pb2, label_pb2
 
 Clock = Callable[[], int]
 SIGNER_MEMO_SIZE = 4096
+# A key bundle is a public key, ids and times (a few hundred bytes): a larger one is
+# refused before it is verified or stored (each one is a registry write).
+MAX_KEY_BUNDLE_BYTES = 16 << 10
 
 
 class SigningCertNotValid(KeyError):
@@ -202,6 +205,11 @@ class PartnerDirectory:
         """Verify a key bundle under the partner's certified key and make it current."""
         rec = self.record(partner)
         now = self.clock()
+        if (size := signed.ByteSize()) > MAX_KEY_BUNDLE_BYTES:
+            raise InvalidInput(
+                "bad_key_bundle",
+                f"key bundle refused: it is {size} bytes; at most {MAX_KEY_BUNDLE_BYTES} are taken",
+            )
         try:
             cert = x509.load_der_x509_certificate(rec.signing_cert)
             key = self.signer(partner, format(cert.serial_number, "x"))

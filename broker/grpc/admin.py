@@ -182,8 +182,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 yield admin_pb2.AuditRecord(entry=rec)
             else:
                 yield admin_pb2.AuditRecord(checkpoint=rec)
-        if self.core.audit_certificate:
-            yield admin_pb2.AuditRecord(audit_certificate=self.core.audit_certificate)
+        for der in await self.core.audit_certificates():
+            yield admin_pb2.AuditRecord(audit_certificate=der)
 
     async def Stats(self, request: admin_pb2.StatsRequest, context: Ctx) -> admin_pb2.StatsResponse:
         return stats_out(await self.core.stats())

@@ -48,8 +48,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -75,6 +77,8 @@ from coalition.v1 import audit_pb2
 
 __all__ = ["JetStreamAuditLog"]
 
+log = logging.getLogger("coalition.broker.audit")
+
 # What one block holds at most (the server's max_payload is larger); an outbox batch
 # beyond it is written as several blocks, each moving the mark past its own rows.
 _BLOCK_BYTES = 256 * 1024
@@ -99,7 +103,7 @@ class _Write:
     fields: list[audit_pb2.AuditEntry] = field(default_factory=list)
     source: str = ""  # an outbox chunk of this source: rows are (id, fields)
     rows: list[tuple[int, audit_pb2.AuditEntry]] = field(default_factory=list)
-    checkpoint_at: int | None = None  # a checkpoint of the head at this time
+    checkpoint_at: int | None = None  # a checkpoint of the head at this time (-1: its own)
     only_if_unsigned: bool = False
     future: asyncio.Future[object] | None = None
 
@@ -123,7 +127,7 @@ class JetStreamAuditLog(AuditBackend):
         self._key = signing_key
         self._every = checkpoint_every
         self._certificate = certificate
-        self._trust = SignerTrust(ca, own=certificate)
+        self._trust = SignerTrust(ca)
         self._init_front(refusals, clock)
         self._queue: list[_Write] = []
         self._writer: asyncio.Task[None] | None = None
@@ -246,6 +250,17 @@ class JetStreamAuditLog(AuditBackend):
                 self._commits += 1
                 self._head = self._head.after(block, outcome)
                 return results
+            if outcome.last_seq < self._head.stream_seq:
+                # The stream answers from behind what it acknowledged (a leader still
+                # catching up, or lost writes): wait, then chain onto what it holds.
+                log.critical(
+                    "audit stream reports last sequence %d, below %d it acknowledged",
+                    outcome.last_seq,
+                    self._head.stream_seq,
+                )
+                await asyncio.sleep(0.25)
+                self._head, _ = await self._stream.head(Head())
+                continue
             # Another block was stored first. If this one was stored after all (its first
             # answer was lost), that is the result: never chain it twice.
             look_for = block.id if outcome.uncertain else ""
@@ -308,7 +323,9 @@ class JetStreamAuditLog(AuditBackend):
     async def close(self, now_ms: int | None = None) -> None:
         """Write pending refusal summaries, then checkpoint the head if it is not yet (at
         now_ms, default the last entry's time), whoever wrote it; then stop writing. The
-        NATS connection is the caller's."""
+        NATS connection is the caller's. Closing again does nothing."""
+        if self._closed:
+            return
         await self.stop_summaries(now_ms)
         try:
             self._head, _ = await self._stream.head(self._head)
@@ -320,14 +337,15 @@ class JetStreamAuditLog(AuditBackend):
                 await asyncio.gather(self._writer, return_exceptions=True)
 
     # -- reading --------------------------------------------------------------------------
-    async def _blocks(self) -> AsyncIterator[Block | None]:
+    async def _blocks(self) -> AsyncGenerator[Block | None, None]:
         """Every message of the stream as it stands now, in order (see scan)."""
         self._head, _ = await self._stream.head(self._head)
-        async for _, block in scan(self._stream, self._head.stream_seq):
-            if block is not None:
-                for c in block.checkpoints:
-                    self._trust.meet(c.signer, c.checkpoint.time_ms)
-            yield block
+        async with contextlib.aclosing(scan(self._stream, self._head.stream_seq)) as blocks:
+            async for _, block in blocks:
+                if block is not None:
+                    for c in block.checkpoints:
+                        self._trust.meet(c.signer, c.checkpoint.time_ms)
+                yield block
 
     async def query(
         self,
@@ -344,12 +362,13 @@ class JetStreamAuditLog(AuditBackend):
         drained = await self._catch_up()
         keep = limit if limit > 0 and tail else None
         entries: collections.deque[audit_pb2.AuditEntry] = collections.deque(maxlen=keep)
-        async for block in self._blocks():
-            for e in block.entries if block is not None else ():
-                if _matches(e, partner, kind, since_ms, until_ms):
-                    entries.append(e)
-            if limit > 0 and not tail and len(entries) >= limit:
-                break
+        async with contextlib.aclosing(self._blocks()) as blocks:
+            async for block in blocks:
+                for e in block.entries if block is not None else ():
+                    if _matches(e, partner, kind, since_ms, until_ms):
+                        entries.append(e)
+                if limit > 0 and not tail and len(entries) >= limit:
+                    break
         out = list(entries)[:limit] if limit > 0 and not tail else list(entries)
         if not drained:
             out += await self._unchained(partner, kind, since_ms, until_ms)
@@ -371,6 +390,7 @@ class JetStreamAuditLog(AuditBackend):
         the stream that is not a block breaks the chain where it stands."""
         await self._catch_up()
         verifier = ChainVerifier(public_key)
+        added: set[bytes] = set()
         seq = 0
         async for block in self._blocks():
             if block is None:
@@ -381,7 +401,8 @@ class JetStreamAuditLog(AuditBackend):
                 continue
             for c in block.checkpoints:
                 key = self._trust.meet(c.signer, c.checkpoint.time_ms)
-                if key is not None:
+                if key is not None and c.signer not in added:
+                    added.add(c.signer)
                     verifier.add_key(key)
             verifier.feed(export_order(block))
             if block.entries:

@@ -3,20 +3,37 @@ verification trusts."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
 
+import nats.errors
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from broker.audit.backend import AuditError
 from broker.jetstream.audit_blocks import Block
 from broker.jetstream.audit_stream import AuditStream
 from coalition.identity import IdentityError, IdentityKind, identity_from_cert, verify_audit_cert
 
+log = logging.getLogger("coalition.broker.audit")
 
-async def scan(stream: AuditStream, last: int) -> AsyncIterator[tuple[int, Block | None]]:
+
+async def scan(stream: AuditStream, last: int) -> AsyncGenerator[tuple[int, Block | None], None]:
     """(stream sequence, block) for every message up to last, in order; None for a
-    message that is not a block."""
-    for seq in range(1, last + 1):
+    message that is not a block. Read through an ordered consumer; if it fails (an
+    election), the rest is read one message at a time."""
+    done = 0
+    try:
+        async with contextlib.aclosing(stream.follow(1, last)) as follow:
+            async for seq, block in follow:
+                if seq != done + 1:  # never skip a message, whatever the consumer does
+                    break
+                done = seq
+                yield seq, block
+    except (AuditError, nats.errors.Error) as exc:
+        log.warning("audit stream read one by one from %d: %s", done + 1, exc)
+    for seq in range(done + 1, last + 1):
         yield seq, await stream.read(seq)
 
 
@@ -25,23 +42,19 @@ class SignerTrust:
     CA issued to a broker identity, valid when the checkpoint was signed (none without a
     CA). Each certificate is judged once, at the first checkpoint that carries it."""
 
-    def __init__(self, ca: x509.Certificate | None, own: bytes = b"") -> None:
+    def __init__(self, ca: x509.Certificate | None) -> None:
         self._ca = ca
         self._judged: dict[bytes, Ed25519PublicKey | None] = {}
-        if own:
-            self._judged[own] = None  # this broker's own key is trusted by the caller
         self.seen: list[bytes] = []  # every distinct signer certificate met, in order
 
     def meet(self, der: bytes, time_ms: int) -> Ed25519PublicKey | None:
-        """The key of der if it is newly trusted (to add to the verifier), else None."""
+        """The key of der if it is trusted (judged at its first meeting), else None."""
         if not der:
             return None
-        if der not in self.seen:
+        if der not in self._judged:
             self.seen.append(der)
-        if der in self._judged:
-            return None
-        self._judged[der] = key = self._certified(der, time_ms)
-        return key
+            self._judged[der] = self._certified(der, time_ms)
+        return self._judged[der]
 
     def _certified(self, der: bytes, time_ms: int) -> Ed25519PublicKey | None:
         if self._ca is None:

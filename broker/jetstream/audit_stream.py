@@ -12,16 +12,24 @@ it (wrong last sequence) and the caller reads the new head.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from broker.audit.log import AuditError
 from broker.jetstream.audit_blocks import Block, BlockError, Head, decode, encode
@@ -39,12 +47,14 @@ _UNCERTAIN = (
     asyncio.TimeoutError,
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
+    NoStreamResponseError,  # no stream leader answered (being elected)
     nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError,
     nats.errors.StaleConnectionError,
     nats.errors.OutboundBufferLimitError,
 )
 _RETRY_STATUS = {503, 408}  # no quorum yet / the leader is being elected
+_DUPLICATE_IN_PROCESS = 10158  # the first copy of a message id is still being stored
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,39 @@ class AuditStream:
             log.error("audit stream message %d is not an audit block: %s", seq, exc)
             return None
 
+    async def follow(self, first: int, last: int) -> AsyncGenerator[tuple[int, Block | None], None]:
+        """(sequence, block) for the messages first..last, in order, through an ordered
+        consumer (one stream of messages instead of one request each). Raises nats
+        errors, AuditError if the consumer stalls: the caller reads the rest one by one."""
+        if first > last:
+            return
+        sub = await self.js.subscribe(
+            self._settings.subject("audit", ">"),
+            stream=self.name,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            config=ConsumerConfig(opt_start_seq=first),
+            inactive_threshold=60.0,
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=5)
+                except nats.errors.TimeoutError as exc:
+                    raise AuditError("the audit stream stopped delivering") from exc
+                seq = msg.metadata.sequence.stream
+                try:
+                    block: Block | None = decode(msg.data)
+                except BlockError as exc:
+                    log.error("audit stream message %d is not an audit block: %s", seq, exc)
+                    block = None
+                yield seq, block
+                if seq >= last:
+                    return
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
     async def head(
         self, known: Head, last_seq: int | None = None, look_for: str = ""
     ) -> tuple[Head, bool]:
@@ -194,7 +237,7 @@ class AuditStream:
             except _UNCERTAIN as exc:
                 problem: Exception = exc
             except APIError as exc:
-                if exc.code not in _RETRY_STATUS:
+                if exc.code not in _RETRY_STATUS and exc.err_code != _DUPLICATE_IN_PROCESS:
                     raise
                 problem = exc
             except nats.errors.Error as exc:

@@ -91,6 +91,8 @@ class Peers:
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_head = -1
         self.wakes_received = 0  # wake-ups from other brokers (tests count them)
+        # Every partner's lease as the watch last saw it: holder and when seen.
+        self._leases: dict[str, tuple[str, float]] = {}
 
     @classmethod
     async def open(
@@ -200,6 +202,15 @@ class Peers:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def serving(self, partner: str | None = None) -> int:
+        """Live streams of partner (of every partner when None) on any broker: leases
+        written or renewed within LEASE_TTL_S, as the watch saw them."""
+        fresh = time.monotonic() - LEASE_TTL_S
+        if partner is not None:
+            seen = self._leases.get(partner)
+            return int(seen is not None and seen[1] > fresh)
+        return sum(1 for _, at in self._leases.values() if at > fresh)
+
     def holder(self, partner: str) -> str | None:
         """The stream token this broker holds partner's lease with, if any."""
         held = self._held.get(partner)
@@ -238,16 +249,21 @@ class Peers:
         async for entry in watcher:
             if entry is None:
                 continue  # caught up with the bucket's current keys
+            value: dict[str, str] = {}
+            if entry.operation is None:  # a put: a claim or a renewal
+                try:
+                    value = json.loads(entry.value or b"{}")
+                except ValueError:
+                    value = {}
+                self._leases[entry.key] = (str(value.get("broker")), time.monotonic())
+            else:  # given back or expired
+                self._leases.pop(entry.key, None)
             held = self._held.get(entry.key)
             if held is None or entry.revision <= held.revision:
                 continue
             if entry.operation is not None:  # deleted or expired after our revision
                 continue  # our next renewal's compare says whether we still hold it
-            try:
-                token = json.loads(entry.value or b"{}").get("stream")
-            except ValueError:
-                token = None
-            if token != held.token:
+            if value.get("stream") != held.token:
                 self._lose(held, _superseded())
 
     async def close(self) -> None:

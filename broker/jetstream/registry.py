@@ -22,7 +22,7 @@ from broker.jetstream.registry_stream import Behind, Plan, RegistryStream
 from broker.jetstream.registry_view import H_BASE, H_KEY_ID, H_PARTNER, H_TIME, Outgoing
 from broker.registry_types import ChangeCallback, PartnerRecord, StaleVersion
 from broker.store.base import OutboxRow
-from coalition.policy import PartnerPolicy, policy_to_proto
+from coalition.policy import PartnerPolicy, policy_from_proto, policy_to_proto
 from coalition.v1 import directory_pb2, policy_pb2
 
 
@@ -68,7 +68,10 @@ class JetStreamRegistry:
         return self._view.history(code)
 
     async def proposal(self, pid: str) -> tuple[policy_pb2.Proposal, int] | None:
-        """A proposal and the policy version it was made against, or None."""
+        """A proposal and the policy version it was made against, or None (after reading
+        the stream again: it may have been made through another broker a moment ago)."""
+        if pid not in self._view.proposals:
+            await self._s.refresh([self._view.subject("proposal", pid)])
         return self._view.proposal(pid)
 
     async def proposals(self, *, include_decided: bool) -> list[policy_pb2.Proposal]:
@@ -105,7 +108,7 @@ class JetStreamRegistry:
                 pv,
             )
 
-        await self._s.commit(make, [])
+        await self._s.commit(make, list)
         return pv
 
     async def apply(
@@ -142,7 +145,7 @@ class JetStreamRegistry:
             )
             return Plan([*self._s.outbox(audit(version) if audit else None, now_ms), out], pv)
 
-        plan = await self._s.commit(make, [subject])
+        plan = await self._s.commit(make, lambda: [subject])
         assert plan is not None
         result: policy_pb2.PolicyVersion = plan.result
         return result
@@ -173,7 +176,7 @@ class JetStreamRegistry:
         headers = {H_PARTNER: policy.partner, H_BASE: str(base_version), **_time(now_ms)}
         out = Outgoing(self._view.subject("proposal", pid), prop.SerializeToString(), headers, 0)
         entry = self._s.outbox(audit(pid) if audit else None, now_ms)
-        await self._s.commit(lambda _: Plan([*entry, out], prop), [])
+        await self._s.commit(lambda _: Plan([*entry, out], prop), list)
         return prop
 
     async def decide_proposal(
@@ -204,7 +207,72 @@ class JetStreamRegistry:
             out = Outgoing(subject, decided.SerializeToString(), headers, self._view.last(subject))
             return Plan([*self._s.outbox(audit, now_ms), out], True)
 
-        return await self._s.commit(make, [subject]) is not None
+        return await self._s.commit(make, lambda: [subject]) is not None
+
+    async def approve(
+        self,
+        pid: str,
+        *,
+        decided_by: str,
+        now_ms: int,
+        audit: Callable[[int], list[AuditItem]] | None = None,
+    ) -> policy_pb2.PolicyVersion | None:
+        """Approve a pending proposal and apply its policy as the next version, in one
+        batch with the entries audit makes from the new version number (compare-and-set
+        on the proposal and on the policy). None if the proposal is unknown or no longer
+        pending; StaleVersion if the policy is no longer at the version it was made
+        against. Either way nothing is written."""
+        subject = self._view.subject("proposal", pid)
+
+        def make(fresh: bool) -> Plan | None:
+            found = self._view.proposals.get(pid)
+            if found is None and not fresh:
+                raise Behind
+            if found is None or found[0].state != policy_pb2.PROPOSAL_PENDING:
+                return None
+            prop, base, _ = found
+            code = prop.policy.partner
+            rec = self._view.records[code]
+            if rec.version != base:
+                if base > rec.version and not fresh:
+                    raise Behind
+                raise StaleVersion(rec.version)
+            v = base + 1
+            policy = policy_from_proto(prop.policy)
+            pv = _version(
+                policy, v, prop.proposed_by, decided_by, prop.reason, [*prop.diff], now_ms
+            )
+            decided = policy_pb2.Proposal()
+            decided.CopyFrom(prop)
+            decided.state = policy_pb2.PROPOSAL_APPROVED
+            decided.decided_by = decided_by
+            head = {H_PARTNER: code, H_BASE: str(base), **_time(now_ms)}
+            policy_subject = self._view.subject("policy", code)
+            entries = [m for e in (audit(v) if audit else []) for m in self._s.outbox(e, now_ms)]
+            return Plan(
+                [
+                    *entries,
+                    Outgoing(subject, decided.SerializeToString(), head, self._view.last(subject)),
+                    Outgoing(
+                        policy_subject,
+                        pv.SerializeToString(),
+                        {H_PARTNER: code},
+                        self._view.last(policy_subject),
+                    ),
+                ],
+                pv,
+            )
+
+        def depends_on() -> list[str]:
+            found = self._view.proposals.get(pid)
+            code = found[0].policy.partner if found else ""
+            return [subject, *([self._view.subject("policy", code)] if code else [])]
+
+        plan = await self._s.commit(make, depends_on)
+        if plan is None:
+            return None
+        result: policy_pb2.PolicyVersion = plan.result
+        return result
 
     async def set_bundle(
         self,
@@ -229,7 +297,7 @@ class JetStreamRegistry:
                 raise KeyError(code)  # as the SQLite registry, for an unknown partner
             return Plan([*entry, Outgoing(subject, data, headers, self._view.last(subject))])
 
-        await self._s.commit(make, [self._view.subject("policy", code)])
+        await self._s.commit(make, lambda: [self._view.subject("policy", code)])
 
     # -- the audit outbox (an OutboxSource of broker.audit.drainer) ------------------------
     async def read_outbox(self, after: int, limit: int) -> list[OutboxRow]:

@@ -61,7 +61,7 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from broker.audit.items import AuditItem, encode
 from broker.errors import Unavailable
@@ -75,7 +75,15 @@ log = logging.getLogger("coalition.broker.registry")
 # A compare-and-set lost: 10071 names the subject's last sequence; 10164 does not (a
 # replicated stream, or another write to the subject still in flight).
 _WRONG_LAST_SEQUENCE = (10071, 10164)
-_UNCERTAIN = (NatsTimeout, NoRespondersError, ConnectionClosedError, asyncio.TimeoutError)
+# No answer, so no knowing whether a write was stored (js.publish reports no responders
+# as NoStreamResponseError).
+_UNCERTAIN = (
+    NatsTimeout,
+    NoRespondersError,
+    NoStreamResponseError,
+    ConnectionClosedError,
+    asyncio.TimeoutError,
+)
 
 
 class Behind(Exception):
@@ -197,6 +205,10 @@ class RegistryStream:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._moved.wait(), left)
 
+    async def refresh(self, subjects: list[str]) -> None:
+        """Bring the view up to each subject's last sequence now (see _refresh)."""
+        await self._refresh(subjects, asyncio.get_running_loop().time() + self.write_timeout_s)
+
     async def _refresh(self, subjects: list[str], deadline: float) -> None:
         """Bring the view up to each subject's last sequence, as the stream's leader
         reports it (retried through elections until deadline)."""
@@ -251,7 +263,7 @@ class RegistryStream:
             raise _Uncertain(type(exc).__name__) from exc
 
     async def commit(
-        self, make: Callable[[bool], Plan | None], depends_on: list[str]
+        self, make: Callable[[bool], Plan | None], depends_on: Callable[[], list[str]]
     ) -> Plan | None:
         """Make a change against the view and write it (see the module docstring).
 
@@ -259,7 +271,7 @@ class RegistryStream:
         raises the caller's refusal. It is called again after each lost race, so its
         checks see what won. When the caller knows of more than the view holds (a
         version or a partner another broker made a moment ago) make raises ``Behind``
-        unless fresh: the view is then brought up to the subjects in depends_on, and
+        unless fresh: the view is then brought up to the subjects depends_on() names, and
         make called again with fresh True. Returns the plan written, or None.
         """
         loop = asyncio.get_running_loop()
@@ -274,8 +286,9 @@ class RegistryStream:
             try:
                 plan = make(fresh)
             except Behind:
-                await self._refresh(depends_on, deadline)
-                fresh = True
+                subjects = depends_on()
+                await self._refresh(subjects, deadline)
+                fresh = depends_on() == subjects  # else what was read names more to read
                 continue
             if plan is None:
                 return None
@@ -285,6 +298,7 @@ class RegistryStream:
             try:
                 last = await self._publish(plan.messages)
             except _Conflict:
+                log.info("registry change lost a race; reading the stream again")
                 await self._refresh(checked, deadline)
                 fresh = True
                 continue
@@ -295,6 +309,7 @@ class RegistryStream:
                         f"the registry change could not be confirmed by the cluster ({exc}); "
                         "it may be electing a leader or have lost its quorum; retry",
                     ) from exc
+                log.warning("registry change unconfirmed (%s); checking and retrying", exc)
                 await asyncio.sleep(0.25)
                 await self._refresh(checked, deadline)
                 fresh = True

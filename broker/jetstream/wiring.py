@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from broker.admin_types import ExchangeLink
+from broker.admin_types import Counts, ExchangeLink
 from broker.audit import AuditError
 from broker.backends import Backend
 from broker.config import BrokerConfig
@@ -29,8 +29,9 @@ log = logging.getLogger("coalition.broker")
 
 async def join_cluster(
     backend: Backend, cfg: BrokerConfig, exchange: ExchangeCore, link: ExchangeLink, clock: Clock
-) -> Peers:
-    """Open the peers link and hook it, and the registry's watch, into the exchange."""
+) -> tuple[Peers, ExchangeLink]:
+    """Open the peers link and hook it, and the registry's watch, into the exchange; the
+    link the admin core is to use (live streams counted across the brokers)."""
     assert backend.nc is not None and backend.settings is not None
     peers = await Peers.open(
         backend.nc, backend.settings, cfg.name, exchange.wake_all, backend.store.head
@@ -57,4 +58,26 @@ async def join_cluster(
             )
         except AuditError as exc:
             log.critical("store.durability_weakened not audited: %s", exc)
-    return peers
+    return peers, ClusterLink(link, peers)
+
+
+class ClusterLink:
+    """The admin core's view of the exchange when brokers share a deployment: a partner's
+    live stream counts wherever it is served (its lease), so every broker answers the
+    same; deliveries in flight and the counters are this broker's own."""
+
+    def __init__(self, local: ExchangeLink, peers: Peers) -> None:
+        self._local = local
+        self._peers = peers
+
+    def policy_changed(self, partner: str) -> None:
+        self._local.policy_changed(partner)
+
+    def live_streams(self, partner: str | None = None) -> int:
+        return self._peers.serving(partner)
+
+    def counters(self, partner: str) -> Counts:
+        return self._local.counters(partner)
+
+    def in_flight(self, partner: str) -> int:
+        return self._local.in_flight(partner)

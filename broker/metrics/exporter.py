@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +47,7 @@ class MetricsExporter:
         audit_db: Path | None,
         *,
         ttl: float = 2.0,
+        audit_count: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.instruments = Instruments(self.registry, partner_label(registry.get))
@@ -57,6 +58,7 @@ class MetricsExporter:
             registry,
             audit_db,
             ttl=ttl,
+            audit_count=audit_count,
             verify_queue=lambda: pipeline._verifying,  # read-only, on the loop
         )
         self.registry.register(self.collector)
