@@ -26,9 +26,9 @@ from clients.cluster import NatsCluster
 from clients.demo.procs import Proc, python_module, wait_for_file
 from clients.demo.scenario import OPERATORS, PARTNERS, Demo
 from clients.node.sequences import DurableSequencer
-from clients.sdk import ClientError, OperatorClient, PartnerClient
+from clients.sdk import ClientError, PartnerClient
 from coalition.labels import parse_label
-from coalition.pki import load_operator, load_partner
+from coalition.pki import load_partner
 from coalition.v1 import exchange_pb2, intel_pb2
 
 BROKERS = 2
@@ -124,17 +124,6 @@ class ClusterDemo(Demo):
                 'topics = ["intel.>"]\n'
             )
         return cfg
-
-    async def connected(self, code: str) -> bool:
-        """Whether any broker serves a live stream of code (each broker reports its own)."""
-        for first in range(len(self.ports)):
-            if self.brokers[first].alive():
-                async with OperatorClient(
-                    load_operator(self.pki / "operators" / "op1"), f"127.0.0.1:{self.ports[first]}"
-                ) as op:
-                    if any(p.partner == code and p.connected for p in await op.partners()):
-                        return True
-        return False
 
     async def run(self) -> None:
         await super().run()
