@@ -42,6 +42,7 @@ from clients.cluster import NatsCluster, NatsNode
 
 FAULTS = ("kill", "stop", "term", "stepdown")
 GRACE_S = 0.05
+NO_ACK_S = 90.0
 
 
 @dataclass
@@ -123,6 +124,7 @@ class Publisher:
         self.tag = tag
         self.acked: list[Acked] = []
         self.retries = 0
+        self.last_error = ""
         self.n = 0
         self.stopping = False
 
@@ -143,13 +145,8 @@ class Publisher:
                     body = json.loads(reply.data)
                     if "error" in body:  # e.g. 503 no quorum during the election
                         raise RuntimeError(body["error"])
-                except Exception:
-                    self.retries += 1
-                    await asyncio.sleep(0.05)
-                    continue
-                info = self.nc._server_info  # the server that carried the reply
-                self.acked.append(
-                    Acked(
+                    info = self.nc._server_info  # the server that carried the reply
+                    acked = Acked(
                         msg_id,
                         int(body["seq"]),
                         bool(body.get("duplicate", False)),
@@ -158,7 +155,12 @@ class Publisher:
                         attempts,
                         str(info.get("server_name", "")),
                     )
-                )
+                except Exception as exc:
+                    self.retries += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    await asyncio.sleep(0.05)
+                    continue
+                self.acked.append(acked)
                 break
 
 
@@ -287,7 +289,13 @@ async def run_scenario(cluster: NatsCluster, sc: Scenario, trials: int, stop_s: 
             during = asyncio.create_task(_read_during(rjs, stream, before, stale_during))
             # A signal takes effect a moment after kill(2) returns: a message sent within
             # GRACE_S of it may still be answered by the old leader.
-            while not any(a.sent_at >= t0 + GRACE_S for a in pub.acked):  # noqa: ASYNC110
+            while not any(a.sent_at >= t0 + GRACE_S for a in pub.acked):
+                if time.monotonic() - t0 > NO_ACK_S:
+                    raise RuntimeError(
+                        f"{sc.fault} trial {i + 1}: no acknowledgement {NO_ACK_S:.0f} s after "
+                        f"the fault (publisher connected: {nc.is_connected}, "
+                        f"task done: {task.done()}, last error: {pub.last_error})"
+                    )
                 await asyncio.sleep(0.005)
             first = next(a for a in pub.acked if a.sent_at >= t0 + GRACE_S)
             during.cancel()
