@@ -308,15 +308,16 @@ async def run_scenario(cluster: NatsCluster, sc: Scenario, trials: int, stop_s: 
             except Exception:
                 first_seq, first_leader = -1, "(no answer)"
             settle0 = time.monotonic()
-            while True:
+            settled = -1.0  # stays so if no answer reached the acknowledged sequence
+            while time.monotonic() - settle0 < NO_ACK_S:
                 try:
                     info = await rjs.stream_info(stream)
                     if info.state.last_seq >= first.seq:
+                        settled = time.monotonic() - settle0
                         break
                 except Exception:
                     pass
                 await asyncio.sleep(0.05)
-            settled = time.monotonic() - settle0
             await reader.close()
             await _heal(cluster, node, sc.fault, stop_s, t0)
             await asyncio.sleep(0.3)
