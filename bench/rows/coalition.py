@@ -139,6 +139,7 @@ async def admit_all(pki: Path, target: str) -> None:
 
 class CoalitionPublisher:
     def __init__(self, spec: RowSpec, sender: str) -> None:
+        self.sender = sender
         self.client = PartnerClient(
             load_partner(Path(spec.pki) / "partners" / sender), broker_for(spec, sender)
         )
@@ -150,7 +151,11 @@ class CoalitionPublisher:
     async def send(self, batch: Sequence[Sealed]) -> int:
         envelopes = [envelope_pb2.Envelope.FromString(m.data) for m in batch]
         results = await self.client.publish(envelopes)
-        return sum(1 for r in results if r.outcome == exchange_pb2.ACCEPTED)
+        refused = [r.reason_code for r in results if r.outcome != exchange_pb2.ACCEPTED]
+        if refused:  # say why, once per batch: a refusal is not a benchmark result
+            reasons = ", ".join(f"{c} x{refused.count(c)}" for c in sorted(set(refused)))
+            print(f"[bench] {self.sender}: refused {reasons}", file=sys.stderr, flush=True)
+        return len(results) - len(refused)
 
     async def close(self) -> None:
         await self.client.close()
