@@ -3,8 +3,7 @@ audit verification and the operators' views. It takes and returns domain values
 (``broker.admin_types``); ``broker.grpc.admin`` translates them to and from protobuf.
 
 Its collaborators are its own: the registry, the message store, the audit log, the
-registry's audit outbox (``RegistryAudit``) and a narrow view of the exchange
-(``ExchangeLink``: apply a policy change to live streams, who is connected, counters).
+registry's audit outbox (``RegistryAudit``) and ``ExchangeLink``, the exchange's live side.
 """
 
 from __future__ import annotations
@@ -395,8 +394,7 @@ class AdminCore:
         return self.audit.export()
 
     async def audit_certificates(self) -> list[bytes]:
-        """DER of the audit certificates an export needs, after it: this broker's, then
-        any other broker's whose key signed checkpoints of the chain (a cluster)."""
+        """DER of the audit certificates an export needs: this broker's, then other signers'."""
         own = [self.audit_certificate] if self.audit_certificate else []
         return list(dict.fromkeys(own + await self.audit.signer_certificates()))
 

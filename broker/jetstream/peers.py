@@ -142,16 +142,21 @@ class Peers:
             await self._kick.wait()
             self._kick.clear()
             try:
-                await self._nc.publish(self._subject, f"{self.broker_id} {self._stored}".encode())
+                wake = {"broker": self.broker_id, "offset": self._stored}
+                await self._nc.publish(self._subject, json.dumps(wake).encode())
             except _UNREACHABLE as exc:  # the head poll wakes them instead
                 log.debug("wake-up not sent: %s", exc)
 
     async def _on_wake(self, msg: Msg) -> None:
-        sender, _, offset = msg.data.decode(errors="replace").partition(" ")
+        try:
+            wake = json.loads(msg.data)
+            sender, offset = str(wake["broker"]), int(wake["offset"])
+        except (ValueError, TypeError, KeyError):
+            sender, offset = "", 0  # not a broker's: wake all the same, it costs a read
         if sender == self.broker_id:
             return
         self.wakes_received += 1
-        self._want = max(self._want, int(offset) if offset.isdigit() else 0)
+        self._want = max(self._want, offset)
         self._arrived.set()
 
     async def _take_wakes(self) -> None:
