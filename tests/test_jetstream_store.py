@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
@@ -18,7 +19,7 @@ from nats.aio.client import Client
 from broker.jetstream import batches, codec
 from broker.jetstream.connect import ClusterSettings, connect
 from broker.jetstream.store import JetStreamMessageStore
-from broker.store import Appended, Rejected, StoredMessage
+from broker.store import Appended, Rejected, StoredMessage, StoreError
 from broker.store.base import RejectReason
 from clients.cluster import NatsCluster
 from tests.helpers import eventually
@@ -185,7 +186,8 @@ async def test_what_one_broker_writes_the_other_reads(brokers: Brokers) -> None:
     await a.append([message("KOR", i) for i in (1, 2, 3)], now_ms=1_000)
     for store in (a, b):
         await store.ensure_cursor("USA", 0)
-    await until(lambda: b._view.head == 3)
+    assert await b.wait_for_head(3, timeout=10)
+    assert not await b.wait_for_head(4, timeout=0.05)  # nothing was stored there yet
     assert [m.offset for m in await b.pending("USA", 10)] == [1, 2, 3]
     assert await b.settle("USA", [1]) == 1
     assert await a.cursor("USA") == 1
@@ -296,3 +298,78 @@ async def test_the_stream_leader_dies_mid_burst_and_nothing_acknowledged_is_lost
             assert await reader.verify_integrity() == []
         finally:
             await brokers.close()
+
+
+async def test_a_message_larger_than_one_nats_message_is_refused_alone(brokers: Brokers) -> None:
+    store = await brokers.open(max_bytes=1 << 30)
+    too_big = message(sequence=1, message_id="big", size=brokers.connections[0].max_payload)
+    outcomes = await asyncio.gather(
+        store.append([too_big], now_ms=1),
+        store.append([message("USA", 1)], now_ms=1),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], StoreError) and "max_payload" in str(outcomes[0])
+    assert outcomes[1] == [Appended(1)]
+    assert not await store.has_message("KOR", "big")
+
+
+def test_names_and_topics_become_safe_subject_tokens_and_come_back_exactly() -> None:
+    hostile = ["", "KOR", "a.b", "*", ">", "a b", "tab\there", "ünï", "=41", "x\r\ny", "-_"]
+    tokens = [codec.token(t) for t in hostile]
+    assert len(set(tokens)) == len(hostile)  # one-to-one
+    for text, tok in zip(hostile, tokens, strict=True):
+        assert tok and all(c.isascii() and (c.isalnum() or c in "_-=") for c in tok), tok
+        assert codec.untoken(tok) == text
+
+
+async def test_a_hostile_sender_and_topic_are_stored_and_read_back_exactly(
+    brokers: Brokers,
+) -> None:
+    a, b = await brokers.open(), await brokers.open()
+    m = replace(
+        message(sequence=1), sender="K.O*R >", topic="intel..gr ound.>.ü", message_id="id\n2"
+    )
+    assert await a.append([m], now_ms=3) == [Appended(1)]
+    assert await b.wait_for_head(1, timeout=10)
+    got = await b.get(1)
+    assert got is not None
+    assert (got.sender, got.topic, got.message_id, got.envelope) == (
+        m.sender,
+        m.topic,
+        m.message_id,
+        m.envelope,
+    )
+    assert await b.last_sequence("K.O*R >") == 1
+
+
+async def test_a_lost_acknowledgement_is_resolved_from_the_stream_never_stored_twice(
+    brokers: Brokers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster stored a batch but its acknowledgement never came back (as when the
+    leader dies right after committing): the writer finds its batch in the stream and
+    answers with its offsets; the retry it planned cannot store the messages again, and
+    writes queued meanwhile are committed after it. (The lost reply is the one thing
+    injected: a real batch is committed, then the writer is told nothing came back.)"""
+    store = await brokers.open()
+    real = batches.publish
+    lost: list[int] = []
+
+    async def ack_lost(*args: Any, **kwargs: Any) -> int:
+        last = await real(*args, **kwargs)
+        if not lost:
+            lost.append(last)
+            await asyncio.sleep(0.2)  # meanwhile another write queues
+            raise batches.OutcomeUnknown("the acknowledgement was lost")
+        return last
+
+    monkeypatch.setattr(batches, "publish", ack_lost)
+    first = asyncio.create_task(store.append([message(sequence=1)], 1, records=_accepted))
+    await asyncio.sleep(0.05)
+    second = store.append([message(sequence=2)], 1, records=_accepted)
+    assert await first == [Appended(1)]
+    assert await second == [Appended(3)]  # after KOR-1 and its record
+    assert lost == [2]
+    assert await store.last_sequence("KOR") == 2
+    reader = await brokers.open()
+    assert [m.message_id for m in reader._view.live.values()] == ["KOR-1", "KOR-2"]
+    assert [r.record for r in await reader.read_outbox(0, 10)] == ["accepted 1", "accepted 3"]

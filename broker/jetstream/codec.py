@@ -148,6 +148,11 @@ def message_from(offset: int, headers: Mapping[str, str], envelope: bytes) -> St
     )
 
 
+def entry_bytes(headers: Mapping[str, str], data: bytes) -> int:
+    """What an entry takes of the servers' max_payload (payload, headers, batch headers)."""
+    return len(data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 256
+
+
 def plain_headers(time_ms: int, batch: str) -> dict[str, str]:
     return {H_STORED: str(time_ms), H_BATCH: batch}
 

@@ -91,6 +91,7 @@ class Committer:
         self._task = asyncio.create_task(self._run(), name="jetstream-store-writer")
         self._closed = False
         self._stopping = False
+        self.max_payload = nc.max_payload  # the largest entry the servers accept
         self.commits = 0  # batches committed by this store
         self.on_commit: Callable[[float], None] | None = None
 
@@ -147,14 +148,15 @@ class Committer:
         attempts: list[tuple[str, list[tuple[_Job, Callable[[], Any]]]]] = []
         started = time.monotonic()
         while True:
-            for batch_id, planned in attempts:
-                if batch_id in self._view.batches:  # an earlier attempt was stored after all
-                    self._answer(planned)
-                    return
+            stored = [p for b, p in attempts if b in self._view.batches]
+            if stored:  # an earlier attempt was stored after all: its jobs are done
+                self.commits += 1
+                self._answer(stored[0])
+                attempts.clear()  # jobs gathered since are planned again, on top of it
             group = [j for j in group if not j.future.done() and j not in self._carry]
             if not group:
                 return
-            if attempts:
+            if attempts or stored:
                 self._gather(group)  # while this batch waited, more queued: take them too
             if time.monotonic() - started > GIVE_UP_S:
                 err = StoreError(

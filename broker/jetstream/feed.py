@@ -17,8 +17,6 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
@@ -85,11 +83,20 @@ class Feed:
                 await self._moved.wait()
 
     async def last_sequence(self) -> int:
-        """The stream's last sequence, asked of its leader (retried through an election)."""
-        for _ in range(60):
-            try:
-                info = await self._js.stream_info(self._stream)
-                return int(info.state.last_seq)
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
-                await asyncio.sleep(0.5)
-        raise TimeoutError("the message stream's leader did not answer")
+        """The stream's last sequence, asked of its leader (waiting through an election);
+        raises StoreError when no leader answers."""
+        info = await through_elections(
+            lambda: self._js.stream_info(self._stream), "read the stream's last sequence"
+        )
+        return int(info.state.last_seq)
+
+    async def wait_for_head(self, head: Callable[[], int], offset: int, timeout: float) -> bool:
+        """Wait until head() reaches offset (or timeout); return whether it did."""
+        try:
+            async with asyncio.timeout(timeout):
+                while head() < offset:
+                    self._moved.clear()
+                    await self._moved.wait()
+        except TimeoutError:
+            return False
+        return True

@@ -63,6 +63,7 @@ from broker.store.base import (
     OutboxRow,
     Rejected,
     StoredMessage,
+    StoreError,
     StoreFull,
     StoreStats,
     Sweep,
@@ -100,6 +101,7 @@ class JetStreamMessageStore:
         self._envelopes = envelopes
         self._max_bytes = max_bytes
         self._sender_bytes = sender_bytes
+        self._max_payload = committer.max_payload
         self._sweeper = Sweeper(
             view,
             committer,
@@ -212,15 +214,17 @@ class JetStreamMessageStore:
                     results.append(Rejected("quota_exceeded", used, quota))
                     continue
                 offset = first + len(entries)
+                headers = codec.message_headers(m, now_ms, batch_id)
+                if codec.entry_bytes(headers, m.envelope) > self._max_payload:
+                    raise StoreError(
+                        f"message {m.message_id}: {len(m.envelope)} bytes do not fit in one "
+                        f"NATS message (the servers' max_payload is {self._max_payload})"
+                    )
                 draft.ids.add((m.sender, m.message_id))
                 draft.last[m.sender] = m.sequence
                 draft.usage[m.sender] = draft.usage.get(m.sender, 0) + len(m.envelope)
                 draft.bytes += len(m.envelope)
-                entries.append(
-                    Entry(
-                        subjects.message(m), codec.message_headers(m, now_ms, batch_id), m.envelope
-                    )
-                )
+                entries.append(Entry(subjects.message(m), headers, m.envelope))
                 fresh.append(stored_message(m, offset, now_ms))
                 results.append(Appended(offset))
             if draft.total() > limit:
@@ -342,6 +346,11 @@ class JetStreamMessageStore:
     async def head(self) -> int:
         """Highest offset ever assigned, 0 if none."""
         return self._view.head
+
+    async def wait_for_head(self, offset: int, timeout: float) -> bool:
+        """Wait until this store has read the stream up to a message at offset (written
+        through any broker), at most timeout seconds; return whether it has."""
+        return await self._feed.wait_for_head(lambda: self._view.head, offset, timeout)
 
     async def cursor(self, subscriber: str) -> int | None:
         """Subscriber's durable cursor, None if it has none."""
