@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,42 @@ async def test_the_watch_survives_the_death_of_its_server(tmp_path: Path) -> Non
         finally:
             for nc in conns:
                 await nc.close()
+
+
+async def test_a_broker_whose_server_freezes_carries_on_through_another(
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP of the nats-server a broker is connected to (a follower: the stream keeps
+    its leader): the broker notices within seconds that it answers nothing, reconnects to
+    a live server and its change is recorded once."""
+    with NatsCluster(tmp_path) as cluster:
+        first = ClusterSettings(servers=tuple(cluster.urls), prefix="FROZEN")
+        nc0 = await connect(first)
+        try:
+            a0 = await JetStreamRegistry.open(nc0, first)
+            await a0.register("KOR", b"cert", policy("KOR"), actor="op1", reason="", now_ms=0)
+            info = await nc0.jetstream().stream_info(first.name("REGISTRY"))
+            assert info.cluster is not None
+            frozen = next(n for n in cluster.nodes if n.name != info.cluster.leader)
+            # This broker knows only the server about to freeze (it learns the others).
+            settings = ClusterSettings(servers=(frozen.url,), prefix="FROZEN")
+            nc = await connect(settings)
+            a = await JetStreamRegistry.open(nc, settings)
+            frozen.signal(signal.SIGSTOP)
+            try:
+                lowered = policy("KOR", level=Classification.RESTRICTED)
+                pv = await a.apply(
+                    lowered, changed_by="op1", approved_by="", reason="", diff=["d"], now_ms=1
+                )
+            finally:
+                frozen.signal(signal.SIGCONT)
+            assert pv.version == 2
+            assert [v.version for v in await a.history("KOR")] == [1, 2]
+            a.close()
+            await nc.close()
+            a0.close()
+        finally:
+            await nc0.close()
 
 
 def _entry(version: int) -> AuditItem:

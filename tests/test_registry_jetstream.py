@@ -275,3 +275,23 @@ async def test_the_same_partner_registered_at_once_once(pair: list[JetStreamRegi
         assert [v.version for v in await reg.history("KOR")] == [1]
     kinds = [json.loads(r.record)["kind"] for r in await pair[0].read_outbox(0, 10)]
     assert kinds == ["partner.registered"]
+
+
+async def test_an_unreadable_message_is_skipped_and_the_watch_goes_on(
+    pair: list[JetStreamRegistry], cluster_settings: ClusterSettings
+) -> None:
+    a, b = pair
+    await register(a, "KOR")
+    nc = await connect(cluster_settings)
+    try:
+        # Something no broker writes, where a proposal would be: the last message.
+        subject = cluster_settings.subject("reg", "proposal", "junk")
+        await nc.jetstream().publish(subject, b"\xff\xff not protobuf")
+        # A registry opened now reads to the end (past it) and serves.
+        c = await JetStreamRegistry.open(nc, cluster_settings, sync_timeout_s=10)
+        assert c.get("KOR") is not None and await c.proposals(include_decided=True) == []
+        c.close()
+    finally:
+        await nc.close()
+    await register(a, "USA")
+    await eventually(lambda: b.get("USA") is not None)

@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError
@@ -178,9 +179,14 @@ class RegistryStream:
         md = msg.metadata
         seq = md.sequence.stream
         headers = msg.headers or {}
-        change = self.view.apply(
-            msg.subject, seq, msg.data, headers, local=headers.get(H_CHANGE, "") in self._mine
-        )
+        local = headers.get(H_CHANGE, "") in self._mine
+        try:
+            change = self.view.apply(msg.subject, seq, msg.data, headers, local=local)
+        except (DecodeError, ValueError, KeyError) as exc:
+            # Only brokers write here; a message none of them could have written is
+            # skipped (and said), never allowed to stop the watch.
+            log.error("registry message %d on %r unreadable, skipped: %s", seq, msg.subject, exc)
+            change = None
         self._delivered = max(self._delivered, seq)
         if md.num_pending == 0:
             self._synced.set()
