@@ -30,6 +30,7 @@ from broker.audit.items import encode, entry_fields
 from broker.jetstream.audit import JetStreamAuditLog
 from broker.jetstream.audit_blocks import Block, SignedCheckpoint
 from broker.jetstream.audit_blocks import encode as encode_block
+from broker.jetstream.audit_reads import NEWEST_BLOCKS
 from broker.jetstream.connect import ClusterSettings, connect
 from broker.store import SqliteMessageStore
 from clients.admin import cli as admin_cli
@@ -330,3 +331,20 @@ async def test_blocks_forged_into_the_stream_are_named_by_verify(
     await js.publish(subject, b"not a block")
     assert await a.log.record(kind="deliver", actor="broker", now_ms=100) == 7
     assert await a.log.count() == 7
+
+
+async def test_a_tail_query_reads_back_or_scans_as_needed(brokers: tuple[Broker, Broker]) -> None:
+    a, _ = brokers
+    for i in range(NEWEST_BLOCKS + 6):  # one block each
+        partner = "GBR" if i < 2 else "USA"
+        await a.log.record(kind="deliver", actor="broker", partner=partner, now_ms=T0 + i)
+    newest_three = await a.log.query(limit=3, tail=True)  # from the last blocks
+    assert [e.seq for e in newest_three] == [
+        NEWEST_BLOCKS + 4,
+        NEWEST_BLOCKS + 5,
+        NEWEST_BLOCKS + 6,
+    ]
+    # Too far back to read block by block: the stream is scanned, the answer the same.
+    assert [e.seq for e in await a.log.query(partner="GBR", limit=5, tail=True)] == [1, 2]
+    assert [e.seq for e in await a.log.query(partner="GBR", limit=1, tail=True)] == [2]
+    assert [e.seq for e in await a.log.query(partner="USA", limit=2)] == [3, 4]

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -68,7 +69,7 @@ from broker.jetstream.audit_blocks import (
     chain,
     export_order,
 )
-from broker.jetstream.audit_reads import SignerTrust, scan
+from broker.jetstream.audit_reads import SignerTrust, matches, newest, scan
 from broker.jetstream.audit_stream import AuditStream, Conflict
 from broker.jetstream.connect import ClusterSettings
 from coalition.audit_chain import ChainVerifier, VerifyResult, sign_checkpoint
@@ -268,6 +269,13 @@ class JetStreamAuditLog(AuditBackend):
             if mine:
                 return results
 
+    async def _refresh(self) -> Head:
+        """Read the stream's head; keep it unless the writer got further meanwhile."""
+        head, _ = await self._stream.head(self._head)
+        if head.stream_seq > self._head.stream_seq:
+            self._head = head
+        return self._head
+
     async def record_many(self, items: Sequence[AuditItem], *, now_ms: int) -> list[int]:
         """Append several entries in one block (one link each in the chain); their seqs.
 
@@ -311,8 +319,7 @@ class JetStreamAuditLog(AuditBackend):
     async def drained_through(self, source: str) -> int:
         """The highest outbox id of source whose entry is in the chain, 0 if none (read
         from the stream's last block)."""
-        self._head, _ = await self._stream.head(self._head)
-        return self._head.marks.get(source, 0)
+        return (await self._refresh()).marks.get(source, 0)
 
     async def checkpoint(self, now_ms: int) -> audit_pb2.AuditCheckpoint:
         """Sign the current head (seq 0 and zero hash when empty), store and return it."""
@@ -328,7 +335,7 @@ class JetStreamAuditLog(AuditBackend):
             return
         await self.stop_summaries(now_ms)
         try:
-            self._head, _ = await self._stream.head(self._head)
+            await self._refresh()
             at = -1 if now_ms is None else now_ms
             await self._submit(_Write(checkpoint_at=at, only_if_unsigned=True))
         finally:
@@ -339,8 +346,8 @@ class JetStreamAuditLog(AuditBackend):
     # -- reading --------------------------------------------------------------------------
     async def _blocks(self) -> AsyncGenerator[Block | None, None]:
         """Every message of the stream as it stands now, in order (see scan)."""
-        self._head, _ = await self._stream.head(self._head)
-        async with contextlib.aclosing(scan(self._stream, self._head.stream_seq)) as blocks:
+        head = await self._refresh()
+        async with contextlib.aclosing(scan(self._stream, head.stream_seq)) as blocks:
             async for _, block in blocks:
                 if block is not None:
                     for c in block.checkpoints:
@@ -360,21 +367,31 @@ class JetStreamAuditLog(AuditBackend):
         """Entries in seq order; kind is a prefix, since_ms inclusive, until_ms exclusive,
         0/"" means no filter; with tail, the newest `limit` entries (still in seq order)."""
         drained = await self._catch_up()
-        keep = limit if limit > 0 and tail else None
-        entries: collections.deque[audit_pb2.AuditEntry] = collections.deque(maxlen=keep)
-        async with contextlib.aclosing(self._blocks()) as blocks:
-            async for block in blocks:
-                for e in block.entries if block is not None else ():
-                    if _matches(e, partner, kind, since_ms, until_ms):
-                        entries.append(e)
-                if limit > 0 and not tail and len(entries) >= limit:
-                    break
-        out = list(entries)[:limit] if limit > 0 and not tail else list(entries)
+        wanted = functools.partial(
+            matches, partner=partner, kind=kind, since=since_ms, until=until_ms
+        )
+        found = None
+        if tail and limit > 0:  # most tails are in the last few blocks
+            found = await newest(self._stream, (await self._refresh()).stream_seq, wanted, limit)
+        out = await self._scan_for(wanted, limit, tail) if found is None else found
         if not drained:
             out += await self._unchained(partner, kind, since_ms, until_ms)
             if limit > 0:
                 out = out[-limit:] if tail else out[:limit]
         return out
+
+    async def _scan_for(
+        self, wanted: Callable[[audit_pb2.AuditEntry], bool], limit: int, tail: bool
+    ) -> list[audit_pb2.AuditEntry]:
+        """The entries wanted accepts, the first (or with tail the last) limit of them."""
+        keep = limit if limit > 0 and tail else None
+        entries: collections.deque[audit_pb2.AuditEntry] = collections.deque(maxlen=keep)
+        async with contextlib.aclosing(self._blocks()) as blocks:
+            async for block in blocks:
+                entries.extend(e for e in (block.entries if block else ()) if wanted(e))
+                if limit > 0 and not tail and len(entries) >= limit:
+                    break
+        return list(entries)[:limit] if limit > 0 and not tail else list(entries)
 
     async def export(self) -> AsyncIterator[audit_pb2.AuditEntry | audit_pb2.AuditCheckpoint]:
         """Every entry in seq order, each followed by the checkpoints taken at its seq."""
@@ -412,19 +429,9 @@ class JetStreamAuditLog(AuditBackend):
     async def count(self) -> int:
         """Number of entries in the chain (its head's seq)."""
         await self._catch_up()
-        self._head, _ = await self._stream.head(self._head)
-        return self._head.seq
+        return (await self._refresh()).seq
 
     async def signer_certificates(self) -> list[bytes]:
         """DER of every audit certificate carried by the checkpoints read so far (an
         export has read them all)."""
         return list(self._trust.seen)
-
-
-def _matches(e: audit_pb2.AuditEntry, partner: str, kind: str, since: int, until: int) -> bool:
-    return (
-        (not partner or e.partner == partner)
-        and e.kind.startswith(kind)
-        and e.time_ms >= since
-        and (not until or e.time_ms < until)
-    )

@@ -1,11 +1,11 @@
-"""Reading the audit stream back: every block in order, and which checkpoint signers a
-verification trusts."""
+"""Reading the audit stream back: every block in order, the newest entries first, and
+which checkpoint signers a verification trusts."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 import nats.errors
 from cryptography import x509
@@ -15,6 +15,7 @@ from broker.audit.backend import AuditError
 from broker.jetstream.audit_blocks import Block
 from broker.jetstream.audit_stream import AuditStream
 from coalition.identity import IdentityError, IdentityKind, identity_from_cert, verify_audit_cert
+from coalition.v1 import audit_pb2
 
 log = logging.getLogger("coalition.broker.audit")
 
@@ -35,6 +36,36 @@ async def scan(stream: AuditStream, last: int) -> AsyncGenerator[tuple[int, Bloc
         log.warning("audit stream read one by one from %d: %s", done + 1, exc)
     for seq in range(done + 1, last + 1):
         yield seq, await stream.read(seq)
+
+
+# How many blocks a tail query reads backwards before it scans the stream instead.
+NEWEST_BLOCKS = 64
+
+
+def matches(e: audit_pb2.AuditEntry, partner: str, kind: str, since: int, until: int) -> bool:
+    """Whether e passes a query's filters (AuditLog.query's meaning)."""
+    return (
+        (not partner or e.partner == partner)
+        and e.kind.startswith(kind)
+        and e.time_ms >= since
+        and (not until or e.time_ms < until)
+    )
+
+
+async def newest(
+    stream: AuditStream, last: int, wanted: Callable[[audit_pb2.AuditEntry], bool], limit: int
+) -> list[audit_pb2.AuditEntry] | None:
+    """The newest limit entries wanted accepts, in seq order, read backwards from stream
+    sequence last; None if NEWEST_BLOCKS blocks did not hold that many (then scan)."""
+    out: list[audit_pb2.AuditEntry] = []
+    for seq in range(last, max(last - NEWEST_BLOCKS, 0), -1):
+        block = await stream.read(seq)
+        for e in reversed(block.entries if block is not None else ()):
+            if wanted(e):
+                out.append(e)
+                if len(out) == limit:
+                    return out[::-1]
+    return out[::-1] if last <= NEWEST_BLOCKS else None
 
 
 class SignerTrust:
