@@ -2,11 +2,14 @@
 
 Rows, run one after another on this machine with the same sealed workload
 (bench.workload): ``coalition`` (our broker, its own process), ``nats-core``,
-``jetstream-sync`` (fsync on every write) and ``grpc-relay`` (a no-op grpc.aio
-relay: the ceiling). Per row: delivered messages/s at saturation, latency
-p50/p99/p99.9 at 500 and 2000 messages/s offered (open loop), server CPU seconds per
-delivered message, server peak RSS. Writes bench/results/latest.json (the previous
-one is kept under bench/results/history/) and prints a table with ratios.
+``jetstream-sync`` (fsync on every write), ``grpc-relay`` (a no-op grpc.aio relay),
+``jetstream-r3`` (three clustered nats-server, the stream at R3) and
+``coalition-cluster`` (two brokers on the JetStream backend over such a cluster;
+``coalition-cluster-1``, one broker, when named). Per row: delivered messages/s at
+saturation, latency p50/p99/p99.9 at 500 and 2000 messages/s offered (open loop),
+server CPU seconds per delivered message, server peak RSS. Writes
+bench/results/latest.json (the previous one is kept under bench/results/history/) and
+prints a table with ratios.
 Progress goes to stderr, one line per phase. See docs/bench.md.
 """
 
