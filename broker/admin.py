@@ -394,7 +394,7 @@ class AdminCore:
         return self.audit.export()
 
     async def audit_certificates(self) -> list[bytes]:
-        """DER of the audit certificates an export needs: this broker's, then other signers'."""
+        """DER of the audit certificates an export needs: this broker's, then the signers'."""
         own = [self.audit_certificate] if self.audit_certificate else []
         return list(dict.fromkeys(own + await self.audit.signer_certificates()))
 

@@ -12,11 +12,12 @@ The JetStream modules (and nats-py) are imported only for that backend.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.hazmat.primitives import serialization
 
@@ -34,7 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coalition.broker")
 
-Clock = Any  # Callable[[], int]; kept loose so the audit log's own alias fits
+CONNECT_WAIT_S = 30.0
+
+Clock = Callable[[], int]
 
 
 class BrokerStore(MessageStore, OutboxSource, Protocol):
@@ -67,6 +70,34 @@ class Backend:
         """Close the cluster connection, last (after every store is closed)."""
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.close()
+
+
+async def _connect(settings: ClusterSettings, name: str) -> Client:
+    """Connect, waiting at most CONNECT_WAIT_S for a first server (nats-py would retry
+    for ever); each connection error is one log line, repeats while starting left out."""
+    from broker.jetstream.connect import connect
+
+    starting = True
+    seen: set[str] = set()
+
+    async def on_error(exc: Exception) -> None:
+        said = f"{type(exc).__name__}: {exc}"
+        if not starting or said not in seen:
+            seen.add(said)
+            log.warning("NATS connection: %s", said)
+
+    try:
+        nc = await asyncio.wait_for(
+            connect(settings, name=f"coalition-broker {name}", error_cb=on_error), CONNECT_WAIT_S
+        )
+    except Exception as exc:  # nats-py raises its own types; one line for the operator
+        last = "; ".join(sorted(seen)) or str(exc) or type(exc).__name__
+        raise OSError(
+            f"no NATS server answered in {CONNECT_WAIT_S:.0f} s "
+            f"({', '.join(settings.servers)}): {last}"
+        ) from exc
+    starting = False
+    return nc
 
 
 def cluster_settings(cfg: BrokerConfig) -> ClusterSettings:
@@ -113,7 +144,7 @@ async def open_backend(cfg: BrokerConfig, creds: BrokerCredentials, clock: Clock
 
 async def _open_jetstream(cfg: BrokerConfig, creds: BrokerCredentials, clock: Clock) -> Backend:
     from broker.jetstream.audit import JetStreamAuditLog
-    from broker.jetstream.connect import connect, tls_context
+    from broker.jetstream.connect import tls_context
     from broker.jetstream.durability import check_servers, check_streams
     from broker.jetstream.registry import JetStreamRegistry
     from broker.jetstream.store import JetStreamMessageStore
@@ -123,10 +154,7 @@ async def _open_jetstream(cfg: BrokerConfig, creds: BrokerCredentials, clock: Cl
     if creds.audit_cert is not None:
         audit_cert = creds.audit_cert.public_bytes(serialization.Encoding.DER)
     weak = await check_servers(settings, cfg.store_monitor, tls_context(settings))
-    try:
-        nc = await connect(settings, name=f"coalition-broker {cfg.name}")
-    except Exception as exc:  # nats-py raises its own types; one line for the operator
-        raise OSError(f"no NATS server answered ({', '.join(settings.servers)}): {exc}") from exc
+    nc = await _connect(settings, cfg.name)
     try:
         store = await JetStreamMessageStore.open(
             nc,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
+from broker import backends
 from broker.config import ConfigError, load_config
 from broker.jetstream.connect import ClusterSettings, connect
 from broker.jetstream.durability import (
@@ -24,7 +25,7 @@ from broker.jetstream.durability import (
 from clients.cluster import NatsCluster
 from coalition.cli_common import EXIT_ERROR
 from tests.broker_process import ConfiguredBroker
-from tests.helpers import operator
+from tests.helpers import operator, running_broker
 
 pytestmark = pytest.mark.asyncio
 
@@ -188,3 +189,19 @@ async def test_the_broker_refuses_a_lazy_cluster_and_starts_with_the_flag(
             assert await allowed.wait_exit() == 0
         finally:
             allowed.cleanup()
+
+
+async def test_no_nats_server_answering_is_one_line_not_a_retry_loop(
+    pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(backends, "CONNECT_WAIT_S", 1.5)
+    with pytest.raises(OSError, match=r"no NATS server answered in 2 s \(nats://127.0.0.1:1\)"):
+        await running_broker(
+            pki,
+            tmp_path / "b",
+            store_backend="jetstream",
+            store_servers=("nats://127.0.0.1:1",),
+            allow_data_loss=True,
+        )
+    refused = [r for r in caplog.records if r.getMessage().startswith("NATS connection:")]
+    assert len(refused) == 1  # the same refusal, tried again every 250 ms, said once

@@ -46,8 +46,11 @@ async def two(
     async def head() -> int:
         return 0
 
-    a = await Peers.open(ncs[0], cluster_settings, "a", woken[0], head)
-    b = await Peers.open(ncs[1], cluster_settings, "b", woken[1], head)
+    async def caught_up(offset: int, timeout: float) -> bool:
+        return True
+
+    a = await Peers.open(ncs[0], cluster_settings, "a", woken[0], head, caught_up)
+    b = await Peers.open(ncs[1], cluster_settings, "b", woken[1], head, caught_up)
     try:
         yield a, b, woken[0], woken[1]
     finally:

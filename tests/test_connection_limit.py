@@ -26,8 +26,10 @@ LIMIT = 3
 
 
 @pytest.fixture
-async def broker(pki: Path, tmp_path: Path) -> AsyncIterator[Broker]:
-    b = await running_broker(pki, tmp_path / "broker", max_connections_per_identity=LIMIT)
+async def broker(pki: Path, tmp_path: Path, backend: dict[str, object]) -> AsyncIterator[Broker]:
+    b = await running_broker(
+        pki, tmp_path / "broker", max_connections_per_identity=LIMIT, **backend
+    )
     for code in ("KOR", "USA"):
         await admit(pki, b.port, policy(code))
     try:

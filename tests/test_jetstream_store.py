@@ -373,3 +373,34 @@ async def test_a_lost_acknowledgement_is_resolved_from_the_stream_never_stored_t
     reader = await brokers.open()
     assert [m.message_id for m in reader._view.live.values()] == ["KOR-1", "KOR-2"]
     assert [r.record for r in await reader.read_outbox(0, 10)] == ["accepted 1", "accepted 3"]
+
+
+async def test_retention_leaves_only_what_the_state_needs_in_the_stream(brokers: Brokers) -> None:
+    """Removed messages, acknowledged notices and the control entries that removed them
+    are deleted from the stream (only the latest checkpoint of the senders' sequences
+    stays), and a store that reads the stream afresh has the same state."""
+    store = await brokers.open(max_age_ms=1_000)
+    await store.ensure_cursor("USA", 0)
+
+    def eligible(m: StoredMessage) -> Mapping[str, int]:
+        return {"USA": m.sequence}
+
+    for round_ in range(3):
+        seqs = range(round_ * 5 + 1, round_ * 5 + 6)
+        await store.append([message("KOR", s) for s in seqs], now_ms=round_ * 10_000)
+        swept = await store.sweep(round_ * 10_000 + 5_000, eligible)
+        assert swept.removed == 5 and len(swept.notices) == 5
+        assert await store.drop_notices("USA", [n.offset for n in swept.notices]) == 5
+    await store.append([message("KOR", 16)], now_ms=99_000)
+    await store.sweep(99_000)  # collects what the last drop left
+    info = await brokers.connections[0].jetstream().stream_info(brokers.settings.name("MESSAGES"))
+    # The live message, the last sweep's checkpoint and the last drop's control entry.
+    assert info.state.messages <= 3, info.state
+    fresh = await brokers.open(max_age_ms=1_000)
+    assert await fresh.last_sequence("KOR") == 16
+    assert await fresh.head() == await store.head()
+    assert [m.message_id for m in fresh._view.live.values()] == ["KOR-16"]
+    assert await fresh.notice_subscribers() == set()
+    assert await fresh.append([message("KOR", 15, message_id="again")], 1) == [
+        Rejected("sequence_not_increasing")
+    ]

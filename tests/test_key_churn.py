@@ -18,8 +18,10 @@ from tests.helpers import admit, now_ms, partner, policy, running_broker
 LIMIT = 10
 
 
-async def test_resent_and_new_key_bundles_are_bounded(pki: Path, tmp_path: Path) -> None:
-    b = await running_broker(pki, tmp_path / "broker", max_key_changes_per_min=LIMIT)
+async def test_resent_and_new_key_bundles_are_bounded(
+    pki: Path, tmp_path: Path, backend: dict[str, object]
+) -> None:
+    b = await running_broker(pki, tmp_path / "broker", max_key_changes_per_min=LIMIT, **backend)
     try:
         await admit(pki, b.port, policy("KOR"))
         creds = load_partner(pki / "partners" / "KOR")
@@ -53,8 +55,10 @@ async def test_resent_and_new_key_bundles_are_bounded(pki: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize("limit", [0])
-async def test_the_bound_can_be_switched_off(pki: Path, tmp_path: Path, limit: int) -> None:
-    b = await running_broker(pki, tmp_path / "broker", max_key_changes_per_min=limit)
+async def test_the_bound_can_be_switched_off(
+    pki: Path, tmp_path: Path, limit: int, backend: dict[str, object]
+) -> None:
+    b = await running_broker(pki, tmp_path / "broker", max_key_changes_per_min=limit, **backend)
     try:
         await admit(pki, b.port, policy("KOR"))
         creds = load_partner(pki / "partners" / "KOR")
@@ -70,11 +74,13 @@ async def test_the_bound_can_be_switched_off(pki: Path, tmp_path: Path, limit: i
         await b.stop(grace=1)
 
 
-async def test_an_oversized_key_bundle_is_refused_unstored(pki: Path, tmp_path: Path) -> None:
+async def test_an_oversized_key_bundle_is_refused_unstored(
+    pki: Path, tmp_path: Path, backend: dict[str, object]
+) -> None:
     """A bundle the partner signed with a megabyte of unknown fields: refused
     bad_key_bundle before it is verified or written (a registry fact stays small on
     every backend), and audited."""
-    b = await running_broker(pki, tmp_path / "broker")
+    b = await running_broker(pki, tmp_path / "broker", **backend)
     try:
         await admit(pki, b.port, policy("KOR"))
         creds = load_partner(pki / "partners" / "KOR")

@@ -23,13 +23,13 @@ ATTEMPTS = 20
 
 
 async def test_publishes_cut_off_by_a_closing_broker_fail_as_unavailable(
-    pki: Path, tmp_path: Path
+    pki: Path, tmp_path: Path, backend: dict[str, object]
 ) -> None:
     """Publishers keep writing while the real broker starts closing (each Publish stream
     then ends cleanly once its requests are answered), twenty times over: every call is
     accepted or fails UNAVAILABLE; none INTERNAL. Without the SDK's translation this saw
     INTERNAL 9-24 times per run."""
-    b = await running_broker(pki, tmp_path / "broker")
+    b = await running_broker(pki, tmp_path / "broker", **backend)
     for code in ("KOR", "USA"):
         await admit(pki, b.port, policy(code))
     kor = partner(pki, "KOR", b.port)

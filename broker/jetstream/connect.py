@@ -9,6 +9,7 @@ seeing each other's data.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,10 +51,17 @@ def _tls_context(settings: ClusterSettings) -> ssl.SSLContext | None:
 PING_INTERVAL_S = 2  # a silent server is left for another within about two intervals
 
 
-async def connect(settings: ClusterSettings, *, name: str = "coalition-broker") -> Client:
+async def connect(
+    settings: ClusterSettings,
+    *,
+    name: str = "coalition-broker",
+    error_cb: Callable[[Exception], Awaitable[None]] | None = None,
+) -> Client:
     """Connect to the cluster (any listed server; the client follows the cluster's
     membership and reconnects on its own). Raises ``OSError``-like NATS errors with the
-    server list in the message when none answers."""
+    server list in the message when none answers. error_cb, if given, is told of each
+    connection error instead of nats-py's own logging."""
+    extra = {} if error_cb is None else {"error_cb": error_cb}
     nc: Client = await nats.connect(
         servers=list(settings.servers),
         name=name,
@@ -66,6 +74,7 @@ async def connect(settings: ClusterSettings, *, name: str = "coalition-broker") 
         # open: unanswered pings are what show it, so ping often (the default is 2 min).
         ping_interval=PING_INTERVAL_S,
         max_outstanding_pings=2,
+        **extra,
     )
     return nc
 

@@ -6,11 +6,11 @@ publish that stored messages, the broker sends one small core NATS message on th
 deployment's ``wake`` subject with the highest offset it stored (a burst of publishes
 coalesces into one), and every other broker, on receiving it, waits until its store has
 read up to that offset (the JetStream store follows the stream on its own, a little
-behind the commit) and then wakes its streams: each reads what is pending for it from
-the shared store. Core NATS delivers at most once (a wake-up sent while a broker
-reconnects is lost), so each broker also looks at its store's head every
-``HEAD_POLL_S`` and wakes its streams when it moved: a lost wake-up delays a delivery,
-never loses it.
+behind the commit; at most ``CATCH_UP_S``) and then wakes its streams: each reads what
+is pending for it from the shared store. Core NATS delivers at most once (a wake-up
+sent while a broker reconnects is lost), so each broker also looks at its store's head
+every ``HEAD_POLL_S`` and wakes its streams when it moved: a lost wake-up delays a
+delivery, never loses it.
 
 The lease. Today a partner's new Subscribe stream supersedes its old one (``superseded``);
 across brokers that holds too. A key per partner in the deployment's ``LEASES`` bucket
@@ -75,6 +75,7 @@ class Peers:
         broker_id: str,
         wake: Callable[[], None],
         head: Callable[[], Awaitable[int]],
+        wait_for_head: Callable[[int, float], Awaitable[bool]],
     ) -> None:
         self._nc = nc
         self._settings = settings
@@ -82,6 +83,7 @@ class Peers:
         self.broker_id = broker_id
         self._wake = wake
         self._head = head
+        self._wait_for_head = wait_for_head
         self._subject = settings.subject("wake")
         self._kick = asyncio.Event()
         self._stored = 0  # highest offset this broker stored, for the next wake-up
@@ -102,8 +104,12 @@ class Peers:
         name: str,
         wake: Callable[[], None],
         head: Callable[[], Awaitable[int]],
+        wait_for_head: Callable[[int, float], Awaitable[bool]],
     ) -> Peers:
-        """Create (or open) the lease bucket, subscribe to wake-ups, start the loops."""
+        """Create (or open) the lease bucket, subscribe to wake-ups, start the loops.
+
+        wake wakes every local stream; head is the store's head offset; wait_for_head
+        waits (bounded) until the store has read up to an offset."""
         js = nc.jetstream()
         config = KeyValueConfig(
             bucket=settings.name("LEASES"),
@@ -116,7 +122,8 @@ class Peers:
             kv = await js.create_key_value(config)
         except nats.js.errors.BadRequestError:  # exists (another broker made it first)
             kv = await js.key_value(config.bucket)
-        peers = cls(nc, settings, kv, f"{name}/{uuid.uuid4().hex[:12]}", wake, head)
+        broker_id = f"{name}/{uuid.uuid4().hex[:12]}"
+        peers = cls(nc, settings, kv, broker_id, wake, head, wait_for_head)
         await nc.subscribe(peers._subject, cb=peers._on_wake)
         watcher = await kv.watchall(include_history=False)
         jobs = (
@@ -163,13 +170,10 @@ class Peers:
         while True:
             await self._arrived.wait()
             self._arrived.clear()
-            deadline = time.monotonic() + CATCH_UP_S
             try:
-                # The store offers no event for its head moving: look every 5 ms, briefly.
-                while await self._head() < self._want and time.monotonic() < deadline:  # noqa: ASYNC110
-                    await asyncio.sleep(0.005)
+                await self._wait_for_head(self._want, CATCH_UP_S)
             except Exception as exc:  # the store says why; wake them all the same
-                log.debug("head not read: %s", exc)
+                log.debug("store not caught up: %s", exc)
             self._wake()
 
     async def _poll_head(self) -> None:

@@ -76,6 +76,9 @@ log = logging.getLogger("coalition.broker.registry")
 # A compare-and-set lost: 10071 names the subject's last sequence; 10164 does not (a
 # replicated stream, or another write to the subject still in flight).
 _WRONG_LAST_SEQUENCE = (10071, 10164)
+# A batch the server saw only part of (a message lost across a reconnect): nothing of
+# it is stored, so it is sent again.
+_BATCH_INCOMPLETE = (10175, 10176)
 # No answer, so no knowing whether a write was stored (js.publish reports no responders
 # as NoStreamResponseError).
 _UNCERTAIN = (
@@ -166,7 +169,10 @@ class RegistryStream:
             await self._js.add_stream(config)
         except APIError as exc:
             # Already there with another configuration: use it if it can do what this needs.
-            info = await self._js.stream_info(self.name)
+            try:
+                info = await self._js.stream_info(self.name)
+            except NotFoundError:
+                raise exc from None  # not there: the cluster refused to make it (say why)
             if not info.config.allow_atomic:
                 raise Unavailable(
                     "registry_unavailable",
@@ -262,7 +268,8 @@ class RegistryStream:
         except APIError as exc:
             if exc.err_code in _WRONG_LAST_SEQUENCE:
                 raise _Conflict(str(exc)) from exc
-            if exc.code is not None and exc.code >= 500:
+            status = exc.code or 0
+            if exc.err_code in _BATCH_INCOMPLETE or status == 429 or status >= 500:
                 raise _Uncertain(str(exc)) from exc
             raise
         except _UNCERTAIN as exc:

@@ -8,7 +8,10 @@ survives the removal). The batch is re-checked when it is planned on the state i
 pinned to: a victim another broker removed meanwhile is skipped with its notices, so
 two brokers sweeping at once never record a notice twice. Only after the batch is
 committed are the removed entries deleted from the stream; a crash in between leaves
-them in the stream but removed from the state, and the next sweep deletes them.
+them in the stream but removed from the state, and the next sweep deletes them. The
+batch ends with a checkpoint of every sender's last sequence and the head, so a control
+entry is itself deleted once what it removed is gone (see view.collected): the stream
+keeps what the state needs, not the history of every sweep.
 
 Acknowledged (dropped) and trimmed notices are control entries too, so every broker
 forgets them; their notice entries are then deleted the same way.
@@ -131,6 +134,11 @@ class Sweeper:
                 entries.append(
                     Entry(subjects.control, headers, codec.control_payload("removed", items=items))
                 )
+                # Every sender's last sequence and the head, so that older control
+                # entries can be deleted once what they removed is gone (see view).
+                last = dict(view.last_sequence)
+                checkpoint = codec.control_payload("senders", last=last, head=view.head)
+                entries.append(Entry(subjects.control, headers, checkpoint))
             by_reason: dict[str, int] = {}
             for reason in gone.values():
                 by_reason[reason] = by_reason.get(reason, 0) + 1
@@ -182,6 +190,8 @@ class Sweeper:
         return result
 
     async def collect(self) -> None:
-        """Delete from the stream the entries the state no longer holds (housekeeping)."""
-        if self._view.garbage:
-            self._view.garbage -= await self._envelopes.delete(set(self._view.garbage))
+        """Delete from the stream the entries the state no longer holds (housekeeping):
+        removed messages, dropped notices, then the control entries that removed them."""
+        for _ in range(2):
+            if self._view.garbage:
+                self._view.collected(await self._envelopes.delete(set(self._view.garbage)))

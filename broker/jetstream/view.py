@@ -67,6 +67,11 @@ class StoreView:
     notices: dict[str, dict[int, tuple[Notice, int]]] = field(default_factory=dict)
     garbage: set[int] = field(default_factory=set)  # entries read, then logically removed
     forgot: int = 0  # the entry of the latest "outbox forgotten through" mark
+    # Control entries that removed entries this view read (maybe still in the stream);
+    # one is deleted once they are, and once a checkpoint of every sender's last
+    # sequence and the head (``checkpoint``, the latest) follows it.
+    pending_control: dict[int, set[int]] = field(default_factory=dict)
+    checkpoint: int = 0
     batches: OrderedDict[str, int] = field(default_factory=OrderedDict)
 
     # -- folding entries in ----------------------------------------------------------------
@@ -126,28 +131,42 @@ class StoreView:
 
     def _control(self, seq: int, op: Mapping[str, object]) -> None:
         if op.get("op") == "removed":
+            pending = self.pending_control.setdefault(seq, set())
             for offset, sender, sequence, _size in op["items"]:  # type: ignore[attr-defined]
-                self._remove_message(int(offset), str(sender), int(sequence))
+                if self._remove_message(int(offset), str(sender), int(sequence)):
+                    pending.add(int(offset))
+        elif op.get("op") == "senders":
+            for sender, sequence in op["last"].items():  # type: ignore[attr-defined]
+                last = max(self.last_sequence.get(str(sender), 0), int(sequence))
+                self.last_sequence[str(sender)] = last
+            self.head = max(self.head, int(op["head"]))  # type: ignore[call-overload]
+            if self.checkpoint:
+                self.garbage.add(self.checkpoint)  # the newer checkpoint covers the older
+            self.checkpoint = seq
         elif op.get("op") == "forgot":
             self.forget_outbox(int(op["through"]))  # type: ignore[call-overload]
             if self.forgot:
                 self.garbage.add(self.forgot)  # the newer mark covers the older one
             self.forgot = seq
         elif op.get("op") == "drop":
+            pending = self.pending_control.setdefault(seq, set())
             mine = self.notices.get(str(op["subscriber"]), {})
             for offset in op["offsets"]:  # type: ignore[attr-defined]
                 held = mine.pop(int(offset), None)
                 if held is not None:
                     self.garbage.add(held[1])
+                    pending.add(held[1])
             if not mine:
                 self.notices.pop(str(op["subscriber"]), None)
 
-    def _remove_message(self, offset: int, sender: str, sequence: int) -> None:
+    def _remove_message(self, offset: int, sender: str, sequence: int) -> bool:
+        """Remove the message; return whether this view had read it (so it may still be
+        in the stream)."""
         self.head = max(self.head, offset)
         self.last_sequence[sender] = max(self.last_sequence.get(sender, 0), sequence)
         meta = self.live.pop(offset, None)
         if meta is None:
-            return  # removed before this view read it, or removed twice
+            return False  # removed before this view read it, or removed twice
         self.garbage.add(offset)
         _remove_sorted(self.offsets, offset)
         _remove_sorted(self.by_precedence[meta.precedence], offset)
@@ -158,6 +177,19 @@ class StoreView:
             self.usage[meta.sender] = left
         else:
             self.usage.pop(meta.sender, None)
+        return True
+
+    def collected(self, gone: set[int]) -> None:
+        """These entries are deleted from the stream: a control entry whose removals are
+        all gone, and that a later senders checkpoint covers, is garbage in turn."""
+        self.garbage -= gone
+        for seq in list(self.pending_control):
+            pending = self.pending_control[seq]
+            pending -= gone
+            if seq in gone:
+                del self.pending_control[seq]
+            elif not pending and seq < self.checkpoint:
+                self.garbage.add(seq)
 
     def forget_outbox(self, through: int) -> None:
         """The audit log holds every outbox row up to through: drop them from the view."""

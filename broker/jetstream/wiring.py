@@ -6,7 +6,7 @@ Three links, all installed before the broker serves:
   claims a partner's lease before it reads anything for a stream, a stream that ends
   gives it back, and each publish that stored messages wakes the other brokers;
 - registry changes made through any broker (the registry's ``on_change``, fed by its
-  watch of the registry bucket) reach this broker's live streams at once, exactly as a
+  watch of the registry stream) reach this broker's live streams at once, exactly as a
   change made here does (``ExchangeLink.policy_changed``: a suspension closes the
   partner's stream, a lowered clearance stops its next delivery);
 - durability the operator allowed to be weaker (``--allow-data-loss``) is audited.
@@ -22,6 +22,7 @@ from broker.backends import Backend
 from broker.config import BrokerConfig
 from broker.exchange import Clock, ExchangeCore
 from broker.jetstream.peers import Peers
+from broker.jetstream.store import JetStreamMessageStore
 from broker.registry_types import RegistryChange
 
 log = logging.getLogger("coalition.broker")
@@ -33,8 +34,10 @@ async def join_cluster(
     """Open the peers link and hook it, and the registry's watch, into the exchange; the
     link the admin core is to use (live streams counted across the brokers)."""
     assert backend.nc is not None and backend.settings is not None
+    store = backend.store
+    assert isinstance(store, JetStreamMessageStore)
     peers = await Peers.open(
-        backend.nc, backend.settings, cfg.name, exchange.wake_all, backend.store.head
+        backend.nc, backend.settings, cfg.name, exchange.wake_all, store.head, store.wait_for_head
     )
     exchange.delivery.claim = peers.claim
     exchange.on_closed = peers.release
