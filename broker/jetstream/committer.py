@@ -13,6 +13,11 @@ state: a message another broker stored meanwhile is now a duplicate, a sequence 
 used is now taken. When the cluster does not answer (a leader died mid-request), the
 task finds out from the stream whether the batch is there (each entry names its batch)
 before planning again, so a retry never stores anything twice.
+
+A commit that the cluster does not confirm within GIVE_UP_S (no quorum, no leader for
+that long) fails with StoreError. That is the one answer that does not settle the
+outcome: a batch sent before giving up may still be stored once the cluster is back
+(then the next writes see it, and a publisher's retry is refused as a duplicate).
 """
 
 from __future__ import annotations
