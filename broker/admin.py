@@ -214,23 +214,18 @@ class AdminCore:
         except StaleVersion as exc:
             what = f"the policy of {policy.partner} changed meanwhile ({exc}); read it again"
             raise Precondition("stale_version", what) from exc
-        await self._applied(policy, was, pv, by, "")
+        await self._applied(policy, was, pv)
         return pv
 
     async def _applied(
-        self,
-        policy: PartnerPolicy,
-        was: PartnerStatus,
-        pv: policy_pb2.PolicyVersion,
-        by: str,
-        approved_by: str,
+        self, policy: PartnerPolicy, was: PartnerStatus, pv: policy_pb2.PolicyVersion
     ) -> None:
         if policy.status is PartnerStatus.ACTIVE and was is not PartnerStatus.ACTIVE:
             # Deliveries start from now: the cursor of a newly active partner is the head.
             await self.store.ensure_cursor(policy.partner, await self.store.head())
         await self.registry_audit.registry_changed()
-        extra = {"partner": policy.partner, "version": pv.version, "by": by}
-        log.info("policy changed", extra={**extra, "approved_by": approved_by})
+        extra = {"partner": policy.partner, "version": pv.version, "by": pv.changed_by}
+        log.info("policy changed", extra={**extra, "approved_by": pv.approved_by})
         self.exchange.policy_changed(policy.partner)
 
     async def decide_proposal(
@@ -294,7 +289,7 @@ class AdminCore:
             ) from exc
         if pv is None:
             raise already
-        await self._applied(policy, was, pv, prop.proposed_by, operator)
+        await self._applied(policy, was, pv)
         return PolicyChange(applied=pv)
 
     async def verify(self, operator: str) -> AuditVerdict:

@@ -10,6 +10,7 @@ import json
 import signal
 from pathlib import Path
 
+import nats
 import pytest
 
 from broker.audit.items import AuditItem
@@ -128,8 +129,9 @@ async def test_a_broker_whose_server_freezes_carries_on_through_another(
     tmp_path: Path,
 ) -> None:
     """SIGSTOP of the nats-server a broker is connected to (a follower: the stream keeps
-    its leader): the broker notices within seconds that it answers nothing, reconnects to
-    a live server and its change is recorded once."""
+    its leader): the broker's unanswered pings show it within seconds, it reconnects to a
+    live server, and the change whose request the frozen server swallowed is checked,
+    sent again and recorded once."""
     with NatsCluster(tmp_path) as cluster:
         first = ClusterSettings(servers=tuple(cluster.urls), prefix="FROZEN")
         nc0 = await connect(first)
@@ -139,9 +141,14 @@ async def test_a_broker_whose_server_freezes_carries_on_through_another(
             info = await nc0.jetstream().stream_info(first.name("REGISTRY"))
             assert info.cluster is not None
             frozen = next(n for n in cluster.nodes if n.name != info.cluster.leader)
-            # This broker knows only the server about to freeze (it learns the others).
+            # This broker knows only the server about to freeze (it learns the others),
+            # and pings it every 2 s, as the broker's connection does, so it soon sees
+            # that the server answers nothing.
             settings = ClusterSettings(servers=(frozen.url,), prefix="FROZEN")
-            nc = await connect(settings)
+            nc = await nats.connect(
+                servers=[frozen.url], ping_interval=2, max_outstanding_pings=2,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+            )  # fmt: skip
             a = await JetStreamRegistry.open(nc, settings)
             frozen.signal(signal.SIGSTOP)
             try:

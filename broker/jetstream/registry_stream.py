@@ -131,27 +131,36 @@ class RegistryStream:
 
     async def start(self, sync_timeout_s: float) -> None:
         """Create the stream if it is missing, read it whole, then watch it. Raises
-        ``Unavailable`` if the cluster cannot be read within sync_timeout_s."""
-        try:
-            await self._ensure_stream()
-            info = await self._js.stream_info(self.name)
-            if info.state.messages == 0:
-                self._synced.set()
-            self._sub = await self._js.subscribe(
-                self.settings.subject("reg", ">"),
-                stream=self.name,
-                ordered_consumer=True,
-                idle_heartbeat=1.0,
-                cb=self._on_message,
-            )
-            await asyncio.wait_for(self._synced.wait(), sync_timeout_s)
-        except (*_UNCERTAIN, APIError) as exc:
-            self.close()
-            raise Unavailable(
-                "registry_unavailable",
-                f"the registry stream {self.name} cannot be read from the cluster "
-                f"({type(exc).__name__}: {exc})",
-            ) from exc
+        ``Unavailable`` if the cluster cannot be read within sync_timeout_s (an answer
+        that does not come in time is asked again until then: a loaded cluster, or one
+        electing a leader, answers late)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + sync_timeout_s
+        while True:
+            try:
+                await self._ensure_stream()
+                info = await self._js.stream_info(self.name)
+                if info.state.messages == 0:
+                    self._synced.set()
+                self._sub = await self._js.subscribe(
+                    self.settings.subject("reg", ">"),
+                    stream=self.name,
+                    ordered_consumer=True,
+                    idle_heartbeat=1.0,
+                    cb=self._on_message,
+                )
+                await asyncio.wait_for(self._synced.wait(), max(deadline - loop.time(), 0.1))
+                return
+            except (*_UNCERTAIN, APIError) as exc:
+                retry = isinstance(exc, _UNCERTAIN) or (getattr(exc, "code", 0) or 0) >= 500
+                if self._sub is not None or not retry or loop.time() >= deadline:
+                    self.close()
+                    raise Unavailable(
+                        "registry_unavailable",
+                        f"the registry stream {self.name} cannot be read from the cluster "
+                        f"({type(exc).__name__}: {exc})",
+                    ) from exc
+                await asyncio.sleep(0.5)
 
     async def _ensure_stream(self) -> None:
         config = StreamConfig(
