@@ -10,6 +10,7 @@ PROTOS := $(wildcard proto/coalition/v1/*.proto)
 CHROMIUM := $(or $(CONSOLE_CHROMIUM),/usr/bin/chromium)
 
 .PHONY: all test check browser lint typecheck unit proto proto-check demo bench bench-quick clean pki fuzz
+.PHONY: demo-cluster test-cluster
 
 all: test
 
@@ -38,7 +39,12 @@ typecheck: $(STAMP)
 	@$(VENV)/bin/mypy
 
 unit: $(STAMP)
-	@$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -q -m "not cluster_long" $(PYTEST_ARGS)
+
+# The cluster fault tests too long for make test (real nats-server and brokers, many
+# kills): docs/cluster.md.
+test-cluster: $(STAMP)
+	@$(VENV)/bin/pytest -q -m cluster_long $(PYTEST_ARGS)
 
 # Chromium for the browser tests: installed from the distribution's packages when
 # missing (as root), otherwise a clear failure; never a silent skip.
@@ -64,6 +70,9 @@ format: $(STAMP)
 
 demo: $(STAMP)
 	@$(VENV)/bin/coalition-demo $(DEMO_ARGS)
+
+demo-cluster: $(STAMP)
+	@$(VENV)/bin/coalition-demo --cluster $(DEMO_ARGS)
 
 bench: $(STAMP)
 	@$(PY) -m bench.run $(BENCH_ARGS)

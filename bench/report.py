@@ -189,12 +189,21 @@ def targets(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """The speed targets, each with the measured value and whether it is met."""
     by = {r["system"]: r for r in rows}
     ours = by.get(OURS)
-    if ours is None:
-        return {}
     out: dict[str, dict[str, Any]] = {}
 
     def put(name: str, value: float | None, goal: str, met: bool | None) -> None:
         out[name] = {"value": value, "goal": goal, "met": met}
+
+    cluster, r3 = by.get("coalition-cluster"), by.get("jetstream-r3")
+    if cluster is not None and r3 is not None:
+        v = _ratio(cluster["delivered_per_s"], r3["delivered_per_s"])
+        put("cluster_delivered_vs_r3", v, ">= 0.5x", None if v is None else v >= 0.5)
+        a = cluster["latency_ms"].get("500", {}).get("p99")
+        b = r3["latency_ms"].get("500", {}).get("p99")
+        v = _ratio(a, b)
+        put("cluster_p99_500_vs_r3", v, "<= 2x", None if v is None else v <= 2)
+    if ours is None:
+        return out
 
     for other, goal in (("nats-core", 0.5), ("jetstream-sync", 1.0)):
         if other in by:
@@ -213,7 +222,7 @@ def _f(v: float | None, fmt: str) -> str:
 
 def table(rows: Sequence[Mapping[str, Any]], details: Mapping[str, Mapping[str, Any]]) -> str:
     head = (
-        f"{'system':15} {'deliv/s':>8} {'p50@500':>8} {'p99@500':>8} {'p999@500':>9} "
+        f"{'system':17} {'deliv/s':>8} {'p50@500':>8} {'p99@500':>8} {'p999@500':>9} "
         f"{'p50@2k':>8} {'p99@2k':>8} {'p999@2k':>8} {'srv ms/msg':>10} {'cli ms/msg':>10} "
         f"{'RSS MiB':>8} {'lost':>5}"
     )
@@ -225,7 +234,7 @@ def table(rows: Sequence[Mapping[str, Any]], details: Mapping[str, Mapping[str, 
         cpu = r["cpu_s_per_msg"]
         ccpu = d.get("client_cpu_s_per_msg")
         lines.append(
-            f"{r['system']:15} {_f(r['delivered_per_s'], '.0f'):>8} "
+            f"{r['system']:17} {_f(r['delivered_per_s'], '.0f'):>8} "
             f"{_f(lat5.get('p50'), '.1f'):>8} {_f(lat5.get('p99'), '.1f'):>8} "
             f"{_f(lat5.get('p999'), '.1f'):>9} {_f(lat2.get('p50'), '.1f'):>8} "
             f"{_f(lat2.get('p99'), '.1f'):>8} {_f(lat2.get('p999'), '.1f'):>8} "
@@ -238,11 +247,11 @@ def table(rows: Sequence[Mapping[str, Any]], details: Mapping[str, Mapping[str, 
     rat = ratios(rows)
     if rat:
         lines += ["", f"ratios, {OURS} / other (deliv/s: >1 better; p99, cpu, RSS: <1 better)"]
-        h2 = f"{'vs':15} {'deliv/s':>8} {'p99@500':>8} {'p99@2k':>8} {'srv cpu':>8} {'RSS':>8}"
+        h2 = f"{'vs':17} {'deliv/s':>8} {'p99@500':>8} {'p99@2k':>8} {'srv cpu':>8} {'RSS':>8}"
         lines += [h2, "-" * len(h2)]
         for system, e in rat.items():
             lines.append(
-                f"{system:15} {_f(e['delivered_per_s'], '.2f'):>8} "
+                f"{system:17} {_f(e['delivered_per_s'], '.2f'):>8} "
                 f"{_f(e['p99_500'], '.2f'):>8} {_f(e['p99_2000'], '.2f'):>8} "
                 f"{_f(e['cpu_s_per_msg'], '.2f'):>8} {_f(e['peak_rss_mb'], '.2f'):>8}"
             )

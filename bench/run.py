@@ -2,11 +2,14 @@
 
 Rows, run one after another on this machine with the same sealed workload
 (bench.workload): ``coalition`` (our broker, its own process), ``nats-core``,
-``jetstream-sync`` (fsync on every write) and ``grpc-relay`` (a no-op grpc.aio
-relay: the ceiling). Per row: delivered messages/s at saturation, latency
-p50/p99/p99.9 at 500 and 2000 messages/s offered (open loop), server CPU seconds per
-delivered message, server peak RSS. Writes bench/results/latest.json (the previous
-one is kept under bench/results/history/) and prints a table with ratios.
+``jetstream-sync`` (fsync on every write), ``grpc-relay`` (a no-op grpc.aio relay),
+``jetstream-r3`` (three clustered nats-server, the stream at R3) and
+``coalition-cluster`` (two brokers on the JetStream backend over such a cluster;
+``coalition-cluster-1``, one broker, when named). Per row: delivered messages/s at
+saturation, latency p50/p99/p99.9 at 500 and 2000 messages/s offered (open loop),
+server CPU seconds per delivered message, server peak RSS. Writes
+bench/results/latest.json (the previous one is kept under bench/results/history/) and
+prints a table with ratios.
 Progress goes to stderr, one line per phase. See docs/bench.md.
 """
 
@@ -39,7 +42,7 @@ from bench import report, worker
 from bench.procstat import cpu_seconds, peak_rss_mb
 from bench.report import PhaseRecord, RowResult
 from bench.rows import SYSTEMS, RowSpec
-from bench.servers import ServerProcess
+from bench.servers import Server
 from bench.workload import (
     LABEL_TEXT,
     OPERATORS,
@@ -118,7 +121,7 @@ async def ask(conn: Connection, timeout: float) -> Any:
     return msg
 
 
-async def start_server(system: str, pki: Path, workdir: Path) -> ServerProcess:
+async def start_server(system: str, pki: Path, workdir: Path) -> Server:
     if system == "coalition":
         from bench.rows import coalition
 
@@ -131,6 +134,14 @@ async def start_server(system: str, pki: Path, workdir: Path) -> ServerProcess:
         from bench.rows import relay
 
         return await relay.start_server(pki, workdir)
+    if system == "jetstream-r3":
+        from bench.rows import nats
+
+        return await nats.start_cluster(workdir)
+    if system in ("coalition-cluster", "coalition-cluster-1"):
+        from bench.rows import coalition
+
+        return await coalition.start_cluster(pki, workdir, 1 if system.endswith("-1") else 2)
     raise ValueError(system)
 
 
@@ -205,7 +216,7 @@ async def run_row(
         for phase in plan.phases:
             start, stop = offset, offset + phase.count
             offset = stop
-            cpu0, ccpu0, t0 = cpu_seconds(server.pid), workers.cpu(), time.monotonic()
+            cpu0, ccpu0, t0 = _cpu(server), workers.cpu(), time.monotonic()
             before = sum(workers.opened())
             profilers = []
             if profile is not None and phase.name == profile.phase and rnd == 1:
@@ -217,7 +228,7 @@ async def run_row(
             result.refused = refused
             await _drain(workers, accepted, plan.row_timeout_s)
             _stop_profilers(profilers)
-            cpu1, ccpu1, t1 = cpu_seconds(server.pid), workers.cpu(), time.monotonic()
+            cpu1, ccpu1, t1 = _cpu(server), workers.cpu(), time.monotonic()
             result.phases.append(
                 PhaseRecord(
                     phase.name,
@@ -241,7 +252,7 @@ async def run_row(
                 f"in {t1 - t0:5.1f} s, server cpu {cpu1 - cpu0:5.2f} s"
             )
             await asyncio.sleep(0.2)  # let acks and group commits settle between phases
-        result.peak_rss_mb = peak_rss_mb(server.pid)
+        result.peak_rss_mb = sum(peak_rss_mb(pid) for pid in server.pids)
         pub.send(("end",))
         _, result.sent_at, _ = await ask(pub, 60)
         for code, (_, conn) in zip(RECEIVERS, workers.receivers, strict=True):
@@ -253,6 +264,11 @@ async def run_row(
             progress(f"{system}: server exited with {rc} (see its log)")
     result.seconds = time.monotonic() - began
     return result
+
+
+def _cpu(server: Server) -> float:
+    """CPU seconds of a row's server so far: every process of a cluster row."""
+    return sum(cpu_seconds(pid) for pid in server.pids)
 
 
 async def _drain(workers: Workers, accepted: int, timeout: float) -> None:
@@ -430,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    systems = tuple(args.rows.split(",")) if args.rows else SMOKE_ROWS if args.smoke else SYSTEMS
+    default = tuple(s for s in SYSTEMS if s != "coalition-cluster-1")
+    systems = tuple(args.rows.split(",")) if args.rows else SMOKE_ROWS if args.smoke else default
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         p.error(f"unknown rows: {', '.join(unknown)}")

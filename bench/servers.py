@@ -10,9 +10,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 
 @dataclass
@@ -29,6 +30,10 @@ class ServerProcess:
         return self.proc.pid
 
     @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
@@ -43,6 +48,43 @@ class ServerProcess:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+class Server(Protocol):
+    """What the harness needs of a row's server: one process or a cluster of them."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def pids(self) -> list[int]: ...
+
+    @property
+    def target(self) -> str: ...
+
+    def stop(self, timeout: float = 10.0) -> int | None: ...
+
+
+@dataclass
+class ServerGroup:
+    """Several processes measured as one row's server (a cluster): CPU and memory are
+    summed over ``pids``; ``target`` lists every client address, comma-separated."""
+
+    name: str
+    pids: list[int]
+    targets: list[str]
+    stopper: Callable[[], int | None]
+
+    @property
+    def pid(self) -> int:
+        return self.pids[0]
+
+    @property
+    def target(self) -> str:
+        return ",".join(self.targets)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        return self.stopper()
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,7 +33,8 @@ def _nats_runs() -> bool:
 
 @pytest.mark.timeout(120)
 def test_smoke_run_writes_every_row_with_every_message_delivered(tmp_path: Path) -> None:
-    rows = ["coalition", "grpc-relay"] + (["nats-core"] if _nats_runs() else [])
+    nats = ["nats-core", "jetstream-r3", "coalition-cluster"] if _nats_runs() else []
+    rows = ["coalition", "grpc-relay", *nats]
     out = tmp_path / "results" / "latest.json"
     out.parent.mkdir()
     out.write_text(json.dumps({"date": "2000-01-01T00:00:00Z", "rows": []}))

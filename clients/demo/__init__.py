@@ -26,13 +26,17 @@ EPILOG = (
   coalition-demo --report demo.json   also write the results as JSON
   coalition-demo --report demo.html   ... or as a self-contained HTML page
   coalition-demo --keep demo-run      keep PKI, stores, inboxes and logs in demo-run/
+  coalition-demo --cluster            two brokers over three nats-server, then failures
 
 The demo creates a development PKI (KOR, USA, GBR, UKR, NATO HQ and operators op1,
 op2), starts the broker and one node daemon per partner as real processes, and plays
 eight steps: admission by two operators, a first summary from KOR, a RESTRICTIVE
 compartment, an offline partner catching up FLASH first, a suspension mid-stream, a
-rogue process, and audit verification. Exit status 0 means every expectation held,
-1 that one did not.
+rogue process, and audit verification. With --cluster, three nats-server (JetStream,
+R3, fsync on every write) hold the data and two brokers serve it, the nations spread
+over both; a ninth step kills one nats-server and one broker in the middle of a burst
+and checks that nothing acknowledged is lost or duplicated and the audit chain
+verifies. Exit status 0 means every expectation held, 1 that one did not.
 
 """
     + EXIT_EPILOG
@@ -64,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DURATION",
         help="how soon eligible partners must receive: 1s, 500ms; ms if no unit (default 1s)",
     )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="two brokers over a three-node NATS JetStream cluster, then a nats-server "
+        "and a broker killed mid-exchange",
+    )
     ns = p.parse_args(argv)
 
     from clients.demo.scenario import Demo, default_out
@@ -73,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coalition-demo: {work} is not empty; choose a new directory", file=sys.stderr)
         return EXIT_USAGE
     work.mkdir(parents=True, exist_ok=True)
-    demo = Demo(work, out=default_out, deadline_ms=ns.deadline_ms)
+    if ns.cluster:
+        from clients.demo.cluster import ClusterDemo
+
+        demo: Demo = ClusterDemo(work, out=default_out, deadline_ms=ns.deadline_ms)
+    else:
+        demo = Demo(work, out=default_out, deadline_ms=ns.deadline_ms)
     started = time.monotonic()
     error = ""
     try:

@@ -17,6 +17,17 @@ def keepalive_ms() -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else KEEPALIVE_MS
 
 
+def _authority(target: str) -> list[tuple[str, str]]:
+    """For a list of brokers (``ipv4:10.0.0.1:7443,10.0.0.2:7443``, tried in order, the
+    next one when a broker goes), the name the brokers' certificates are checked
+    against: the first address's host (every broker's certificate must hold it)."""
+    if not target.startswith(("ipv4:", "ipv6:")) or "," not in target:
+        return []
+    first = target.split(":", 1)[1].split(",", 1)[0]
+    host = first.rsplit(":", 1)[0].strip("[]")
+    return [("grpc.default_authority", host)]
+
+
 def secure_channel(target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> grpc.aio.Channel:
     """A mutual-TLS channel to the broker."""
     creds = grpc.ssl_channel_credentials(
@@ -26,6 +37,7 @@ def secure_channel(target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) 
         target,
         creds,
         options=[
+            *_authority(target),
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
             # Pings keep an idle subscription's connection known alive (and NAT entries
