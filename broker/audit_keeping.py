@@ -8,6 +8,11 @@ its decision records (MessageStore.record) before it is sent; the drainer
 set when the drainer cannot write the audit log: publishes are then refused
 (``audit_unavailable``) until the log can be written again (probe_audit), while the
 outboxes keep every record. ExchangeCore (broker.exchange) holds one AuditKeeping.
+
+What the refusal says depends on the backend (``unavailable``): on SQLite the log is a
+local file and a full disk is the likely cause (RESOURCE_EXHAUSTED); on JetStream it is
+the cluster (the audit or messages stream electing a leader, or without a quorum), which
+passes by itself, so the refusal is UNAVAILABLE and says so.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.audit.drainer import Drainer
 from broker.audit.items import acceptance_item, encode
 from broker.config import BrokerConfig
-from broker.errors import Exhausted
+from broker.errors import BrokerError, Exhausted, Unavailable
 from broker.registry import PartnerRegistry
-from broker.store import MessageStore, StoredMessage, StoreError
+from broker.store import MessageStore, StoredMessage, StoreError, StoreFull
 
 log = logging.getLogger("coalition.broker")
 
@@ -78,14 +83,15 @@ class AuditKeeping:
                 await self.probe_audit(self.clock())
             else:
                 await self.drainer.drain()
-        except (AuditError, StoreError, Exhausted):
+        except (AuditError, StoreError, BrokerError):
             self.audit_failed = True
             log.critical("audit log cannot be written; refusing publishes until it can")
 
     async def probe_audit(self, now: int) -> None:
         """While audit_failed: try to write the log again (an ``audit.recovered`` entry,
-        then drain the outboxes); clear audit_failed if it can, else raise Exhausted
-        audit_unavailable."""
+        then drain the outboxes); clear audit_failed if it can, else raise
+        audit_unavailable (see unavailable: RESOURCE_EXHAUSTED on SQLite, UNAVAILABLE on
+        JetStream)."""
         try:
             await self.audit.record(kind="audit.recovered", actor="broker", now_ms=now)
             try:
@@ -93,12 +99,29 @@ class AuditKeeping:
             except StoreError as exc:  # an outbox cannot be read: retried when notified
                 log.error("could not read an audit outbox: %s", exc)
         except AuditError as exc:
-            raise Exhausted(
-                "audit_unavailable",
-                "the audit log cannot be written (disk full?); publishes are refused until it can",
+            raise unavailable(
+                self.cfg.store_backend, exc, "publishes are refused until it can"
             ) from exc
         self.audit_failed = False
         log.warning("audit log writable again; accepting publishes")
+
+
+def unavailable(backend: str, exc: Exception, what: str) -> BrokerError:
+    """The refusal while audit records cannot be written (``audit_unavailable``); what ends
+    the sentence (what is refused meanwhile). SQLite: a full disk is the likely cause,
+    RESOURCE_EXHAUSTED. JetStream: the cluster cannot take the write now (a stream
+    electing its leader, or no quorum), UNAVAILABLE, retry; a full stream (StoreFull)
+    stays RESOURCE_EXHAUSTED."""
+    if backend == "jetstream" and not isinstance(exc, StoreFull):
+        return Unavailable(
+            "audit_unavailable",
+            "the cluster cannot record audit entries right now (a leader election or no "
+            f"quorum among the NATS servers); {what}",
+        )
+    return Exhausted(
+        "audit_unavailable",
+        f"the audit log cannot be written (the broker's disk is full?); {what}",
+    )
 
 
 def acceptance_records(stored: Sequence[StoredMessage]) -> list[str]:

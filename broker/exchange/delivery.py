@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from broker.audit_keeping import AuditKeeping
+from broker.audit_keeping import unavailable as audit_unavailable
 from broker.config import BrokerConfig
-from broker.errors import Exhausted, Forbidden, Unavailable
+from broker.errors import Forbidden, Unavailable
 from broker.exchange.decisions import Decisions
 from broker.exchange.live import LiveStreams, Route, Subscription, decision_items
 from broker.exchange.memo import Memo
@@ -121,7 +122,8 @@ class DeliveryLoop:
         decisions are already audited, and a StreamStatus when the subscription catches up
         (or falls behind again). Ends when the client half-closed; raises the BrokerError
         that closed the stream (superseded, suspended), Unavailable when the broker shuts
-        down, and Exhausted audit_unavailable when the audit log cannot be written.
+        down, and audit_unavailable when the audit log cannot be written
+        (broker.audit_keeping.unavailable).
         """
         caught_up_sent = False
         await self.claim(sub)
@@ -204,10 +206,8 @@ class DeliveryLoop:
             try:
                 await self.books.record(decision_items(sub.partner, unrecorded, denied), now)
             except StoreError as exc:
-                raise Exhausted(
-                    "audit_unavailable",
-                    "the audit log cannot be written (the broker's disk is full?); "
-                    "deliveries resume once it can, reconnect later",
+                raise audit_unavailable(
+                    self.cfg.store_backend, exc, "deliveries resume once it can, reconnect later"
                 ) from exc
             if sent:
                 yield DeliveryBatch(sent, headers)
