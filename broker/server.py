@@ -134,7 +134,7 @@ class Broker:
             await _bounded(self.audit.close(), "closing the audit log", bound)
         self.registry.close()
         if self.backend is not None:
-            await self.backend.disconnect()
+            await _bounded(self.backend.disconnect(), "closing the cluster connection", bound)
         if self.lock is not None:
             self.lock.release()
         log.info("stopped")
