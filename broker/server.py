@@ -112,13 +112,13 @@ class Broker:
         self.exchange.shutdown()
         await self.server.stop(grace)
         self.exchange.close()
-        if self.peers is not None:
-            await self.peers.close()
-        if self._retention is not None:
-            self._retention.cancel()
         # On JetStream each step below waits through elections; a cluster that stops
         # answering must not hold the process, so each is bounded there too.
         bound = None if self.backend is None or self.backend.files else CLOSE_STEP_S
+        if self.peers is not None:
+            await _bounded(self.peers.close(), "giving back the partner leases", bound)
+        if self._retention is not None:
+            self._retention.cancel()
         # Everything the outboxes hold goes into the chain before the final checkpoint
         # (what cannot, stays in its outbox for the next start).
         await _bounded(self.exchange.books.drainer.close(), "draining the outboxes", bound)
@@ -134,7 +134,7 @@ class Broker:
             await _bounded(self.audit.close(), "closing the audit log", bound)
         self.registry.close()
         if self.backend is not None:
-            await self.backend.disconnect()
+            await _bounded(self.backend.disconnect(), "closing the cluster connection", bound)
         if self.lock is not None:
             self.lock.release()
         log.info("stopped")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from broker.audit.items import AuditItem, entry_fields
 from broker.audit.pages import matches
 from broker.audit.refusals import RefusalSummary
+from broker.tasks import stop_task
 from coalition.audit_chain import VerifyResult
 from coalition.v1 import audit_pb2
 
@@ -224,9 +224,7 @@ class AuditBackend(abc.ABC):
         """At close: stop the summarizer and write every pending summary (if the log
         cannot take them, their counts are logged at CRITICAL instead)."""
         if self._summarizer is not None:
-            self._summarizer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._summarizer
+            await stop_task(self._summarizer)
         at = self._clock() if now_ms is None else now_ms
         try:
             await self.flush_refusals(at, final=True)

@@ -32,6 +32,7 @@ from typing import Protocol
 from broker.audit.backend import AuditBackend
 from broker.audit.items import AuditItem, decode, entry_fields
 from broker.store.base import OutboxRow
+from broker.tasks import stop_task
 from coalition.v1 import audit_pb2
 
 log = logging.getLogger("coalition.broker.audit")
@@ -154,9 +155,7 @@ class Drainer:
         """Stop the background drainer and drain what is left (failures are logged: the
         records stay in their outbox and are drained at the next start)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         try:
             await self.drain()

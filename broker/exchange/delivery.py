@@ -103,7 +103,19 @@ class DeliveryLoop:
         while sub.unsettled:
             offs = sorted(sub.unsettled)
             sub.unsettled.clear()
-            await self.store.settle(sub.partner, offs)
+            try:
+                await self.store.settle(sub.partner, offs)
+            except Exception as exc:  # the stream ends; its unsettled offsets come again
+                log.warning("acknowledgements of %s not settled: %s", sub.partner, exc)
+                if sub.closed is None:
+                    sub.closed = Unavailable(
+                        "acks_unavailable",
+                        "the broker could not record your acknowledgements (its message "
+                        "store did not answer); reconnect: what they covered is delivered "
+                        "again",
+                    )
+                sub.wake.set()
+                return
             sub.inflight.difference_update(offs)
             sub.acked_during_read.update(offs)
             sub.wake.set()

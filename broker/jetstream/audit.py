@@ -59,7 +59,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from nats.aio.client import Client
 
-from broker.audit.backend import AuditBackend
+from broker.audit.backend import AuditBackend, AuditError
 from broker.audit.items import AuditItem, entry_fields
 from broker.audit.refusals import RefusalSummary
 from broker.jetstream.audit_blocks import (
@@ -200,6 +200,13 @@ class JetStreamAuditLog(AuditBackend):
                     if w.future is not None and not w.future.done():
                         w.future.set_exception(exc)
                 continue
+            except asyncio.CancelledError:  # closed: nothing more is written
+                closed = AuditError("the audit log closed before this was written")
+                for w in [*batch, *self._queue]:
+                    if w.future is not None and not w.future.done():
+                        w.future.set_exception(closed)
+                self._queue.clear()
+                raise
             for w, result in zip(batch, results, strict=True):
                 if w.future is not None and not w.future.done():
                     w.future.set_result(result)
@@ -333,15 +340,20 @@ class JetStreamAuditLog(AuditBackend):
         NATS connection is the caller's. Closing again does nothing."""
         if self._closed:
             return
-        await self.stop_summaries(now_ms)
         try:
+            await self.stop_summaries(now_ms)
             await self._refresh()
             at = -1 if now_ms is None else now_ms
             await self._submit(_Write(checkpoint_at=at, only_if_unsigned=True))
+            if self._writer is not None:
+                await asyncio.wait([self._writer])  # what others queued meanwhile
         finally:
             self._closed = True
-            if self._writer is not None:
-                await asyncio.gather(self._writer, return_exceptions=True)
+            if self._writer is not None and not self._writer.done():
+                # Cut short (its bound, or a failed write): stop retrying; what is not
+                # written is reported to its caller (an outbox row stays in its outbox).
+                self._writer.cancel()
+                await asyncio.wait([self._writer])
 
     # -- reading --------------------------------------------------------------------------
     async def _blocks(self) -> AsyncGenerator[Block | None, None]:

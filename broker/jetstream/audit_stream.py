@@ -33,7 +33,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from broker.audit.log import AuditError
 from broker.jetstream.audit_blocks import Block, BlockError, Head, decode, encode
-from broker.jetstream.connect import ClusterSettings
+from broker.jetstream.connect import ClusterSettings, placed
 
 log = logging.getLogger("coalition.broker.audit")
 
@@ -94,7 +94,9 @@ class AuditStream:
         """Create the stream, or check the one there: it must deny delete and purge, and
         keep as many replicas as configured (fewer only with allow_data_loss)."""
         try:
-            await self._retry(lambda: self.js.add_stream(self._config()))
+            await self._retry(
+                lambda: placed(lambda: self.js.add_stream(self._config()), f"stream {self.name}")
+            )
             return
         except APIError as exc:
             if exc.err_code != _STREAM_NAME_IN_USE:

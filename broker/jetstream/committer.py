@@ -115,8 +115,11 @@ class Committer:
             return
         self._closed = True
         self._queue.put_nowait(None)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        try:
+            await asyncio.wait([self._task])
+        finally:
+            if not self._task.done():  # the caller stopped waiting (a bound): stop retrying
+                self._task.cancel()
 
     async def _run(self) -> None:
         while not self._stopping or self._carry:
@@ -134,6 +137,22 @@ class Committer:
                 for job in group:
                     if not job.future.done():
                         job.future.set_exception(StoreError(f"message store failed: {exc}"))
+            except asyncio.CancelledError:  # closed before the cluster confirmed: say so
+                self._fail_all(group)
+                raise
+
+    def _fail_all(self, group: list[_Job]) -> None:
+        """Answer every job not yet answered (a batch the cluster may or may not have
+        stored is read back at the next open, never written twice)."""
+        jobs = [*group, *self._carry]
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None:
+                jobs.append(job)
+        err = StoreError("message store closed before the cluster confirmed the write")
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(err)
 
     def _gather(self, group: list[_Job]) -> None:
         """Add the jobs queued meanwhile to group (up to one that must be alone)."""

@@ -8,13 +8,21 @@ seeing each other's data.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import nats
+import nats.js.errors
 from nats.aio.client import Client
+
+log = logging.getLogger("coalition.broker")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,3 +90,31 @@ async def connect(
 def tls_context(settings: ClusterSettings) -> ssl.SSLContext | None:
     """The TLS context for the cluster's servers (also their monitoring URLs), or None."""
     return _tls_context(settings)
+
+
+NO_PEERS = 10005  # JetStream's "no suitable peers for placement"
+PLACEMENT_S = 30.0  # how long creating a stream waits for the cluster's servers to join
+
+
+async def placed(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """call() (creating a stream or a bucket), again while the cluster answers that it
+    has no suitable peers for placement, as it does right after it starts, before every
+    server has joined; at most PLACEMENT_S, with one log line. Raises what call raised."""
+    deadline = time.monotonic() + PLACEMENT_S
+    said = False
+    while True:
+        try:
+            return await call()
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != NO_PEERS or time.monotonic() > deadline:
+                raise
+            if not said:
+                said = True
+                log.warning(
+                    "cannot create %s yet: %s (the cluster's servers have not all joined); "
+                    "trying again for up to %.0f s",
+                    what,
+                    exc.description,
+                    PLACEMENT_S,
+                )
+        await asyncio.sleep(0.25)

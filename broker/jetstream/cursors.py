@@ -27,7 +27,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from broker.jetstream import codec
-from broker.jetstream.connect import ClusterSettings
+from broker.jetstream.connect import ClusterSettings, placed
 from broker.jetstream.reading import through_elections
 from broker.store.base import StoreError
 
@@ -76,7 +76,8 @@ class Cursors:
             kv = await through_elections(lambda: js.key_value(bucket), "open the cursors")
         except nats.js.errors.BucketNotFoundError:
             kv = await through_elections(
-                lambda: js.create_key_value(config), "create the cursors' bucket"
+                lambda: placed(lambda: js.create_key_value(config), f"bucket {bucket}"),
+                "create the cursors' bucket",
             )
         return cls(kv)
 

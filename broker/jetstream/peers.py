@@ -44,7 +44,7 @@ from nats.js.kv import KeyValue
 
 from broker.errors import BrokerError, Precondition, Unavailable
 from broker.exchange.live import Subscription
-from broker.jetstream.connect import ClusterSettings
+from broker.jetstream.connect import ClusterSettings, placed
 
 log = logging.getLogger("coalition.broker")
 
@@ -119,9 +119,12 @@ class Peers:
             storage=StorageType.FILE,
         )
         try:
-            kv = await js.create_key_value(config)
-        except nats.js.errors.BadRequestError:  # exists (another broker made it first)
-            kv = await js.key_value(config.bucket)
+            kv = await placed(lambda: js.create_key_value(config), f"bucket {config.bucket}")
+        except nats.js.errors.BadRequestError as exc:  # exists (another broker made it)?
+            try:
+                kv = await js.key_value(config.bucket)
+            except nats.js.errors.BucketNotFoundError:
+                raise exc from None  # not there: the cluster refused to make it (say why)
         broker_id = f"{name}/{uuid.uuid4().hex[:12]}"
         peers = cls(nc, settings, kv, broker_id, wake, head, wait_for_head)
         await nc.subscribe(peers._subject, cb=peers._on_wake)

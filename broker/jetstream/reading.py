@@ -22,6 +22,7 @@ from nats.js.api import StreamConfig
 from nats.js.client import JetStreamContext
 
 from broker.jetstream import codec
+from broker.jetstream.connect import placed
 from broker.jetstream.view import StoreView
 from broker.store.base import StoredMessage, StoreError
 
@@ -63,7 +64,9 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         info = await through_elections(lambda: js.stream_info(name), "read the stream")
     except nats.js.errors.NotFoundError:
-        await through_elections(lambda: js.add_stream(config), "create the stream")
+        await through_elections(
+            lambda: placed(lambda: js.add_stream(config), f"stream {name}"), "create the stream"
+        )
         return
     if not info.config.allow_atomic:
         raise StoreError(

@@ -66,7 +66,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from broker.audit.items import AuditItem, encode
 from broker.errors import Unavailable
-from broker.jetstream.connect import ClusterSettings
+from broker.jetstream.connect import ClusterSettings, placed
 from broker.jetstream.registry_view import H_CHANGE, H_TIME, Outgoing, View
 from broker.registry_types import ChangeCallback, tell
 from broker.store.base import OutboxRow
@@ -175,7 +175,7 @@ class RegistryStream:
             deny_delete=True,
         )
         try:
-            await self._js.add_stream(config)
+            await placed(lambda: self._js.add_stream(config), f"stream {self.name}")
         except APIError as exc:
             # Already there with another configuration: use it if it can do what this needs.
             try:

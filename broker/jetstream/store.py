@@ -425,6 +425,8 @@ class JetStreamMessageStore:
 
     async def close(self) -> None:
         """Commit what is queued and stop reading the stream (the connection stays open)."""
-        await self._committer.close()
-        await self._feed.stop()
+        try:
+            await self._committer.close()
+        finally:
+            await self._feed.stop()
         await asyncio.sleep(0)
