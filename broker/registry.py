@@ -12,7 +12,6 @@ import contextlib
 import json
 import sqlite3
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from broker import registry_sql as sql
 from broker.audit.items import AuditItem, encode
 from broker.errors import Exhausted
-from broker.registry_types import ChangeCallback, ChangeKind, RegistryChange, tell
+from broker.registry_types import ChangeCallback, ChangeKind, RegistryChange, new_proposal, tell
 from broker.registry_types import PartnerRecord as PartnerRecord
 from broker.registry_types import PartnerRegistry as PartnerRegistry
 from broker.registry_types import StaleVersion as StaleVersion
@@ -235,8 +234,10 @@ class Registry:
     ) -> policy_pb2.Proposal:
         """Record a pending proposal for a privilege-raising change (audit: the entry,
         made from the new proposal's id)."""
-        pid = uuid.uuid4().hex[:12]
-        pb = policy_to_proto(policy)
+        prop = new_proposal(
+            policy, proposed_by=proposed_by, reason=reason, diff=diff, now_ms=now_ms
+        )
+        pid = prop.proposal_id
 
         def run() -> None:
             with self._lock, self._transaction(audit(pid) if audit else None, now_ms):
@@ -245,7 +246,7 @@ class Registry:
                     (
                         pid,
                         policy.partner,
-                        pb.SerializeToString(),
+                        prop.policy.SerializeToString(),
                         base_version,
                         proposed_by,
                         now_ms,
@@ -258,15 +259,7 @@ class Registry:
 
         await asyncio.to_thread(run)
         self._changed("proposal", policy.partner)
-        return policy_pb2.Proposal(
-            proposal_id=pid,
-            policy=pb,
-            proposed_by=proposed_by,
-            proposed_ms=now_ms,
-            reason=reason,
-            state=policy_pb2.PROPOSAL_PENDING,
-            diff=diff,
-        )
+        return prop
 
     async def proposal(self, pid: str) -> tuple[policy_pb2.Proposal, int] | None:
         """A proposal and the policy version it was made against, or None."""

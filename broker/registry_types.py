@@ -6,13 +6,14 @@ of, the refusal of a stale change, and the interface the broker types against
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from broker.audit.items import AuditItem
 from broker.store.base import OutboxRow
-from coalition.policy import PartnerPolicy
+from coalition.policy import PartnerPolicy, policy_to_proto
 from coalition.v1 import directory_pb2, policy_pb2
 
 log = logging.getLogger("coalition.broker.registry")
@@ -63,6 +64,21 @@ def tell(callbacks: list[ChangeCallback], change: RegistryChange) -> None:
             log.exception(
                 "a registry change callback failed (%s of %r)", change.kind, change.partner
             )
+
+
+def new_proposal(
+    policy: PartnerPolicy, *, proposed_by: str, reason: str, diff: list[str], now_ms: int
+) -> policy_pb2.Proposal:
+    """A pending proposal with a fresh id, as every registry backend records it."""
+    return policy_pb2.Proposal(
+        proposal_id=uuid.uuid4().hex[:12],
+        policy=policy_to_proto(policy),
+        proposed_by=proposed_by,
+        proposed_ms=now_ms,
+        reason=reason,
+        state=policy_pb2.PROPOSAL_PENDING,
+        diff=diff,
+    )
 
 
 class StaleVersion(Exception):

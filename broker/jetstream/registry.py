@@ -10,7 +10,6 @@ inside its transaction.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 
 from nats.aio.client import Client
@@ -20,7 +19,7 @@ from broker.errors import AlreadyExists
 from broker.jetstream.connect import ClusterSettings
 from broker.jetstream.registry_stream import Behind, Plan, RegistryStream
 from broker.jetstream.registry_view import H_BASE, H_KEY_ID, H_PARTNER, H_TIME, Outgoing
-from broker.registry_types import ChangeCallback, PartnerRecord, StaleVersion
+from broker.registry_types import ChangeCallback, PartnerRecord, StaleVersion, new_proposal
 from broker.store.base import OutboxRow
 from coalition.policy import PartnerPolicy, policy_from_proto, policy_to_proto
 from coalition.v1 import directory_pb2, policy_pb2
@@ -163,16 +162,10 @@ class JetStreamRegistry:
     ) -> policy_pb2.Proposal:
         """Record a pending proposal for a privilege-raising change (audit: the entry,
         made from the new proposal's id)."""
-        pid = uuid.uuid4().hex[:12]
-        prop = policy_pb2.Proposal(
-            proposal_id=pid,
-            policy=policy_to_proto(policy),
-            proposed_by=proposed_by,
-            proposed_ms=now_ms,
-            reason=reason,
-            state=policy_pb2.PROPOSAL_PENDING,
-            diff=diff,
+        prop = new_proposal(
+            policy, proposed_by=proposed_by, reason=reason, diff=diff, now_ms=now_ms
         )
+        pid = prop.proposal_id
         headers = {H_PARTNER: policy.partner, H_BASE: str(base_version), **_time(now_ms)}
         out = Outgoing(self._view.subject("proposal", pid), prop.SerializeToString(), headers, 0)
         entry = self._s.outbox(audit(pid) if audit else None, now_ms)
