@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA44PrivateKey, M
 
 from broker.exchange import SigningCertNotValid
 from broker.server import start_broker
+from clients.sdk import ClientError
 from coalition import pki
 from coalition.directory import Directory
 from coalition.hpke import HpkePrivateKey
@@ -35,8 +36,17 @@ from coalition.identity import (
 from coalition.pae import KEY_BUNDLE_TYPE
 from coalition.pki.build import pem_private_key
 from coalition.pki.layout import ML_DSA_KEY_FILE
+from coalition.policy import policy_to_proto
 from coalition.v1 import directory_pb2, exchange_pb2
-from tests.helpers import admit, broker_config, now_ms, partner, policy, running_broker
+from tests.helpers import (
+    admit,
+    broker_config,
+    now_ms,
+    operator,
+    partner,
+    policy,
+    running_broker,
+)
 
 NOW = 1_800_000_000_000  # fixed: the library reads no clock
 DAY = pki.DAY_MS
@@ -494,4 +504,25 @@ async def test_the_broker_hybrid_lookup_follows_certificate_expiry(
         assert info.value.code == "signing_cert_expired"
     finally:
         offset[0] = 0
+        await b.stop(grace=1)
+
+
+async def test_operators_cannot_admit_a_certificate_with_a_malformed_ml_dsa_key(
+    live_pki: Path, tmp_path: Path
+) -> None:
+    b = await running_broker(live_pki, tmp_path / "broker")
+    try:
+        truncated = _spki(MLDSA65PrivateKey.generate())[:-1]
+        cert = _signing_cert(
+            pki.load_ca(live_pki), [(SUBJECT_ALT_PUBLIC_KEY_INFO, truncated, False)]
+        )
+        async with operator(live_pki, "op1", b.port) as op1:
+            with pytest.raises(ClientError) as info:
+                await op1.admit("KOR", _der(cert), policy_to_proto(policy("KOR")), "test")
+            assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT
+            assert "ML-DSA-65" in info.value.message
+            [entry] = await op1.audit(kind="admin.refused", tail=True, limit=1)
+            assert entry.decision == "bad_signing_cert"
+            assert "KOR" not in {p.partner for p in await op1.partners()}
+    finally:
         await b.stop(grace=1)
