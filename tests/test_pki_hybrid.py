@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA44PrivateKey, M
 from broker.exchange import SigningCertNotValid
 from broker.server import start_broker
 from clients.sdk import ClientError
-from coalition import pki
+from coalition import ed25519, pki
 from coalition.directory import Directory
 from coalition.hpke import HpkePrivateKey
 from coalition.hybrid import HybridPublicKey, HybridSigningKey
@@ -33,7 +33,7 @@ from coalition.identity import (
     verify_key_bundle,
     verify_signing_cert,
 )
-from coalition.pae import KEY_BUNDLE_TYPE
+from coalition.pae import KEY_BUNDLE_TYPE, pae
 from coalition.pki.build import pem_private_key
 from coalition.pki.layout import ML_DSA_KEY_FILE
 from coalition.policy import policy_to_proto
@@ -324,6 +324,10 @@ def test_a_hybrid_bundle_carries_both_signatures_and_names_its_key(
     bundle = verify_key_bundle(kor.bundle, hybrid, "KOR", NOW)
     assert bundle.signing_key_sha256 == hybrid.fingerprint()
     assert len(kor.bundle.signature) == 64 and len(kor.bundle.ml_dsa_65) == 3309
+    # The Ed25519 half is exactly a v1 bundle signature: code that knows only v1 checks it.
+    ed25519.verify(
+        kor.signing_key.public_key(), kor.bundle.signature, pae(KEY_BUNDLE_TYPE, kor.bundle.bundle)
+    )
 
 
 def test_a_bundle_stripped_of_its_ml_dsa_signature_is_refused(
