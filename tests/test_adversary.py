@@ -184,6 +184,7 @@ async def test_tampered_store_is_detected(
     async for dl in sub:
         with pytest.raises(OPEN_ERRORS) as info:
             await usa.open(dl)
+        assert isinstance(info.value, OPEN_ERRORS)
         assert info.value.reason.value == "digest_mismatch"
         break
     await sub.aclose()

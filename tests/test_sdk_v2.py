@@ -153,6 +153,7 @@ async def test_a_partner_removed_mid_stream_opens_nothing_sent_after(
             assert envelope_v2.is_v2(e) and "GBR" not in epoch_keys(e)
             with pytest.raises(OPEN_ERRORS) as info:
                 await gbr.open(exchange_pb2.Delivery(offset=o, envelope=e))
+            assert isinstance(info.value, OPEN_ERRORS)
             assert info.value.reason.value == "not_a_recipient"
             # Nor does the old epoch's key unwrap anything of a later message: the wrap
             # is bound to the header it was made for.
