@@ -23,7 +23,7 @@ from tests.broker_process import ConfiguredBroker
 from tests.helpers import admit, eventually, now_ms, partner, policy, running_broker, sqlite_only
 from tests.metrics_helpers import Scrape, http_get, scrape
 from tests.test_broker_faults import free_port
-from tests.v2_batches import seal_v2
+from tests.v2_batches import forged_signature, seal_v2
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA")
 TOPIC = "intel.ground"
@@ -86,10 +86,7 @@ async def _seal(kor: PartnerClient, n: int, tag: str) -> list[envelope_pb2.Envel
 
 
 def _bad_signature(e: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
-    forged = envelope_pb2.Envelope()
-    forged.CopyFrom(e)
-    forged.signature = bytes([forged.signature[0] ^ 1]) + forged.signature[1:]
-    return forged
+    return forged_signature(e)  # v1 or v2: refused bad_signature
 
 
 # -- off by default ---------------------------------------------------------------------

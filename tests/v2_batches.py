@@ -169,3 +169,27 @@ def open_any(e: envelope_pb2.Envelope, me: PartnerCredentials, sender: PartnerCr
     if envelope_v2.is_v2(e):
         return opened(e, me, sender).plaintext
     return open_v1(e, me, sender).plaintext
+
+
+def forged_signature(e: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+    """e with one bit of its signature flipped (v1: the header's; v2: the Ed25519 half of
+    its batch root's), everything else kept: refused bad_signature either way."""
+    out = envelope_pb2.Envelope()
+    out.CopyFrom(e)
+    if envelope_v2.is_v2(e):
+        sig = out.batch.root_signature
+        sig.ed25519 = bytes([sig.ed25519[0] ^ 1]) + sig.ed25519[1:]
+    else:
+        out.signature = bytes([out.signature[0] ^ 1]) + out.signature[1:]
+    return out
+
+
+def truncated(e: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+    """e with its header (v1) or v2 header cut to 40 bytes: a header that does not parse."""
+    out = envelope_pb2.Envelope()
+    out.CopyFrom(e)
+    if envelope_v2.is_v2(e):
+        out.header_v2 = out.header_v2[:40]
+    else:
+        out.header = out.header[:40]
+    return out
