@@ -4,6 +4,7 @@ sequences in batch order, epoch rolls before the next batch, numbers given back.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,14 +56,33 @@ async def test_a_lone_seal_goes_at_once_and_verifies() -> None:
     assert [k.sequence for k in v.header_v2.epoch_keys] == [1, 1]
 
 
-async def test_concurrent_seals_are_signed_together_in_call_order() -> None:
-    """While the first seal is being signed, the others wait and go as ONE batch: two
-    signatures for 40 messages, and sequences in the order the seals were called."""
-    s = sealer(Sequencer(per_recipient=True))
+class HeldKey(HybridSigningKey):
+    """KEY, whose first signature waits until the test lets it go (a slow signature)."""
+
+    def __init__(self) -> None:
+        super().__init__(KEY.ed25519, KEY.ml_dsa)
+        self.signing = threading.Event()
+        self.go = threading.Event()
+
+    def sign(self, payload_type: str, body: bytes) -> envelope_pb2.HybridSignature:
+        self.signing.set()
+        self.go.wait(10)  # bounded: a sealer that signs on the event loop fails, not hangs
+        return super().sign(payload_type, body)
+
+
+async def test_seals_arriving_while_a_batch_is_signed_go_together_in_call_order() -> None:
+    """While the first seal is being signed (off the event loop), the others arrive,
+    wait, and go as ONE batch: two signatures for 40 messages, sequences in call order."""
+    key = HeldKey()
+    seq = Sequencer(per_recipient=True)
+    s = BatchSealer("KOR", key, "kid", lambda: seq, now_ms)
     first = asyncio.create_task(s.seal([draft(0)]))
-    for _ in range(3):  # the first batch is now being sealed, off the loop
-        await asyncio.sleep(0)
-    out = [await first, *await asyncio.gather(*(s.seal([draft(i)]) for i in range(1, 40)))]
+    assert await asyncio.to_thread(key.signing.wait, 10)
+    rest = [asyncio.create_task(s.seal([draft(i)])) for i in range(1, 40)]
+    await asyncio.sleep(0.01)
+    assert not first.done() and s.batches == 0
+    key.go.set()
+    out = [await first, *[await t for t in rest]]
     sealed = [x for [x] in out]
     assert s.batches == 2
     assert [root_of(x).tree_size for x in sealed] == [1] + [39] * 39

@@ -152,8 +152,9 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
+    width = max(20, *(len(k) + 1 for k in info))
     for k, v in info.items():
-        print(f"{k + ':':<20} {v}")
+        print(f"{k + ':':<{width}} {v}")
 
 
 def _cmd_rotate_hpke(args: argparse.Namespace) -> None:
