@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from broker.server import Broker
-from clients.sdk import OPEN_ERRORS, PartnerClient, Sealed, Sequencer
+from clients.sdk import OPEN_ERRORS, Directory, Draft, PartnerClient, Peer, Sealed, Sequencer
+from coalition import envelope as env
 from coalition import envelope_v2
 from coalition.epoch import EpochKeyError
-from coalition.labels import Classification, parse_label
+from coalition.hybrid import HybridPublicKey, HybridSigningKey
+from coalition.labels import Classification, label_to_proto, parse_label
 from coalition.pki import issue_partner, load_partner
 from coalition.policy import policy_to_proto
 from coalition.v1 import envelope_pb2, exchange_pb2, intel_pb2
@@ -248,3 +250,57 @@ def inbox_ids(db: Path) -> list[str]:
             return [r[0] for r in c.execute("SELECT message_id FROM inbox")]
         except sqlite3.OperationalError:
             return []
+
+
+async def test_a_changed_directory_entry_rolls_that_partners_epoch(pki: Path) -> None:
+    """A directory refresh that shows a partner's entry changed (here its hybrid key, a
+    change the kernel's own key-id check does not see) rolls that partner's epoch at
+    once, and only that partner's; a partner that leaves the directory rolls too."""
+    kor = client(pki, "KOR", 9)  # never connects: the directory is handed over directly
+    try:
+        assert kor.sealer is not None
+        peers = {c: load_partner(pki / "partners" / c) for c in ("USA", "GBR")}
+
+        def directory(usa_hybrid: HybridPublicKey | None, *codes: str) -> Directory:
+            d = Directory()
+            for code in codes:
+                c = peers[code]
+                hybrid = c.hybrid_signing_key
+                d.peers[code] = Peer(
+                    code,
+                    0,
+                    frozenset(),
+                    c.signing_key.public_key(),
+                    c.signing_key_id,
+                    c.current_key_id,
+                    c.hpke_keys[c.current_key_id].public_key(),
+                    hybrid_public=(
+                        usa_hybrid
+                        if code == "USA"
+                        else None
+                        if hybrid is None
+                        else hybrid.public_key()
+                    ),
+                )
+            return d
+
+        before = directory(None, "USA", "GBR")
+        to = [env.Recipient(c, p.key_id, p.hpke_public) for c, p in before.peers.items()]  # type: ignore[arg-type]
+
+        async def epochs() -> dict[str, bytes]:
+            [s] = await kor.sealer.seal(  # type: ignore[union-attr]
+                [Draft(b"x", "intel.a", label_to_proto(LABEL), 1, env.INTEL_SUMMARY, to)]
+            )
+            return {c: bytes(k.epoch_id) for c, k in epoch_keys(s).items()}
+
+        first = await epochs()
+        kor._roll_changed(before, directory(None, "USA", "GBR"))  # nothing changed
+        assert await epochs() == first
+        kor._roll_changed(before, directory(HybridSigningKey.generate().public_key(), "USA", "GBR"))
+        second = await epochs()
+        assert second["USA"] != first["USA"] and second["GBR"] == first["GBR"]
+        kor._roll_changed(before, directory(None, "USA"))  # GBR left the directory
+        third = await epochs()
+        assert third["GBR"] != second["GBR"] and third["USA"] == second["USA"]
+    finally:
+        await kor.close()
