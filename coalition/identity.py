@@ -2,9 +2,11 @@
 
 An identity is a URI in a certificate's SAN (``urn:coalition:partner:KOR``). The
 coalition CA certifies two kinds of key per partner: an ECDSA P-256 TLS key (mTLS
-transport identity) and an Ed25519 signing key (message and key-bundle
-signatures). A partner's HPKE public key travels in a ``KeyBundle`` signed by
-that certified signing key, so a broker that swaps keys is caught.
+transport identity) and a signing key (message and key-bundle signatures): Ed25519,
+and with it, in the same certificate, an ML-DSA-65 key (``certified_hybrid_key``)
+that makes the pair a hybrid signing key. A partner's HPKE public key travels in a
+``KeyBundle`` signed by that certified signing key (both halves when it is hybrid),
+so a broker that swaps keys is caught.
 
 Pure: no I/O, no clock reads; ``now_ms`` is passed in.
 """
@@ -19,23 +21,37 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PublicKey
+from cryptography.x509.oid import ExtensionOID
 from google.protobuf.message import DecodeError
 
 from coalition import ed25519
 from coalition.hpke import KEM_NAME, HpkeKeyError, HpkePublicKey
+from coalition.hybrid import HybridPublicKey, HybridSignatureError, HybridSigningKey
 from coalition.pae import KEY_BUNDLE_TYPE, pae
-from coalition.v1 import directory_pb2
+from coalition.v1 import directory_pb2, envelope_pb2
 
 URN_PREFIX = "urn:coalition:"
 
 # Partner codes follow the label grammar; other names must be safe as one path component.
 _PARTNER_CODE = re.compile(r"[A-Z][A-Z0-9-]{1,23}")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+# subjectAltPublicKeyInfo (ITU-T X.509 (10/2019) 9.8.2): a second public key the CA
+# certifies for the same subject. Its value is a DER SubjectPublicKeyInfo.
+SUBJECT_ALT_PUBLIC_KEY_INFO = x509.ObjectIdentifier("2.5.29.72")
+# The one form that value may take: id-ml-dsa-65 (RFC 9881), no parameters, 1952-byte key.
+_ML_DSA_65_SPKI_PREFIX = bytes.fromhex("308207b2300b0609608648016503040312038207a100")
+_ML_DSA_65_SPKI_LEN = len(_ML_DSA_65_SPKI_PREFIX) + 1952
+# Critical extensions a signing certificate may carry: any other critical one is refused
+# (RFC 5280 4.2: a verifier must reject a critical extension it does not process).
+_SIGNING_CERT_CRITICAL = frozenset({ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE})
 
 
 class IdentityError(ValueError):
@@ -101,10 +117,20 @@ class Identity:
         return cls(IdentityKind.BROKER, name)
 
 
+def _extensions(cert: x509.Certificate) -> x509.Extensions:
+    """The certificate's extensions; IdentityError when one appears twice (RFC 5280 4.2)."""
+    try:
+        return cert.extensions
+    except x509.DuplicateExtension as exc:
+        raise IdentityError(
+            f"certificate carries the extension {exc.oid.dotted_string} more than once"
+        ) from exc
+
+
 def identity_from_cert(cert: x509.Certificate) -> Identity:
     """The one coalition identity in the cert's SAN URIs. Raises IdentityError."""
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        san = _extensions(cert).get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound as exc:
         raise IdentityError("certificate has no subjectAltName") from exc
     ours = [
@@ -162,8 +188,11 @@ def verify_certified_ed25519_key(
     """The Ed25519 key the CA certified for ``identity`` (signing or audit key).
 
     Checks: issued directly by ``ca`` (signature and issuer name), CA and cert
-    within validity at ``now_ms``, not a CA cert, digitalSignature usage, the SAN
-    identity, and an Ed25519 subject key. Raises IdentityError.
+    within validity at ``now_ms``, not a CA cert, no critical extension other than
+    basicConstraints and keyUsage, digitalSignature usage, the SAN identity, an
+    Ed25519 subject key, and a well-formed ML-DSA-65 key if the certificate carries
+    one (``certified_hybrid_key``), so a malformed one is never read as "none".
+    Raises IdentityError.
     """
     what = f"signing certificate for {identity.uri}"
     try:
@@ -176,6 +205,11 @@ def verify_certified_ed25519_key(
         raise IdentityError(f"{what} was not issued by the coalition CA") from exc
     check_validity(ca, now_ms, "coalition CA certificate")
     check_validity(cert, now_ms, what)
+    for ext in _extensions(cert):
+        if ext.critical and ext.oid not in _SIGNING_CERT_CRITICAL:
+            raise IdentityError(
+                f"{what} carries the unknown critical extension {ext.oid.dotted_string}"
+            )
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         if bc.ca:
@@ -194,7 +228,49 @@ def verify_certified_ed25519_key(
     key = cert.public_key()
     if not isinstance(key, Ed25519PublicKey):
         raise IdentityError(f"{what} holds a {type(key).__name__}, not an Ed25519 key")
+    try:
+        certified_hybrid_key(cert)
+    except IdentityError as exc:
+        raise IdentityError(f"{what}: {exc}") from exc
     return key
+
+
+def certified_hybrid_key(cert: x509.Certificate) -> HybridPublicKey | None:
+    """The certificate's Ed25519 key and the ML-DSA-65 key certified beside it, as one
+    hybrid key; None when the certificate carries no subjectAltPublicKeyInfo (v1 only).
+
+    The caller has verified the certificate against the CA (``verify_signing_cert``).
+    Strict: the extension must appear once, be non-critical, and hold exactly the DER
+    SubjectPublicKeyInfo of an ML-DSA-65 key (no other algorithm, no parameters, no
+    trailing bytes), beside an Ed25519 subject key. Raises IdentityError otherwise.
+    """
+    found = [e for e in _extensions(cert) if e.oid == SUBJECT_ALT_PUBLIC_KEY_INFO]
+    if not found:
+        return None
+    ext = found[0]
+    if ext.critical:
+        raise IdentityError("the ML-DSA-65 key extension (2.5.29.72) must be non-critical")
+    if not isinstance(ext.value, x509.UnrecognizedExtension):
+        raise IdentityError("the ML-DSA-65 key extension (2.5.29.72) is not readable")
+    der = ext.value.value
+    if len(der) != _ML_DSA_65_SPKI_LEN or not der.startswith(_ML_DSA_65_SPKI_PREFIX):
+        raise IdentityError(
+            "the subjectAltPublicKeyInfo extension (2.5.29.72) must hold exactly one "
+            f"ML-DSA-65 SubjectPublicKeyInfo ({_ML_DSA_65_SPKI_LEN} bytes); it holds "
+            f"{len(der)} bytes of another form"
+        )
+    try:
+        ml_dsa = serialization.load_der_public_key(der)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise IdentityError("the ML-DSA-65 key in the certificate is malformed") from exc
+    if not isinstance(ml_dsa, MLDSA65PublicKey):  # the prefix makes this unreachable
+        raise IdentityError("the subjectAltPublicKeyInfo key is not an ML-DSA-65 key")
+    ed = cert.public_key()
+    if not isinstance(ed, Ed25519PublicKey):
+        raise IdentityError(
+            f"an ML-DSA-65 key is certified beside a {type(ed).__name__}, not an Ed25519 key"
+        )
+    return HybridPublicKey(ed.public_bytes_raw() + ml_dsa.public_bytes_raw())
 
 
 def verify_signing_cert(
@@ -222,9 +298,23 @@ def key_id_for(public: HpkePublicKey) -> str:
 
 
 def sign_key_bundle(
-    bundle: directory_pb2.KeyBundle, key: Ed25519PrivateKey
+    bundle: directory_pb2.KeyBundle, key: Ed25519PrivateKey | HybridSigningKey
 ) -> directory_pb2.SignedKeyBundle:
-    """Serialize ``bundle`` once and sign PAE(KEY_BUNDLE_TYPE, bytes) with Ed25519."""
+    """Serialize ``bundle`` once and sign PAE(KEY_BUNDLE_TYPE, bytes).
+
+    With an Ed25519 key: one Ed25519 signature (v1). With a hybrid key: the bundle
+    first names the key pair (``signing_key_sha256``), then Ed25519 (``signature``)
+    and ML-DSA-65 (``ml_dsa_65``) both sign the same bytes.
+    """
+    if isinstance(key, HybridSigningKey):
+        named = directory_pb2.KeyBundle()
+        named.CopyFrom(bundle)
+        named.signing_key_sha256 = key.public_key().fingerprint()
+        body = named.SerializeToString(deterministic=True)
+        both = key.sign(KEY_BUNDLE_TYPE, body)
+        return directory_pb2.SignedKeyBundle(
+            bundle=body, signature=both.ed25519, ml_dsa_65=both.ml_dsa_65
+        )
     body = bundle.SerializeToString(deterministic=True)
     return directory_pb2.SignedKeyBundle(
         bundle=body, signature=key.sign(pae(KEY_BUNDLE_TYPE, body))
@@ -233,15 +323,44 @@ def sign_key_bundle(
 
 def verify_key_bundle(
     signed: directory_pb2.SignedKeyBundle,
-    signing_key: Ed25519PublicKey,
+    signing_key: Ed25519PublicKey | HybridPublicKey,
     partner: str,
     now_ms: int,
 ) -> directory_pb2.KeyBundle:
-    """Verify the signature over the exact bytes, then the contents. Raises IdentityError."""
-    try:
-        ed25519.verify(signing_key, signed.signature, pae(KEY_BUNDLE_TYPE, signed.bundle))
-    except InvalidSignature as exc:
-        raise IdentityError(f"key bundle signature does not verify for {partner}") from exc
+    """Verify the signature over the exact bytes, then the contents. Raises IdentityError.
+
+    ``signing_key`` is what the partner's signing certificate certifies: its
+    ``certified_hybrid_key`` when there is one, and then BOTH signatures are required
+    (a bundle stripped of its ML-DSA-65 signature is refused) and the bundle must name
+    that key pair; else the Ed25519 key, and then a bundle that names a hybrid key or
+    carries an ML-DSA-65 signature is refused (its certificate is not the one it was
+    signed under).
+    """
+    hybrid = signing_key if isinstance(signing_key, HybridPublicKey) else None
+    if isinstance(signing_key, HybridPublicKey):
+        if not signed.ml_dsa_65:
+            raise IdentityError(
+                f"key bundle for {partner} has no ML-DSA-65 signature, but {partner}'s "
+                "signing certificate certifies an ML-DSA-65 key: both signatures are required"
+            )
+        both = envelope_pb2.HybridSignature(ed25519=signed.signature, ml_dsa_65=signed.ml_dsa_65)
+        try:
+            signing_key.verify(both, KEY_BUNDLE_TYPE, signed.bundle)
+        except HybridSignatureError as exc:
+            half = "" if exc.component == "Ed25519" else f"{exc.component} "
+            raise IdentityError(
+                f"key bundle {half}signature does not verify for {partner}"
+            ) from exc
+    elif signed.ml_dsa_65:
+        raise IdentityError(
+            f"key bundle for {partner} carries an ML-DSA-65 signature, but {partner}'s "
+            "signing certificate certifies no ML-DSA-65 key"
+        )
+    else:
+        try:
+            ed25519.verify(signing_key, signed.signature, pae(KEY_BUNDLE_TYPE, signed.bundle))
+        except InvalidSignature as exc:
+            raise IdentityError(f"key bundle signature does not verify for {partner}") from exc
     bundle = directory_pb2.KeyBundle()
     try:
         bundle.ParseFromString(signed.bundle)
@@ -249,6 +368,12 @@ def verify_key_bundle(
         raise IdentityError("key bundle is not a valid KeyBundle message") from exc
     if bundle.partner != partner:
         raise IdentityError(f"key bundle is for {bundle.partner!r}, expected {partner!r}")
+    expected = hybrid.fingerprint() if hybrid is not None else b""
+    if bundle.signing_key_sha256 != expected:
+        raise IdentityError(
+            f"key bundle for {partner} names a signing key other than the one "
+            f"{partner}'s signing certificate certifies"
+        )
     if bundle.kem != KEM_NAME:
         raise IdentityError(f"key bundle KEM is {bundle.kem!r}, expected {KEM_NAME!r}")
     try:

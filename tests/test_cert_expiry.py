@@ -31,14 +31,19 @@ DAY_MS = 86_400_000
 
 
 def short_lived_kor(pki: Path, issued_ms: int) -> PartnerCredentials:
-    """KOR's credentials with a new signing key whose certificate is valid for one day."""
+    """KOR's credentials with a new (Ed25519-only) signing key whose certificate is valid
+    for one day."""
     key = Ed25519PrivateKey.generate()
     cert = issue_signing_cert(
         load_ca(pki), Identity.partner("KOR"), key.public_key(), issued_ms, valid_days=1
     )
     creds = load_partner(pki / "partners" / "KOR")
     return dataclasses.replace(
-        creds, signing_key=key, signing_cert=cert, signing_key_id=signing_key_id(cert)
+        creds,
+        signing_key=key,
+        signing_cert=cert,
+        signing_key_id=signing_key_id(cert),
+        hybrid_signing_key=None,
     )
 
 

@@ -38,7 +38,7 @@ async def test_resent_and_new_key_bundles_are_bounded(
                     "KOR", HpkePrivateKey.generate(), now_ms(), now_ms() + 3600_000
                 )
                 req = exchange_pb2.RegisterKeysRequest(
-                    bundle=sign_key_bundle(fresh, creds.signing_key)
+                    bundle=sign_key_bundle(fresh, creds.hybrid_signing_key or creds.signing_key)
                 )
                 try:
                     await kor.stub.RegisterKeys(req)
@@ -67,7 +67,7 @@ async def test_the_bound_can_be_switched_off(
                 fresh = make_key_bundle(
                     "KOR", HpkePrivateKey.generate(), now_ms(), now_ms() + 3600_000
                 )
-                bundle = sign_key_bundle(fresh, creds.signing_key)
+                bundle = sign_key_bundle(fresh, creds.hybrid_signing_key or creds.signing_key)
                 await kor.stub.RegisterKeys(exchange_pb2.RegisterKeysRequest(bundle=bundle))
         assert len(await b.audit.query(kind="keys.registered", partner="KOR")) == LIMIT + 2
     finally:
@@ -87,7 +87,9 @@ async def test_an_oversized_key_bundle_is_refused_unstored(
         fresh = make_key_bundle("KOR", HpkePrivateKey.generate(), now_ms(), now_ms() + 3600_000)
         junk = b"x" * (1 << 20)
         fresh.MergeFromString(b"\x9a\x06" + _varint(len(junk)) + junk)  # field 99, unknown
-        req = exchange_pb2.RegisterKeysRequest(bundle=sign_key_bundle(fresh, creds.signing_key))
+        req = exchange_pb2.RegisterKeysRequest(
+            bundle=sign_key_bundle(fresh, creds.hybrid_signing_key or creds.signing_key)
+        )
         async with partner(pki, "KOR", b.port) as kor:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await kor.stub.RegisterKeys(req)

@@ -72,7 +72,7 @@ def test_show_json_lists_every_identity(root: Path, capsys: pytest.CaptureFixtur
     assert [p["code"] for p in info["partners"]] == ["KOR", "USA"]
     kor = info["partners"][0]
     assert kor["tls"]["identity"] == kor["signing"]["identity"] == "urn:coalition:partner:KOR"
-    assert kor["signing"]["key_type"] == "Ed25519"
+    assert kor["signing"]["key_type"] == "Ed25519 + ML-DSA-65"
     assert kor["tls"]["status"] == "valid"
     assert kor["hpke_key_ids"] == [kor["bundle"]["key_id"]]
     assert [o["name"] for o in info["operators"]] == ["op1"]
@@ -93,7 +93,7 @@ def test_inspect_certificate(root: Path, capsys: pytest.CaptureFixture[str]) -> 
     info = json.loads(out)
     assert info["identity"] == "urn:coalition:partner:KOR"
     assert info["issuer"] == "CN=Coalition CA,O=Coalition"
-    assert info["key_type"] == "Ed25519"
+    assert info["key_type"] == "Ed25519 + ML-DSA-65"
     assert len(info["sha256_fingerprint"]) == 64
     assert {"subject", "serial", "not_before", "not_after"} <= set(info)
 
@@ -108,7 +108,7 @@ def test_inspect_bundle_verifies_against_sibling_signing_cert(
 
 
 def test_inspect_refuses_private_keys(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for name in ["tls.key", "signing.key"]:
+    for name in ["tls.key", "signing.key", "signing-ml-dsa.key"]:
         code, out, err = run(capsys, "inspect", str(root / "partners/KOR" / name))
         assert code == 1
         assert out == "" and "private key" in err and "BEGIN" not in err

@@ -19,6 +19,7 @@ from coalition.identity import (
     Identity,
     IdentityError,
     IdentityKind,
+    certified_hybrid_key,
     identity_from_auth_context,
     identity_from_cert,
     key_id_for,
@@ -105,7 +106,14 @@ def test_dev_pki_writes_the_contract_layout(root: Path, kor: pki.PartnerCredenti
     for code in ("KOR", "USA"):
         expected |= {
             f"partners/{code}/{n}"
-            for n in ("tls.crt", "tls.key", "signing.crt", "signing.key", "bundle.bin")
+            for n in (
+                "tls.crt",
+                "tls.key",
+                "signing.crt",
+                "signing.key",
+                "signing-ml-dsa.key",
+                "bundle.bin",
+            )
         }
     assert expected <= files
     assert len([f for f in files if f.startswith("partners/USA/hpke-")]) == 1
@@ -114,7 +122,7 @@ def test_dev_pki_writes_the_contract_layout(root: Path, kor: pki.PartnerCredenti
 
 def test_private_keys_are_0600_and_directories_0700(root: Path) -> None:
     keys = [p for p in root.rglob("*.key")]
-    assert len(keys) == 1 + 2 + 1 + 2 * 3  # ca, broker tls+audit, op1, 2 partners x 3
+    assert len(keys) == 1 + 2 + 1 + 2 * 4  # ca, broker tls+audit, op1, 2 partners x 4
     for p in keys:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     for p in [root, *[d for d in root.rglob("*") if d.is_dir()]]:
@@ -146,7 +154,10 @@ def test_load_partner_round_trip(kor: pki.PartnerCredentials, ca: x509.Certifica
     assert kor.signing_key_id == kor.signing_key_id.lower()
     key = verify_signing_cert(kor.signing_cert_der, ca, "KOR", NOW)
     assert key == kor.signing_key.public_key()
-    bundle = verify_key_bundle(kor.bundle, key, "KOR", NOW)
+    hybrid = certified_hybrid_key(kor.signing_cert)
+    assert kor.hybrid_signing_key is not None and hybrid is not None
+    assert kor.hybrid_signing_key.public_key() == hybrid and hybrid.ed25519 == key
+    bundle = verify_key_bundle(kor.bundle, hybrid, "KOR", NOW)
     assert bundle.key_id in kor.hpke_keys
     assert kor.hpke_keys[bundle.key_id].public_key().raw == bundle.public_key
 
@@ -239,7 +250,8 @@ def test_rotate_hpke_keeps_old_key(tmp_path: Path) -> None:
     new = pki.load_partner(tmp_path / "partners" / "KOR")
     assert new.current_key_id == new_bundle.key_id != old.current_key_id
     assert set(new.hpke_keys) == {old.current_key_id, new_bundle.key_id}
-    got = verify_key_bundle(new.bundle, new.signing_key.public_key(), "KOR", NOW + DAY)
+    assert new.hybrid_signing_key is not None
+    got = verify_key_bundle(new.bundle, new.hybrid_signing_key.public_key(), "KOR", NOW + DAY)
     assert got.not_after_ms == NOW + 31 * DAY
 
 

@@ -21,8 +21,10 @@ from broker.errors import Exhausted, Forbidden, InvalidInput, NotAuthenticated, 
 from broker.exchange.decisions import DecisionFn
 from broker.exchange.memo import Memo
 from broker.registry import PartnerRecord, PartnerRegistry
+from coalition.hybrid import HybridPublicKey
 from coalition.identity import (
     IdentityError,
+    certified_hybrid_key,
     datetime_to_ms,
     verify_key_bundle,
     verify_signing_cert,
@@ -34,8 +36,9 @@ from coalition.v1 import directory_pb2, label_pb2
 
 Clock = Callable[[], int]
 SIGNER_MEMO_SIZE = 4096
-# A key bundle is a public key, ids and times (a few hundred bytes): a larger one is
-# refused before it is verified or stored (each one is a registry write).
+# A key bundle is a public key, ids, times and its signatures (about 1.3 KB, 4.7 KB with
+# the 3,309-byte ML-DSA-65 one): a larger one is refused before it is verified or stored
+# (each one is a registry write).
 MAX_KEY_BUNDLE_BYTES = 16 << 10
 
 
@@ -55,11 +58,13 @@ class SigningCertNotValid(KeyError):
 @dataclass(frozen=True)
 class CertifiedKey:
     """A verified signing key, cached with what makes it stale: the period in which its
-    certificate and the CA's are both valid. Checked against the clock at every use."""
+    certificate and the CA's are both valid. Checked against the clock at every use.
+    ``hybrid`` is the Ed25519 + ML-DSA-65 key the same certificate certifies, if any."""
 
     key: Ed25519PublicKey
     not_before_ms: int
     not_after_ms: int
+    hybrid: HybridPublicKey | None = None
 
     def check(self, sender: str, now_ms: int) -> None:
         """Raise SigningCertNotValid unless not_before <= now <= not_after."""
@@ -115,7 +120,21 @@ class PartnerDirectory:
         self._key_changes: dict[str, deque[int]] = {}
 
     def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
-        """The certified signing key of sender, valid now by the broker's clock.
+        """The certified signing key of sender, valid now by the broker's clock (see
+        certified)."""
+        return self.certified(sender, key_id).key
+
+    def hybrid_signer(self, sender: str, key_id: str) -> HybridPublicKey:
+        """sender's certified Ed25519 + ML-DSA-65 key, valid now: what a v2 envelope's
+        root verifies under. The same cache and errors as signer, and KeyError when the
+        certificate certifies no ML-DSA-65 key (the sender signs v1 only)."""
+        hybrid = self.certified(sender, key_id).hybrid
+        if hybrid is None:
+            raise KeyError(sender)
+        return hybrid
+
+    def certified(self, sender: str, key_id: str) -> CertifiedKey:
+        """The certified signing key of sender (both halves), valid now by the broker's clock.
 
         Raises SigningCertNotValid (a KeyError) when its certificate or the CA's is expired
         or not yet valid, KeyError when the key is unknown or not certified. The parsed key
@@ -138,12 +157,13 @@ class PartnerDirectory:
             _check_period(sender, *period, now)
             try:
                 key = verify_signing_cert(rec.signing_cert, self.ca_cert, sender, now)
+                hybrid = certified_hybrid_key(cert)
             except IdentityError as exc:
                 raise KeyError(sender) from exc
-            cached = CertifiedKey(key, *period)
+            cached = CertifiedKey(key, *period, hybrid)
             self._signers.put((sender, key_id), cached)
         cached.check(sender, now)
-        return cached.key
+        return cached
 
     def record(self, partner: str) -> PartnerRecord:
         """partner's record, or NotAuthenticated unknown_partner if it is not registered."""
@@ -212,8 +232,8 @@ class PartnerDirectory:
             )
         try:
             cert = x509.load_der_x509_certificate(rec.signing_cert)
-            key = self.signer(partner, format(cert.serial_number, "x"))
-            bundle = verify_key_bundle(signed, key, partner, now)
+            certified = self.certified(partner, format(cert.serial_number, "x"))
+            bundle = verify_key_bundle(signed, certified.hybrid or certified.key, partner, now)
         except SigningCertNotValid as exc:
             raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}") from exc
         except KeyError as exc:

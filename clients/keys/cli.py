@@ -46,11 +46,13 @@ def _cmd_issue_partner(args: argparse.Namespace) -> None:
         valid_days=args.valid_days,
         hpke_valid_days=args.hpke_valid_days,
         force=args.force,
+        ml_dsa=not args.no_ml_dsa,
     )
     creds = pki.load_partner(d)
+    kind = "Ed25519 only" if creds.hybrid_signing_key is None else "Ed25519 + ML-DSA-65"
     print(
-        f"issued partner {creds.code} in {d} "
-        f"(signing key id {creds.signing_key_id}, HPKE key id {creds.current_key_id})"
+        f"issued partner {creds.code} in {d} (signing key id {creds.signing_key_id}, "
+        f"{kind}; HPKE key id {creds.current_key_id})"
     )
 
 
@@ -97,6 +99,7 @@ def _cmd_dev_pki(args: argparse.Namespace) -> None:
         force=args.force,
         broker_hosts=args.broker_host,
         broker_ips=args.broker_ip,
+        ml_dsa=not args.no_ml_dsa,
     )
     print(
         f"development PKI in {args.dir}: CA, broker "
@@ -149,8 +152,9 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
+    width = max(20, *(len(k) + 1 for k in info))
     for k, v in info.items():
-        print(f"{k + ':':<20} {v}")
+        print(f"{k + ':':<{width}} {v}")
 
 
 def _cmd_rotate_hpke(args: argparse.Namespace) -> None:
@@ -220,11 +224,19 @@ def _force(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace existing keys")
 
 
+def _no_ml_dsa(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-ml-dsa",
+        action="store_true",
+        help="Ed25519-only signing keys (v1 envelopes only; for testing the upgrade path)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Create and inspect the Coalition PKI: CA, TLS certificates, "
-        "Ed25519 signing keys and signed HPKE key bundles.",
+        "Ed25519 + ML-DSA-65 signing keys and signed HPKE key bundles.",
         epilog=_MAIN_EPILOG + "\n" + EXIT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -240,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(
         subs,
         "issue-partner",
-        "issue a partner's TLS cert, Ed25519 signing key + cert, HPKE key and signed bundle",
+        "issue a partner's TLS cert, Ed25519 + ML-DSA-65 signing key + cert, HPKE key and "
+        "signed bundle",
         f"  {PROG} issue-partner pki/ KOR\n  {PROG} issue-partner pki/ USA --valid-days 90\n",
     )
     p.add_argument("dir", metavar="DIR", help="PKI directory holding ca/")
@@ -253,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DAYS",
         help=f"HPKE key bundle validity: days, or 30d (default {pki.DEFAULT_HPKE_DAYS})",
     )
+    _no_ml_dsa(p)
     _force(p)
     p.set_defaults(func=_cmd_issue_partner)
 
@@ -302,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated operator names (default {DEFAULT_OPERATORS})",
     )
     _broker_name_options(p, "--broker-host", "--broker-ip")
+    _no_ml_dsa(p)
     _force(p)
     p.set_defaults(func=_cmd_dev_pki)
 

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from coalition import pki
 from coalition.identity import (
     IdentityError,
+    certified_hybrid_key,
     datetime_to_ms,
     identity_from_cert,
     ms_to_datetime,
@@ -49,7 +50,11 @@ def _key_type(cert: x509.Certificate) -> str:
     if isinstance(key, ec.EllipticCurvePublicKey):
         return f"ECDSA {key.curve.name}"
     if isinstance(key, ed25519.Ed25519PublicKey):
-        return "Ed25519"
+        try:
+            hybrid = certified_hybrid_key(cert) is not None
+        except IdentityError:
+            return "Ed25519 + malformed ML-DSA-65 key"
+        return "Ed25519 + ML-DSA-65" if hybrid else "Ed25519"
     return type(key).__name__
 
 
@@ -90,6 +95,8 @@ def describe_bundle(signed: directory_pb2.SignedKeyBundle, now_ms: int) -> dict[
         "status": _status(bundle.not_before_ms, bundle.not_after_ms - 1, now_ms),
         "public_key_sha256": h.finalize().hex(),
         "signature_bytes": len(signed.signature),
+        "ml_dsa_65_signature_bytes": len(signed.ml_dsa_65),
+        "signing_key_sha256": bundle.signing_key_sha256.hex(),
     }
 
 
@@ -192,10 +199,13 @@ def inspect_file(path: Path, now_ms: int) -> dict[str, Any]:
     # A bundle beside its partner's signing.crt can be checked completely.
     signing_crt = path.parent / "signing.crt"
     if signing_crt.exists():
-        key = read_cert(signing_crt).public_key()
+        sibling = read_cert(signing_crt)
+        key = sibling.public_key()
         if isinstance(key, ed25519.Ed25519PublicKey):
             try:
-                verify_key_bundle(signed, key, info["partner"], now_ms)
+                verify_key_bundle(
+                    signed, certified_hybrid_key(sibling) or key, info["partner"], now_ms
+                )
                 info["verified"] = f"ok against {signing_crt}"
             except IdentityError as exc:
                 info["verified"] = f"FAILED: {exc}"

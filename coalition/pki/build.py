@@ -2,8 +2,10 @@
 
 Pure: no file system, no clock (time is passed in as ``now_ms``). The CA and TLS keys
 are ECDSA P-256 (what grpcio's TLS stack accepts); signing and audit keys are Ed25519
-with a CA-issued certificate. Only ``cryptography``'s x509 builders are used. Errors:
-``PkiError`` for a validity under one day or an invalid broker host name or address.
+with a CA-issued certificate, and a partner's signing certificate certifies its
+ML-DSA-65 key too (the non-critical subjectAltPublicKeyInfo extension). Only
+``cryptography``'s x509 builders are used. Errors: ``PkiError`` for a validity under
+one day or an invalid broker host name or address.
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey, MLDSA65PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from coalition.hpke import KEM_NAME, HpkePrivateKey
-from coalition.identity import Identity, IdentityKind, key_id_for, ms_to_datetime
+from coalition.identity import (
+    SUBJECT_ALT_PUBLIC_KEY_INFO,
+    Identity,
+    IdentityKind,
+    key_id_for,
+    ms_to_datetime,
+)
 from coalition.v1 import directory_pb2
 
 DAY_MS = 86_400_000
@@ -225,10 +234,24 @@ def issue_signing_cert(
     now_ms: int,
     *,
     valid_days: int = DEFAULT_CERT_DAYS,
+    ml_dsa_key: MLDSA65PublicKey | None = None,
 ) -> x509.Certificate:
-    """A certificate for an Ed25519 signing (or audit) key: digitalSignature only, no EKU."""
+    """A certificate for an Ed25519 signing (or audit) key: digitalSignature only, no EKU.
+
+    With ``ml_dsa_key``, the same certificate certifies that ML-DSA-65 key as the
+    signing key's second half: its DER SubjectPublicKeyInfo is the value of the
+    non-critical subjectAltPublicKeyInfo extension (2.5.29.72), which code that
+    knows only Ed25519 ignores (``coalition.identity.certified_hybrid_key`` reads it).
+    """
     name = f"{identity.name} signing"
     builder = _end_entity(ca, identity, public_key, now_ms, valid_days, name, [])
+    if ml_dsa_key is not None:
+        spki = ml_dsa_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(SUBJECT_ALT_PUBLIC_KEY_INFO, spki), critical=False
+        )
     return builder.sign(ca.key, hashes.SHA256())
 
 
@@ -247,7 +270,9 @@ def make_key_bundle(
     )
 
 
-def pem_private_key(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
+def pem_private_key(
+    key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey | MLDSA65PrivateKey,
+) -> bytes:
     """``key`` as unencrypted PKCS#8 PEM (what the PKI directory holds)."""
     return key.private_bytes(
         serialization.Encoding.PEM,

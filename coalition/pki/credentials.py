@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coalition.hpke import HpkePrivateKey
+from coalition.hybrid import HybridSigningKey
 from coalition.v1 import directory_pb2
 
 
@@ -25,6 +26,9 @@ class PartnerCredentials:
     signing_key_id: str
     hpke_keys: dict[str, HpkePrivateKey] = field(repr=False)
     bundle: directory_pb2.SignedKeyBundle = field(repr=False)
+    # signing_key with the ML-DSA-65 key signing_cert certifies beside it; None when the
+    # certificate certifies none (an Ed25519-only partner: it signs v1 only).
+    hybrid_signing_key: HybridSigningKey | None = field(default=None, repr=False)
 
     @property
     def signing_cert_der(self) -> bytes:

@@ -14,8 +14,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey
 
 from coalition.hpke import HpkePrivateKey
+from coalition.hybrid import HybridSigningKey
 from coalition.identity import Identity, datetime_to_ms, sign_key_bundle
 from coalition.pki.build import (
     DAY_MS,
@@ -38,16 +40,15 @@ from coalition.pki.layout import (
     CA_DIR,
     HPKE_PREFIX,
     HPKE_SUFFIX,
+    ML_DSA_KEY_FILE,
     make_private_dir,
     operator_dir,
     partner_dir,
-    read_cert,
-    read_ed25519_key,
     refuse_overwrite,
     write_private,
     write_public,
 )
-from coalition.pki.load import load_ca
+from coalition.pki.load import load_ca, load_signing_key
 from coalition.v1 import directory_pb2
 
 
@@ -92,31 +93,48 @@ def issue_partner(
     valid_days: int = DEFAULT_CERT_DAYS,
     hpke_valid_days: int = DEFAULT_HPKE_DAYS,
     force: bool = False,
+    ml_dsa: bool = True,
 ) -> Path:
     """Issue a partner's TLS cert, signing key + cert, first HPKE key and bundle.
 
+    The signing key is hybrid: an Ed25519 key (``signing.key``) and an ML-DSA-65 key
+    (``signing-ml-dsa.key``), both certified in ``signing.crt``; with ``ml_dsa=False``
+    it is Ed25519 only (a partner that signs v1 envelopes only, as before hybrid keys).
     Returns the partner directory. Raises PkiError (no CA, keys exist) or IdentityError.
     """
     identity = Identity.partner(code)
     d = partner_dir(root, code)
-    refuse_overwrite([d / "tls.key", d / "signing.key", d / BUNDLE_FILE], force)
+    refuse_overwrite(
+        [d / "tls.key", d / "signing.key", d / ML_DSA_KEY_FILE, d / BUNDLE_FILE], force
+    )
     ca = load_ca(root)
     make_private_dir(d)
     _issue_tls(ca, d, identity, now_ms, valid_days)
     signing = Ed25519PrivateKey.generate()
+    ml_dsa_key = MLDSA65PrivateKey.generate() if ml_dsa else None
     signing_cert = issue_signing_cert(
-        ca, identity, signing.public_key(), now_ms, valid_days=valid_days
+        ca,
+        identity,
+        signing.public_key(),
+        now_ms,
+        valid_days=valid_days,
+        ml_dsa_key=ml_dsa_key.public_key() if ml_dsa_key is not None else None,
     )
     write_private(d / "signing.key", pem_private_key(signing))
+    if ml_dsa_key is not None:
+        write_private(d / ML_DSA_KEY_FILE, pem_private_key(ml_dsa_key))
+    else:
+        (d / ML_DSA_KEY_FILE).unlink(missing_ok=True)  # --force over a hybrid partner
     write_public(d / "signing.crt", pem_certificate(signing_cert))
-    _new_hpke_key(d, code, signing, signing_cert, now_ms, hpke_valid_days)
+    signer = HybridSigningKey(signing, ml_dsa_key) if ml_dsa_key is not None else signing
+    _new_hpke_key(d, code, signer, signing_cert, now_ms, hpke_valid_days)
     return d
 
 
 def _new_hpke_key(
     d: Path,
     code: str,
-    signing: Ed25519PrivateKey,
+    signing: Ed25519PrivateKey | HybridSigningKey,
     signing_cert: x509.Certificate,
     now_ms: int,
     valid_days: int,
@@ -130,8 +148,9 @@ def _new_hpke_key(
         raise PkiError(f"{d / 'signing.crt'} has expired; re-issue the partner with --force")
     bundle = make_key_bundle(code, key, now_ms, min(now_ms + valid_days * DAY_MS, cert_end_ms))
     write_private(d / f"{HPKE_PREFIX}{bundle.key_id}{HPKE_SUFFIX}", key.private_bytes())
-    write_public(d / BUNDLE_FILE, sign_key_bundle(bundle, signing).SerializeToString())
-    return bundle
+    signed = sign_key_bundle(bundle, signing)
+    write_public(d / BUNDLE_FILE, signed.SerializeToString())
+    return directory_pb2.KeyBundle.FromString(signed.bundle)
 
 
 def rotate_hpke(
@@ -146,9 +165,9 @@ def rotate_hpke(
     d = partner_dir(root, code)
     if not d.is_dir():
         raise PkiError(f"unknown partner {code}: no directory {d}")
-    signing = read_ed25519_key(d / "signing.key", "signing key")
-    signing_cert = read_cert(d / "signing.crt", "signing certificate")
-    return _new_hpke_key(d, code, signing, signing_cert, now_ms, valid_days)
+    signing, signing_cert, hybrid = load_signing_key(d)
+    signer = hybrid if hybrid is not None else signing
+    return _new_hpke_key(d, code, signer, signing_cert, now_ms, valid_days)
 
 
 def issue_operator(
@@ -207,10 +226,12 @@ def make_dev_pki(
     force: bool = False,
     broker_hosts: Iterable[str] = (),
     broker_ips: Iterable[str] = (),
+    ml_dsa: bool = True,
 ) -> None:
     """A whole development PKI: CA, broker, each partner and operator. Raises PkiError.
 
-    ``broker_hosts`` and ``broker_ips`` are added to the broker certificate's names."""
+    ``broker_hosts`` and ``broker_ips`` are added to the broker certificate's names.
+    Partners get hybrid (Ed25519 + ML-DSA-65) signing keys unless ``ml_dsa`` is False."""
     partners, operators = list(partners), list(operators)
     broker_hosts, broker_ips = list(broker_hosts), list(broker_ips)
     broker_host_names(broker_hosts, broker_ips)  # validate before writing anything
@@ -223,6 +244,6 @@ def make_dev_pki(
     init_ca(dir, now_ms, force=force)
     issue_broker(dir, now_ms, force=force, hosts=broker_hosts, ips=broker_ips)
     for code in partners:
-        issue_partner(dir, code, now_ms, force=force)
+        issue_partner(dir, code, now_ms, force=force, ml_dsa=ml_dsa)
     for name in operators:
         issue_operator(dir, name, now_ms, force=force)

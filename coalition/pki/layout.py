@@ -4,7 +4,8 @@ Layout (private keys 0600, directories 0700)::
 
     DIR/ca/ca.crt ca.key
     DIR/broker/tls.crt tls.key audit.crt audit.key
-    DIR/partners/<CODE>/tls.crt tls.key signing.crt signing.key hpke-<keyid>.key bundle.bin
+    DIR/partners/<CODE>/tls.crt tls.key signing.crt signing.key signing-ml-dsa.key
+                        hpke-<keyid>.key bundle.bin
     DIR/operators/<name>/tls.crt tls.key
 
 Files are written atomically and created with their final mode. A file that is missing,
@@ -20,6 +21,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey
 
 from coalition.identity import Identity
 from coalition.pki.build import PkiError
@@ -31,6 +33,8 @@ OPERATORS_DIR = "operators"
 BUNDLE_FILE = "bundle.bin"
 HPKE_PREFIX = "hpke-"
 HPKE_SUFFIX = ".key"
+# The ML-DSA-65 half of a partner's hybrid signing key, beside signing.key (Ed25519).
+ML_DSA_KEY_FILE = "signing-ml-dsa.key"
 
 
 def partner_dir(root: str | os.PathLike[str], code: str) -> Path:
@@ -114,4 +118,15 @@ def read_ed25519_key(path: Path, what: str) -> Ed25519PrivateKey:
         raise PkiError(f"{path} is not an unencrypted PEM private key") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise PkiError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def read_ml_dsa_key(path: Path, what: str) -> MLDSA65PrivateKey:
+    """An unencrypted PEM (PKCS#8) ML-DSA-65 private key; PkiError otherwise."""
+    try:
+        key = serialization.load_pem_private_key(read_file(path, what), password=None)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"{path} is not an unencrypted PEM private key") from exc
+    if not isinstance(key, MLDSA65PrivateKey):
+        raise PkiError(f"{path} is not an ML-DSA-65 private key")
     return key

@@ -1,8 +1,9 @@
 """Loading credentials from a PKI directory, checked for consistency.
 
 Each loader checks what it reads belongs together (key and certificate match, the
-identity in the certificate is of the right kind, the key bundle is signed by the
-partner's signing key and names a key the directory holds) and raises ``PkiError``
+identity in the certificate is of the right kind, both halves of a hybrid signing key
+match what the certificate certifies, the key bundle is signed by the partner's
+signing key (both halves when hybrid) and names a key the directory holds) and raises ``PkiError``
 naming the file otherwise. Whether a certificate or bundle is valid *now* is the
 caller's question (it has the clock).
 """
@@ -13,22 +14,23 @@ import os
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
-from coalition import ed25519
 from coalition.hpke import HpkeKeyError, HpkePrivateKey
+from coalition.hybrid import HybridSigningKey
 from coalition.identity import (
     Identity,
     IdentityError,
     IdentityKind,
+    certified_hybrid_key,
     identity_from_cert,
     key_id_for,
     signing_key_id,
+    verify_key_bundle,
 )
-from coalition.pae import KEY_BUNDLE_TYPE, pae
 from coalition.pki.build import CertificateAuthority, PkiError
 from coalition.pki.credentials import BrokerCredentials, OperatorCredentials, PartnerCredentials
 from coalition.pki.layout import (
@@ -37,9 +39,11 @@ from coalition.pki.layout import (
     CA_DIR,
     HPKE_PREFIX,
     HPKE_SUFFIX,
+    ML_DSA_KEY_FILE,
     read_cert,
     read_ed25519_key,
     read_file,
+    read_ml_dsa_key,
 )
 from coalition.v1 import directory_pb2
 
@@ -104,10 +108,7 @@ def load_partner(dir: str | os.PathLike[str]) -> PartnerCredentials:
     ca_pem = _ca_pem_for(d, 2)
     tls_cert_pem, tls_key_pem, identity = _tls_identity(d, IdentityKind.PARTNER)
     code = identity.name
-    signing_key = read_ed25519_key(d / "signing.key", "signing key")
-    signing_cert = read_cert(d / "signing.crt", "signing certificate")
-    if signing_cert.public_key() != signing_key.public_key():
-        raise PkiError(f"{d / 'signing.key'} does not match {d / 'signing.crt'}")
+    signing_key, signing_cert, hybrid = load_signing_key(d)
     try:
         if identity_from_cert(signing_cert) != identity:
             raise PkiError(f"{d / 'signing.crt'} is not for {identity.uri}")
@@ -127,12 +128,20 @@ def load_partner(dir: str | os.PathLike[str]) -> PartnerCredentials:
     try:
         signed.ParseFromString(read_file(d / BUNDLE_FILE, "key bundle"))
         bundle = directory_pb2.KeyBundle.FromString(signed.bundle)
-        # Signature only: whether the bundle is still current is the caller's now_ms question.
-        ed25519.verify(
-            signing_key.public_key(), signed.signature, pae(KEY_BUNDLE_TYPE, signed.bundle)
+        # Signatures only: whether the bundle is still current is the caller's now_ms
+        # question, so it is checked at the bundle's own start time.
+        verify_key_bundle(
+            signed,
+            hybrid.public_key() if hybrid is not None else signing_key.public_key(),
+            code,
+            bundle.not_before_ms,
         )
-    except (DecodeError, InvalidSignature) as exc:
+    except DecodeError as exc:
         raise PkiError(f"{d / BUNDLE_FILE} is not a key bundle signed by this partner") from exc
+    except IdentityError as exc:
+        raise PkiError(
+            f"{d / BUNDLE_FILE} is not a key bundle signed by this partner ({exc})"
+        ) from exc
     if bundle.partner != code or bundle.key_id not in hpke_keys:
         raise PkiError(f"{d / BUNDLE_FILE} names a key this directory does not hold")
     return PartnerCredentials(
@@ -145,7 +154,52 @@ def load_partner(dir: str | os.PathLike[str]) -> PartnerCredentials:
         signing_key_id=signing_key_id(signing_cert),
         hpke_keys=hpke_keys,
         bundle=signed,
+        hybrid_signing_key=hybrid,
     )
+
+
+def load_signing_key(
+    d: Path,
+) -> tuple[Ed25519PrivateKey, x509.Certificate, HybridSigningKey | None]:
+    """A partner directory's signing key, its certificate, and the hybrid key they make
+    with ``signing-ml-dsa.key`` (None for an Ed25519-only directory). Raises PkiError."""
+    signing_key = read_ed25519_key(d / "signing.key", "signing key")
+    signing_cert = read_cert(d / "signing.crt", "signing certificate")
+    if signing_cert.public_key() != signing_key.public_key():
+        raise PkiError(f"{d / 'signing.key'} does not match {d / 'signing.crt'}")
+    return signing_key, signing_cert, _hybrid_signing_key(d, signing_key, signing_cert)
+
+
+def _hybrid_signing_key(
+    d: Path, signing_key: Ed25519PrivateKey, signing_cert: x509.Certificate
+) -> HybridSigningKey | None:
+    """signing.key with signing-ml-dsa.key, checked against what signing.crt certifies.
+
+    None when the certificate certifies no ML-DSA-65 key and there is no such file (an
+    Ed25519-only directory). A certificate that certifies one needs the file, a file
+    needs a certificate that certifies it, and the two must match. Raises PkiError.
+    """
+    path = d / ML_DSA_KEY_FILE
+    try:
+        certified = certified_hybrid_key(signing_cert)
+    except IdentityError as exc:
+        raise PkiError(f"{d / 'signing.crt'}: {exc}") from exc
+    if certified is None:
+        if path.exists():
+            raise PkiError(
+                f"{path} holds an ML-DSA-65 key but {d / 'signing.crt'} certifies none; "
+                "re-issue the partner (issue-partner --force) or remove the stray key"
+            )
+        return None
+    if not path.exists():
+        raise PkiError(
+            f"missing ML-DSA-65 signing key: {path} ({d / 'signing.crt'} certifies one, "
+            "so the partner cannot sign without it)"
+        )
+    hybrid = HybridSigningKey(signing_key, read_ml_dsa_key(path, "ML-DSA-65 signing key"))
+    if hybrid.public_key() != certified:
+        raise PkiError(f"{path} does not match the ML-DSA-65 key {d / 'signing.crt'} certifies")
+    return hybrid
 
 
 def load_operator(dir: str | os.PathLike[str]) -> OperatorCredentials:

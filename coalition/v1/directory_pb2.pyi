@@ -52,6 +52,7 @@ class KeyBundle(_message.Message):
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_MS_FIELD_NUMBER: _builtins.int
     NOT_AFTER_MS_FIELD_NUMBER: _builtins.int
+    SIGNING_KEY_SHA256_FIELD_NUMBER: _builtins.int
     partner: _builtins.str
     key_id: _builtins.str
     kem: _builtins.str
@@ -59,6 +60,12 @@ class KeyBundle(_message.Message):
     public_key: _builtins.bytes
     not_before_ms: _builtins.int
     not_after_ms: _builtins.int
+    signing_key_sha256: _builtins.bytes
+    """SHA-256 of the signer's hybrid public key (Ed25519 (32) || ML-DSA-65 (1952)),
+    set when the signing certificate certifies an ML-DSA-65 key: the bundle names
+    the key pair that signed it, so it is refused with a certificate that does not
+    carry that pair. Empty for a bundle signed by an Ed25519-only certificate.
+    """
     def __init__(
         self,
         *,
@@ -68,10 +75,11 @@ class KeyBundle(_message.Message):
         public_key: _builtins.bytes = ...,
         not_before_ms: _builtins.int = ...,
         not_after_ms: _builtins.int = ...,
+        signing_key_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kem", b"kem", "key_id", b"key_id", "not_after_ms", b"not_after_ms", "not_before_ms", b"not_before_ms", "partner", b"partner", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kem", b"kem", "key_id", b"key_id", "not_after_ms", b"not_after_ms", "not_before_ms", b"not_before_ms", "partner", b"partner", "public_key", b"public_key", "signing_key_sha256", b"signing_key_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -83,19 +91,26 @@ class SignedKeyBundle(_message.Message):
 
     BUNDLE_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    ML_DSA_65_FIELD_NUMBER: _builtins.int
     bundle: _builtins.bytes
     """Serialized KeyBundle, exactly as signed."""
     signature: _builtins.bytes
     """Ed25519 over PAE("application/vnd.coalition.key-bundle.v1+proto", bundle)."""
+    ml_dsa_65: _builtins.bytes
+    """ML-DSA-65 (context "coalition hybrid signature") over the same PAE bytes,
+    required when the signing certificate certifies an ML-DSA-65 key; with
+    `signature` it is the bundle's hybrid signature. Empty otherwise.
+    """
     def __init__(
         self,
         *,
         bundle: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        ml_dsa_65: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "ml_dsa_65", b"ml_dsa_65", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -113,7 +128,9 @@ class DirectoryEntry(_message.Message):
     partner: _builtins.str
     signing_cert: _builtins.bytes
     """DER X.509 certificate of the partner's Ed25519 signing key, issued by the
-    coalition CA, SAN URI urn:coalition:partner:<code>.
+    coalition CA, SAN URI urn:coalition:partner:<code>; it also certifies the
+    partner's ML-DSA-65 key in the non-critical subjectAltPublicKeyInfo
+    extension (OID 2.5.29.72) when the partner has one.
     """
     status: Global___PartnerStatus.ValueType
     @_builtins.property
