@@ -196,13 +196,16 @@ class JetStreamMessageStore:
             return []
         batch, extra = tuple(messages), tuple(also)
         quota, limit, subjects = self._sender_bytes, self._max_bytes, self._subjects
+        # What does not depend on the batch: computed once, not at every attempt.
+        metas = [codec.message_meta(m, now_ms) for m in batch]
+        routes = [subjects.message(m) for m in batch]
 
         def plan(draft: Draft, first: int, batch_id: str) -> tuple[list[Entry], Any]:
             results: list[Appended | Rejected] = []
             entries: list[Entry] = []
             fresh: list[StoredMessage] = []
             before = draft.total()
-            for m in batch:
+            for m, meta, subject in zip(batch, metas, routes, strict=True):
                 if draft.has(m.sender, m.message_id):
                     results.append(Rejected("duplicate_id"))
                     continue
@@ -214,7 +217,7 @@ class JetStreamMessageStore:
                     results.append(Rejected("quota_exceeded", used, quota))
                     continue
                 offset = first + len(entries)
-                headers = codec.message_headers(m, now_ms, batch_id)
+                headers = {codec.H_MESSAGE: meta, codec.H_BATCH: batch_id}
                 if codec.entry_bytes(headers, m.envelope) > self._max_payload:
                     raise StoreError(
                         f"message {m.message_id}: {len(m.envelope)} bytes do not fit in one "
@@ -224,7 +227,7 @@ class JetStreamMessageStore:
                 draft.last[m.sender] = m.sequence
                 draft.usage[m.sender] = draft.usage.get(m.sender, 0) + len(m.envelope)
                 draft.bytes += len(m.envelope)
-                entries.append(Entry(subjects.message(m), headers, m.envelope))
+                entries.append(Entry(subject, headers, m.envelope))
                 fresh.append(stored_message(m, offset, now_ms))
                 results.append(Appended(offset))
             if draft.total() > limit:
