@@ -146,7 +146,7 @@ async def test_a_batch_the_cluster_did_not_commit_stores_neither_message_nor_rec
     assert [r.record for r in await again.read_outbox(0, 10)] == ["first"]
     assert await again.append([m], now_ms=2, records=lambda ms: ["accepted"]) == [Appended(2)]
     await until(lambda: store._view.applied == 3)
-    assert [r.record for r in await store.read_outbox(1, 10)] == ["accepted"]
+    assert [r.record for r in await store.read_outbox(0, 10)] == ["first", "accepted"]
 
 
 async def test_a_batch_goes_out_whole_before_the_writer_waits_for_an_answer(
@@ -225,6 +225,48 @@ async def test_message_entries_written_one_header_per_field_are_still_read(
         Rejected("sequence_not_increasing")
     ]
     assert await again.append([message(sequence=6)], now_ms=8) == [Appended(2)]
+
+
+async def test_the_records_a_write_commits_together_share_one_outbox_entry(
+    brokers: Brokers,
+) -> None:
+    """An append's acceptance records (and its other records) are one entry of its
+    batch, not one each; their outbox ids stay unique and ascending, above those of an
+    entry written one record each (before records shared entries), and the drainer may
+    forget part of an entry: the rest stays, and the entry is deleted once all of it is."""
+    store = await brokers.open()
+    subjects = codec.Subjects(brokers.settings)
+    js = brokers.connections[0].jetstream()
+    old = {codec.H_STORED: "3", codec.H_BATCH: "old"}
+    await js.publish(subjects.outbox, b"written alone", headers=old)
+    await until(lambda: store._view.applied == 1)
+    ms = [message(sequence=i) for i in (1, 2, 3)]
+    got = await store.append(ms, now_ms=5, records=_accepted, also=["line\nbreak", "also"])
+    assert got == [Appended(2), Appended(3), Appended(4)]
+    stream = brokers.settings.name("MESSAGES")
+    assert (await js.stream_info(stream)).state.last_seq == 7  # 3 messages, 3 outbox entries
+    rows = await store.read_outbox(0, 100)
+    assert [r.record for r in rows] == [
+        "written alone",
+        "accepted 2",
+        "accepted 3",
+        "accepted 4",
+        "line\nbreak",
+        "also",
+    ]
+    ids = [r.id for r in rows]
+    assert ids == sorted(set(ids)) and ids[0] == 1
+    assert [r.time_ms for r in rows] == [3, 5, 5, 5, 5, 5]
+    other = await brokers.open()
+    assert await other.read_outbox(0, 100) == rows
+    assert await store.read_outbox(ids[1], 2) == rows[2:4]
+    await store.forget_outbox(ids[2])  # part of the acceptances' entry
+    assert await store.read_outbox(0, 100) == rows[3:]
+    info = await js.stream_info(stream)
+    assert info.state.messages == 6  # the entry written alone is deleted, not the other
+    await store.forget_outbox(ids[-1])
+    assert await store.read_outbox(0, 100) == []
+    await until(lambda: other._view.outbox == {})
 
 
 async def test_a_store_reopened_after_its_connection_dropped_sees_everything_acknowledged(

@@ -9,7 +9,16 @@ One stream holds four kinds of entry, each under the deployment's ``store`` subj
   each header line in Python: one header instead of eleven is most of what reading a
   message entry costs. Entries written with one header per field (``Coalition-Id``,
   ``Coalition-Sender``, ...) are read too;
-- ``<p>.store.out``: one audit record waiting in the outbox (payload = the record);
+- ``<p>.store.out``: audit records waiting in the outbox: the records one write commits
+  together (an append's acceptance records, a delivery batch's decisions) share an
+  entry, one a line, and ``Coalition-Records`` says how many. An entry is one NATS
+  message for every broker that sends or reads it and for the cluster that stores it;
+  a record each would multiply all three. Record i of the entry at sequence S has the
+  outbox id ``S << 20 | i`` (``row_id``): ids stay unique and ascending, and above
+  every id of an entry written one record each, without the header, whose id is its
+  sequence (such entries are still read). Every broker of a deployment must write
+  the same way (run one version): an entry without the header written after one with
+  it would get ids below the drained mark;
 - ``<p>.store.notice.<subscriber>``: one expiry notice (payload = JSON);
 - ``<p>.store.ctl``: a state change that is not an entry of its own (messages removed
   by retention, notices acknowledged), as JSON.
@@ -28,9 +37,10 @@ import base64
 import dataclasses
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from broker.jetstream.batches import Entry
 from broker.jetstream.connect import ClusterSettings
 from broker.store.base import NewMessage, Notice, StoredMessage
 
@@ -51,6 +61,8 @@ H_EXPIRY = "Coalition-Expiry"
 H_DIGEST = "Coalition-Digest"
 H_STORED = "Coalition-Stored"  # the commit's time (stored_ms; an outbox row's time_ms)
 H_BATCH = "Coalition-Batch"  # which commit wrote the entry (to settle an unknown outcome)
+H_RECORDS = "Coalition-Records"  # how many records an outbox entry holds, one a line
+RECORDS_BYTES = 64 * 1024  # records packed into one outbox entry, at most (one may be larger)
 
 
 def token(text: str) -> str:
@@ -200,6 +212,55 @@ def entry_bytes(headers: Mapping[str, str], data: bytes) -> int:
 
 def plain_headers(time_ms: int, batch: str) -> dict[str, str]:
     return {H_STORED: str(time_ms), H_BATCH: batch}
+
+
+ROW_BITS = 20  # an outbox entry's records have ids S << ROW_BITS | i (see above)
+
+
+def row_id(seq: int, i: int) -> int:
+    return seq << ROW_BITS | i
+
+
+def packed_records(texts: Sequence[str]) -> list[tuple[int, bytes]]:
+    """texts as outbox payloads: (how many records, payload), the records one a line, up
+    to RECORDS_BYTES each; a record holding a line break gets a payload of its own."""
+    out: list[tuple[int, bytes]] = []
+    run: list[str] = []
+    size = 0
+    for text in texts:
+        alone = "\n" in text or "\r" in text
+        if run and (alone or size + len(text) + 1 > RECORDS_BYTES):
+            out.append((len(run), "\n".join(run).encode()))
+            run, size = [], 0
+        if alone:
+            out.append((1, text.encode()))
+            continue
+        run.append(text)
+        size += len(text) + 1
+    if run:
+        out.append((len(run), "\n".join(run).encode()))
+    return out
+
+
+def outbox_entries(subject: str, texts: Sequence[str], time_ms: int, batch: str) -> list[Entry]:
+    """The outbox entries that hold texts (every outbox entry is written so: see above)."""
+    return [
+        Entry(subject, {**plain_headers(time_ms, batch), H_RECORDS: str(count)}, payload)
+        for count, payload in packed_records(texts)
+    ]
+
+
+def records_from(headers: Mapping[str, str], data: bytes) -> tuple[bool, list[str]]:
+    """Whether an outbox entry holds packed records (ids from row_id), and its records;
+    raises ValueError if it does not hold what its header says."""
+    text = data.decode()
+    count = headers.get(H_RECORDS)
+    if count is None:
+        return False, [text]
+    records = text.split("\n") if int(count) > 1 else [text]
+    if len(records) != int(count):
+        raise ValueError(f"outbox entry holds {len(records)} records, not {count}")
+    return True, records
 
 
 def notice_payload(n: Notice) -> bytes:
