@@ -28,6 +28,7 @@ class PhaseRecord:
     client_cpu_s: float
     wall_s: float
     round: int = 1
+    server_cpu_by_kind: dict[str, float] = field(default_factory=dict)  # a cluster's parts
 
 
 @dataclass
@@ -105,6 +106,7 @@ def row_metrics(r: RowResult) -> tuple[dict[str, Any], dict[str, Any]]:
     rates: list[float] = []
     sat_cpu = sat_ccpu = 0.0
     sat_delivered = 0
+    sat_parts: dict[str, float] = {}
     latencies: dict[int, list[float]] = {}
     for ph in r.phases:
         expected, delivered, lat, first, last = _phase_deliveries(r, ph)
@@ -128,6 +130,8 @@ def row_metrics(r: RowResult) -> tuple[dict[str, Any], dict[str, Any]]:
             sat_cpu += ph.server_cpu_s
             sat_ccpu += ph.client_cpu_s
             sat_delivered += delivered
+            for kind, cpu in ph.server_cpu_by_kind.items():
+                sat_parts[kind] = sat_parts.get(kind, 0.0) + cpu
         if ph.kind == "open":
             latencies.setdefault(ph.rate, []).extend(lat)
             info["achieved_per_s"] = round(delivered / span_s, 1) if delivered else 0.0
@@ -142,6 +146,10 @@ def row_metrics(r: RowResult) -> tuple[dict[str, Any], dict[str, Any]]:
         row["delivered_per_s"] = round(statistics.median(rates), 1)
         row["cpu_s_per_msg"] = round(sat_cpu / sat_delivered, 7)
         details["client_cpu_s_per_msg"] = round(sat_ccpu / sat_delivered, 7)
+        if sat_parts:  # a cluster row: whose CPU (brokers, nats-server processes)
+            details["server_cpu_s_per_msg_by_kind"] = {
+                k: round(v / sat_delivered, 7) for k, v in sorted(sat_parts.items())
+            }
         details["delivered_per_s_by_round"] = [round(x, 1) for x in rates]
     for rate, lat in latencies.items():
         lat.sort()

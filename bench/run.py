@@ -217,6 +217,7 @@ async def run_row(
             start, stop = offset, offset + phase.count
             offset = stop
             cpu0, ccpu0, t0 = _cpu(server), workers.cpu(), time.monotonic()
+            parts0 = _cpu_by_kind(server)
             before = sum(workers.opened())
             profilers = []
             if profile is not None and phase.name == profile.phase and rnd == 1:
@@ -229,6 +230,7 @@ async def run_row(
             await _drain(workers, accepted, plan.row_timeout_s)
             _stop_profilers(profilers)
             cpu1, ccpu1, t1 = _cpu(server), workers.cpu(), time.monotonic()
+            parts = {k: v - parts0.get(k, 0.0) for k, v in _cpu_by_kind(server).items()}
             result.phases.append(
                 PhaseRecord(
                     phase.name,
@@ -240,6 +242,7 @@ async def run_row(
                     ccpu1 - ccpu0,
                     t1 - t0,
                     rnd,
+                    parts,
                 )
             )
             done = sum(workers.opened()) - before
@@ -269,6 +272,14 @@ async def run_row(
 def _cpu(server: Server) -> float:
     """CPU seconds of a row's server so far: every process of a cluster row."""
     return sum(cpu_seconds(pid) for pid in server.pids)
+
+
+def _cpu_by_kind(server: Server) -> dict[str, float]:
+    """CPU seconds so far of a cluster row's processes by kind (brokers, nats-server)."""
+    out: dict[str, float] = {}
+    for pid, kind in zip(server.pids, getattr(server, "kinds", None) or [], strict=False):
+        out[kind] = out.get(kind, 0.0) + cpu_seconds(pid)
+    return out
 
 
 async def _drain(workers: Workers, accepted: int, timeout: float) -> None:

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -74,6 +74,7 @@ class ServerGroup:
     pids: list[int]
     targets: list[str]
     stopper: Callable[[], int | None]
+    kinds: list[str] = field(default_factory=list)  # each pid's kind: "broker", "nats-server"
 
     @property
     def pid(self) -> int:

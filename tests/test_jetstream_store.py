@@ -20,7 +20,7 @@ from broker.jetstream import batches, codec
 from broker.jetstream.connect import ClusterSettings, connect
 from broker.jetstream.store import JetStreamMessageStore
 from broker.store import Appended, Rejected, StoredMessage, StoreError
-from broker.store.base import RejectReason
+from broker.store.base import RejectReason, stored_message
 from clients.cluster import NatsCluster
 from tests.helpers import eventually
 from tests.test_store import message
@@ -146,7 +146,127 @@ async def test_a_batch_the_cluster_did_not_commit_stores_neither_message_nor_rec
     assert [r.record for r in await again.read_outbox(0, 10)] == ["first"]
     assert await again.append([m], now_ms=2, records=lambda ms: ["accepted"]) == [Appended(2)]
     await until(lambda: store._view.applied == 3)
-    assert [r.record for r in await store.read_outbox(1, 10)] == ["accepted"]
+    assert [r.record for r in await store.read_outbox(0, 10)] == ["first", "accepted"]
+
+
+async def test_a_batch_goes_out_whole_before_the_writer_waits_for_an_answer(
+    brokers: Brokers,
+) -> None:
+    """The first entry's acknowledgement is awaited with the commit's, not before the
+    other entries are sent: no answer reaches the connection while the batch goes out
+    (waiting for it first would add one round trip to every commit)."""
+    store = await brokers.open()
+    await store.record(["first"], now_ms=1)
+    nc = await connect(brokers.settings, name="one-round-trip")
+    brokers.connections.append(nc)
+    subjects = codec.Subjects(brokers.settings)
+    seen: list[int] = []
+    send = nc.publish
+
+    async def publish(*args: Any, **kwargs: Any) -> None:
+        seen.append(nc.stats["in_msgs"])
+        await send(*args, **kwargs)
+
+    nc.publish = publish  # type: ignore[method-assign]
+    ms = [message(sequence=i) for i in (1, 2, 3)]
+    entries = [
+        batches.Entry(subjects.message(m), codec.message_headers(m, 1, "y"), m.envelope) for m in ms
+    ]
+    last = await batches.publish(nc, entries, expected_last=1, batch_id="y", timeout=5)
+    assert last == 4
+    assert len(seen) == 3 and len(set(seen)) == 1, seen
+    await until(lambda: store._view.head == 4)
+    assert [await store.get(o) for o in (2, 3, 4)] == [
+        stored_message(m, o, 1) for m, o in zip(ms, (2, 3, 4), strict=True)
+    ]
+
+
+async def test_a_message_entry_carries_its_fields_in_one_header(brokers: Brokers) -> None:
+    """Every broker parses every entry's headers (in Python): a message's fields travel
+    in one header, not one header each."""
+    store = await brokers.open()
+    m = message(sequence=1)
+    assert await store.append([m], now_ms=7) == [Appended(1)]
+    raw = await brokers.connections[0].jetstream().get_msg(brokers.settings.name("MESSAGES"), 1)
+    mine = sorted(k for k in raw.headers or {} if not k.startswith("Nats-"))
+    assert mine == [codec.H_BATCH, codec.H_MESSAGE]
+    assert await store.get(1) == stored_message(m, 1, 7)
+
+
+async def test_message_entries_written_one_header_per_field_are_still_read(
+    brokers: Brokers,
+) -> None:
+    """Entries stored before the fields shared one header (one header per field) are
+    read as they were: the view, reads by offset, and the next append's checks."""
+    store = await brokers.open()
+    m = replace(message(sequence=5), topic="intel.a b", label=b"")
+    old = {
+        "Coalition-Id": codec.token(m.message_id),
+        "Coalition-Sender": codec.token(m.sender),
+        "Coalition-Sequence": str(m.sequence),
+        "Coalition-Topic": codec.token(m.topic),
+        "Coalition-Precedence": str(m.precedence),
+        "Coalition-Classification": str(m.classification),
+        "Coalition-Label": "",
+        "Coalition-Created": str(m.created_ms),
+        "Coalition-Expiry": str(m.expiry_ms),
+        "Coalition-Digest": m.digest.hex(),
+        "Coalition-Stored": "7",
+        "Coalition-Batch": "old",
+    }
+    subjects = codec.Subjects(brokers.settings)
+    await brokers.connections[0].jetstream().publish(subjects.message(m), m.envelope, headers=old)
+    await until(lambda: store._view.head == 1)
+    assert await store.get(1) == stored_message(m, 1, 7)
+    assert await store.last_sequence("KOR") == 5
+    again = await brokers.open()
+    assert await again.get(1) == stored_message(m, 1, 7)
+    assert await again.append([message(sequence=5, message_id="later")], now_ms=8) == [
+        Rejected("sequence_not_increasing")
+    ]
+    assert await again.append([message(sequence=6)], now_ms=8) == [Appended(2)]
+
+
+async def test_the_records_a_write_commits_together_share_one_outbox_entry(
+    brokers: Brokers,
+) -> None:
+    """An append's acceptance records (and its other records) are one entry of its
+    batch, not one each; their outbox ids stay unique and ascending, above those of an
+    entry written one record each (before records shared entries), and the drainer may
+    forget part of an entry: the rest stays, and the entry is deleted once all of it is."""
+    store = await brokers.open()
+    subjects = codec.Subjects(brokers.settings)
+    js = brokers.connections[0].jetstream()
+    old = {codec.H_STORED: "3", codec.H_BATCH: "old"}
+    await js.publish(subjects.outbox, b"written alone", headers=old)
+    await until(lambda: store._view.applied == 1)
+    ms = [message(sequence=i) for i in (1, 2, 3)]
+    got = await store.append(ms, now_ms=5, records=_accepted, also=["line\nbreak", "also"])
+    assert got == [Appended(2), Appended(3), Appended(4)]
+    stream = brokers.settings.name("MESSAGES")
+    assert (await js.stream_info(stream)).state.last_seq == 7  # 3 messages, 3 outbox entries
+    rows = await store.read_outbox(0, 100)
+    assert [r.record for r in rows] == [
+        "written alone",
+        "accepted 2",
+        "accepted 3",
+        "accepted 4",
+        "line\nbreak",
+        "also",
+    ]
+    ids = [r.id for r in rows]
+    assert ids == sorted(set(ids)) and ids[0] == 1
+    assert [r.time_ms for r in rows] == [3, 5, 5, 5, 5, 5]
+    other = await brokers.open()
+    assert await other.read_outbox(0, 100) == rows
+    assert await store.read_outbox(ids[1], 2) == rows[2:4]
+    await store.forget_outbox(ids[2])  # part of the acceptances' entry
+    assert await store.read_outbox(0, 100) == rows[3:]
+    info = await js.stream_info(stream)
+    assert info.state.messages == 6  # the entry written alone is deleted, not the other
+    await store.forget_outbox(ids[-1])
+    assert await store.read_outbox(0, 100) == []
+    await until(lambda: other._view.outbox == {})
 
 
 async def test_a_store_reopened_after_its_connection_dropped_sees_everything_acknowledged(

@@ -116,7 +116,8 @@ async def start_cluster(pki: Path, workdir: Path, brokers: int = 2) -> ServerGro
         return next((c for c in codes if c not in (0, -15, None)), 0)
 
     pids = [b.pid for b in started] + [n.pid for n in cluster.nodes]
-    return ServerGroup("coalition-cluster", pids, [b.target for b in started], stop)
+    kinds = ["broker"] * len(started) + ["nats-server"] * len(cluster.nodes)
+    return ServerGroup("coalition-cluster", pids, [b.target for b in started], stop, kinds)
 
 
 def broker_for(spec: RowSpec, code: str) -> str:

@@ -101,7 +101,8 @@ async def start_cluster(workdir: Path) -> ServerGroup:
         return 0
 
     targets = [f"127.0.0.1:{n.client_port}" for n in cluster.nodes]
-    return ServerGroup("jetstream-r3", [n.pid for n in cluster.nodes], targets, stop)
+    pids = [n.pid for n in cluster.nodes]
+    return ServerGroup("jetstream-r3", pids, targets, stop, ["nats-server"] * len(pids))
 
 
 def servers_for(spec: RowSpec, code: str) -> list[str]:

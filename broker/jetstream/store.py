@@ -196,13 +196,16 @@ class JetStreamMessageStore:
             return []
         batch, extra = tuple(messages), tuple(also)
         quota, limit, subjects = self._sender_bytes, self._max_bytes, self._subjects
+        # What does not depend on the batch: computed once, not at every attempt.
+        metas = [codec.message_meta(m, now_ms) for m in batch]
+        routes = [subjects.message(m) for m in batch]
 
         def plan(draft: Draft, first: int, batch_id: str) -> tuple[list[Entry], Any]:
             results: list[Appended | Rejected] = []
             entries: list[Entry] = []
             fresh: list[StoredMessage] = []
             before = draft.total()
-            for m in batch:
+            for m, meta, subject in zip(batch, metas, routes, strict=True):
                 if draft.has(m.sender, m.message_id):
                     results.append(Rejected("duplicate_id"))
                     continue
@@ -214,7 +217,7 @@ class JetStreamMessageStore:
                     results.append(Rejected("quota_exceeded", used, quota))
                     continue
                 offset = first + len(entries)
-                headers = codec.message_headers(m, now_ms, batch_id)
+                headers = {codec.H_MESSAGE: meta, codec.H_BATCH: batch_id}
                 if codec.entry_bytes(headers, m.envelope) > self._max_payload:
                     raise StoreError(
                         f"message {m.message_id}: {len(m.envelope)} bytes do not fit in one "
@@ -224,7 +227,7 @@ class JetStreamMessageStore:
                 draft.last[m.sender] = m.sequence
                 draft.usage[m.sender] = draft.usage.get(m.sender, 0) + len(m.envelope)
                 draft.bytes += len(m.envelope)
-                entries.append(Entry(subjects.message(m), headers, m.envelope))
+                entries.append(Entry(subject, headers, m.envelope))
                 fresh.append(stored_message(m, offset, now_ms))
                 results.append(Appended(offset))
             if draft.total() > limit:
@@ -233,7 +236,7 @@ class JetStreamMessageStore:
                     f"this batch needs {mib(draft.total() - before)} more); refusing new messages"
                 )
             texts = [*(records(fresh) if records is not None and fresh else ()), *extra]
-            entries += [self._outbox_entry(t, now_ms, batch_id) for t in texts]
+            entries += self._outbox_entries(texts, now_ms, batch_id)
 
             def answer() -> list[Appended | Rejected]:
                 for s in fresh:
@@ -245,8 +248,8 @@ class JetStreamMessageStore:
         result: list[Appended | Rejected] = await self._committer.submit(plan)
         return result
 
-    def _outbox_entry(self, text: str, now_ms: int, batch_id: str) -> Entry:
-        return Entry(self._subjects.outbox, codec.plain_headers(now_ms, batch_id), text.encode())
+    def _outbox_entries(self, texts: Sequence[str], now_ms: int, batch_id: str) -> list[Entry]:
+        return codec.outbox_entries(self._subjects.outbox, texts, now_ms, batch_id)
 
     async def record(self, records: Sequence[str], now_ms: int) -> None:
         """Write audit records alone into the outbox, durable on return (sharing a batch
@@ -256,20 +259,20 @@ class JetStreamMessageStore:
         texts = tuple(records)
 
         def plan(draft: Draft, first: int, batch_id: str) -> tuple[list[Entry], Any]:
-            return [self._outbox_entry(t, now_ms, batch_id) for t in texts], lambda: None
+            return self._outbox_entries(texts, now_ms, batch_id), lambda: None
 
         await self._committer.submit(plan)
 
     async def read_outbox(self, after: int, limit: int) -> list[OutboxRow]:
-        """Up to limit outbox rows with id (stream sequence) above after, oldest first."""
+        """Up to limit outbox rows with id above after, oldest first (ids: codec.row_id)."""
         return self._view.read_outbox(after, limit)
 
     async def forget_outbox(self, through: int) -> None:
         """The audit log holds every row up to through: forget them and delete them from
         the stream (a purge of the outbox subject; a batch of its own only when the rows
         reach the stream's last entry)."""
-        self._view.forget_outbox(through)
-        if through >= self._view.applied:
+        gone = self._view.forget_outbox(through)  # the last entry it forgot whole
+        if gone >= self._view.applied:
             # The stream's last entry is never deleted (see feed): when rows to forget
             # reach it, a mark that every view applies takes its place.
             mark = codec.control_payload("forgot", through=through)
@@ -279,7 +282,7 @@ class JetStreamMessageStore:
                 return [Entry(self._subjects.control, headers, mark)], lambda: None
 
             await self._committer.submit(plan)
-        await self._envelopes.purge_outbox(self._subjects.outbox, through)
+        await self._envelopes.purge_outbox(self._subjects.outbox, gone)
 
     async def ensure_cursor(self, subscriber: str, at_offset: int) -> int:
         """Create subscriber's cursor at at_offset unless it exists; return the cursor."""

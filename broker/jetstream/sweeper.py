@@ -125,7 +125,8 @@ class Sweeper:
                 for n in notices
             ]
             if records is not None and notices:
-                entries += [Entry(subjects.outbox, headers, r.encode()) for r in records(notices)]
+                texts = records(notices)
+                entries += codec.outbox_entries(subjects.outbox, texts, now_ms, batch_id)
             items = [
                 [o, view.live[o].sender, view.live[o].sequence, view.live[o].size]
                 for o in sorted(gone)

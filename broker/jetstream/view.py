@@ -62,8 +62,9 @@ class StoreView:
     ids: dict[tuple[str, str], int] = field(default_factory=dict)
     last_sequence: dict[str, int] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)
-    outbox: dict[int, OutboxRow] = field(default_factory=dict)
-    outbox_ids: list[int] = field(default_factory=list)
+    outbox: dict[int, list[OutboxRow]] = field(default_factory=dict)  # by entry
+    outbox_ids: list[int] = field(default_factory=list)  # the entries, in order
+    outbox_last: list[int] = field(default_factory=list)  # each entry's last row id
     notices: dict[str, dict[int, tuple[Notice, int]]] = field(default_factory=dict)
     garbage: set[int] = field(default_factory=set)  # entries read, then logically removed
     forgot: int = 0  # the entry of the latest "outbox forgotten through" mark
@@ -95,8 +96,12 @@ class StoreView:
                 self._add_message(m)
                 return m
             if kind == "out":
-                self.outbox[seq] = OutboxRow(seq, int(headers[codec.H_STORED]), data.decode())
+                at = int(headers[codec.H_STORED])
+                packed, records = codec.records_from(headers, data)
+                ids = [codec.row_id(seq, i) for i in range(len(records))] if packed else [seq]
+                self.outbox[seq] = [OutboxRow(i, at, r) for i, r in zip(ids, records, strict=True)]
                 self.outbox_ids.append(seq)
+                self.outbox_last.append(ids[-1])
             elif kind == "notice":
                 n = codec.notice_from(data)
                 mine = self.notices.setdefault(n.subscriber, {})
@@ -191,18 +196,30 @@ class StoreView:
             elif not pending and seq < self.checkpoint:
                 self.garbage.add(seq)
 
-    def forget_outbox(self, through: int) -> None:
-        """The audit log holds every outbox row up to through: drop them from the view."""
-        cut = bisect.bisect_right(self.outbox_ids, through)
+    def forget_outbox(self, through: int) -> int:
+        """The audit log holds every outbox row up to id through: drop them from the view;
+        return the last entry dropped whole (0 if none)."""
+        cut = bisect.bisect_right(self.outbox_last, through)
+        gone = self.outbox_ids[cut - 1] if cut else 0
         for i in self.outbox_ids[:cut]:
             del self.outbox[i]
         del self.outbox_ids[:cut]
+        del self.outbox_last[:cut]
+        if self.outbox_ids:  # the next entry may be drained in part
+            first = self.outbox_ids[0]
+            self.outbox[first] = [r for r in self.outbox[first] if r.id > through]
+        return gone
 
     # -- questions -------------------------------------------------------------------------
 
     def read_outbox(self, after: int, limit: int) -> list[OutboxRow]:
-        start = bisect.bisect_right(self.outbox_ids, after)
-        return [self.outbox[i] for i in self.outbox_ids[start : start + limit]]
+        """Up to limit rows with id above after, in id order."""
+        out: list[OutboxRow] = []
+        for i in self.outbox_ids[bisect.bisect_right(self.outbox_last, after) :]:
+            out += [r for r in self.outbox[i] if r.id > after]
+            if len(out) >= limit:
+                break
+        return out[:limit]
 
     def pending(
         self, cursor: int, settled: Collection[int], limit: int, skip: Collection[int]
