@@ -357,7 +357,9 @@ async def run(
         workdir = Path(tmp)
         pki = workdir / "pki"
         t = time.monotonic()
-        make_dev_pki(pki, PARTNERS, OPERATORS, time.time_ns() // 1_000_000)
+        # Ed25519-only signing keys: the workload seals v1 (bench/workload.py), which the
+        # broker takes only from partners whose certificate holds no ML-DSA-65 key.
+        make_dev_pki(pki, PARTNERS, OPERATORS, time.time_ns() // 1_000_000, ml_dsa=False)
         durations["pki_s"] = round(time.monotonic() - t, 2)
         progress(f"dev PKI for {', '.join(PARTNERS)} in {durations['pki_s']} s")
         t = time.monotonic()

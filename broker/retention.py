@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from broker.audit.items import AuditItem, encode
 from broker.exchange import Clock, ExchangeCore
+from broker.exchange.headers import routing_header
 from broker.store import MessageStore, StoredMessage
 from broker.store.base import Eligibility, Notice, Sweep
 from coalition import envelope as env
@@ -44,7 +45,7 @@ def eligibility(policies: Sequence[tuple[str, PartnerPolicy]], now_ms: int) -> E
 
     def who(m: StoredMessage) -> Mapping[str, int]:
         try:
-            header = env.parse_header(envelope_pb2.Envelope.FromString(m.envelope))
+            header = routing_header(envelope_pb2.Envelope.FromString(m.envelope))
             key = (header.label.SerializeToString(), header.topic)
             codes = allowed.get(key)
             if codes is None:

@@ -18,6 +18,7 @@ from coalition.pki import load_partner
 from coalition.policy import policy_to_proto
 from coalition.v1 import envelope_pb2, exchange_pb2
 from tests.helpers import admit, now_ms, operator, partner, policy, running_broker
+from tests.v2_batches import forged_signature, truncated
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA, GBR")
 
@@ -71,13 +72,8 @@ async def test_garbage_bytes_in_header(kor: PartnerClient, broker: Broker) -> No
 
 async def test_truncated_envelope(kor: PartnerClient, usa: PartnerClient, broker: Broker) -> None:
     s = await kor.seal(b"x", topic="intel.a", label=LABEL)
-    cut = envelope_pb2.Envelope(
-        header=s.envelope.header[:40],
-        ciphertext=s.envelope.ciphertext,
-        signature=s.envelope.signature,
-    )
-    res = await refused(kor, cut, broker)
-    assert res.status == "INVALID_ARGUMENT"
+    res = await refused(kor, truncated(s.envelope), broker)
+    assert (res.status, res.reason_code) == ("INVALID_ARGUMENT", "malformed")
 
 
 async def test_oversized_envelope(kor: PartnerClient, usa: PartnerClient, broker: Broker) -> None:
@@ -116,12 +112,7 @@ async def test_sender_not_the_mtls_identity(
 
 async def test_bad_signature(kor: PartnerClient, usa: PartnerClient, broker: Broker) -> None:
     s = await kor.seal(b"x", topic="intel.a", label=LABEL)
-    sig = bytearray(s.envelope.signature)
-    sig[0] ^= 1
-    bad = envelope_pb2.Envelope(
-        header=s.envelope.header, ciphertext=s.envelope.ciphertext, signature=bytes(sig)
-    )
-    res = await refused(kor, bad, broker)
+    res = await refused(kor, forged_signature(s.envelope), broker)
     assert (res.status, res.reason_code) == ("UNAUTHENTICATED", "bad_signature")
 
 

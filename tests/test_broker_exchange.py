@@ -10,8 +10,7 @@ import grpc
 import pytest
 
 from broker.server import Broker
-from clients.sdk import ClientError, NoRecipients, PartnerClient
-from coalition import envelope as env
+from clients.sdk import ClientError, NoRecipients, Opened, PartnerClient
 from coalition.labels import Classification, Precedence, parse_label
 from coalition.v1 import exchange_pb2
 from tests.helpers import admit, eventually, partner, policy, running_broker
@@ -43,7 +42,7 @@ async def clients(pki: Path, broker: Broker) -> AsyncIterator[dict[str, PartnerC
 
 async def collect(
     client: PartnerClient, n: int, topics: tuple[str, ...] = ("intel.>",)
-) -> list[tuple[exchange_pb2.Delivery, env.Opened]]:
+) -> list[tuple[exchange_pb2.Delivery, Opened]]:
     """Receive n deliveries, open and acknowledge each."""
     sub = client.subscribe(topics)
     got = []

@@ -29,6 +29,7 @@ from tests.helpers import (
     running_broker,
     sqlite_only,
 )
+from tests.v2_batches import forged_signature
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA")
 TOPIC = "intel.ground"
@@ -300,8 +301,7 @@ async def test_concurrent_publishes_are_merged_and_answered_each(
         for i in range(40)
     ]
     # One envelope is tampered with: only its caller is refused.
-    bad = sealed[17].envelope
-    bad.signature = bytes(64)
+    sealed[17].envelope.CopyFrom(forged_signature(sealed[17].envelope))
     results = await asyncio.gather(*(kor.publish([s.envelope]) for s in sealed))
     assert sum(requests) == 40
     assert len(requests) < 40  # merged into fewer requests

@@ -23,6 +23,7 @@ from tests.broker_process import ConfiguredBroker
 from tests.helpers import admit, eventually, now_ms, partner, policy, running_broker, sqlite_only
 from tests.metrics_helpers import Scrape, http_get, scrape
 from tests.test_broker_faults import free_port
+from tests.v2_batches import forged_signature, seal_v2
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA")
 TOPIC = "intel.ground"
@@ -85,10 +86,7 @@ async def _seal(kor: PartnerClient, n: int, tag: str) -> list[envelope_pb2.Envel
 
 
 def _bad_signature(e: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
-    forged = envelope_pb2.Envelope()
-    forged.CopyFrom(e)
-    forged.signature = bytes([forged.signature[0] ^ 1]) + forged.signature[1:]
-    return forged
+    return forged_signature(e)  # v1 or v2: refused bad_signature
 
 
 # -- off by default ---------------------------------------------------------------------
@@ -466,3 +464,24 @@ async def test_dashboard_queries_only_what_the_broker_exposes(metered: Broker, p
                 elif op == "=" and value not in values_of.get((name, label), set()):
                     problems.append(f'{name}{{{label}="{value}"}} never exposed ({expr!r})')
     assert problems == []
+
+
+async def test_batch_root_checks_and_cache_hits_are_counted(metered: Broker, pki: Path) -> None:
+    # One hybrid root check per v2 batch, whatever its size; its other envelopes, in the
+    # same request or a later one, are cache hits; a broken root signature counts as a check.
+    assert metered.metrics is not None
+    async with partner(pki, "KOR", metered.port) as kor, partner(pki, "USA", metered.port) as usa:
+        await usa.register_keys()
+        batch = await seal_v2(
+            kor, [b"%d" % i for i in range(8)], topic=TOPIC, label=LABEL, recipients=["USA"]
+        )
+        assert all(r.outcome == exchange_pb2.ACCEPTED for r in await kor.publish(batch[:6]))
+        assert all(r.outcome == exchange_pb2.ACCEPTED for r in await kor.publish(batch[6:]))
+        other = await seal_v2(kor, [b"x"], topic=TOPIC, label=LABEL, recipients=["USA"])
+        other[0].batch.root_signature.ml_dsa_65 = b""
+        [bad] = await kor.publish(other)
+        assert bad.reason_code == "bad_signature", bad
+    got = await scrape(metered.metrics.port)
+    assert got.value("coalition_batch_root_checks_total") == 2
+    assert got.value("coalition_batch_root_cache_hits_total") == 7
+    assert got.value(PUBLISHED, partner="KOR", result="refused", reason="bad_signature") == 1

@@ -16,14 +16,19 @@ from clients.node.daemon import Backoff
 from clients.node.inbox import Inbox
 from clients.node.receive import Outcome, handle
 from clients.node.sequences import DurableSequencer
-from clients.sdk import Sequencer
+from clients.sdk import Opened, Opener, Sequencer
 from coalition import envelope as env
+from coalition import envelope_v2
+from coalition.epoch import SenderEpochs
+from coalition.hybrid import HybridPublicKey, HybridSigningKey
 from coalition.labels import Label, label_to_proto, parse_label
 from coalition.pki import PartnerCredentials, load_partner
 from coalition.v1 import exchange_pb2, intel_pb2, label_pb2
 from tests.helpers import now_ms
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA")
+# KOR's hybrid key for the v2 deliveries (as its certificate would certify it).
+KOR_HYBRID = HybridSigningKey.generate()
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,36 @@ def signer(creds: dict[str, PartnerCredentials]) -> Callable[[str, str], Ed25519
     return find
 
 
+# The signing key id of KOR's hybrid certificate (its v1 deliveries use its v1-only one).
+KOR_HYBRID_ID = "kor-hybrid"
+
+
+class Keys:
+    """The senders' keys as a verified directory gives them: KOR's certificate
+    ``KOR_HYBRID_ID`` (or those named) certifies KOR_HYBRID's ML-DSA-65 key."""
+
+    def __init__(
+        self, creds: dict[str, PartnerCredentials], hybrid_ids: frozenset[str] = frozenset()
+    ) -> None:
+        self.creds = creds
+        self.hybrid_ids = hybrid_ids | {KOR_HYBRID_ID}
+
+    def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
+        if sender == "KOR" and key_id in self.hybrid_ids:
+            return KOR_HYBRID.public_key().ed25519
+        return signer(self.creds)(sender, key_id)
+
+    def hybrid_signer(self, sender: str, key_id: str) -> HybridPublicKey:
+        if sender != "KOR" or key_id not in self.hybrid_ids:
+            raise KeyError(sender)
+        return KOR_HYBRID.public_key()
+
+
+@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+def version(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
 def delivery(
     creds: dict[str, PartnerCredentials],
     *,
@@ -49,6 +84,7 @@ def delivery(
     to: tuple[str, ...] = ("USA",),
     title: str = "Armour moving north",
     label: Label = LABEL,
+    version: int = 1,
 ) -> exchange_pb2.Delivery:
     kor = creds["KOR"]
     recipients = []
@@ -56,8 +92,36 @@ def delivery(
         kid = next(iter(creds[code].hpke_keys))
         pub = creds[code].hpke_keys[kid].public_key()
         recipients.append(env.Recipient(code, kid, pub, sequence=seq))
+    plaintext = intel_pb2.IntelSummary(title=title, summary="secret body").SerializeToString()
+    if version == 2:
+        [e] = envelope_v2.seal_batch(
+            [
+                envelope_v2.Message(
+                    plaintext=plaintext,
+                    topic="intel.ground",
+                    label=label_to_proto(label),
+                    precedence=int(label_pb2.FLASH),
+                    content_type=env.INTEL_SUMMARY,
+                    recipients=recipients,
+                    sequence=1000 + seq,
+                    created_ms=now_ms(),
+                )
+            ],
+            sender="KOR",
+            signing_key=KOR_HYBRID,
+            signing_key_id=KOR_HYBRID_ID,
+            epochs=SenderEpochs("KOR"),
+            created_ms=now_ms(),
+        )
+        return exchange_pb2.Delivery(
+            offset=offset,
+            envelope=e,
+            label=label_to_proto(label),
+            topic="intel.ground",
+            precedence=label_pb2.FLASH,
+        )
     e = env.seal(
-        plaintext=intel_pb2.IntelSummary(title=title, summary="secret body").SerializeToString(),
+        plaintext=plaintext,
         sender="KOR",
         signing_key=kor.signing_key,
         signing_key_id=kor.signing_key_id,
@@ -79,20 +143,26 @@ def delivery(
 
 
 async def receive(
-    d: exchange_pb2.Delivery, inbox: Inbox, creds: dict[str, PartnerCredentials], me: str = "USA"
+    d: exchange_pb2.Delivery,
+    inbox: Inbox,
+    creds: dict[str, PartnerCredentials],
+    me: str = "USA",
+    keys: Keys | None = None,
 ) -> Outcome:
-    async def opener(x: exchange_pb2.Delivery) -> env.Opened:
-        return env.open(x.envelope, recipient=me, keys=creds[me].hpke_keys, signer=signer(creds))
+    opener_ = Opener(me, creds[me].hpke_keys)
+
+    async def opener(x: exchange_pb2.Delivery) -> Opened:
+        return opener_.open(x.envelope, keys or Keys(creds))
 
     h = await handle(d, me=me, opener=opener, inbox=inbox, now_ms=now_ms())
     return h.outcome
 
 
 async def test_store_once_even_when_delivered_twice(
-    tmp_path: Path, creds: dict[str, PartnerCredentials]
+    tmp_path: Path, creds: dict[str, PartnerCredentials], version: int
 ) -> None:
     inbox = Inbox(tmp_path / "inbox.db")
-    d = delivery(creds)
+    d = delivery(creds, version=version)
     assert await receive(d, inbox, creds) is Outcome.STORED
     assert await receive(d, inbox, creds) is Outcome.DUPLICATE
     [e] = inbox.entries()
@@ -107,10 +177,10 @@ async def test_store_once_even_when_delivered_twice(
 
 
 async def test_relabelled_delivery_is_quarantined(
-    tmp_path: Path, creds: dict[str, PartnerCredentials]
+    tmp_path: Path, creds: dict[str, PartnerCredentials], version: int
 ) -> None:
     inbox = Inbox(tmp_path / "inbox.db")
-    d = delivery(creds)
+    d = delivery(creds, version=version)
     # A broker that routes under a weaker label than the one the sender signed.
     d.label.CopyFrom(label_to_proto(parse_label("NATO RESTRICTED // REL TO NATO")))
     assert await receive(d, inbox, creds) is Outcome.QUARANTINED
@@ -121,13 +191,16 @@ async def test_relabelled_delivery_is_quarantined(
 
 
 async def test_a_label_claiming_another_originator_is_quarantined(
-    tmp_path: Path, creds: dict[str, PartnerCredentials]
+    tmp_path: Path, creds: dict[str, PartnerCredentials], version: int
 ) -> None:
     """The broker's header rule (coalition.checks), made again by the node: KOR signed a
     label that says GBR originated it, and a broker that let it through is not trusted."""
     inbox = Inbox(tmp_path / "inbox.db")
     forged = parse_label("NATO SECRET // REL TO KOR, USA", originator="GBR")
-    assert await receive(delivery(creds, label=forged), inbox, creds) is Outcome.QUARANTINED
+    assert (
+        await receive(delivery(creds, label=forged, version=version), inbox, creds)
+        is Outcome.QUARANTINED
+    )
     [q] = inbox.quarantined()
     assert q["reason"] == "originator_mismatch" and "'GBR'" in str(q["detail"])
     assert inbox.counts() == (0, 1)
@@ -143,11 +216,13 @@ async def test_a_label_claiming_another_originator_is_quarantined(
     ],
 )
 async def test_refused_deliveries_are_quarantined(
-    tmp_path: Path, creds: dict[str, PartnerCredentials], tamper: str, reason: str
+    tmp_path: Path, creds: dict[str, PartnerCredentials], tamper: str, reason: str, version: int
 ) -> None:
     inbox = Inbox(tmp_path / "inbox.db")
-    d = delivery(creds, to=("GBR",) if tamper == "recipient" else ("USA",))
-    if tamper == "signature":
+    d = delivery(creds, to=("GBR",) if tamper == "recipient" else ("USA",), version=version)
+    if tamper == "signature" and version == 2:
+        d.envelope.batch.root_signature.ed25519 = bytes(64)
+    elif tamper == "signature":
         d.envelope.signature = bytes(64)
     elif tamper == "ciphertext":
         # Flip a bit: setting the last byte to a constant is a no-op 1 time in 256.
@@ -160,18 +235,36 @@ async def test_refused_deliveries_are_quarantined(
     assert inbox.entries() == []
 
 
-async def test_gaps_are_detected_and_late_arrivals_close_them(
+async def test_v1_under_a_hybrid_certificate_is_refused(
     tmp_path: Path, creds: dict[str, PartnerCredentials]
+) -> None:
+    """A certificate that certifies an ML-DSA-65 key signs v2 only: a v1 envelope under
+    it (Ed25519 alone, which a quantum attacker could forge) is quarantined, whoever
+    delivered it; the same envelope under a v1-only certificate is stored."""
+    inbox = Inbox(tmp_path / "inbox.db")
+    d = delivery(creds)
+    hybrid = Keys(creds, hybrid_ids=frozenset({creds["KOR"].signing_key_id}))
+    assert await receive(d, inbox, creds, keys=hybrid) is Outcome.QUARANTINED
+    [q] = inbox.quarantined()
+    assert q["reason"] == "bad_signature" and "must be v2" in str(q["detail"])
+    assert await receive(d, inbox, creds) is Outcome.STORED
+
+
+async def test_gaps_are_detected_and_late_arrivals_close_them(
+    tmp_path: Path, creds: dict[str, PartnerCredentials], version: int
 ) -> None:
     inbox = Inbox(tmp_path / "inbox.db")
     for seq in (1, 2, 6):
-        assert await receive(delivery(creds, seq=seq, offset=seq), inbox, creds) is Outcome.STORED
+        assert (
+            await receive(delivery(creds, seq=seq, offset=seq, version=version), inbox, creds)
+            is Outcome.STORED
+        )
     [gap] = inbox.take_unreported_gaps()
     assert gap.describe() == (
         "gap from KOR: sequences 3..5 missing (the broker may be withholding messages)"
     )
     assert inbox.take_unreported_gaps() == []  # warned once
-    await receive(delivery(creds, seq=4, offset=4), inbox, creds)
+    await receive(delivery(creds, seq=4, offset=4, version=version), inbox, creds)
     assert [(g.first, g.last) for g in inbox.gaps()] == [(3, 3), (5, 5)]
     assert inbox.senders() == {"KOR": 6}
 

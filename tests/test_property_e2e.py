@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clients.sdk import NoRecipients, PartnerClient
+from coalition import envelope_v2
 from coalition.labels import COMPARTMENT, REL_TO, Category, CategoryType, Classification, Label
 from coalition.policy import PartnerPolicy, PartnerStatus, decide, policy_to_proto
 from tests.helpers import admit, now_ms, operator, partner, running_broker
@@ -80,6 +81,7 @@ async def _receive_until_caught_up(client: PartnerClient, topics: list[str]) -> 
     async def drain() -> None:
         async for d in sub:
             opened = await client.open(d)
+            assert opened.version == 2  # the development PKI certifies hybrid keys
             got.add(opened.header.message_id)
             await sub.ack([d.offset])
 
@@ -124,6 +126,7 @@ async def _run(pki: Path, case: Case) -> None:
                     except NoRecipients:
                         sealed = None
                     if sealed is not None:
+                        assert envelope_v2.is_v2(sealed.envelope)
                         [res] = await usa.publish([sealed.envelope])
                         assert res.outcome == 1, res
                     for code in RECEIVERS:

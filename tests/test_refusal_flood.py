@@ -23,6 +23,7 @@ from clients.sdk import ClientError
 from coalition.labels import parse_label
 from coalition.v1 import audit_pb2, envelope_pb2, exchange_pb2
 from tests.helpers import admit, broker_config, now_ms, operator, partner, policy
+from tests.v2_batches import forged_signature
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA")
 RATE = 200  # the partner's publish rate in this test (messages/s)
@@ -45,12 +46,7 @@ async def _broker(pki: Path, data: Path, clock: Clock) -> Broker:
 
 
 def _tampered(e: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
-    bad = envelope_pb2.Envelope()
-    bad.CopyFrom(e)
-    sig = bytearray(bad.signature)
-    sig[0] ^= 1
-    bad.signature = bytes(sig)
-    return bad
+    return forged_signature(e)  # v1 or v2: refused bad_signature
 
 
 def _summaries(entries: list[audit_pb2.AuditEntry]) -> list[tuple[str, dict[str, Any]]]:

@@ -42,6 +42,12 @@ def test_every_expectation_held(report: dict[str, Any]) -> None:
     assert all(c["ok"] for c in report["checks"])
 
 
+def test_every_message_was_envelope_v2(report: dict[str, Any]) -> None:
+    """The development PKI certifies hybrid keys, so every node seals v2."""
+    sent = [p for p in report["published"] if p["message_id"]]
+    assert sent and {p["envelope"] for p in sent} == {"v2"}
+
+
 def test_who_received_what(report: dict[str, Any]) -> None:
     m = report["matrix"]
     # KOR was not admitted yet; afterwards it receives at once.

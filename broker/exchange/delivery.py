@@ -22,6 +22,7 @@ from broker.audit_keeping import unavailable as audit_unavailable
 from broker.config import BrokerConfig
 from broker.errors import Forbidden, Unavailable
 from broker.exchange.decisions import Decisions
+from broker.exchange.headers import routing_header
 from broker.exchange.live import LiveStreams, Route, Subscription, decision_items
 from broker.exchange.memo import Memo
 from broker.exchange.outcomes import (
@@ -242,7 +243,7 @@ class DeliveryLoop:
         hit = self._parsed_memo.get(m.offset)
         if hit is not None:
             return hit
-        header = env.parse_header(envelope_pb2.Envelope.FromString(m.envelope))
+        header = routing_header(envelope_pb2.Envelope.FromString(m.envelope))
         parsed = (header, self.decisions.label(header.label))
         self._parsed_memo.put(m.offset, parsed)
         return parsed

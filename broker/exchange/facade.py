@@ -27,6 +27,7 @@ from broker.exchange.directory import PartnerDirectory
 from broker.exchange.live import LiveStreams, Subscription
 from broker.exchange.outcomes import PublishOutcome, StreamItem
 from broker.exchange.publish import PublishPipeline
+from broker.exchange.signatures import EnvelopeSignatures
 from broker.registry import PartnerRecord, PartnerRegistry
 from broker.store import MessageStore
 from coalition.clock import wall_clock_ms
@@ -102,7 +103,7 @@ class ExchangeCore:
             live=self.streams,
             decisions=self.decisions,
             counters=self.counters,
-            signer=self.signer,
+            signatures=EnvelopeSignatures(self.keys.certified),
             remember=self.delivery.remember,
             route=self.delivery.route_parsed,
             closing=self._is_closing,

@@ -1,8 +1,9 @@
 """The publish pipeline: from a partner's envelopes to stored messages and their audit.
 
 Each envelope, in order: the partner's rate bucket (a request over its rate is refused
-whole, before any work), size, header and signature (verified in arrival order, on the
-verify thread for large requests), the kernel's header checks (coalition.checks), the
+whole, before any work), size, header and signature (v1's, or v2's inclusion path and
+batch root, each root checked once: broker.exchange.signatures; verified in arrival
+order, on the verify thread for large requests), the kernel's header checks (coalition.checks), the
 origination policy, the rate again, then the disk guard and one store append for the
 request. Every envelope gets an outcome (Accepted or Refused). The append's one commit
 carries the acceptances' audit records, the refusals' (one by one up to a threshold,
@@ -20,8 +21,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.audit.items import encode
 from broker.audit_keeping import AuditKeeping, acceptance_records
@@ -38,11 +37,12 @@ from broker.errors import (
 )
 from broker.exchange.decisions import Decisions
 from broker.exchange.delivery import Counters, Parsed
-from broker.exchange.directory import SigningCertNotValid
 from broker.exchange.disk_guard import DiskGuard
+from broker.exchange.headers import routing_header
 from broker.exchange.live import Decided, LiveStreams, Route, Subscription, routed_records
 from broker.exchange.outcomes import Accepted, PublishOutcome, Refused
 from broker.exchange.ratelimit import RateLimits
+from broker.exchange.signatures import EnvelopeSignatures
 from broker.registry import PartnerRegistry
 from broker.store import (
     Appended,
@@ -84,7 +84,7 @@ class PublishPipeline:
         live: LiveStreams,
         decisions: Decisions,
         counters: dict[str, Counters],
-        signer: Callable[[str, str], Ed25519PublicKey],
+        signatures: EnvelopeSignatures,
         remember: Callable[[int, Parsed], None],
         route: Callable[[Subscription, PartnerPolicy, envelope_pb2.Header, Label, int], Route],
         closing: Callable[[], bool],
@@ -99,7 +99,7 @@ class PublishPipeline:
         self.live = live
         self.decisions = decisions
         self.counters = counters
-        self.signer = signer
+        self.signatures = signatures
         self._remember = remember
         self._route = route
         self._closing = closing
@@ -308,7 +308,9 @@ class PublishPipeline:
         """Size, header and signature of each envelope, in order: its header or why not.
 
         Runs on the verify thread or the loop (see _verify_in_order): it only reads broker
-        state, and cryptography releases the GIL while it checks an Ed25519 signature.
+        state, apart from the root cache, which only this step touches and never from two
+        threads at once (the loop checks inline only while the thread is idle); libsodium
+        releases the GIL while it checks an Ed25519 signature.
         """
         started = time.perf_counter()
         out: list[envelope_pb2.Header | BrokerError] = []
@@ -332,34 +334,7 @@ class PublishPipeline:
         rec = self.registry.get(partner)
         if rec is None:
             raise NotAuthenticated("unknown_sender", f"partner {partner} is not registered")
-
-        def signer(sender: str, key_id: str) -> Ed25519PublicKey:
-            # Called by env.verify once the header parsed, before the signature check:
-            # an envelope claiming another sender is refused as such, not as a bad
-            # signature. BrokerError is not KeyError, so env.verify lets it through.
-            if sender != partner:
-                raise Forbidden(
-                    "sender_mismatch",
-                    f"envelope sender {sender!r} is not the authenticated partner {partner!r}",
-                )
-            try:
-                return self.signer(sender, key_id)
-            except SigningCertNotValid as exc:
-                raise NotAuthenticated(exc.code, exc.message) from None
-            except KeyError:
-                raise NotAuthenticated(
-                    "unknown_signing_key",
-                    f"signing key {key_id} is not {partner}'s certified key",
-                ) from None
-
-        try:
-            header = env.verify(e, signer)
-        except env.InvalidEnvelope as exc:
-            if exc.reason is env.Failure.MALFORMED:
-                raise InvalidInput("malformed", f"envelope is malformed: {exc}") from exc
-            code = "bad_signature" if exc.reason is env.Failure.BAD_SIGNATURE else exc.reason.value
-            raise NotAuthenticated(code, f"envelope does not verify: {exc}") from exc
-        return header
+        return self.signatures.verify(partner, e)  # v1 or v2 (broker.exchange.signatures)
 
     def _validate(
         self, partner: str, e: envelope_pb2.Envelope, header: envelope_pb2.Header, now: int
@@ -430,6 +405,6 @@ def _quota_refusal(partner: str, out: Rejected, size: int) -> Exhausted:
 
 def _message_id_or_empty(e: envelope_pb2.Envelope) -> str:
     try:
-        return env.parse_header(e).message_id
+        return routing_header(e).message_id
     except env.InvalidEnvelope:
         return ""

@@ -193,6 +193,17 @@ class BrokerCollector(Collector):
             "Publish requests handed to the verify thread, not yet back on the event loop.",
             self._verify_queue(),
         )
+        roots = self._ex.pipeline.signatures.roots  # ints written by one thread at a time
+        yield CounterMetricFamily(
+            n.ROOT_CHECKS,
+            "Hybrid signature checks of v2 batch roots (Ed25519 and ML-DSA-65), failed ones too.",
+            value=roots.verifications,
+        )
+        yield CounterMetricFamily(
+            n.ROOT_CACHE_HITS,
+            "v2 envelopes whose batch root was found verified (no signature check).",
+            value=roots.hits,
+        )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from coalition.envelope import Failure
+from coalition.envelope_v2 import Failure as FailureV2
 from coalition.policy import Reason
 
 UNKNOWN = "unknown"  # a partner the registry does not hold
@@ -40,7 +41,10 @@ PUBLISH_REASONS = frozenset(
         "replay",
         "sequence_not_increasing",
         "shutting_down",
+        "no_hybrid_key",
+        "hybrid_key_required",
         *(f.value for f in Failure),
+        *(f.value for f in FailureV2),
         *(r.value for r in Reason if r is not Reason.ALLOW),
     }
 )

@@ -30,6 +30,8 @@ AUDIT_ENTRIES = "coalition_audit_entries"
 AUDIT_LAST_CHECKPOINT = "coalition_audit_last_checkpoint_timestamp_seconds"
 AUDIT_WRITABLE = "coalition_audit_writable"
 VERIFY_QUEUE = "coalition_verify_queue_requests"
+ROOT_CHECKS = "coalition_batch_root_checks_total"
+ROOT_CACHE_HITS = "coalition_batch_root_cache_hits_total"
 
 # Histogram buckets, seconds: an fsync'd group commit takes ~1-20 ms on an SSD; one
 # request's signature checks ~0.1 ms per envelope.

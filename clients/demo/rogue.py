@@ -2,7 +2,8 @@
 
 It tries impersonation (an envelope claiming another sender), a label downgrade
 (a genuine envelope whose signed label is rewritten) and a replay (the same
-envelope twice). It prints one JSON object per attempt with the broker's answer.
+envelope twice), each in the envelope version its credentials seal (v2 with a hybrid
+signing key, v1 without). It prints one JSON object per attempt with the broker's answer.
 Run: python -m clients.demo.rogue --identity pki/partners/UKR --broker 127.0.0.1:7443
 """
 
@@ -17,9 +18,11 @@ from typing import Any
 
 from clients.sdk import PartnerClient
 from coalition import envelope as env
+from coalition import envelope_v2, merkle
 from coalition.clock import wall_clock_ms
+from coalition.epoch import SenderEpochs
 from coalition.labels import Classification, label_to_proto, parse_label
-from coalition.pki import load_partner
+from coalition.pki import PartnerCredentials, load_partner
 from coalition.v1 import envelope_pb2, exchange_pb2
 
 LABEL = parse_label("NATO SECRET // REL TO NATO, UKR")
@@ -48,19 +51,7 @@ async def run(identity: Path, broker: str, victim: str) -> list[dict[str, Any]]:
         recipients = [env.Recipient(victim, target.key_id, target.hpke_public)]
 
         # 1. Impersonation: claim to be the victim, signing with our own key.
-        forged = env.seal(
-            plaintext=b"fabricated report",
-            sender=victim,
-            signing_key=creds.signing_key,
-            signing_key_id=creds.signing_key_id,
-            sequence=me.sequencer.next(),
-            topic="intel.ground",
-            label=label_to_proto(LABEL),
-            precedence=1,
-            content_type=env.INTEL_SUMMARY,
-            recipients=recipients,
-            created_ms=wall_clock_ms(),
-        )
+        forged = _impersonate(creds, victim, recipients, me.sequencer.next())
         [res] = await me.publish([forged])
         out.append(_result("impersonation", f"sender={victim} over {creds.code}'s connection", res))
 
@@ -68,17 +59,7 @@ async def run(identity: Path, broker: str, victim: str) -> list[dict[str, Any]]:
         genuine = await me.seal(
             b"genuine report", topic="intel.ground", label=LABEL, recipients=[victim]
         )
-        # Keep the layout a verifier expects (payload digest last) so that only the
-        # signature can catch the change.
-        raw = genuine.envelope.header
-        prefix, digest_field = raw[:-34], raw[-34:]
-        header = envelope_pb2.Header.FromString(prefix)
-        header.label.classification = int(Classification.UNCLASSIFIED)  # type: ignore[assignment]
-        downgraded = envelope_pb2.Envelope(
-            header=header.SerializeToString() + digest_field,
-            ciphertext=genuine.envelope.ciphertext,
-            signature=genuine.envelope.signature,
-        )
+        downgraded = downgrade(genuine.envelope)
         [res] = await me.publish([downgraded])
         out.append(_result("label downgrade", "SECRET rewritten to UNCLASSIFIED", res))
 
@@ -87,6 +68,79 @@ async def run(identity: Path, broker: str, victim: str) -> list[dict[str, Any]]:
         out.append(_result("replay (first copy)", "genuine envelope", first))
         [res] = await me.publish([genuine.envelope])
         out.append(_result("replay", "the same envelope again", res))
+    return out
+
+
+def _impersonate(
+    creds: PartnerCredentials, victim: str, recipients: list[env.Recipient], sequence: int
+) -> envelope_pb2.Envelope:
+    """An envelope naming ``victim`` as its sender, signed with our own key."""
+    hybrid = creds.hybrid_signing_key
+    if hybrid is not None:
+        [forged] = envelope_v2.seal_batch(
+            [
+                envelope_v2.Message(
+                    plaintext=b"fabricated report",
+                    topic="intel.ground",
+                    label=label_to_proto(LABEL),
+                    precedence=1,
+                    content_type=env.INTEL_SUMMARY,
+                    recipients=recipients,
+                    sequence=sequence,
+                    created_ms=wall_clock_ms(),
+                )
+            ],
+            sender=victim,
+            signing_key=hybrid,
+            signing_key_id=creds.signing_key_id,
+            epochs=SenderEpochs(victim),
+            created_ms=wall_clock_ms(),
+        )
+        return forged
+    return env.seal(
+        plaintext=b"fabricated report",
+        sender=victim,
+        signing_key=creds.signing_key,
+        signing_key_id=creds.signing_key_id,
+        sequence=sequence,
+        topic="intel.ground",
+        label=label_to_proto(LABEL),
+        precedence=1,
+        content_type=env.INTEL_SUMMARY,
+        recipients=recipients,
+        created_ms=wall_clock_ms(),
+    )
+
+
+def downgrade(genuine: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+    """The genuine envelope with its signed label rewritten to UNCLASSIFIED.
+
+    Everything else a verifier checks first is kept consistent, so that only the
+    signature can catch the change: v1 keeps the payload digest last; v2 (a batch of
+    one) recomputes the leaf and the root over the rewritten header and keeps the old
+    root signature.
+    """
+    if not envelope_v2.is_v2(genuine):
+        raw = genuine.header
+        prefix, digest_field = raw[:-34], raw[-34:]
+        header = envelope_pb2.Header.FromString(prefix)
+        header.label.classification = int(Classification.UNCLASSIFIED)  # type: ignore[assignment]
+        return envelope_pb2.Envelope(
+            header=header.SerializeToString() + digest_field,
+            ciphertext=genuine.ciphertext,
+            signature=genuine.signature,
+        )
+    header_v2 = envelope_pb2.HeaderV2.FromString(genuine.header_v2)
+    core = envelope_pb2.Header.FromString(header_v2.core)
+    core.label.classification = int(Classification.UNCLASSIFIED)  # type: ignore[assignment]
+    header_v2.core = core.SerializeToString()
+    leaf = header_v2.SerializeToString()
+    root = envelope_pb2.BatchRoot.FromString(genuine.batch.root)
+    root.root = merkle.leaf_hash(genuine.batch.leaf_salt, leaf)  # a tree of one leaf
+    out = envelope_pb2.Envelope()
+    out.CopyFrom(genuine)
+    out.header_v2 = leaf
+    out.batch.root = root.SerializeToString()
     return out
 
 

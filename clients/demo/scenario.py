@@ -71,6 +71,7 @@ class Published:
     recipients: list[str] = field(default_factory=list)
     published_ms: int = 0
     refused: str = ""
+    envelope: str = ""  # "v2" (hybrid-signed batch root) or "v1", as the node reported
     # Each partner's delivery decision when this was published: "allow" or why not.
     reasons: dict[str, str] = field(default_factory=dict)
 
@@ -210,6 +211,7 @@ class Demo:
             doc = json.loads(stdout)
             pub.message_id = doc["message_id"]
             pub.recipients = list(doc["recipients"])
+            pub.envelope = str(doc.get("envelope", ""))
             self.say(
                 "publish",
                 f'{sender} [{precedence}] {label} "{title}" -> sealed for '
@@ -496,6 +498,13 @@ class Demo:
 
     async def step8_audit(self) -> None:
         self.out("\n8. The audit chain is verified")
+        sent = [p for p in self.published.values() if p.message_id]
+        self.expect(
+            "8",
+            "every published message was envelope v2 (one Ed25519 + ML-DSA-65 batch signature)",
+            bool(sent) and all(p.envelope == "v2" for p in sent),
+            f"{sum(p.envelope == 'v2' for p in sent)} of {len(sent)} v2",
+        )
         async with self.operator("op2") as op:
             res = await op.verify_audit()
             denied = await op.audit(kind="deliver.denied")

@@ -264,8 +264,8 @@ def _publish(cfg: NodeConfig, ns: argparse.Namespace) -> int:
     else:
         dropped = ", ".join(f"{p} ({why})" for p, why in result["not_sealed_for"].items())
         print(
-            f"published {result['message_id']} (offset {result['offset']}), "
-            f"sealed for {', '.join(result['recipients'])}"
+            f"published {result['message_id']} (offset {result['offset']}, "
+            f"envelope {result['envelope']}), sealed for {', '.join(result['recipients'])}"
             + (f"; not for {dropped}" if dropped else "")
         )
     return 0

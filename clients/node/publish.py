@@ -10,6 +10,7 @@ import grpc
 from clients.node.config import NodeConfig
 from clients.node.sequences import DurableSequencer
 from clients.sdk import ClientError, NoRecipients, PartnerClient
+from coalition import envelope_v2
 from coalition.cli_common import EXIT_ERROR, EXIT_REFUSED, EXIT_UNREACHABLE
 from coalition.labels import Label, Precedence
 from coalition.pki import PartnerCredentials
@@ -107,4 +108,7 @@ async def publish(
         "label": label.human(),
         "topic": topic,
         "precedence": precedence.name,
+        # v2 (a hybrid-signed batch root) when the signing certificate certifies an
+        # ML-DSA-65 key, v1 (an Ed25519 signature) otherwise.
+        "envelope": "v2" if envelope_v2.is_v2(sealed.envelope) else "v1",
     }

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from clients.node.content import ContentError, title_of
 from clients.node.inbox import Entry, Inbox
 from clients.node.parked import park
-from coalition import envelope as env
+from clients.sdk import OPEN_ERRORS, Opened, claimed_header
+from clients.sdk.opening import is_unknown_sender
 from coalition.checks import HeaderProblem, check_header
 from coalition.labels import LabelError, label_from_proto
 from coalition.v1 import exchange_pb2, label_pb2
 
 _SQLITE_MAX = 2**63 - 1
 
-Opener = Callable[[exchange_pb2.Delivery], Awaitable[env.Opened]]
+Opener = Callable[[exchange_pb2.Delivery], Awaitable[Opened]]
 # Given the sender a header claims, a sentence when its key fails only for time by the
 # node's clock (not yet valid, or expired), else None.
 ClockProblem = Callable[[str], Awaitable[str | None]]
@@ -69,8 +70,8 @@ async def handle(
     try:
         opened = await opener(delivery)
         entry = _checked(delivery, opened, me, now_ms, "pending" if hook else None)
-    except env.InvalidEnvelope as exc:
-        if exc.reason is env.Failure.UNKNOWN_SENDER and clock_problem is not None:
+    except OPEN_ERRORS as exc:  # v1's or v2's refusal; reason.value names the step
+        if is_unknown_sender(exc) and clock_problem is not None:
             held = await _hold_for_clock(delivery, inbox, clock_problem, now_ms)
             if held is not None:
                 return held
@@ -84,11 +85,12 @@ async def handle(
 
 
 def _checked(
-    d: exchange_pb2.Delivery, opened: env.Opened, me: str, now_ms: int, hook_status: str | None
+    d: exchange_pb2.Delivery, opened: Opened, me: str, now_ms: int, hook_status: str | None
 ) -> Entry:
+    # The signed header (v2: its core); v1 and v2 are read through Opened alone.
     h = opened.header
-    wrapped = next((w for w in h.wrapped_keys if w.recipient == me), None)
-    if wrapped is None or h.sender == me:  # open() checks this too; a node never trusts one check
+    # open() checks this too; a node never trusts one check.
+    if me not in opened.recipients or h.sender == me:
         raise Refused("not_a_recipient", f"no key is wrapped for {me}")
     try:  # the broker's own checks (coalition.checks): a node never trusts it made them
         signed = check_header(h, h.sender)
@@ -107,7 +109,7 @@ def _checked(
         raise Refused("topic_mismatch", f"delivered on {d.topic!r} but signed for {h.topic!r}")
     if d.precedence != h.precedence:
         raise Refused("precedence_mismatch", "delivered precedence differs from the signed one")
-    if h.sequence > _SQLITE_MAX or wrapped.sequence > _SQLITE_MAX:
+    if h.sequence > _SQLITE_MAX or opened.recipient_sequence > _SQLITE_MAX:
         raise Refused("bad_sequence", "sequence number out of range")
     try:
         title = title_of(h.content_type, opened.plaintext)
@@ -117,7 +119,7 @@ def _checked(
         message_id=h.message_id,
         sender=h.sender,
         sequence=h.sequence,
-        recipient_sequence=wrapped.sequence,
+        recipient_sequence=opened.recipient_sequence,
         topic=h.topic,
         precedence=label_pb2.Precedence.Name(h.precedence),
         label=signed.human(),
@@ -141,9 +143,8 @@ async def _hold_for_clock(
     d: exchange_pb2.Delivery, inbox: Inbox, clock_problem: ClockProblem, now_ms: int
 ) -> Handled | None:
     """Park a delivery whose sender's key fails only for time; never refuse it for that."""
-    try:
-        h = env.parse_header(d.envelope)
-    except env.InvalidEnvelope:
+    h = claimed_header(d.envelope)
+    if h is None:
         return None
     detail = await clock_problem(h.sender)
     if detail is None:
@@ -163,11 +164,8 @@ def _quarantine(
     d: exchange_pb2.Delivery, inbox: Inbox, reason: str, detail: str, now_ms: int
 ) -> Handled:
     # The header is unverified here: sender and id are kept as the broker's claim only.
-    try:
-        h = env.parse_header(d.envelope)
-        sender, message_id = h.sender[:64], h.message_id[:64]
-    except env.InvalidEnvelope:
-        sender, message_id = "", ""
+    h = claimed_header(d.envelope)
+    sender, message_id = ("", "") if h is None else (h.sender[:64], h.message_id[:64])
     inbox.quarantine(
         offset=d.offset,
         sender=sender,

@@ -9,8 +9,10 @@ publishes with per-envelope results, and subscribes with acknowledgement.
 One module per responsibility: errors (``ClientError``; ``BrokerTlsError``, why a TLS
 handshake failed, as one sentence and a ``TlsReason``), channel (credentials, channel
 options, keepalive), sequences (sequence allocation), publish (the Publish stream and its
-merging), subscription (``SubscribeStream``), partner (``PartnerClient``) and operator
-(``OperatorClient``). Callers import from here.
+merging), sealing (envelope v2: ``BatchSealer`` coalesces concurrent seals into one
+signed batch and owns the client's epoch keys), opening (``Opener``, ``Opened``: v1 or v2
+deliveries opened into one result), subscription (``SubscribeStream``), partner
+(``PartnerClient``) and operator (``OperatorClient``). Callers import from here.
 """
 
 from clients.sdk.channel import KEEPALIVE_ENV, KEEPALIVE_MS, keepalive_ms, secure_channel
@@ -24,6 +26,7 @@ from clients.sdk.errors import (
     mapped_errors,
     tls_failure,
 )
+from clients.sdk.opening import OPEN_ERRORS, Opened, Opener, OpenError, claimed_header
 from clients.sdk.operator import OperatorClient
 from clients.sdk.partner import (
     KEYS_UNVERIFIED,
@@ -31,7 +34,6 @@ from clients.sdk.partner import (
     NOT_ELIGIBLE,
     NOT_LISTED,
     PartnerClient,
-    Sealed,
 )
 from clients.sdk.publish import (
     PUBLISH_MAX_INFLIGHT,
@@ -39,6 +41,7 @@ from clients.sdk.publish import (
     PUBLISH_MERGE_MAX_ENVELOPES,
     merge_count,
 )
+from clients.sdk.sealing import BatchSealer, Draft, Sealed
 from clients.sdk.sequences import Allocation, Sequencer, SequenceSource
 from clients.sdk.subscription import ACK_LINGER_S, ExpiredHandler, SubscribeStream, Subscription
 from coalition.directory import Directory, Peer
@@ -51,15 +54,21 @@ __all__ = [
     "NOT_ELIGIBLE",
     "NOT_LISTED",
     "NO_KEY_BUNDLE",
+    "OPEN_ERRORS",
     "PUBLISH_MAX_INFLIGHT",
     "PUBLISH_MERGE_MAX_BYTES",
     "PUBLISH_MERGE_MAX_ENVELOPES",
     "Allocation",
+    "BatchSealer",
     "BrokerTlsError",
     "ClientError",
     "Directory",
+    "Draft",
     "ExpiredHandler",
     "NoRecipients",
+    "OpenError",
+    "Opened",
+    "Opener",
     "OperatorClient",
     "PartnerClient",
     "Peer",
@@ -70,6 +79,7 @@ __all__ = [
     "Subscription",
     "TlsReason",
     "call",
+    "claimed_header",
     "client_error",
     "keepalive_ms",
     "mapped_errors",

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -17,12 +17,14 @@ from cryptography import x509
 
 from clients.sdk.channel import secure_channel
 from clients.sdk.errors import ClientError, NoRecipients, call
+from clients.sdk.opening import OPEN_ERRORS, Opened, Opener, is_unknown_sender
 from clients.sdk.publish import _PublishStream
-from clients.sdk.sequences import Allocation, Sequencer, SequenceSource
+from clients.sdk.sealing import BatchSealer, Draft, Sealed
+from clients.sdk.sequences import Sequencer, SequenceSource
 from clients.sdk.subscription import ExpiredHandler, SubscribeStream
 from coalition import envelope as env
 from coalition.clock import wall_clock_ms
-from coalition.directory import Directory
+from coalition.directory import Directory, Peer
 from coalition.labels import Label, Precedence, label_to_proto
 from coalition.pki import PartnerCredentials
 from coalition.policy import releases_to_anyone
@@ -39,6 +41,8 @@ NOT_LISTED = "not a listed partner: not admitted, unknown, or a group"
 NO_KEY_BUNDLE = "no key bundle"
 NOT_ELIGIBLE = "not eligible now"
 KEYS_UNVERIFIED = "its keys do not verify"
+# Recipients answers remembered (per label and topic) to see a recipient set change.
+_ELIGIBLE_REMEMBERED = 1024
 
 
 def _not_sealed_for(
@@ -59,17 +63,6 @@ def _not_sealed_for(
         elif code not in eligible:
             out[code] = NOT_ELIGIBLE  # the broker's word: policy, suspension, topic
     return out
-
-
-@dataclass(frozen=True)
-class Sealed:
-    envelope: envelope_pb2.Envelope
-    message_id: str
-    recipients: tuple[str, ...]
-    sequence: int
-    allocation: Allocation = field(default_factory=lambda: Allocation(0))
-    # Partners named in REL TO that got no key, with why (see PartnerClient.seal).
-    not_sealed_for: Mapping[str, str] = field(default_factory=dict)
 
 
 class PartnerClient:
@@ -93,6 +86,19 @@ class PartnerClient:
         self.stub: ExchangeAsyncStub = exchange_pb2_grpc.ExchangeStub(self.channel)
         self._directory: Directory | None = None
         self._pub: _PublishStream | None = None
+        # v2 when the credentials carry a hybrid signing key (the CA certified its
+        # ML-DSA-65 half in the signing certificate); v1 otherwise.
+        hybrid = creds.hybrid_signing_key
+        self.sealer: BatchSealer | None = (
+            None
+            if hybrid is None
+            else BatchSealer(
+                self.code, hybrid, creds.signing_key_id, lambda: self.sequencer, self.clock
+            )
+        )
+        self.opener = Opener(self.code, creds.hpke_keys)
+        # The last Recipients answer per (label, topic), to roll epochs when it changes.
+        self._eligible: OrderedDict[tuple[bytes, str], frozenset[str]] = OrderedDict()
 
     async def __aenter__(self) -> PartnerClient:
         return self
@@ -127,17 +133,46 @@ class PartnerClient:
         """The verified directory (cached until refresh)."""
         if self._directory is None or refresh:
             resp = await call(self.stub.Directory(exchange_pb2.DirectoryRequest()))
-            self._directory = Directory.verify(resp.entries, self.ca_cert, self.clock())
+            fresh = Directory.verify(resp.entries, self.ca_cert, self.clock())
+            if self._directory is not None:
+                self._roll_changed(self._directory, fresh)
+            self._directory = fresh
         return self._directory
+
+    def _roll_changed(self, old: Directory, new: Directory) -> None:
+        """Roll the epoch of each partner whose directory entry changed, came or went."""
+        if self.sealer is None:
+            return
+        for code in set(old.peers) | set(new.peers) | set(old.problems) | set(new.problems):
+            if _entry(old, code) != _entry(new, code):
+                self.sealer.roll(code)
 
     async def recipients(self, label: Label, topic: str) -> list[str]:
         """Partners the broker reports eligible for this label and topic now."""
+        wire = label_to_proto(label)
         resp = await call(
-            self.stub.Recipients(
-                exchange_pb2.RecipientsRequest(label=label_to_proto(label), topic=topic)
-            )
+            self.stub.Recipients(exchange_pb2.RecipientsRequest(label=wire, topic=topic))
         )
-        return list(resp.partners)
+        partners = list(resp.partners)
+        self._eligible_now((wire.SerializeToString(deterministic=True), topic), partners)
+        return partners
+
+    def _eligible_now(self, slot: tuple[bytes, str], partners: Sequence[str]) -> None:
+        """Roll the epochs of partners who joined or left this label's recipients."""
+        now = frozenset(partners)
+        before = self._eligible.get(slot)
+        self._eligible[slot] = now
+        self._eligible.move_to_end(slot)
+        while len(self._eligible) > _ELIGIBLE_REMEMBERED:
+            self._eligible.popitem(last=False)
+        if before is not None and self.sealer is not None:
+            for code in before ^ now:
+                self.sealer.roll(code)
+
+    def roll_epochs(self, partner: str | None = None) -> None:
+        """Open new epoch keys for one partner, or all, from the next message on (v2)."""
+        if self.sealer is not None:
+            self.sealer.roll(partner)
 
     # -- sealing and publishing --------------------------------------------------------------
     async def seal(
@@ -152,8 +187,84 @@ class PartnerClient:
     ) -> Sealed:
         """Seal payload for the eligible recipients, each checked against the signed directory.
 
-        Raises NoRecipients when nobody may receive it.
+        v2 when this client has a hybrid signing key: seals made concurrently are signed
+        together as one batch (``BatchSealer``). Raises NoRecipients when nobody may
+        receive it.
         """
+        [sealed] = await self.seal_many(
+            [payload],
+            topic=topic,
+            label=label,
+            precedence=precedence,
+            content_type=content_type,
+            recipients=recipients,
+        )
+        return sealed
+
+    async def seal_many(
+        self,
+        payloads: Sequence[bytes],
+        *,
+        topic: str,
+        label: Label,
+        precedence: Precedence = Precedence.ROUTINE,
+        content_type: str = env.INTEL_SUMMARY,
+        recipients: Sequence[str] | None = None,
+    ) -> list[Sealed]:
+        """Seal several payloads with one label, topic and recipient set, in order.
+
+        v2: one batch (up to its limits), one signature. Publish them in this order.
+        Raises NoRecipients when nobody may receive them.
+        """
+        chosen, dropped = await self._choose(label, topic, recipients)
+        wire = label_to_proto(label)
+        if self.sealer is not None:
+            drafts = [
+                Draft(p, topic, wire, int(precedence), content_type, chosen) for p in payloads
+            ]
+            return [
+                dataclasses.replace(s, not_sealed_for=dropped)
+                for s in await self.sealer.seal(drafts)
+            ]
+        out = []
+        for payload in payloads:
+            alloc = self.sequencer.allocate([r.partner for r in chosen])
+            mine = [
+                dataclasses.replace(r, sequence=alloc.per_recipient.get(r.partner, 0))
+                for r in chosen
+            ]
+            message_id = os.urandom(16).hex()
+            envelope = env.seal(
+                plaintext=payload,
+                message_id=message_id,
+                sender=self.code,
+                signing_key=self.creds.signing_key,
+                signing_key_id=self.creds.signing_key_id,
+                sequence=alloc.sequence,
+                topic=topic,
+                label=wire,
+                precedence=int(precedence),
+                content_type=content_type,
+                recipients=mine,
+                created_ms=self.clock(),
+            )
+            out.append(
+                Sealed(
+                    envelope,
+                    message_id,
+                    tuple(r.partner for r in mine),
+                    alloc.sequence,
+                    alloc,
+                    dropped,
+                )
+            )
+        return out
+
+    async def _choose(
+        self, label: Label, topic: str, recipients: Sequence[str] | None
+    ) -> tuple[list[env.Recipient], dict[str, str]]:
+        """The recipients to wrap for, each checked against the signed directory, and
+        the partners named in REL TO that get no key, with why. Raises NoRecipients."""
         names = list(recipients) if recipients is not None else await self.recipients(label, topic)
 
         def usable(d: Directory, name: str) -> bool:
@@ -188,27 +299,7 @@ class PartnerClient:
                 + (f": {why}" if why else ""),
                 dropped,
             )
-        alloc = self.sequencer.allocate([r.partner for r in chosen])
-        seq = alloc.sequence
-        chosen = [
-            dataclasses.replace(r, sequence=alloc.per_recipient.get(r.partner, 0)) for r in chosen
-        ]
-        message_id = os.urandom(16).hex()
-        envelope = env.seal(
-            plaintext=payload,
-            message_id=message_id,
-            sender=self.code,
-            signing_key=self.creds.signing_key,
-            signing_key_id=self.creds.signing_key_id,
-            sequence=seq,
-            topic=topic,
-            label=label_to_proto(label),
-            precedence=int(precedence),
-            content_type=content_type,
-            recipients=chosen,
-            created_ms=self.clock(),
-        )
-        return Sealed(envelope, message_id, tuple(r.partner for r in chosen), seq, alloc, dropped)
+        return chosen, dropped
 
     def discard(self, sealed: Sealed) -> None:
         """Forget a sealed envelope the broker refused: its recipients' numbers are reused.
@@ -239,24 +330,32 @@ class PartnerClient:
         SubscribeStream)."""
         return SubscribeStream(self.stub, topics, window, on_expired=on_expired)
 
-    async def open(self, delivery: exchange_pb2.Delivery) -> env.Opened:
-        """Verify and decrypt a delivery. Raises env.InvalidEnvelope."""
+    async def open(self, delivery: exchange_pb2.Delivery) -> Opened:
+        """Verify and decrypt a delivery, v1 or v2 (``clients.sdk.opening``).
+
+        Raises env.InvalidEnvelope (v1) or envelope_v2.InvalidEnvelopeV2 (v2).
+        """
         directory = await self.directory()
         try:
-            return env.open(
-                delivery.envelope,
-                recipient=self.code,
-                keys=self.creds.hpke_keys,
-                signer=directory.signer,
-            )
-        except env.InvalidEnvelope as exc:
-            if exc.reason is not env.Failure.UNKNOWN_SENDER:
+            return self.opener.open(delivery.envelope, directory)
+        except OPEN_ERRORS as exc:
+            if not is_unknown_sender(exc):
                 raise
         # A sender (or signing key) newer than our copy of the directory: fetch it again.
         directory = await self.directory(refresh=True)
-        return env.open(
-            delivery.envelope,
-            recipient=self.code,
-            keys=self.creds.hpke_keys,
-            signer=directory.signer,
-        )
+        return self.opener.open(delivery.envelope, directory)
+
+
+def _entry(d: Directory, code: str) -> tuple[object, ...]:
+    """What of a directory entry an epoch depends on (keys, standing, a problem)."""
+    peer: Peer | None = d.peers.get(code)
+    if peer is None:
+        return (None, d.problems.get(code))
+    return (
+        peer.signing_key_id,
+        peer.key_id,
+        None if peer.hpke_public is None else peer.hpke_public.raw,
+        None if peer.hybrid_public is None else peer.hybrid_public.raw,
+        peer.status,
+        peer.groups,
+    )
