@@ -133,7 +133,8 @@ async def test_refused_publishes_mid_stream_raise_no_false_alarm(
 ) -> None:
     """quota_exceeded in the middle of a pipelined stream: big envelopes are refused while
     small ones still fit; the refused numbers are reused, so the recipient sees no hole."""
-    broker_toml.write_text("[limits]\nsender_store_bytes = 720000\n")  # noqa: ASYNC240
+    # 181 small v2 reports (5.1 KB each) and one big one (905 KB) fit; a second big does not.
+    broker_toml.write_text("[limits]\nsender_store_bytes = 1865000\n")  # noqa: ASYNC240
     await broker.start()
     for code in ("KOR", "USA"):
         await admit(pki, broker.port, policy(code))
@@ -146,11 +147,12 @@ async def test_refused_publishes_mid_stream_raise_no_false_alarm(
     refused = accepted = 0
 
     async def seal_batch(k: int) -> list[Sealed]:
-        # Nine small reports (1.6 KB sealed), then a big one (400 KB): the quota takes the
-        # first big one, refuses every later one, and keeps storing the small ones.
+        # Nine small reports (5.1 KB sealed as v2, most of it the batch root's two
+        # signatures), then a big one (905 KB): the quota takes the first big one, refuses
+        # every later one, and keeps storing the small ones.
         return [
             await kor.seal(
-                report(k * 10 + j, 400_000 if j == 9 else 100),
+                report(k * 10 + j, 900_000 if j == 9 else 100),
                 topic="intel.ground",
                 label=LABEL,
                 recipients=["USA"],

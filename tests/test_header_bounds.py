@@ -21,6 +21,8 @@ import pytest
 from broker.server import Broker
 from clients.sdk import PartnerClient
 from coalition import envelope as env
+from coalition import envelope_v2
+from coalition.epoch import SenderEpochs
 from coalition.hpke import HpkePrivateKey
 from coalition.labels import (
     MAX_CATEGORY_VALUES,
@@ -225,11 +227,11 @@ async def test_seal_at_the_limits_is_accepted(pki: Path, broker: Broker) -> None
     )
     key = HpkePrivateKey.generate().public_key()
     recipients = [env.Recipient(f"P{i:03d}", "k" * 64, key) for i in range(env.MAX_RECIPIENTS)]
-    kwargs: dict[str, object] = {
+    # KOR's certificate certifies a hybrid key, so what it seals is v2 (the same bounds).
+    hybrid = creds.hybrid_signing_key
+    assert hybrid is not None
+    fields: dict[str, object] = {
         "plaintext": b"x",
-        "sender": "KOR",
-        "signing_key": creds.signing_key,
-        "signing_key_id": creds.signing_key_id,
         "sequence": env.MAX_SEQUENCE,
         "topic": "intel." + "a" * (env.MAX_TOPIC_CHARS - 6),
         "label": label_to_proto(label),
@@ -239,8 +241,19 @@ async def test_seal_at_the_limits_is_accepted(pki: Path, broker: Broker) -> None
         "created_ms": now_ms(),
         "message_id": "m" * env.MAX_MESSAGE_ID_CHARS,
     }
-    sealed = env.seal(**kwargs)  # type: ignore[arg-type]
-    [res] = await publish_raw(creds, broker.port, [sealed])
+
+    def seal(**over: object) -> envelope_pb2.Envelope:
+        [e] = envelope_v2.seal_batch(
+            [envelope_v2.Message(**{**fields, **over})],  # type: ignore[arg-type]
+            sender="KOR",
+            signing_key=hybrid,
+            signing_key_id=creds.signing_key_id,
+            epochs=SenderEpochs("KOR"),
+            created_ms=now_ms(),
+        )
+        return e
+
+    [res] = await publish_raw(creds, broker.port, [seal()])
     assert res.outcome == exchange_pb2.ACCEPTED, res
     for over in (
         {"recipients": [*recipients, env.Recipient("P999", "k", key)]},
@@ -249,7 +262,7 @@ async def test_seal_at_the_limits_is_accepted(pki: Path, broker: Broker) -> None
         {"sequence": env.MAX_SEQUENCE + 1},
     ):
         with pytest.raises(ValueError):
-            env.seal(**{**kwargs, **over})  # type: ignore[arg-type]
+            seal(**over)
     too_many = Category("REL TO", CategoryType.PERMISSIVE, (*nations, "KOR"))
     with pytest.raises(LabelError, match="at most 128"):
         Label("NATO", LABEL.classification, (too_many,))

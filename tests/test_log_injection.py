@@ -46,7 +46,8 @@ async def test_forged_message_id_cannot_forge_a_log_line(
     kor = load_partner(pki / "partners" / "KOR")
 
     def sealed(message_id: str) -> envelope_pb2.Envelope:
-        # Signed with a key that is not KOR's certified key: refused whatever else holds.
+        # Signed with a key that is not KOR's certified key, and v1 where KOR's certificate
+        # asks for v2 (hybrid_key_required): refused whatever else holds.
         return env.seal(
             plaintext=b"x",
             message_id=message_id,
@@ -70,7 +71,7 @@ async def test_forged_message_id_cannot_forge_a_log_line(
     async with partner(pki, "KOR", port) as c:
         results = await c.publish([plain, evil])
     assert [(r.outcome, r.reason_code) for r in results] == [
-        (exchange_pb2.REFUSED, "bad_signature"),
+        (exchange_pb2.REFUSED, "hybrid_key_required"),
         (exchange_pb2.REFUSED, "malformed"),
     ]
     assert "message_id" in results[1].reason

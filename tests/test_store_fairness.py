@@ -25,6 +25,8 @@ from broker.store.sweeping import fair_level
 from clients.node.inbox import Entry, Expired, Inbox
 from clients.sdk import PartnerClient, Sequencer
 from coalition import envelope as env
+from coalition import envelope_v2
+from coalition.epoch import SenderEpochs
 from coalition.labels import Label, label_to_proto, parse_label
 from coalition.pki import load_partner
 from coalition.v1 import envelope_pb2, exchange_pb2
@@ -41,21 +43,30 @@ NOBODY = parse_label("NATO SECRET // REL TO UKR")
 
 
 def unreadable(pki: Path, usa: env.Recipient, seq: int, size: int) -> envelope_pb2.Envelope:
-    """A signed envelope from UKR that no partner may read (see NOBODY)."""
+    """A signed envelope (v2, as UKR's certificate asks) from UKR that no partner may read
+    (see NOBODY)."""
     creds = load_partner(pki / "partners" / "UKR")
-    return env.seal(
-        plaintext=os.urandom(size),
+    assert creds.hybrid_signing_key is not None
+    [e] = envelope_v2.seal_batch(
+        [
+            envelope_v2.Message(
+                plaintext=os.urandom(size),
+                topic="intel.flood",
+                label=label_to_proto(NOBODY),
+                precedence=1,
+                content_type=env.INTEL_SUMMARY,
+                recipients=[usa],
+                sequence=seq,
+                created_ms=now_ms(),
+            )
+        ],
         sender="UKR",
-        signing_key=creds.signing_key,
+        signing_key=creds.hybrid_signing_key,
         signing_key_id=creds.signing_key_id,
-        sequence=seq,
-        topic="intel.flood",
-        label=label_to_proto(NOBODY),
-        precedence=1,
-        content_type=env.INTEL_SUMMARY,
-        recipients=[usa],
+        epochs=SenderEpochs("UKR"),
         created_ms=now_ms(),
     )
+    return e
 
 
 async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
@@ -135,7 +146,9 @@ async def test_a_flood_neither_blocks_nor_evicts_another_partner(
             last = flood[-1]
             assert "UKR" in last.reason and str(160 * KiB) in last.reason
             usage = await b.store.usage()
-            assert 158 * KiB < usage["UKR"] <= 160 * KiB, (stored, usage)
+            # Full: not even the smallest envelope UKR can make fits any more.
+            smallest = unreadable(pki, to_usa, seq + 1, 1).ByteSize()
+            assert 160 * KiB - smallest < usage["UKR"] <= 160 * KiB, (stored, usage)
             refused = await b.audit.query(kind="publish.refused", partner="UKR")
             assert [e.decision for e in refused] == ["quota_exceeded"] * 2
 

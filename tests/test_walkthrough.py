@@ -53,7 +53,8 @@ def test_walkthrough_runs(tmp_path: Path) -> None:
     text = out.decode()
     assert proc.returncode == 0, text
     assert "Traceback" not in text, text
-    assert re.search(r"published [0-9a-f]{32} \(offset 1\), sealed for USA", text), text
+    published = r"published [0-9a-f]{32} \(offset 1, envelope v2\), sealed for USA"
+    assert re.search(published, text), text
     inbox = text.splitlines()[-1]
     assert "KOR" in inbox and "FLASH" in inbox and "Armour moving north" in inbox, text
     assert list(tmp_path.iterdir()) == [], "the scratch directory was not removed"
