@@ -59,13 +59,11 @@ async def measure(count: int, window: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="coalition-backlog-") as tmp:
         work = Path(tmp)
         pki = work / "pki"
-        # Ed25519-only signing keys: the workload seals v1 (bench/workload.py), which the
-        # broker takes only from partners whose certificate holds no ML-DSA-65 key.
-        make_dev_pki(pki, PARTNERS, OPERATORS, time.time_ns() // 1_000_000, ml_dsa=False)
+        make_dev_pki(pki, PARTNERS, OPERATORS, time.time_ns() // 1_000_000)
         t = time.monotonic()
         seal_workload(pki, count, work / "workload.pkl")
         messages = load_workload(work / "workload.pkl")
-        progress(f"sealed {count} envelopes in {time.monotonic() - t:.1f} s")
+        progress(f"sealed {count} v2 envelopes in {time.monotonic() - t:.1f} s")
         server = await coalition.start_server(pki, work)
         try:
             idle = PartnerClient(load_partner(pki / "partners" / IDLE), server.target)

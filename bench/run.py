@@ -44,12 +44,14 @@ from bench.report import PhaseRecord, RowResult
 from bench.rows import SYSTEMS, RowSpec
 from bench.servers import Server
 from bench.workload import (
+    ENVELOPE_VERSIONS,
     LABEL_TEXT,
     OPERATORS,
     PARTNERS,
     PAYLOAD_BYTES,
     PUBLISHERS,
     RECEIVERS,
+    SEAL_BATCH,
     Plan,
     load_workload,
     plan_for,
@@ -347,7 +349,11 @@ def _machine() -> dict[str, Any]:
 
 
 async def run(
-    mode: str, systems: Sequence[str], out: Path, profile: Profiling | None = None
+    mode: str,
+    systems: Sequence[str],
+    out: Path,
+    profile: Profiling | None = None,
+    envelope: str = "v2",
 ) -> dict[str, Any]:
     plan = plan_for(mode)
     began = time.monotonic()
@@ -357,18 +363,20 @@ async def run(
         workdir = Path(tmp)
         pki = workdir / "pki"
         t = time.monotonic()
-        # Ed25519-only signing keys: the workload seals v1 (bench/workload.py), which the
-        # broker takes only from partners whose certificate holds no ML-DSA-65 key.
-        make_dev_pki(pki, PARTNERS, OPERATORS, time.time_ns() // 1_000_000, ml_dsa=False)
+        # v2 needs hybrid signing keys; v1 needs Ed25519-only ones (the broker takes v1
+        # only from partners whose certificate holds no ML-DSA-65 key).
+        make_dev_pki(pki, PARTNERS, OPERATORS, time.time_ns() // 1_000_000, ml_dsa=envelope == "v2")
         durations["pki_s"] = round(time.monotonic() - t, 2)
         progress(f"dev PKI for {', '.join(PARTNERS)} in {durations['pki_s']} s")
         t = time.monotonic()
         workload = workdir / "workload.pkl"
-        seal_workload(pki, plan.total, workload)
+        seal_workload(pki, plan.total, workload, envelope)
         ids = [m.message_id for m in load_workload(workload)]
         durations["seal_s"] = round(time.monotonic() - t, 2)
         progress(
-            f"sealed {plan.total} envelopes ({PAYLOAD_BYTES} B, 3 recipients) "
+            f"sealed {plan.total} {envelope} envelopes ({PAYLOAD_BYTES} B, 3 recipients"
+            + (f", batches of {SEAL_BATCH}" if envelope == "v2" else "")
+            + ") "
             f"in {durations['seal_s']} s"
         )
         workers = Workers(workload)
@@ -409,6 +417,8 @@ async def run(
             "receivers": list(RECEIVERS),
             "label": LABEL_TEXT,
             "payload_bytes": PAYLOAD_BYTES,
+            "envelope": envelope,
+            "seal_batch": SEAL_BATCH if envelope == "v2" else 1,
             "phases": [asdict(p) for p in plan.phases],
             "rounds": plan.rounds,
             "latency_from": "scheduled send time (open loop) to opened at recipient, time.time_ns",
@@ -457,6 +467,14 @@ def main(argv: list[str] | None = None) -> int:
         help="--profile records C frames too (py-spy then pauses the process at each "
         "sample, which inflates latency)",
     )
+    p.add_argument(
+        "--envelope",
+        choices=ENVELOPE_VERSIONS,
+        default="v2",
+        help=f"envelope version every row sends (default v2: batches of {SEAL_BATCH} under "
+        "one hybrid-signed root, one epoch key per recipient; v1: one signature and one "
+        "HPKE encapsulation per recipient per message)",
+    )
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     default = tuple(s for s in SYSTEMS if s != "coalition-cluster-1")
@@ -469,10 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile
         else None
     )
-    doc = asyncio.run(run(mode, systems, args.out, profile))
+    doc = asyncio.run(run(mode, systems, args.out, profile, args.envelope))
     kept = report.write(args.out, doc)
     print(
-        f"\nCoalition bench ({mode}), {doc['date']}, commit {doc['git_commit'][:12]}, "
+        f"\nCoalition bench ({mode}, envelope {args.envelope}), {doc['date']}, "
+        f"commit {doc['git_commit'][:12]}, "
         f"{doc['machine']['cpus']} CPUs, {doc['durations']['total_s']} s"
     )
     print(report.table(doc["rows"], doc["details"]))

@@ -51,6 +51,8 @@ def test_smoke_run_writes_every_row_with_every_message_delivered(tmp_path: Path)
 
     doc = json.loads(out.read_text())
     assert doc["mode"] == "smoke" and doc["quick"] is True
+    # Every row sends envelope v2 by default, sealed in batches under one root.
+    assert doc["workload"]["envelope"] == "v2" and doc["workload"]["seal_batch"] > 1
     assert {"date", "machine", "git_commit", "durations"} <= doc.keys()
     assert [r["system"] for r in doc["rows"]] == rows
     for row in doc["rows"]:
@@ -81,3 +83,27 @@ def test_smoke_run_writes_every_row_with_every_message_delivered(tmp_path: Path)
     assert set(doc["ratios"]) == set(rows) - {"coalition"}
     # The previous result was kept, not overwritten.
     assert (out.parent / "history" / "2000-01-01T000000Z.json").exists()
+
+
+def test_the_workload_seals_v1_or_v2_and_every_opener_opens_it(tmp_path: Path) -> None:
+    """--envelope v1 keeps the old workload (for before/after runs); v2 shares roots."""
+    from bench.workload import RECEIVERS, SEAL_BATCH, Opener, load_workload, seal_workload
+    from coalition import envelope_v2
+    from coalition.pki import make_dev_pki
+    from coalition.v1 import envelope_pb2
+
+    for version, ml_dsa in (("v1", False), ("v2", True)):
+        pki = tmp_path / version / "pki"
+        make_dev_pki(
+            pki, ("KOR", "USA", *RECEIVERS), ("op1", "op2"), 1_700_000_000_000, ml_dsa=ml_dsa
+        )
+        out = tmp_path / version / "w.pkl"
+        seal_workload(pki, 2 * (SEAL_BATCH + 3), out, version)
+        sealed = load_workload(out)
+        envs = [envelope_pb2.Envelope.FromString(m.data) for m in sealed]
+        assert all(envelope_v2.is_v2(e) == (version == "v2") for e in envs)
+        if version == "v2":
+            roots = {bytes(e.batch.root) for e in envs}
+            assert len(roots) == 4  # two publishers, SEAL_BATCH + 3 each: two batches each
+        opener = Opener(pki, RECEIVERS[0])
+        assert [opener.open(m.data) for m in sealed] == [m.message_id for m in sealed]
