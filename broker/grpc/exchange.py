@@ -125,7 +125,13 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
                         own, limit, cfg.max_publish_stream_bytes, cfg.max_publish_partner_bytes
                     )
                     req = await anext(request_iterator, None)
-                    size = req.ByteSize() if req is not None else 0
+                    # The interceptor's ParsedStream knows the bytes it parsed; upb's
+                    # ByteSize() would serialize the whole request again.
+                    size = (
+                        0
+                        if req is None
+                        else getattr(request_iterator, "last_size", 0) or req.ByteSize()
+                    )
                     own[0] -= limit - size
                     budget.release(limit - size)
                     if req is None:
