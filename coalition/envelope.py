@@ -54,6 +54,7 @@ __all__ = [
     "header_bounds_problem",
     "open",
     "parse_header",
+    "recipients_bounds_problem",
     "seal",
     "verify",
 ]
@@ -241,6 +242,37 @@ def header_bounds_problem(header: envelope_pb2.Header) -> str | None:
         problem = _recipient_problem(i, wk.recipient, wk.key_id) or _wrapped_problem(i, wk)
         if problem:
             return problem
+    return None
+
+
+def recipients_bounds_problem(
+    header: envelope_pb2.Header, recipients: Sequence[tuple[str, str, int]]
+) -> str | None:
+    """header_bounds_problem for a header without wrapped keys whose recipients
+    (partner, key id, sequence) travel beside it, as envelope v2's epoch keys do.
+
+    The same checks and the same messages (recipients named ``wrapped_keys[i]``) as
+    header_bounds_problem on a copy of header carrying them as wrapped keys without key
+    bytes, without building that copy: a recipient is checked field by field, and the
+    message is only composed for one that fails.
+    """
+    problem = _scalar_problem(header) or label_bounds_problem(header.label)
+    if problem:
+        return problem
+    if len(recipients) > MAX_RECIPIENTS:
+        return f"header wraps {len(recipients)} keys; the limit is {MAX_RECIPIENTS} recipients"
+    for i, (partner, key_id, sequence) in enumerate(recipients):
+        if (
+            len(partner) <= 24
+            and _PARTNER.fullmatch(partner)
+            and len(key_id) <= MAX_KEY_ID_CHARS
+            and _ID.fullmatch(key_id)
+            and sequence <= MAX_SEQUENCE
+        ):
+            continue
+        return _recipient_problem(i, partner, key_id) or (
+            f"wrapped_keys[{i}].sequence {sequence} is above the limit {MAX_SEQUENCE}"
+        )
     return None
 
 

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
 
 from coalition import merkle
-from coalition.envelope import MAX_RECIPIENTS, Recipient, header_bounds_problem
+from coalition.envelope import MAX_RECIPIENTS, Recipient, recipients_bounds_problem
 from coalition.epoch import (
     ENCAPSULATION_LEN,
     EPOCH_ID_LEN,
@@ -172,7 +172,7 @@ class RootCache:
 
 def is_v2(envelope: envelope_pb2.Envelope) -> bool:
     """Whether the envelope is v2 (header_v2 and batch set); v1 otherwise."""
-    return bool(envelope.header_v2) or envelope.HasField("batch")
+    return envelope.HasField("batch") or bool(envelope.header_v2)
 
 
 def seal_batch(
@@ -276,14 +276,11 @@ def _missing(header: envelope_pb2.Header) -> str:
 
 
 def _bounds(header: envelope_pb2.Header, entries: Sequence[tuple[str, str, int]]) -> str:
-    """v1's header bounds, with the epoch keys standing where v1 has wrapped keys."""
-    probe = envelope_pb2.Header()
-    probe.CopyFrom(header)
-    for partner, key_id, sequence in entries:
-        probe.wrapped_keys.add(recipient=partner, key_id=key_id, sequence=sequence)
+    """v1's header bounds, with the epoch keys standing where v1 has wrapped keys (the
+    header core holds none: _core builds it so, parse_v2 refuses one that does)."""
     if len(entries) > MAX_RECIPIENTS:
         return f"header carries {len(entries)} epoch keys; the limit is {MAX_RECIPIENTS}"
-    problem = header_bounds_problem(probe)
+    problem = recipients_bounds_problem(header, entries)
     return problem.replace("wrapped_keys[", "epoch_keys[") if problem else ""
 
 
@@ -300,13 +297,14 @@ def parse_v2(
         root = envelope_pb2.BatchRoot.FromString(proof.root)
     except DecodeError:
         raise InvalidEnvelopeV2(Failure.MALFORMED, "header or batch root does not parse") from None
+    entries = [(k.recipient, k.key_id, k.sequence) for k in header_v2.epoch_keys]
     problem = (
         _missing(core)
         or (
             "header core holds keys or a digest" if core.wrapped_keys or core.payload_digest else ""
         )
-        or _bounds(core, [(k.recipient, k.key_id, k.sequence) for k in header_v2.epoch_keys])
-        or _epoch_keys_problem(header_v2)
+        or _bounds(core, entries)
+        or _epoch_keys_problem(header_v2, entries)
         or _proof_problem(proof, root, core)
     )
     if problem:
@@ -314,9 +312,18 @@ def parse_v2(
     return core, header_v2, root
 
 
-def _epoch_keys_problem(header_v2: envelope_pb2.HeaderV2) -> str:
+def _epoch_keys_problem(
+    header_v2: envelope_pb2.HeaderV2, entries: Sequence[tuple[str, str, int]]
+) -> str:
     if len(header_v2.payload_digest) != _DIGEST_LEN:
         return "payload digest is not 32 bytes"
+    if len({r for r, _, _ in entries}) == len(entries) and all(
+        len(k.epoch_id) == EPOCH_ID_LEN
+        and len(k.encapsulation) in (0, ENCAPSULATION_LEN)
+        and len(k.wrapped) == WRAPPED_LEN
+        for k in header_v2.epoch_keys
+    ):
+        return ""  # every key well formed; below, which one is not, to name it
     seen: set[str] = set()
     for i, k in enumerate(header_v2.epoch_keys):
         if k.recipient in seen:

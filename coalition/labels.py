@@ -491,9 +491,19 @@ def label_bounds_problem(msg: label_pb2.Label) -> str | None:
 
 def _wire_bounds(msg: label_pb2.Label) -> tuple[str, str, str] | None:
     """(field, what it holds, what is allowed) for a wire label over a limit, or None."""
-    counts = _counts_problem([len(c.values) for c in msg.categories])
+    categories = msg.categories
+    counts = _counts_problem([len(c.values) for c in categories])
     if counts:
         return counts
+    m = _MAX_FIELD_CHARS
+    if (
+        len(msg.policy) <= m
+        and len(msg.originator) <= m
+        and all(len(c.name) <= m and all(len(v) <= m for v in c.values) for c in categories)
+        and msg.origination_time_ms >= 0
+        and msg.expiry_time_ms >= 0
+    ):
+        return None  # within every bound; below, which field is not, to name it
     texts: list[tuple[str, str]] = [("policy", msg.policy), ("originator", msg.originator)]
     for i, c in enumerate(msg.categories):
         texts.append((f"categories[{i}].name", c.name))

@@ -15,6 +15,10 @@ from broker.store.base import StoredMessage
 from coalition.audit_chain import canonical_json
 from coalition.v1 import audit_pb2
 
+# json.dumps(fields, sort_keys=True, allow_nan=False), the same text, with the encoder
+# built once: json.dumps with options constructs a new encoder on every call.
+_OUTBOX_JSON = json.JSONEncoder(sort_keys=True, allow_nan=False)
+
 
 @dataclass(frozen=True)
 class AuditItem:
@@ -41,7 +45,7 @@ def encode(item: AuditItem) -> str:
         "detail": item.detail,
     }
     try:
-        return json.dumps(fields, sort_keys=True, allow_nan=False)
+        return _OUTBOX_JSON.encode(fields)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"audit detail is not plain JSON: {exc}") from exc
 

@@ -148,8 +148,8 @@ class PublishPipeline:
                 results[i] = _refusal(e, checked)
                 continue
             try:
-                header = checked
-                label, msg = self._validate(partner, e, header, now)
+                header, raw = checked
+                label, msg = self._validate(partner, raw, header, now)
             except BrokerError as err:
                 if err.code != "rate_limited":
                     bucket.charge()  # refused work counts against the rate as well
@@ -277,7 +277,7 @@ class PublishPipeline:
 
     async def _verify_in_order(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope]
-    ) -> list[envelope_pb2.Header | BrokerError]:
+    ) -> list[tuple[envelope_pb2.Header, bytes] | BrokerError]:
         """_signed(partner, envelopes), with requests leaving this step in arrival order.
 
         Large requests (by count or bytes) go to the one verify thread, so the event loop
@@ -304,8 +304,9 @@ class PublishPipeline:
 
     def _signed(
         self, partner: str, envelopes: Sequence[envelope_pb2.Envelope]
-    ) -> list[envelope_pb2.Header | BrokerError]:
-        """Size, header and signature of each envelope, in order: its header or why not.
+    ) -> list[tuple[envelope_pb2.Header, bytes] | BrokerError]:
+        """Size, header and signature of each envelope, in order: its header and its
+        serialized bytes (sized, stored and digested as they are), or why not.
 
         Runs on the verify thread or the loop (see _verify_in_order): it only reads broker
         state, apart from the root cache, which only this step touches and never from two
@@ -313,7 +314,7 @@ class PublishPipeline:
         releases the GIL while it checks an Ed25519 signature.
         """
         started = time.perf_counter()
-        out: list[envelope_pb2.Header | BrokerError] = []
+        out: list[tuple[envelope_pb2.Header, bytes] | BrokerError] = []
         for e in envelopes:
             try:
                 out.append(self._check_signed(partner, e))
@@ -324,8 +325,11 @@ class PublishPipeline:
         self.on_verified(time.perf_counter() - started)
         return out
 
-    def _check_signed(self, partner: str, e: envelope_pb2.Envelope) -> envelope_pb2.Header:
-        size = e.ByteSize()
+    def _check_signed(
+        self, partner: str, e: envelope_pb2.Envelope
+    ) -> tuple[envelope_pb2.Header, bytes]:
+        raw = e.SerializeToString()  # once: upb's ByteSize() serializes too
+        size = len(raw)
         if size > self.cfg.max_envelope_bytes:
             raise InvalidInput(
                 "oversized",
@@ -334,10 +338,10 @@ class PublishPipeline:
         rec = self.registry.get(partner)
         if rec is None:
             raise NotAuthenticated("unknown_sender", f"partner {partner} is not registered")
-        return self.signatures.verify(partner, e)  # v1 or v2 (broker.exchange.signatures)
+        return self.signatures.verify(partner, e), raw  # v1 or v2 (broker.exchange.signatures)
 
     def _validate(
-        self, partner: str, e: envelope_pb2.Envelope, header: envelope_pb2.Header, now: int
+        self, partner: str, raw: bytes, header: envelope_pb2.Header, now: int
     ) -> tuple[Label, NewMessage]:
         """The checks after the signature (label, topic, policy, rate); the message to store."""
         rec = self.registry.get(partner)
@@ -362,7 +366,6 @@ class PublishPipeline:
         bucket, rate = self.rates.bucket(partner, now)
         if not bucket.take(now, rate):
             raise Exhausted("rate_limited", f"{partner} is over its rate of {rate} messages/s")
-        raw = e.SerializeToString()
         msg = NewMessage(
             message_id=header.message_id,
             sender=partner,

@@ -27,6 +27,7 @@ from broker.exchange import (
     StreamItem,
     StreamStatus,
 )
+from broker.grpc.deliveries import delivery_batch_bytes
 from broker.grpc.status import abort, status_name
 from broker.store.base import Notice
 from coalition.v1 import exchange_pb2, exchange_pb2_grpc
@@ -125,7 +126,13 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
                         own, limit, cfg.max_publish_stream_bytes, cfg.max_publish_partner_bytes
                     )
                     req = await anext(request_iterator, None)
-                    size = req.ByteSize() if req is not None else 0
+                    # The interceptor's ParsedStream knows the bytes it parsed; upb's
+                    # ByteSize() would serialize the whole request again.
+                    size = (
+                        0
+                        if req is None
+                        else getattr(request_iterator, "last_size", 0) or req.ByteSize()
+                    )
                     own[0] -= limit - size
                     budget.release(limit - size)
                     if req is None:
@@ -172,9 +179,9 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
             if budget.streams == 0 and budget.used == 0:
                 self.budgets.pop(partner, None)
 
-    async def Subscribe(
+    async def Subscribe(  # type: ignore[override]  # delivery batches go as bytes
         self, request_iterator: AsyncIterator[exchange_pb2.SubscribeRequest], context: Ctx
-    ) -> AsyncIterator[exchange_pb2.SubscribeResponse]:
+    ) -> AsyncIterator[exchange_pb2.SubscribeResponse | bytes]:
         partner = current_identity().name
         try:
             first = await anext(aiter(request_iterator))
@@ -271,19 +278,13 @@ def _publish_result(o: PublishOutcome) -> exchange_pb2.PublishResult:
     )
 
 
-def _subscribe_response(item: StreamItem) -> exchange_pb2.SubscribeResponse:
-    """The wire form of one item of the delivery loop."""
-    resp = exchange_pb2.SubscribeResponse()
+def _subscribe_response(item: StreamItem) -> exchange_pb2.SubscribeResponse | bytes:
+    """The wire form of one item of the delivery loop (a delivery batch already
+    serialized, around its stored envelopes: broker.grpc.deliveries)."""
     if isinstance(item, DeliveryBatch):
-        out = resp.batch  # filled in place: SubscribeResponse(batch=out) copies it all
-        for m, h in zip(item.messages, item.headers, strict=True):
-            # add() + copy into place: appending a built Delivery to the repeated field
-            # costs more (upb copies the whole message again); the stored envelope bytes
-            # are merged in, not parsed into a separate message first.
-            d = out.deliveries.add(offset=m.offset, topic=h.topic, precedence=h.precedence)
-            d.envelope.MergeFromString(m.envelope)
-            d.label.CopyFrom(h.label)
-    elif isinstance(item, StreamStatus):
+        return delivery_batch_bytes(item)
+    resp = exchange_pb2.SubscribeResponse()
+    if isinstance(item, StreamStatus):
         resp.status.caught_up = item.caught_up
         resp.status.backlog = item.backlog
     else:

@@ -429,4 +429,16 @@ def _wrap(h: Any, check: Check, refuse: Refuse) -> grpc.RpcMethodHandler[Any, An
         except MalformedRequest as err:
             await abort(ctx, err)
 
-    return grpc.stream_stream_rpc_method_handler(ss, None, h.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(ss, None, _passing_bytes(h.response_serializer))
+
+
+def _passing_bytes(serialize: Any) -> Any:
+    """The handler's response serializer, passing on unchanged a response the servicer
+    serialized itself (bytes: Subscribe's delivery batches, broker.grpc.deliveries)."""
+    if serialize is None:
+        return None
+
+    def serialize_or_pass(response: Any) -> Any:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serialize_or_pass
