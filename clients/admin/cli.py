@@ -126,7 +126,7 @@ def _group(
 
 
 def _partners(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "partners", "list, show and admit partners")
+    g = _group(sub, "partners", "list, show, admit and rekey partners")
     _leaf(
         g,
         "list",
@@ -163,6 +163,26 @@ def _partners(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
     add_policy_flags(p)
+    p = _leaf(
+        g,
+        "rekey",
+        cmd.partners_rekey,
+        "propose a new signing certificate for an admitted partner (e.g. one with an "
+        "ML-DSA-65 key, to move it to envelope v2); a second operator must approve",
+        "  coalition-admin partners rekey KOR --signing-cert pki/partners/KOR/signing.crt \\\n"
+        "      --reason 'hybrid signing key'\n"
+        "  # then, as another operator:\n"
+        "  coalition-admin --identity pki/operators/op2 policy approve <PROPOSAL_ID>",
+    )
+    p.add_argument("partner", metavar="CODE", help="partner code, e.g. KOR")
+    p.add_argument(
+        "--signing-cert",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the partner's new signing certificate (PEM or DER), issued by the CA",
+    )
+    p.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
 
 
 def _policy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
