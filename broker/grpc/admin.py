@@ -265,13 +265,14 @@ def summary_out(s: PartnerSummary) -> admin_pb2.PartnerSummary:
 
 def show_out(view: PartnerView) -> admin_pb2.ShowPartnerResponse:
     """The summary, the current policy version and the operators' directory entry
-    (signing certificate, key bundle, status and groups)."""
+    (signing certificate and earlier ones, key bundle, status and groups)."""
     rec = view.record
     entry = directory_pb2.DirectoryEntry(
         partner=rec.code,
         signing_cert=rec.signing_cert,
         status=_status_out(rec.policy.status),
         groups=sorted(rec.policy.groups),
+        previous_signing_certs=rec.previous_certs,
     )
     if rec.bundle is not None:
         entry.key_bundle.CopyFrom(rec.bundle)
