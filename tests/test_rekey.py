@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker.server import Broker
+from clients.node.inbox import Inbox
+from clients.node.receive import Outcome, handle
 from clients.sdk import PartnerClient, Sequencer
 from clients.sdk.errors import ClientError
 from coalition import envelope_v2
@@ -32,7 +34,7 @@ from coalition.pki import (
     load_partner,
     reissue_signing,
 )
-from coalition.v1 import directory_pb2, exchange_pb2
+from coalition.v1 import directory_pb2, exchange_pb2, intel_pb2
 from tests import test_registry_contract as contract
 from tests.helpers import admit, now_ms, operator, policy, running_broker
 from tests.test_registry_contract import opener  # noqa: F401  (a registry of each backend)
@@ -92,8 +94,12 @@ async def receive(client: PartnerClient, n: int) -> list[exchange_pb2.Delivery]:
     return got
 
 
+def report(title: str) -> bytes:
+    return intel_pb2.IntelSummary(title=title, summary="body").SerializeToString()
+
+
 async def test_a_v1_partner_is_rekeyed_to_v2_and_an_offline_node_opens_both(
-    own_pki: Path, broker: Broker
+    own_pki: Path, broker: Broker, tmp_path: Path
 ) -> None:
     target = f"127.0.0.1:{broker.port}"
     old = load_partner(own_pki / "partners" / "KOR")
@@ -106,7 +112,7 @@ async def test_a_v1_partner_is_rekeyed_to_v2_and_an_offline_node_opens_both(
     usa = PartnerClient(load_partner(own_pki / "partners" / "USA"), target)
     await usa.register_keys()
     sent_v1 = [
-        await kor.seal(f"v1 report {i}".encode(), topic="intel.a", label=LABEL) for i in (1, 2)
+        await kor.seal(report(f"v1 report {i}"), topic="intel.a", label=LABEL) for i in (1, 2)
     ]
     assert not any(envelope_v2.is_v2(s.envelope) for s in sent_v1)
     results = await kor.publish([s.envelope for s in sent_v1])
@@ -129,7 +135,7 @@ async def test_a_v1_partner_is_rekeyed_to_v2_and_an_offline_node_opens_both(
     assert not decisions["KOR"].eligibility.allowed
 
     # A v1 publish under the old certificate is refused and audited: no downgrade.
-    late = await kor.seal(b"v1 after the change", topic="intel.a", label=LABEL)
+    late = await kor.seal(report("v1 after the change"), topic="intel.a", label=LABEL)
     [r] = await kor.publish([late.envelope])
     assert r.outcome == exchange_pb2.REFUSED and r.reason_code == "unknown_signing_key", r
     [entry] = await broker.audit.query(kind="publish.refused", tail=True, limit=1)
@@ -140,16 +146,24 @@ async def test_a_v1_partner_is_rekeyed_to_v2_and_an_offline_node_opens_both(
     # The partner re-registers its keys under the new key and sends v2.
     kor2 = PartnerClient(new, target, sequencer=sequencer)
     await kor2.register_keys()
-    sent_v2 = await kor2.seal(b"v2 report 3", topic="intel.a", label=LABEL)
+    sent_v2 = await kor2.seal(report("v2 report 3"), topic="intel.a", label=LABEL)
     assert envelope_v2.is_v2(sent_v2.envelope)
     [r] = await kor2.publish([sent_v2.envelope])
     assert r.outcome == exchange_pb2.ACCEPTED, r
     await kor2.close()
 
-    # USA was offline throughout: it catches up and opens all three, in order, no gap.
+    # USA was offline throughout: it catches up and opens all three, in order, no gap,
+    # through the node's receive path (verify, check, store or quarantine, gaps).
     got = await receive(usa, 3)
+    inbox = Inbox(tmp_path / "inbox.db")
+    handled = [
+        await handle(d, me="USA", opener=usa.open, inbox=inbox, now_ms=now_ms()) for d in got
+    ]
+    assert [h.outcome for h in handled] == [Outcome.STORED] * 3, handled
+    assert inbox.counts() == (3, 0)  # stored, quarantined
+    assert not inbox.take_unreported_gaps()
+    assert [e.title for e in inbox.entries()] == ["v1 report 1", "v1 report 2", "v2 report 3"]
     opened = [await usa.open(d) for d in got]
-    assert [o.plaintext for o in opened] == [b"v1 report 1", b"v1 report 2", b"v2 report 3"]
     assert [o.version for o in opened] == [1, 1, 2]
     assert [o.header.signing_key_id for o in opened] == [old.signing_key_id] * 2 + [
         new.signing_key_id
