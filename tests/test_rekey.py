@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker.server import Broker
+from clients.keys import cli as keys_cli
 from clients.node.inbox import Inbox
 from clients.node.receive import Outcome, handle
 from clients.sdk import PartnerClient, Sequencer
@@ -37,6 +38,7 @@ from coalition.pki import (
 from coalition.v1 import directory_pb2, exchange_pb2, intel_pb2
 from tests import test_registry_contract as contract
 from tests.helpers import admit, now_ms, operator, policy, running_broker
+from tests.test_admin_cli import cli, one_error_line
 from tests.test_registry_contract import opener  # noqa: F401  (a registry of each backend)
 
 LABEL = parse_label("NATO SECRET // REL TO KOR, USA")
@@ -260,3 +262,35 @@ async def test_the_registry_keeps_earlier_certificates_across_a_reopen(
     await reg.set_bundle("KOR", "k2", bundle, 6)
     rec = (await opener()).get("KOR")
     assert rec is not None and rec.key_id == "k2" and rec.previous_certs == [b"cert-KOR"]
+
+
+async def test_the_commands_rekey_a_partner_and_say_why_they_refuse(
+    own_pki: Path, broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """coalition-keys reissue-signing, then coalition-admin partners rekey (--json),
+    approved by a second operator; partners show lists the earlier certificate."""
+    old = load_partner(own_pki / "partners" / "KOR")
+    assert keys_cli.main(["reissue-signing", str(own_pki), "KOR"]) == 0
+    new = load_partner(own_pki / "partners" / "KOR")
+    assert f"signing key id {new.signing_key_id}, Ed25519 + ML-DSA-65" in capsys.readouterr().out
+    cert = str(own_pki / "partners" / "KOR" / "signing.crt")
+    r = await cli("partners", "rekey", "KOR", "--signing-cert", cert, "--reason", "v2",
+                  "--json", broker=broker, pki=own_pki)  # fmt: skip
+    assert r.code == 0, r
+    prop = r.json()["proposal"]
+    assert prop["state"] == "PROPOSAL_PENDING" and prop["proposed_by"] == "op1"
+    assert prop["diff"] == [
+        f"signing certificate {old.signing_key_id} -> {new.signing_key_id} "
+        "(with an ML-DSA-65 key: envelope v2)"
+    ]
+    r = await cli("policy", "approve", prop["proposal_id"], "--reason", "checked",
+                  broker=broker, pki=own_pki, op="op2")  # fmt: skip
+    assert r.code == 0 and "applied as version" in r.out, r
+    r = await cli("partners", "show", "KOR", broker=broker, pki=own_pki)
+    assert r.code == 0, r
+    assert f"earlier signing certs:  {old.signing_key_id}\n" in r.out, r.out
+    usa = str(own_pki / "partners" / "USA" / "signing.crt")
+    r = await cli("partners", "rekey", "KOR", "--signing-cert", usa, "--reason", "x",
+                  broker=broker, pki=own_pki)  # fmt: skip
+    line = one_error_line(r, 3)
+    assert "INVALID_ARGUMENT: signing certificate refused" in line, line
