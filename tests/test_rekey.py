@@ -134,7 +134,7 @@ async def test_a_v1_partner_is_rekeyed_to_v2_and_an_offline_node_opens_both(
     assert list(shown.directory.previous_signing_certs) == [old.signing_cert_der]
     assert shown.directory.signing_cert == new.signing_cert_der
     decisions = {d.partner: d for d in broker.admin.who_receives(LABEL, "intel.a")}
-    assert not decisions["KOR"].eligibility.allowed
+    assert decisions["KOR"].eligibility.reason == "no_key_bundle"
 
     # A v1 publish under the old certificate is refused and audited: no downgrade.
     late = await kor.seal(report("v1 after the change"), topic="intel.a", label=LABEL)
