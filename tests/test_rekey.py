@@ -133,6 +133,12 @@ async def test_a_v1_partner_is_rekeyed_to_v2_and_an_offline_node_opens_both(
     assert not shown.directory.HasField("key_bundle")
     assert list(shown.directory.previous_signing_certs) == [old.signing_cert_der]
     assert shown.directory.signing_cert == new.signing_cert_der
+    # The old bundle again (a node still running with the old keys): refused, not current.
+    with pytest.raises(ClientError) as stale:
+        await kor.register_keys()
+    assert stale.value.status == grpc.StatusCode.INVALID_ARGUMENT
+    assert "key bundle refused" in stale.value.message
+    assert broker.registry.get("KOR").bundle is None  # type: ignore[union-attr]
     decisions = {d.partner: d for d in broker.admin.who_receives(LABEL, "intel.a")}
     assert decisions["KOR"].eligibility.reason == "no_key_bundle"
 

@@ -258,8 +258,9 @@ class PartnerDirectory:
             if "signature does not verify" in str(exc):
                 hint = (
                     f" (it is not signed by the signing key operators admitted for {partner}:"
-                    " if the partner's keys were issued again, operators must admit its"
-                    " current signing certificate)"
+                    " if the partner's keys were issued again, operators replace the"
+                    " certificate they hold with its current one ('coalition-admin partners"
+                    " rekey'), and the node must run with the keys of that certificate)"
                 )
             raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}{hint}") from exc
         if rec.bundle is not None and rec.bundle.SerializeToString() == signed.SerializeToString():
