@@ -125,6 +125,11 @@ async def test_a_v1_partner_is_rekeyed_to_v2_and_an_offline_node_opens_both(
     new = load_partner(own_pki / "partners" / "KOR")
     assert new.hybrid_signing_key is not None and new.signing_key_id != old.signing_key_id
     await rekey(own_pki, broker.port, "KOR", new.signing_cert_der)
+    [proposed] = await broker.audit.query(kind="partner.rekey_proposed")
+    assert (proposed.actor, proposed.partner) == ("op1", "KOR")
+    [change] = await broker.audit.query(kind="policy.change", partner="KOR", tail=True, limit=1)
+    assert json.loads(change.detail_json)["approved_by"] == "op2"
+    assert new.signing_key_id in json.loads(change.detail_json)["diff"][0]
 
     # Between the change and the re-registration: no key bundle for KOR (signed under the
     # old key), so nobody seals to it; the directory carries the earlier certificate.

@@ -19,6 +19,7 @@ import grpc
 from clients.admin import audit, context
 from clients.admin import commands as cmd
 from clients.admin.policy_flags import add_policy_flags
+from clients.admin.rekey_args import add_rekey
 from clients.sdk import BrokerTlsError, ClientError, OperatorClient
 from coalition.cli_common import (
     EXIT_AUDIT_BROKEN,
@@ -163,26 +164,7 @@ def _partners(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
     add_policy_flags(p)
-    p = _leaf(
-        g,
-        "rekey",
-        cmd.partners_rekey,
-        "propose a new signing certificate for an admitted partner (e.g. one with an "
-        "ML-DSA-65 key, to move it to envelope v2); a second operator must approve",
-        "  coalition-admin partners rekey KOR --signing-cert pki/partners/KOR/signing.crt \\\n"
-        "      --reason 'hybrid signing key'\n"
-        "  # then, as another operator:\n"
-        "  coalition-admin --identity pki/operators/op2 policy approve <PROPOSAL_ID>",
-    )
-    p.add_argument("partner", metavar="CODE", help="partner code, e.g. KOR")
-    p.add_argument(
-        "--signing-cert",
-        type=Path,
-        required=True,
-        metavar="FILE",
-        help="the partner's new signing certificate (PEM or DER), issued by the CA",
-    )
-    p.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+    add_rekey(g, _leaf)
 
 
 def _policy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
