@@ -59,6 +59,7 @@ class Registry:
             if b:
                 rec.key_id = b[0]
                 rec.bundle = directory_pb2.SignedKeyBundle.FromString(b[1])
+            rec.previous_certs = sql.previous_certs(self._db, code)
             self._cache[code] = rec
 
     # -- reads (memory) -------------------------------------------------------------------
@@ -231,11 +232,17 @@ class Registry:
         diff: list[str],
         now_ms: int,
         audit: Callable[[str], AuditItem] | None = None,
+        signing_cert: bytes = b"",
     ) -> policy_pb2.Proposal:
         """Record a pending proposal for a privilege-raising change (audit: the entry,
-        made from the new proposal's id)."""
+        made from the new proposal's id; signing_cert: a rekey's new certificate)."""
         prop = new_proposal(
-            policy, proposed_by=proposed_by, reason=reason, diff=diff, now_ms=now_ms
+            policy,
+            proposed_by=proposed_by,
+            reason=reason,
+            diff=diff,
+            now_ms=now_ms,
+            signing_cert=signing_cert,
         )
         pid = prop.proposal_id
 
@@ -256,6 +263,8 @@ class Registry:
                         json.dumps(diff),
                     ),
                 )
+                if signing_cert:
+                    self._db.execute("INSERT INTO proposal_certs VALUES (?,?)", (pid, signing_cert))
 
         await asyncio.to_thread(run)
         self._changed("proposal", policy.partner)
@@ -342,6 +351,13 @@ class Registry:
                     pv = self._insert_version(
                         policy, v, prop.proposed_by, decided_by, prop.reason, [*prop.diff], now_ms
                     )
+                    if prop.signing_cert:
+                        sql.replace_cert(
+                            self._db, rec.code, rec.signing_cert, prop.signing_cert, now_ms
+                        )
+                if prop.signing_cert:
+                    rec.previous_certs.append(rec.signing_cert)
+                    rec.signing_cert, rec.bundle, rec.key_id = prop.signing_cert, None, ""
                 rec.policy, rec.version = policy, v
                 return policy.partner, pv
 

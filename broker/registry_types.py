@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from broker.audit.items import AuditItem
@@ -29,6 +29,9 @@ class PartnerRecord:
     version: int
     bundle: directory_pb2.SignedKeyBundle | None = None
     key_id: str = ""
+    # Signing certificates operators replaced (DER, oldest first): messages stored under
+    # them still verify; nothing new is accepted under them (broker.rekey).
+    previous_certs: list[bytes] = field(default_factory=list)
 
 
 ChangeKind = Literal["policy", "keys", "proposal"]
@@ -67,10 +70,18 @@ def tell(callbacks: list[ChangeCallback], change: RegistryChange) -> None:
 
 
 def new_proposal(
-    policy: PartnerPolicy, *, proposed_by: str, reason: str, diff: list[str], now_ms: int
+    policy: PartnerPolicy,
+    *,
+    proposed_by: str,
+    reason: str,
+    diff: list[str],
+    now_ms: int,
+    signing_cert: bytes = b"",
 ) -> policy_pb2.Proposal:
-    """A pending proposal with a fresh id, as every registry backend records it."""
+    """A pending proposal with a fresh id, as every registry backend records it
+    (signing_cert: a rekey proposal's new certificate)."""
     return policy_pb2.Proposal(
+        signing_cert=signing_cert,
         proposal_id=uuid.uuid4().hex[:12],
         policy=policy_to_proto(policy),
         proposed_by=proposed_by,
@@ -93,6 +104,10 @@ class PartnerRegistry(Protocol):
     """Partners, their policy history, proposals and key bundles, with an audit outbox.
 
     get and all read memory and never wait; a write is visible to them when it returns.
+    A proposal with a ``signing_cert`` (a rekey) replaces the partner's signing
+    certificate when approved, in the same commit as its policy version: the old one goes
+    to ``previous_certs`` and the current key bundle is dropped (it was signed under the
+    old key; the partner registers its keys again).
     Every write commits its audit entry together with the change, in the registry's
     audit outbox (read_outbox, forget_outbox: an OutboxSource of the audit drainer).
     on_change callbacks are told of every committed change, made through this object or
@@ -142,6 +157,7 @@ class PartnerRegistry(Protocol):
         diff: list[str],
         now_ms: int,
         audit: Callable[[str], AuditItem] | None = None,
+        signing_cert: bytes = b"",
     ) -> policy_pb2.Proposal: ...
 
     async def proposal(self, pid: str) -> tuple[policy_pb2.Proposal, int] | None: ...

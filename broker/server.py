@@ -244,7 +244,9 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
         ],
     )
     exchange_pb2_grpc.add_ExchangeServicer_to_server(ExchangeServicer(exchange), server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminServicer(admin, lambda: auth.authorizer.revoked), server
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

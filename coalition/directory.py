@@ -22,7 +22,7 @@ from coalition.identity import (
 )
 from coalition.v1 import directory_pb2
 
-__all__ = ["Directory", "Peer"]
+__all__ = ["Directory", "EarlierKey", "Peer"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class Peer:
     ``hpke_public`` is set only for partners this node may send to (and itself).
     ``hybrid_public`` is the certified Ed25519 + ML-DSA-65 key envelope v2 roots verify
     under, None for a partner whose certificate certifies no ML-DSA-65 key (v1 only).
+    ``earlier`` holds the keys of the partner's earlier signing certificates (replaced by
+    operators) that still verify against the CA: messages stored under them still open.
     """
 
     partner: str
@@ -44,6 +46,23 @@ class Peer:
     key_id: str = ""
     hpke_public: HpkePublicKey | None = None
     hybrid_public: HybridPublicKey | None = None
+    earlier: tuple[EarlierKey, ...] = ()
+
+    def key(self, signing_key_id: str) -> EarlierKey | None:
+        """The certified key this partner signs under as ``signing_key_id``: its current
+        certificate's, or an earlier certificate's; None for any other id."""
+        if signing_key_id == self.signing_key_id:
+            return EarlierKey(self.signing_key_id, self.signing_key, self.hybrid_public)
+        return next((k for k in self.earlier if k.signing_key_id == signing_key_id), None)
+
+
+@dataclass(frozen=True)
+class EarlierKey:
+    """The key one signing certificate of a partner certifies, by its signing key id."""
+
+    signing_key_id: str
+    signing_key: Ed25519PublicKey
+    hybrid_public: HybridPublicKey | None
 
 
 @dataclass
@@ -54,20 +73,24 @@ class Directory:
     problems: dict[str, str] = field(default_factory=dict)
 
     def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
+        """sender's certified Ed25519 key under ``key_id``: its current signing
+        certificate's or an earlier one's (see ``Peer.earlier``). Raises KeyError."""
         peer = self.peers.get(sender)
-        if peer is None or peer.signing_key_id != key_id:
+        found = peer.key(key_id) if peer is not None else None
+        if found is None:
             raise KeyError(sender)
-        return peer.signing_key
+        return found.signing_key
 
     def hybrid_signer(self, sender: str, signing_key_id: str) -> HybridPublicKey:
         """sender's certified hybrid key under ``signing_key_id`` (what
         ``envelope_v2.verify`` and ``open`` take as ``signer``). Raises KeyError when the
-        sender is unknown, the key id is not its certificate's, or the certificate
-        certifies no ML-DSA-65 key."""
+        sender is unknown, the key id is not its current or an earlier certificate's, or
+        that certificate certifies no ML-DSA-65 key."""
         peer = self.peers.get(sender)
-        if peer is None or peer.signing_key_id != signing_key_id or peer.hybrid_public is None:
+        found = peer.key(signing_key_id) if peer is not None else None
+        if found is None or found.hybrid_public is None:
             raise KeyError(sender)
-        return peer.hybrid_public
+        return found.hybrid_public
 
     @classmethod
     def verify(
@@ -81,8 +104,15 @@ class Directory:
                 cert = x509.load_der_x509_certificate(e.signing_cert)
                 kid = signing_key_id(cert)
                 hybrid = certified_hybrid_key(cert)
+                earlier = _earlier(e, ca, now_ms, kid)
                 peer = Peer(
-                    e.partner, int(e.status), frozenset(e.groups), key, kid, hybrid_public=hybrid
+                    e.partner,
+                    int(e.status),
+                    frozenset(e.groups),
+                    key,
+                    kid,
+                    hybrid_public=hybrid,
+                    earlier=earlier,
                 )
                 if e.HasField("key_bundle"):
                     b = verify_key_bundle(e.key_bundle, hybrid or key, e.partner, now_ms)
@@ -95,8 +125,29 @@ class Directory:
                         b.key_id,
                         HpkePublicKey(b.public_key),
                         hybrid,
+                        earlier,
                     )
                 out.peers[e.partner] = peer
             except (IdentityError, ValueError) as exc:
                 out.problems[e.partner] = str(exc)
         return out
+
+
+def _earlier(
+    e: directory_pb2.DirectoryEntry, ca: x509.Certificate, now_ms: int, current: str
+) -> tuple[EarlierKey, ...]:
+    """The keys of e's earlier signing certificates that verify against the CA for the
+    same partner and are valid now (the current rule for a certificate, so an earlier
+    one stops opening anything when it expires). One that does not is left out: it
+    verifies nothing, and the partner's current key still does."""
+    out = []
+    for der in e.previous_signing_certs:
+        try:
+            key = verify_signing_cert(der, ca, e.partner, now_ms)
+            cert = x509.load_der_x509_certificate(der)
+            kid = signing_key_id(cert)
+            if kid != current:
+                out.append(EarlierKey(kid, key, certified_hybrid_key(cert)))
+        except (IdentityError, ValueError):
+            continue
+    return tuple(out)

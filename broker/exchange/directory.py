@@ -65,6 +65,7 @@ class CertifiedKey:
     not_before_ms: int
     not_after_ms: int
     hybrid: HybridPublicKey | None = None
+    der: bytes = b""  # the certificate: a hit holds only while it is still the current one
 
     def check(self, sender: str, now_ms: int) -> None:
         """Raise SigningCertNotValid unless not_before <= now <= not_after."""
@@ -143,8 +144,10 @@ class PartnerDirectory:
         """
         now = self.clock()
         cached = self._signers.get((sender, key_id))
+        rec = self.registry.get(sender)
+        if cached is not None and (rec is None or rec.signing_cert != cached.der):
+            cached = None  # replaced by operators (a rekey): the old key signs nothing new
         if cached is None:
-            rec = self.registry.get(sender)
             if rec is None:
                 raise KeyError(sender)
             cert = x509.load_der_x509_certificate(rec.signing_cert)
@@ -160,7 +163,7 @@ class PartnerDirectory:
                 hybrid = certified_hybrid_key(cert)
             except IdentityError as exc:
                 raise KeyError(sender) from exc
-            cached = CertifiedKey(key, *period, hybrid)
+            cached = CertifiedKey(key, *period, hybrid, rec.signing_cert)
             self._signers.put((sender, key_id), cached)
         cached.check(sender, now)
         return cached
@@ -187,7 +190,11 @@ class PartnerDirectory:
         for rec in self.registry.all():
             if rec.code != partner and rec.policy.status is PartnerStatus.PENDING:
                 continue
-            entry = directory_pb2.DirectoryEntry(partner=rec.code, signing_cert=rec.signing_cert)
+            entry = directory_pb2.DirectoryEntry(
+                partner=rec.code,
+                signing_cert=rec.signing_cert,
+                previous_signing_certs=rec.previous_certs,
+            )
             if rec.bundle is not None and (
                 rec.code == partner or may_reach(caller.policy, rec.policy)
             ):
@@ -203,6 +210,7 @@ class PartnerDirectory:
             signing_cert=rec.signing_cert,
             status=directory_pb2.PartnerStatus.ValueType(int(rec.policy.status)),
             groups=sorted(rec.policy.groups),
+            previous_signing_certs=rec.previous_certs,
         )
         if rec.bundle is not None:
             entry.key_bundle.CopyFrom(rec.bundle)
@@ -250,8 +258,9 @@ class PartnerDirectory:
             if "signature does not verify" in str(exc):
                 hint = (
                     f" (it is not signed by the signing key operators admitted for {partner}:"
-                    " if the partner's keys were issued again, operators must admit its"
-                    " current signing certificate)"
+                    " if the partner's keys were issued again, operators replace the"
+                    " certificate they hold with its current one ('coalition-admin partners"
+                    " rekey'), and the node must run with the keys of that certificate)"
                 )
             raise InvalidInput("bad_key_bundle", f"key bundle refused: {exc}{hint}") from exc
         if rec.bundle is not None and rec.bundle.SerializeToString() == signed.SerializeToString():

@@ -10,7 +10,7 @@ turned into the responses by the ``*_out`` functions at the end of this module.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 import grpc
@@ -29,6 +29,7 @@ from broker.audit import AuditError
 from broker.auth import current_identity
 from broker.errors import BrokerError, InvalidInput
 from broker.grpc.status import abort
+from broker.rekey import propose_rekey
 from coalition.labels import Label, LabelError, label_from_proto
 from coalition.policy import PartnerPolicy, PartnerStatus, PolicyError, policy_from_proto
 from coalition.v1 import (
@@ -48,8 +49,9 @@ T = TypeVar("T")
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """Every refusal is audited with the operator and the action."""
 
-    def __init__(self, core: AdminCore) -> None:
+    def __init__(self, core: AdminCore, revoked: Callable[[], Collection[int]] = frozenset) -> None:
         self.core = core
+        self.revoked = revoked  # the certificate serials operators revoked, now
 
     async def _guard(self, ctx: Ctx, action: str, partner: str, coro: Awaitable[T]) -> T:
         try:
@@ -76,6 +78,19 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             )
 
         return change_out(await self._guard(context, "admit", request.partner, run()))
+
+    async def RekeyPartner(
+        self, request: admin_pb2.RekeyPartnerRequest, context: Ctx
+    ) -> admin_pb2.PolicyChangeResponse:
+        run = propose_rekey(
+            self.core,
+            self._op(),
+            request.partner,
+            request.signing_cert,
+            request.reason,
+            revoked=self.revoked(),
+        )
+        return change_out(await self._guard(context, "rekey", request.partner, run))
 
     async def ListPartners(
         self, request: admin_pb2.ListPartnersRequest, context: Ctx
@@ -250,13 +265,14 @@ def summary_out(s: PartnerSummary) -> admin_pb2.PartnerSummary:
 
 def show_out(view: PartnerView) -> admin_pb2.ShowPartnerResponse:
     """The summary, the current policy version and the operators' directory entry
-    (signing certificate, key bundle, status and groups)."""
+    (signing certificate and earlier ones, key bundle, status and groups)."""
     rec = view.record
     entry = directory_pb2.DirectoryEntry(
         partner=rec.code,
         signing_cert=rec.signing_cert,
         status=_status_out(rec.policy.status),
         groups=sorted(rec.policy.groups),
+        previous_signing_certs=rec.previous_certs,
     )
     if rec.bundle is not None:
         entry.key_bundle.CopyFrom(rec.bundle)

@@ -159,11 +159,18 @@ class JetStreamRegistry:
         diff: list[str],
         now_ms: int,
         audit: Callable[[str], AuditItem] | None = None,
+        signing_cert: bytes = b"",
     ) -> policy_pb2.Proposal:
         """Record a pending proposal for a privilege-raising change (audit: the entry,
-        made from the new proposal's id)."""
+        made from the new proposal's id; signing_cert: a rekey's new certificate, carried
+        in the proposal)."""
         prop = new_proposal(
-            policy, proposed_by=proposed_by, reason=reason, diff=diff, now_ms=now_ms
+            policy,
+            proposed_by=proposed_by,
+            reason=reason,
+            diff=diff,
+            now_ms=now_ms,
+            signing_cert=signing_cert,
         )
         pid = prop.proposal_id
         headers = {H_PARTNER: policy.partner, H_BASE: str(base_version), **_time(now_ms)}
@@ -242,10 +249,18 @@ class JetStreamRegistry:
             head = {H_PARTNER: code, H_BASE: str(base), **_time(now_ms)}
             policy_subject = self._view.subject("policy", code)
             entries = [m for e in (audit(v) if audit else []) for m in self._s.outbox(e, now_ms)]
+            # A rekey: the new certificate on the partner's subject, before the policy
+            # version, so the view has replaced it when the policy change is told.
+            cert_subject = self._view.subject("partner", code)
+            rekey = []
+            if prop.signing_cert:
+                last = self._view.last(cert_subject)
+                rekey.append(Outgoing(cert_subject, prop.signing_cert, dict(head), last))
             return Plan(
                 [
                     *entries,
                     Outgoing(subject, decided.SerializeToString(), head, self._view.last(subject)),
+                    *rekey,
                     Outgoing(
                         policy_subject,
                         pv.SerializeToString(),
@@ -259,7 +274,13 @@ class JetStreamRegistry:
         def depends_on() -> list[str]:
             found = self._view.proposals.get(pid)
             code = found[0].policy.partner if found else ""
-            return [subject, *([self._view.subject("policy", code)] if code else [])]
+            if not code:
+                return [subject]
+            return [
+                subject,
+                self._view.subject("policy", code),
+                self._view.subject("partner", code),
+            ]
 
         plan = await self._s.commit(make, depends_on)
         if plan is None:

@@ -6,7 +6,7 @@ One stream holds the registry of a deployment; each kind of fact has its own sub
 ==============================  =========================================================
 subject                         each message
 ==============================  =========================================================
-``reg.partner.<code>``          the admission: the signing certificate (written once)
+``reg.partner.<code>``          the signing certificate: at admission, again at a rekey
 ``reg.policy.<code>``           one policy version (``PolicyVersion``), oldest first
 ``reg.keys.<code>``             one key bundle; the last is the current one
 ``reg.proposal.<id>``           the proposal (``Proposal``) when made, again when decided
@@ -114,8 +114,15 @@ class View:
             self.outbox[seq] = OutboxRow(seq, int(headers.get(H_TIME, "0")), data.decode())
             return None
         if kind == "partner":
+            rec = self.records.get(code)
             self.certs[code] = data
-            return None
+            if rec is None or rec.signing_cert == data:
+                return None
+            # A rekey: the old certificate is kept as an earlier one, and the key bundle
+            # signed under it is no longer current (the partner registers its keys again).
+            rec.previous_certs.append(rec.signing_cert)
+            rec.signing_cert, rec.bundle, rec.key_id = data, None, ""
+            return RegistryChange("keys", code, rec, local)
         if kind == "policy":
             return RegistryChange("policy", code, self._policy(code, data), local)
         if kind == "keys":

@@ -19,6 +19,7 @@ import grpc
 from clients.admin import audit, context
 from clients.admin import commands as cmd
 from clients.admin.policy_flags import add_policy_flags
+from clients.admin.rekey_args import add_rekey
 from clients.sdk import BrokerTlsError, ClientError, OperatorClient
 from coalition.cli_common import (
     EXIT_AUDIT_BROKEN,
@@ -126,7 +127,7 @@ def _group(
 
 
 def _partners(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "partners", "list, show and admit partners")
+    g = _group(sub, "partners", "list, show, admit and rekey partners")
     _leaf(
         g,
         "list",
@@ -163,6 +164,7 @@ def _partners(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
     add_policy_flags(p)
+    add_rekey(g, _leaf)
 
 
 def _policy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -122,6 +122,11 @@ async def partners_show(ctx: Ctx) -> None:
             ("key valid", f"{iso(bundle.not_before_ms)} to {iso(bundle.not_after_ms)}"),
         ]
     pairs += _cert_pairs(d.signing_cert)
+    if d.previous_signing_certs:
+        serials = [
+            x509.load_der_x509_certificate(c).serial_number for c in d.previous_signing_certs
+        ]
+        pairs.append(("earlier signing certs", ", ".join(f"{n:x}" for n in serials)))
     print(fields([*version_pairs(resp.policy), *pairs]))
 
 
@@ -151,6 +156,15 @@ async def partners_admit(ctx: Ctx) -> None:
         raise UsageError(str(exc)) from None
     resp = await ctx.rpc(ctx.client.admit(code, der, policy_to_proto(policy), ctx.ns.reason))
     _report_change(ctx, resp, f"admit {code}")
+
+
+async def partners_rekey(ctx: Ctx) -> None:
+    """Propose a new signing certificate for an admitted partner; a second operator
+    approves, and the one it replaces is kept for the messages stored under it."""
+    code = _code(ctx.ns.partner)
+    der = _read_cert(ctx.ns.signing_cert)
+    resp = await ctx.rpc(ctx.client.rekey(code, der, ctx.ns.reason))
+    _report_change(ctx, resp, f"rekey {code}")
 
 
 # -- policy ---------------------------------------------------------------------------------

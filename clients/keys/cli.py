@@ -56,6 +56,25 @@ def _cmd_issue_partner(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_reissue_signing(args: argparse.Namespace) -> None:
+    d = pki.reissue_signing(
+        args.dir,
+        args.code,
+        _now_ms(),
+        valid_days=args.valid_days,
+        hpke_valid_days=args.hpke_valid_days,
+        ml_dsa=not args.no_ml_dsa,
+    )
+    creds = pki.load_partner(d)
+    kind = "Ed25519 only" if creds.hybrid_signing_key is None else "Ed25519 + ML-DSA-65"
+    print(
+        f"new signing key for partner {creds.code} in {d} (signing key id "
+        f"{creds.signing_key_id}, {kind}; HPKE key id {creds.current_key_id}); operators "
+        f"propose {d / 'signing.crt'} with: coalition-admin partner rekey {creds.code} "
+        "--signing-cert FILE"
+    )
+
+
 def _cmd_issue_operator(args: argparse.Namespace) -> None:
     d = pki.issue_operator(
         args.dir, args.name, _now_ms(), valid_days=args.valid_days, force=args.force
@@ -269,6 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     _no_ml_dsa(p)
     _force(p)
     p.set_defaults(func=_cmd_issue_partner)
+
+    p = _sub(
+        subs,
+        "reissue-signing",
+        "replace an existing partner's signing key and certificate (Ed25519 + ML-DSA-65) "
+        "and sign a new HPKE bundle under it; the TLS key and old HPKE keys stay",
+        f"  {PROG} reissue-signing pki/ KOR\n"
+        "\nThen operators replace the certificate the broker holds (two operators):\n"
+        "  coalition-admin partner rekey KOR --signing-cert pki/partners/KOR/signing.crt\n",
+    )
+    p.add_argument("dir", metavar="DIR", help="PKI directory holding ca/")
+    p.add_argument("code", metavar="CODE", help="partner code, e.g. KOR")
+    _validity(p, pki.DEFAULT_CERT_DAYS, "certificate")
+    p.add_argument(
+        "--hpke-valid-days",
+        type=duration_days,
+        default=pki.DEFAULT_HPKE_DAYS,
+        metavar="DAYS",
+        help=f"HPKE key bundle validity: days, or 30d (default {pki.DEFAULT_HPKE_DAYS})",
+    )
+    _no_ml_dsa(p)
+    p.set_defaults(func=_cmd_reissue_signing)
 
     p = _sub(
         subs,

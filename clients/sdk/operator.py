@@ -42,6 +42,19 @@ class OperatorClient:
             )
         )
 
+    async def rekey(
+        self, partner: str, signing_cert_der: bytes, reason: str
+    ) -> admin_pb2.PolicyChangeResponse:
+        """Propose a new signing certificate for an admitted partner (a second operator
+        approves)."""
+        return await call(
+            self.stub.RekeyPartner(
+                admin_pb2.RekeyPartnerRequest(
+                    partner=partner, signing_cert=signing_cert_der, reason=reason
+                )
+            )
+        )
+
     async def partners(self) -> list[admin_pb2.PartnerSummary]:
         return list((await call(self.stub.ListPartners(admin_pb2.ListPartnersRequest()))).partners)
 

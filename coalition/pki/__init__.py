@@ -31,6 +31,7 @@ from coalition.pki.issue import (
     issue_operator,
     issue_partner,
     make_dev_pki,
+    reissue_signing,
     rotate_hpke,
 )
 from coalition.pki.layout import (
@@ -82,5 +83,6 @@ __all__ = [
     "make_key_bundle",
     "operator_dir",
     "partner_dir",
+    "reissue_signing",
     "rotate_hpke",
 ]

@@ -170,6 +170,46 @@ def rotate_hpke(
     return _new_hpke_key(d, code, signer, signing_cert, now_ms, valid_days)
 
 
+def reissue_signing(
+    root: str | os.PathLike[str],
+    code: str,
+    now_ms: int,
+    *,
+    valid_days: int = DEFAULT_CERT_DAYS,
+    hpke_valid_days: int = DEFAULT_HPKE_DAYS,
+    ml_dsa: bool = True,
+) -> Path:
+    """Replace an existing partner's signing key and certificate (Ed25519 + ML-DSA-65
+    unless ``ml_dsa=False``) and sign a new HPKE key bundle under it; the TLS key and
+    the old ``hpke-*.key`` files stay (messages sealed to them still open). Operators
+    then propose the new ``signing.crt`` with ``coalition-admin partner rekey``.
+    Returns the partner directory. Raises PkiError (no CA, no such partner)."""
+    identity = Identity.partner(code)
+    d = partner_dir(root, code)
+    if not (d / "signing.key").is_file():
+        raise PkiError(f"unknown partner {code}: no signing key in {d}; use issue-partner")
+    ca = load_ca(root)
+    signing = Ed25519PrivateKey.generate()
+    ml_dsa_key = MLDSA65PrivateKey.generate() if ml_dsa else None
+    signing_cert = issue_signing_cert(
+        ca,
+        identity,
+        signing.public_key(),
+        now_ms,
+        valid_days=valid_days,
+        ml_dsa_key=ml_dsa_key.public_key() if ml_dsa_key is not None else None,
+    )
+    write_private(d / "signing.key", pem_private_key(signing))
+    if ml_dsa_key is not None:
+        write_private(d / ML_DSA_KEY_FILE, pem_private_key(ml_dsa_key))
+    else:
+        (d / ML_DSA_KEY_FILE).unlink(missing_ok=True)
+    write_public(d / "signing.crt", pem_certificate(signing_cert))
+    signer = HybridSigningKey(signing, ml_dsa_key) if ml_dsa_key is not None else signing
+    _new_hpke_key(d, code, signer, signing_cert, now_ms, hpke_valid_days)
+    return d
+
+
 def issue_operator(
     root: str | os.PathLike[str],
     name: str,

@@ -23,6 +23,34 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RekeyPartnerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_FIELD_NUMBER: _builtins.int
+    SIGNING_CERT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    partner: _builtins.str
+    signing_cert: _builtins.bytes
+    """DER certificate of the partner's new signing key, issued by the coalition CA to
+    the same partner (with its ML-DSA-65 key, for a partner moving to envelope v2).
+    """
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        partner: _builtins.str = ...,
+        signing_cert: _builtins.bytes = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner", b"partner", "reason", b"reason", "signing_cert", b"signing_cert"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RekeyPartnerRequest: _TypeAlias = RekeyPartnerRequest  # noqa: Y015
+
+@_typing.final
 class AdmitPartnerRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -124,6 +124,11 @@ class AdminStub:
                 request_serializer=coalition_dot_v1_dot_admin__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=coalition_dot_v1_dot_admin__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.RekeyPartner = channel.unary_unary(
+                '/coalition.v1.Admin/RekeyPartner',
+                request_serializer=coalition_dot_v1_dot_admin__pb2.RekeyPartnerRequest.SerializeToString,
+                response_deserializer=coalition_dot_v1_dot_admin__pb2.PolicyChangeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -236,6 +241,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RekeyPartner(self, request, context):
+        """Replace an admitted partner's signing certificate (a proposal a second operator
+        approves); the one it replaces is kept for the messages stored under it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -323,6 +336,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListMessages,
                     request_deserializer=coalition_dot_v1_dot_admin__pb2.ListMessagesRequest.FromString,
                     response_serializer=coalition_dot_v1_dot_admin__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'RekeyPartner': grpc.unary_unary_rpc_method_handler(
+                    servicer.RekeyPartner,
+                    request_deserializer=coalition_dot_v1_dot_admin__pb2.RekeyPartnerRequest.FromString,
+                    response_serializer=coalition_dot_v1_dot_admin__pb2.PolicyChangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -787,6 +805,33 @@ class Admin:
             '/coalition.v1.Admin/ListMessages',
             coalition_dot_v1_dot_admin__pb2.ListMessagesRequest.SerializeToString,
             coalition_dot_v1_dot_admin__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RekeyPartner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coalition.v1.Admin/RekeyPartner',
+            coalition_dot_v1_dot_admin__pb2.RekeyPartnerRequest.SerializeToString,
+            coalition_dot_v1_dot_admin__pb2.PolicyChangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

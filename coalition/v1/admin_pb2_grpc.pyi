@@ -58,6 +58,10 @@ class AdminStub:
     """Stored messages' metadata (never their contents: envelopes are end-to-end
     encrypted), newest first, with the partners each was delivered to.
     """
+    RekeyPartner: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RekeyPartnerRequest, _admin_pb2.PolicyChangeResponse]
+    """Replace an admitted partner's signing certificate (a proposal a second operator
+    approves); the one it replaces is kept for the messages stored under it.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -86,6 +90,10 @@ class AdminAsyncStub(AdminStub):
     ListMessages: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListMessagesRequest, _admin_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Stored messages' metadata (never their contents: envelopes are end-to-end
     encrypted), newest first, with the partners each was delivered to.
+    """
+    RekeyPartner: _aio.UnaryUnaryMultiCallable[_admin_pb2.RekeyPartnerRequest, _admin_pb2.PolicyChangeResponse]  # type: ignore[assignment]
+    """Replace an admitted partner's signing certificate (a proposal a second operator
+    approves); the one it replaces is kept for the messages stored under it.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -214,6 +222,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.ListMessagesResponse, _abc.Awaitable[_admin_pb2.ListMessagesResponse]]:
         """Stored messages' metadata (never their contents: envelopes are end-to-end
         encrypted), newest first, with the partners each was delivered to.
+        """
+
+    @_abc_1.abstractmethod
+    def RekeyPartner(
+        self,
+        request: _admin_pb2.RekeyPartnerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PolicyChangeResponse, _abc.Awaitable[_admin_pb2.PolicyChangeResponse]]:
+        """Replace an admitted partner's signing certificate (a proposal a second operator
+        approves); the one it replaces is kept for the messages stored under it.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

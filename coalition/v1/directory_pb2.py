@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63oalition/v1/directory.proto\x12\x0c\x63oalition.v1\"\x96\x01\n\tKeyBundle\x12\x0f\n\x07partner\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0b\n\x03kem\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x15\n\rnot_before_ms\x18\x05 \x01(\x03\x12\x14\n\x0cnot_after_ms\x18\x06 \x01(\x03\x12\x1a\n\x12signing_key_sha256\x18\x07 \x01(\x0c\"G\n\x0fSignedKeyBundle\x12\x0e\n\x06\x62undle\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x11\n\tml_dsa_65\x18\x03 \x01(\x0c\"\xa7\x01\n\x0e\x44irectoryEntry\x12\x0f\n\x07partner\x18\x01 \x01(\t\x12\x14\n\x0csigning_cert\x18\x02 \x01(\x0c\x12\x31\n\nkey_bundle\x18\x03 \x01(\x0b\x32\x1d.coalition.v1.SignedKeyBundle\x12+\n\x06status\x18\x04 \x01(\x0e\x32\x1b.coalition.v1.PartnerStatus\x12\x0e\n\x06groups\x18\x05 \x03(\t*W\n\rPartnerStatus\x12\x1e\n\x1aPARTNER_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\r\n\tSUSPENDED\x10\x02\x12\x0b\n\x07PENDING\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63oalition/v1/directory.proto\x12\x0c\x63oalition.v1\"\x96\x01\n\tKeyBundle\x12\x0f\n\x07partner\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0b\n\x03kem\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x15\n\rnot_before_ms\x18\x05 \x01(\x03\x12\x14\n\x0cnot_after_ms\x18\x06 \x01(\x03\x12\x1a\n\x12signing_key_sha256\x18\x07 \x01(\x0c\"G\n\x0fSignedKeyBundle\x12\x0e\n\x06\x62undle\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x11\n\tml_dsa_65\x18\x03 \x01(\x0c\"\xc7\x01\n\x0e\x44irectoryEntry\x12\x0f\n\x07partner\x18\x01 \x01(\t\x12\x14\n\x0csigning_cert\x18\x02 \x01(\x0c\x12\x31\n\nkey_bundle\x18\x03 \x01(\x0b\x32\x1d.coalition.v1.SignedKeyBundle\x12+\n\x06status\x18\x04 \x01(\x0e\x32\x1b.coalition.v1.PartnerStatus\x12\x0e\n\x06groups\x18\x05 \x03(\t\x12\x1e\n\x16previous_signing_certs\x18\x06 \x03(\x0c*W\n\rPartnerStatus\x12\x1e\n\x1aPARTNER_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\r\n\tSUSPENDED\x10\x02\x12\x0b\n\x07PENDING\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coalition.v1.directory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PARTNERSTATUS']._serialized_start=442
-  _globals['_PARTNERSTATUS']._serialized_end=529
+  _globals['_PARTNERSTATUS']._serialized_start=474
+  _globals['_PARTNERSTATUS']._serialized_end=561
   _globals['_KEYBUNDLE']._serialized_start=47
   _globals['_KEYBUNDLE']._serialized_end=197
   _globals['_SIGNEDKEYBUNDLE']._serialized_start=199
   _globals['_SIGNEDKEYBUNDLE']._serialized_end=270
   _globals['_DIRECTORYENTRY']._serialized_start=273
-  _globals['_DIRECTORYENTRY']._serialized_end=440
+  _globals['_DIRECTORYENTRY']._serialized_end=472
 # @@protoc_insertion_point(module_scope)

@@ -125,6 +125,7 @@ class DirectoryEntry(_message.Message):
     KEY_BUNDLE_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SIGNING_CERTS_FIELD_NUMBER: _builtins.int
     partner: _builtins.str
     signing_cert: _builtins.bytes
     """DER X.509 certificate of the partner's Ed25519 signing key, issued by the
@@ -137,6 +138,13 @@ class DirectoryEntry(_message.Message):
     def key_bundle(self) -> Global___SignedKeyBundle: ...
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def previous_signing_certs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The partner's earlier signing certificates (DER, oldest first), replaced by
+        operators: messages stored under them still verify by their signing key id.
+        Nothing new is accepted under them.
+        """
+
     def __init__(
         self,
         *,
@@ -145,10 +153,11 @@ class DirectoryEntry(_message.Message):
         key_bundle: Global___SignedKeyBundle | None = ...,
         status: Global___PartnerStatus.ValueType = ...,
         groups: _abc.Iterable[_builtins.str] | None = ...,
+        previous_signing_certs: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key_bundle", b"key_bundle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "key_bundle", b"key_bundle", "partner", b"partner", "signing_cert", b"signing_cert", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "key_bundle", b"key_bundle", "partner", b"partner", "previous_signing_certs", b"previous_signing_certs", "signing_cert", b"signing_cert", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,15 +26,15 @@ from coalition.v1 import directory_pb2 as coalition_dot_v1_dot_directory__pb2
 from coalition.v1 import label_pb2 as coalition_dot_v1_dot_label__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63oalition/v1/policy.proto\x12\x0c\x63oalition.v1\x1a\x1c\x63oalition/v1/directory.proto\x1a\x18\x63oalition/v1/label.proto\"H\n\tClearance\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12+\n\x05level\x18\x02 \x01(\x0e\x32\x1c.coalition.v1.Classification\"-\n\rCategoryGrant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xc0\x02\n\rPartnerPolicy\x12\x0f\n\x07partner\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.coalition.v1.PartnerStatus\x12+\n\nclearances\x18\x03 \x03(\x0b\x32\x17.coalition.v1.Clearance\x12\x0e\n\x06groups\x18\x04 \x03(\t\x12/\n\ncategories\x18\x05 \x03(\x0b\x32\x1b.coalition.v1.CategoryGrant\x12\x16\n\x0epublish_topics\x18\x06 \x03(\t\x12\x18\n\x10subscribe_topics\x18\x07 \x03(\t\x12\x35\n\x14origination_ceilings\x18\x08 \x03(\x0b\x32\x17.coalition.v1.Clearance\x12\x1a\n\x12publish_rate_per_s\x18\t \x01(\r\"\xa8\x01\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x06policy\x18\x02 \x01(\x0b\x32\x1b.coalition.v1.PartnerPolicy\x12\x12\n\nchanged_by\x18\x03 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x04 \x01(\t\x12\x12\n\nchanged_ms\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0c\n\x04\x64iff\x18\x07 \x03(\t\"\xd4\x01\n\x08Proposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12+\n\x06policy\x18\x02 \x01(\x0b\x32\x1b.coalition.v1.PartnerPolicy\x12\x13\n\x0bproposed_by\x18\x03 \x01(\t\x12\x13\n\x0bproposed_ms\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.coalition.v1.ProposalState\x12\x12\n\ndecided_by\x18\x07 \x01(\t\x12\x0c\n\x04\x64iff\x18\x08 \x03(\t*s\n\rProposalState\x12\x1e\n\x1aPROPOSAL_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10PROPOSAL_PENDING\x10\x01\x12\x15\n\x11PROPOSAL_APPROVED\x10\x02\x12\x15\n\x11PROPOSAL_REJECTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63oalition/v1/policy.proto\x12\x0c\x63oalition.v1\x1a\x1c\x63oalition/v1/directory.proto\x1a\x18\x63oalition/v1/label.proto\"H\n\tClearance\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12+\n\x05level\x18\x02 \x01(\x0e\x32\x1c.coalition.v1.Classification\"-\n\rCategoryGrant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xc0\x02\n\rPartnerPolicy\x12\x0f\n\x07partner\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.coalition.v1.PartnerStatus\x12+\n\nclearances\x18\x03 \x03(\x0b\x32\x17.coalition.v1.Clearance\x12\x0e\n\x06groups\x18\x04 \x03(\t\x12/\n\ncategories\x18\x05 \x03(\x0b\x32\x1b.coalition.v1.CategoryGrant\x12\x16\n\x0epublish_topics\x18\x06 \x03(\t\x12\x18\n\x10subscribe_topics\x18\x07 \x03(\t\x12\x35\n\x14origination_ceilings\x18\x08 \x03(\x0b\x32\x17.coalition.v1.Clearance\x12\x1a\n\x12publish_rate_per_s\x18\t \x01(\r\"\xa8\x01\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x06policy\x18\x02 \x01(\x0b\x32\x1b.coalition.v1.PartnerPolicy\x12\x12\n\nchanged_by\x18\x03 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x04 \x01(\t\x12\x12\n\nchanged_ms\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0c\n\x04\x64iff\x18\x07 \x03(\t\"\xea\x01\n\x08Proposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12+\n\x06policy\x18\x02 \x01(\x0b\x32\x1b.coalition.v1.PartnerPolicy\x12\x13\n\x0bproposed_by\x18\x03 \x01(\t\x12\x13\n\x0bproposed_ms\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.coalition.v1.ProposalState\x12\x12\n\ndecided_by\x18\x07 \x01(\t\x12\x0c\n\x04\x64iff\x18\x08 \x03(\t\x12\x14\n\x0csigning_cert\x18\t \x01(\x0c*s\n\rProposalState\x12\x1e\n\x1aPROPOSAL_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10PROPOSAL_PENDING\x10\x01\x12\x15\n\x11PROPOSAL_APPROVED\x10\x02\x12\x15\n\x11PROPOSAL_REJECTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coalition.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPOSALSTATE']._serialized_start=929
-  _globals['_PROPOSALSTATE']._serialized_end=1044
+  _globals['_PROPOSALSTATE']._serialized_start=951
+  _globals['_PROPOSALSTATE']._serialized_end=1066
   _globals['_CLEARANCE']._serialized_start=99
   _globals['_CLEARANCE']._serialized_end=171
   _globals['_CATEGORYGRANT']._serialized_start=173
@@ -44,5 +44,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLICYVERSION']._serialized_start=544
   _globals['_POLICYVERSION']._serialized_end=712
   _globals['_PROPOSAL']._serialized_start=715
-  _globals['_PROPOSAL']._serialized_end=927
+  _globals['_PROPOSAL']._serialized_end=949
 # @@protoc_insertion_point(module_scope)

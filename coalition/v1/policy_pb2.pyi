@@ -188,12 +188,19 @@ class Proposal(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
     DIFF_FIELD_NUMBER: _builtins.int
+    SIGNING_CERT_FIELD_NUMBER: _builtins.int
     proposal_id: _builtins.str
     proposed_by: _builtins.str
     proposed_ms: _builtins.int
     reason: _builtins.str
     state: Global___ProposalState.ValueType
     decided_by: _builtins.str
+    signing_cert: _builtins.bytes
+    """Set on a proposal to replace the partner's signing certificate (DER, issued by
+    the coalition CA to the same partner); its policy is the partner's policy as it
+    was, unchanged. Approved, the certificate becomes current and the one it replaces
+    is kept as an earlier certificate (DirectoryEntry.previous_signing_certs).
+    """
     @_builtins.property
     def policy(self) -> Global___PartnerPolicy: ...
     @_builtins.property
@@ -209,10 +216,11 @@ class Proposal(_message.Message):
         state: Global___ProposalState.ValueType = ...,
         decided_by: _builtins.str = ...,
         diff: _abc.Iterable[_builtins.str] | None = ...,
+        signing_cert: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_by", b"decided_by", "diff", b"diff", "policy", b"policy", "proposal_id", b"proposal_id", "proposed_by", b"proposed_by", "proposed_ms", b"proposed_ms", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_by", b"decided_by", "diff", b"diff", "policy", b"policy", "proposal_id", b"proposal_id", "proposed_by", b"proposed_by", "proposed_ms", b"proposed_ms", "reason", b"reason", "signing_cert", b"signing_cert", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
