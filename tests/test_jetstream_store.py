@@ -525,3 +525,29 @@ async def test_retention_leaves_only_what_the_state_needs_in_the_stream(brokers:
     assert await fresh.append([message("KOR", 15, message_id="again")], 1) == [
         Rejected("sequence_not_increasing")
     ]
+
+
+async def test_a_write_too_large_for_the_batch_is_not_overtaken_by_later_writes(
+    brokers: Brokers,
+) -> None:
+    """Writes queued together past one atomic batch's entry limit: the one that does not
+    fit waits for the next batch, and so does every write queued after it, so one
+    sender's requests are stored in the order they were appended (a later, smaller
+    write slipping into the first batch would refuse the earlier one's sequences)."""
+    store = await brokers.open(max_bytes=64 * MiB)
+    half = batches.MAX_ENTRIES * 3 // 5  # two of these never share a batch
+    writes: list[list[Any]] = []
+    seq = 0
+    for count in (1, half, half, 5):
+        writes.append(
+            [message("KOR", seq + i, message_id=f"k{seq + i}") for i in range(1, count + 1)]
+        )
+        seq += count
+    # Appended one after the other in one pass of the loop, as concurrent publishes are:
+    # the writer finds all four queued.
+    results = await asyncio.gather(*(store.append(w, now_ms=1) for w in writes))
+    reasons = [r.reason for rs in results for r in rs if isinstance(r, Rejected)]
+    assert reasons == []
+    offsets = [r.offset for rs in results for r in rs if isinstance(r, Appended)]
+    assert offsets == sorted(offsets) and len(offsets) == seq
+    assert await store.last_sequence("KOR") == seq

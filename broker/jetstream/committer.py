@@ -2,7 +2,9 @@
 
 Each caller submits a job that plans its entries on the store's view (a ``Draft``: the
 view plus what earlier jobs of the same batch wrote). The task takes what is queued,
-plans the jobs in order (a job that raises fails alone, leaving no entry), sends them
+plans the jobs in order (a job that raises fails alone, leaving no entry; one that would
+take the batch past its entry limit waits for the next batch with every job after it, so
+no job overtakes an earlier one and a sender's writes keep their order), sends them
 as ONE atomic batch pinned to the view's last sequence (see batches), and only once the
 cluster acknowledged it applies the entries to the view and answers the callers. So a
 commit is durable (quorum, fsynced) and whole when its callers hear of it.
@@ -123,8 +125,9 @@ class Committer:
 
     async def _run(self) -> None:
         while not self._stopping or self._carry:
-            group = self._carry
-            self._carry = []
+            # Carried jobs first, in order, up to one that must be alone (it goes by itself).
+            cut = next((i for i, j in enumerate(self._carry) if j.alone), len(self._carry))
+            group, self._carry = self._carry[: max(cut, 1)], self._carry[max(cut, 1) :]
             if not group:
                 job = await self._queue.get()
                 if job is None:
@@ -239,7 +242,7 @@ class Committer:
         draft = Draft(self._view)
         entries: list[Entry] = []
         planned: list[tuple[_Job, Callable[[], Any]]] = []
-        for job in group:
+        for k, job in enumerate(group):
             child = draft.child()
             try:
                 mine, answer = job.plan(child, base + 1 + len(entries), batch_id)
@@ -255,7 +258,11 @@ class Committer:
                         )
                     )
                 else:
-                    self._carry.append(job)  # first in the next batch
+                    # First in the next batch, and every job queued after it too: a later
+                    # job must not overtake it (one sender's sequences would then be
+                    # refused). Ahead of any job carried already: those came later still.
+                    self._carry[:0] = group[k:]
+                    break
                 continue
             draft = child
             entries.extend(mine)
