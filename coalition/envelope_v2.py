@@ -137,6 +137,7 @@ class OpenedV2:
     plaintext: bytes
     sequence: int  # the per-(sender, recipient) sequence for this recipient
     epoch_id: bytes
+    recipients: tuple[str, ...] = ()  # every partner an epoch key was wrapped for
 
 
 class RootCache:
@@ -436,6 +437,7 @@ def open(  # the contract's name; shadows the builtin in this module only
         plaintext=plaintext,
         sequence=entry.sequence,
         epoch_id=bytes(entry.epoch_id),
+        recipients=tuple(k.recipient for k in verified.header_v2.epoch_keys),
     )
 
 

@@ -160,7 +160,7 @@ def _partners(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=Path,
         required=True,
         metavar="FILE",
-        help="the partner's Ed25519 signing certificate (PEM or DER)",
+        help="the partner's signing certificate (PEM or DER), issued by the CA",
     )
     p.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
     add_policy_flags(p)

@@ -70,7 +70,7 @@ def _cmd_reissue_signing(args: argparse.Namespace) -> None:
     print(
         f"new signing key for partner {creds.code} in {d} (signing key id "
         f"{creds.signing_key_id}, {kind}; HPKE key id {creds.current_key_id}); operators "
-        f"propose {d / 'signing.crt'} with: coalition-admin partner rekey {creds.code} "
+        f"propose {d / 'signing.crt'} with: coalition-admin partners rekey {creds.code} "
         "--signing-cert FILE"
     )
 
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and sign a new HPKE bundle under it; the TLS key and old HPKE keys stay",
         f"  {PROG} reissue-signing pki/ KOR\n"
         "\nThen operators replace the certificate the broker holds (two operators):\n"
-        "  coalition-admin partner rekey KOR --signing-cert pki/partners/KOR/signing.crt\n",
+        "  coalition-admin partners rekey KOR --signing-cert pki/partners/KOR/signing.crt\n",
     )
     p.add_argument("dir", metavar="DIR", help="PKI directory holding ca/")
     p.add_argument("code", metavar="CODE", help="partner code, e.g. KOR")

@@ -12,7 +12,7 @@ the signed core, which carries no keys), and the sender's number for this recipi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -98,31 +98,36 @@ class Opener:
             o2 = envelope_v2.open(
                 envelope, epochs=self.epochs, signer=directory.hybrid_signer, roots=self.roots
             )
-            # Verified by open(): the header's bytes are the signed leaf.
-            keys = envelope_pb2.HeaderV2.FromString(envelope.header_v2).epoch_keys
-            return Opened(o2.header, o2.plaintext, o2.sequence, tuple(k.recipient for k in keys), 2)
-        _refuse_downgrade(envelope, directory)
-        o1 = env.open(envelope, recipient=self.recipient, keys=self._keys, signer=directory.signer)
+            return Opened(o2.header, o2.plaintext, o2.sequence, o2.recipients, 2)
+        o1 = env.open(
+            envelope, recipient=self.recipient, keys=self._keys, signer=_v1_signer(directory)
+        )
         wrapped = o1.header.wrapped_keys
         mine = next((w.sequence for w in wrapped if w.recipient == self.recipient), 0)
         return Opened(o1.header, o1.plaintext, mine, tuple(w.recipient for w in wrapped), 1)
 
 
-def _refuse_downgrade(envelope: envelope_pb2.Envelope, directory: Signers) -> None:
-    """Refuse a v1 envelope under a signing certificate that certifies an ML-DSA-65 key.
+def _v1_signer(directory: Signers) -> Callable[[str, str], Ed25519PublicKey]:
+    """The signer for a v1 envelope: the sender's Ed25519 key, unless its signing
+    certificate certifies an ML-DSA-65 key.
 
     Such a certificate says its holder signs v2 only (the broker refuses v1 from it at
     publish, ``hybrid_key_required``); accepting v1 under it here would let whoever can
-    forge Ed25519 alone, with a broker to deliver it, speak for a hybrid sender.
+    forge Ed25519 alone, with a broker to deliver it, speak for a hybrid sender. Called
+    by ``env.open`` before the signature check, which lets the refusal through.
     """
-    h = env.parse_header(envelope)  # unverified: names the key the signature must be under
-    try:
-        directory.hybrid_signer(h.sender, h.signing_key_id)
-    except KeyError:
-        return  # a v1-only certificate (or an unknown one: open() says so)
-    raise env.InvalidEnvelope(
-        env.Failure.BAD_SIGNATURE,
-        f"{h.sender[:64]!r}'s signing certificate certifies an ML-DSA-65 key, so its "
-        "envelopes must be v2 (a hybrid-signed batch root); a v1 envelope, signed with "
-        "Ed25519 only, is refused",
-    )
+
+    def signer(sender: str, key_id: str) -> Ed25519PublicKey:
+        key = directory.signer(sender, key_id)  # KeyError: open() says unknown_sender
+        try:
+            directory.hybrid_signer(sender, key_id)
+        except KeyError:
+            return key  # a v1-only certificate
+        raise env.InvalidEnvelope(
+            env.Failure.BAD_SIGNATURE,
+            f"{sender[:64]!r}'s signing certificate certifies an ML-DSA-65 key, so its "
+            "envelopes must be v2 (a hybrid-signed batch root); a v1 envelope, signed with "
+            "Ed25519 only, is refused",
+        )
+
+    return signer

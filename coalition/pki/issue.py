@@ -110,24 +110,7 @@ def issue_partner(
     ca = load_ca(root)
     make_private_dir(d)
     _issue_tls(ca, d, identity, now_ms, valid_days)
-    signing = Ed25519PrivateKey.generate()
-    ml_dsa_key = MLDSA65PrivateKey.generate() if ml_dsa else None
-    signing_cert = issue_signing_cert(
-        ca,
-        identity,
-        signing.public_key(),
-        now_ms,
-        valid_days=valid_days,
-        ml_dsa_key=ml_dsa_key.public_key() if ml_dsa_key is not None else None,
-    )
-    write_private(d / "signing.key", pem_private_key(signing))
-    if ml_dsa_key is not None:
-        write_private(d / ML_DSA_KEY_FILE, pem_private_key(ml_dsa_key))
-    else:
-        (d / ML_DSA_KEY_FILE).unlink(missing_ok=True)  # --force over a hybrid partner
-    write_public(d / "signing.crt", pem_certificate(signing_cert))
-    signer = HybridSigningKey(signing, ml_dsa_key) if ml_dsa_key is not None else signing
-    _new_hpke_key(d, code, signer, signing_cert, now_ms, hpke_valid_days)
+    _new_signing_key(ca, d, identity, code, now_ms, valid_days, hpke_valid_days, ml_dsa)
     return d
 
 
@@ -182,13 +165,29 @@ def reissue_signing(
     """Replace an existing partner's signing key and certificate (Ed25519 + ML-DSA-65
     unless ``ml_dsa=False``) and sign a new HPKE key bundle under it; the TLS key and
     the old ``hpke-*.key`` files stay (messages sealed to them still open). Operators
-    then propose the new ``signing.crt`` with ``coalition-admin partner rekey``.
+    then propose the new ``signing.crt`` with ``coalition-admin partners rekey``.
     Returns the partner directory. Raises PkiError (no CA, no such partner)."""
     identity = Identity.partner(code)
     d = partner_dir(root, code)
     if not (d / "signing.key").is_file():
         raise PkiError(f"unknown partner {code}: no signing key in {d}; use issue-partner")
     ca = load_ca(root)
+    _new_signing_key(ca, d, identity, code, now_ms, valid_days, hpke_valid_days, ml_dsa)
+    return d
+
+
+def _new_signing_key(
+    ca: CertificateAuthority,
+    d: Path,
+    identity: Identity,
+    code: str,
+    now_ms: int,
+    valid_days: int,
+    hpke_valid_days: int,
+    ml_dsa: bool,
+) -> None:
+    """New signing keys (Ed25519, and ML-DSA-65 unless ``ml_dsa`` is False), their
+    certificate, and a new HPKE key bundle signed under them, written into ``d``."""
     signing = Ed25519PrivateKey.generate()
     ml_dsa_key = MLDSA65PrivateKey.generate() if ml_dsa else None
     signing_cert = issue_signing_cert(
@@ -203,11 +202,10 @@ def reissue_signing(
     if ml_dsa_key is not None:
         write_private(d / ML_DSA_KEY_FILE, pem_private_key(ml_dsa_key))
     else:
-        (d / ML_DSA_KEY_FILE).unlink(missing_ok=True)
+        (d / ML_DSA_KEY_FILE).unlink(missing_ok=True)  # an Ed25519-only key replaces a hybrid one
     write_public(d / "signing.crt", pem_certificate(signing_cert))
     signer = HybridSigningKey(signing, ml_dsa_key) if ml_dsa_key is not None else signing
     _new_hpke_key(d, code, signer, signing_cert, now_ms, hpke_valid_days)
-    return d
 
 
 def issue_operator(
