@@ -1,0 +1,156 @@
+"""Federation between national brokers: real broker processes, one PKI per nation, mTLS
+between them with gateway certificates, receipts and audit chains on both sides."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from clients.sdk import PartnerClient
+from coalition.federation import load_trust_file, verify_receipt
+from coalition.labels import parse_label
+from coalition.v1 import audit_pb2, exchange_pb2, federation_pb2
+from tests.federation_rig import (
+    Nation,
+    admit_partners,
+    federate,
+    link,
+    make_pkis,
+    open_foreign,
+    recipient,
+    seal,
+    start_all,
+    stop_all,
+)
+from tests.helpers import now_ms
+
+NATIONS = {"NATO": ["NATO", "NATO-HQ"], "KOR": ["KOR", "KOR-2"], "USA": ["USA"]}
+
+
+@pytest.fixture(scope="module")
+def pkis(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_pkis(tmp_path_factory.mktemp("nations"), NATIONS)
+
+
+@pytest.fixture
+async def pair(pkis: dict[str, Path], tmp_path: Path) -> AsyncIterator[dict[str, Nation]]:
+    """NATO and KOR, linked both ways, their partners admitted."""
+    two = {k: pkis[k] for k in ("NATO", "KOR")}
+    nations = federate(tmp_path, two, [("NATO", "KOR")])
+    try:
+        await start_all(nations)
+        nato, kor = nations["NATO"], nations["KOR"]
+        await admit_partners(nato, NATIONS["NATO"])
+        await admit_partners(kor, NATIONS["KOR"])
+        await link(nato, kor)
+        await link(kor, nato)
+        yield nations
+    finally:
+        stop_all(nations)
+
+
+async def deliveries(
+    client: PartnerClient, n: int, timeout: float = 20
+) -> list[exchange_pb2.Delivery]:
+    """n deliveries on a fresh subscription, acknowledged."""
+    sub = client.subscribe(("intel.>",))
+    got: list[exchange_pb2.Delivery] = []
+    try:
+        async with asyncio.timeout(timeout):
+            async for d in sub:
+                got.append(d)
+                await sub.ack([d.offset])
+                if len(got) == n:
+                    break
+    finally:
+        await sub.aclose()
+    return got
+
+
+async def nothing_for(client: PartnerClient, seconds: float) -> None:
+    """No delivery arrives for client within seconds (a bound, not a timing claim)."""
+    sub = client.subscribe(("intel.>",))
+    try:
+        async with asyncio.timeout(seconds):
+            async for d in sub:
+                raise AssertionError(f"unexpected delivery {d.envelope.header_v2[:0]!r}")
+    except TimeoutError:
+        pass
+    finally:
+        await sub.aclose()
+
+
+async def audit(nation: Nation, kind: str) -> list[audit_pb2.AuditEntry]:
+    async with nation.operator() as op:
+        return list(await op.audit(kind=kind))
+
+
+async def eventually_audited(nation: Nation, kind: str, n: int) -> list[audit_pb2.AuditEntry]:
+    async with asyncio.timeout(20):
+        while len(found := await audit(nation, kind)) < n:  # noqa: ASYNC110 - another process
+            await asyncio.sleep(0.1)
+    return found
+
+
+async def verify_chain(nation: Nation) -> None:
+    async with nation.operator() as op:
+        v = await op.verify_audit()
+    assert v.ok, v.problem
+    assert not v.tampered_offsets
+
+
+async def test_a_message_released_to_another_nation_reaches_its_partner_end_to_end(
+    pair: dict[str, Nation],
+) -> None:
+    nato, kor = pair["NATO"], pair["KOR"]
+    sender, kor_creds = nato.creds("NATO"), kor.creds("KOR")
+    env = seal(sender, [recipient(kor_creds)], parse_label("NATO SECRET // REL TO KOR"))
+    async with nato.partner("NATO") as pub, kor.partner("KOR") as rcv:
+        [res] = await pub.publish([env])
+        assert res.outcome == exchange_pb2.ACCEPTED, res
+        [d] = await deliveries(rcv, 1)
+    # Byte for byte: the envelope the recipient got is the one the sender signed.
+    assert d.envelope.SerializeToString() == env.SerializeToString()
+    opened = open_foreign(d.envelope, kor_creds, kor.trust_file, sender.signing_cert_der)
+    assert opened.plaintext == b"summary" and opened.header.sender == "NATO"
+    # The receipt: in NATO's chain, signed by KOR's audit key, naming KOR's decision.
+    [rec] = await eventually_audited(nato, "federation.receipt", 1)
+    detail = json.loads(rec.detail_json)
+    signed = federation_pb2.SignedReceipt(
+        receipt=base64.b64decode(detail["receipt"]),
+        signature=base64.b64decode(detail["signature"]),
+        signer_cert=base64.b64decode(detail["signer_cert"]),
+    )
+    kor_ca = load_trust_file(nato.trust_file).peers["KOR"].ca_cert
+    receipt = verify_receipt(signed, kor_ca, now_ms())
+    assert receipt.outcome == federation_pb2.RECEIPT_STORED
+    assert receipt.message_id == res.message_id and receipt.sender == "NATO"
+    nato_ca = load_trust_file(kor.trust_file).peers["NATO"].ca_cert
+    with pytest.raises(ValueError):  # not NATO's broker's signature
+        verify_receipt(signed, nato_ca, now_ms())
+    [received] = await audit(kor, "federation.received")
+    assert received.seq == receipt.audit_seq and received.message_id == res.message_id
+    await verify_chain(nato)
+    await verify_chain(kor)
+
+
+async def test_nothing_crosses_that_the_release_policy_does_not_allow(
+    pair: dict[str, Nation],
+) -> None:
+    """REL TO USA only: KOR's gateway is not released to, so nothing crosses, and the
+    decision not to forward is in NATO's chain."""
+    nato, kor = pair["NATO"], pair["KOR"]
+    label = parse_label("NATO SECRET // REL TO USA")
+    env = seal(nato.creds("NATO"), [recipient(kor.creds("KOR"))], label)
+    async with nato.partner("NATO") as pub, kor.partner("KOR") as rcv:
+        [res] = await pub.publish([env])
+        assert res.outcome == exchange_pb2.ACCEPTED, res
+        await nothing_for(rcv, 1.5)
+    denied = [e for e in await audit(nato, "deliver.denied") if e.message_id == res.message_id]
+    assert denied and denied[0].partner == "KOR"
+    assert await audit(kor, "federation.received") == []
