@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from clients.sdk import OperatorClient, PartnerClient
 from coalition import envelope_v2
 from coalition.envelope import Recipient
@@ -26,14 +28,16 @@ from coalition.identity import certified_hybrid_key, verify_signing_cert
 from coalition.labels import Classification, Label, label_to_proto
 from coalition.pki import (
     PartnerCredentials,
+    gateway_dir,
     issue_gateway,
     load_ca,
+    load_gateway,
     load_operator,
     load_partner,
     make_dev_pki,
 )
 from coalition.policy import PartnerPolicy, PartnerStatus, policy_to_proto
-from coalition.v1 import envelope_pb2
+from coalition.v1 import envelope_pb2, federation_pb2, federation_pb2_grpc
 from tests.broker_process import ConfiguredBroker
 from tests.helpers import now_ms
 from tests.test_broker_faults import free_port
@@ -218,3 +222,28 @@ def open_foreign(
         return key
 
     return envelope_v2.open(env, epochs=RecipientEpochs(me.code, me.hpke_keys), signer=signer)
+
+
+async def forward_as(
+    pki: Path, gateway: str, to: Nation, items: Sequence[federation_pb2.ForwardedEnvelope]
+) -> list[federation_pb2.SignedReceipt]:
+    """Call to's Federation.Forward with the gateway certificate pki issued for gateway,
+    as a (possibly compromised) national broker would. Raises grpc.aio.AioRpcError."""
+    creds = load_gateway(gateway_dir(pki, gateway))
+    tls = grpc.ssl_channel_credentials(
+        root_certificates=(to.pki / "ca" / "ca.crt").read_bytes(),
+        private_key=creds.tls_key_pem,
+        certificate_chain=creds.tls_cert_pem,
+    )
+    async with grpc.aio.secure_channel(to.target, tls) as channel:
+        call = federation_pb2_grpc.FederationStub(channel).Forward(
+            iter([federation_pb2.ForwardRequest(batch_id=1, items=items)])
+        )
+        out: list[federation_pb2.SignedReceipt] = []
+        async for resp in call:
+            out.extend(resp.receipts)
+        return out
+
+
+def item(env: envelope_pb2.Envelope, cert_der: bytes) -> federation_pb2.ForwardedEnvelope:
+    return federation_pb2.ForwardedEnvelope(envelope=env.SerializeToString(), signing_cert=cert_der)

@@ -154,3 +154,83 @@ async def test_nothing_crosses_that_the_release_policy_does_not_allow(
     denied = [e for e in await audit(nato, "deliver.denied") if e.message_id == res.message_id]
     assert denied and denied[0].partner == "KOR"
     assert await audit(kor, "federation.received") == []
+
+
+@pytest.fixture
+async def triangle(pkis: dict[str, Path], tmp_path: Path) -> AsyncIterator[dict[str, Nation]]:
+    """NATO, KOR and USA, every pair linked and admitted both ways."""
+    nations = federate(tmp_path, pkis, [("NATO", "KOR"), ("NATO", "USA"), ("KOR", "USA")])
+    try:
+        await start_all(nations)
+        for n in nations.values():
+            await admit_partners(n, NATIONS[n.code])
+            for peer in n.peers:
+                await link(n, nations[peer])
+        yield nations
+    finally:
+        stop_all(nations)
+
+
+async def test_the_triangle_delivers_once_and_never_back_to_the_origin(
+    triangle: dict[str, Nation],
+) -> None:
+    nato, kor, usa = triangle["NATO"], triangle["KOR"], triangle["USA"]
+    to = [
+        recipient(kor.creds("KOR")),
+        recipient(usa.creds("USA")),
+        recipient(nato.creds("NATO-HQ")),
+    ]
+    env = seal(nato.creds("NATO"), to, parse_label("NATO SECRET // REL TO KOR, USA, NATO-HQ"))
+    async with (
+        nato.partner("NATO") as pub,
+        kor.partner("KOR") as k,
+        usa.partner("USA") as u,
+        nato.partner("NATO-HQ") as hq,
+    ):
+        [res] = await pub.publish([env])
+        assert res.outcome == exchange_pb2.ACCEPTED, res
+        for client in (k, u, hq):
+            [d] = await deliveries(client, 1)
+            assert d.envelope.SerializeToString() == env.SerializeToString()
+        await eventually_audited(nato, "federation.receipt", 2)
+        for client in (k, u, hq):  # once each: nothing more comes
+            await nothing_for(client, 1.0)
+    # Stored once in each peer; nothing came back to NATO.
+    assert len(await audit(kor, "federation.received")) == 1
+    assert len(await audit(usa, "federation.received")) == 1
+    assert await audit(nato, "federation.received") == []
+    # KOR and USA decided, and recorded, not to forward NATO's message any further.
+    for here, other in ((kor, "USA"), (usa, "KOR")):
+        denied = [e for e in await audit(here, "deliver.denied") if e.partner == other]
+        assert [e.decision for e in denied] == ["forwarded"], denied
+    for n in (nato, kor, usa):
+        await verify_chain(n)
+
+
+async def test_suspending_a_peer_stops_the_flow_both_ways_at_once(
+    pair: dict[str, Nation],
+) -> None:
+    nato, kor = pair["NATO"], pair["KOR"]
+    to_kor = seal(
+        nato.creds("NATO"), [recipient(kor.creds("KOR"))], parse_label("NATO SECRET // REL TO KOR")
+    )
+    to_nato = seal(
+        kor.creds("KOR"), [recipient(nato.creds("NATO"))], parse_label("NATO SECRET // REL TO NATO")
+    )
+    async with nato.operator("op1") as op1:
+        await op1.suspend("KOR", "test: the link is cut")
+    async with nato.partner("NATO") as n, kor.partner("KOR") as k:
+        assert (await n.publish([to_kor]))[0].outcome == exchange_pb2.ACCEPTED
+        assert (await k.publish([to_nato]))[0].outcome == exchange_pb2.ACCEPTED
+        await nothing_for(k, 1.5)
+        await nothing_for(n, 0.5)
+        assert await audit(kor, "federation.received") == []
+        assert await audit(nato, "federation.received") == []
+        # Reinstated by two operators: what waited crosses now, each way once.
+        async with nato.operator("op1") as op1, nato.operator("op2") as op2:
+            prop = await op1.reinstate("KOR", "test: the link is back")
+            await op2.approve(prop.proposal.proposal_id, "approved in test")
+        [d] = await deliveries(k, 1)
+        assert d.envelope.SerializeToString() == to_kor.SerializeToString()
+        [d] = await deliveries(n, 1)
+        assert d.envelope.SerializeToString() == to_nato.SerializeToString()
