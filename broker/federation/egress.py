@@ -28,7 +28,7 @@ from broker.errors import BrokerError
 from broker.exchange.facade import ExchangeCore
 from broker.exchange.outcomes import DeliveryBatch, ExpiryBatch
 from broker.federation.state import FederationState, LinkRoute
-from broker.store import StoredMessage
+from broker.store import StoredMessage, StoreError
 from coalition.federation import FederationError, verify_receipt
 from coalition.identity import signing_key_id
 from coalition.policy import PartnerStatus
@@ -198,6 +198,10 @@ class Link:
             self._count(r.outcome)
         await self.exchange.audit.record_many(audits, now_ms=now)
         self.counters.receipts += len(audits)
+        try:
+            self.counters.lag = await self.exchange.store.backlog_count(self.nation)
+        except StoreError:
+            pass
         return [m.offset for m in messages]
 
     def _count(self, outcome: int) -> None:

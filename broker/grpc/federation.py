@@ -24,6 +24,7 @@ from broker.federation.directory import ForeignDirectory
 from broker.federation.egress import Link, LinkDown, Transport
 from broker.federation.ingress import Ingress
 from broker.federation.state import FederationState
+from broker.federation.view import FederationView
 from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import abort
 from broker.registry_types import RegistryChange
@@ -133,6 +134,7 @@ class Federation:
     state: FederationState
     servicer: FederationServicer
     links: dict[str, Link]
+    view: FederationView
     gateway: GatewayCredentials = field(repr=False)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -204,7 +206,8 @@ async def attach(
     exchange.keys.foreign = foreign
     servicer = FederationServicer(Ingress(cfg, exchange, state, exchange.clock), foreign)
     federation_pb2_grpc.add_FederationServicer_to_server(servicer, server)
-    fed = Federation(state, servicer, {}, gateway)
+    view = FederationView(state, exchange.registry, exchange.store, foreign)
+    fed = Federation(state, servicer, {}, view, gateway)
     fed.links = {n: Link(cfg, exchange, state, n, fed.connect, foreign.learn) for n in trust.peers}
     exchange.registry.on_change(fed.changed)
     await audit.record(
