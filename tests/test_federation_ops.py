@@ -203,3 +203,44 @@ async def test_each_load_of_the_trust_file_is_audited_with_what_changed(
     detail = json.loads(loads[1].detail_json)
     assert detail["changed"] == {"same_file": False, "added": [], "removed": [], "changed": ["KOR"]}
     assert detail["peers"]["KOR"]["endpoint"].startswith("localhost:")
+
+
+def test_a_receipt_verifies_only_as_signed_by_the_receivers_broker(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from coalition.federation import sign_receipt, verify_receipt
+    from coalition.pki import load_broker, load_ca, load_partner
+    from coalition.v1 import federation_pb2
+    from tests.helpers import now_ms
+
+    pkis = make_pkis(tmp_path, {"KOR": ["KOR"], "USA": []})
+    kor = load_broker(pkis["KOR"])
+    assert kor.audit_cert is not None
+    der = kor.audit_cert.public_bytes(serialization.Encoding.DER)
+    receipt = federation_pb2.CustodyReceipt(
+        message_id="m1", outcome=federation_pb2.RECEIPT_STORED, audit_seq=7
+    )
+    signed = sign_receipt(receipt, kor.audit_key, der)
+    kor_ca, usa_ca = load_ca(pkis["KOR"]).cert, load_ca(pkis["USA"]).cert
+    assert verify_receipt(signed, kor_ca, now_ms()).audit_seq == 7
+    bad = {
+        "another nation's CA": (signed, usa_ca),
+        "altered": (
+            federation_pb2.SignedReceipt(
+                receipt=signed.receipt.replace(b"m1", b"m2"),
+                signature=signed.signature,
+                signer_cert=signed.signer_cert,
+            ),
+            kor_ca,
+        ),
+    }
+    # A partner's signing certificate of the same CA is not a broker's audit certificate.
+    partner = load_partner(pkis["KOR"] / "partners" / "KOR")
+    bad["a partner's key"] = (
+        sign_receipt(receipt, partner.signing_key, partner.signing_cert_der),
+        kor_ca,
+    )
+    for why, (s, ca) in bad.items():
+        with pytest.raises(FederationError):
+            verify_receipt(s, ca, now_ms())
+            raise AssertionError(why)

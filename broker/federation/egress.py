@@ -105,6 +105,10 @@ class Link:
                 self.counters.last_error = str(exc)
                 log.warning("federation link to %s: %s", self.nation, exc)
                 failures += 1
+            except Exception as exc:  # the audit log, the store: the link retries, never dies
+                self.counters.last_error = str(exc)
+                log.exception("federation link to %s failed", self.nation)
+                failures += 1
             self.wake.clear()
             try:
                 async with asyncio.timeout(RETRY_S[min(failures, len(RETRY_S) - 1)]):

@@ -96,6 +96,8 @@ class Ingress:
         rec = self.exchange.registry.get(nation)
         if rec is None or rec.policy.status is not PartnerStatus.ACTIVE:
             raise Forbidden("suspended", f"the gateway of nation {nation} is not active")
+        if not items:
+            return []
         now = self.clock()
         done = [self._check(nation, it, now) for it in items]
         fresh = await self._store(nation, done, now)
