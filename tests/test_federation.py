@@ -360,3 +360,61 @@ async def test_a_national_broker_on_jetstream(
     finally:
         stop_all(nations)
         await drop_deployment(nats_cluster, prefix)
+
+
+async def test_nodes_of_two_nations_exchange_through_their_brokers(
+    keyed_pair: dict[str, Nation], tmp_path: Path
+) -> None:
+    """`coalition-node publish` in NATO and `coalition-node run` in KOR, each with its
+    nation's trust file: the summary lands in the KOR node's inbox once, from NATO."""
+    from tests.node_helpers import node, start_daemon, stop, write_config
+
+    nato, kor = keyed_pair["NATO"], keyed_pair["KOR"]
+    fed = '[federation]\nfile = "{}"\n'
+    pub_cfg = write_config(
+        tmp_path / "nato" / "node.toml",
+        nato.pki,
+        "NATO",
+        nato.broker.port,
+        extra=fed.format(nato.trust_file),
+    )
+    rcv_cfg = write_config(
+        tmp_path / "kor" / "node.toml",
+        kor.pki,
+        "KOR-2",
+        kor.broker.port,
+        extra=fed.format(kor.trust_file),
+    )
+    daemon = await start_daemon(rcv_cfg, tmp_path / "kor-node.log")
+    try:
+        label = "NATO SECRET // REL TO KOR"
+        async with asyncio.timeout(30):
+            while True:  # until NATO's broker has learned KOR's partners over the link
+                r = await node(
+                    "publish",
+                    "--config",
+                    str(pub_cfg),
+                    "--topic",
+                    "intel.ground",
+                    "--label",
+                    label,
+                    "--json",
+                    "-",
+                    stdin=b"Armour moving north",
+                )
+                if r.code == 0:
+                    break
+                assert "no eligible recipient" in r.err or "not sealed" in r.err, r
+                await asyncio.sleep(0.5)
+        assert "KOR-2" in json.loads(r.out)["recipients"], r.out
+        async with asyncio.timeout(30):
+            while True:
+                inbox = await node("inbox", "--config", str(rcv_cfg), "--json")
+                entries = json.loads(inbox.out)
+                if entries:
+                    break
+                await asyncio.sleep(0.3)
+        [entry] = entries
+        assert entry["sender"] == "NATO" and entry["topic"] == "intel.ground"
+    finally:
+        assert await stop(daemon) == 0
