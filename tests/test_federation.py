@@ -235,8 +235,22 @@ async def test_suspending_a_peer_stops_the_flow_both_ways_at_once(
     to_nato = seal(
         kor.creds("KOR"), [recipient(nato.creds("NATO"))], parse_label("NATO SECRET // REL TO NATO")
     )
+
+    async def link_up(here: Nation, peer: str) -> bool:
+        async with here.operator() as op:
+            [p] = [p for p in (await op.peers()).peers if p.nation == peer]
+        return p.connected
+
+    async with asyncio.timeout(20):
+        while not (await link_up(nato, "KOR") and await link_up(kor, "NATO")):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
     async with nato.operator("op1") as op1:
         await op1.suspend("KOR", "test: the link is cut")
+    # At once, both ways: NATO's link to KOR closes, and NATO ends KOR's open stream, so
+    # KOR's link is down before it has anything to send.
+    async with asyncio.timeout(5):
+        while await link_up(nato, "KOR") or await link_up(kor, "NATO"):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
     async with nato.partner("NATO") as n, kor.partner("KOR") as k:
         assert (await n.publish([to_kor]))[0].outcome == exchange_pb2.ACCEPTED
         assert (await k.publish([to_nato]))[0].outcome == exchange_pb2.ACCEPTED

@@ -24,8 +24,9 @@ from cryptography import x509
 
 from broker.audit import AuditItem
 from broker.config import BrokerConfig
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.exchange.facade import ExchangeCore
+from broker.exchange.live import Subscription
 from broker.exchange.outcomes import DeliveryBatch, ExpiryBatch
 from broker.federation.state import FederationState, LinkRoute
 from broker.store import StoredMessage, StoreError
@@ -57,6 +58,9 @@ class Transport(Protocol):
     ) -> list[federation_pb2.SignedReceipt]: ...
 
     async def directory(self) -> list[directory_pb2.DirectoryEntry]: ...
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call callback once the Forward stream has ended (the peer closed it, say)."""
 
     async def close(self) -> None: ...
 
@@ -126,6 +130,8 @@ class Link:
             refresh = asyncio.create_task(self._refresh(transport))
             sub = self.exchange.open_subscription(self.nation, topics, self.cfg.subscriber_window)
             sub.gateway = LinkRoute(self.state, self.nation)
+            # The peer ending the stream (a suspension there) ends the link at once.
+            transport.on_end(lambda: _peer_ended(sub, self.nation))
             self.counters.connected = True
             self.counters.last_error = ""
             try:
@@ -215,6 +221,12 @@ class Link:
             self.counters.duplicates += 1
         else:
             self.counters.refused_by_peer += 1
+
+
+def _peer_ended(sub: Subscription, nation: str) -> None:
+    if sub.closed is None:
+        sub.closed = Unavailable("peer_closed", f"nation {nation}'s broker ended the link")
+    sub.wake.set()
 
 
 def _receipt_item(

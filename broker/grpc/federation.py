@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,9 @@ class GrpcTransport:
         if resp.batch_id != self.batch:
             raise LinkDown(f"the peer answered batch {resp.batch_id} for {self.batch}")
         return list(resp.receipts)
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        self.call.add_done_callback(lambda _: callback())
 
     async def directory(self) -> list[directory_pb2.DirectoryEntry]:
         try:
