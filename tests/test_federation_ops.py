@@ -244,3 +244,42 @@ def test_a_receipt_verifies_only_as_signed_by_the_receivers_broker(tmp_path: Pat
         with pytest.raises(FederationError):
             verify_receipt(s, ca, now_ms())
             raise AssertionError(why)
+
+
+async def test_the_metrics_count_each_peers_traffic(pkis: dict[str, Path], tmp_path: Path) -> None:
+    import urllib.request
+
+    from tests.test_broker_faults import free_port
+
+    port = free_port()
+    extra = {"NATO": f'[metrics]\nlisten = "127.0.0.1:{port}"\n'}
+    nations = federate(tmp_path, pkis, [("NATO", "KOR")], extra=extra)
+    nato, kor = nations["NATO"], nations["KOR"]
+    try:
+        await start_all(nations)
+        for n in nations.values():
+            await admit_partners(n, NATIONS[n.code])
+        await add_by_cli(nato, kor)
+        await add_by_cli(kor, nato)
+        env = seal(
+            nato.creds("NATO"),
+            [recipient(kor.creds("KOR"))],
+            parse_label("NATO SECRET // REL TO KOR"),
+        )
+        async with nato.partner("NATO") as pub, kor.partner("KOR") as rcv:
+            assert (await pub.publish([env]))[0].outcome == exchange_pb2.ACCEPTED
+            await deliveries(rcv, 1)
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+
+        want = 'coalition_federation_receipts_total{peer="KOR"} 1.0'
+        async with asyncio.timeout(20):
+            while want not in (text := await asyncio.to_thread(scrape)):  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        assert 'coalition_federation_forwarded_total{peer="KOR"} 1.0' in text
+        assert 'coalition_federation_link_up{peer="KOR"} 1.0' in text
+        assert 'coalition_federation_lag_messages{peer="KOR"} 0.0' in text
+    finally:
+        stop_all(nations)

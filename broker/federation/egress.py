@@ -139,6 +139,7 @@ class Link:
                     if isinstance(item, DeliveryBatch):
                         done = await self._forward(transport, item.messages, item.headers)
                         await self.exchange.acknowledge(sub, done)
+                        await self._note_lag()
                     elif isinstance(item, ExpiryBatch):
                         self.exchange.note_acks(sub, [n.offset for n in item.notices])
             finally:
@@ -157,6 +158,12 @@ class Link:
                 self.learn(self.nation, await transport.directory())
             except (LinkDown, BrokerError) as exc:
                 log.warning("directory of %s not refreshed: %s", self.nation, exc)
+
+    async def _note_lag(self) -> None:
+        try:
+            self.counters.lag = await self.exchange.store.backlog_count(self.nation)
+        except StoreError:
+            pass
 
     def _signing_cert(self, m: StoredMessage, key_id: str) -> bytes:
         """The originator's certificate the message is signed under (current or earlier)."""
@@ -208,10 +215,6 @@ class Link:
             self._count(r.outcome)
         await self.exchange.audit.record_many(audits, now_ms=now)
         self.counters.receipts += len(audits)
-        try:
-            self.counters.lag = await self.exchange.store.backlog_count(self.nation)
-        except StoreError:
-            pass
         return [m.offset for m in messages]
 
     def _count(self, outcome: int) -> None:
