@@ -155,7 +155,7 @@ async def test_nothing_crosses_that_the_release_policy_does_not_allow(
     async with nato.partner("NATO") as pub, kor.partner("KOR") as rcv:
         [res] = await pub.publish([env])
         assert res.outcome == exchange_pb2.ACCEPTED, res
-        await nothing_for(rcv, 1.5)
+        await nothing_for(rcv, 0.8)
     denied = [e for e in await audit(nato, "deliver.denied") if e.message_id == res.message_id]
     assert [(e.partner, e.decision) for e in denied] == [("KOR", "not_releasable")], denied
     # Released to KOR, but no key wrapped for anyone of KOR's: it does not cross either.
@@ -168,7 +168,7 @@ async def test_nothing_crosses_that_the_release_policy_does_not_allow(
     async with nato.partner("NATO") as pub, kor.partner("KOR") as rcv:
         [res] = await pub.publish([hq_only])
         assert res.outcome == exchange_pb2.ACCEPTED, res
-        await nothing_for(rcv, 1.5)
+        await nothing_for(rcv, 0.8)
     denied = [e for e in await audit(nato, "deliver.denied") if e.message_id == res.message_id]
     assert [(e.partner, e.decision) for e in denied] == [("KOR", "no_key_wrapped")], denied
     assert await audit(kor, "federation.received") == []
@@ -211,8 +211,8 @@ async def test_the_triangle_delivers_once_and_never_back_to_the_origin(
             [d] = await deliveries(client, 1)
             assert d.envelope.SerializeToString() == env.SerializeToString()
         await eventually_audited(nato, "federation.receipt", 2)
-        for client in (k, u, hq):  # once each: nothing more comes
-            await nothing_for(client, 1.0)
+        # Once each: nothing more comes (the three watched at once).
+        await asyncio.gather(*(nothing_for(c, 1.0) for c in (k, u, hq)))
     # Stored once in each peer; nothing came back to NATO.
     assert len(await audit(kor, "federation.received")) == 1
     assert len(await audit(usa, "federation.received")) == 1
