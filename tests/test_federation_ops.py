@@ -283,3 +283,32 @@ async def test_the_metrics_count_each_peers_traffic(pkis: dict[str, Path], tmp_p
         assert 'coalition_federation_lag_messages{peer="KOR"} 0.0' in text
     finally:
         stop_all(nations)
+
+
+def test_a_broker_refuses_to_start_on_a_bad_trust_file_or_without_its_gateway(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+
+    from coalition.pki import make_dev_pki
+    from tests.helpers import now_ms
+
+    make_dev_pki(tmp_path / "pki", [], ["op1"], now_ms())
+    make_dev_pki(tmp_path / "kor", [], [], now_ms())
+    (tmp_path / "kor-ca.crt").write_bytes((tmp_path / "kor" / "ca" / "ca.crt").read_bytes())
+    peer = '[[peers]]\nnation = "KOR"\nca = "kor-ca.crt"\nendpoint = "127.0.0.1:1"\n'
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text('[federation]\nfile = "federation.toml"\n')
+
+    def start(trust: str) -> str:
+        (tmp_path / "federation.toml").write_text(trust)
+        argv = [sys.executable, "-m", "broker.cli", "serve", "--config", str(cfg)]
+        argv += ["--pki", str(tmp_path / "pki"), "--data", str(tmp_path / "data")]
+        argv += ["--listen", "127.0.0.1:0", "--operators", "op1"]
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        [line] = [x for x in proc.stderr.splitlines() if x.startswith("coalition-broker:")]
+        return line
+
+    assert "overlaps" in start('nation = "KOR-N"\n' + peer)
+    assert "coalition-keys issue-gateway" in start('nation = "NATO"\n' + peer)
