@@ -180,7 +180,7 @@ class Ingress:
         ahead = clock_skew_problem(header.created_ms, now, self.cfg.clock_skew_ms, "this broker's")
         if header.created_ms > now and ahead is not None:
             raise InvalidInput("clock_skew", ahead)
-        if now - header.created_ms > self.cfg.retention_ms:
+        if self.cfg.retention_ms and now - header.created_ms > self.cfg.retention_ms:
             raise InvalidInput("too_old", "created before this broker's retention period")
         gateway = self.exchange.registry.get(nation)
         assert gateway is not None  # receive() checked
