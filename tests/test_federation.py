@@ -4,7 +4,6 @@ between them with gateway certificates, receipts and audit chains on both sides.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ import pytest
 from clients.cluster import NatsCluster
 from clients.sdk import PartnerClient
 from coalition.epoch import SenderEpochs
-from coalition.federation import load_trust_file, verify_receipt
+from coalition.federation import load_trust_file, receipt_from_audit, verify_receipt
 from coalition.labels import parse_label
 from coalition.v1 import audit_pb2, exchange_pb2, federation_pb2
 from tests.federation_rig import (
@@ -125,12 +124,7 @@ async def test_a_message_released_to_another_nation_reaches_its_partner_end_to_e
     assert opened.plaintext == b"summary" and opened.header.sender == "NATO"
     # The receipt: in NATO's chain, signed by KOR's audit key, naming KOR's decision.
     [rec] = await eventually_audited(nato, "federation.receipt", 1)
-    detail = json.loads(rec.detail_json)
-    signed = federation_pb2.SignedReceipt(
-        receipt=base64.b64decode(detail["receipt"]),
-        signature=base64.b64decode(detail["signature"]),
-        signer_cert=base64.b64decode(detail["signer_cert"]),
-    )
+    signed = receipt_from_audit(json.loads(rec.detail_json))
     kor_ca = load_trust_file(nato.trust_file).peers["KOR"].ca_cert
     receipt = verify_receipt(signed, kor_ca, now_ms())
     assert receipt.outcome == federation_pb2.RECEIPT_STORED
