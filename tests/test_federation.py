@@ -311,6 +311,15 @@ async def test_senders_seal_for_another_nations_partners_through_the_directory(
         # gateway's registry entry, which holds KOR's CA certificate, is never listed).
         seen = await sender.directory(refresh=True)
         assert {"KOR", "KOR-2"} <= set(seen.peers) and not seen.problems
+        # And back: KOR-2 seals for NATO's partners, NATO's partner opens it.
+        back = parse_label("NATO SECRET // REL TO NATO")
+        sealed = await rcv.seal(b"and back", topic="intel.report", label=back)
+        assert "NATO" in sealed.recipients
+        [res] = await rcv.publish([sealed.envelope])
+        assert res.outcome == exchange_pb2.ACCEPTED, res
+        [d] = await deliveries(sender, 1)
+        opened = await sender.open(d)
+        assert opened.plaintext == b"and back" and opened.header.sender == "KOR-2"
     finally:
         for c in (sender, rcv, plain):
             await c.close()
