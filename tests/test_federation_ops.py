@@ -312,3 +312,37 @@ def test_a_broker_refuses_to_start_on_a_bad_trust_file_or_without_its_gateway(
 
     assert "overlaps" in start('nation = "KOR-N"\n' + peer)
     assert "coalition-keys issue-gateway" in start('nation = "NATO"\n' + peer)
+
+
+async def test_a_trust_file_naming_another_ca_does_not_let_it_in_without_the_operators(
+    unlinked: dict[str, Nation], tmp_path: Path
+) -> None:
+    """Someone who can edit the trust file swaps KOR's CA for their own: the admission
+    two operators made pins KOR's real CA, so the impostor's KOR gateway is refused."""
+    import signal
+
+    import grpc
+
+    from coalition.pki import issue_gateway, make_dev_pki
+    from tests.federation_rig import forward_as, item
+    from tests.helpers import now_ms
+
+    nato, kor = unlinked["NATO"], unlinked["KOR"]
+    await add_by_cli(nato, kor)
+    rogue = tmp_path / "rogue"
+    make_dev_pki(rogue, [], [], now_ms())
+    issue_gateway(rogue, "KOR", now_ms())
+    ca = nato.trust_file.parent / "KOR-ca.crt"
+    ca.write_bytes((rogue / "ca" / "ca.crt").read_bytes())
+    nato.broker.signal(signal.SIGTERM)
+    assert await nato.broker.wait_exit() == 0
+    await nato.broker.start()
+    env = seal(
+        kor.creds("KOR"), [recipient(nato.creds("NATO"))], parse_label("NATO SECRET // REL TO NATO")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await forward_as(rogue, "KOR", nato, [item(env, kor.creds("KOR").signing_cert_der)])
+    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "ca_not_admitted" in {e.decision for e in await audit(nato, "auth.refused")}
+    code, out, _ = await admin(nato, "--json", "federation", "show", "KOR")
+    assert code == 0 and json.loads(out)["peer"]["status"] == "ACTIVE"  # not under this CA

@@ -53,7 +53,7 @@ class ForeignDirectory:
 
     def _active(self, nation: str) -> PartnerRecord | None:
         rec = self.registry.get(nation)
-        return rec if rec is not None and rec.policy.status is PartnerStatus.ACTIVE else None
+        return rec if self.state.admitted(nation, rec) else None
 
     # -- what we tell a peer ----------------------------------------------------------------
     def answer(self, nation: str) -> list[directory_pb2.DirectoryEntry]:

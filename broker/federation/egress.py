@@ -32,7 +32,6 @@ from broker.federation.state import FederationState, LinkRoute
 from broker.store import StoredMessage, StoreError
 from coalition.federation import FederationError, verify_receipt
 from coalition.identity import signing_key_id
-from coalition.policy import PartnerStatus
 from coalition.v1 import directory_pb2, envelope_pb2, federation_pb2
 
 log = logging.getLogger("coalition.broker.federation")
@@ -93,7 +92,7 @@ class Link:
         failures = 0
         while True:
             rec = self.exchange.registry.get(self.nation)
-            if rec is None or rec.policy.status is not PartnerStatus.ACTIVE:
+            if rec is None or not self.state.admitted(self.nation, rec):
                 failures = 0
                 self.wake.clear()
                 try:

@@ -40,7 +40,7 @@ from coalition.identity import (
     signing_key_id,
 )
 from coalition.labels import Label
-from coalition.policy import PartnerStatus, decide_origination
+from coalition.policy import decide_origination
 from coalition.v1 import envelope_pb2, federation_pb2
 
 log = logging.getLogger("coalition.broker.federation")
@@ -93,8 +93,7 @@ class Ingress:
         when its decisions cannot be stored or audited (nothing is receipted then; the
         link sends again and stored ones come back ``duplicate``).
         """
-        rec = self.exchange.registry.get(nation)
-        if rec is None or rec.policy.status is not PartnerStatus.ACTIVE:
+        if not self.state.admitted(nation, self.exchange.registry.get(nation)):
             raise Forbidden("suspended", f"the gateway of nation {nation} is not active")
         if not items:
             return []
