@@ -109,3 +109,27 @@ async def test_counters_stay_exact_in_a_store_made_with_per_row_triggers(
         assert await store.usage() == {"KOR": 200, "USA": 300}
     finally:
         await store.close()
+
+
+async def test_settling_in_order_writes_no_settled_marks(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = await SqliteMessageStore.open(path, max_bytes=MiB)
+    seen: list[str] = []
+    try:
+        await store.append([message(sequence=i) for i in range(1, 9)], 1)
+        assert await store.ensure_cursor("GBR", 0) == 0
+        store._writer._conn.set_trace_callback(seen.append)
+        assert await store.settle("GBR", [1, 2, 3]) == 3
+        assert await store.settle("GBR", [4, 5]) == 5
+        assert not [s for s in seen if "INTO settled" in s]
+        # Out of order: marks for what lies beyond the first gap, pruned once it closes.
+        assert await store.settle("GBR", [7, 8]) == 5
+        assert sum("INTO settled" in s for s in seen) == 2
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("SELECT msg_offset FROM settled").fetchall() == [(7,), (8,)]
+        assert await store.settle("GBR", [6]) == 8
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("SELECT COUNT(*) FROM settled").fetchone() == (0,)
+    finally:
+        store._writer._conn.set_trace_callback(None)
+        await store.close()
