@@ -245,6 +245,12 @@ def header_bounds_problem(header: envelope_pb2.Header) -> str | None:
     return None
 
 
+# (partner, key id) pairs found well formed (the same recipients come with every message
+# of a sender): checked once; emptied when full.
+_VALID_RECIPIENTS: set[tuple[str, str]] = set()
+_VALID_RECIPIENTS_MAX = 1024
+
+
 def recipients_bounds_problem(
     header: envelope_pb2.Header, recipients: Sequence[tuple[str, str, int]]
 ) -> str | None:
@@ -262,6 +268,8 @@ def recipients_bounds_problem(
     if len(recipients) > MAX_RECIPIENTS:
         return f"header wraps {len(recipients)} keys; the limit is {MAX_RECIPIENTS} recipients"
     for i, (partner, key_id, sequence) in enumerate(recipients):
+        if sequence <= MAX_SEQUENCE and (partner, key_id) in _VALID_RECIPIENTS:
+            continue
         if (
             len(partner) <= 24
             and _PARTNER.fullmatch(partner)
@@ -269,6 +277,9 @@ def recipients_bounds_problem(
             and _ID.fullmatch(key_id)
             and sequence <= MAX_SEQUENCE
         ):
+            if len(_VALID_RECIPIENTS) >= _VALID_RECIPIENTS_MAX:
+                _VALID_RECIPIENTS.clear()
+            _VALID_RECIPIENTS.add((partner, key_id))
             continue
         return _recipient_problem(i, partner, key_id) or (
             f"wrapped_keys[{i}].sequence {sequence} is above the limit {MAX_SEQUENCE}"

@@ -480,13 +480,27 @@ def label_to_proto(label: Label) -> label_pb2.Label:
     )
 
 
+# Wire labels found within every bound, by their bytes (a label repeats from message to
+# message: checked once); emptied when full.
+_WITHIN_BOUNDS: set[bytes] = set()
+_WITHIN_BOUNDS_MAX = 256
+
+
 def label_bounds_problem(msg: label_pb2.Label) -> str | None:
     """Why a wire label is over a size limit (naming the field and the limit), or None.
 
     Only counts and lengths, no parsing: cheap enough to run before a signature check.
     """
+    wire = msg.SerializeToString()
+    if wire in _WITHIN_BOUNDS:
+        return None
     bad = _wire_bounds(msg)
-    return None if bad is None else f"label field {bad[0]} has {bad[1]}, expected {bad[2]}"
+    if bad is None:
+        if len(_WITHIN_BOUNDS) >= _WITHIN_BOUNDS_MAX:
+            _WITHIN_BOUNDS.clear()
+        _WITHIN_BOUNDS.add(wire)
+        return None
+    return f"label field {bad[0]} has {bad[1]}, expected {bad[2]}"
 
 
 def _wire_bounds(msg: label_pb2.Label) -> tuple[str, str, str] | None:

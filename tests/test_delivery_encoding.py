@@ -111,3 +111,14 @@ def test_hand_serialized_batches_equal_the_messages(pki: Path) -> None:
         assert [d.topic for d in parsed.batch.deliveries] == [h.topic for h in headers]
         assert [d.label for d in parsed.batch.deliveries] == [h.label for h in headers]
         assert [d.precedence for d in parsed.batch.deliveries] == [h.precedence for h in headers]
+
+
+def test_varints_equal_protobufs_at_every_width() -> None:
+    from broker.grpc.deliveries import _varint
+
+    assert _varint(0) == b"\x00"
+    edges = [1, 127, 128, 255, 300, 16383, 16384, 2**21 - 1, 2**21, 2**40, 2**64 - 1]
+    for n in edges:
+        assert b"\x08" + _varint(n) == exchange_pb2.Delivery(offset=n).SerializeToString()
+    # A negative enum value: ten bytes, its 64-bit two's complement.
+    assert b"\x28" + _varint(-1) == exchange_pb2.Delivery(precedence=-1).SerializeToString()  # type: ignore[arg-type]

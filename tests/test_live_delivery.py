@@ -159,6 +159,53 @@ async def test_a_caught_up_delivery_rides_its_publishs_commit(
 
 
 @sqlite_only("the live feed is off on JetStream: each delivery is read from the shared store")
+async def test_a_request_is_routed_once_per_topic_and_label_for_a_caught_up_stream(
+    pair: tuple[Broker, PartnerClient, PartnerClient],
+) -> None:
+    """Publish decides a caught-up stream's routing once per (topic, label, key
+    wrapped), not per message: five messages on two topics, two decisions, and each
+    message is delivered (or not) as if decided alone."""
+    b, kor, usa = pair
+    calls: list[str] = []
+    route = b.exchange.pipeline._route
+
+    def counting(*args: Any) -> Any:
+        calls.append(args[2].topic)
+        return route(*args)
+
+    b.exchange.pipeline._route = counting
+    sub = usa.subscribe([TOPIC])
+    got: list[exchange_pb2.Delivery] = []
+
+    async def receive() -> None:
+        async for d in sub:
+            got.append(d)
+
+    task = asyncio.create_task(receive())
+    try:
+        await eventually(lambda: sub.caught_up.is_set())
+        envs = [
+            (await kor.seal(f"m{i}".encode(), topic=t, label=LABEL, recipients=["USA"])).envelope
+            for i, t in enumerate([TOPIC, "intel.air", TOPIC, TOPIC, "intel.air"])
+        ]
+        results = await kor.publish(envs)
+        offsets = [r.offset for r in results]
+        await eventually(lambda: len(got) == 3)
+        assert [d.offset for d in got] == [offsets[0], offsets[2], offsets[3]]
+        assert sorted(calls) == ["intel.air", TOPIC]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sub.aclose()
+    entries = await b.audit.query(partner="USA", kind="deliver")
+    decided = {e.kind: json.loads(e.detail_json)["offsets"] for e in entries}
+    assert decided == {
+        "deliver": [offsets[0], offsets[2], offsets[3]],
+        "deliver.denied": [offsets[1], offsets[4]],
+    }
+
+
+@sqlite_only("the live feed is off on JetStream: each delivery is read from the shared store")
 async def test_a_policy_change_before_sending_decides_a_fed_message_again(
     pki: Path, pair: tuple[Broker, PartnerClient, PartnerClient]
 ) -> None:

@@ -253,8 +253,14 @@ class LiveStreams:
         route: Callable[[Subscription, PartnerPolicy, envelope_pb2.Header, Label, int], Route],
     ) -> dict[Subscription, dict[str, Decided]]:
         """Each caught-up stream's routing of (message id, header, label) published by
-        sender, decided now by route (the delivery loop's checks), by stream and id."""
+        sender, decided now by route (the delivery loop's checks), by stream and id.
+
+        route decides on the header's topic, the label and whether a key is wrapped for
+        the stream's partner, and returns the header it was given or None: so it runs
+        once per stream and (topic, label, key wrapped), the messages of a request mostly
+        sharing them, and each message gets that decision under its own header."""
         out: dict[Subscription, dict[str, Decided]] = {}
+        recipients: list[frozenset[str]] | None = None
         for subs in self.by_partner.values():
             for s in subs:
                 if s.live_after is None or s.feed_overflow or s.closed is not None:
@@ -265,17 +271,23 @@ class LiveStreams:
                     continue
                 if policy.status is PartnerStatus.SUSPENDED:
                     continue
-                out[s] = {
-                    mid: Decided(
-                        policy,
-                        *(
-                            (None, "own_message", "")
-                            if sender == s.partner
-                            else route(s, policy, header, label, now)
-                        ),
-                    )
-                    for mid, header, label in messages
-                }
+                if sender == s.partner:
+                    own = Decided(policy, None, "own_message", "")
+                    out[s] = {mid: own for mid, _, _ in messages}
+                    continue
+                if recipients is None:  # once per request, for every stream
+                    recipients = [
+                        frozenset(w.recipient for w in h.wrapped_keys) for _, h, _ in messages
+                    ]
+                decided: dict[tuple[str, int, bool], Route] = {}
+                mine: dict[str, Decided] = {}
+                for (mid, header, label), keyed in zip(messages, recipients, strict=True):
+                    key = (header.topic, id(label), s.partner in keyed)
+                    hit = decided.get(key)
+                    if hit is None:
+                        hit = decided[key] = route(s, policy, header, label, now)
+                    mine[mid] = Decided(policy, None if hit[0] is None else header, *hit[1:])
+                out[s] = mine
         return out
 
     def wake_all(self) -> None:

@@ -28,8 +28,15 @@ _TOPIC = b"\x22"  # Delivery.topic = 4 (string)
 _PRECEDENCE = b"\x28"  # Delivery.precedence = 5 (enum)
 
 
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
 def _varint(n: int) -> bytes:
     """n as a protobuf varint; a negative int32 or enum as its 64-bit two's complement."""
+    if 0 <= n < 0x80:
+        return _ONE_BYTE[n]  # lengths of labels and topics, precedences
+    if 0 <= n < 0x4000:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))  # envelope lengths
     if n < 0:
         n += 1 << 64
     out = bytearray()
@@ -46,22 +53,30 @@ def delivery_batch_bytes(item: DeliveryBatch) -> bytes:
     precedence."""
     parts: list[bytes] = []
     total = 0
+    # The fields after the envelope, encoded once per (label, topic, precedence): the
+    # messages of a batch mostly share them.
+    tails: dict[tuple[bytes, str, int], bytes] = {}
     for m, h in zip(item.messages, item.headers, strict=True):
         label = h.label.SerializeToString()
-        topic = h.topic.encode()
-        head = (_OFFSET + _varint(m.offset) if m.offset else b"") + (
-            _ENVELOPE + _varint(len(m.envelope))
-        )
-        tail = b"".join(
-            (
-                _LABEL,
-                _varint(len(label)),
-                label,
-                _TOPIC + _varint(len(topic)) + topic if topic else b"",
-                _PRECEDENCE + _varint(h.precedence) if h.precedence else b"",
+        key = (label, h.topic, h.precedence)
+        tail = tails.get(key)
+        if tail is None:
+            topic = h.topic.encode()
+            tail = tails[key] = b"".join(
+                (
+                    _LABEL,
+                    _varint(len(label)),
+                    label,
+                    _TOPIC + _varint(len(topic)) + topic if topic else b"",
+                    _PRECEDENCE + _varint(h.precedence) if h.precedence else b"",
+                )
             )
-        )
-        size = len(head) + len(m.envelope) + len(tail)
+        n = len(m.envelope)
+        if m.offset:
+            head = b"".join((_OFFSET, _varint(m.offset), _ENVELOPE, _varint(n)))
+        else:
+            head = _ENVELOPE + _varint(n)
+        size = len(head) + n + len(tail)
         prefix = _BATCH_DELIVERY + _varint(size)
         parts += (prefix, head, m.envelope, tail)
         total += len(prefix) + size

@@ -17,7 +17,10 @@ from broker.store.base import (
     stored_message,
 )
 from broker.store.schema import (
-    INSERT,
+    ADD_STATE,
+    ADD_USAGE,
+    DUPLICATE,
+    INSERT_NEW,
     PENDING_AT_PRECEDENCE,
     ROWS_BY_OFFSET,
     cursor_of,
@@ -43,7 +46,7 @@ def append_messages(
     results: list[Appended | Rejected] = []
     last: dict[str, int] = {}
     used: dict[str, int] = {}
-    added = 0
+    added: dict[str, list[int]] = {}  # per sender: messages and bytes stored
     for m in batch:
         if m.sender not in last:
             row = conn.execute(
@@ -55,26 +58,25 @@ def append_messages(
                     "SELECT bytes FROM usage WHERE sender = ?", (m.sender,)
                 ).fetchone()
                 used[m.sender] = int(row[0]) if row else 0
-        duplicate = conn.execute(
-            "SELECT 1 FROM messages WHERE sender = ? AND message_id = ?",
-            (m.sender, m.message_id),
-        ).fetchone()
-        if duplicate:
+        # A stored (sender, message_id) is refused duplicate_id before any other check:
+        # looked up here when another check fails, else by the insert itself (INSERT_NEW).
+        # A forwarded sender's sequence may have gaps and arrive out of order (only what
+        # is released crosses, and by more than one path): only its duplicates are refused.
+        late = m.sequence <= last[m.sender] and not m.forwarded
+        over = bool(quota) and used[m.sender] + len(m.envelope) > quota
+        if (late or over) and conn.execute(DUPLICATE, (m.sender, m.message_id)).fetchone():
             results.append(Rejected("duplicate_id"))
             continue
-        if m.sequence <= last[m.sender] and not m.forwarded:
+        if late:
             results.append(Rejected("sequence_not_increasing"))
             continue
-        if quota and used[m.sender] + len(m.envelope) > quota:
+        if over:
             results.append(Rejected("quota_exceeded", used[m.sender], quota))
             continue
-        if quota:
-            used[m.sender] += len(m.envelope)
-        head += 1
-        conn.execute(
-            INSERT,
+        inserted = conn.execute(
+            INSERT_NEW,
             (
-                head,
+                head + 1,
                 now_ms,
                 m.message_id,
                 m.sender,
@@ -89,21 +91,33 @@ def append_messages(
                 m.digest,
                 len(m.envelope),
             ),
-        )
+        ).rowcount
+        if not inserted:
+            results.append(Rejected("duplicate_id"))
+            continue
+        head += 1
+        if quota:
+            used[m.sender] += len(m.envelope)
         last[m.sender] = max(m.sequence, last[m.sender])
-        added += len(m.envelope)
+        totals = added.setdefault(m.sender, [0, 0])
+        totals[0] += 1
+        totals[1] += len(m.envelope)
         results.append(Appended(head))
-    if size + added > max_bytes:
+    count = sum(n for n, _ in added.values())
+    grown = sum(b for _, b in added.values())
+    if size + grown > max_bytes:
         raise StoreFull(
             f"message store is full ({mib(size)} of {mib(max_bytes)}, "
-            f"this batch needs {mib(added)} more); refusing new messages"
+            f"this batch needs {mib(grown)} more); refusing new messages"
         )
     conn.executemany(
         "INSERT INTO senders (sender, last_sequence) VALUES (?, ?) "
         "ON CONFLICT (sender) DO UPDATE SET last_sequence = excluded.last_sequence",
         last.items(),
     )
-    conn.execute("UPDATE state SET head = ?", (head,))
+    conn.execute(ADD_STATE, (head, count, grown))
+    if added:
+        conn.executemany(ADD_USAGE, ((s, b, n) for s, (n, b) in added.items()))
     fresh = [
         stored_message(m, r.offset, now_ms)
         for m, r in zip(batch, results, strict=True)

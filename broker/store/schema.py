@@ -29,15 +29,12 @@ CREATE TABLE IF NOT EXISTS cursors (
 CREATE TABLE IF NOT EXISTS settled (
     subscriber TEXT NOT NULL, msg_offset INTEGER NOT NULL,
     PRIMARY KEY (subscriber, msg_offset)) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS message_added AFTER INSERT ON messages BEGIN
-    UPDATE state SET messages = messages + 1, bytes = bytes + new.size WHERE id = 1; END;
+DROP TRIGGER IF EXISTS message_added;
 CREATE TRIGGER IF NOT EXISTS message_removed AFTER DELETE ON messages BEGIN
     UPDATE state SET messages = messages - 1, bytes = bytes - old.size WHERE id = 1; END;
 CREATE TABLE IF NOT EXISTS usage (
     sender TEXT PRIMARY KEY, bytes INTEGER NOT NULL, messages INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS usage_added AFTER INSERT ON messages BEGIN
-    INSERT INTO usage (sender, bytes, messages) VALUES (new.sender, new.size, 1)
-    ON CONFLICT (sender) DO UPDATE SET bytes = bytes + new.size, messages = messages + 1; END;
+DROP TRIGGER IF EXISTS usage_added;
 CREATE TRIGGER IF NOT EXISTS usage_removed AFTER DELETE ON messages BEGIN
     UPDATE usage SET bytes = bytes - old.size, messages = messages - 1
     WHERE sender = old.sender; END;
@@ -50,8 +47,10 @@ CREATE TABLE IF NOT EXISTS notices (
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time_ms INTEGER NOT NULL, record TEXT NOT NULL);
 """
-# usage: stored bytes per sender, kept by the triggers in the same transaction as the
-# messages, for the per-sender quota and retention's fair shares.
+# state.messages/bytes and usage: stored messages and bytes, in all and per sender (for the
+# per-sender quota and retention's fair shares), kept in the same transaction as the
+# messages: an append adds its totals once (ADD_STATE, ADD_USAGE; a trigger per row cost
+# two statements per message), the triggers subtract what a delete removes.
 # notices: messages retention removed before an eligible subscriber had them, kept until
 # that subscriber acknowledges the notice. Their audit records are written by the sweep
 # that records them (audited = 1); audited = 0 only in a store from before the outbox.
@@ -64,6 +63,14 @@ INSERT = (
     "INSERT INTO messages (msg_offset, stored_ms, message_id, sender, sequence, topic,"
     " precedence, classification, label, created_ms, expiry_ms, envelope, digest, size)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A message whose (sender, message_id) is stored already is not inserted (rowcount 0).
+INSERT_NEW = INSERT + " ON CONFLICT (sender, message_id) DO NOTHING"
+DUPLICATE = "SELECT 1 FROM messages WHERE sender = ? AND message_id = ?"
+ADD_STATE = "UPDATE state SET head = ?, messages = messages + ?, bytes = bytes + ? WHERE id = 1"
+ADD_USAGE = (
+    "INSERT INTO usage (sender, bytes, messages) VALUES (?, ?, ?) ON CONFLICT (sender)"
+    " DO UPDATE SET bytes = bytes + excluded.bytes, messages = messages + excluded.messages"
 )
 GET = (
     "SELECT msg_offset, stored_ms, message_id, sender, sequence, topic, precedence,"

@@ -194,13 +194,19 @@ class SqliteMessageStore(WriterOwner):
         def job(conn: sqlite3.Connection) -> int:
             cursor = cursor_of(conn, subscriber)
             head = state(conn)[0]
+            mine = {o for o in wanted if cursor < o <= head}
+            # The run just above the cursor is passed over without a settled mark (one
+            # would be written and pruned at once): in order, that is every offset.
+            run = cursor
+            while run + 1 in mine:
+                run += 1
             conn.executemany(
                 "INSERT OR IGNORE INTO settled (subscriber, msg_offset) VALUES (?, ?)",
-                ((subscriber, o) for o in wanted if cursor < o <= head),
+                ((subscriber, o) for o in mine if o > run),
             )
             row = conn.execute(
                 FIRST_UNSETTLED,
-                (cursor, subscriber),
+                (run, subscriber),
             ).fetchone()
             new_cursor = max(cursor, int(row[0]) - 1 if row else head)
             if new_cursor != cursor:
