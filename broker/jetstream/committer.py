@@ -52,6 +52,7 @@ class Draft:
     ids: set[tuple[str, str]] = field(default_factory=set)
     usage: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
+    jobs: set[str] = field(default_factory=set)  # writes named in this batch (see writer)
 
     def last_sequence(self, sender: str) -> int:
         return self.last.get(sender, self.view.last_sequence.get(sender, 0))
@@ -66,7 +67,16 @@ class Draft:
         return self.view.size + self.bytes
 
     def child(self) -> Draft:
-        return Draft(self.view, dict(self.last), set(self.ids), dict(self.usage), self.bytes)
+        return Draft(
+            self.view, dict(self.last), set(self.ids), dict(self.usage), self.bytes, set(self.jobs)
+        )
+
+    def done(self, job: str) -> tuple[int, str] | None:
+        """Where the named write was stored (its first entry) and its results, if it was;
+        raises StoreError if this batch holds it already."""
+        if job in self.jobs:
+            raise StoreError("message store failed: the same write was submitted twice")
+        return self.view.jobs.get(job)
 
 
 # plan(draft, first sequence, batch id) -> the job's entries, and what to answer once
@@ -100,6 +110,7 @@ class Committer:
         self._stopping = False
         self.max_payload = nc.max_payload  # the largest entry the servers accept
         self.commits = 0  # batches committed by this store
+        self.lost = 0  # attempts refused because another writer committed first (lost races)
         self.on_commit: Callable[[float], None] | None = None
 
     async def submit(self, plan: Plan, *, alone: bool = False) -> Any:
@@ -210,6 +221,7 @@ class Committer:
                     timeout=REQUEST_TIMEOUT_S,
                 )
             except batches.WrongLastSequence as moved:
+                self.lost += 1
                 await self._catch_up(moved.last)
                 continue
             except batches.NotStored:
