@@ -156,7 +156,8 @@ class Writer:
             log.warning("the writer lease's holder did not answer (%s); writing directly", exc)
             self._lost_holder(target)
             return None
-        if reply.data.startswith(b'{"expired"'):
+        if reply.data.startswith(b'{"expired"'):  # not started in time: commit it here
+            self.fell_back += 1
             return None
         self.forwarded += 1
         return reply.data
