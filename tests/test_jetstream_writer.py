@@ -149,3 +149,36 @@ async def test_a_refusal_made_by_the_holder_reaches_the_forwarding_broker(
         "sequence_not_increasing",
     ]
     assert wb.forwarded == 1
+
+
+async def test_a_write_taking_the_other_way_waits_and_is_not_overtaken() -> None:
+    """One broker's writes go all forwarded or all local: a local write waits for the
+    forwarded ones in flight, and a forwarded write made after it waits behind it."""
+    lanes = writer_module._Lanes()
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def write(name: str, forwarding: bool, hold: asyncio.Event | None = None) -> None:
+        async with lanes.use(forwarding):
+            order.append(f"{name} starts")
+            if hold is not None:
+                await hold.wait()
+            order.append(f"{name} done")
+
+    first = asyncio.create_task(write("forwarded 1", True, release))
+    await asyncio.sleep(0)
+    local = asyncio.create_task(write("local", False))
+    await asyncio.sleep(0)
+    later = asyncio.create_task(write("forwarded 2", True))
+    await asyncio.sleep(0.01)
+    assert order == ["forwarded 1 starts"]
+    release.set()
+    await asyncio.gather(first, local, later)
+    assert order == [
+        "forwarded 1 starts",
+        "forwarded 1 done",
+        "local starts",
+        "local done",
+        "forwarded 2 starts",
+        "forwarded 2 done",
+    ]

@@ -83,9 +83,11 @@ class _Lanes:
     @contextlib.asynccontextmanager
     async def use(self, forwarding: bool) -> AsyncIterator[None]:
         if self.busy and (self.forwarding != forwarding or self.waiting):
+            # Switching ways, or behind a write that is: wait until nothing is in flight
+            # (a write of the same way must not overtake one waiting before it).
             self.waiting += 1
             try:
-                while self.busy and self.forwarding != forwarding:
+                while self.busy:
                     await self.idle.wait()
             finally:
                 self.waiting -= 1
