@@ -23,6 +23,11 @@ not just within one:
   max_bytes are exact across brokers, not only within one. The cost: brokers that write
   at the same moment serialize (the loser re-plans, one round trip later).
 
+In a deployment of several brokers (``join_writer``) one of them holds the writer lease
+and commits every broker's appends and records alone; the others hand theirs to it
+(see writer, forwarding). The pin stays on every commit, so the guarantees above do not
+rest on the lease; the lease only keeps the brokers' commits from racing.
+
 ``Nats-Msg-Id`` is not set: the pin already makes a retry after a lost acknowledgement
 safe (the retry is pinned to the same sequence, so at most one of them is stored, and
 each entry names its batch, so the writer finds out which), and JetStream's time-bounded

@@ -114,7 +114,10 @@ class Writer:
         self._revision = 0  # of the lease key, while this broker holds it
         self._renewed = 0.0
         self._holder = ""  # the subject of the broker holding the lease, if another
-        self._dead = ""  # a holder's subject nobody answered on (until the key changes)
+        # A holder's subject nobody answered on, and when: not forwarded to again until
+        # the key names another, or for LEASE_TTL_S (a holder that was only frozen).
+        self._dead = ""
+        self._dead_at = 0.0
         self._kick = asyncio.Event()
         self._lanes = _Lanes()
         self._sub: Subscription | None = None
@@ -167,7 +170,7 @@ class Writer:
     def _lost_holder(self, target: str) -> None:
         self.fell_back += 1
         if self._holder == target:
-            self._dead, self._holder = target, ""
+            self._dead, self._dead_at, self._holder = target, time.monotonic(), ""
             self._kick.set()
 
     async def _on_request(self, msg: Msg) -> None:
@@ -206,7 +209,7 @@ class Writer:
                 pass  # someone holds it
             entry = await self._kv.get(KEY)
             holder = str(json.loads(entry.value or b"{}").get("subject", ""))
-            if holder != self._dead:
+            if holder != self._dead or time.monotonic() - self._dead_at > LEASE_TTL_S:
                 self._dead = ""
                 self._holder = holder
         except nats.js.errors.KeyWrongLastSequenceError:  # another broker took it
