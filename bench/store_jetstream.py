@@ -7,10 +7,9 @@ row: one caller appending batches of 1 and of 16 messages, then 16 concurrent ca
 appending single messages (group commit puts them in one atomic batch). Prints
 appends/s, messages/s and atomic batches committed per row. With ``--two``, the same
 with two stores (two connections, as two brokers) appending for different senders at
-once, which makes them contend for the stream's tail; ``--writer`` makes the two stores
-take part in the writer lease (the first commits for both, the second forwards; see
-broker.jetstream.writer). Each row also prints the pinned commits refused because
-another store committed first (lost races) and each append's time, mean and p99.
+once, which makes them contend for the stream's tail. Each row also prints the pinned
+commits refused because another store committed first (lost races) and each append's
+time, mean and p99.
 """
 
 from __future__ import annotations
@@ -84,15 +83,12 @@ async def _row(
     )
 
 
-async def main(seconds: float, two: bool, writer: bool) -> None:
+async def main(seconds: float, two: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp, NatsCluster(Path(tmp)) as cluster:
         settings = ClusterSettings(servers=tuple(cluster.urls), prefix="BENCH")
         count = 2 if two else 1
         conns = [await connect(settings, name=f"bench-{i}") for i in range(count)]
         stores = [await JetStreamMessageStore.open(nc, settings, max_bytes=1 << 40) for nc in conns]
-        if writer:
-            for nc, store in zip(conns, stores, strict=True):
-                await store.join_writer(nc, settings, {"bench": _records})
         try:
             await _row(stores, "a", 1, 1, seconds)
             await _row(stores, "b", 16, 1, seconds)
@@ -108,6 +104,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--two", action="store_true", help="two stores (two brokers)")
-    parser.add_argument("--writer", action="store_true", help="the stores share one writer")
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.two, args.writer))
+    asyncio.run(main(args.seconds, args.two))

@@ -62,10 +62,6 @@ H_DIGEST = "Coalition-Digest"
 H_STORED = "Coalition-Stored"  # the commit's time (stored_ms; an outbox row's time_ms)
 H_BATCH = "Coalition-Batch"  # which commit wrote the entry (to settle an unknown outcome)
 H_RECORDS = "Coalition-Records"  # how many records an outbox entry holds, one a line
-# On the first entry of a write that names itself (a forwarded write, see writer): the
-# write's id and its results, so a retry of the write through another broker is answered
-# from the stream instead of being stored again.
-H_JOB = "Coalition-Job"
 RECORDS_BYTES = 64 * 1024  # records packed into one outbox entry, at most (one may be larger)
 
 

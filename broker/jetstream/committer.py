@@ -52,7 +52,6 @@ class Draft:
     ids: set[tuple[str, str]] = field(default_factory=set)
     usage: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
-    jobs: set[str] = field(default_factory=set)  # writes named in this batch (see writer)
 
     def last_sequence(self, sender: str) -> int:
         return self.last.get(sender, self.view.last_sequence.get(sender, 0))
@@ -67,16 +66,7 @@ class Draft:
         return self.view.size + self.bytes
 
     def child(self) -> Draft:
-        return Draft(
-            self.view, dict(self.last), set(self.ids), dict(self.usage), self.bytes, set(self.jobs)
-        )
-
-    def done(self, job: str) -> tuple[int, str] | None:
-        """Where the named write was stored (its first entry) and its results, if it was;
-        raises StoreError if this batch holds it already."""
-        if job in self.jobs:
-            raise StoreError("message store failed: the same write was submitted twice")
-        return self.view.jobs.get(job)
+        return Draft(self.view, dict(self.last), set(self.ids), dict(self.usage), self.bytes)
 
 
 # plan(draft, first sequence, batch id) -> the job's entries, and what to answer once

@@ -52,8 +52,6 @@ LEASE_TTL_S = 20.0
 RENEW_EVERY_S = 4.0
 HEAD_POLL_S = 0.5
 CATCH_UP_S = 2.0  # longest wait for the store to read a woken-for offset
-# The writer lease's key in the same bucket (see writer); partner codes are upper case.
-WRITER_KEY = "writer"
 # NATS errors that mean "the cluster did not answer", as opposed to a refusal.
 _UNREACHABLE = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
@@ -112,7 +110,21 @@ class Peers:
 
         wake wakes every local stream; head is the store's head offset; wait_for_head
         waits (bounded) until the store has read up to an offset."""
-        kv = await lease_bucket(nc, settings)
+        js = nc.jetstream()
+        config = KeyValueConfig(
+            bucket=settings.name("LEASES"),
+            history=1,
+            ttl=LEASE_TTL_S,
+            replicas=settings.replicas,
+            storage=StorageType.FILE,
+        )
+        try:
+            kv = await placed(lambda: js.create_key_value(config), f"bucket {config.bucket}")
+        except nats.js.errors.BadRequestError as exc:  # exists (another broker made it)?
+            try:
+                kv = await js.key_value(config.bucket)
+            except nats.js.errors.BucketNotFoundError:
+                raise exc from None  # not there: the cluster refused to make it (say why)
         broker_id = f"{name}/{uuid.uuid4().hex[:12]}"
         peers = cls(nc, settings, kv, broker_id, wake, head, wait_for_head)
         await nc.subscribe(peers._subject, cb=peers._on_wake)
@@ -247,8 +259,8 @@ class Peers:
 
     async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
-            if entry is None or entry.key == WRITER_KEY:
-                continue  # caught up with the bucket's current keys; not a partner's
+            if entry is None:
+                continue  # caught up with the bucket's current keys
             value: dict[str, str] = {}
             if entry.operation is None:  # a put: a claim or a renewal
                 try:
@@ -274,25 +286,6 @@ class Peers:
             with contextlib.suppress(*_UNREACHABLE):
                 await self._kv.delete(held.sub.partner, last=held.revision)
         self._held.clear()
-
-
-async def lease_bucket(nc: Client, settings: ClusterSettings) -> KeyValue:
-    """The deployment's LEASES bucket, created if missing (keys expire after LEASE_TTL_S)."""
-    js = nc.jetstream()
-    config = KeyValueConfig(
-        bucket=settings.name("LEASES"),
-        history=1,
-        ttl=LEASE_TTL_S,
-        replicas=settings.replicas,
-        storage=StorageType.FILE,
-    )
-    try:
-        return await placed(lambda: js.create_key_value(config), f"bucket {config.bucket}")
-    except nats.js.errors.BadRequestError as exc:  # exists (another broker made it)?
-        try:
-            return await js.key_value(config.bucket)
-        except nats.js.errors.BucketNotFoundError:
-            raise exc from None  # not there: the cluster refused to make it (say why)
 
 
 def _superseded() -> Precondition:

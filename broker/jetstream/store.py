@@ -23,11 +23,6 @@ not just within one:
   max_bytes are exact across brokers, not only within one. The cost: brokers that write
   at the same moment serialize (the loser re-plans, one round trip later).
 
-In a deployment of several brokers (``join_writer``) one of them holds the writer lease
-and commits every broker's appends and records alone; the others hand theirs to it
-(see writer, forwarding). The pin stays on every commit, so the guarantees above do not
-rest on the lease; the lease only keeps the brokers' commits from racing.
-
 ``Nats-Msg-Id`` is not set: the pin already makes a retry after a lost acknowledgement
 safe (the retry is pinned to the same sequence, so at most one of them is stored, and
 each entry names its batch, so the writer finds out which), and JetStream's time-bounded
@@ -43,24 +38,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from nats.aio.client import Client
 from nats.js.api import StorageType, StreamConfig
 
 from broker.jetstream import codec
-from broker.jetstream.appends import Planner
 from broker.jetstream.batches import Entry
 from broker.jetstream.committer import Committer, Draft
 from broker.jetstream.connect import ClusterSettings
 from broker.jetstream.cursors import Cursors
 from broker.jetstream.feed import Feed
-from broker.jetstream.forwarding import Writes
 from broker.jetstream.reading import Envelopes, ensure_stream
 from broker.jetstream.sweeper import Sweeper
 from broker.jetstream.view import StoreView
-from broker.jetstream.writer import Writer
 from broker.store.base import (
     AcceptanceRecords,
     Appended,
@@ -71,9 +63,13 @@ from broker.store.base import (
     OutboxRow,
     Rejected,
     StoredMessage,
+    StoreError,
+    StoreFull,
     StoreStats,
     Sweep,
+    stored_message,
 )
+from broker.store.schema import mib
 from coalition.labels import valid_precedence
 
 
@@ -103,14 +99,9 @@ class JetStreamMessageStore:
         self._committer = committer
         self._cursors = cursors
         self._envelopes = envelopes
-        planner = Planner(
-            self._subjects,
-            max_payload=committer.max_payload,
-            max_bytes=max_bytes,
-            sender_bytes=sender_bytes,
-            remember=envelopes.remember,
-        )
-        self._writes = Writes(planner, committer, view, feed, envelopes.remember)
+        self._max_bytes = max_bytes
+        self._sender_bytes = sender_bytes
+        self._max_payload = committer.max_payload
         self._sweeper = Sweeper(
             view,
             committer,
@@ -203,23 +194,74 @@ class JetStreamMessageStore:
                 raise ValueError(f"message {m.message_id}: digest is not SHA-256 of the envelope")
         if not messages and not also:
             return []
-        return await self._writes.append(tuple(messages), now_ms, records, tuple(also))
+        batch, extra = tuple(messages), tuple(also)
+        quota, limit, subjects = self._sender_bytes, self._max_bytes, self._subjects
+        # What does not depend on the batch: computed once, not at every attempt.
+        metas = [codec.message_meta(m, now_ms) for m in batch]
+        routes = [subjects.message(m) for m in batch]
+
+        def plan(draft: Draft, first: int, batch_id: str) -> tuple[list[Entry], Any]:
+            results: list[Appended | Rejected] = []
+            entries: list[Entry] = []
+            fresh: list[StoredMessage] = []
+            before = draft.total()
+            for m, meta, subject in zip(batch, metas, routes, strict=True):
+                if draft.has(m.sender, m.message_id):
+                    results.append(Rejected("duplicate_id"))
+                    continue
+                if m.sequence <= draft.last_sequence(m.sender):
+                    results.append(Rejected("sequence_not_increasing"))
+                    continue
+                used = draft.used(m.sender)
+                if quota and used + len(m.envelope) > quota:
+                    results.append(Rejected("quota_exceeded", used, quota))
+                    continue
+                offset = first + len(entries)
+                headers = {codec.H_MESSAGE: meta, codec.H_BATCH: batch_id}
+                if codec.entry_bytes(headers, m.envelope) > self._max_payload:
+                    raise StoreError(
+                        f"message {m.message_id}: {len(m.envelope)} bytes do not fit in one "
+                        f"NATS message (the servers' max_payload is {self._max_payload})"
+                    )
+                draft.ids.add((m.sender, m.message_id))
+                draft.last[m.sender] = m.sequence
+                draft.usage[m.sender] = draft.usage.get(m.sender, 0) + len(m.envelope)
+                draft.bytes += len(m.envelope)
+                entries.append(Entry(subject, headers, m.envelope))
+                fresh.append(stored_message(m, offset, now_ms))
+                results.append(Appended(offset))
+            if draft.total() > limit:
+                raise StoreFull(
+                    f"message store is full ({mib(before)} of {mib(limit)}, "
+                    f"this batch needs {mib(draft.total() - before)} more); refusing new messages"
+                )
+            texts = [*(records(fresh) if records is not None and fresh else ()), *extra]
+            entries += self._outbox_entries(texts, now_ms, batch_id)
+
+            def answer() -> list[Appended | Rejected]:
+                for s in fresh:
+                    self._envelopes.remember(s)
+                return results
+
+            return entries, answer
+
+        result: list[Appended | Rejected] = await self._committer.submit(plan)
+        return result
+
+    def _outbox_entries(self, texts: Sequence[str], now_ms: int, batch_id: str) -> list[Entry]:
+        return codec.outbox_entries(self._subjects.outbox, texts, now_ms, batch_id)
 
     async def record(self, records: Sequence[str], now_ms: int) -> None:
         """Write audit records alone into the outbox, durable on return (sharing a batch
         with whatever else is queued); raises StoreFull, StoreError."""
-        if records:
-            await self._writes.record(tuple(records), now_ms)
+        if not records:
+            return
+        texts = tuple(records)
 
-    async def join_writer(
-        self, nc: Client, settings: ClusterSettings, portable: Mapping[str, AcceptanceRecords]
-    ) -> Writer:
-        """Take part in the deployment's writer lease (see writer): hand appends and
-        records to its holder, and commit other brokers' when holding it. portable names
-        the records functions a forwarded append may use (the same on every broker)."""
-        self._writes.portable = dict(portable)
-        self._writes.writer = await Writer.open(nc, settings, self._writes.serve)
-        return self._writes.writer
+        def plan(draft: Draft, first: int, batch_id: str) -> tuple[list[Entry], Any]:
+            return self._outbox_entries(texts, now_ms, batch_id), lambda: None
+
+        await self._committer.submit(plan)
 
     async def read_outbox(self, after: int, limit: int) -> list[OutboxRow]:
         """Up to limit outbox rows with id above after, oldest first (ids: codec.row_id)."""
@@ -387,8 +429,6 @@ class JetStreamMessageStore:
     async def close(self) -> None:
         """Commit what is queued and stop reading the stream (the connection stays open)."""
         try:
-            if self._writes.writer is not None:
-                await self._writes.writer.close()
             await self._committer.close()
         finally:
             await self._feed.stop()

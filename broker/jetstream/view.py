@@ -25,10 +25,6 @@ from broker.jetstream import codec
 from broker.store.base import PRECEDENCES, Notice, OutboxRow, StoredMessage
 
 _BATCHES_KEPT = 4096  # recent commits remembered by id (to settle an unknown outcome)
-# Recent writes that name themselves (forwarded writes, see writer), by id: far more than
-# a deployment commits in the longest a forwarded write may still be stored after its
-# sender stopped waiting for the answer (writer.FORWARD_TIMEOUT_S plus one commit).
-_JOBS_KEPT = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -78,7 +74,6 @@ class StoreView:
     pending_control: dict[int, set[int]] = field(default_factory=dict)
     checkpoint: int = 0
     batches: OrderedDict[str, int] = field(default_factory=OrderedDict)
-    jobs: OrderedDict[str, tuple[int, str]] = field(default_factory=OrderedDict)
 
     # -- folding entries in ----------------------------------------------------------------
 
@@ -94,13 +89,6 @@ class StoreView:
             self.batches[batch] = seq
             if len(self.batches) > _BATCHES_KEPT:
                 self.batches.popitem(last=False)
-        job = headers.get(codec.H_JOB)
-        if job:
-            key, _, results = job.partition(" ")
-            if key not in self.jobs:  # its first entry: where its messages start
-                self.jobs[key] = (seq, results)
-                if len(self.jobs) > _JOBS_KEPT:
-                    self.jobs.popitem(last=False)
         kind = self.subjects.kind(subject)
         try:
             if kind == "msg":

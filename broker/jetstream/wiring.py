@@ -1,9 +1,7 @@
 """Join a broker to the other brokers of its JetStream deployment.
 
-Four links, all installed before the broker serves:
+Three links, all installed before the broker serves:
 
-- the writer lease (broker.jetstream.writer): the broker hands its appends and records
-  to the broker holding it, or commits everyone's when it holds it;
 - wake-ups and the partner-stream lease (broker.jetstream.peers): the delivery loop
   claims a partner's lease before it reads anything for a stream, a stream that ends
   gives it back, and each publish that stored messages wakes the other brokers;
@@ -20,7 +18,6 @@ import logging
 
 from broker.admin_types import Counts, ExchangeLink
 from broker.audit import AuditError
-from broker.audit_keeping import acceptance_records
 from broker.backends import Backend
 from broker.config import BrokerConfig
 from broker.exchange import Clock, ExchangeCore
@@ -42,7 +39,6 @@ async def join_cluster(
     peers = await Peers.open(
         backend.nc, backend.settings, cfg.name, exchange.wake_all, store.head, store.wait_for_head
     )
-    await store.join_writer(backend.nc, backend.settings, {"acceptance": acceptance_records})
     exchange.delivery.claim = peers.claim
     exchange.on_closed = peers.release
     exchange.pipeline.on_stored = peers.stored
