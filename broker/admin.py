@@ -30,9 +30,11 @@ from broker.admin_types import (
 )
 from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, Precondition
+from broker.federation.admission import check_admission
+from broker.federation.view import FederationView
 from broker.registry import PartnerRecord, PartnerRegistry, StaleVersion, pending_policy
 from broker.store import MessageStore
-from coalition.identity import IdentityError, verify_signing_cert
+from coalition.federation import TrustFile
 from coalition.labels import Label
 from coalition.policy import (
     PartnerPolicy,
@@ -78,6 +80,8 @@ class AdminCore:
         # DER of the CA-issued certificate for audit_public_key ("" when not configured):
         # ExportAudit sends it so an export verifies offline with only the CA certificate.
         self.audit_certificate = audit_certificate
+        self.trust: TrustFile | None = None  # federation: peers are admitted by CA
+        self.federation: FederationView | None = None  # federation: ListPeers
 
     def record(self, partner: str) -> PartnerRecord:
         """partner's record, or NotFound ``unknown_partner``."""
@@ -117,10 +121,7 @@ class AdminCore:
         now = self.clock()
         if self.registry.get(partner) is not None:
             raise AlreadyExists("already_registered", f"partner {partner} is already registered")
-        try:
-            verify_signing_cert(signing_cert, self.ca_cert, partner, now)
-        except IdentityError as exc:
-            raise InvalidInput("bad_signing_cert", f"signing certificate refused: {exc}") from exc
+        check_admission(self.ca_cert, self.trust, self.registry, partner, signing_cert, now)
         if policy.partner != partner:
             raise InvalidInput("partner_mismatch", "the policy names another partner")
         if policy.status is PartnerStatus.PENDING:

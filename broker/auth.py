@@ -23,6 +23,7 @@ from broker.errors import BrokerError, Exhausted, Forbidden, NotAuthenticated
 from broker.errors import MalformedRequest as MalformedRequest  # its old home, for servicers
 from broker.registry import PartnerRegistry
 from broker.revocation import parse_serials
+from coalition.federation import TrustFile, issued_by
 from coalition.identity import (
     Identity,
     IdentityError,
@@ -35,6 +36,7 @@ from coalition.policy import PartnerStatus
 
 EXCHANGE = "/coalition.v1.Exchange/"
 ADMIN = "/coalition.v1.Admin/"
+FEDERATION = "/coalition.v1.Federation/"
 OPEN_SERVICES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -141,6 +143,10 @@ class Authorizer:
         self.clock = clock
         # Serials compared as numbers: "011D49", "01:1d:49" and "0x11d49" are one serial.
         self.revoked = parse_serials(cfg.revoked_serials)
+        # Federation (broker.federation): the trust file, when the TLS server also
+        # trusts peer nations' CAs, and this nation's own CA.
+        self.trust: TrustFile | None = None
+        self.own_ca: x509.Certificate | None = None
 
     def set_revoked(self, entries: Iterable[str]) -> tuple[list[int], list[int]]:
         """Make entries the revoked serials; return those newly revoked and those no
@@ -175,12 +181,41 @@ class Authorizer:
             raise _unauthenticated(
                 "cert_revoked", "the client certificate has been revoked", ident.uri
             )
+        self._check_issuer(cert, ident)
         self.admit(ident, method)
         return Caller(ident, cert.serial_number, datetime_to_ms(cert.not_valid_after_utc))
+
+    def _check_issuer(self, cert: x509.Certificate, ident: Identity) -> None:
+        """With federation the TLS layer trusts peer nations' CAs too: a certificate from
+        a peer's CA may only be that nation's gateway, and a gateway certificate must come
+        from the CA the trust file names for its nation (never from this nation's)."""
+        if self.trust is None or self.own_ca is None:
+            return
+        if issued_by(cert, self.own_ca):
+            if ident.kind is IdentityKind.GATEWAY:
+                raise _forbidden(
+                    "own_gateway",
+                    f"{ident.uri} is issued by this nation's CA; a peer nation's gateway "
+                    "certificate comes from that nation's CA",
+                    ident.uri,
+                )
+            return
+        peer = next((p for p in self.trust.peers.values() if issued_by(cert, p.ca_cert)), None)
+        if peer is None or ident != Identity.gateway(peer.nation):
+            issuer = f"nation {peer.nation}'s CA" if peer else "an unknown CA"
+            raise _unauthenticated(
+                "foreign_identity",
+                f"the client certificate naming {ident.uri} is issued by {issuer}, which "
+                "may only speak for that nation's gateway",
+                ident.uri,
+            )
 
     def admit(self, ident: Identity, method: str) -> None:
         """Whether ident may call method: AuthRefused if not."""
         if method.startswith(OPEN_SERVICES):
+            return
+        if method.startswith(FEDERATION):
+            self._admit_gateway(ident)
             return
         if method.startswith(EXCHANGE):
             self._admit_partner(ident)
@@ -208,6 +243,13 @@ class Authorizer:
                 f"{ident.uri} is not a partner; the Exchange service is for partners",
                 ident.uri,
             )
+        if self.trust is not None and self.trust.peer_for(ident.name) is not None:
+            raise _forbidden(
+                "federated_nation",
+                f"{ident.uri} speaks for a federated nation; that nation's partners are "
+                "served by its own broker",
+                ident.uri,
+            )
         rec = self.registry.get(ident.name)
         if rec is None:
             raise _unauthenticated(
@@ -224,4 +266,32 @@ class Authorizer:
                 f"partner {ident.name} is not admitted yet: its admission awaits a "
                 "second operator's approval",
                 ident.uri,
+            )
+
+    def _admit_gateway(self, ident: Identity) -> None:
+        if ident.kind is not IdentityKind.GATEWAY:
+            raise _forbidden(
+                "not_a_gateway",
+                f"{ident.uri} is not a gateway; the Federation service is for peer brokers",
+                ident.uri,
+            )
+        rec = self.registry.get(ident.name)
+        if self.trust is None or ident.name not in self.trust.peers or rec is None:
+            raise _unauthenticated(
+                "unknown_gateway",
+                f"nation {ident.name} is not a federation peer of this broker (its trust "
+                "file and its operators' admission name the peers)",
+                ident.uri,
+            )
+        if rec.signing_cert != self.trust.peers[ident.name].ca_der:
+            raise _unauthenticated(
+                "ca_not_admitted",
+                f"the trust file names another CA for nation {ident.name} than the one its "
+                "operators admitted; the gateway is refused until they agree",
+                ident.uri,
+            )
+        if rec.policy.status is not PartnerStatus.ACTIVE:
+            state = "suspended" if rec.policy.status is PartnerStatus.SUSPENDED else "not_admitted"
+            raise _forbidden(
+                state, f"the gateway of nation {ident.name} is {state.replace('_', ' ')}", ident.uri
             )

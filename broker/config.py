@@ -102,6 +102,9 @@ class BrokerConfig:
     # fsync before each acknowledgement, fewer than 3 replicas): acknowledged writes may
     # be lost. Logged and audited when it takes effect.
     allow_data_loss: bool = False
+    # Federation (docs/federation.md): the operators' trust file naming this broker's
+    # nation, its peer nations' CAs and their brokers' endpoints (None = no federation).
+    federation_file: Path | None = None
 
     @property
     def receive_limit(self) -> int:
@@ -162,6 +165,7 @@ _SECTIONS = {
         "tls_key",
         "allow_data_loss",
     },
+    "federation": {"file"},
 }
 BACKENDS = ("sqlite", "jetstream")
 
@@ -189,14 +193,17 @@ def load_config(path: Path | None) -> BrokerConfig:
             name = f"metrics_{key}" if section == "metrics" else str(renamed.get(key, key))
             if section == "store" and key != "allow_data_loss":
                 name = f"store_{key}"
+            if section == "federation":
+                name = f"federation_{key}"
             values[name] = value
     for key in ("pki_dir", "data_dir"):
         if key in values:
             values[key] = (base / str(values[key])).resolve()
-    for key in ("store_tls_ca", "store_tls_cert", "store_tls_key"):
+    for key in ("store_tls_ca", "store_tls_cert", "store_tls_key", "federation_file"):
         if key in values:
             if not isinstance(values[key], str) or not values[key]:
-                raise ConfigError(f"{path}: {key.removeprefix('store_')} must be a file path")
+                shown = key.removeprefix("store_").removeprefix("federation_")
+                raise ConfigError(f"{path}: {shown} must be a file path")
             values[key] = (base / values[key]).resolve()
     for key in ("operators", "revoked_serials", "store_servers", "store_monitor"):
         if key in values:

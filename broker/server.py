@@ -31,10 +31,13 @@ from broker.errors import BrokerError
 from broker.exchange import Clock, ExchangeCore
 from broker.grpc.admin import AdminServicer
 from broker.grpc.exchange import ExchangeServicer
+from broker.grpc.federation import SERVICE as FEDERATION_SERVICE
+from broker.grpc.federation import attach, load_trust, root_bundle
 from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.metrics import MetricsExporter
+from broker.metrics.federation import FederationCollector
 from broker.registry import PartnerRegistry
 from broker.retention import Retention
 from broker.store import SqliteMessageStore, StoreError
@@ -96,6 +99,7 @@ class Broker:
     metrics: MetricsExporter | None = None  # None unless cfg.metrics_listen is set
     backend: Backend | None = None
     peers: Any = None  # broker.jetstream.peers.Peers when brokers share a cluster
+    federation: Any = None  # broker.grpc.federation.Federation when [federation] is set
 
     async def reload(self, cfg: BrokerConfig) -> None:
         """Apply what may change while serving (SIGHUP): the revoked serials. Live calls
@@ -109,6 +113,8 @@ class Broker:
         await self.health.enter_graceful_shutdown()
         if self.metrics is not None:
             await self.metrics.stop()  # scrapes read the stores closed below
+        if self.federation is not None:
+            await self.federation.stop()
         self.exchange.shutdown()
         await self.server.stop(grace)
         self.exchange.close()
@@ -175,6 +181,7 @@ async def start_broker(cfg: BrokerConfig, *, clock: Clock = wall_clock_ms) -> Br
 
 async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     creds = load_broker(Path(cfg.pki_dir))
+    trust = load_trust(cfg)  # refused before anything is opened (FederationError)
     data = Path(cfg.data_dir)
     data.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once at start-up
     backend = await open_backend(cfg, creds, clock)
@@ -229,6 +236,7 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
         creds.audit_key.public_key(),
         audit_cert_der,
     )
+    admin.trust = trust
     auth = AuthInterceptor(cfg, registry, audit, clock)
     server = grpc.aio.server(
         interceptors=[auth],
@@ -247,11 +255,16 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminServicer(admin, lambda: auth.authorizer.revoked), server
     )
+    fed = None
+    if trust is not None:
+        fed = await attach(cfg, trust, creds, exchange, audit, server, auth)
+        admin.federation = fed.view
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             *SERVICES,
+            *((FEDERATION_SERVICE,) if fed is not None else ()),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -259,7 +272,7 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     )
     tls = grpc.ssl_server_credentials(
         [(creds.tls_key_pem, creds.tls_cert_pem)],
-        root_certificates=creds.ca_pem,
+        root_certificates=root_bundle(creds, trust),
         require_client_auth=True,
     )
     try:
@@ -273,6 +286,9 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     broker = Broker(server, port, exchange, admin, store, audit, registry, health, auth=auth)
     broker.backend, broker.peers = backend, peers
+    if fed is not None:
+        broker.federation = fed
+        fed.start()
     if cfg.metrics_listen:
         broker.metrics = await _start_metrics(cfg, broker)
     broker.retention = retention
@@ -301,6 +317,8 @@ async def _start_metrics(cfg: BrokerConfig, b: Broker) -> MetricsExporter:
     audit_db = Path(cfg.data_dir) / "audit.db" if files else None
     metrics = MetricsExporter(b.exchange, b.store, b.registry, audit_db, audit_count=b.audit.count)
     metrics.attach(b.exchange, {"messages": b.store, "audit": b.audit})
+    if b.federation is not None:
+        metrics.registry.register(FederationCollector(b.federation.state))
     if b.auth is not None:
         b.auth.on_refused = metrics.instruments.auth_refused
     try:

@@ -62,6 +62,9 @@ class IdentityKind(enum.StrEnum):
     PARTNER = "partner"
     OPERATOR = "operator"
     BROKER = "broker"
+    # A national broker calling a peer nation's broker (coalition.federation); its name
+    # is the nation code, in the partner code grammar.
+    GATEWAY = "gateway"
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class Identity:
         except ValueError as exc:
             raise IdentityError(f"unknown identity kind {self.kind!r}") from exc
         object.__setattr__(self, "kind", kind)
-        pattern = _PARTNER_CODE if kind is IdentityKind.PARTNER else _PLAIN_NAME
+        coded = kind in (IdentityKind.PARTNER, IdentityKind.GATEWAY)
+        pattern = _PARTNER_CODE if coded else _PLAIN_NAME
         if not isinstance(self.name, str) or not pattern.fullmatch(self.name):
             raise IdentityError(
                 f"invalid {kind.value} name {self.name!r} (must match {pattern.pattern})"
@@ -115,6 +119,10 @@ class Identity:
     @classmethod
     def broker(cls, name: str) -> Identity:
         return cls(IdentityKind.BROKER, name)
+
+    @classmethod
+    def gateway(cls, nation: str) -> Identity:
+        return cls(IdentityKind.GATEWAY, nation)
 
 
 def _extensions(cert: x509.Certificate) -> x509.Extensions:

@@ -12,6 +12,8 @@ KEY_BUNDLE_TYPE = "application/vnd.coalition.key-bundle.v1+proto"
 AUDIT_CHECKPOINT_TYPE = "application/vnd.coalition.audit-checkpoint.v1"
 # Envelope v2: the batch root a publisher signs (coalition.envelope_v2).
 BATCH_ROOT_TYPE = "application/vnd.coalition.batch-root.v2+proto"
+# Federation: a receiving broker's custody receipt (coalition.federation).
+CUSTODY_RECEIPT_TYPE = "application/vnd.coalition.custody-receipt.v1+proto"
 
 
 def pae(payload_type: str, body: bytes) -> bytes:

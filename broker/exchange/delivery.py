@@ -272,12 +272,18 @@ class DeliveryLoop:
     ) -> Route:
         """_route's checks once parsed (another partner's message): topic, policy, key.
         Pure: publish runs it before its commit for caught-up streams (pre_route)."""
+        gw = sub.gateway
+        if gw is not None and not gw.takes(header.sender):
+            return None, "forwarded", "a message from another nation is never forwarded again"
         if not sub.wants(header.topic):
             return None, "not_subscribed", f"topic {header.topic} is outside this subscription"
         d = self.decisions.decided(decide, policy, label, header.topic, now)
         if d.reason is not Reason.ALLOW:
             return None, d.reason.value, d.explanation
-        if not any(w.recipient == sub.partner for w in header.wrapped_keys):
+        if gw is not None:
+            if not any(gw.reaches(w.recipient) for w in header.wrapped_keys):
+                return None, "no_key_wrapped", "the sender wrapped no key for that nation"
+        elif not any(w.recipient == sub.partner for w in header.wrapped_keys):
             return None, "no_key_wrapped", "the sender wrapped no key for this partner"
         return header, "allow", ""
 

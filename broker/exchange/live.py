@@ -46,6 +46,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from broker.audit import AuditItem
 from broker.audit.items import encode
@@ -66,6 +67,14 @@ TOPIC_MEMO_SIZE = 1024
 
 # A routing decision: the header to deliver under (None: not delivered), reason, why.
 Route = tuple[envelope_pb2.Header | None, str, str]
+
+
+class GatewayRoute(Protocol):
+    """What makes a subscription a federation link's (broker.federation.egress): which
+    senders it forwards (this nation's own) and which recipients are the peer's."""
+
+    def takes(self, sender: str) -> bool: ...
+    def reaches(self, recipient: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ class Subscription:
     # partner's notice generation last read (a new one means more to read).
     notices_inflight: set[int] = field(default_factory=set)
     notice_gen: int = -1
+    # Set for a federation link's subscription: routed on its peer's recipients.
+    gateway: GatewayRoute | None = None
 
     def wants(self, topic: str) -> bool:
         """Whether the stream's patterns match topic (memoized: topics repeat)."""

@@ -24,6 +24,10 @@ class NewMessage:
     expiry_ms: int  # 0 = none
     envelope: bytes  # serialized coalition.v1 Envelope
     digest: bytes  # SHA-256 of envelope, recorded for tamper detection
+    # Forwarded by a peer nation's gateway (broker.federation): only what that nation
+    # released crosses, so its sender's sequences may have gaps and arrive out of order;
+    # the store does not require them to increase (duplicates are still refused).
+    forwarded: bool = False
 
 
 @dataclass(frozen=True)

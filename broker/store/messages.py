@@ -62,7 +62,7 @@ def append_messages(
         if duplicate:
             results.append(Rejected("duplicate_id"))
             continue
-        if m.sequence <= last[m.sender]:
+        if m.sequence <= last[m.sender] and not m.forwarded:
             results.append(Rejected("sequence_not_increasing"))
             continue
         if quota and used[m.sender] + len(m.envelope) > quota:
@@ -90,7 +90,7 @@ def append_messages(
                 len(m.envelope),
             ),
         )
-        last[m.sender] = m.sequence
+        last[m.sender] = max(m.sequence, last[m.sender])
         added += len(m.envelope)
         results.append(Appended(head))
     if size + added > max_bytes:

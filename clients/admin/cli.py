@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from clients.admin import audit, context
+from clients.admin import audit, context, federation
 from clients.admin import commands as cmd
 from clients.admin.policy_flags import add_policy_flags
 from clients.admin.rekey_args import add_rekey
@@ -352,6 +352,7 @@ def parser() -> argparse.ArgumentParser:
     _policy(sub)
     _status(sub)
     _audit(sub)
+    federation.add_federation(sub, _leaf, _group)
     _leaf(
         sub,
         "stats",

@@ -82,6 +82,16 @@ def _cmd_issue_operator(args: argparse.Namespace) -> None:
     print(f"issued operator {args.name} in {d}")
 
 
+def _cmd_issue_gateway(args: argparse.Namespace) -> None:
+    d = pki.issue_gateway(
+        args.dir, args.nation, _now_ms(), valid_days=args.valid_days, force=args.force
+    )
+    print(
+        f"issued gateway {args.nation} in {d}; peer nations trust it through this PKI's "
+        "ca/ca.crt in their federation trust file"
+    )
+
+
 def _cmd_issue_broker(args: argparse.Namespace) -> None:
     d = pki.issue_broker(
         args.dir,
@@ -322,6 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     _validity(p, pki.DEFAULT_CERT_DAYS, "certificate")
     _force(p)
     p.set_defaults(func=_cmd_issue_operator)
+
+    p = _sub(
+        subs,
+        "issue-gateway",
+        "issue this nation's gateway TLS client certificate (federation between brokers)",
+        f"  {PROG} issue-gateway pki/ KOR\n",
+    )
+    p.add_argument("dir", metavar="DIR", help="PKI directory holding ca/ (this nation's)")
+    p.add_argument("nation", metavar="NATION", help="this nation's code, e.g. KOR")
+    _validity(p, pki.DEFAULT_CERT_DAYS, "certificate")
+    _force(p)
+    p.set_defaults(func=_cmd_issue_gateway)
 
     p = _sub(
         subs,

@@ -24,10 +24,16 @@ from coalition.pki.build import (
     issue_tls_cert,
     make_key_bundle,
 )
-from coalition.pki.credentials import BrokerCredentials, OperatorCredentials, PartnerCredentials
+from coalition.pki.credentials import (
+    BrokerCredentials,
+    GatewayCredentials,
+    OperatorCredentials,
+    PartnerCredentials,
+)
 from coalition.pki.issue import (
     init_ca,
     issue_broker,
+    issue_gateway,
     issue_operator,
     issue_partner,
     make_dev_pki,
@@ -38,14 +44,16 @@ from coalition.pki.layout import (
     BROKER_DIR,
     BUNDLE_FILE,
     CA_DIR,
+    GATEWAYS_DIR,
     HPKE_PREFIX,
     HPKE_SUFFIX,
     OPERATORS_DIR,
     PARTNERS_DIR,
+    gateway_dir,
     operator_dir,
     partner_dir,
 )
-from coalition.pki.load import load_broker, load_ca, load_operator, load_partner
+from coalition.pki.load import load_broker, load_ca, load_gateway, load_operator, load_partner
 
 __all__ = [
     "BACKDATE_MS",
@@ -56,6 +64,7 @@ __all__ = [
     "DEFAULT_CA_DAYS",
     "DEFAULT_CERT_DAYS",
     "DEFAULT_HPKE_DAYS",
+    "GATEWAYS_DIR",
     "HPKE_PREFIX",
     "HPKE_SUFFIX",
     "LOOPBACK_HOSTS",
@@ -64,19 +73,23 @@ __all__ = [
     "PARTNERS_DIR",
     "BrokerCredentials",
     "CertificateAuthority",
+    "GatewayCredentials",
     "OperatorCredentials",
     "PartnerCredentials",
     "PkiError",
     "broker_host_names",
     "create_ca",
+    "gateway_dir",
     "init_ca",
     "issue_broker",
+    "issue_gateway",
     "issue_operator",
     "issue_partner",
     "issue_signing_cert",
     "issue_tls_cert",
     "load_broker",
     "load_ca",
+    "load_gateway",
     "load_operator",
     "load_partner",
     "make_dev_pki",

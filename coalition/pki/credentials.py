@@ -51,6 +51,16 @@ class OperatorCredentials:
 
 
 @dataclass
+class GatewayCredentials:
+    """A nation's gateway TLS identity (federation) and its CA; ``load_gateway(dir)``."""
+
+    nation: str
+    ca_pem: bytes = field(repr=False)
+    tls_cert_pem: bytes = field(repr=False)
+    tls_key_pem: bytes = field(repr=False)
+
+
+@dataclass
 class BrokerCredentials:
     """The broker's TLS identity, its audit key and the CA; load with ``load_broker(dir)``."""
 

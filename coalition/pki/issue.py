@@ -41,6 +41,7 @@ from coalition.pki.layout import (
     HPKE_PREFIX,
     HPKE_SUFFIX,
     ML_DSA_KEY_FILE,
+    gateway_dir,
     make_private_dir,
     operator_dir,
     partner_dir,
@@ -219,6 +220,26 @@ def issue_operator(
     """Issue an operator's TLS cert. Returns its directory. Raises PkiError or IdentityError."""
     identity = Identity.operator(name)
     d = operator_dir(root, name)
+    refuse_overwrite([d / "tls.key"], force)
+    ca = load_ca(root)
+    make_private_dir(d)
+    _issue_tls(ca, d, identity, now_ms, valid_days)
+    return d
+
+
+def issue_gateway(
+    root: str | os.PathLike[str],
+    nation: str,
+    now_ms: int,
+    *,
+    valid_days: int = DEFAULT_CERT_DAYS,
+    force: bool = False,
+) -> Path:
+    """Issue this nation's gateway TLS cert (``urn:coalition:gateway:<NATION>``), which
+    its broker presents to peer nations' brokers. Returns its directory. Raises PkiError
+    or IdentityError."""
+    identity = Identity.gateway(nation)
+    d = gateway_dir(root, nation)
     refuse_overwrite([d / "tls.key"], force)
     ca = load_ca(root)
     make_private_dir(d)

@@ -7,6 +7,7 @@ Layout (private keys 0600, directories 0700)::
     DIR/partners/<CODE>/tls.crt tls.key signing.crt signing.key signing-ml-dsa.key
                         hpke-<keyid>.key bundle.bin
     DIR/operators/<name>/tls.crt tls.key
+    DIR/gateways/<NATION>/tls.crt tls.key
 
 Files are written atomically and created with their final mode. A file that is missing,
 unreadable or not what it should be raises ``PkiError`` naming the path.
@@ -30,6 +31,8 @@ CA_DIR = "ca"
 BROKER_DIR = "broker"
 PARTNERS_DIR = "partners"
 OPERATORS_DIR = "operators"
+# Federation: this nation's gateway certificate for dialing a peer nation's broker.
+GATEWAYS_DIR = "gateways"
 BUNDLE_FILE = "bundle.bin"
 HPKE_PREFIX = "hpke-"
 HPKE_SUFFIX = ".key"
@@ -45,6 +48,11 @@ def partner_dir(root: str | os.PathLike[str], code: str) -> Path:
 def operator_dir(root: str | os.PathLike[str], name: str) -> Path:
     """``DIR/operators/<name>``; raises IdentityError for an invalid name."""
     return Path(root) / OPERATORS_DIR / Identity.operator(name).name
+
+
+def gateway_dir(root: str | os.PathLike[str], nation: str) -> Path:
+    """``DIR/gateways/<NATION>``; raises IdentityError for an invalid code."""
+    return Path(root) / GATEWAYS_DIR / Identity.gateway(nation).name
 
 
 def make_private_dir(path: Path) -> None:

@@ -32,7 +32,12 @@ from coalition.identity import (
     verify_key_bundle,
 )
 from coalition.pki.build import CertificateAuthority, PkiError
-from coalition.pki.credentials import BrokerCredentials, OperatorCredentials, PartnerCredentials
+from coalition.pki.credentials import (
+    BrokerCredentials,
+    GatewayCredentials,
+    OperatorCredentials,
+    PartnerCredentials,
+)
 from coalition.pki.layout import (
     BROKER_DIR,
     BUNDLE_FILE,
@@ -211,6 +216,18 @@ def load_operator(dir: str | os.PathLike[str]) -> OperatorCredentials:
     cert_pem, key_pem, identity = _tls_identity(d, IdentityKind.OPERATOR)
     return OperatorCredentials(
         name=identity.name, ca_pem=ca_pem, tls_cert_pem=cert_pem, tls_key_pem=key_pem
+    )
+
+
+def load_gateway(dir: str | os.PathLike[str]) -> GatewayCredentials:
+    """Load ``DIR/gateways/<NATION>``. Raises PkiError."""
+    d = Path(dir)
+    if not d.is_dir():
+        raise PkiError(f"no gateway directory {d}")
+    ca_pem = _ca_pem_for(d, 2)
+    cert_pem, key_pem, identity = _tls_identity(d, IdentityKind.GATEWAY)
+    return GatewayCredentials(
+        nation=identity.name, ca_pem=ca_pem, tls_cert_pem=cert_pem, tls_key_pem=key_pem
     )
 
 
