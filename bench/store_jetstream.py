@@ -7,7 +7,9 @@ row: one caller appending batches of 1 and of 16 messages, then 16 concurrent ca
 appending single messages (group commit puts them in one atomic batch). Prints
 appends/s, messages/s and atomic batches committed per row. With ``--two``, the same
 with two stores (two connections, as two brokers) appending for different senders at
-once, which makes them contend for the stream's tail.
+once, which makes them contend for the stream's tail. Each row also prints the pinned
+commits refused because another store committed first (lost races) and each append's
+time, mean and p99.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ def _records(stored: Sequence[StoredMessage]) -> list[str]:
     return [f"accepted {m.message_id} at {m.offset}" for m in stored]
 
 
-async def _writer(store: JetStreamMessageStore, sender: str, batch: int, until: float) -> int:
+async def _writer(
+    store: JetStreamMessageStore, sender: str, batch: int, until: float, took: list[float]
+) -> int:
     seq = appends = 0
     while time.monotonic() < until:
         msgs = [_message(sender, seq + i + 1) for i in range(batch)]
         seq += batch
+        t0 = time.perf_counter()
         await store.append(msgs, now_ms=1, records=_records)
+        took.append(time.perf_counter() - t0)
         appends += 1
     return appends
 
@@ -52,21 +58,28 @@ async def _row(
     stores: Sequence[JetStreamMessageStore], name: str, batch: int, callers: int, seconds: float
 ) -> None:
     before = sum(s.commits for s in stores)
+    lost_before = sum(s._committer.lost for s in stores)
+    waits: list[float] = []
     until = time.monotonic() + seconds
     started = time.monotonic()
     counts = await asyncio.gather(
         *(
-            _writer(stores[i % len(stores)], f"{name}{i}", batch, until)
+            _writer(stores[i % len(stores)], f"{name}{i}", batch, until, waits)
             for i in range(callers * len(stores))
         )
     )
     took = time.monotonic() - started
     appends = sum(counts)
     commits = sum(s.commits for s in stores) - before
+    lost = sum(s._committer.lost for s in stores) - lost_before
+    waits.sort()
+    mean = sum(waits) / max(len(waits), 1) * 1000
+    p99 = waits[int(len(waits) * 0.99)] * 1000 if waits else 0.0
     print(
         f"{len(stores)} store(s), {callers:>2} caller(s) each, batch {batch:>2}: "
         f"{appends / took:8.1f} appends/s  {appends * batch / took:8.1f} messages/s  "
-        f"({commits} atomic batches)"
+        f"({commits} atomic batches, {lost} lost races; an append {mean:.1f} ms mean, "
+        f"{p99:.1f} ms p99)"
     )
 
 

@@ -100,6 +100,7 @@ class Committer:
         self._stopping = False
         self.max_payload = nc.max_payload  # the largest entry the servers accept
         self.commits = 0  # batches committed by this store
+        self.lost = 0  # attempts refused because another writer committed first (lost races)
         self.on_commit: Callable[[float], None] | None = None
 
     async def submit(self, plan: Plan, *, alone: bool = False) -> Any:
@@ -210,6 +211,7 @@ class Committer:
                     timeout=REQUEST_TIMEOUT_S,
                 )
             except batches.WrongLastSequence as moved:
+                self.lost += 1
                 await self._catch_up(moved.last)
                 continue
             except batches.NotStored:
