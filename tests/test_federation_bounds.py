@@ -145,6 +145,11 @@ async def test_a_forward_request_of_too_many_items_is_refused_whole_and_audited(
             ("RECEIPT_REFUSED", "oversized"),
             ("RECEIPT_STORED", ""),
         ]
+        # A request past max_request_bytes is refused by grpc before it is read.
+        huge = federation_pb2.ForwardedEnvelope(envelope=b"e" * (1 << 20), signing_cert=b"c")
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await forward_as(kor.pki, "KOR", nato, [huge] * 5)
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         await local_traffic_flows(nato)
 
 
@@ -304,3 +309,24 @@ async def test_a_link_resends_what_a_full_peer_answers_not_now(
         assert [e.decision for e in await audit(kor, "federation.receipt")] == ["stored"] * 2
     finally:
         stop_all(nations)
+
+
+async def test_partners_list_marks_a_peers_gateway(pkis: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    from tests.test_federation_ops import admin
+
+    async with nato_admitting_kor(pkis, tmp_path) as (nato, _, _):
+        code, out, err = await admin(nato, "--json", "partners", "list")
+        assert code == 0, err
+        kinds = {p["partner"]: p["kind"] for p in json.loads(out)["partners"]}
+        assert kinds == {"NATO": "partner", "NATO-HQ": "partner", "KOR": "gateway"}
+        code, out, err = await admin(nato, "partners", "list")
+        assert code == 0, err
+        rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+        assert rows == {"NATO": "partner", "NATO-HQ": "partner", "KOR": "gateway"}
+        from clients.console import views  # the console's partners page, the same
+
+        async with nato.operator() as op:
+            listed = {r.code: r.kind for r in await views.partners(op)}
+        assert listed == {"NATO": "partner", "NATO-HQ": "partner", "KOR": "gateway"}
