@@ -219,6 +219,8 @@ class Link:
             self.counters.retried += len(again)
             log.warning("nation %s cannot take %d now; resending", self.nation, len(again))
             await asyncio.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
+            if not self.state.admitted(self.nation, self.exchange.registry.get(self.nation)):
+                raise LinkDown(f"nation {self.nation} is no longer admitted here")
             attempt += 1
             pending = again
 
