@@ -330,3 +330,34 @@ async def test_partners_list_marks_a_peers_gateway(pkis: dict[str, Path], tmp_pa
         async with nato.operator() as op:
             listed = {r.code: r.kind for r in await views.partners(op)}
         assert listed == {"NATO": "partner", "NATO-HQ": "partner", "KOR": "gateway"}
+
+
+async def test_a_link_splits_a_backlog_larger_than_a_request_may_carry(
+    pkis: dict[str, Path], tmp_path: Path
+) -> None:
+    extra: Mapping[str, str] = {"KOR": "[limits]\nsubscriber_window = 300\n"}
+    nations = federate(tmp_path, pkis, [("NATO", "KOR")], extra=extra)
+    nato, kor = nations["NATO"], nations["KOR"]
+    try:
+        await start_all(nations)
+        await admit_partners(nato, NATIONS["NATO"])
+        await admit_partners(kor, NATIONS["KOR"])
+        await link(nato, kor)
+        await link(kor, nato)
+        # NATO is down while KOR's partner publishes: the link's backlog is one delivery
+        # batch of 300 (KOR's window), more than one Forward request may carry.
+        nato.broker.signal(signal.SIGTERM)
+        assert await nato.broker.wait_exit() == 0
+        to = [recipient(nato.creds("NATO"))]
+        creds = kor.creds("KOR")
+        async with kor.partner("KOR") as pub:
+            for start in range(0, 300, 50):
+                envs = [seal(creds, to, LABEL, sequence=start + i + 1) for i in range(50)]
+                results = await pub.publish(envs)
+                assert {r.outcome for r in results} == {exchange_pb2.ACCEPTED}
+        await nato.broker.start()
+        received = await eventually_audited(nato, "federation.received", 300)
+        assert len(received) == 300
+        assert await audit(nato, "federation.forward.refused") == []
+    finally:
+        stop_all(nations)
