@@ -260,7 +260,10 @@ async def test_a_gateway_over_its_rate_is_slowed_while_local_partners_are_not(
             q.put_nowait(federation_pb2.ForwardRequest(batch_id=2, items=items[5:]))
             second = asyncio.ensure_future(anext(r))
             # The gateway's stream waits for its rate; NATO's own partners do not.
-            await local_traffic_flows(nato)
+            env = seal(nato.creds("NATO"), [recipient(nato.creds("NATO-HQ"))], LABEL)
+            async with nato.partner("NATO") as pub:
+                [res] = await pub.publish([env])
+            assert res.outcome == exchange_pb2.ACCEPTED, res
             assert not second.done()
             resp = await second
             assert [o[0] for o in outcomes(list(resp.receipts))] == ["RECEIPT_STORED"]
