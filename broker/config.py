@@ -105,6 +105,13 @@ class BrokerConfig:
     # Federation (docs/federation.md): the operators' trust file naming this broker's
     # nation, its peer nations' CAs and their brokers' endpoints (None = no federation).
     federation_file: Path | None = None
+    # A peer's gateway, as any partner, is bounded (docs/federation.md, *Bounds*): its
+    # forwarded envelopes take tokens at its policy's publish_rate_per_s, else at this
+    # rate (its Forward stream waits for them); it may hold max_forward_streams Forward
+    # streams and make max_federation_directory_per_min Directory calls a minute.
+    default_forward_rate_per_s: int = 2000
+    max_forward_streams: int = 2
+    max_federation_directory_per_min: int = 60
 
     @property
     def receive_limit(self) -> int:
@@ -151,6 +158,9 @@ _SECTIONS = {
         "max_publish_stream_bytes",
         "max_publish_partner_bytes",
         "max_publish_streams",
+        "default_forward_rate_per_s",
+        "max_forward_streams",
+        "max_federation_directory_per_min",
     },
     "log": {"json", "level"},
     "metrics": {"listen"},

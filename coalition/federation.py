@@ -44,7 +44,20 @@ from coalition.identity import (
 from coalition.pae import CUSTODY_RECEIPT_TYPE, pae
 from coalition.v1 import federation_pb2
 
+# The wire's bounds, known to both sides: a Forward request carries at most this many
+# envelopes (a link splits its batches to fit; a receiver refuses more, whole), each
+# with an originator certificate of at most this many bytes.
+MAX_FORWARD_ITEMS = 256
+MAX_SIGNING_CERT_BYTES = 16 << 10
+# Refusal reasons in a custody receipt that say "not now" rather than "never": the
+# receiver's store or the sender's share of it is full. A link does not acknowledge
+# such a message; it waits and sends it again.
+RETRY_REASONS = frozenset({"store_full", "quota_exceeded", "rate_limited"})
+
 __all__ = [
+    "MAX_FORWARD_ITEMS",
+    "MAX_SIGNING_CERT_BYTES",
+    "RETRY_REASONS",
     "FederationError",
     "Peer",
     "TrustFile",

@@ -143,8 +143,8 @@ async def test_admit_needs_a_second_operator(broker: Broker, pki: Path) -> None:
     r = await cli("partners", "list", broker=broker, pki=pki)
     assert r.code == 0, r
     header, row = r.out.splitlines()
-    assert header.split() == ["PARTNER", "STATUS", "VERSION", "CONNECTED", "KEY", "ID"]
-    assert row.split()[:4] == ["KOR", "ACTIVE", "2", "no"]
+    assert header.split() == ["PARTNER", "KIND", "STATUS", "VERSION", "CONNECTED", "KEY", "ID"]
+    assert row.split()[:5] == ["KOR", "partner", "ACTIVE", "2", "no"]
     assert header.index("STATUS") == row.index("ACTIVE")  # aligned columns
     listed = (await cli("--json", "partners", "list", broker=broker, pki=pki)).json()
     assert [(p["partner"], p["status"]) for p in listed["partners"]] == [("KOR", "ACTIVE")]

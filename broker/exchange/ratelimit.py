@@ -51,15 +51,19 @@ class RateLimits:
     a partner's first publish.
     """
 
-    def __init__(self, cfg: BrokerConfig, registry: PartnerRegistry) -> None:
+    def __init__(
+        self, cfg: BrokerConfig, registry: PartnerRegistry, default: int | None = None
+    ) -> None:
         self.cfg = cfg
         self.registry = registry
+        # The rate of an entry whose policy sets none (federation ingress passes its own).
+        self.default = cfg.default_publish_rate_per_s if default is None else default
         self._buckets: dict[str, TokenBucket] = {}
 
     def rate(self, partner: str) -> int:
         """partner's publish rate in messages per second."""
         rec = self.registry.get(partner)
-        return (rec.policy.publish_rate_per_s if rec else 0) or self.cfg.default_publish_rate_per_s
+        return (rec.policy.publish_rate_per_s if rec else 0) or self.default
 
     def bucket(self, partner: str, now: int) -> tuple[TokenBucket, int]:
         """The partner's token bucket and its rate."""

@@ -19,6 +19,7 @@ thread, or the event loop while that thread is idle).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -26,12 +27,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from broker.errors import BrokerError, Forbidden, InvalidInput, NotAuthenticated
 from broker.exchange.directory import CertifiedKey, SigningCertNotValid
 from broker.exchange.headers import with_recipients
+from broker.exchange.memo import Memo
 from coalition import envelope as env
 from coalition import envelope_v2
-from coalition.hybrid import HybridPublicKey
+from coalition.hybrid import HybridPublicKey, HybridSignatureError
 from coalition.v1 import envelope_pb2
 
-__all__ = ["ROOT_CACHE_SIZE", "CountingRootCache", "EnvelopeSignatures"]
+__all__ = ["ROOT_CACHE_SIZE", "CountingRootCache", "EnvelopeSignatures", "RefusingRootCache"]
 
 # Batch roots remembered as verified. One entry holds the root statement (about 90
 # bytes) and its two signatures (3,373 bytes), the key being shared with the directory's
@@ -64,12 +66,49 @@ class CountingRootCache(envelope_v2.RootCache):
             self.hits += 1
 
 
+class RefusingRootCache(CountingRootCache):
+    """A CountingRootCache that also remembers roots whose signature failed (by a digest
+    of key, root and both signatures, ``ROOT_CACHE_SIZE`` of them), so a sender that
+    repeats one bad root costs one hybrid check, not one per envelope. Federation
+    ingress uses it: a peer's gateway may repeat what it likes within its rate."""
+
+    def __init__(self, max_roots: int = ROOT_CACHE_SIZE) -> None:
+        super().__init__(max_roots)
+        self._failed: Memo[bytes, str] = Memo(max_roots)
+
+    def check(
+        self,
+        public_key: HybridPublicKey,
+        root: bytes,
+        signature: envelope_pb2.HybridSignature,
+    ) -> None:
+        slot = hashlib.sha256(
+            b"".join(
+                len(b).to_bytes(4, "big") + b
+                for b in (public_key.raw, root, signature.ed25519, signature.ml_dsa_65)
+            )
+        ).digest()
+        failed = self._failed.get(slot)
+        if failed is not None:
+            self.hits += 1
+            raise HybridSignatureError(failed)
+        try:
+            super().check(public_key, root, signature)
+        except HybridSignatureError as exc:
+            self._failed.put(slot, str(exc))
+            raise
+
+
 class EnvelopeSignatures:
     """The publish pipeline's signature step: the verified header, or the refusal."""
 
-    def __init__(self, certified: Callable[[str, str], CertifiedKey]) -> None:
+    def __init__(
+        self,
+        certified: Callable[[str, str], CertifiedKey],
+        roots: CountingRootCache | None = None,
+    ) -> None:
         self._certified = certified  # PartnerDirectory.certified: both halves, valid now
-        self.roots = CountingRootCache()
+        self.roots = roots if roots is not None else CountingRootCache()
 
     def verify(self, partner: str, e: envelope_pb2.Envelope) -> envelope_pb2.Header:
         """e's header (v2: its core with its recipients, see broker.exchange.headers),

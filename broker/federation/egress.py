@@ -30,7 +30,12 @@ from broker.exchange.live import Subscription
 from broker.exchange.outcomes import DeliveryBatch, ExpiryBatch
 from broker.federation.state import FederationState, LinkRoute
 from broker.store import StoredMessage, StoreError
-from coalition.federation import FederationError, verify_receipt
+from coalition.federation import (
+    MAX_FORWARD_ITEMS,
+    RETRY_REASONS,
+    FederationError,
+    verify_receipt,
+)
 from coalition.identity import signing_key_id
 from coalition.v1 import directory_pb2, envelope_pb2, federation_pb2
 
@@ -180,19 +185,57 @@ class Link:
         messages: Sequence[StoredMessage],
         headers: Sequence[envelope_pb2.Header],
     ) -> list[int]:
-        """Send messages, verify and record their receipts; the offsets receipted."""
+        """Send messages, verify and record their receipts; the offsets receipted.
+
+        A receipt refused for a reason that says "not now" (``RETRY_REASONS``: the peer's
+        store, or this sender's share of it, is full) is not recorded and its message is
+        not acknowledged: the link waits (``RETRY_S``, growing) and sends it again, so a
+        full peer delays what crosses and never loses it.
+        """
         items = [
             federation_pb2.ForwardedEnvelope(
                 envelope=m.envelope, signing_cert=self._signing_cert(m, h.signing_key_id)
             )
             for m, h in zip(messages, headers, strict=True)
         ]
+        pending = list(range(len(messages)))
+        attempt = 0
+        while True:
+            receipts = await self._send(transport, [items[i] for i in pending])
+            now = self.exchange.clock()
+            audits, again = [], []
+            for i, signed in zip(pending, receipts, strict=True):
+                r = self._verified(messages[i], signed, now)
+                if r.outcome == federation_pb2.RECEIPT_REFUSED and r.reason_code in RETRY_REASONS:
+                    again.append(i)
+                    continue
+                audits.append(_receipt_item(self.nation, messages[i], r, signed))
+                self._count(r.outcome)
+            if audits:
+                await self.exchange.audit.record_many(audits, now_ms=now)
+                self.counters.receipts += len(audits)
+            if not again:
+                return [m.offset for m in messages]
+            self.counters.retried += len(again)
+            log.warning("nation %s cannot take %d now; resending", self.nation, len(again))
+            await asyncio.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
+            if not self.state.admitted(self.nation, self.exchange.registry.get(self.nation)):
+                raise LinkDown(f"nation {self.nation} is no longer admitted here")
+            attempt += 1
+            pending = again
+
+    async def _send(
+        self, transport: Transport, items: Sequence[federation_pb2.ForwardedEnvelope]
+    ) -> list[federation_pb2.SignedReceipt]:
+        """items in requests of at most MAX_FORWARD_ITEMS envelopes and REQUEST_BYTES."""
         receipts: list[federation_pb2.SignedReceipt] = []
         start = 0
         while start < len(items):
             end, size = start, 0
-            while end < len(items) and (
-                end == start or size + len(items[end].envelope) <= REQUEST_BYTES
+            while (
+                end < len(items)
+                and end - start < MAX_FORWARD_ITEMS
+                and (end == start or size + len(items[end].envelope) <= REQUEST_BYTES)
             ):
                 size += len(items[end].envelope)
                 end += 1
@@ -201,20 +244,18 @@ class Link:
                 raise LinkDown(f"the peer answered {len(got)} receipts for {end - start} envelopes")
             receipts.extend(got)
             start = end
-        peer = self.state.trust.peers[self.nation]
-        now = self.exchange.clock()
-        audits = []
-        for m, signed in zip(messages, receipts, strict=True):
-            r = verify_receipt(signed, peer.ca_cert, now)
-            if r.envelope_sha256 != m.digest or r.gateway != self.state.trust.nation:
-                raise LinkDown(f"the receipt for offset {m.offset} is not for what was sent")
-            if r.receiver_nation != self.nation:
-                raise LinkDown(f"the receipt for offset {m.offset} names {r.receiver_nation}")
-            audits.append(_receipt_item(self.nation, m, r, signed))
-            self._count(r.outcome)
-        await self.exchange.audit.record_many(audits, now_ms=now)
-        self.counters.receipts += len(audits)
-        return [m.offset for m in messages]
+        return receipts
+
+    def _verified(
+        self, m: StoredMessage, signed: federation_pb2.SignedReceipt, now: int
+    ) -> federation_pb2.CustodyReceipt:
+        """The receipt for m, verified against the peer's CA; LinkDown if it is not."""
+        r = verify_receipt(signed, self.state.trust.peers[self.nation].ca_cert, now)
+        if r.envelope_sha256 != m.digest or r.gateway != self.state.trust.nation:
+            raise LinkDown(f"the receipt for offset {m.offset} is not for what was sent")
+        if r.receiver_nation != self.nation:
+            raise LinkDown(f"the receipt for offset {m.offset} names {r.receiver_nation}")
+        return r
 
     def _count(self, outcome: int) -> None:
         if outcome == federation_pb2.RECEIPT_STORED:

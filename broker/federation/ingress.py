@@ -1,18 +1,28 @@
 """Ingress: envelopes a peer nation's gateway forwards, checked, stored and receipted.
 
-Per envelope, in order: its size; the originator's signing certificate, issued by the
+A request is first bounded (at most ``MAX_FORWARD_ITEMS`` envelopes, refused whole
+``too_many_items``) and paced: every envelope takes a token of the gateway's rate
+(``broker.exchange.ratelimit``, its policy's ``publish_rate_per_s`` or the broker's
+``default_forward_rate_per_s``), refused ones too, and a request that finds the bucket
+empty waits for it (the stream is slowed, nothing is refused). Per envelope, in order:
+its size and its certificate's; the originator's signing certificate, issued by the
 CA the trust file names for the gateway's nation to a sender that speaks for that
 nation and is not a local partner; the signature (v1, or v2's path and hybrid root)
 under that certificate; the kernel's header checks (``coalition.checks``, the created
 time bounded by the retention period rather than the skew window: a link may deliver a
 backlog); the gateway's origination policy. Then one store append (its acceptance
 records in the same commit; a copy already stored is a duplicate), the decisions in
-the audit chain (``federation.received``, ``.duplicate``, ``.refused``), and a custody
-receipt per envelope signed with the broker's audit key naming its decision's seq.
+the audit chain (``federation.received``, ``.duplicate``, ``.refused``; refusals one by
+one up to the refusal threshold per gateway, then summarised, their receipts naming seq
+0), and a custody receipt per envelope signed with the broker's audit key naming its
+decision's seq. Certificate checks are cached per certificate (``_Originator``) and
+batch roots, verified or refused, per root (``RefusingRootCache``), so a peer repeating
+one certificate or one root does not cost a fresh check each time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -23,14 +33,29 @@ from cryptography import x509
 from broker.audit import AuditItem
 from broker.audit.items import acceptance_item, encode
 from broker.config import BrokerConfig
-from broker.errors import BrokerError, Forbidden, InvalidInput, NotAuthenticated, Unavailable
-from broker.exchange.directory import CertifiedKey
+from broker.errors import (
+    BrokerError,
+    Exhausted,
+    Forbidden,
+    InvalidInput,
+    NotAuthenticated,
+    Unavailable,
+)
+from broker.exchange.directory import CertifiedKey, SigningCertNotValid
 from broker.exchange.facade import ExchangeCore
-from broker.exchange.signatures import EnvelopeSignatures
+from broker.exchange.memo import Memo
+from broker.exchange.ratelimit import RateLimits
+from broker.exchange.signatures import ROOT_CACHE_SIZE, EnvelopeSignatures, RefusingRootCache
 from broker.federation.state import FederationState
 from broker.store import Appended, NewMessage, StoredMessage, StoreFull, stored_message
 from coalition.checks import HeaderProblem, check_header, clock_skew_problem
-from coalition.federation import FederationError, sign_receipt, verify_foreign_signing_cert
+from coalition.federation import (
+    MAX_FORWARD_ITEMS,
+    MAX_SIGNING_CERT_BYTES,
+    FederationError,
+    sign_receipt,
+    verify_foreign_signing_cert,
+)
 from coalition.identity import (
     IdentityError,
     IdentityKind,
@@ -48,6 +73,21 @@ log = logging.getLogger("coalition.broker.federation")
 STORED = federation_pb2.RECEIPT_STORED
 DUPLICATE = federation_pb2.RECEIPT_DUPLICATE
 REFUSED = federation_pb2.RECEIPT_REFUSED
+# A certificate refused is refused again from the cache for this long (its refusal may
+# depend on the time: not yet valid); one that verified is re-checked only for its period.
+CERT_REFUSAL_TTL_MS = 60_000
+
+
+@dataclass(frozen=True)
+class _Originator:
+    """One originator certificate's check under a peer's CA, as cached: the sender it
+    names and its certified key, or the refusal (``error``: class, code, message)."""
+
+    sender: str
+    certified: CertifiedKey | None
+    key_id: str = ""
+    error: tuple[type[BrokerError], str, str] | None = None
+    checked_ms: int = 0
 
 
 @dataclass
@@ -79,7 +119,9 @@ class Ingress:
         self.state = state
         self.clock = clock
         self._certs: dict[tuple[str, str], CertifiedKey] = {}
-        self._signatures = EnvelopeSignatures(self._certified)
+        self._signatures = EnvelopeSignatures(self._certified, RefusingRootCache())
+        self._originators: Memo[tuple[str, bytes], _Originator] = Memo(ROOT_CACHE_SIZE)
+        self.rates = RateLimits(cfg, exchange.registry, cfg.default_forward_rate_per_s)
 
     def _certified(self, sender: str, key_id: str) -> CertifiedKey:
         return self._certs[(sender, key_id)]  # KeyError: the envelope names another key
@@ -93,21 +135,39 @@ class Ingress:
         when its decisions cannot be stored or audited (nothing is receipted then; the
         link sends again and stored ones come back ``duplicate``).
         """
-        if not self.state.admitted(nation, self.exchange.registry.get(nation)):
-            raise Forbidden("suspended", f"the gateway of nation {nation} is not active")
+        self._admitted(nation)
         if not items:
             return []
+        if len(items) > MAX_FORWARD_ITEMS:
+            raise Exhausted(
+                "too_many_items",
+                f"a Forward request carries at most {MAX_FORWARD_ITEMS} envelopes; this one "
+                f"carries {len(items)}",
+            )
+        await self._pace(nation, len(items))
+        self._admitted(nation)  # suspended while it waited
         now = self.clock()
         done = [self._check(nation, it, now) for it in items]
         fresh = await self._store(nation, done, now)
-        items_audit = [_decision(nation, it) for it in done]
+        decisions = [_decision(nation, it) for it in done]
+        audit = self.exchange.audit
+        # Refusals beyond the threshold are counted into the gateway's summary (seq 0).
+        one_by_one = [
+            it.error is None or audit.admit_refusal(d, now, source=nation)
+            for it, d in zip(done, decisions, strict=True)
+        ]
         try:
-            seqs = await self.exchange.audit.record_many(items_audit, now_ms=now)
+            written = iter(
+                await audit.record_many(
+                    [d for d, w in zip(decisions, one_by_one, strict=True) if w], now_ms=now
+                )
+            )
         except Exception as exc:  # AuditError and the backends' own
             log.critical("federation decisions not audited: %s", exc)
             raise Unavailable(
                 "audit_unavailable", "the receiving broker cannot audit its decisions now"
             ) from exc
+        seqs = [next(written) if w else 0 for w in one_by_one]
         counters = self.state.counters[nation]
         counters.received += sum(1 for it in done if it.outcome == STORED)
         counters.refused += sum(1 for it in done if it.outcome == REFUSED)
@@ -118,6 +178,56 @@ class Ingress:
             self.exchange.wake_all()
             self.exchange.pipeline.on_stored(max(m.offset for m in fresh))
         return [self._receipt(nation, it, seq, now) for it, seq in zip(done, seqs, strict=True)]
+
+    def _admitted(self, nation: str) -> None:
+        if not self.state.admitted(nation, self.exchange.registry.get(nation)):
+            raise Forbidden("suspended", f"the gateway of nation {nation} is not active")
+
+    async def _pace(self, nation: str, n: int) -> None:
+        """Take n tokens of the gateway's rate, waiting first, while its bucket is empty,
+        for it to refill to one token. A request may leave the bucket in debt (by one
+        request's envelopes per open stream at most), which the next one waits out."""
+        bucket, rate = self.rates.bucket(nation, self.clock())
+        if bucket.empty(self.clock(), rate):
+            self.state.counters[nation].slowed += 1
+            await asyncio.sleep((1 - bucket.tokens) / rate)
+        bucket.charge(n)
+
+    def _originator(self, nation: str, der: bytes, now: int) -> _Originator:
+        """The check of an originator certificate under nation's CA, from the cache when
+        it holds one (a refusal for CERT_REFUSAL_TTL_MS)."""
+        slot = (nation, hashlib.sha256(der).digest())
+        seen = self._originators.get(slot)
+        if seen is not None and (seen.error is None or now - seen.checked_ms < CERT_REFUSAL_TTL_MS):
+            return seen
+        self.state.counters[nation].cert_checks += 1
+        sender = ""
+        try:
+            try:
+                cert = x509.load_der_x509_certificate(der)
+                who = identity_from_cert(cert)
+            except (ValueError, IdentityError) as exc:
+                raise NotAuthenticated(
+                    "bad_signing_cert", f"originator certificate: {exc}"
+                ) from exc
+            if who.kind is not IdentityKind.PARTNER:
+                raise NotAuthenticated("bad_signing_cert", f"{who.uri} is not a partner")
+            sender = who.name
+            peer = self.state.trust.peers[nation]
+            try:
+                key = verify_foreign_signing_cert(der, peer, sender, now)
+            except FederationError as exc:
+                raise Forbidden(exc.code, exc.message) from exc
+            period = (
+                datetime_to_ms(max(cert.not_valid_before_utc, peer.ca_cert.not_valid_before_utc)),
+                datetime_to_ms(min(cert.not_valid_after_utc, peer.ca_cert.not_valid_after_utc)),
+            )
+            certified = CertifiedKey(key, *period, certified_hybrid_key(cert))
+            out = _Originator(sender, certified, signing_key_id(cert), checked_ms=now)
+        except BrokerError as err:
+            out = _Originator(sender, None, "", (type(err), err.code, err.message), now)
+        self._originators.put(slot, out)
+        return out
 
     def _check(self, nation: str, item: federation_pb2.ForwardedEnvelope, now: int) -> _Item:
         out = _Item(hashlib.sha256(item.envelope).digest())
@@ -137,31 +247,30 @@ class Ingress:
                 "oversized",
                 f"envelope is {len(raw)} bytes; the limit is {self.cfg.max_envelope_bytes}",
             )
-        peer = self.state.trust.peers[nation]
+        if len(item.signing_cert) > MAX_SIGNING_CERT_BYTES:
+            raise InvalidInput(
+                "oversized",
+                f"originator certificate is {len(item.signing_cert)} bytes; the limit is "
+                f"{MAX_SIGNING_CERT_BYTES}",
+            )
+        origin = self._originator(nation, item.signing_cert, now)
+        sender = out.sender = origin.sender
+        if origin.error is not None:
+            cls, code, message = origin.error
+            raise cls(code, message)
+        assert origin.certified is not None
         try:
-            cert = x509.load_der_x509_certificate(item.signing_cert)
-            who = identity_from_cert(cert)
-        except (ValueError, IdentityError) as exc:
-            raise NotAuthenticated("bad_signing_cert", f"originator certificate: {exc}") from exc
-        if who.kind is not IdentityKind.PARTNER:
-            raise NotAuthenticated("bad_signing_cert", f"{who.uri} is not a partner")
-        sender = out.sender = who.name
-        try:
-            key = verify_foreign_signing_cert(item.signing_cert, peer, sender, now)
-        except FederationError as exc:
-            raise Forbidden(exc.code, exc.message) from exc
+            origin.certified.check(sender, now)
+        except SigningCertNotValid as exc:
+            raise NotAuthenticated(exc.code, exc.message) from None
         # The registry entry named by the nation code is its gateway; any other entry
         # with this code is a local partner (admission refuses that; this holds it too).
         if sender != nation and self.exchange.registry.get(sender) is not None:
             raise Forbidden(
                 "local_partner", f"{sender} is a partner of this broker, not of nation {nation}"
             )
-        period = (
-            datetime_to_ms(max(cert.not_valid_before_utc, peer.ca_cert.not_valid_before_utc)),
-            datetime_to_ms(min(cert.not_valid_after_utc, peer.ca_cert.not_valid_after_utc)),
-        )
-        kid = signing_key_id(cert)
-        self._certs = {(sender, kid): CertifiedKey(key, *period, certified_hybrid_key(cert))}
+        self._certs = {(sender, origin.key_id): origin.certified}
+        roots = self._signatures.roots.verifications
         try:
             env = envelope_pb2.Envelope.FromString(raw)
             header = self._signatures.verify(sender, env)
@@ -169,6 +278,8 @@ class Ingress:
             raise
         except Exception as exc:  # DecodeError
             raise InvalidInput("malformed", f"envelope is malformed: {exc}") from exc
+        finally:
+            self.state.counters[nation].root_checks += self._signatures.roots.verifications - roots
         out.message_id = header.message_id
         try:
             label = check_header(

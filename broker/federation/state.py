@@ -22,6 +22,10 @@ class PeerCounters:
     receipts: int = 0  # receipts verified and recorded in this broker's chain
     received: int = 0  # envelopes from the peer stored here
     refused: int = 0  # envelopes from the peer refused here
+    slowed: int = 0  # Forward requests from the peer held until its rate allowed them
+    cert_checks: int = 0  # originator certificates checked (not found in the cache)
+    root_checks: int = 0  # hybrid signature checks of v2 batch roots from the peer
+    retried: int = 0  # sent, answered "not now" (store full, say): held and sent again
     lag: int = 0  # messages pending for the peer at the last look (its backlog)
     connected: bool = False  # the outbound link is up
     last_error: str = ""

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from broker.audit import AuditBackend
+from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.auth import current_identity
 from broker.config import BrokerConfig
-from broker.errors import BrokerError, Forbidden
+from broker.errors import BrokerError, Exhausted, Forbidden
 from broker.exchange.facade import ExchangeCore
 from broker.federation.directory import ForeignDirectory
 from broker.federation.egress import Link, LinkDown, Transport
@@ -27,7 +28,7 @@ from broker.federation.ingress import Ingress
 from broker.federation.state import FederationState
 from broker.federation.view import FederationView
 from broker.grpc.interceptor import AuthInterceptor
-from broker.grpc.status import abort
+from broker.grpc.status import abort, status_name
 from broker.registry_types import RegistryChange
 from coalition.federation import TrustFile, load_trust_file
 from coalition.pki import (
@@ -47,12 +48,40 @@ SERVICE = federation_pb2.DESCRIPTOR.services_by_name["Federation"].full_name
 
 class FederationServicer(federation_pb2_grpc.FederationServicer):
     """Forward: each request's envelopes through the ingress core, receipts back in order.
-    A gateway suspended while its stream is open is ended at once (``gateway_changed``)."""
+    A gateway suspended while its stream is open is ended at once (``gateway_changed``).
+
+    Bounds per gateway (docs/federation.md, *Bounds*): ``max_forward_streams`` Forward
+    streams at once and ``max_federation_directory_per_min`` Directory calls in a
+    sliding minute; past them, and for a request the ingress refuses whole, the call
+    ends with its status, audited (``federation.forward.refused``,
+    ``federation.directory.refused``) one by one up to the gateway's refusal threshold,
+    then summarised.
+    """
 
     def __init__(self, ingress: Ingress, foreign: ForeignDirectory) -> None:
         self.ingress = ingress
         self.foreign = foreign
         self._calls: dict[str, set[tuple[Ctx, asyncio.Task[Any]]]] = {}
+        self._directory_calls: dict[str, deque[int]] = {}
+
+    async def _refuse(self, context: Ctx, kind: str, nation: str, err: BrokerError) -> None:
+        """Audit a refused call of nation's gateway (summarised past the threshold), then
+        end it with err's status."""
+        item = AuditItem(
+            kind,
+            f"gateway:{nation}",
+            nation,
+            "",
+            err.code,
+            {"reason": err.message, "status": status_name(err)},
+        )
+        try:
+            await self.ingress.exchange.audit.record_refusal(
+                item, now_ms=self.ingress.clock(), source=nation
+            )
+        except AuditError as exc:
+            log.critical("%s not audited: %s", kind, exc)
+        await abort(context, err)
 
     async def Forward(
         self, request_iterator: AsyncIterator[federation_pb2.ForwardRequest], context: Ctx
@@ -60,14 +89,23 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         nation = current_identity().name
         task = asyncio.current_task()
         assert task is not None
+        calls = self._calls.setdefault(nation, set())
+        limit = self.ingress.cfg.max_forward_streams
+        if len(calls) >= limit:
+            err = Exhausted(
+                "too_many_streams",
+                f"the gateway of nation {nation} already has {len(calls)} Forward streams "
+                f"open; the limit is {limit}",
+            )
+            await self._refuse(context, "federation.forward.refused", nation, err)
         me = (context, task)
-        self._calls.setdefault(nation, set()).add(me)
+        calls.add(me)
         try:
             async for req in request_iterator:
                 try:
                     receipts = await self.ingress.receive(nation, req.items)
                 except BrokerError as err:
-                    await abort(context, err)
+                    await self._refuse(context, "federation.forward.refused", nation, err)
                 yield federation_pb2.ForwardResponse(batch_id=req.batch_id, receipts=receipts)
         finally:
             self._calls.get(nation, set()).discard(me)
@@ -75,9 +113,22 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     async def Directory(
         self, request: federation_pb2.FederationDirectoryRequest, context: Ctx
     ) -> federation_pb2.FederationDirectoryResponse:
-        return federation_pb2.FederationDirectoryResponse(
-            entries=self.foreign.answer(current_identity().name)
-        )
+        nation = current_identity().name
+        limit = self.ingress.cfg.max_federation_directory_per_min
+        if limit > 0:
+            now = self.ingress.clock()
+            recent = self._directory_calls.setdefault(nation, deque())
+            while recent and recent[0] <= now - 60_000:
+                recent.popleft()
+            if len(recent) >= limit:
+                err = Exhausted(
+                    "rate_limited",
+                    f"the gateway of nation {nation} made {len(recent)} Directory calls in "
+                    f"the last minute, the most allowed ({limit}); retry later",
+                )
+                await self._refuse(context, "federation.directory.refused", nation, err)
+            recent.append(now)
+        return federation_pb2.FederationDirectoryResponse(entries=self.foreign.answer(nation))
 
     async def gateway_changed(self, nation: str) -> None:
         """The gateway of nation is no longer active: end its open streams now."""

@@ -18,6 +18,10 @@ COUNTERS = (
     ("receipts", "custody receipts verified and recorded in this broker's audit chain"),
     ("received", "envelopes from the peer's gateway stored here"),
     ("refused", "envelopes from the peer's gateway refused here"),
+    ("retried", "envelopes sent to the peer, answered not now (store full), sent again"),
+    ("slowed", "Forward requests from the peer's gateway held until its rate allowed them"),
+    ("cert_checks", "originator certificates from the peer checked (not found in the cache)"),
+    ("root_checks", "hybrid signature checks of v2 batch roots forwarded by the peer"),
 )
 
 

@@ -67,14 +67,21 @@ def _report_change(ctx: Ctx, resp: admin_pb2.PolicyChangeResponse, what: str) ->
 
 
 async def partners_list(ctx: Ctx) -> None:
-    """Every registered partner with status, policy version, connection and key id."""
+    """Every registered partner with status, policy version, connection and key id; a
+    federated broker's peer gateways (registry entries too) are marked kind gateway."""
     partners = await ctx.rpc(ctx.client.partners())
+    gateways = {p.nation for p in (await ctx.rpc(ctx.client.peers())).peers}
+
+    def kind(code: str) -> str:
+        return "gateway" if code in gateways else "partner"
+
     if ctx.as_json:
-        print_json({"partners": [to_json(p) for p in partners]})
+        print_json({"partners": [{**to_json(p), "kind": kind(p.partner)} for p in partners]})
         return
     rows = [
         (
             p.partner,
+            kind(p.partner),
             directory_pb2.PartnerStatus.Name(p.status),
             p.policy_version,
             "yes" if p.connected else "no",
@@ -82,7 +89,7 @@ async def partners_list(ctx: Ctx) -> None:
         )
         for p in partners
     ]
-    print(table(("PARTNER", "STATUS", "VERSION", "CONNECTED", "KEY ID"), rows))
+    print(table(("PARTNER", "KIND", "STATUS", "VERSION", "CONNECTED", "KEY ID"), rows))
 
 
 def _cert_pairs(der: bytes) -> list[tuple[str, object]]:

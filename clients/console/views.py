@@ -73,6 +73,7 @@ class PartnerRow:
     published: int = 0
     delivered: int = 0
     refusals: list[tuple[str, int]] = field(default_factory=list)
+    kind: str = "partner"  # "gateway": a peer nation's broker (federation)
 
 
 async def coalition_policies(client: OperatorClient) -> dict[str, PartnerPolicy]:
@@ -87,6 +88,7 @@ async def coalition_policies(client: OperatorClient) -> dict[str, PartnerPolicy]
 
 async def partners(client: OperatorClient) -> list[PartnerRow]:
     stats = {p.partner: p for p in (await client.stats()).partners}
+    gateways = {p.nation for p in (await client.peers()).peers}
     rows = []
     for s in await client.partners():
         pol = _policy((await client.show(s.partner)).policy.policy)
@@ -109,6 +111,7 @@ async def partners(client: OperatorClient) -> list[PartnerRow]:
                 published=st.published,
                 delivered=st.delivered,
                 refusals=sorted(st.refusals.items()),
+                kind="gateway" if s.partner in gateways else "partner",
             )
         )
     return rows
