@@ -152,7 +152,20 @@ async def test_nothing_crosses_that_the_release_policy_does_not_allow(
         assert res.outcome == exchange_pb2.ACCEPTED, res
         await nothing_for(rcv, 1.5)
     denied = [e for e in await audit(nato, "deliver.denied") if e.message_id == res.message_id]
-    assert denied and denied[0].partner == "KOR"
+    assert [(e.partner, e.decision) for e in denied] == [("KOR", "not_releasable")], denied
+    # Released to KOR, but no key wrapped for anyone of KOR's: it does not cross either.
+    hq_only = seal(
+        nato.creds("NATO"),
+        [recipient(nato.creds("NATO-HQ"))],
+        parse_label("NATO SECRET // REL TO KOR, NATO-HQ"),
+        sequence=2,
+    )
+    async with nato.partner("NATO") as pub, kor.partner("KOR") as rcv:
+        [res] = await pub.publish([hq_only])
+        assert res.outcome == exchange_pb2.ACCEPTED, res
+        await nothing_for(rcv, 1.5)
+    denied = [e for e in await audit(nato, "deliver.denied") if e.message_id == res.message_id]
+    assert [(e.partner, e.decision) for e in denied] == [("KOR", "no_key_wrapped")], denied
     assert await audit(kor, "federation.received") == []
 
 
