@@ -177,7 +177,7 @@ class Demo:
         """Publish through the real `coalition-node publish` command."""
         pub = Published(key, sender, label, title, precedence)
         pub.reasons = await self.decisions(label, "intel.ground")
-        body = self.work / "nodes" / sender / f"{key}.txt"
+        body = self.node_config(sender).parent / f"{key}.txt"
         body.write_text(text)
         proc = await asyncio.create_subprocess_exec(
             *python_module(
