@@ -31,6 +31,7 @@ from broker.admin_types import (
 from broker.audit import AuditBackend, AuditError, AuditItem
 from broker.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, Precondition
 from broker.federation.admission import check_admission
+from broker.federation.view import FederationView
 from broker.registry import PartnerRecord, PartnerRegistry, StaleVersion, pending_policy
 from broker.store import MessageStore
 from coalition.federation import TrustFile
@@ -80,6 +81,7 @@ class AdminCore:
         # ExportAudit sends it so an export verifies offline with only the CA certificate.
         self.audit_certificate = audit_certificate
         self.trust: TrustFile | None = None  # federation: peers are admitted by CA
+        self.federation: FederationView | None = None  # federation: ListPeers
 
     def record(self, partner: str) -> PartnerRecord:
         """partner's record, or NotFound ``unknown_partner``."""

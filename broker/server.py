@@ -37,6 +37,7 @@ from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import status_name
 from broker.listen import DataDirLock, parse_listen, refuse_taken
 from broker.metrics import MetricsExporter
+from broker.metrics.federation import FederationCollector
 from broker.registry import PartnerRegistry
 from broker.retention import Retention
 from broker.store import SqliteMessageStore, StoreError
@@ -257,6 +258,7 @@ async def _start_broker(cfg: BrokerConfig, clock: Clock) -> Broker:
     fed = None
     if trust is not None:
         fed = await attach(cfg, trust, creds, exchange, audit, server, auth)
+        admin.federation = fed.view
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -315,6 +317,8 @@ async def _start_metrics(cfg: BrokerConfig, b: Broker) -> MetricsExporter:
     audit_db = Path(cfg.data_dir) / "audit.db" if files else None
     metrics = MetricsExporter(b.exchange, b.store, b.registry, audit_db, audit_count=b.audit.count)
     metrics.attach(b.exchange, {"messages": b.store, "audit": b.audit})
+    if b.federation is not None:
+        metrics.registry.register(FederationCollector(b.federation.state))
     if b.auth is not None:
         b.auth.on_refused = metrics.instruments.auth_refused
     try:

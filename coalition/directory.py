@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from coalition.federation import TrustFile
 from coalition.hpke import HpkePublicKey
 from coalition.hybrid import HybridPublicKey
 from coalition.identity import (
@@ -94,17 +95,28 @@ class Directory:
 
     @classmethod
     def verify(
-        cls, entries: Sequence[directory_pb2.DirectoryEntry], ca: x509.Certificate, now_ms: int
+        cls,
+        entries: Sequence[directory_pb2.DirectoryEntry],
+        ca: x509.Certificate,
+        now_ms: int,
+        trust: TrustFile | None = None,
     ) -> Directory:
-        """Keep only entries whose signing cert and key bundle verify; note the others."""
+        """Keep only entries whose signing cert and key bundle verify; note the others.
+
+        With a federation trust file, an entry whose code speaks for a peer nation is
+        verified against that nation's CA as the trust file names it (never against this
+        coalition's CA, and never against a CA the broker names); without one, such an
+        entry does not verify."""
         out = cls()
         for e in entries:
+            nation = trust.peer_for(e.partner) if trust is not None else None
+            ca_here = nation.ca_cert if nation is not None else ca
             try:
-                key = verify_signing_cert(e.signing_cert, ca, e.partner, now_ms)
+                key = verify_signing_cert(e.signing_cert, ca_here, e.partner, now_ms)
                 cert = x509.load_der_x509_certificate(e.signing_cert)
                 kid = signing_key_id(cert)
                 hybrid = certified_hybrid_key(cert)
-                earlier = _earlier(e, ca, now_ms, kid)
+                earlier = _earlier(e, ca_here, now_ms, kid)
                 peer = Peer(
                     e.partner,
                     int(e.status),

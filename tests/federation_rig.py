@@ -153,7 +153,9 @@ async def admit(nation: Nation, code: str, cert_der: bytes, pol: PartnerPolicy) 
 
 async def admit_partners(nation: Nation, codes: Iterable[str]) -> None:
     for code in codes:
-        await admit(nation, code, nation.creds(code).signing_cert_der, partner_policy(code))
+        # In its nation's group: REL TO KOR releases to KOR-2 too.
+        pol = partner_policy(code, groups=(code.split("-")[0],))
+        await admit(nation, code, nation.creds(code).signing_cert_der, pol)
 
 
 async def link(a: Nation, b: Nation, **policy: object) -> None:

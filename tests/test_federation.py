@@ -247,3 +247,57 @@ async def test_suspending_a_peer_stops_the_flow_both_ways_at_once(
         assert d.envelope.SerializeToString() == to_kor.SerializeToString()
         [d] = await deliveries(n, 1)
         assert d.envelope.SerializeToString() == to_nato.SerializeToString()
+
+
+@pytest.fixture
+async def keyed_pair(pkis: dict[str, Path], tmp_path: Path) -> AsyncIterator[dict[str, Nation]]:
+    """NATO and KOR with their partners' key bundles registered, then linked."""
+    two = {k: pkis[k] for k in ("NATO", "KOR")}
+    nations = federate(tmp_path, two, [("NATO", "KOR")])
+    try:
+        await start_all(nations)
+        for n in nations.values():
+            await admit_partners(n, NATIONS[n.code])
+            for code in NATIONS[n.code]:
+                async with n.partner(code) as c:
+                    await c.register_keys()
+        await link(nations["NATO"], nations["KOR"])
+        await link(nations["KOR"], nations["NATO"])
+        yield nations
+    finally:
+        stop_all(nations)
+
+
+async def test_senders_seal_for_another_nations_partners_through_the_directory(
+    keyed_pair: dict[str, Nation],
+) -> None:
+    """The SDK, as a node uses it: NATO's Recipients and Directory name KOR's partners
+    (learned over the link), each verified against KOR's CA from the node's own trust
+    file; KOR's node opens it the same way. Without a trust file nothing foreign verifies."""
+    nato, kor = keyed_pair["NATO"], keyed_pair["KOR"]
+    label = parse_label("NATO SECRET // REL TO KOR")
+    nato_trust, kor_trust = load_trust_file(nato.trust_file), load_trust_file(kor.trust_file)
+    sender = PartnerClient(nato.creds("NATO"), nato.target, trust=nato_trust)
+    rcv = PartnerClient(kor.creds("KOR-2"), kor.target, trust=kor_trust)
+    plain = nato.partner("NATO-HQ")  # no trust file
+    try:
+        async with asyncio.timeout(20):
+            while sorted(await sender.recipients(label, "intel.report")) != ["KOR", "KOR-2"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        sealed = await sender.seal(b"across", topic="intel.report", label=label)
+        assert sorted(sealed.recipients) == ["KOR", "KOR-2"]
+        [res] = await sender.publish([sealed.envelope])
+        assert res.outcome == exchange_pb2.ACCEPTED, res
+        [d] = await deliveries(rcv, 1)
+        opened = await rcv.open(d)
+        assert opened.plaintext == b"across" and opened.header.sender == "NATO"
+        # Without a trust file, KOR's entries do not verify against NATO's CA.
+        d_plain = await plain.directory(refresh=True)
+        assert "KOR" not in d_plain.peers and "KOR" in d_plain.problems
+        # The KOR entry the sender sees is KOR's partner, verified against KOR's CA (the
+        # gateway's registry entry, which holds KOR's CA certificate, is never listed).
+        seen = await sender.directory(refresh=True)
+        assert {"KOR", "KOR-2"} <= set(seen.peers) and not seen.problems
+    finally:
+        for c in (sender, rcv, plain):
+            await c.close()

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -40,6 +41,14 @@ SIGNER_MEMO_SIZE = 4096
 # the 3,309-byte ML-DSA-65 one): a larger one is refused before it is verified or stored
 # (each one is a registry write).
 MAX_KEY_BUNDLE_BYTES = 16 << 10
+
+
+class ForeignKeys(Protocol):
+    """Peer nations' partners (broker.federation.directory.ForeignDirectory)."""
+
+    def is_gateway(self, code: str) -> bool: ...
+    def entries(self, caller: PartnerPolicy) -> list[directory_pb2.DirectoryEntry]: ...
+    def recipients(self, label: Label, topic: str) -> list[str]: ...
 
 
 class SigningCertNotValid(KeyError):
@@ -119,6 +128,8 @@ class PartnerDirectory:
         self.registry_changed = on_change
         self._signers: Memo[tuple[str, str], CertifiedKey] = Memo(SIGNER_MEMO_SIZE)
         self._key_changes: dict[str, deque[int]] = {}
+        # Federation (broker.federation.directory): peers' partners joining the answers.
+        self.foreign: ForeignKeys | None = None
 
     def signer(self, sender: str, key_id: str) -> Ed25519PublicKey:
         """The certified signing key of sender, valid now by the broker's clock (see
@@ -187,8 +198,11 @@ class PartnerDirectory:
         """
         caller = self.admitted(partner)
         out = []
+        foreign = self.foreign
         for rec in self.registry.all():
             if rec.code != partner and rec.policy.status is PartnerStatus.PENDING:
+                continue
+            if foreign is not None and foreign.is_gateway(rec.code):
                 continue
             entry = directory_pb2.DirectoryEntry(
                 partner=rec.code,
@@ -200,7 +214,7 @@ class PartnerDirectory:
             ):
                 entry.key_bundle.CopyFrom(rec.bundle)
             out.append(entry)
-        return out
+        return out + (foreign.entries(caller.policy) if foreign is not None else [])
 
     def directory_entry(self, partner: str) -> directory_pb2.DirectoryEntry:
         """The operators' full view of one partner: certificate, bundle, status and groups."""
@@ -337,7 +351,8 @@ class PartnerDirectory:
                 f"{decision.explanation} ({decision.reason.value}); recipients are answered "
                 "only for labels and topics the caller may publish",
             )
-        return self.eligible(label, topic, exclude=partner)
+        local = self.eligible(label, topic, exclude=partner)
+        return local + (self.foreign.recipients(label, topic) if self.foreign else [])
 
     def partner_record(self, partner: str) -> PartnerRecord:
         rec = self.registry.get(partner)

@@ -28,11 +28,11 @@ from broker.errors import BrokerError
 from broker.exchange.facade import ExchangeCore
 from broker.exchange.outcomes import DeliveryBatch, ExpiryBatch
 from broker.federation.state import FederationState, LinkRoute
-from broker.store import StoredMessage
+from broker.store import StoredMessage, StoreError
 from coalition.federation import FederationError, verify_receipt
 from coalition.identity import signing_key_id
 from coalition.policy import PartnerStatus
-from coalition.v1 import envelope_pb2, federation_pb2
+from coalition.v1 import directory_pb2, envelope_pb2, federation_pb2
 
 log = logging.getLogger("coalition.broker.federation")
 
@@ -40,6 +40,8 @@ log = logging.getLogger("coalition.broker.federation")
 # default request limit, with room for the certificates).
 REQUEST_BYTES = 3 << 20
 RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+# How often a link asks its peer again which of its partners our senders may seal for.
+DIRECTORY_REFRESH_S = 10.0
 IDLE_POLL_S = 0.2
 
 
@@ -53,6 +55,8 @@ class Transport(Protocol):
     async def send(
         self, items: Sequence[federation_pb2.ForwardedEnvelope]
     ) -> list[federation_pb2.SignedReceipt]: ...
+
+    async def directory(self) -> list[directory_pb2.DirectoryEntry]: ...
 
     async def close(self) -> None: ...
 
@@ -70,12 +74,14 @@ class Link:
         state: FederationState,
         nation: str,
         connect: Connect,
+        learn: Callable[[str, Sequence[directory_pb2.DirectoryEntry]], int],
     ) -> None:
         self.cfg = cfg
         self.exchange = exchange
         self.state = state
         self.nation = nation
         self.connect = connect
+        self.learn = learn
         self.counters = state.counters[nation]
         self.wake = asyncio.Event()  # a registry change: look at the peer's status again
 
@@ -108,7 +114,12 @@ class Link:
 
     async def _serve(self, topics: Sequence[str]) -> None:
         transport = await self.connect(self.nation)
+        refresh: asyncio.Task[None] | None = None
         try:
+            # First the peer's directory: a peer that does not (yet) admit our gateway
+            # refuses it here, before anything is read for the link.
+            self.learn(self.nation, await transport.directory())
+            refresh = asyncio.create_task(self._refresh(transport))
             sub = self.exchange.open_subscription(self.nation, topics, self.cfg.subscriber_window)
             sub.gateway = LinkRoute(self.state, self.nation)
             self.counters.connected = True
@@ -124,7 +135,18 @@ class Link:
                 self.counters.connected = False
                 self.exchange.close_subscription(sub)
         finally:
+            if refresh is not None:
+                refresh.cancel()
             await transport.close()
+
+    async def _refresh(self, transport: Transport) -> None:
+        """Learn the peer's directory again every DIRECTORY_REFRESH_S while linked."""
+        while True:
+            await asyncio.sleep(DIRECTORY_REFRESH_S)
+            try:
+                self.learn(self.nation, await transport.directory())
+            except (LinkDown, BrokerError) as exc:
+                log.warning("directory of %s not refreshed: %s", self.nation, exc)
 
     def _signing_cert(self, m: StoredMessage, key_id: str) -> bytes:
         """The originator's certificate the message is signed under (current or earlier)."""
@@ -176,6 +198,10 @@ class Link:
             self._count(r.outcome)
         await self.exchange.audit.record_many(audits, now_ms=now)
         self.counters.receipts += len(audits)
+        try:
+            self.counters.lag = await self.exchange.store.backlog_count(self.nation)
+        except StoreError:
+            pass
         return [m.offset for m in messages]
 
     def _count(self, outcome: int) -> None:

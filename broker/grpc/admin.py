@@ -211,6 +211,36 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
         return receivers_out(await self._guard(context, "who-receives", "", run()))
 
+    async def ListPeers(
+        self, request: admin_pb2.ListPeersRequest, context: Ctx
+    ) -> admin_pb2.ListPeersResponse:
+        view = self.core.federation
+        if view is None:
+            return admin_pb2.ListPeersResponse()
+        return admin_pb2.ListPeersResponse(
+            nation=view.nation,
+            peers=[
+                admin_pb2.FederationPeer(
+                    nation=p.nation,
+                    endpoint=p.endpoint,
+                    ca_sha256=p.ca_sha256,
+                    status=directory_pb2.PartnerStatus.ValueType(p.status),
+                    policy_version=p.policy_version,
+                    connected=p.counters.connected,
+                    forwarded=p.counters.forwarded,
+                    duplicates=p.counters.duplicates,
+                    refused_by_peer=p.counters.refused_by_peer,
+                    receipts=p.counters.receipts,
+                    received=p.counters.received,
+                    refused=p.counters.refused,
+                    lag=p.lag,
+                    partners_learned=p.partners_learned,
+                    last_error=p.counters.last_error,
+                )
+                for p in await view.peers()
+            ],
+        )
+
     async def ListMessages(
         self, request: admin_pb2.ListMessagesRequest, context: Ctx
     ) -> admin_pb2.ListMessagesResponse:

@@ -20,16 +20,18 @@ from broker.auth import current_identity
 from broker.config import BrokerConfig
 from broker.errors import BrokerError, Forbidden
 from broker.exchange.facade import ExchangeCore
+from broker.federation.directory import ForeignDirectory
 from broker.federation.egress import Link, LinkDown, Transport
 from broker.federation.ingress import Ingress
 from broker.federation.state import FederationState
+from broker.federation.view import FederationView
 from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import abort
 from broker.registry_types import RegistryChange
 from coalition.federation import TrustFile, load_trust_file
 from coalition.pki import BrokerCredentials, GatewayCredentials, gateway_dir, load_gateway
 from coalition.policy import PartnerStatus
-from coalition.v1 import federation_pb2, federation_pb2_grpc
+from coalition.v1 import directory_pb2, federation_pb2, federation_pb2_grpc
 
 log = logging.getLogger("coalition.broker.federation")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -40,8 +42,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     """Forward: each request's envelopes through the ingress core, receipts back in order.
     A gateway suspended while its stream is open is ended at once (``gateway_changed``)."""
 
-    def __init__(self, ingress: Ingress) -> None:
+    def __init__(self, ingress: Ingress, foreign: ForeignDirectory) -> None:
         self.ingress = ingress
+        self.foreign = foreign
         self._calls: dict[str, set[tuple[Ctx, asyncio.Task[Any]]]] = {}
 
     async def Forward(
@@ -62,6 +65,13 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         finally:
             self._calls.get(nation, set()).discard(me)
 
+    async def Directory(
+        self, request: federation_pb2.FederationDirectoryRequest, context: Ctx
+    ) -> federation_pb2.FederationDirectoryResponse:
+        return federation_pb2.FederationDirectoryResponse(
+            entries=self.foreign.answer(current_identity().name)
+        )
+
     async def gateway_changed(self, nation: str) -> None:
         """The gateway of nation is no longer active: end its open streams now."""
         for ctx, task in list(self._calls.get(nation, ())):
@@ -77,8 +87,9 @@ class GrpcTransport:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
+        self.stub = federation_pb2_grpc.FederationStub(channel)
         self._out: asyncio.Queue[federation_pb2.ForwardRequest | None] = asyncio.Queue()
-        self.call = federation_pb2_grpc.FederationStub(channel).Forward(self._requests())
+        self.call = self.stub.Forward(self._requests())
         self._responses = aiter(self.call)
         self.batch = 0
 
@@ -101,6 +112,15 @@ class GrpcTransport:
             raise LinkDown(f"the peer answered batch {resp.batch_id} for {self.batch}")
         return list(resp.receipts)
 
+    async def directory(self) -> list[directory_pb2.DirectoryEntry]:
+        try:
+            resp = await self.stub.Directory(
+                federation_pb2.FederationDirectoryRequest(), timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise LinkDown(f"{exc.code().name}: {exc.details()}") from exc
+        return list(resp.entries)
+
     async def close(self) -> None:
         self._out.put_nowait(None)
         self.call.cancel()
@@ -114,6 +134,7 @@ class Federation:
     state: FederationState
     servicer: FederationServicer
     links: dict[str, Link]
+    view: FederationView
     gateway: GatewayCredentials = field(repr=False)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -181,10 +202,13 @@ async def attach(
         trust, creds.audit_key, creds.audit_cert.public_bytes(serialization.Encoding.DER)
     )
     auth.authorizer.trust, auth.authorizer.own_ca = trust, creds.ca_cert
-    servicer = FederationServicer(Ingress(cfg, exchange, state, exchange.clock))
+    foreign = ForeignDirectory(state, exchange.registry, exchange.clock, exchange.decisions.decided)
+    exchange.keys.foreign = foreign
+    servicer = FederationServicer(Ingress(cfg, exchange, state, exchange.clock), foreign)
     federation_pb2_grpc.add_FederationServicer_to_server(servicer, server)
-    fed = Federation(state, servicer, {}, gateway)
-    fed.links = {n: Link(cfg, exchange, state, n, fed.connect) for n in trust.peers}
+    view = FederationView(state, exchange.registry, exchange.store, foreign)
+    fed = Federation(state, servicer, {}, view, gateway)
+    fed.links = {n: Link(cfg, exchange, state, n, fed.connect, foreign.learn) for n in trust.peers}
     exchange.registry.on_change(fed.changed)
     await audit.record(
         kind="federation.trust_loaded",

@@ -10,7 +10,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from clients.node.config import ConfigError, NodeConfig, load_config
+from clients.node.config import ConfigError, NodeConfig, load_config, load_trust
 from clients.node.content import ContentError, build_summary
 from clients.node.inbox import Inbox
 from clients.node.views import CommandFailed, inbox_command, show_command, status_command
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     try:
         cfg = load_config(ns.config)
+        load_trust(cfg)  # a bad federation trust file is refused before anything runs
     except ConfigError as exc:
         return fail(str(exc), EXIT_USAGE)
     try:

@@ -7,13 +7,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coalition.federation import FederationError, TrustFile, load_trust_file
 from coalition.topics import TopicError, validate_pattern
 
 DEFAULT_WINDOW = 64
 DEFAULT_HOOK_TIMEOUT_S = 10.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-_TOP_KEYS = {"broker", "identity", "inbox", "topics", "window", "hook", "log", "reconnect"}
+_TOP_KEYS = {
+    "broker",
+    "identity",
+    "inbox",
+    "topics",
+    "window",
+    "hook",
+    "log",
+    "reconnect",
+    "federation",
+}
 _RECONNECT_KEYS = {"max_backoff_s", "operator_max_backoff_s"}
 DEFAULT_MAX_BACKOFF_S = 30.0
 DEFAULT_OPERATOR_MAX_BACKOFF_S = 300.0
@@ -52,6 +63,9 @@ class NodeConfig:
     # have the partner suspended or not yet admitted.
     max_backoff_s: float = DEFAULT_MAX_BACKOFF_S
     operator_max_backoff_s: float = DEFAULT_OPERATOR_MAX_BACKOFF_S
+    # Federation: the trust file naming peer nations' CAs, which verify senders and
+    # recipients served by other nations' brokers (None: this coalition's CA only).
+    federation_file: Path | None = None
 
 
 def load_config(path: Path) -> NodeConfig:
@@ -106,6 +120,11 @@ def parse_config(raw: dict[str, Any], path: Path) -> NodeConfig:
         if not isinstance(v, int | float) or isinstance(v, bool) or not 1 <= v <= 3600:
             raise ConfigError(f"{where} [reconnect]: {key} must be a number of seconds, 1 to 3600")
         caps[key] = float(v)
+    federation = _table(raw, "federation", where)
+    _no_unknown(federation, {"file"}, f"{where} [federation]")
+    fed_file = federation.get("file")
+    if fed_file is not None and (not isinstance(fed_file, str) or not fed_file):
+        raise ConfigError(f"{where} [federation]: file must be the trust file's path")
     return NodeConfig(
         path=path,
         broker=broker,
@@ -116,6 +135,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> NodeConfig:
         hook=_hook(raw, base, where),
         log_json=log_json,
         log_level=level,
+        federation_file=base / fed_file if fed_file else None,
         **caps,
     )
 
@@ -164,3 +184,13 @@ def _no_unknown(table: dict[str, Any], known: set[str], where: str) -> None:
     if unknown:
         names = ", ".join(sorted(known))
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {names})")
+
+
+def load_trust(cfg: NodeConfig) -> TrustFile | None:
+    """The federation trust file cfg names, parsed, or None. Raises ConfigError."""
+    if cfg.federation_file is None:
+        return None
+    try:
+        return load_trust_file(cfg.federation_file)
+    except FederationError as exc:
+        raise ConfigError(f"config file {cfg.path} [federation]: {exc}") from None

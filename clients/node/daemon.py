@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from clients.node import parked
-from clients.node.config import NodeConfig
+from clients.node.config import NodeConfig, load_trust
 from clients.node.hook import HookRunner
 from clients.node.inbox import GAP_BEHIND_S, GAP_GRACE_S, Expired, Inbox
 from clients.node.logs import log
@@ -169,7 +169,7 @@ class NodeDaemon:
         self.me = creds.code
         self.creds = creds
         self.clock = node_clock()
-        self.client = PartnerClient(creds, cfg.broker, clock=self.clock)
+        self.client = PartnerClient(creds, cfg.broker, clock=self.clock, trust=load_trust(cfg))
         self.inbox = Inbox(cfg.inbox)
         self.hooks = HookRunner(cfg.hook, self.inbox) if cfg.hook is not None else None
         self.stop = asyncio.Event()

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from clients.node.config import NodeConfig
+from clients.node.config import NodeConfig, load_trust
 from clients.node.sequences import DurableSequencer
 from clients.sdk import ClientError, NoRecipients, PartnerClient
 from coalition import envelope_v2
@@ -51,7 +51,8 @@ async def publish(
     """Seal for the eligible recipients and publish; the result as a JSON-ready dict."""
     seq = DurableSequencer(cfg.inbox)
     try:
-        async with PartnerClient(creds, cfg.broker, sequencer=seq) as client:
+        trust = load_trust(cfg)
+        async with PartnerClient(creds, cfg.broker, sequencer=seq, trust=trust) as client:
             try:
                 sealed = await asyncio.wait_for(
                     client.seal(

@@ -127,6 +127,10 @@ class OperatorClient:
     async def stats(self) -> admin_pb2.StatsResponse:
         return await call(self.stub.Stats(admin_pb2.StatsRequest()))
 
+    async def peers(self) -> admin_pb2.ListPeersResponse:
+        """Federation: each peer nation, its gateway's standing and its link's counters."""
+        return await call(self.stub.ListPeers(admin_pb2.ListPeersRequest()))
+
     async def who_receives(self, label: Label, topic: str) -> admin_pb2.WhoReceivesResponse:
         return await call(
             self.stub.WhoReceives(

@@ -25,6 +25,7 @@ from clients.sdk.subscription import ExpiredHandler, SubscribeStream
 from coalition import envelope as env
 from coalition.clock import wall_clock_ms
 from coalition.directory import Directory, Peer
+from coalition.federation import TrustFile
 from coalition.labels import Label, Precedence, label_to_proto
 from coalition.pki import PartnerCredentials
 from coalition.policy import releases_to_anyone
@@ -75,8 +76,12 @@ class PartnerClient:
         *,
         sequencer: SequenceSource | None = None,
         clock: Callable[[], int] = wall_clock_ms,
+        trust: TrustFile | None = None,
     ) -> None:
         self.creds = creds
+        # Federation: the CAs of peer nations, for senders and recipients served by
+        # other nations' brokers (coalition.federation; docs/federation.md).
+        self.trust = trust
         self.code = creds.code
         self.target = target
         self.clock = clock
@@ -133,7 +138,7 @@ class PartnerClient:
         """The verified directory (cached until refresh)."""
         if self._directory is None or refresh:
             resp = await call(self.stub.Directory(exchange_pb2.DirectoryRequest()))
-            fresh = Directory.verify(resp.entries, self.ca_cert, self.clock())
+            fresh = Directory.verify(resp.entries, self.ca_cert, self.clock(), self.trust)
             if self._directory is not None:
                 self._roll_changed(self._directory, fresh)
             self._directory = fresh

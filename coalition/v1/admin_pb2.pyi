@@ -816,3 +816,110 @@ class ListMessagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
+
+@_typing.final
+class ListPeersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPeersRequest: _TypeAlias = ListPeersRequest  # noqa: Y015
+
+@_typing.final
+class FederationPeer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NATION_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    CA_SHA256_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    FORWARDED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    REFUSED_BY_PEER_FIELD_NUMBER: _builtins.int
+    RECEIPTS_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    LAG_FIELD_NUMBER: _builtins.int
+    PARTNERS_LEARNED_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    nation: _builtins.str
+    endpoint: _builtins.str
+    ca_sha256: _builtins.str
+    """SHA-256 of the peer's CA certificate (DER), hex."""
+    status: _directory_pb2.PartnerStatus.ValueType
+    """The gateway's registry entry: UNSPECIFIED when the operators have not admitted it."""
+    policy_version: _builtins.int
+    connected: _builtins.bool
+    """The outbound link is up."""
+    forwarded: _builtins.int
+    """Sent to the peer and receipted stored, duplicate, refused; receipts recorded here."""
+    duplicates: _builtins.int
+    refused_by_peer: _builtins.int
+    receipts: _builtins.int
+    received: _builtins.int
+    """Received from the peer: stored here, refused here."""
+    refused: _builtins.int
+    lag: _builtins.int
+    """Messages waiting for the link (its backlog in the store)."""
+    partners_learned: _builtins.int
+    """The peer's partners learned over the link."""
+    last_error: _builtins.str
+    def __init__(
+        self,
+        *,
+        nation: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        ca_sha256: _builtins.str = ...,
+        status: _directory_pb2.PartnerStatus.ValueType = ...,
+        policy_version: _builtins.int = ...,
+        connected: _builtins.bool = ...,
+        forwarded: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        refused_by_peer: _builtins.int = ...,
+        receipts: _builtins.int = ...,
+        received: _builtins.int = ...,
+        refused: _builtins.int = ...,
+        lag: _builtins.int = ...,
+        partners_learned: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_sha256", b"ca_sha256", "connected", b"connected", "duplicates", b"duplicates", "endpoint", b"endpoint", "forwarded", b"forwarded", "lag", b"lag", "last_error", b"last_error", "nation", b"nation", "partners_learned", b"partners_learned", "policy_version", b"policy_version", "receipts", b"receipts", "received", b"received", "refused", b"refused", "refused_by_peer", b"refused_by_peer", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FederationPeer: _TypeAlias = FederationPeer  # noqa: Y015
+
+@_typing.final
+class ListPeersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NATION_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    nation: _builtins.str
+    """This broker's own nation."""
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___FederationPeer]: ...
+    def __init__(
+        self,
+        *,
+        nation: _builtins.str = ...,
+        peers: _abc.Iterable[Global___FederationPeer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nation", b"nation", "peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPeersResponse: _TypeAlias = ListPeersResponse  # noqa: Y015

@@ -129,6 +129,11 @@ class AdminStub:
                 request_serializer=coalition_dot_v1_dot_admin__pb2.RekeyPartnerRequest.SerializeToString,
                 response_deserializer=coalition_dot_v1_dot_admin__pb2.PolicyChangeResponse.FromString,
                 _registered_method=True)
+        self.ListPeers = channel.unary_unary(
+                '/coalition.v1.Admin/ListPeers',
+                request_serializer=coalition_dot_v1_dot_admin__pb2.ListPeersRequest.SerializeToString,
+                response_deserializer=coalition_dot_v1_dot_admin__pb2.ListPeersResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -249,6 +254,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPeers(self, request, context):
+        """Federation: each peer nation in the broker's trust file, its gateway's standing
+        here and its link's counters (empty when the broker is not federated).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -341,6 +354,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RekeyPartner,
                     request_deserializer=coalition_dot_v1_dot_admin__pb2.RekeyPartnerRequest.FromString,
                     response_serializer=coalition_dot_v1_dot_admin__pb2.PolicyChangeResponse.SerializeToString,
+            ),
+            'ListPeers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPeers,
+                    request_deserializer=coalition_dot_v1_dot_admin__pb2.ListPeersRequest.FromString,
+                    response_serializer=coalition_dot_v1_dot_admin__pb2.ListPeersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -832,6 +850,33 @@ class Admin:
             '/coalition.v1.Admin/RekeyPartner',
             coalition_dot_v1_dot_admin__pb2.RekeyPartnerRequest.SerializeToString,
             coalition_dot_v1_dot_admin__pb2.PolicyChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPeers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coalition.v1.Admin/ListPeers',
+            coalition_dot_v1_dot_admin__pb2.ListPeersRequest.SerializeToString,
+            coalition_dot_v1_dot_admin__pb2.ListPeersResponse.FromString,
             options,
             channel_credentials,
             insecure,

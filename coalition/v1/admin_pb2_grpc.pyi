@@ -62,6 +62,10 @@ class AdminStub:
     """Replace an admitted partner's signing certificate (a proposal a second operator
     approves); the one it replaces is kept for the messages stored under it.
     """
+    ListPeers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPeersRequest, _admin_pb2.ListPeersResponse]
+    """Federation: each peer nation in the broker's trust file, its gateway's standing
+    here and its link's counters (empty when the broker is not federated).
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -94,6 +98,10 @@ class AdminAsyncStub(AdminStub):
     RekeyPartner: _aio.UnaryUnaryMultiCallable[_admin_pb2.RekeyPartnerRequest, _admin_pb2.PolicyChangeResponse]  # type: ignore[assignment]
     """Replace an admitted partner's signing certificate (a proposal a second operator
     approves); the one it replaces is kept for the messages stored under it.
+    """
+    ListPeers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPeersRequest, _admin_pb2.ListPeersResponse]  # type: ignore[assignment]
+    """Federation: each peer nation in the broker's trust file, its gateway's standing
+    here and its link's counters (empty when the broker is not federated).
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -232,6 +240,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.PolicyChangeResponse, _abc.Awaitable[_admin_pb2.PolicyChangeResponse]]:
         """Replace an admitted partner's signing certificate (a proposal a second operator
         approves); the one it replaces is kept for the messages stored under it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPeers(
+        self,
+        request: _admin_pb2.ListPeersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPeersResponse, _abc.Awaitable[_admin_pb2.ListPeersResponse]]:
+        """Federation: each peer nation in the broker's trust file, its gateway's standing
+        here and its link's counters (empty when the broker is not federated).
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

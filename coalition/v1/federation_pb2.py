@@ -22,27 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from coalition.v1 import directory_pb2 as coalition_dot_v1_dot_directory__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63oalition/v1/federation.proto\x12\x0c\x63oalition.v1\";\n\x11\x46orwardedEnvelope\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x14\n\x0csigning_cert\x18\x02 \x01(\x0c\"R\n\x0e\x46orwardRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12.\n\x05items\x18\x02 \x03(\x0b\x32\x1f.coalition.v1.ForwardedEnvelope\"R\n\x0f\x46orwardResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12-\n\x08receipts\x18\x02 \x03(\x0b\x32\x1b.coalition.v1.SignedReceipt\"\xef\x01\n\x0e\x43ustodyReceipt\x12\x17\n\x0f\x65nvelope_sha256\x18\x01 \x01(\x0c\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12-\n\x07outcome\x18\x04 \x01(\x0e\x32\x1c.coalition.v1.ReceiptOutcome\x12\x13\n\x0breason_code\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x11\n\taudit_seq\x18\x07 \x01(\x04\x12\x17\n\x0freceiver_nation\x18\x08 \x01(\t\x12\x0f\n\x07gateway\x18\t \x01(\t\x12\x0f\n\x07time_ms\x18\n \x01(\x03\"H\n\rSignedReceipt\x12\x0f\n\x07receipt\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0bsigner_cert\x18\x03 \x01(\x0c*q\n\x0eReceiptOutcome\x12\x1f\n\x1bRECEIPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x12\n\x0eRECEIPT_STORED\x10\x01\x12\x15\n\x11RECEIPT_DUPLICATE\x10\x02\x12\x13\n\x0fRECEIPT_REFUSED\x10\x03\x32X\n\nFederation\x12J\n\x07\x46orward\x12\x1c.coalition.v1.ForwardRequest\x1a\x1d.coalition.v1.ForwardResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63oalition/v1/federation.proto\x12\x0c\x63oalition.v1\x1a\x1c\x63oalition/v1/directory.proto\"\x1c\n\x1a\x46\x65\x64\x65rationDirectoryRequest\"L\n\x1b\x46\x65\x64\x65rationDirectoryResponse\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.coalition.v1.DirectoryEntry\";\n\x11\x46orwardedEnvelope\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x14\n\x0csigning_cert\x18\x02 \x01(\x0c\"R\n\x0e\x46orwardRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12.\n\x05items\x18\x02 \x03(\x0b\x32\x1f.coalition.v1.ForwardedEnvelope\"R\n\x0f\x46orwardResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12-\n\x08receipts\x18\x02 \x03(\x0b\x32\x1b.coalition.v1.SignedReceipt\"\xef\x01\n\x0e\x43ustodyReceipt\x12\x17\n\x0f\x65nvelope_sha256\x18\x01 \x01(\x0c\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12-\n\x07outcome\x18\x04 \x01(\x0e\x32\x1c.coalition.v1.ReceiptOutcome\x12\x13\n\x0breason_code\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x11\n\taudit_seq\x18\x07 \x01(\x04\x12\x17\n\x0freceiver_nation\x18\x08 \x01(\t\x12\x0f\n\x07gateway\x18\t \x01(\t\x12\x0f\n\x07time_ms\x18\n \x01(\x03\"H\n\rSignedReceipt\x12\x0f\n\x07receipt\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0bsigner_cert\x18\x03 \x01(\x0c*q\n\x0eReceiptOutcome\x12\x1f\n\x1bRECEIPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x12\n\x0eRECEIPT_STORED\x10\x01\x12\x15\n\x11RECEIPT_DUPLICATE\x10\x02\x12\x13\n\x0fRECEIPT_REFUSED\x10\x03\x32\xba\x01\n\nFederation\x12J\n\x07\x46orward\x12\x1c.coalition.v1.ForwardRequest\x1a\x1d.coalition.v1.ForwardResponse(\x01\x30\x01\x12`\n\tDirectory\x12(.coalition.v1.FederationDirectoryRequest\x1a).coalition.v1.FederationDirectoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coalition.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECEIPTOUTCOME']._serialized_start=592
-  _globals['_RECEIPTOUTCOME']._serialized_end=705
-  _globals['_FORWARDEDENVELOPE']._serialized_start=47
-  _globals['_FORWARDEDENVELOPE']._serialized_end=106
-  _globals['_FORWARDREQUEST']._serialized_start=108
-  _globals['_FORWARDREQUEST']._serialized_end=190
-  _globals['_FORWARDRESPONSE']._serialized_start=192
-  _globals['_FORWARDRESPONSE']._serialized_end=274
-  _globals['_CUSTODYRECEIPT']._serialized_start=277
-  _globals['_CUSTODYRECEIPT']._serialized_end=516
-  _globals['_SIGNEDRECEIPT']._serialized_start=518
-  _globals['_SIGNEDRECEIPT']._serialized_end=590
-  _globals['_FEDERATION']._serialized_start=707
-  _globals['_FEDERATION']._serialized_end=795
+  _globals['_RECEIPTOUTCOME']._serialized_start=730
+  _globals['_RECEIPTOUTCOME']._serialized_end=843
+  _globals['_FEDERATIONDIRECTORYREQUEST']._serialized_start=77
+  _globals['_FEDERATIONDIRECTORYREQUEST']._serialized_end=105
+  _globals['_FEDERATIONDIRECTORYRESPONSE']._serialized_start=107
+  _globals['_FEDERATIONDIRECTORYRESPONSE']._serialized_end=183
+  _globals['_FORWARDEDENVELOPE']._serialized_start=185
+  _globals['_FORWARDEDENVELOPE']._serialized_end=244
+  _globals['_FORWARDREQUEST']._serialized_start=246
+  _globals['_FORWARDREQUEST']._serialized_end=328
+  _globals['_FORWARDRESPONSE']._serialized_start=330
+  _globals['_FORWARDRESPONSE']._serialized_end=412
+  _globals['_CUSTODYRECEIPT']._serialized_start=415
+  _globals['_CUSTODYRECEIPT']._serialized_end=654
+  _globals['_SIGNEDRECEIPT']._serialized_start=656
+  _globals['_SIGNEDRECEIPT']._serialized_end=728
+  _globals['_FEDERATION']._serialized_start=846
+  _globals['_FEDERATION']._serialized_end=1032
 # @@protoc_insertion_point(module_scope)

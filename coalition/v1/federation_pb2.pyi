@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from coalition.v1 import directory_pb2 as _directory_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -37,6 +38,41 @@ RECEIPT_STORED: ReceiptOutcome.ValueType  # 1
 RECEIPT_DUPLICATE: ReceiptOutcome.ValueType  # 2
 RECEIPT_REFUSED: ReceiptOutcome.ValueType  # 3
 Global___ReceiptOutcome: _TypeAlias = ReceiptOutcome  # noqa: Y015
+
+@_typing.final
+class FederationDirectoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FederationDirectoryRequest: _TypeAlias = FederationDirectoryRequest  # noqa: Y015
+
+@_typing.final
+class FederationDirectoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_directory_pb2.DirectoryEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_directory_pb2.DirectoryEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FederationDirectoryResponse: _TypeAlias = FederationDirectoryResponse  # noqa: Y015
 
 @_typing.final
 class ForwardedEnvelope(_message.Message):

@@ -43,6 +43,11 @@ class FederationStub:
                 request_serializer=coalition_dot_v1_dot_federation__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=coalition_dot_v1_dot_federation__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.Directory = channel.unary_unary(
+                '/coalition.v1.Federation/Directory',
+                request_serializer=coalition_dot_v1_dot_federation__pb2.FederationDirectoryRequest.SerializeToString,
+                response_deserializer=coalition_dot_v1_dot_federation__pb2.FederationDirectoryResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -60,6 +65,16 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Directory(self, request, context):
+        """The partners of the called nation that the calling nation's senders may seal for:
+        each admitted, active partner some message the caller may bring in (its origination
+        policy here) could be delivered to, with its signing certificate (issued by the
+        called nation's CA, which the caller verifies) and its signed key bundle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -67,6 +82,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=coalition_dot_v1_dot_federation__pb2.ForwardRequest.FromString,
                     response_serializer=coalition_dot_v1_dot_federation__pb2.ForwardResponse.SerializeToString,
+            ),
+            'Directory': grpc.unary_unary_rpc_method_handler(
+                    servicer.Directory,
+                    request_deserializer=coalition_dot_v1_dot_federation__pb2.FederationDirectoryRequest.FromString,
+                    response_serializer=coalition_dot_v1_dot_federation__pb2.FederationDirectoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,6 +120,33 @@ class Federation:
             '/coalition.v1.Federation/Forward',
             coalition_dot_v1_dot_federation__pb2.ForwardRequest.SerializeToString,
             coalition_dot_v1_dot_federation__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Directory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coalition.v1.Federation/Directory',
+            coalition_dot_v1_dot_federation__pb2.FederationDirectoryRequest.SerializeToString,
+            coalition_dot_v1_dot_federation__pb2.FederationDirectoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

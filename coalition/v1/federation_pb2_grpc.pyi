@@ -41,6 +41,12 @@ class FederationStub:
     """The calling nation's broker pushes the envelopes its release policy lets cross;
     each item gets a custody receipt, in order, once its outcome is durable.
     """
+    Directory: _grpc.UnaryUnaryMultiCallable[_federation_pb2.FederationDirectoryRequest, _federation_pb2.FederationDirectoryResponse]
+    """The partners of the called nation that the calling nation's senders may seal for:
+    each admitted, active partner some message the caller may bring in (its origination
+    policy here) could be delivered to, with its signing certificate (issued by the
+    called nation's CA, which the caller verifies) and its signed key bundle.
+    """
 
 @_typing.type_check_only
 class FederationAsyncStub(FederationStub):
@@ -54,6 +60,12 @@ class FederationAsyncStub(FederationStub):
     Forward: _aio.StreamStreamMultiCallable[_federation_pb2.ForwardRequest, _federation_pb2.ForwardResponse]  # type: ignore[assignment]
     """The calling nation's broker pushes the envelopes its release policy lets cross;
     each item gets a custody receipt, in order, once its outcome is durable.
+    """
+    Directory: _aio.UnaryUnaryMultiCallable[_federation_pb2.FederationDirectoryRequest, _federation_pb2.FederationDirectoryResponse]  # type: ignore[assignment]
+    """The partners of the called nation that the calling nation's senders may seal for:
+    each admitted, active partner some message the caller may bring in (its origination
+    policy here) could be delivered to, with its signing certificate (issued by the
+    called nation's CA, which the caller verifies) and its signed key bundle.
     """
 
 class FederationServicer(metaclass=_abc_1.ABCMeta):
@@ -71,6 +83,18 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_federation_pb2.ForwardResponse], _abc.AsyncIterator[_federation_pb2.ForwardResponse]]:
         """The calling nation's broker pushes the envelopes its release policy lets cross;
         each item gets a custody receipt, in order, once its outcome is durable.
+        """
+
+    @_abc_1.abstractmethod
+    def Directory(
+        self,
+        request: _federation_pb2.FederationDirectoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.FederationDirectoryResponse, _abc.Awaitable[_federation_pb2.FederationDirectoryResponse]]:
+        """The partners of the called nation that the calling nation's senders may seal for:
+        each admitted, active partner some message the caller may bring in (its origination
+        policy here) could be delivered to, with its signing certificate (issued by the
+        called nation's CA, which the caller verifies) and its signed key bundle.
         """
 
 def add_FederationServicer_to_server(servicer: FederationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
