@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -42,8 +43,8 @@ from coalition.clock import wall_clock_ms
 from coalition.federation import load_trust_file, verify_receipt
 from coalition.labels import COMPARTMENT, Classification
 from coalition.pki import issue_gateway, load_ca, load_operator, load_partner, make_dev_pki
-from coalition.policy import PartnerPolicy, PartnerStatus, policy_to_proto
-from coalition.v1 import audit_pb2, federation_pb2
+from coalition.policy import NO_KEY_BUNDLE, PartnerPolicy, PartnerStatus, policy_to_proto
+from coalition.v1 import admin_pb2, audit_pb2, federation_pb2
 
 # Each nation's partners: (code, groups, holds SIGINT). Partner codes speak for their
 # nation ("KOR-JCS" for KOR); the groups are what REL TO names.
@@ -220,8 +221,13 @@ class FederationDemo(Demo):
             box.close()
 
     def shutdown(self) -> None:
+        """Every node, then every broker; each group signalled at once, then waited for
+        (a federated broker waits out its grace period for its peers' open streams)."""
+        _terminate(self.nodes.values())
         for proc in self.nodes.values():
             proc.stop()
+        brokers = [n.broker for n in self.nations.values() if n.broker is not None]
+        _terminate(brokers)
         for n in self.nations.values():
             if n.broker is not None:
                 code = n.broker.stop()
@@ -231,16 +237,26 @@ class FederationDemo(Demo):
     def operator(self, name: str) -> OperatorClient:  # the base class's: KOR's operators
         return self.nations["KOR"].operator(name)
 
-    async def decisions(self, label: str, topic: str) -> dict[str, str]:
-        """Each partner's decision in its own nation's broker (not who the sender reaches)."""
+    async def decisions(self, label: str, topic: str, sender: str = "") -> dict[str, str]:
+        """Each partner's decision now: the sender's broker decides for its own partners
+        and for each peer nation's gateway (its release policy); a partner abroad then
+        gets its own broker's decision, if its nation's gateway is released to."""
         from coalition.labels import parse_label
 
-        found: dict[str, str] = {}
-        for n in self.nations.values():
+        found: dict[str, dict[str, str]] = {}
+        for code, n in self.nations.items():
             async with n.operator("op1") as op:
                 resp = await op.who_receives(parse_label(label), topic)
-            found.update({d.partner: d.reason for d in resp.decisions})
-        return {code: found.get(code, "not_admitted") for code in PARTNERS}
+            found[code] = {d.partner: d.reason for d in resp.decisions}
+        home = nation_of(sender)
+        out = {}
+        for code in PARTNERS:
+            there = nation_of(code)
+            gateway = found[home].get(there, "not_admitted") if there != home else "allow"
+            # A gateway has no key bundle of its own: who-receives says so when it allows.
+            released = gateway in ("allow", NO_KEY_BUNDLE)
+            out[code] = found[there].get(code, "not_admitted") if released else gateway
+        return out
 
     async def audit(self, nation: str, kind: str) -> list[audit_pb2.AuditEntry]:
         async with self.nations[nation].operator("op1") as op:
@@ -283,13 +299,13 @@ class FederationDemo(Demo):
             for partner, groups, sigint in members:
                 await self.admit_in(code, partner, policy(partner, groups, sigint))
         self.say("admit", "each nation's partners admitted by its own op1 and op2")
-        await self.step1_gateways()
         for code in PARTNERS:
             self.start_node(code)
         self.say("nodes", f"node daemons started for {', '.join(PARTNERS)} (real processes)")
         for code in PARTNERS:
             if not await self.wait_connected_in(code):
                 raise RuntimeError(f"node {code} did not connect; see {self.nodes[code].log}")
+        await self.step1_gateways()
         await self.step2_kor_summary()
         await self.step3_sigint()
         await self.step4_triangle()
@@ -336,7 +352,36 @@ class FederationDemo(Demo):
                 await op2.approve(pid, "second operator agrees")
             released = ", ".join(sorted(groups)) + (" + SIGINT" if sigint else "")
             self.say("admit", f"{a} admits gateway {b} with {b}'s CA; releases to it: {released}")
-        self.expect("1", "six gateway admissions, each approved by a second operator", True)
+        links = await self.wait_links()
+        for code, peers in links.items():
+            self.say(
+                "link",
+                f"{code}: "
+                + ", ".join(
+                    f"{p.nation} {'up' if p.connected else 'DOWN'} "
+                    f"({p.partners_learned} partners learned)"
+                    for p in peers
+                ),
+            )
+        self.expect(
+            "1",
+            "all six links are up and each learned its peer's partners",
+            all(p.connected and p.partners_learned == 2 for ps in links.values() for p in ps),
+        )
+
+    async def peers(self, nation: str) -> list[admin_pb2.FederationPeer]:
+        async with self.nations[nation].operator("op1") as op:
+            return list((await op.peers()).peers)
+
+    async def wait_links(self, timeout: float = 20) -> dict[str, list[admin_pb2.FederationPeer]]:
+        """Each nation's peers, once every link is up and learned its peer's partners."""
+        deadline = time.monotonic() + timeout
+        while True:
+            links = {code: await self.peers(code) for code in self.nations}
+            done = all(p.connected and p.partners_learned == 2 for ps in links.values() for p in ps)
+            if done or time.monotonic() > deadline:
+                return links
+            await asyncio.sleep(0.1)
 
     async def step2_kor_summary(self) -> None:
         self.out("\n2. KOR-JCS shares a summary released to NATO: NATO SECRET // REL TO NATO")
@@ -431,7 +476,21 @@ class FederationDemo(Demo):
         self.out("\n5. KOR's operator suspends the KOR-NATO link")
         async with self.nations["KOR"].operator("op1") as op1:
             await op1.suspend("NATO", "release to NATO paused by KOR's release authority")
+        suspended = time.monotonic()
         self.say("admin", "KOR op1 suspended gateway NATO (lowering: one operator suffices)")
+        link: admin_pb2.FederationPeer | None = None
+        while time.monotonic() - suspended < 5:
+            link = next(p for p in await self.peers("KOR") if p.nation == "NATO")
+            if not link.connected:
+                break
+            await asyncio.sleep(0.02)
+        closed_ms = int((time.monotonic() - suspended) * 1000)
+        self.expect(
+            "5",
+            "KOR's link to NATO is closed at once",
+            link is not None and not link.connected,
+            f"closed {closed_ms} ms after the suspension" if link and not link.connected else "",
+        )
         pub = await self.publish(
             "after-suspension",
             "KOR-JCS",
@@ -517,7 +576,9 @@ class FederationDemo(Demo):
                 "6",
                 f"{code}'s audit chain, exported, verifies offline with only {code}'s CA",
                 out.returncode == 0 and verify.returncode == 0,
-                verify.stdout.strip()[-200:] or verify.stderr.strip()[-200:],
+                f"{doc.get('entries')} entries, {doc.get('checkpoints')} signed checkpoints"
+                if verify.returncode == 0
+                else (doc.get("problem") or verify.stderr.strip()[-200:] or out.stderr[-200:]),
             )
 
     # -- the summary ------------------------------------------------------------------------
@@ -565,10 +626,10 @@ class FederationDemo(Demo):
         matrix = self.matrix()
         width = max((len(k) for k in matrix), default=10)
         self.out("\nWho received what (or why not, by the partner's own broker):")
-        self.out(f"  {'message':<{width}}  " + "  ".join(f"{c:<14}" for c in PARTNERS))
+        self.out(f"  {'message':<{width}}  " + "  ".join(f"{c:<16}" for c in PARTNERS))
         for key, row in matrix.items():
             cells = (reason_text(row[c]) for c in PARTNERS)
-            self.out(f"  {key:<{width}}  " + "  ".join(f"{c:<14}" for c in cells))
+            self.out(f"  {key:<{width}}  " + "  ".join(f"{c:<16}" for c in cells))
         failed = [c for c in self.checks if not c.ok]
         self.out(
             f"\n{len(self.checks) - len(failed)}/{len(self.checks)} expectations met"
@@ -578,6 +639,12 @@ class FederationDemo(Demo):
                 else ""
             )
         )
+
+
+def _terminate(procs: Iterable[Proc]) -> None:
+    for proc in procs:
+        if proc.popen is not None and proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGTERM)
 
 
 def _free_port() -> int:

@@ -176,7 +176,7 @@ class Demo:
     ) -> Published:
         """Publish through the real `coalition-node publish` command."""
         pub = Published(key, sender, label, title, precedence)
-        pub.reasons = await self.decisions(label, "intel.ground")
+        pub.reasons = await self.decisions(label, "intel.ground", sender)
         body = self.node_config(sender).parent / f"{key}.txt"
         body.write_text(text)
         proc = await asyncio.create_subprocess_exec(
@@ -240,8 +240,9 @@ class Demo:
             await asyncio.sleep(0.05)
         return got
 
-    async def decisions(self, label: str, topic: str) -> dict[str, str]:
-        """Each partner's delivery decision for label on topic, as the broker sees it now."""
+    async def decisions(self, label: str, topic: str, sender: str = "") -> dict[str, str]:
+        """Each partner's delivery decision for label on topic, as the broker sees it now
+        (sender matters only with several brokers: the federation demo)."""
         async with self.operator("op1") as op:
             resp = await op.who_receives(parse_label(label), topic)
         found = {d.partner: d.reason for d in resp.decisions}
