@@ -84,11 +84,14 @@ class Nation:
 
 
 def federate(
-    tmp: Path, pkis: dict[str, Path], links: Iterable[tuple[str, str]], **config: str
+    tmp: Path,
+    pkis: dict[str, Path],
+    links: Iterable[tuple[str, str]],
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, Nation]:
     """A Nation per PKI (not started), each trust file naming the nations it links to.
 
-    config adds lines to each broker's config file's [limits] section."""
+    extra: TOML appended to a nation's broker config (e.g. a [store] section)."""
     ports = {code: free_port() for code in pkis}
     peers: dict[str, list[str]] = {code: [] for code in pkis}
     for a, b in links:
@@ -107,10 +110,7 @@ def federate(
         trust = d / "federation.toml"
         trust.write_text("\n".join(lines) + "\n")
         cfg = d / "broker.toml"
-        limits = "".join(f"{k} = {v}\n" for k, v in config.items())
-        cfg.write_text(
-            f'[federation]\nfile = "{trust.name}"\n' + (f"[limits]\n{limits}" if limits else "")
-        )
+        cfg.write_text(f'[federation]\nfile = "{trust.name}"\n' + (extra or {}).get(code, ""))
         proc = ConfiguredBroker(pki, d / "data", ports[code], extra_args=["--config", str(cfg)])
         out[code] = Nation(code, pki, proc, trust, peers[code])
     return out

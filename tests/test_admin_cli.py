@@ -490,8 +490,9 @@ def test_every_command_has_help_with_examples() -> None:
         return [x for name, c in subs[0].choices.items() for x in leaves(c, f"{path} {name}")]
 
     found = leaves(admin_cli.parser(), "coalition-admin")
-    # The 17 Admin operations, audit tail, the propose alias and policy impact.
-    assert len(found) == 20
+    # The 17 Admin operations, audit tail, the propose alias and policy impact, and the
+    # five federation commands.
+    assert len(found) == 25
     for path, text in found:
         assert "examples:\n  coalition-admin" in text, path
         assert "--json" in text and "--identity" in text, path

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from clients.cluster import NatsCluster
 from clients.sdk import PartnerClient
+from coalition.epoch import SenderEpochs
 from coalition.federation import load_trust_file, verify_receipt
 from coalition.labels import parse_label
 from coalition.v1 import audit_pb2, exchange_pb2, federation_pb2
@@ -19,6 +22,8 @@ from tests.federation_rig import (
     Nation,
     admit_partners,
     federate,
+    forward_as,
+    item,
     link,
     make_pkis,
     open_foreign,
@@ -27,7 +32,7 @@ from tests.federation_rig import (
     start_all,
     stop_all,
 )
-from tests.helpers import now_ms
+from tests.helpers import drop_deployment, now_ms
 
 NATIONS = {"NATO": ["NATO", "NATO-HQ"], "KOR": ["KOR", "KOR-2"], "USA": ["USA"]}
 
@@ -301,3 +306,57 @@ async def test_senders_seal_for_another_nations_partners_through_the_directory(
     finally:
         for c in (sender, rcv, plain):
             await c.close()
+
+
+async def test_a_national_broker_on_jetstream(
+    pkis: dict[str, Path], tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    """KOR's broker keeps its store, registry and audit chain on a JetStream cluster:
+    the same path, and forwarded sequences out of order are stored (dedupe still holds)."""
+    prefix = f"F{uuid.uuid4().hex[:10]}"
+    monitors = [f"http://127.0.0.1:{n.monitor_port}" for n in nats_cluster.nodes]
+    store = (
+        '[store]\nbackend = "jetstream"\n'
+        f"servers = {json.dumps(nats_cluster.urls)}\n"
+        f'prefix = "{prefix}"\n'
+        f"monitor = {json.dumps(monitors)}\n"
+    )
+    two = {k: pkis[k] for k in ("NATO", "KOR")}
+    nations = federate(tmp_path, two, [("NATO", "KOR")], extra={"KOR": store})
+    nato, kor = nations["NATO"], nations["KOR"]
+    try:
+        await start_all(nations)
+        await admit_partners(nato, NATIONS["NATO"])
+        await admit_partners(kor, NATIONS["KOR"])
+        await link(nato, kor)
+        await link(kor, nato)
+        sender, me = nato.creds("NATO"), kor.creds("KOR")
+        label = parse_label("NATO SECRET // REL TO KOR")
+        epochs = SenderEpochs("NATO")
+        envs = [seal(sender, [recipient(me)], label, sequence=s, epochs=epochs) for s in (1, 2, 3)]
+        async with nato.partner("NATO") as pub, kor.partner("KOR") as rcv:
+            [res] = await pub.publish([envs[2]])
+            assert res.outcome == exchange_pb2.ACCEPTED, res
+            [d] = await deliveries(rcv, 1)
+            assert d.envelope.SerializeToString() == envs[2].SerializeToString()
+            # Lower sequences after a higher one, and a copy: as a backlog sent FLASH first
+            # and a resend would bring them.
+            cert = sender.signing_cert_der
+            got = await forward_as(
+                nato.pki,
+                "NATO",
+                kor,
+                [item(envs[0], cert), item(envs[1], cert), item(envs[2], cert)],
+            )
+            outcomes = [federation_pb2.CustodyReceipt.FromString(r.receipt).outcome for r in got]
+            assert outcomes == [
+                federation_pb2.RECEIPT_STORED,
+                federation_pb2.RECEIPT_STORED,
+                federation_pb2.RECEIPT_DUPLICATE,
+            ]
+            assert len(await deliveries(rcv, 2)) == 2
+        await verify_chain(kor)
+        await verify_chain(nato)
+    finally:
+        stop_all(nations)
+        await drop_deployment(nats_cluster, prefix)

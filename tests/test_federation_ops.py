@@ -183,3 +183,23 @@ def test_the_trust_file_refuses_what_would_blur_who_speaks_for_whom(tmp_path: Pa
         with pytest.raises(FederationError):
             parse(text)
             raise AssertionError(why)
+
+
+async def test_each_load_of_the_trust_file_is_audited_with_what_changed(
+    unlinked: dict[str, Nation],
+) -> None:
+    import signal
+
+    nato = unlinked["NATO"]
+    [first] = await audit(nato, "federation.trust_loaded")
+    assert json.loads(first.detail_json)["changed"] == {"first_load": True}
+    text = nato.trust_file.read_text()
+    nato.trust_file.write_text(text.replace("127.0.0.1:", "localhost:"))
+    nato.broker.signal(signal.SIGTERM)
+    assert await nato.broker.wait_exit() == 0
+    await nato.broker.start()
+    loads = await audit(nato, "federation.trust_loaded")
+    assert len(loads) == 2
+    detail = json.loads(loads[1].detail_json)
+    assert detail["changed"] == {"same_file": False, "added": [], "removed": [], "changed": ["KOR"]}
+    assert detail["peers"]["KOR"]["endpoint"].startswith("localhost:")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -210,10 +211,12 @@ async def attach(
     fed = Federation(state, servicer, {}, view, gateway)
     fed.links = {n: Link(cfg, exchange, state, n, fed.connect, foreign.learn) for n in trust.peers}
     exchange.registry.on_change(fed.changed)
+    last = await audit.query(kind="federation.trust_loaded", tail=True, limit=1)
+    before = json.loads(last[-1].detail_json) if last else None
     await audit.record(
         kind="federation.trust_loaded",
         actor="broker",
-        detail=trust.summary(),
+        detail={**trust.summary(), "changed": trust_changes(before, trust.summary())},
         now_ms=exchange.clock(),
     )
     return fed
@@ -224,3 +227,16 @@ def root_bundle(creds: BrokerCredentials, trust: TrustFile | None) -> bytes:
     if trust is None:
         return creds.ca_pem
     return creds.ca_pem + b"".join(p.ca_pem for p in trust.peers.values())
+
+
+def trust_changes(before: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+    """What a trust file load changed since the last one the audit chain recorded."""
+    if before is None:
+        return {"first_load": True}
+    old, new = before.get("peers", {}), now["peers"]
+    return {
+        "same_file": before.get("sha256") == now["sha256"],
+        "added": sorted(set(new) - set(old)),
+        "removed": sorted(set(old) - set(new)),
+        "changed": sorted(n for n in set(old) & set(new) if old[n] != new[n]),
+    }

@@ -209,7 +209,7 @@ class JetStreamMessageStore:
                 if draft.has(m.sender, m.message_id):
                     results.append(Rejected("duplicate_id"))
                     continue
-                if m.sequence <= draft.last_sequence(m.sender):
+                if m.sequence <= draft.last_sequence(m.sender) and not m.forwarded:
                     results.append(Rejected("sequence_not_increasing"))
                     continue
                 used = draft.used(m.sender)
@@ -224,7 +224,7 @@ class JetStreamMessageStore:
                         f"NATS message (the servers' max_payload is {self._max_payload})"
                     )
                 draft.ids.add((m.sender, m.message_id))
-                draft.last[m.sender] = m.sequence
+                draft.last[m.sender] = max(m.sequence, draft.last_sequence(m.sender))
                 draft.usage[m.sender] = draft.usage.get(m.sender, 0) + len(m.envelope)
                 draft.bytes += len(m.envelope)
                 entries.append(Entry(subject, headers, m.envelope))

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from clients.admin import audit, context
+from clients.admin import audit, context, federation
 from clients.admin import commands as cmd
-from clients.admin.federation import add_federation
 from clients.admin.policy_flags import add_policy_flags
 from clients.admin.rekey_args import add_rekey
 from clients.sdk import BrokerTlsError, ClientError, OperatorClient
@@ -353,7 +352,7 @@ def parser() -> argparse.ArgumentParser:
     _policy(sub)
     _status(sub)
     _audit(sub)
-    add_federation(sub, _leaf, _group)
+    federation.add_federation(sub, _leaf, _group)
     _leaf(
         sub,
         "stats",
