@@ -77,6 +77,11 @@ class RoguePeer(federation_pb2_grpc.FederationServicer):
                 receipts.append(signer(receipt))
             yield federation_pb2.ForwardResponse(batch_id=req.batch_id, receipts=receipts)
 
+    async def Directory(
+        self, request: federation_pb2.FederationDirectoryRequest, context: Any
+    ) -> federation_pb2.FederationDirectoryResponse:
+        return federation_pb2.FederationDirectoryResponse()  # no partner offered
+
 
 async def serve_rogue(kor: Nation, nato: Nation, rogue: RoguePeer) -> grpc.aio.Server:
     """The rogue on the port NATO's trust file names for KOR, with KOR's broker TLS
