@@ -65,9 +65,14 @@ def test_who_received_what_across_the_borders(run: tuple[dict[str, Any], str]) -
         "USA-EUCOM",
         "USA-INDOPACOM",
     }
-    # After KOR suspended the KOR-NATO link: USA still receives, NATO does not.
+    # After KOR suspended the KOR-NATO link: USA still receives, NATO does not; nor
+    # does KOR receive what NATO, which has not suspended KOR, sealed for its partners.
     got = {c for c, v in m["after-suspension"].items() if v == "received"}
     assert got == {"USA-EUCOM"}
+    assert m["after-suspension"]["NATO-HQ"] == "suspended"
+    row = m["nato-after-suspension"]
+    assert {c for c, v in row.items() if v == "received"} == {"USA-INDOPACOM"}
+    assert row["KOR-JCS"] == row["KOR-NIS"] == "gateway_suspended"
 
 
 def test_receipts_and_the_three_audit_chains_verify(run: tuple[dict[str, Any], str]) -> None:

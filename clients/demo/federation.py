@@ -16,7 +16,8 @@ bring in). Then:
 4. a NATO report to every nation crosses each border once: delivered exactly once and
    never forwarded again (the three brokers are linked in a triangle);
 5. KOR's operator suspends the KOR-NATO link: a summary sent afterwards does not cross to
-   NATO (it still reaches USA);
+   NATO (it still reaches USA), and a NATO report sealed for KOR's partners (NATO has
+   not suspended KOR) is refused at KOR's border;
 6. every custody receipt verifies against the receiving nation's CA and names that
    nation's own audit record, and each nation's audit chain, exported, verifies offline
    with `coalition-admin audit verify --file EXPORT --ca CA`.
@@ -252,10 +253,20 @@ class FederationDemo(Demo):
         out = {}
         for code in PARTNERS:
             there = nation_of(code)
-            gateway = found[home].get(there, "not_admitted") if there != home else "allow"
-            # A gateway has no key bundle of its own: who-receives says so when it allows.
-            released = gateway in ("allow", NO_KEY_BUNDLE)
-            out[code] = found[there].get(code, "not_admitted") if released else gateway
+            if there == home:
+                out[code] = found[home].get(code, "not_admitted")
+                continue
+            # The sender's release to that nation (a gateway has no key bundle of its own:
+            # who-receives says so when it allows), then that nation's standing for the
+            # sender's gateway (suspended or not admitted there: nothing comes in).
+            gateway = found[home].get(there, "not_admitted")
+            inbound = found[there].get(home, "not_admitted")
+            if gateway not in ("allow", NO_KEY_BUNDLE):
+                out[code] = gateway
+            elif inbound in ("suspended", "not_admitted"):
+                out[code] = f"gateway_{inbound}"
+            else:
+                out[code] = found[there].get(code, "not_admitted")
         return out
 
     async def audit(self, nation: str, kind: str) -> list[audit_pb2.AuditEntry]:
@@ -473,7 +484,7 @@ class FederationDemo(Demo):
         )
 
     async def step5_suspension(self) -> None:
-        self.out("\n5. KOR's operator suspends the KOR-NATO link")
+        self.out("\n5. KOR's operator suspends the KOR-NATO link: nothing crosses either way")
         async with self.nations["KOR"].operator("op1") as op1:
             await op1.suspend("NATO", "release to NATO paused by KOR's release authority")
         suspended = time.monotonic()
@@ -511,6 +522,33 @@ class FederationDemo(Demo):
             "5",
             "nothing sent after the suspension crossed to NATO",
             await self.crossed("NATO", pub.message_id) == 0,
+        )
+        # The other way: NATO has not suspended KOR, so NATO-HQ still seals for KOR's
+        # partners; KOR's broker refuses NATO's gateway, so it does not cross.
+        pub = await self.publish(
+            "nato-after-suspension",
+            "NATO-HQ",
+            "NATO SECRET // REL TO PACIFIC",
+            "Naval group leaving port",
+            "A surface action group left its home port at dawn.",
+        )
+        got = await self.wait_received(pub, ["USA-INDOPACOM"])
+        self.expect("5", "USA-INDOPACOM receives NATO-HQ's report", "USA-INDOPACOM" in got)
+        await asyncio.sleep(1.0)
+        sealed_for = {"KOR-JCS", "KOR-NIS"} & set(pub.recipients)
+        self.expect(
+            "5",
+            "sealed by NATO for KOR's partners, it does not cross: KOR refuses NATO's gateway",
+            sealed_for == {"KOR-JCS", "KOR-NIS"}
+            and await self.crossed("KOR", pub.message_id) == 0
+            and all(e.message_id != pub.message_id for c in sealed_for for e in self.inbox(c)),
+        )
+        link = next(p for p in await self.peers("NATO") if p.nation == "KOR")
+        self.expect(
+            "5",
+            "NATO's link to KOR is down, and says why",
+            not link.connected and "suspended" in link.last_error,
+            link.last_error,
         )
 
     async def step6_receipts_and_audit(self) -> None:
@@ -626,10 +664,10 @@ class FederationDemo(Demo):
         matrix = self.matrix()
         width = max((len(k) for k in matrix), default=10)
         self.out("\nWho received what (or why not, by the partner's own broker):")
-        self.out(f"  {'message':<{width}}  " + "  ".join(f"{c:<16}" for c in PARTNERS))
+        self.out(f"  {'message':<{width}}  " + "  ".join(f"{c:<18}" for c in PARTNERS))
         for key, row in matrix.items():
             cells = (reason_text(row[c]) for c in PARTNERS)
-            self.out(f"  {key:<{width}}  " + "  ".join(f"{c:<16}" for c in cells))
+            self.out(f"  {key:<{width}}  " + "  ".join(f"{c:<18}" for c in cells))
         failed = [c for c in self.checks if not c.ok]
         self.out(
             f"\n{len(self.checks) - len(failed)}/{len(self.checks)} expectations met"
