@@ -46,6 +46,9 @@ def test_three_nations_each_with_its_own_broker(run: tuple[dict[str, Any], str])
     for code, n in nations.items():
         assert all(p.startswith(code + "-") for p in n["partners"])
         assert f"{code}: own CA" in steps
+    # One gateway admitted with the operators' real command, under the two-person rule.
+    assert "coalition-admin federation add NATO --ca nato-ca.crt" in steps
+    assert "cannot also approve it" in steps
 
 
 def test_who_received_what_across_the_borders(run: tuple[dict[str, Any], str]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shlex
 import signal
 import subprocess
 import time
@@ -42,7 +43,7 @@ from clients.node.inbox import Entry, Inbox
 from clients.sdk import OperatorClient
 from coalition.clock import wall_clock_ms
 from coalition.federation import load_trust_file, verify_receipt
-from coalition.labels import COMPARTMENT, Classification
+from coalition.labels import COMPARTMENT, Classification, parse_label
 from coalition.pki import issue_gateway, load_ca, load_operator, load_partner, make_dev_pki
 from coalition.policy import NO_KEY_BUNDLE, PartnerPolicy, PartnerStatus, policy_to_proto
 from coalition.v1 import admin_pb2, audit_pb2, federation_pb2
@@ -73,7 +74,6 @@ RELEASE: dict[tuple[str, str], tuple[frozenset[str], bool]] = {
     ("USA", "KOR"): (frozenset({"PACIFIC"}), True),
 }
 PARTNERS = tuple(code for members in NATIONS.values() for code, _, _ in members)
-TOPIC = "intel.ground"
 
 
 def nation_of(code: str) -> str:
@@ -242,8 +242,6 @@ class FederationDemo(Demo):
         """Each partner's decision now: the sender's broker decides for its own partners
         and for each peer nation's gateway (its release policy); a partner abroad then
         gets its own broker's decision, if its nation's gateway is released to."""
-        from coalition.labels import parse_label
-
         found: dict[str, dict[str, str]] = {}
         for code, n in self.nations.items():
             async with n.operator("op1") as op:
@@ -286,10 +284,6 @@ class FederationDemo(Demo):
             if message_id in ids:
                 out[e.partner] = e.decision
         return out
-
-    async def held_once(self, pub: Published, codes: Iterable[str]) -> dict[str, int]:
-        """How many copies of pub each code's inbox holds."""
-        return {c: sum(e.message_id == pub.message_id for e in self.inbox(c)) for c in codes}
 
     def expect_only(self, step: str, pub: Published, want: set[str]) -> None:
         """Exactly want (besides the sender) hold pub, each once."""
@@ -345,22 +339,19 @@ class FederationDemo(Demo):
 
     async def step1_gateways(self) -> None:
         self.out("\n1. Each nation's operators admit the other two nations' gateways")
+        await self.admit_by_cli("KOR", "NATO")
         for (a, b), (groups, sigint) in RELEASE.items():
+            if (a, b) == ("KOR", "NATO"):
+                continue
             n = self.nations[a]
-            pol = policy(b, groups, sigint)
             async with n.operator("op1") as op1, n.operator("op2") as op2:
                 resp = await op1.admit(
-                    b, self.nations[b].ca_der(), policy_to_proto(pol), f"federation with {b}"
+                    b,
+                    self.nations[b].ca_der(),
+                    policy_to_proto(policy(b, groups, sigint)),
+                    f"federation with {b}",
                 )
-                pid = resp.proposal.proposal_id
-                if (a, b) == ("KOR", "NATO"):
-                    try:
-                        await op1.approve(pid)
-                        self_ok = False
-                    except Exception as exc:  # the broker must refuse op1's own approval
-                        self_ok = "PERMISSION_DENIED" in str(exc)
-                    self.expect("1", "KOR's op1 cannot approve its own proposal", self_ok)
-                await op2.approve(pid, "second operator agrees")
+                await op2.approve(resp.proposal.proposal_id, "second operator agrees")
             released = ", ".join(sorted(groups)) + (" + SIGINT" if sigint else "")
             self.say("admit", f"{a} admits gateway {b} with {b}'s CA; releases to it: {released}")
         links = await self.wait_links()
@@ -379,6 +370,43 @@ class FederationDemo(Demo):
             "all six links are up and each learned its peer's partners",
             all(p.connected and p.partners_learned == 2 for ps in links.values() for p in ps),
         )
+
+    async def admit_by_cli(self, a: str, b: str) -> None:
+        """a's operators admit b's gateway with the real `coalition-admin` commands."""
+        n = self.nations[a]
+        groups, sigint = RELEASE[(a, b)]
+        flags = ["--clearance", "NATO=SECRET", "--ceiling", "NATO=SECRET"]
+        flags += [x for g in sorted(groups) for x in ("--group", g)]
+        flags += ["--category", "SAC=SIGINT"] if sigint else []
+        flags += ["--subscribe", "intel.>", "--publish", "intel.>"]
+        ca = n.dir / f"{b.lower()}-ca.crt"  # the copy its trust file names
+        add = ["federation", "add", b, "--ca", ca.name, *flags, "--reason", f"federation with {b}"]
+        self.say("admin", f"{a} op1: coalition-admin {shlex.join(add)}")
+        done = await self.admin(a, "op1", "--json", *add)
+        proposal = ""
+        if done.returncode == 0:
+            proposal = json.loads(done.stdout).get("proposal", {}).get("proposal_id", "")
+        if not proposal:
+            raise RuntimeError(f"federation add {b} at {a} failed: {done.stderr.strip()}")
+        own = await self.admin(a, "op1", "policy", "approve", proposal, "--reason", "mine")
+        self.expect(
+            "1",
+            f"{a}'s op1 cannot approve its own proposal",
+            own.returncode == 3 and "PERMISSION_DENIED" in own.stderr,
+            own.stderr.strip().splitlines()[-1] if own.stderr.strip() else f"exit {own.returncode}",
+        )
+        self.say("admin", f"{a} op2: coalition-admin policy approve {proposal}")
+        ok = await self.admin(a, "op2", "policy", "approve", proposal, "--reason", "agreed")
+        if ok.returncode != 0:
+            raise RuntimeError(f"approving {b} at {a} failed: {ok.stderr.strip()}")
+        released = ", ".join(sorted(groups)) + (" + SIGINT" if sigint else "")
+        self.say("admit", f"{a} admits gateway {b} with {b}'s CA; releases to it: {released}")
+
+    async def admin(self, nation: str, op: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """`coalition-admin` as nation's operator op, run in that nation's directory."""
+        n = self.nations[nation]
+        conn = ["--broker", n.address, "--identity", str(n.pki / "operators" / op)]
+        return await _run(python_module("clients.admin.cli", *conn, *args), cwd=n.dir)
 
     async def peers(self, nation: str) -> list[admin_pb2.FederationPeer]:
         async with self.nations[nation].operator("op1") as op:
@@ -588,10 +616,8 @@ class FederationDemo(Demo):
         )
         for code, n in self.nations.items():
             export = n.dir / "audit-export.jsonl"
-            admin = ["--broker", n.address, "--identity", str(n.pki / "operators" / "op2")]
-            out = await _run(
-                python_module("clients.admin.cli", *admin, "audit", "export", "--out", str(export))
-            )
+            out = await self.admin(code, "op2", "audit", "export", "--out", str(export))
+            # Offline: no broker, only the export and the nation's CA certificate.
             verify = await _run(
                 python_module(
                     "clients.admin.cli",
@@ -693,9 +719,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+async def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd
     )
     out, err = await proc.communicate()
     return subprocess.CompletedProcess(argv, proc.returncode or 0, out.decode(), err.decode())
