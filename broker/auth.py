@@ -283,6 +283,13 @@ class Authorizer:
                 "file and its operators' admission name the peers)",
                 ident.uri,
             )
+        if rec.signing_cert != self.trust.peers[ident.name].ca_der:
+            raise _unauthenticated(
+                "ca_not_admitted",
+                f"the trust file names another CA for nation {ident.name} than the one its "
+                "operators admitted; the gateway is refused until they agree",
+                ident.uri,
+            )
         if rec.policy.status is not PartnerStatus.ACTIVE:
             state = "suspended" if rec.policy.status is PartnerStatus.SUSPENDED else "not_admitted"
             raise _forbidden(

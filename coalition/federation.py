@@ -18,6 +18,7 @@ A certificate issued by a peer's CA may only speak for that peer's nation.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import tomllib
@@ -50,6 +51,7 @@ __all__ = [
     "issued_by",
     "load_trust_file",
     "parse_trust_file",
+    "receipt_from_audit",
     "sign_receipt",
     "speaks_for",
     "verify_foreign_signing_cert",
@@ -273,3 +275,15 @@ def verify_receipt(
         raise FederationError("bad_receipt", "the receipt's signature does not verify") from exc
     except (ValueError, IdentityError, DecodeError) as exc:
         raise FederationError("bad_receipt", f"the receipt is not trusted: {exc}") from exc
+
+
+def receipt_from_audit(detail: Mapping[str, object]) -> federation_pb2.SignedReceipt:
+    """The signed receipt a ``federation.receipt`` audit entry's detail carries (base64
+    receipt, signature and signer certificate), to verify with ``verify_receipt``
+    against the receiving nation's CA. Raises FederationError ``bad_receipt``."""
+    try:
+        fields = [detail["receipt"], detail["signature"], detail["signer_cert"]]
+        receipt, signature, cert = (base64.b64decode(str(f), validate=True) for f in fields)
+    except (KeyError, ValueError) as exc:
+        raise FederationError("bad_receipt", f"not a receipt record: {exc}") from exc
+    return federation_pb2.SignedReceipt(receipt=receipt, signature=signature, signer_cert=cert)

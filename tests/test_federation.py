@@ -4,7 +4,6 @@ between them with gateway certificates, receipts and audit chains on both sides.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ import pytest
 from clients.cluster import NatsCluster
 from clients.sdk import PartnerClient
 from coalition.epoch import SenderEpochs
-from coalition.federation import load_trust_file, verify_receipt
+from coalition.federation import load_trust_file, receipt_from_audit, verify_receipt
 from coalition.labels import parse_label
 from coalition.v1 import audit_pb2, exchange_pb2, federation_pb2
 from tests.federation_rig import (
@@ -125,12 +124,7 @@ async def test_a_message_released_to_another_nation_reaches_its_partner_end_to_e
     assert opened.plaintext == b"summary" and opened.header.sender == "NATO"
     # The receipt: in NATO's chain, signed by KOR's audit key, naming KOR's decision.
     [rec] = await eventually_audited(nato, "federation.receipt", 1)
-    detail = json.loads(rec.detail_json)
-    signed = federation_pb2.SignedReceipt(
-        receipt=base64.b64decode(detail["receipt"]),
-        signature=base64.b64decode(detail["signature"]),
-        signer_cert=base64.b64decode(detail["signer_cert"]),
-    )
+    signed = receipt_from_audit(json.loads(rec.detail_json))
     kor_ca = load_trust_file(nato.trust_file).peers["KOR"].ca_cert
     receipt = verify_receipt(signed, kor_ca, now_ms())
     assert receipt.outcome == federation_pb2.RECEIPT_STORED
@@ -155,7 +149,7 @@ async def test_nothing_crosses_that_the_release_policy_does_not_allow(
     async with nato.partner("NATO") as pub, kor.partner("KOR") as rcv:
         [res] = await pub.publish([env])
         assert res.outcome == exchange_pb2.ACCEPTED, res
-        await nothing_for(rcv, 1.5)
+        await nothing_for(rcv, 0.8)
     denied = [e for e in await audit(nato, "deliver.denied") if e.message_id == res.message_id]
     assert [(e.partner, e.decision) for e in denied] == [("KOR", "not_releasable")], denied
     # Released to KOR, but no key wrapped for anyone of KOR's: it does not cross either.
@@ -168,7 +162,7 @@ async def test_nothing_crosses_that_the_release_policy_does_not_allow(
     async with nato.partner("NATO") as pub, kor.partner("KOR") as rcv:
         [res] = await pub.publish([hq_only])
         assert res.outcome == exchange_pb2.ACCEPTED, res
-        await nothing_for(rcv, 1.5)
+        await nothing_for(rcv, 0.8)
     denied = [e for e in await audit(nato, "deliver.denied") if e.message_id == res.message_id]
     assert [(e.partner, e.decision) for e in denied] == [("KOR", "no_key_wrapped")], denied
     assert await audit(kor, "federation.received") == []
@@ -211,8 +205,8 @@ async def test_the_triangle_delivers_once_and_never_back_to_the_origin(
             [d] = await deliveries(client, 1)
             assert d.envelope.SerializeToString() == env.SerializeToString()
         await eventually_audited(nato, "federation.receipt", 2)
-        for client in (k, u, hq):  # once each: nothing more comes
-            await nothing_for(client, 1.0)
+        # Once each: nothing more comes (the three watched at once).
+        await asyncio.gather(*(nothing_for(c, 1.0) for c in (k, u, hq)))
     # Stored once in each peer; nothing came back to NATO.
     assert len(await audit(kor, "federation.received")) == 1
     assert len(await audit(usa, "federation.received")) == 1
@@ -235,8 +229,22 @@ async def test_suspending_a_peer_stops_the_flow_both_ways_at_once(
     to_nato = seal(
         kor.creds("KOR"), [recipient(nato.creds("NATO"))], parse_label("NATO SECRET // REL TO NATO")
     )
+
+    async def link_up(here: Nation, peer: str) -> bool:
+        async with here.operator() as op:
+            [p] = [p for p in (await op.peers()).peers if p.nation == peer]
+        return p.connected
+
+    async with asyncio.timeout(20):
+        while not (await link_up(nato, "KOR") and await link_up(kor, "NATO")):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
     async with nato.operator("op1") as op1:
         await op1.suspend("KOR", "test: the link is cut")
+    # At once, both ways: NATO's link to KOR closes, and NATO ends KOR's open stream, so
+    # KOR's link is down before it has anything to send.
+    async with asyncio.timeout(5):
+        while await link_up(nato, "KOR") or await link_up(kor, "NATO"):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
     async with nato.partner("NATO") as n, kor.partner("KOR") as k:
         assert (await n.publish([to_kor]))[0].outcome == exchange_pb2.ACCEPTED
         assert (await k.publish([to_nato]))[0].outcome == exchange_pb2.ACCEPTED
@@ -303,6 +311,15 @@ async def test_senders_seal_for_another_nations_partners_through_the_directory(
         # gateway's registry entry, which holds KOR's CA certificate, is never listed).
         seen = await sender.directory(refresh=True)
         assert {"KOR", "KOR-2"} <= set(seen.peers) and not seen.problems
+        # And back: KOR-2 seals for NATO's partners, NATO's partner opens it.
+        back = parse_label("NATO SECRET // REL TO NATO")
+        sealed = await rcv.seal(b"and back", topic="intel.report", label=back)
+        assert "NATO" in sealed.recipients
+        [res] = await rcv.publish([sealed.envelope])
+        assert res.outcome == exchange_pb2.ACCEPTED, res
+        [d] = await deliveries(sender, 1)
+        opened = await sender.open(d)
+        assert opened.plaintext == b"and back" and opened.header.sender == "KOR-2"
     finally:
         for c in (sender, rcv, plain):
             await c.close()
@@ -360,3 +377,61 @@ async def test_a_national_broker_on_jetstream(
     finally:
         stop_all(nations)
         await drop_deployment(nats_cluster, prefix)
+
+
+async def test_nodes_of_two_nations_exchange_through_their_brokers(
+    keyed_pair: dict[str, Nation], tmp_path: Path
+) -> None:
+    """`coalition-node publish` in NATO and `coalition-node run` in KOR, each with its
+    nation's trust file: the summary lands in the KOR node's inbox once, from NATO."""
+    from tests.node_helpers import node, start_daemon, stop, write_config
+
+    nato, kor = keyed_pair["NATO"], keyed_pair["KOR"]
+    fed = '[federation]\nfile = "{}"\n'
+    pub_cfg = write_config(
+        tmp_path / "nato" / "node.toml",
+        nato.pki,
+        "NATO",
+        nato.broker.port,
+        extra=fed.format(nato.trust_file),
+    )
+    rcv_cfg = write_config(
+        tmp_path / "kor" / "node.toml",
+        kor.pki,
+        "KOR-2",
+        kor.broker.port,
+        extra=fed.format(kor.trust_file),
+    )
+    daemon = await start_daemon(rcv_cfg, tmp_path / "kor-node.log")
+    try:
+        label = "NATO SECRET // REL TO KOR"
+        async with asyncio.timeout(30):
+            while True:  # until NATO's broker has learned KOR's partners over the link
+                r = await node(
+                    "publish",
+                    "--config",
+                    str(pub_cfg),
+                    "--topic",
+                    "intel.ground",
+                    "--label",
+                    label,
+                    "--json",
+                    "-",
+                    stdin=b"Armour moving north",
+                )
+                if r.code == 0:
+                    break
+                assert "no eligible recipient" in r.err or "not sealed" in r.err, r
+                await asyncio.sleep(0.5)
+        assert "KOR-2" in json.loads(r.out)["recipients"], r.out
+        async with asyncio.timeout(30):
+            while True:
+                inbox = await node("inbox", "--config", str(rcv_cfg), "--json")
+                entries = json.loads(inbox.out)
+                if entries:
+                    break
+                await asyncio.sleep(0.3)
+        [entry] = entries
+        assert entry["sender"] == "NATO" and entry["topic"] == "intel.ground"
+    finally:
+        assert await stop(daemon) == 0

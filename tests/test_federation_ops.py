@@ -203,3 +203,146 @@ async def test_each_load_of_the_trust_file_is_audited_with_what_changed(
     detail = json.loads(loads[1].detail_json)
     assert detail["changed"] == {"same_file": False, "added": [], "removed": [], "changed": ["KOR"]}
     assert detail["peers"]["KOR"]["endpoint"].startswith("localhost:")
+
+
+def test_a_receipt_verifies_only_as_signed_by_the_receivers_broker(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from coalition.federation import sign_receipt, verify_receipt
+    from coalition.pki import load_broker, load_ca, load_partner
+    from coalition.v1 import federation_pb2
+    from tests.helpers import now_ms
+
+    pkis = make_pkis(tmp_path, {"KOR": ["KOR"], "USA": []})
+    kor = load_broker(pkis["KOR"])
+    assert kor.audit_cert is not None
+    der = kor.audit_cert.public_bytes(serialization.Encoding.DER)
+    receipt = federation_pb2.CustodyReceipt(
+        message_id="m1", outcome=federation_pb2.RECEIPT_STORED, audit_seq=7
+    )
+    signed = sign_receipt(receipt, kor.audit_key, der)
+    kor_ca, usa_ca = load_ca(pkis["KOR"]).cert, load_ca(pkis["USA"]).cert
+    assert verify_receipt(signed, kor_ca, now_ms()).audit_seq == 7
+    bad = {
+        "another nation's CA": (signed, usa_ca),
+        "altered": (
+            federation_pb2.SignedReceipt(
+                receipt=signed.receipt.replace(b"m1", b"m2"),
+                signature=signed.signature,
+                signer_cert=signed.signer_cert,
+            ),
+            kor_ca,
+        ),
+    }
+    # A partner's signing certificate of the same CA is not a broker's audit certificate.
+    partner = load_partner(pkis["KOR"] / "partners" / "KOR")
+    bad["a partner's key"] = (
+        sign_receipt(receipt, partner.signing_key, partner.signing_cert_der),
+        kor_ca,
+    )
+    for why, (s, ca) in bad.items():
+        with pytest.raises(FederationError):
+            verify_receipt(s, ca, now_ms())
+            raise AssertionError(why)
+
+
+async def test_the_metrics_count_each_peers_traffic(pkis: dict[str, Path], tmp_path: Path) -> None:
+    import urllib.request
+
+    from tests.test_broker_faults import free_port
+
+    port = free_port()
+    extra = {"NATO": f'[metrics]\nlisten = "127.0.0.1:{port}"\n'}
+    nations = federate(tmp_path, pkis, [("NATO", "KOR")], extra=extra)
+    nato, kor = nations["NATO"], nations["KOR"]
+    try:
+        await start_all(nations)
+        for n in nations.values():
+            await admit_partners(n, NATIONS[n.code])
+        await add_by_cli(nato, kor)
+        await add_by_cli(kor, nato)
+        env = seal(
+            nato.creds("NATO"),
+            [recipient(kor.creds("KOR"))],
+            parse_label("NATO SECRET // REL TO KOR"),
+        )
+        async with nato.partner("NATO") as pub, kor.partner("KOR") as rcv:
+            assert (await pub.publish([env]))[0].outcome == exchange_pb2.ACCEPTED
+            await deliveries(rcv, 1)
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+
+        want = 'coalition_federation_receipts_total{peer="KOR"} 1.0'
+        async with asyncio.timeout(20):
+            while want not in (text := await asyncio.to_thread(scrape)):  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        assert 'coalition_federation_forwarded_total{peer="KOR"} 1.0' in text
+        assert 'coalition_federation_link_up{peer="KOR"} 1.0' in text
+        assert 'coalition_federation_lag_messages{peer="KOR"} 0.0' in text
+    finally:
+        stop_all(nations)
+
+
+def test_a_broker_refuses_to_start_on_a_bad_trust_file_or_without_its_gateway(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+
+    from coalition.pki import make_dev_pki
+    from tests.helpers import now_ms
+
+    make_dev_pki(tmp_path / "pki", [], ["op1"], now_ms())
+    make_dev_pki(tmp_path / "kor", [], [], now_ms())
+    (tmp_path / "kor-ca.crt").write_bytes((tmp_path / "kor" / "ca" / "ca.crt").read_bytes())
+    peer = '[[peers]]\nnation = "KOR"\nca = "kor-ca.crt"\nendpoint = "127.0.0.1:1"\n'
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text('[federation]\nfile = "federation.toml"\n')
+
+    def start(trust: str) -> str:
+        (tmp_path / "federation.toml").write_text(trust)
+        argv = [sys.executable, "-m", "broker.cli", "serve", "--config", str(cfg)]
+        argv += ["--pki", str(tmp_path / "pki"), "--data", str(tmp_path / "data")]
+        argv += ["--listen", "127.0.0.1:0", "--operators", "op1"]
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        [line] = [x for x in proc.stderr.splitlines() if x.startswith("coalition-broker:")]
+        return line
+
+    assert "overlaps" in start('nation = "KOR-N"\n' + peer)
+    assert "coalition-keys issue-gateway" in start('nation = "NATO"\n' + peer)
+
+
+async def test_a_trust_file_naming_another_ca_does_not_let_it_in_without_the_operators(
+    unlinked: dict[str, Nation], tmp_path: Path
+) -> None:
+    """Someone who can edit the trust file swaps KOR's CA for their own: the admission
+    two operators made pins KOR's real CA, so the impostor's KOR gateway is refused."""
+    import signal
+
+    import grpc
+
+    from coalition.pki import issue_gateway, make_dev_pki
+    from tests.federation_rig import forward_as, item
+    from tests.helpers import now_ms
+
+    nato, kor = unlinked["NATO"], unlinked["KOR"]
+    await add_by_cli(nato, kor)
+    rogue = tmp_path / "rogue"
+    make_dev_pki(rogue, [], [], now_ms())
+    issue_gateway(rogue, "KOR", now_ms())
+    ca = nato.trust_file.parent / "KOR-ca.crt"
+    ca.write_bytes((rogue / "ca" / "ca.crt").read_bytes())
+    nato.broker.signal(signal.SIGTERM)
+    assert await nato.broker.wait_exit() == 0
+    await nato.broker.start()
+    env = seal(
+        kor.creds("KOR"), [recipient(nato.creds("NATO"))], parse_label("NATO SECRET // REL TO NATO")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await forward_as(rogue, "KOR", nato, [item(env, kor.creds("KOR").signing_cert_der)])
+    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "ca_not_admitted" in {e.decision for e in await audit(nato, "auth.refused")}
+    code, out, _ = await admin(nato, "--json", "federation", "show", "KOR")
+    assert code == 0 and json.loads(out)["peer"]["status"] == "ACTIVE"  # not under this CA

@@ -103,7 +103,7 @@ async def test_a_gateway_forwards_only_its_own_nations_messages(trio: dict[str, 
         ("KOR-2", "sender_mismatch"),
     ]
     async with nato.partner("NATO") as rcv:
-        await nothing_for(rcv, 1.0)
+        await nothing_for(rcv, 0.6)
 
 
 async def test_a_foreign_ca_speaks_only_for_its_own_nations_gateway(
@@ -185,7 +185,7 @@ async def test_relabelled_or_resigned_envelopes_are_refused_by_the_next_hop_and_
         with pytest.raises(envelope_v2.InvalidEnvelopeV2):
             open_foreign(bad, me, kor.trust_file, cert)
     async with kor.partner("KOR") as rcv:
-        await nothing_for(rcv, 1.0)
+        await nothing_for(rcv, 0.6)
 
 
 async def test_a_withheld_forward_is_a_gap_at_the_recipient_and_a_copy_is_stored_once(
@@ -208,7 +208,7 @@ async def test_a_withheld_forward_is_a_gap_at_the_recipient_and_a_copy_is_stored
     ]
     async with kor.partner("KOR") as rcv:
         ds = await deliveries(rcv, 2)
-        await nothing_for(rcv, 1.0)  # the copy was not stored again
+        await nothing_for(rcv, 0.6)  # the copy was not stored again
     inbox = Inbox(tmp_path / "inbox.db")
     for d in ds:
         opened = open_foreign(d.envelope, me, kor.trust_file, cert)

@@ -53,27 +53,33 @@ class ForeignDirectory:
 
     def _active(self, nation: str) -> PartnerRecord | None:
         rec = self.registry.get(nation)
-        return rec if rec is not None and rec.policy.status is PartnerStatus.ACTIVE else None
+        return rec if self.state.admitted(nation, rec) else None
 
     # -- what we tell a peer ----------------------------------------------------------------
     def answer(self, nation: str) -> list[directory_pb2.DirectoryEntry]:
-        """Our admitted, active partners something nation may bring in could reach."""
+        """Our admitted, active partners that nation's senders could seal for (what it
+        may bring in could reach them: with their key bundle) or whose messages nation's
+        recipients could open (they may send something we release to it: their
+        certificates, without a bundle)."""
         gateway = self._active(nation)
         if gateway is None:
             return []
-        return [
-            directory_pb2.DirectoryEntry(
+        out = []
+        for rec in self.registry.all():
+            if self.is_gateway(rec.code) or rec.policy.status is not PartnerStatus.ACTIVE:
+                continue
+            receives = rec.bundle is not None and may_reach(gateway.policy, rec.policy)
+            if not receives and not may_reach(rec.policy, gateway.policy):
+                continue
+            entry = directory_pb2.DirectoryEntry(
                 partner=rec.code,
                 signing_cert=rec.signing_cert,
                 previous_signing_certs=rec.previous_certs,
-                key_bundle=rec.bundle,
             )
-            for rec in self.registry.all()
-            if rec.bundle is not None
-            and not self.is_gateway(rec.code)
-            and rec.policy.status is PartnerStatus.ACTIVE
-            and may_reach(gateway.policy, rec.policy)
-        ]
+            if receives and rec.bundle is not None:
+                entry.key_bundle.CopyFrom(rec.bundle)
+            out.append(entry)
+        return out
 
     # -- what a peer told us ----------------------------------------------------------------
     def learn(self, nation: str, entries: Sequence[directory_pb2.DirectoryEntry]) -> int:
@@ -87,19 +93,20 @@ class ForeignDirectory:
                 if self.registry.get(e.partner) is not None and e.partner != nation:
                     raise FederationError("local_partner", f"{e.partner} is a local partner")
                 hybrid = certified_hybrid_key(x509.load_der_x509_certificate(e.signing_cert))
-                verify_key_bundle(e.key_bundle, hybrid or key, e.partner, now)
+                if e.HasField("key_bundle"):
+                    verify_key_bundle(e.key_bundle, hybrid or key, e.partner, now)
             except (FederationError, IdentityError, ValueError) as exc:
                 refused += 1
                 log.warning("directory entry %r from %s refused: %s", e.partner, nation, exc)
                 continue
-            kept.append(
-                directory_pb2.DirectoryEntry(
-                    partner=e.partner,
-                    signing_cert=e.signing_cert,
-                    previous_signing_certs=e.previous_signing_certs,
-                    key_bundle=e.key_bundle,
-                )
+            entry = directory_pb2.DirectoryEntry(
+                partner=e.partner,
+                signing_cert=e.signing_cert,
+                previous_signing_certs=e.previous_signing_certs,
             )
+            if e.HasField("key_bundle"):
+                entry.key_bundle.CopyFrom(e.key_bundle)
+            kept.append(entry)
         self.learned[nation] = kept
         return refused
 
@@ -131,5 +138,5 @@ class ForeignDirectory:
             if gateway is None:
                 continue
             if self._decided(decide, gateway.policy, label, topic, now).allowed:
-                out.extend(e.partner for e in entries)
+                out.extend(e.partner for e in entries if e.HasField("key_bundle"))
         return out

@@ -24,14 +24,14 @@ from cryptography import x509
 
 from broker.audit import AuditItem
 from broker.config import BrokerConfig
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.exchange.facade import ExchangeCore
+from broker.exchange.live import Subscription
 from broker.exchange.outcomes import DeliveryBatch, ExpiryBatch
 from broker.federation.state import FederationState, LinkRoute
 from broker.store import StoredMessage, StoreError
 from coalition.federation import FederationError, verify_receipt
 from coalition.identity import signing_key_id
-from coalition.policy import PartnerStatus
 from coalition.v1 import directory_pb2, envelope_pb2, federation_pb2
 
 log = logging.getLogger("coalition.broker.federation")
@@ -57,6 +57,9 @@ class Transport(Protocol):
     ) -> list[federation_pb2.SignedReceipt]: ...
 
     async def directory(self) -> list[directory_pb2.DirectoryEntry]: ...
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call callback once the Forward stream has ended (the peer closed it, say)."""
 
     async def close(self) -> None: ...
 
@@ -89,7 +92,7 @@ class Link:
         failures = 0
         while True:
             rec = self.exchange.registry.get(self.nation)
-            if rec is None or rec.policy.status is not PartnerStatus.ACTIVE:
+            if rec is None or not self.state.admitted(self.nation, rec):
                 failures = 0
                 self.wake.clear()
                 try:
@@ -104,6 +107,10 @@ class Link:
             except (LinkDown, BrokerError, FederationError) as exc:
                 self.counters.last_error = str(exc)
                 log.warning("federation link to %s: %s", self.nation, exc)
+                failures += 1
+            except Exception as exc:  # the audit log, the store: the link retries, never dies
+                self.counters.last_error = str(exc)
+                log.exception("federation link to %s failed", self.nation)
                 failures += 1
             self.wake.clear()
             try:
@@ -122,6 +129,8 @@ class Link:
             refresh = asyncio.create_task(self._refresh(transport))
             sub = self.exchange.open_subscription(self.nation, topics, self.cfg.subscriber_window)
             sub.gateway = LinkRoute(self.state, self.nation)
+            # The peer ending the stream (a suspension there) ends the link at once.
+            transport.on_end(lambda: _peer_ended(sub, self.nation))
             self.counters.connected = True
             self.counters.last_error = ""
             try:
@@ -129,6 +138,7 @@ class Link:
                     if isinstance(item, DeliveryBatch):
                         done = await self._forward(transport, item.messages, item.headers)
                         await self.exchange.acknowledge(sub, done)
+                        await self._note_lag()
                     elif isinstance(item, ExpiryBatch):
                         self.exchange.note_acks(sub, [n.offset for n in item.notices])
             finally:
@@ -147,6 +157,12 @@ class Link:
                 self.learn(self.nation, await transport.directory())
             except (LinkDown, BrokerError) as exc:
                 log.warning("directory of %s not refreshed: %s", self.nation, exc)
+
+    async def _note_lag(self) -> None:
+        try:
+            self.counters.lag = await self.exchange.store.backlog_count(self.nation)
+        except StoreError:
+            pass
 
     def _signing_cert(self, m: StoredMessage, key_id: str) -> bytes:
         """The originator's certificate the message is signed under (current or earlier)."""
@@ -198,10 +214,6 @@ class Link:
             self._count(r.outcome)
         await self.exchange.audit.record_many(audits, now_ms=now)
         self.counters.receipts += len(audits)
-        try:
-            self.counters.lag = await self.exchange.store.backlog_count(self.nation)
-        except StoreError:
-            pass
         return [m.offset for m in messages]
 
     def _count(self, outcome: int) -> None:
@@ -211,6 +223,12 @@ class Link:
             self.counters.duplicates += 1
         else:
             self.counters.refused_by_peer += 1
+
+
+def _peer_ended(sub: Subscription, nation: str) -> None:
+    if sub.closed is None:
+        sub.closed = Unavailable("peer_closed", f"nation {nation}'s broker ended the link")
+    sub.wake.set()
 
 
 def _receipt_item(

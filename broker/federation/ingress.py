@@ -40,7 +40,7 @@ from coalition.identity import (
     signing_key_id,
 )
 from coalition.labels import Label
-from coalition.policy import PartnerStatus, decide_origination
+from coalition.policy import decide_origination
 from coalition.v1 import envelope_pb2, federation_pb2
 
 log = logging.getLogger("coalition.broker.federation")
@@ -93,9 +93,10 @@ class Ingress:
         when its decisions cannot be stored or audited (nothing is receipted then; the
         link sends again and stored ones come back ``duplicate``).
         """
-        rec = self.exchange.registry.get(nation)
-        if rec is None or rec.policy.status is not PartnerStatus.ACTIVE:
+        if not self.state.admitted(nation, self.exchange.registry.get(nation)):
             raise Forbidden("suspended", f"the gateway of nation {nation} is not active")
+        if not items:
+            return []
         now = self.clock()
         done = [self._check(nation, it, now) for it in items]
         fresh = await self._store(nation, done, now)
@@ -178,7 +179,7 @@ class Ingress:
         ahead = clock_skew_problem(header.created_ms, now, self.cfg.clock_skew_ms, "this broker's")
         if header.created_ms > now and ahead is not None:
             raise InvalidInput("clock_skew", ahead)
-        if now - header.created_ms > self.cfg.retention_ms:
+        if self.cfg.retention_ms and now - header.created_ms > self.cfg.retention_ms:
             raise InvalidInput("too_old", "created before this broker's retention period")
         gateway = self.exchange.registry.get(nation)
         assert gateway is not None  # receive() checked

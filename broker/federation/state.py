@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.registry_types import PartnerRecord
 from coalition.federation import TrustFile, speaks_for
+from coalition.policy import PartnerStatus
 
 
 @dataclass
@@ -37,6 +39,15 @@ class FederationState:
     def __post_init__(self) -> None:
         for nation in self.trust.peers:
             self.counters.setdefault(nation, PeerCounters())
+
+    def admitted(self, nation: str, rec: PartnerRecord | None) -> bool:
+        """Whether rec is nation's gateway, active, admitted with the CA the trust file
+        names for it (a trust file naming another CA since is not enough)."""
+        return (
+            rec is not None
+            and rec.policy.status is PartnerStatus.ACTIVE
+            and rec.signing_cert == self.trust.peers[nation].ca_der
+        )
 
     def is_local(self, sender: str) -> bool:
         """Whether sender is this nation's own (speaks for no peer nation)."""

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,13 @@ from broker.grpc.interceptor import AuthInterceptor
 from broker.grpc.status import abort
 from broker.registry_types import RegistryChange
 from coalition.federation import TrustFile, load_trust_file
-from coalition.pki import BrokerCredentials, GatewayCredentials, gateway_dir, load_gateway
+from coalition.pki import (
+    BrokerCredentials,
+    GatewayCredentials,
+    PkiError,
+    gateway_dir,
+    load_gateway,
+)
 from coalition.policy import PartnerStatus
 from coalition.v1 import directory_pb2, federation_pb2, federation_pb2_grpc
 
@@ -113,6 +119,9 @@ class GrpcTransport:
             raise LinkDown(f"the peer answered batch {resp.batch_id} for {self.batch}")
         return list(resp.receipts)
 
+    def on_end(self, callback: Callable[[], None]) -> None:
+        self.call.add_done_callback(lambda _: callback())
+
     async def directory(self) -> list[directory_pb2.DirectoryEntry]:
         try:
             resp = await self.stub.Directory(
@@ -178,8 +187,23 @@ class Federation:
 
 
 def load_trust(cfg: BrokerConfig) -> TrustFile | None:
-    """The trust file cfg names, or None. Raises FederationError."""
-    return None if cfg.federation_file is None else load_trust_file(cfg.federation_file)
+    """The trust file cfg names, or None, once this nation's gateway certificate loads
+    too (before the broker opens anything). Raises FederationError, PkiError."""
+    if cfg.federation_file is None:
+        return None
+    trust = load_trust_file(cfg.federation_file)
+    _gateway(cfg, trust)
+    return trust
+
+
+def _gateway(cfg: BrokerConfig, trust: TrustFile) -> GatewayCredentials:
+    try:
+        return load_gateway(gateway_dir(Path(cfg.pki_dir), trust.nation))
+    except PkiError as exc:
+        raise PkiError(
+            f"{exc}: federation needs this nation's gateway certificate "
+            f"(coalition-keys issue-gateway {cfg.pki_dir} {trust.nation})"
+        ) from exc
 
 
 async def attach(
@@ -198,7 +222,7 @@ async def attach(
         raise ValueError("federation needs the broker's audit certificate (broker/audit.crt)")
     from cryptography.hazmat.primitives import serialization
 
-    gateway = load_gateway(gateway_dir(Path(cfg.pki_dir), trust.nation))
+    gateway = _gateway(cfg, trust)
     state = FederationState(
         trust, creds.audit_key, creds.audit_cert.public_bytes(serialization.Encoding.DER)
     )

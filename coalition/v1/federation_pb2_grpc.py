@@ -69,7 +69,8 @@ class FederationServicer:
         """The partners of the called nation that the calling nation's senders may seal for:
         each admitted, active partner some message the caller may bring in (its origination
         policy here) could be delivered to, with its signing certificate (issued by the
-        called nation's CA, which the caller verifies) and its signed key bundle.
+        called nation's CA, which the caller verifies) and its signed key bundle; and those
+        that may send something released to the caller, with their certificate only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,8 @@ class FederationStub:
     """The partners of the called nation that the calling nation's senders may seal for:
     each admitted, active partner some message the caller may bring in (its origination
     policy here) could be delivered to, with its signing certificate (issued by the
-    called nation's CA, which the caller verifies) and its signed key bundle.
+    called nation's CA, which the caller verifies) and its signed key bundle; and those
+    that may send something released to the caller, with their certificate only.
     """
 
 @_typing.type_check_only
@@ -65,7 +66,8 @@ class FederationAsyncStub(FederationStub):
     """The partners of the called nation that the calling nation's senders may seal for:
     each admitted, active partner some message the caller may bring in (its origination
     policy here) could be delivered to, with its signing certificate (issued by the
-    called nation's CA, which the caller verifies) and its signed key bundle.
+    called nation's CA, which the caller verifies) and its signed key bundle; and those
+    that may send something released to the caller, with their certificate only.
     """
 
 class FederationServicer(metaclass=_abc_1.ABCMeta):
@@ -94,7 +96,8 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         """The partners of the called nation that the calling nation's senders may seal for:
         each admitted, active partner some message the caller may bring in (its origination
         policy here) could be delivered to, with its signing certificate (issued by the
-        called nation's CA, which the caller verifies) and its signed key bundle.
+        called nation's CA, which the caller verifies) and its signed key bundle; and those
+        that may send something released to the caller, with their certificate only.
         """
 
 def add_FederationServicer_to_server(servicer: FederationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
