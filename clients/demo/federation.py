@@ -26,7 +26,6 @@ bring in). Then:
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import shlex
 import signal
@@ -42,7 +41,7 @@ from clients.demo.scenario import OPERATORS, TOPICS, Demo, Published, reason_tex
 from clients.node.inbox import Entry, Inbox
 from clients.sdk import OperatorClient
 from coalition.clock import wall_clock_ms
-from coalition.federation import load_trust_file, verify_receipt
+from coalition.federation import load_trust_file, receipt_from_audit, verify_receipt
 from coalition.labels import COMPARTMENT, Classification, parse_label
 from coalition.pki import issue_gateway, load_ca, load_operator, load_partner, make_dev_pki
 from coalition.policy import NO_KEY_BUNDLE, PartnerPolicy, PartnerStatus, policy_to_proto
@@ -585,14 +584,10 @@ class FederationDemo(Demo):
             trust = load_trust_file(n.trust_file)
             for e in await self.audit(code, "federation.receipt"):
                 d = json.loads(e.detail_json)
-                signed = federation_pb2.SignedReceipt(
-                    receipt=base64.b64decode(d["receipt"]),
-                    signature=base64.b64decode(d["signature"]),
-                    signer_cert=base64.b64decode(d["signer_cert"]),
-                )
                 peer = trust.peers[d["peer"]]
                 row: dict[str, Any] = {"from": code, "to": d["peer"], "message_id": e.message_id}
                 try:
+                    signed = receipt_from_audit(d)
                     r = verify_receipt(signed, peer.ca_cert, wall_clock_ms())
                     row["outcome"] = federation_pb2.ReceiptOutcome.Name(r.outcome)
                     row["peer_audit_seq"] = r.audit_seq
