@@ -33,7 +33,7 @@ def run() -> tuple[dict[str, Any], str]:
 def test_every_expectation_held(run: tuple[dict[str, Any], str]) -> None:
     report, steps = run
     assert report["ok"] is True
-    assert {c["step"] for c in report["checks"]} == {"1", "2", "3", "4", "5", "6"}
+    assert {c["step"] for c in report["checks"]} == {"1", "2", "3", "4", "5", "6", "7"}
     assert all(c["ok"] for c in report["checks"]), [c for c in report["checks"] if not c["ok"]]
     assert "expectations met" in steps and "FAIL" not in steps
 
@@ -68,6 +68,11 @@ def test_who_received_what_across_the_borders(run: tuple[dict[str, Any], str]) -
         "USA-EUCOM",
         "USA-INDOPACOM",
     }
+    # NATO releases a maritime report to USA; USA's origination policy for NATO takes
+    # ground reports only, so it is refused at USA's border (and receipted so to NATO).
+    row = m["nato-maritime"]
+    assert {c for c, v in row.items() if v == "received"} == {"NATO-MARCOM"}
+    assert row["USA-EUCOM"] == "border_topic_not_permitted"
     # After KOR suspended the KOR-NATO link: USA still receives, NATO does not; nor
     # does KOR receive what NATO, which has not suspended KOR, sealed for its partners.
     got = {c for c, v in m["after-suspension"].items() if v == "received"}
@@ -82,8 +87,10 @@ def test_receipts_and_the_three_audit_chains_verify(run: tuple[dict[str, Any], s
     report = run[0]
     receipts = report["receipts"]
     # KOR's summary to NATO and USA, its SIGINT item to USA, NATO's report to KOR and
-    # USA, the last summary to USA: at least six border crossings, each receipted.
-    assert len(receipts) >= 6 and all(r["ok"] for r in receipts)
+    # USA, its maritime report to USA (refused there), KOR's last summary to USA: at
+    # least seven envelopes at a border, each receipted.
+    assert len(receipts) >= 7 and all(r["ok"] for r in receipts)
+    assert {r["outcome"] for r in receipts} == {"RECEIPT_STORED", "RECEIPT_REFUSED"}
     assert {(r["from"], r["to"]) for r in receipts} >= {
         ("KOR", "NATO"),
         ("KOR", "USA"),

@@ -15,10 +15,12 @@ bring in). Then:
    reaches there only the partner that holds it;
 4. a NATO report to every nation crosses each border once: delivered exactly once and
    never forwarded again (the three brokers are linked in a triangle);
-5. KOR's operator suspends the KOR-NATO link: a summary sent afterwards does not cross to
+5. a NATO maritime report released to USA is refused at USA's border: USA's
+   origination policy for NATO takes ground reports only (a signed receipt says so);
+6. KOR's operator suspends the KOR-NATO link: a summary sent afterwards does not cross to
    NATO (it still reaches USA), and a NATO report sealed for KOR's partners (NATO has
    not suspended KOR) is refused at KOR's border;
-6. every custody receipt verifies against the receiving nation's CA and names that
+7. every custody receipt verifies against the receiving nation's CA and names that
    nation's own audit record, and each nation's audit chain, exported, verifies offline
    with `coalition-admin audit verify --file EXPORT --ca CA`.
 """
@@ -79,8 +81,17 @@ def nation_of(code: str) -> str:
     return next(n for n, members in NATIONS.items() if any(c == code for c, _, _ in members))
 
 
+# What a nation's gateway may bring in (its origination policy's topics), where not all:
+# USA takes only ground reports from NATO.
+ORIGINATION: dict[tuple[str, str], tuple[str, ...]] = {("USA", "NATO"): ("intel.ground",)}
+
+
 def policy(
-    code: str, groups: Iterable[str], sigint: bool, level: Classification = Classification.SECRET
+    code: str,
+    groups: Iterable[str],
+    sigint: bool,
+    level: Classification = Classification.SECRET,
+    publish: tuple[str, ...] = TOPICS,
 ) -> PartnerPolicy:
     """A partner's (or a gateway's) policy: cleared to NATO SECRET on intel topics."""
     return PartnerPolicy(
@@ -89,7 +100,7 @@ def policy(
         clearances={"NATO": level},
         groups=frozenset(groups),
         categories={COMPARTMENT: frozenset({"SIGINT"})} if sigint else {},
-        publish_topics=TOPICS,
+        publish_topics=publish,
         subscribe_topics=TOPICS,
         origination_ceilings={"NATO": level},
     )
@@ -130,13 +141,15 @@ class Nation:
 
 
 class FederationDemo(Demo):
-    """The federation scenario; ``run()`` plays the six steps."""
+    """The federation scenario; ``run()`` plays the seven steps."""
 
     def __init__(self, work: Path, *, out: Callable[[str], None], deadline_ms: int) -> None:
         super().__init__(work, out=out, deadline_ms=deadline_ms)
         self.nations: dict[str, Nation] = {}
         self.receipts: list[dict[str, Any]] = []
         self.chains: dict[str, dict[str, Any]] = {}
+        # (nation, message id) -> why that nation's broker refused it at its border.
+        self.border: dict[tuple[str, str], str] = {}
 
     # -- processes --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -313,8 +326,9 @@ class FederationDemo(Demo):
         await self.step2_kor_summary()
         await self.step3_sigint()
         await self.step4_triangle()
-        await self.step5_suspension()
-        await self.step6_receipts_and_audit()
+        await self.step5_origination()
+        await self.step6_suspension()
+        await self.step7_receipts_and_audit()
 
     async def admit_in(
         self, nation: str, code: str, pol: PartnerPolicy, cert: bytes | None = None
@@ -347,12 +361,19 @@ class FederationDemo(Demo):
                 resp = await op1.admit(
                     b,
                     self.nations[b].ca_der(),
-                    policy_to_proto(policy(b, groups, sigint)),
+                    policy_to_proto(
+                        policy(b, groups, sigint, publish=ORIGINATION.get((a, b), TOPICS))
+                    ),
                     f"federation with {b}",
                 )
                 await op2.approve(resp.proposal.proposal_id, "second operator agrees")
             released = ", ".join(sorted(groups)) + (" + SIGINT" if sigint else "")
-            self.say("admit", f"{a} admits gateway {b} with {b}'s CA; releases to it: {released}")
+            takes = ", ".join(ORIGINATION.get((a, b), TOPICS))
+            self.say(
+                "admit",
+                f"{a} admits gateway {b} with {b}'s CA; releases to it: {released}; "
+                f"takes from it: {takes}",
+            )
         links = await self.wait_links()
         for code, peers in links.items():
             self.say(
@@ -510,8 +531,53 @@ class FederationDemo(Demo):
             str(onward),
         )
 
-    async def step5_suspension(self) -> None:
-        self.out("\n5. KOR's operator suspends the KOR-NATO link: nothing crosses either way")
+    async def step5_origination(self) -> None:
+        self.out("\n5. NATO-HQ reports on intel.maritime: USA takes only ground reports from NATO")
+        pub = await self.publish(
+            "nato-maritime",
+            "NATO-HQ",
+            "NATO SECRET // REL TO NATO",
+            "Submarine sighted in the northern approaches",
+            "A submarine was sighted at periscope depth.",
+            topic="intel.maritime",
+        )
+        got = await self.wait_received(pub, ["NATO-MARCOM"])
+        self.expect("5", "NATO-MARCOM receives it at home", "NATO-MARCOM" in got)
+        refused: list[audit_pb2.AuditEntry] = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not refused:
+            refused = [
+                e
+                for e in await self.audit("USA", "federation.refused")
+                if e.message_id == pub.message_id
+            ]
+            await asyncio.sleep(0.1)
+        self.expect(
+            "5",
+            "NATO released it to USA; USA's origination policy for NATO refused it at the border",
+            "USA-EUCOM" in pub.recipients
+            and [e.decision for e in refused] == ["topic_not_permitted"],
+            f"USA decided: {refused[0].decision}" if refused else "no refusal recorded",
+        )
+        receipts = [
+            e
+            for e in await self.audit("NATO", "federation.receipt")
+            if e.message_id == pub.message_id
+        ]
+        self.expect(
+            "5",
+            "NATO holds USA's signed receipt saying so",
+            [e.decision for e in receipts] == ["refused"],
+            ", ".join(e.decision for e in receipts),
+        )
+        self.expect(
+            "5",
+            "USA-EUCOM does not receive it",
+            all(e.message_id != pub.message_id for e in self.inbox("USA-EUCOM")),
+        )
+
+    async def step6_suspension(self) -> None:
+        self.out("\n6. KOR's operator suspends the KOR-NATO link: nothing crosses either way")
         async with self.nations["KOR"].operator("op1") as op1:
             await op1.suspend("NATO", "release to NATO paused by KOR's release authority")
         suspended = time.monotonic()
@@ -524,7 +590,7 @@ class FederationDemo(Demo):
             await asyncio.sleep(0.02)
         closed_ms = int((time.monotonic() - suspended) * 1000)
         self.expect(
-            "5",
+            "6",
             "KOR's link to NATO is closed at once",
             link is not None and not link.connected,
             f"closed {closed_ms} ms after the suspension" if link and not link.connected else "",
@@ -537,16 +603,16 @@ class FederationDemo(Demo):
             "A reserve division has been placed on alert.",
         )
         got = await self.wait_received(pub, ["USA-EUCOM"])
-        self.expect("5", "USA-EUCOM still receives it (the KOR-USA link is up)", "USA-EUCOM" in got)
+        self.expect("6", "USA-EUCOM still receives it (the KOR-USA link is up)", "USA-EUCOM" in got)
         await asyncio.sleep(1.0)
         for code in ("NATO-HQ", "NATO-MARCOM"):
             self.expect(
-                "5",
+                "6",
                 f"{code} does not receive it",
                 all(e.message_id != pub.message_id for e in self.inbox(code)),
             )
         self.expect(
-            "5",
+            "6",
             "nothing sent after the suspension crossed to NATO",
             await self.crossed("NATO", pub.message_id) == 0,
         )
@@ -560,11 +626,11 @@ class FederationDemo(Demo):
             "A surface action group left its home port at dawn.",
         )
         got = await self.wait_received(pub, ["USA-INDOPACOM"])
-        self.expect("5", "USA-INDOPACOM receives NATO-HQ's report", "USA-INDOPACOM" in got)
+        self.expect("6", "USA-INDOPACOM receives NATO-HQ's report", "USA-INDOPACOM" in got)
         await asyncio.sleep(1.0)
         sealed_for = {"KOR-JCS", "KOR-NIS"} & set(pub.recipients)
         self.expect(
-            "5",
+            "6",
             "sealed by NATO for KOR's partners, it does not cross: KOR refuses NATO's gateway",
             sealed_for == {"KOR-JCS", "KOR-NIS"}
             and await self.crossed("KOR", pub.message_id) == 0
@@ -572,14 +638,17 @@ class FederationDemo(Demo):
         )
         link = next(p for p in await self.peers("NATO") if p.nation == "KOR")
         self.expect(
-            "5",
+            "6",
             "NATO's link to KOR is down, and says why",
             not link.connected and "suspended" in link.last_error,
             link.last_error,
         )
 
-    async def step6_receipts_and_audit(self) -> None:
-        self.out("\n6. Custody receipts and the three audit chains are verified")
+    async def step7_receipts_and_audit(self) -> None:
+        self.out("\n7. Custody receipts and the three audit chains are verified")
+        for code in self.nations:
+            for e in await self.audit(code, "federation.refused"):
+                self.border[(code, e.message_id)] = e.decision
         for code, n in self.nations.items():
             trust = load_trust_file(n.trust_file)
             for e in await self.audit(code, "federation.receipt"):
@@ -603,7 +672,7 @@ class FederationDemo(Demo):
                 self.receipts.append(row)
         bad = [r for r in self.receipts if not r["ok"]]
         self.expect(
-            "6",
+            "7",
             "every custody receipt verifies against the receiving nation's CA and names its "
             "audit record",
             bool(self.receipts) and not bad,
@@ -632,7 +701,7 @@ class FederationDemo(Demo):
                 pass
             self.chains[code] = {"exit": verify.returncode, **doc}
             self.expect(
-                "6",
+                "7",
                 f"{code}'s audit chain, exported, verifies offline with only {code}'s CA",
                 out.returncode == 0 and verify.returncode == 0,
                 f"{doc.get('entries')} entries, {doc.get('checkpoints')} signed checkpoints"
@@ -653,6 +722,8 @@ class FederationDemo(Demo):
                     row[code] = "received"
                 elif pub.refused:
                     row[code] = "publish_refused"
+                elif (nation_of(code), pub.message_id) in self.border:
+                    row[code] = "border_" + self.border[(nation_of(code), pub.message_id)]
                 else:
                     reason = pub.reasons.get(code, "allow")
                     row[code] = "not_received" if reason == "allow" else reason

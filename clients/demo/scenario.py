@@ -173,10 +173,11 @@ class Demo:
         *,
         precedence: str = "ROUTINE",
         area: str = "Northern corridor",
+        topic: str = "intel.ground",
     ) -> Published:
         """Publish through the real `coalition-node publish` command."""
         pub = Published(key, sender, label, title, precedence)
-        pub.reasons = await self.decisions(label, "intel.ground", sender)
+        pub.reasons = await self.decisions(label, topic, sender)
         body = self.node_config(sender).parent / f"{key}.txt"
         body.write_text(text)
         proc = await asyncio.create_subprocess_exec(
@@ -186,7 +187,7 @@ class Demo:
                 "--config",
                 str(self.node_config(sender)),
                 "--topic",
-                "intel.ground",
+                topic,
                 "--label",
                 label,
                 "--precedence",
