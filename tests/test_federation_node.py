@@ -120,8 +120,7 @@ def rows(db: Path, sql: str) -> list[tuple[object, ...]]:
         return list(c.execute(sql))
 
 
-async def eventually_true(check: object, timeout: float) -> None:
-    assert callable(check)
+async def eventually_true(check: Callable[[], bool], timeout: float) -> None:
     async with asyncio.timeout(timeout):
         while not check():  # noqa: ASYNC110 - a file another process writes
             await asyncio.sleep(0.2)
