@@ -678,22 +678,10 @@ class FederationDemo(Demo):
             bool(self.receipts) and not bad,
             f"{len(self.receipts)} receipts" + (f"; {len(bad)} bad" if bad else ""),
         )
-        for code, n in self.nations.items():
-            export = n.dir / "audit-export.jsonl"
-            out = await self.admin(code, "op2", "audit", "export", "--out", str(export))
-            # Offline: no broker, only the export and the nation's CA certificate.
-            verify = await _run(
-                python_module(
-                    "clients.admin.cli",
-                    "--json",
-                    "audit",
-                    "verify",
-                    "--file",
-                    str(export),
-                    "--ca",
-                    str(n.ca_cert),
-                )
-            )
+        # The three nations at once: each exports its chain, then verifies it offline
+        # (no broker: only the export and the nation's CA certificate).
+        results = await asyncio.gather(*(self.export_and_verify(c) for c in self.nations))
+        for code, (out, verify) in zip(self.nations, results, strict=True):
             doc: dict[str, Any] = {}
             try:
                 doc = json.loads(verify.stdout)
@@ -708,6 +696,27 @@ class FederationDemo(Demo):
                 if verify.returncode == 0
                 else (doc.get("problem") or verify.stderr.strip()[-200:] or out.stderr[-200:]),
             )
+
+    async def export_and_verify(
+        self, code: str
+    ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+        """`coalition-admin audit export`, then `audit verify --file EXPORT --ca CA`."""
+        n = self.nations[code]
+        export = n.dir / "audit-export.jsonl"
+        out = await self.admin(code, "op2", "audit", "export", "--out", str(export))
+        verify = await _run(
+            python_module(
+                "clients.admin.cli",
+                "--json",
+                "audit",
+                "verify",
+                "--file",
+                str(export),
+                "--ca",
+                str(n.ca_cert),
+            )
+        )
+        return out, verify
 
     # -- the summary ------------------------------------------------------------------------
     def matrix(self) -> dict[str, dict[str, str]]:
