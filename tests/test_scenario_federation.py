@@ -91,6 +91,8 @@ def test_receipts_and_the_three_audit_chains_verify(run: tuple[dict[str, Any], s
     # least seven envelopes at a border, each receipted.
     assert len(receipts) >= 7 and all(r["ok"] for r in receipts)
     assert {r["outcome"] for r in receipts} == {"RECEIPT_STORED", "RECEIPT_REFUSED"}
+    # Each names the receiving nation's own record, found in its exported chain.
+    assert {r["peer_record"] for r in receipts} == {"federation.received", "federation.refused"}
     assert {(r["from"], r["to"]) for r in receipts} >= {
         ("KOR", "NATO"),
         ("KOR", "USA"),
