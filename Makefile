@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/coalition/v1/*.proto)
 CHROMIUM := $(or $(CONSOLE_CHROMIUM),/usr/bin/chromium)
 
 .PHONY: all test check browser lint typecheck unit proto proto-check demo bench bench-quick clean pki fuzz
-.PHONY: demo-cluster test-cluster
+.PHONY: demo-cluster test-cluster demo-federation
 
 all: test
 
@@ -73,6 +73,9 @@ demo: $(STAMP)
 
 demo-cluster: $(STAMP)
 	@$(VENV)/bin/coalition-demo --cluster $(DEMO_ARGS)
+
+demo-federation: $(STAMP)
+	@$(VENV)/bin/coalition-demo --federation $(DEMO_ARGS)
 
 bench: $(STAMP)
 	@$(PY) -m bench.run $(BENCH_ARGS)

@@ -103,6 +103,7 @@ async def test_exit_statuses_are_the_same_everywhere(
         ("admin bad timeout", ["coalition-admin", "--timeout", "-1s", "stats"], EXIT_USAGE),
         ("keys bad validity", ["coalition-keys", "init-ca", "x", "--valid-days", "36h"], 2),
         ("demo bad deadline", ["coalition-demo", "--deadline-ms", "fast"], EXIT_USAGE),
+        ("demo two scenarios", ["coalition-demo", "--cluster", "--federation"], EXIT_USAGE),
         # refused by the broker or by policy
         (
             "admin not found",

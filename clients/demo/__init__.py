@@ -27,6 +27,7 @@ EPILOG = (
   coalition-demo --report demo.html   ... or as a self-contained HTML page
   coalition-demo --keep demo-run      keep PKI, stores, inboxes and logs in demo-run/
   coalition-demo --cluster            two brokers over three nats-server, then failures
+  coalition-demo --federation --json  three national brokers; the result as JSON on stdout
 
 The demo creates a development PKI (KOR, USA, GBR, UKR, NATO HQ and operators op1,
 op2), starts the broker and one node daemon per partner as real processes, and plays
@@ -36,7 +37,10 @@ rogue process, and audit verification. With --cluster, three nats-server (JetStr
 R3, fsync on every write) hold the data and two brokers serve it, the nations spread
 over both; a ninth step kills one nats-server and one broker in the middle of a burst
 and checks that nothing acknowledged is lost or duplicated and the audit chain
-verifies. Exit status 0 means every expectation held, 1 that one did not.
+verifies. With --federation, NATO, KOR and USA each run their own broker with their own
+CA, operators and partner nodes; the brokers forward what each nation's release policy
+allows to the others (see docs/federation.md). Exit status 0 means every expectation
+held, 1 that one did not.
 
 """
     + EXIT_EPILOG
@@ -74,9 +78,24 @@ def main(argv: list[str] | None = None) -> int:
         help="two brokers over a three-node NATS JetStream cluster, then a nats-server "
         "and a broker killed mid-exchange",
     )
+    p.add_argument(
+        "--federation",
+        action="store_true",
+        help="three national brokers (NATO, KOR, USA), each with its own CA, operators and "
+        "nodes, exchanging what their release policies allow",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results as JSON on stdout (the steps go to stderr)",
+    )
     ns = p.parse_args(argv)
+    if ns.cluster and ns.federation:
+        p.error("--cluster and --federation are separate scenarios; choose one")
 
     from clients.demo.scenario import Demo, default_out
+
+    out = default_out if not ns.json else _to_stderr
 
     work = ns.keep or Path(tempfile.mkdtemp(prefix="coalition-demo-"))
     if ns.keep and work.exists() and any(work.iterdir()):
@@ -86,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     if ns.cluster:
         from clients.demo.cluster import ClusterDemo
 
-        demo: Demo = ClusterDemo(work, out=default_out, deadline_ms=ns.deadline_ms)
+        demo: Demo = ClusterDemo(work, out=out, deadline_ms=ns.deadline_ms)
+    elif ns.federation:
+        from clients.demo.federation import FederationDemo
+
+        demo = FederationDemo(work, out=out, deadline_ms=ns.deadline_ms)
     else:
-        demo = Demo(work, out=default_out, deadline_ms=ns.deadline_ms)
+        demo = Demo(work, out=out, deadline_ms=ns.deadline_ms)
     started = time.monotonic()
     error = ""
     try:
@@ -107,13 +130,19 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(render(report), encoding="utf-8")
         else:
             path.write_text(json.dumps(report, indent=2))
-        print(f"report written to {path}")
+        out(f"report written to {path}")
     if ns.keep:
-        print(f"work directory kept: {work}")
+        out(f"work directory kept: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"finished in {report['elapsed_s']:.1f} s: {'OK' if report['ok'] else 'FAILED'}")
+    out(f"finished in {report['elapsed_s']:.1f} s: {'OK' if report['ok'] else 'FAILED'}")
+    if ns.json:
+        print(json.dumps(report, indent=2), flush=True)
     return EXIT_OK if report["ok"] else EXIT_ERROR
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -173,11 +173,12 @@ class Demo:
         *,
         precedence: str = "ROUTINE",
         area: str = "Northern corridor",
+        topic: str = "intel.ground",
     ) -> Published:
         """Publish through the real `coalition-node publish` command."""
         pub = Published(key, sender, label, title, precedence)
-        pub.reasons = await self.decisions(label, "intel.ground")
-        body = self.work / "nodes" / sender / f"{key}.txt"
+        pub.reasons = await self.decisions(label, topic, sender)
+        body = self.node_config(sender).parent / f"{key}.txt"
         body.write_text(text)
         proc = await asyncio.create_subprocess_exec(
             *python_module(
@@ -186,7 +187,7 @@ class Demo:
                 "--config",
                 str(self.node_config(sender)),
                 "--topic",
-                "intel.ground",
+                topic,
                 "--label",
                 label,
                 "--precedence",
@@ -240,8 +241,9 @@ class Demo:
             await asyncio.sleep(0.05)
         return got
 
-    async def decisions(self, label: str, topic: str) -> dict[str, str]:
-        """Each partner's delivery decision for label on topic, as the broker sees it now."""
+    async def decisions(self, label: str, topic: str, sender: str = "") -> dict[str, str]:
+        """Each partner's delivery decision for label on topic, as the broker sees it now
+        (sender matters only with several brokers: the federation demo)."""
         async with self.operator("op1") as op:
             resp = await op.who_receives(parse_label(label), topic)
         found = {d.partner: d.reason for d in resp.decisions}
