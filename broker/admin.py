@@ -429,12 +429,14 @@ class AdminCore:
         except TopicError as exc:
             raise InvalidInput("bad_label", str(exc)) from exc
         now = self.clock()
+        # A peer nation's gateway has no key bundle: its row is the release decision.
+        keyed = {r.code for r in self.registry.all() if r.bundle is not None}
+        keyed |= set(self.trust.peers if self.trust is not None else ())
         return [
             ReceiverDecision(
-                rec.code,
-                eligibility(rec.policy, label, topic, now, has_keys=rec.bundle is not None),
+                r.code, eligibility(r.policy, label, topic, now, has_keys=r.code in keyed)
             )
-            for rec in self.registry.all()
+            for r in self.registry.all()
         ]
 
 

@@ -105,6 +105,11 @@ async def test_operators_add_list_suspend_and_resume_a_peer(unlinked: dict[str, 
     assert code == 3 and "CA certificate as the federation trust file names it" in err
     await add_by_cli(nato, kor)
     await add_by_cli(kor, nato)
+    # who-receives shows a peer's gateway by its release decision (it has no key bundle).
+    args = ("who-receives", "--label", "NATO SECRET // REL TO KOR", "--topic", "intel.x")
+    code, out, err = await admin(nato, "--json", *args)
+    rows = {d["partner"]: d for d in json.loads(out)["decisions"]}
+    assert code == 0 and rows["KOR"]["allowed"] and rows["KOR"]["reason"] == "allow", err
     env = seal(
         nato.creds("NATO"), [recipient(kor.creds("KOR"))], parse_label("NATO SECRET // REL TO KOR")
     )
