@@ -119,10 +119,6 @@ class Subjects:
     def notices(self) -> str:
         return self.settings.subject("store", "notice", "*")
 
-    def writer(self, writer_id: str) -> str:
-        """A subject only one committer writes: its marks (see committer)."""
-        return self.settings.subject("store", "w", writer_id)
-
     def message(self, m: NewMessage) -> str:
         topic = [token(part) for part in m.topic.split(".")]
         return self.settings.subject("store", "msg", str(m.precedence), token(m.sender), *topic)

@@ -137,11 +137,6 @@ class Envelopes:
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
             await self._js.purge_stream(self._stream, seq=cut + 1, subject=subject)
 
-    async def purge_marks(self, subject: str) -> None:
-        """Delete a writer's marks but its last (the next batch may check it)."""
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
-            await self._js.purge_stream(self._stream, subject=subject, keep=1)
-
     async def delete(self, seqs: Iterable[int]) -> set[int]:
         """Delete these entries (below the last one read); return those now gone."""
         wanted = sorted(s for s in seqs if s < self._view.applied)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import uuid
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -156,8 +155,7 @@ class JetStreamMessageStore:
         envelopes = Envelopes(js, stream, view)
         feed = Feed(js, stream, subjects.all, view, envelopes.remember)
         await feed.start()
-        mark = subjects.writer(uuid.uuid4().hex)
-        committer = Committer(nc, view, feed, mark=mark, purge=envelopes.purge_marks)
+        committer = Committer(nc, view, feed)
         return cls(
             settings,
             view,
@@ -411,11 +409,6 @@ class JetStreamMessageStore:
     def commits(self) -> int:
         """Atomic batches this store committed since open (for tests and metrics)."""
         return self._committer.commits
-
-    @property
-    def peak_in_flight(self) -> int:
-        """The most atomic batches this store had in flight at once (pipelined commits)."""
-        return self._committer.peak_in_flight
 
     def time_commits(self, hook: Any) -> None:
         """Call hook with each commit's duration in seconds (None: stop)."""
