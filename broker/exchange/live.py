@@ -256,9 +256,10 @@ class LiveStreams:
         sender, decided now by route (the delivery loop's checks), by stream and id.
 
         route decides on the header's topic, the label and whether a key is wrapped for
-        the stream's partner, and returns the header it was given or None: so it runs
-        once per stream and (topic, label, key wrapped), the messages of a request mostly
-        sharing them, and each message gets that decision under its own header."""
+        the stream's partner (for a federation link's stream: for a partner of its peer
+        nation), and returns the header it was given or None: so it runs once per stream
+        and (topic, label, key wrapped), the messages of a request mostly sharing them,
+        and each message gets that decision under its own header."""
         out: dict[Subscription, dict[str, Decided]] = {}
         recipients: list[frozenset[str]] | None = None
         for subs in self.by_partner.values():
@@ -281,8 +282,10 @@ class LiveStreams:
                     ]
                 decided: dict[tuple[str, int, bool], Route] = {}
                 mine: dict[str, Decided] = {}
+                gw = s.gateway
                 for (mid, header, label), keyed in zip(messages, recipients, strict=True):
-                    key = (header.topic, id(label), s.partner in keyed)
+                    wrapped = s.partner in keyed if gw is None else any(map(gw.reaches, keyed))
+                    key = (header.topic, id(label), wrapped)
                     hit = decided.get(key)
                     if hit is None:
                         hit = decided[key] = route(s, policy, header, label, now)
