@@ -22,7 +22,7 @@ import base64
 import hashlib
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,16 +272,27 @@ def sign_receipt(
 
 
 def verify_receipt(
-    signed: federation_pb2.SignedReceipt, ca: x509.Certificate, now_ms: int
+    signed: federation_pb2.SignedReceipt,
+    ca: x509.Certificate,
+    now_ms: int,
+    checked: MutableMapping[bytes, Ed25519PublicKey] | None = None,
 ) -> federation_pb2.CustodyReceipt:
     """The receipt, once its signer certificate verified as a broker's audit certificate
-    issued by ca and its signature under it. Raises FederationError ``bad_receipt``."""
+    issued by ca and its signature under it. Raises FederationError ``bad_receipt``.
+
+    ``checked`` (signer certificate DER to its key) spares the certificate check of the
+    receipts of one answer, which one audit key signs: the caller keeps it no longer
+    than ``now_ms`` holds."""
     try:
-        cert = x509.load_der_x509_certificate(signed.signer_cert)
-        who = identity_from_cert(cert)
-        if who.kind is not IdentityKind.BROKER:
-            raise IdentityError(f"the receipt is signed by {who.uri}, not a broker")
-        key = verify_audit_cert(signed.signer_cert, ca, who.name, now_ms)
+        key = checked.get(signed.signer_cert) if checked is not None else None
+        if key is None:
+            cert = x509.load_der_x509_certificate(signed.signer_cert)
+            who = identity_from_cert(cert)
+            if who.kind is not IdentityKind.BROKER:
+                raise IdentityError(f"the receipt is signed by {who.uri}, not a broker")
+            key = verify_audit_cert(signed.signer_cert, ca, who.name, now_ms)
+            if checked is not None:
+                checked[signed.signer_cert] = key
         ed25519.verify(key, signed.signature, pae(CUSTODY_RECEIPT_TYPE, signed.receipt))
         return federation_pb2.CustodyReceipt.FromString(signed.receipt)
     except InvalidSignature as exc:

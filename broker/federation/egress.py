@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.audit import AuditItem
 from broker.config import BrokerConfig
@@ -204,8 +205,9 @@ class Link:
             receipts = await self._send(transport, [items[i] for i in pending])
             now = self.exchange.clock()
             audits, again = [], []
+            checked: dict[bytes, Ed25519PublicKey] = {}  # the answer's signer, checked once
             for i, signed in zip(pending, receipts, strict=True):
-                r = self._verified(messages[i], signed, now)
+                r = self._verified(messages[i], signed, now, checked)
                 if r.outcome == federation_pb2.RECEIPT_REFUSED and r.reason_code in RETRY_REASONS:
                     again.append(i)
                     continue
@@ -247,10 +249,14 @@ class Link:
         return receipts
 
     def _verified(
-        self, m: StoredMessage, signed: federation_pb2.SignedReceipt, now: int
+        self,
+        m: StoredMessage,
+        signed: federation_pb2.SignedReceipt,
+        now: int,
+        checked: dict[bytes, Ed25519PublicKey],
     ) -> federation_pb2.CustodyReceipt:
         """The receipt for m, verified against the peer's CA; LinkDown if it is not."""
-        r = verify_receipt(signed, self.state.trust.peers[self.nation].ca_cert, now)
+        r = verify_receipt(signed, self.state.trust.peers[self.nation].ca_cert, now, checked)
         if r.envelope_sha256 != m.digest or r.gateway != self.state.trust.nation:
             raise LinkDown(f"the receipt for offset {m.offset} is not for what was sent")
         if r.receiver_nation != self.nation:
