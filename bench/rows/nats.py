@@ -7,7 +7,10 @@ fsynced before the publish ack), publishers await each PubAck (``publish_async``
 pipelines them, as our SDK pipelines batches), one durable push consumer per
 recipient with explicit acks. jetstream-r3: the same stream and consumers, replicated
 on three nodes (``clients.cluster``: a write is acknowledged once a quorum fsynced it),
-clients spread over the nodes. All on plaintext loopback TCP (no TLS: a NATS-favouring
+clients spread over the nodes; as a careful client of a cluster would, each publish
+carries ``Nats-Msg-Id`` (the coalition-cluster row's store dedupes the same way) and one
+unanswered within ``ACK_WAIT_S`` or answered "no responders" (a stream leader being
+elected) is sent again with the same id. All on plaintext loopback TCP (no TLS: a NATS-favouring
 choice, stated in docs/bench.md). Subscribers parse and ``env.open``.
 """
 
@@ -17,12 +20,14 @@ import asyncio
 import contextlib
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from bench.procstat import free_port
 from bench.rows import OnOpened, RowSpec
@@ -32,6 +37,12 @@ from clients.cluster import NatsCluster
 
 STREAM = "BENCH"
 MAX_ACK_PENDING = 1024
+# A cluster row's publish not acknowledged this long is sent again (same Nats-Msg-Id, so
+# the stream keeps one copy); given up after RETRY_FOR_S (then counted as refused).
+ACK_WAIT_S = 2.0
+RETRY_FOR_S = 60.0
+# Answers that mean nothing was stored (a stream leader being elected) or nothing came.
+_AGAIN = (NoStreamResponseError, ServiceUnavailableError, asyncio.TimeoutError)
 
 
 def nats_server_binary() -> str | None:
@@ -119,6 +130,8 @@ class NatsPublisher:
         self.subject = subject_for(sender)
         self.servers = servers_for(spec, sender)
         self.jetstream = spec.system != "nats-core"
+        self.cluster = spec.system == "jetstream-r3"
+        self.retried = 0  # publishes sent again after an election or a lost answer
         self.nc: Any = None
         self.js: Any = None
 
@@ -128,6 +141,8 @@ class NatsPublisher:
             self.js = self.nc.jetstream(publish_async_max_pending=8192)
 
     async def send(self, batch: Sequence[Sealed]) -> int:
+        if self.cluster:
+            return await self._send_until_stored(batch)
         if self.js is not None:
             futures = [await self.js.publish_async(self.subject, m.data) for m in batch]
             acks = await asyncio.gather(*futures, return_exceptions=True)
@@ -135,6 +150,36 @@ class NatsPublisher:
         for m in batch:
             await self.nc.publish(self.subject, m.data)
         return len(batch)
+
+    async def _send_until_stored(self, batch: Sequence[Sealed]) -> int:
+        """Publish with ``Nats-Msg-Id``; send again what an election or a lost answer left
+        unacknowledged, backing off, until stored or ``RETRY_FOR_S`` has passed."""
+        pending, accepted = list(batch), 0
+        deadline, delay = time.monotonic() + RETRY_FOR_S, 0.05
+        while True:
+            futures = [
+                await self.js.publish_async(
+                    self.subject, m.data, headers={"Nats-Msg-Id": m.message_id}
+                )
+                for m in pending
+            ]
+            acks = await asyncio.gather(
+                *(asyncio.wait_for(f, ACK_WAIT_S) for f in futures), return_exceptions=True
+            )
+            accepted += sum(1 for a in acks if not isinstance(a, BaseException))
+            again = [m for m, a in zip(pending, acks, strict=True) if isinstance(a, _AGAIN)]
+            if not again or time.monotonic() > deadline:
+                return accepted
+            self.retried += len(again)
+            print(
+                f"[bench] {self.spec.system} {self.subject}: {len(again)} publishes "
+                "unanswered or met a leader election; sending them again",
+                file=sys.stderr,
+                flush=True,
+            )
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+            pending = again
 
     async def close(self) -> None:
         if self.nc is not None:
