@@ -45,122 +45,105 @@ class SharedRunsError(ValueError):
     """A delivery batch's shared runs do not rebuild its envelopes."""
 
 
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _skip(buf: bytes, pos: int, wire: int) -> int:
+    """The position after the value of a field of this wire type that starts at pos."""
+    if wire == 2:
+        n, pos = _varint(buf, pos)
+        return pos + n
+    if wire == 0:
+        return _varint(buf, pos)[1]
+    if wire == 5:
+        return pos + 4
+    if wire == 1:
+        return pos + 8
+    raise ValueError("unsupported wire type")
+
+
+def _field(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, value start, value end) of the length-delimited field whose tag is at pos,
+    or (tag, end of the field, same) for any other; one-byte tags and lengths inline."""
+    tag = buf[pos]
+    if tag >= 0x80:
+        tag, pos = _varint(buf, pos)
+    else:
+        pos += 1
+    if tag & 7 != 2:
+        end = _skip(buf, pos, tag & 7)
+        return tag, end, end
+    n = buf[pos]
+    if n >= 0x80:
+        n, pos = _varint(buf, pos)
+    else:
+        pos += 1
+    return tag, pos, pos + n
+
+
 def runs(raw: bytes) -> tuple[int, ...]:
     """The shareable runs of a serialized v2 envelope as flat (start, end) pairs, in
     order: each epoch key's encapsulation of at least MIN_RUN bytes, then the batch
     proof's root and root signature as one run (from the root's tag to the proof's end,
-    when only the signature follows it). Empty for a v1 envelope, and for bytes laid out
-    otherwise or with lengths past the walk's reach (2 MiB at the top level, 16 KiB
-    inside): the envelope then travels whole.
+    when only they follow it). Empty for a v1 envelope or bytes laid out otherwise.
 
-    Only positions, found by walking the tags that lead to them, with one-byte tags and
-    lengths of up to three bytes read inline (this runs once per stored message, on the
-    broker's event loop). Whatever they name is sliced from raw itself, so a wrong answer
-    here can cost sharing, never change an envelope.
+    Only positions, found by walking the tags that lead to them: whatever they name is
+    taken from raw itself, so a wrong answer here can cost sharing, never change an
+    envelope.
     """
     out: list[int] = []
     size = len(raw)
-    pos = 0
     try:
-        while pos < size:  # Envelope: ciphertext (2), header_v2 (4), batch (5)
-            tag = raw[pos]
-            if tag & 7 != 2 or tag >= 0x80:
-                return ()
-            b = raw[pos + 1]
-            if b < 0x80:
-                start, n = pos + 2, b
-            else:
-                c = raw[pos + 2]
-                if c < 0x80:
-                    start, n = pos + 3, (b & 0x7F) | (c << 7)
-                else:
-                    d = raw[pos + 3]
-                    if d >= 0x80:
-                        return ()
-                    start, n = pos + 4, (b & 0x7F) | ((c & 0x7F) << 7) | (d << 14)
-            end = start + n
-            if tag == 0x22 and not _epoch_key_runs(raw, start, end, out):
-                return ()
-            if tag == 0x2A and not _root_run(raw, start, end, out):
-                return ()
+        pos = 0
+        while pos < size:
+            tag, start, end = _field(raw, pos)
+            if tag == 0x22:  # header_v2 -> epoch_keys (2) -> encapsulation (4)
+                p = start
+                while p < end:
+                    t, ks, ke = _field(raw, p)
+                    if t == 0x12:
+                        q = ks
+                        while q < ke:
+                            f, s, e = _field(raw, q)
+                            if f == 0x22:
+                                if e - s >= MIN_RUN:
+                                    out += (s, e)
+                                break
+                            q = e
+                    p = ke
+                if p != end:
+                    return ()
+            elif tag == 0x2A:  # batch -> root (4) and root_signature (5) to its end
+                p = start
+                root = -1
+                while p < end:
+                    t, _, e = _field(raw, p)
+                    if t == 0x22 and root < 0:
+                        root = p
+                    elif root >= 0 and t != 0x2A:
+                        root = -2  # something else follows the root: not shared
+                    p = e
+                if p != end:
+                    return ()
+                if root >= 0 and end - root >= MIN_RUN:
+                    out += (root, end)
             pos = end
-    except IndexError:
+    except (ValueError, IndexError):
         return ()
-    if pos != size:
+    if pos != size or any(out[i] > out[i + 1] for i in range(len(out) - 1)):
         return ()
     return tuple(out)
-
-
-def _epoch_key_runs(raw: bytes, p: int, end: int, out: list[int]) -> bool:
-    """HeaderV2 in raw[p:end]: each epoch key's (2) encapsulation (4) into out."""
-    while p < end:
-        t = raw[p]
-        if t & 7 != 2:
-            return False
-        b = raw[p + 1]
-        if b < 0x80:
-            ks, n = p + 2, b
-        else:
-            c = raw[p + 2]
-            if c >= 0x80:
-                return False
-            ks, n = p + 3, (b & 0x7F) | (c << 7)
-        ke = ks + n
-        if t == 0x12:
-            q = ks
-            while q < ke:  # recipient (1), key_id (2), epoch_id (3): skipped
-                f = raw[q]
-                if f & 7 != 2:
-                    break
-                b = raw[q + 1]
-                if b < 0x80:
-                    s, n = q + 2, b
-                else:
-                    c = raw[q + 2]
-                    if c >= 0x80:
-                        return False
-                    s, n = q + 3, (b & 0x7F) | (c << 7)
-                if f == 0x22:
-                    if n >= MIN_RUN:
-                        out += (s, s + n)
-                    break
-                q = s + n
-        p = ke
-    return p == end
-
-
-def _root_run(raw: bytes, p: int, end: int, out: list[int]) -> bool:
-    """BatchProof in raw[p:end]: the run from root's (4) tag to its end into out, when
-    only root_signature (5) follows the root."""
-    root = -1
-    while p < end:
-        t = raw[p]
-        if t == 0x10:  # leaf_index (varint)
-            p += 1
-            while raw[p] >= 0x80:
-                p += 1
-            p += 1
-            continue
-        if t & 7 != 2:
-            return False
-        b = raw[p + 1]
-        if b < 0x80:
-            e = p + 2 + b
-        else:
-            c = raw[p + 2]
-            if c >= 0x80:
-                return False
-            e = p + 3 + ((b & 0x7F) | (c << 7))
-        if t == 0x22 and root == -1:
-            root = p
-        elif root >= 0 and t != 0x2A:
-            root = -2  # something else follows the root: not shared
-        p = e
-    if p != end:
-        return False
-    if root >= 0 and end - root >= MIN_RUN:
-        out += (root, end)
-    return True
 
 
 class Rebuilder:

@@ -153,36 +153,6 @@ async def test_a_batch_costs_one_root_check_and_is_routed_on_its_epoch_keys(
     assert {e.decision for e in denied} == {"no_key_wrapped"}
 
 
-async def test_shared_runs_deliver_the_stored_envelopes_byte_for_byte(
-    clients: dict[str, PartnerClient], broker: Broker
-) -> None:
-    kor, usa, gbr = clients["KOR"], clients["USA"], clients["GBR"]
-    payloads = [f"report {i}".encode() for i in range(16)]
-    batch = await seal_v2(
-        kor, payloads, topic="intel.ground", label=LABEL, recipients=["USA", "GBR"]
-    )
-    results = await kor.publish(batch)
-    assert [r.outcome for r in results] == [exchange_pb2.ACCEPTED] * 16, results
-    stored = [e.SerializeToString() for e in batch]
-    # USA asks for shared runs (the SDK's default), GBR for whole envelopes (as an older
-    # node does): both get the stored bytes, and both open them.
-    for client, shared in ((usa, True), (gbr, False)):
-        sub = client.subscribe(("intel.>",), shared_runs=shared)
-        got: list[exchange_pb2.Delivery] = []
-        try:
-            async with asyncio.timeout(30):
-                async for d in sub:
-                    got.append(d)
-                    if len(got) == 16:
-                        break
-            await sub.ack([d.offset for d in got])
-        finally:
-            await sub.aclose()
-        assert [d.envelope.SerializeToString() for d in got] == stored
-        assert [(await client.open(d)).plaintext for d in got] == payloads
-        assert (sub.shared_batches > 0) is shared, (client.code, sub.shared_batches)
-
-
 async def nothing_until_caught_up(sub: SubscribeStream) -> None:
     """Read sub until it reports caught up; fail on any delivery before that."""
     reader = asyncio.ensure_future(anext(aiter(sub)))

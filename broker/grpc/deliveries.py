@@ -22,8 +22,6 @@ sliced from the stored bytes themselves, so the subscriber rebuilds those exact 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from broker.exchange import DeliveryBatch
 from broker.exchange.memo import Memo
 from coalition import shared_runs
@@ -43,10 +41,10 @@ _CUT = b"\x32"  # Delivery.envelope_cut = 6 (bytes)
 _REFS = b"\x3a"  # Delivery.shared_refs = 7 (packed uint32)
 _BATCH_SHARED = b"\x12"  # DeliveryBatch.shared = 2 (bytes)
 
-# Stored messages whose cuts are remembered (see SharedRuns).
+# Stored messages whose runs are remembered, and the longest run kept: at most
+# MEMO_SIZE x MAX_RUNS_BYTES held (runs equal across messages are one object).
 MEMO_SIZE = 2048
 MAX_RUNS_BYTES = 32 << 10
-MAX_KEPT_BYTES = 32 << 10
 
 
 _ONE_BYTE = [bytes((n,)) for n in range(0x80)]
@@ -68,63 +66,40 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-@dataclass(frozen=True, slots=True)
-class Cut:
-    """A stored envelope with its runs cut out, as every batch sends it: the bytes kept
-    and, per run in order, its offset (encoded as a varint) and the run."""
-
-    size: int  # the whole envelope's length
-    kept: bytes
-    runs: tuple[tuple[bytes, bytes], ...]
+# A stored message's runs: the envelope's length, then (start, run) pairs in order.
+Runs = tuple[int, tuple[tuple[int, bytes], ...]]
 
 
 class SharedRuns:
-    """Each stored message's runs, found and cut once for all its subscribers.
+    """Each stored message's shareable runs, found once for all its subscribers.
 
-    Keyed by store offset and checked against the envelope's length (a cut whose length
-    differs is made again). Equal runs of different messages are kept as one object,
-    so a batch's table finds them by identity (each cut holds its runs, so no id is
-    reused while a batch is built). Envelopes whose runs are more than
-    MAX_RUNS_BYTES, or whose kept bytes are more than MAX_KEPT_BYTES, are not
-    remembered: at most MEMO_SIZE x (MAX_RUNS_BYTES + MAX_KEPT_BYTES) held.
+    Keyed by store offset and checked against the envelope's length; equal runs of
+    different messages are kept as one object, so a batch's table finds them by identity.
     """
 
     def __init__(self, size: int = MEMO_SIZE) -> None:
-        self._cuts: Memo[int, Cut] = Memo(size)
-        self._same: Memo[tuple[int, bytes], bytes] = Memo(size)
+        self._runs: Memo[int, Runs] = Memo(size)
+        self._same: Memo[bytes, bytes] = Memo(size)
         self.walked = 0  # envelopes walked (memo misses)
 
-    def of(self, offset: int, envelope: bytes) -> Cut | None:
-        """envelope's cut, or None when it has no runs (it goes whole)."""
-        hit = self._cuts.get(offset)
-        if hit is not None and hit.size == len(envelope):
-            return hit if hit.runs else None
+    def of(self, offset: int, envelope: bytes) -> tuple[tuple[int, bytes], ...]:
+        hit = self._runs.get(offset)
+        if hit is not None and hit[0] == len(envelope):
+            return hit[1]
         self.walked += 1
         found = shared_runs.runs(envelope)
-        if not found or sum(found[1::2]) - sum(found[::2]) > MAX_RUNS_BYTES:
-            self._cuts.put(offset, Cut(len(envelope), b"", ()))
-            return None
-        kept: list[bytes] = []
-        runs: list[tuple[bytes, bytes]] = []
-        at = 0
-        for i in range(0, len(found), 2):
-            start, end = found[i], found[i + 1]
-            run = envelope[start:end]
-            # Found again by its length and last bytes (cheaper than hashing it all),
-            # and taken only if equal: the table is keyed by object.
-            key = (len(run), run[-32:])
-            same = self._same.get(key)
-            if same is None or same != run:
-                self._same.put(key, run)
-                same = run
-            kept.append(envelope[at:start])
-            runs.append((_varint(start), same))
-            at = end
-        kept.append(envelope[at:])
-        cut = Cut(len(envelope), b"".join(kept), tuple(runs))
-        if len(cut.kept) <= MAX_KEPT_BYTES:
-            self._cuts.put(offset, cut)
-        return cut
+        pairs: list[tuple[int, bytes]] = []
+        if sum(found[1::2]) - sum(found[::2]) <= MAX_RUNS_BYTES:
+            for i in range(0, len(found), 2):
+                run = envelope[found[i] : found[i + 1]]
+                same = self._same.get(run)
+                if same is None:
+                    self._same.put(run, run)
+                    same = run
+                pairs.append((found[i], same))
+        runs = tuple(pairs)
+        self._runs.put(offset, (len(envelope), runs))
+        return runs
 
 
 def delivery_batch_bytes(item: DeliveryBatch, shared: SharedRuns | None = None) -> bytes:
@@ -180,35 +155,42 @@ def _shared_batch_bytes(item: DeliveryBatch, shared: SharedRuns) -> bytes:
     parts: list[bytes] = []
     total = 0
     tails: dict[tuple[bytes, str, int], bytes] = {}
-    index: dict[int, bytes] = {}  # id(run) -> its table index, encoded (runs live on)
+    index: dict[bytes, int] = {}
     table: list[bytes] = []
     for m, h in zip(item.messages, item.headers, strict=True):
         raw = m.envelope
-        cut = shared.of(m.offset, raw)
+        runs = shared.of(m.offset, raw)
         tail = _tail(tails, h)
         head = _OFFSET + _varint(m.offset) if m.offset else b""
-        if cut is None:
+        if not runs:
             n = len(raw)
             size = len(head) + 1 + len(_varint(n)) + n + len(tail)
             prefix = _BATCH_DELIVERY + _varint(size)
             parts += (prefix, head, _ENVELOPE, _varint(n), raw, tail)
             total += len(prefix) + size
             continue
+        cut: list[bytes] = []
         refs: list[bytes] = []
-        for at, run in cut.runs:
-            i = index.get(id(run))
+        kept = 0
+        at = 0
+        for start, run in runs:
+            i = index.get(run)
             if i is None:
-                i = index[id(run)] = _varint(len(table))
+                i = index[run] = len(table)
                 table.append(run)
-            refs += (at, i)
+            cut.append(raw[at:start])
+            kept += start - at
+            at = start + len(run)
+            refs += (_varint(start), _varint(i))
+        cut.append(raw[at:])
+        kept += len(raw) - at
         packed = b"".join(refs)
-        kept = cut.kept
-        body = b"".join(
-            (head, tail, _CUT, _varint(len(kept)), kept, _REFS, _varint(len(packed)), packed)
-        )
-        prefix = _BATCH_DELIVERY + _varint(len(body))
-        parts += (prefix, body)
-        total += len(prefix) + len(body)
+        cut_head = _CUT + _varint(kept)
+        refs_field = b"".join((_REFS, _varint(len(packed)), packed))
+        size = len(head) + len(tail) + len(cut_head) + kept + len(refs_field)
+        prefix = _BATCH_DELIVERY + _varint(size)
+        parts += (prefix, head, tail, cut_head, *cut, refs_field)
+        total += len(prefix) + size
     for run in table:
         n = len(run)
         parts += (_BATCH_SHARED, _varint(n), run)

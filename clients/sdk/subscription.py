@@ -96,8 +96,6 @@ class SubscribeStream:
         self.expired: list[exchange_pb2.Expired] = []
         # Awaited in stream order with each caught_up status (after the deliveries before it).
         self.on_status: Callable[[bool], Awaitable[None]] | None = None
-        # Delivery batches that came with a table of shared runs (rebuilt before use).
-        self.shared_batches = 0
 
     def __aiter__(self) -> AsyncGenerator[exchange_pb2.Delivery, None]:
         self._gen = self._deliveries()
@@ -128,8 +126,6 @@ class SubscribeStream:
                         await self.ack([n.offset for n in notices])
                     continue
                 if kind == "batch":
-                    if resp.batch.shared:
-                        self.shared_batches += 1
                     for d in rebuilt(resp.batch):
                         yield d
                 elif kind == "delivery":
