@@ -27,7 +27,7 @@ from broker.exchange import (
     StreamItem,
     StreamStatus,
 )
-from broker.grpc.deliveries import SharedRuns, delivery_batch_bytes
+from broker.grpc.deliveries import delivery_batch_bytes
 from broker.grpc.status import abort, status_name
 from broker.store.base import Notice
 from coalition.v1 import exchange_pb2, exchange_pb2_grpc
@@ -82,8 +82,6 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
     def __init__(self, core: ExchangeCore) -> None:
         self.core = core
         self.budgets: dict[str, PublishBudget] = {}
-        # Where stored envelopes' shared runs are, for subscribers that rebuild them.
-        self.shared_runs = SharedRuns()
 
     async def _refuse(self, ctx: Ctx, kind: str, partner: str, err: BrokerError) -> None:
         await self.core.refused(kind, partner, err)  # audited by the core
@@ -214,10 +212,9 @@ class ExchangeServicer(exchange_pb2_grpc.ExchangeServicer):
             sub.wake.set()
 
         acks = asyncio.create_task(read_acks())
-        shared = self.shared_runs if first.open.shared_runs else None
         try:
             async for item in self.core.deliveries(sub):
-                yield _subscribe_response(item, shared)
+                yield _subscribe_response(item)
         except BrokerError as err:
             await abort(context, err)
         finally:
@@ -281,14 +278,11 @@ def _publish_result(o: PublishOutcome) -> exchange_pb2.PublishResult:
     )
 
 
-def _subscribe_response(
-    item: StreamItem, shared: SharedRuns | None = None
-) -> exchange_pb2.SubscribeResponse | bytes:
+def _subscribe_response(item: StreamItem) -> exchange_pb2.SubscribeResponse | bytes:
     """The wire form of one item of the delivery loop (a delivery batch already
-    serialized, around its stored envelopes, its shared runs once when ``shared``:
-    broker.grpc.deliveries)."""
+    serialized, around its stored envelopes: broker.grpc.deliveries)."""
     if isinstance(item, DeliveryBatch):
-        return delivery_batch_bytes(item, shared)
+        return delivery_batch_bytes(item)
     resp = exchange_pb2.SubscribeResponse()
     if isinstance(item, StreamStatus):
         resp.status.caught_up = item.caught_up

@@ -28,10 +28,6 @@ def _authority(target: str) -> list[tuple[str, str]]:
     return [("grpc.default_authority", host)]
 
 
-# The largest response the SDK takes (a delivery batch rebuilds to no more than this).
-MAX_RECEIVE_BYTES = 64 << 20
-
-
 def secure_channel(target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> grpc.aio.Channel:
     """A mutual-TLS channel to the broker."""
     creds = grpc.ssl_channel_credentials(
@@ -42,7 +38,7 @@ def secure_channel(target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) 
         creds,
         options=[
             *_authority(target),
-            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
             # Pings keep an idle subscription's connection known alive (and NAT entries
             # fresh); the broker accepts them from min_ping_interval_ms (10 s) on.

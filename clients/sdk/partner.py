@@ -330,13 +330,10 @@ class PartnerClient:
         *,
         window: int = 256,
         on_expired: ExpiredHandler | None = None,
-        shared_runs: bool = True,
     ) -> SubscribeStream:
         """A Subscribe stream; on_expired receives the broker's expiry notices (see
-        SubscribeStream); shared_runs=False asks for every envelope whole."""
-        return SubscribeStream(
-            self.stub, topics, window, on_expired=on_expired, shared_runs=shared_runs
-        )
+        SubscribeStream)."""
+        return SubscribeStream(self.stub, topics, window, on_expired=on_expired)
 
     async def open(self, delivery: exchange_pb2.Delivery) -> Opened:
         """Verify and decrypt a delivery, v1 or v2 (``clients.sdk.opening``).

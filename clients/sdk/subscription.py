@@ -1,14 +1,6 @@
 """``SubscribeStream`` (alias ``Subscription``): the SDK's end of a Subscribe stream.
 
 Not the broker's ``Subscription`` (broker/exchange/live.py), which is the server's end.
-
-It asks for shared runs (``SubscribeOpen.shared_runs``): the broker then sends the byte
-runs a delivery batch's envelopes repeat once per batch, and each envelope with them cut
-out; ``rebuilt`` puts every envelope of the batch back together, within bounds
-(``coalition.shared_runs``), before any of its deliveries is yielded, so callers see
-deliveries exactly as a broker without shared runs sends them. A batch that does not
-rebuild ends the stream with ``ClientError(INTERNAL)``, as a response that does not
-parse does; nothing of it reaches the caller, and the broker delivers it again.
 """
 
 from __future__ import annotations
@@ -18,11 +10,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from clients.sdk.channel import MAX_RECEIVE_BYTES
-from clients.sdk.errors import ClientError, client_error
-from coalition.shared_runs import Rebuilder, SharedRunsError
+from clients.sdk.errors import client_error
 from coalition.v1 import exchange_pb2
 
 if TYPE_CHECKING:
@@ -75,14 +64,11 @@ class SubscribeStream:
         window: int,
         *,
         on_expired: ExpiredHandler | None = None,
-        shared_runs: bool = True,
     ) -> None:
         self._queue: asyncio.Queue[exchange_pb2.SubscribeRequest | None] = asyncio.Queue()
         self._queue.put_nowait(
             exchange_pb2.SubscribeRequest(
-                open=exchange_pb2.SubscribeOpen(
-                    topics=list(topics), window=window, shared_runs=shared_runs
-                )
+                open=exchange_pb2.SubscribeOpen(topics=list(topics), window=window)
             )
         )
         self._call = stub.Subscribe(_QueueFeed(self._queue))
@@ -126,7 +112,7 @@ class SubscribeStream:
                         await self.ack([n.offset for n in notices])
                     continue
                 if kind == "batch":
-                    for d in rebuilt(resp.batch):
+                    for d in resp.batch.deliveries:
                         yield d
                 elif kind == "delivery":
                     yield resp.delivery
@@ -179,34 +165,6 @@ class SubscribeStream:
         """Cancel at once; unacknowledged deliveries will be delivered again."""
         self._queue.put_nowait(None)
         self._call.cancel()
-
-
-def rebuilt(batch: exchange_pb2.DeliveryBatch) -> Sequence[exchange_pb2.Delivery]:
-    """batch's deliveries, each carrying its whole envelope: any sent with its shared
-    runs cut out is rebuilt and parsed. All or nothing: raises ClientError(INTERNAL)
-    if any does not rebuild or parse (references out of range or order, a table or a
-    batch over its bounds, bytes that are not an envelope)."""
-    deliveries = batch.deliveries
-    if not batch.shared and not any(d.envelope_cut or d.shared_refs for d in deliveries):
-        return deliveries
-    try:
-        # Within what one response can carry: a broker gains no memory by sharing.
-        builder = Rebuilder(batch.shared, MAX_RECEIVE_BYTES)
-        for d in deliveries:  # in place: on any failure none is yielded
-            if not (d.envelope_cut or d.shared_refs):
-                continue
-            if d.HasField("envelope"):
-                raise SharedRunsError("a delivery carries both its envelope and a cut one")
-            d.envelope.ParseFromString(builder.rebuild(d.envelope_cut, d.shared_refs))
-            d.ClearField("envelope_cut")
-            d.ClearField("shared_refs")
-    except (SharedRunsError, DecodeError) as exc:
-        raise ClientError(
-            grpc.StatusCode.INTERNAL,
-            f"the broker sent a delivery batch whose envelopes do not rebuild from its "
-            f"shared byte runs ({exc}); nothing of it was taken",
-        ) from None
-    return deliveries
 
 
 # The name callers have used since the SDK was one module.

@@ -27,15 +27,15 @@ from coalition.v1 import envelope_pb2 as coalition_dot_v1_dot_envelope__pb2
 from coalition.v1 import label_pb2 as coalition_dot_v1_dot_label__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63oalition/v1/exchange.proto\x12\x0c\x63oalition.v1\x1a\x1c\x63oalition/v1/directory.proto\x1a\x1b\x63oalition/v1/envelope.proto\x1a\x18\x63oalition/v1/label.proto\"M\n\x0ePublishRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12)\n\tenvelopes\x18\x02 \x03(\x0b\x32\x16.coalition.v1.Envelope\"\xa9\x01\n\rPublishResult\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.coalition.v1.PublishOutcome\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x13\n\x0breason_code\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\"Q\n\x0fPublishResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.coalition.v1.PublishResult\"D\n\rSubscribeOpen\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x0e\n\x06window\x18\x02 \x01(\r\x12\x13\n\x0bshared_runs\x18\x03 \x01(\x08\"\x16\n\x03\x41\x63k\x12\x0f\n\x07offsets\x18\x01 \x03(\x04\"i\n\x10SubscribeRequest\x12+\n\x04open\x18\x01 \x01(\x0b\x32\x1b.coalition.v1.SubscribeOpenH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.coalition.v1.AckH\x00\x42\x06\n\x04kind\"\xd0\x01\n\x08\x44\x65livery\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12(\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x16.coalition.v1.Envelope\x12\"\n\x05label\x18\x03 \x01(\x0b\x32\x13.coalition.v1.Label\x12\r\n\x05topic\x18\x04 \x01(\t\x12,\n\nprecedence\x18\x05 \x01(\x0e\x32\x18.coalition.v1.Precedence\x12\x14\n\x0c\x65nvelope_cut\x18\x06 \x01(\x0c\x12\x13\n\x0bshared_refs\x18\x07 \x03(\r\"5\n\x0fSubscribeStatus\x12\x11\n\tcaught_up\x18\x01 \x01(\x08\x12\x0f\n\x07\x62\x61\x63klog\x18\x02 \x01(\x04\"K\n\rDeliveryBatch\x12*\n\ndeliveries\x18\x01 \x03(\x0b\x32\x16.coalition.v1.Delivery\x12\x0e\n\x06shared\x18\x02 \x03(\x0c\"\xb1\x01\n\x07\x45xpired\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x1a\n\x12recipient_sequence\x18\x05 \x01(\x04\x12\r\n\x05topic\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tstored_ms\x18\x08 \x01(\x03\x12\x12\n\nremoved_ms\x18\t \x01(\x03\"6\n\x0c\x45xpiredBatch\x12&\n\x07\x65xpired\x18\x01 \x03(\x0b\x32\x15.coalition.v1.Expired\"\xd5\x01\n\x11SubscribeResponse\x12*\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x16.coalition.v1.DeliveryH\x00\x12/\n\x06status\x18\x02 \x01(\x0b\x32\x1d.coalition.v1.SubscribeStatusH\x00\x12,\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.coalition.v1.DeliveryBatchH\x00\x12-\n\x07\x65xpired\x18\x04 \x01(\x0b\x32\x1a.coalition.v1.ExpiredBatchH\x00\x42\x06\n\x04kind\"\x12\n\x10\x44irectoryRequest\"B\n\x11\x44irectoryResponse\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.coalition.v1.DirectoryEntry\"D\n\x13RegisterKeysRequest\x12-\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x1d.coalition.v1.SignedKeyBundle\"&\n\x14RegisterKeysResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"F\n\x11RecipientsRequest\x12\"\n\x05label\x18\x01 \x01(\x0b\x32\x13.coalition.v1.Label\x12\r\n\x05topic\x18\x02 \x01(\t\"&\n\x12RecipientsResponse\x12\x10\n\x08partners\x18\x01 \x03(\t*L\n\x0ePublishOutcome\x12\x1f\n\x1bPUBLISH_OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\x0b\n\x07REFUSED\x10\x02\x32\x9e\x03\n\x08\x45xchange\x12J\n\x07Publish\x12\x1c.coalition.v1.PublishRequest\x1a\x1d.coalition.v1.PublishResponse(\x01\x30\x01\x12P\n\tSubscribe\x12\x1e.coalition.v1.SubscribeRequest\x1a\x1f.coalition.v1.SubscribeResponse(\x01\x30\x01\x12L\n\tDirectory\x12\x1e.coalition.v1.DirectoryRequest\x1a\x1f.coalition.v1.DirectoryResponse\x12U\n\x0cRegisterKeys\x12!.coalition.v1.RegisterKeysRequest\x1a\".coalition.v1.RegisterKeysResponse\x12O\n\nRecipients\x12\x1f.coalition.v1.RecipientsRequest\x1a .coalition.v1.RecipientsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63oalition/v1/exchange.proto\x12\x0c\x63oalition.v1\x1a\x1c\x63oalition/v1/directory.proto\x1a\x1b\x63oalition/v1/envelope.proto\x1a\x18\x63oalition/v1/label.proto\"M\n\x0ePublishRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12)\n\tenvelopes\x18\x02 \x03(\x0b\x32\x16.coalition.v1.Envelope\"\xa9\x01\n\rPublishResult\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.coalition.v1.PublishOutcome\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x13\n\x0breason_code\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\"Q\n\x0fPublishResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.coalition.v1.PublishResult\"/\n\rSubscribeOpen\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x0e\n\x06window\x18\x02 \x01(\r\"\x16\n\x03\x41\x63k\x12\x0f\n\x07offsets\x18\x01 \x03(\x04\"i\n\x10SubscribeRequest\x12+\n\x04open\x18\x01 \x01(\x0b\x32\x1b.coalition.v1.SubscribeOpenH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.coalition.v1.AckH\x00\x42\x06\n\x04kind\"\xa5\x01\n\x08\x44\x65livery\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12(\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x16.coalition.v1.Envelope\x12\"\n\x05label\x18\x03 \x01(\x0b\x32\x13.coalition.v1.Label\x12\r\n\x05topic\x18\x04 \x01(\t\x12,\n\nprecedence\x18\x05 \x01(\x0e\x32\x18.coalition.v1.Precedence\"5\n\x0fSubscribeStatus\x12\x11\n\tcaught_up\x18\x01 \x01(\x08\x12\x0f\n\x07\x62\x61\x63klog\x18\x02 \x01(\x04\";\n\rDeliveryBatch\x12*\n\ndeliveries\x18\x01 \x03(\x0b\x32\x16.coalition.v1.Delivery\"\xb1\x01\n\x07\x45xpired\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x1a\n\x12recipient_sequence\x18\x05 \x01(\x04\x12\r\n\x05topic\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tstored_ms\x18\x08 \x01(\x03\x12\x12\n\nremoved_ms\x18\t \x01(\x03\"6\n\x0c\x45xpiredBatch\x12&\n\x07\x65xpired\x18\x01 \x03(\x0b\x32\x15.coalition.v1.Expired\"\xd5\x01\n\x11SubscribeResponse\x12*\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x16.coalition.v1.DeliveryH\x00\x12/\n\x06status\x18\x02 \x01(\x0b\x32\x1d.coalition.v1.SubscribeStatusH\x00\x12,\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.coalition.v1.DeliveryBatchH\x00\x12-\n\x07\x65xpired\x18\x04 \x01(\x0b\x32\x1a.coalition.v1.ExpiredBatchH\x00\x42\x06\n\x04kind\"\x12\n\x10\x44irectoryRequest\"B\n\x11\x44irectoryResponse\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.coalition.v1.DirectoryEntry\"D\n\x13RegisterKeysRequest\x12-\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x1d.coalition.v1.SignedKeyBundle\"&\n\x14RegisterKeysResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"F\n\x11RecipientsRequest\x12\"\n\x05label\x18\x01 \x01(\x0b\x32\x13.coalition.v1.Label\x12\r\n\x05topic\x18\x02 \x01(\t\"&\n\x12RecipientsResponse\x12\x10\n\x08partners\x18\x01 \x03(\t*L\n\x0ePublishOutcome\x12\x1f\n\x1bPUBLISH_OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\x0b\n\x07REFUSED\x10\x02\x32\x9e\x03\n\x08\x45xchange\x12J\n\x07Publish\x12\x1c.coalition.v1.PublishRequest\x1a\x1d.coalition.v1.PublishResponse(\x01\x30\x01\x12P\n\tSubscribe\x12\x1e.coalition.v1.SubscribeRequest\x1a\x1f.coalition.v1.SubscribeResponse(\x01\x30\x01\x12L\n\tDirectory\x12\x1e.coalition.v1.DirectoryRequest\x1a\x1f.coalition.v1.DirectoryResponse\x12U\n\x0cRegisterKeys\x12!.coalition.v1.RegisterKeysRequest\x1a\".coalition.v1.RegisterKeysResponse\x12O\n\nRecipients\x12\x1f.coalition.v1.RecipientsRequest\x1a .coalition.v1.RecipientsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coalition.v1.exchange_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUBLISHOUTCOME']._serialized_start=1770
-  _globals['_PUBLISHOUTCOME']._serialized_end=1846
+  _globals['_PUBLISHOUTCOME']._serialized_start=1690
+  _globals['_PUBLISHOUTCOME']._serialized_end=1766
   _globals['_PUBLISHREQUEST']._serialized_start=130
   _globals['_PUBLISHREQUEST']._serialized_end=207
   _globals['_PUBLISHRESULT']._serialized_start=210
@@ -43,35 +43,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHRESPONSE']._serialized_start=381
   _globals['_PUBLISHRESPONSE']._serialized_end=462
   _globals['_SUBSCRIBEOPEN']._serialized_start=464
-  _globals['_SUBSCRIBEOPEN']._serialized_end=532
-  _globals['_ACK']._serialized_start=534
-  _globals['_ACK']._serialized_end=556
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=558
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=663
-  _globals['_DELIVERY']._serialized_start=666
-  _globals['_DELIVERY']._serialized_end=874
-  _globals['_SUBSCRIBESTATUS']._serialized_start=876
-  _globals['_SUBSCRIBESTATUS']._serialized_end=929
-  _globals['_DELIVERYBATCH']._serialized_start=931
-  _globals['_DELIVERYBATCH']._serialized_end=1006
-  _globals['_EXPIRED']._serialized_start=1009
-  _globals['_EXPIRED']._serialized_end=1186
-  _globals['_EXPIREDBATCH']._serialized_start=1188
-  _globals['_EXPIREDBATCH']._serialized_end=1242
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1245
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1458
-  _globals['_DIRECTORYREQUEST']._serialized_start=1460
-  _globals['_DIRECTORYREQUEST']._serialized_end=1478
-  _globals['_DIRECTORYRESPONSE']._serialized_start=1480
-  _globals['_DIRECTORYRESPONSE']._serialized_end=1546
-  _globals['_REGISTERKEYSREQUEST']._serialized_start=1548
-  _globals['_REGISTERKEYSREQUEST']._serialized_end=1616
-  _globals['_REGISTERKEYSRESPONSE']._serialized_start=1618
-  _globals['_REGISTERKEYSRESPONSE']._serialized_end=1656
-  _globals['_RECIPIENTSREQUEST']._serialized_start=1658
-  _globals['_RECIPIENTSREQUEST']._serialized_end=1728
-  _globals['_RECIPIENTSRESPONSE']._serialized_start=1730
-  _globals['_RECIPIENTSRESPONSE']._serialized_end=1768
-  _globals['_EXCHANGE']._serialized_start=1849
-  _globals['_EXCHANGE']._serialized_end=2263
+  _globals['_SUBSCRIBEOPEN']._serialized_end=511
+  _globals['_ACK']._serialized_start=513
+  _globals['_ACK']._serialized_end=535
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=537
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=642
+  _globals['_DELIVERY']._serialized_start=645
+  _globals['_DELIVERY']._serialized_end=810
+  _globals['_SUBSCRIBESTATUS']._serialized_start=812
+  _globals['_SUBSCRIBESTATUS']._serialized_end=865
+  _globals['_DELIVERYBATCH']._serialized_start=867
+  _globals['_DELIVERYBATCH']._serialized_end=926
+  _globals['_EXPIRED']._serialized_start=929
+  _globals['_EXPIRED']._serialized_end=1106
+  _globals['_EXPIREDBATCH']._serialized_start=1108
+  _globals['_EXPIREDBATCH']._serialized_end=1162
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1165
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1378
+  _globals['_DIRECTORYREQUEST']._serialized_start=1380
+  _globals['_DIRECTORYREQUEST']._serialized_end=1398
+  _globals['_DIRECTORYRESPONSE']._serialized_start=1400
+  _globals['_DIRECTORYRESPONSE']._serialized_end=1466
+  _globals['_REGISTERKEYSREQUEST']._serialized_start=1468
+  _globals['_REGISTERKEYSREQUEST']._serialized_end=1536
+  _globals['_REGISTERKEYSRESPONSE']._serialized_start=1538
+  _globals['_REGISTERKEYSRESPONSE']._serialized_end=1576
+  _globals['_RECIPIENTSREQUEST']._serialized_start=1578
+  _globals['_RECIPIENTSREQUEST']._serialized_end=1648
+  _globals['_RECIPIENTSRESPONSE']._serialized_start=1650
+  _globals['_RECIPIENTSRESPONSE']._serialized_end=1688
+  _globals['_EXCHANGE']._serialized_start=1769
+  _globals['_EXCHANGE']._serialized_end=2183
 # @@protoc_insertion_point(module_scope)

@@ -135,14 +135,8 @@ class SubscribeOpen(_message.Message):
 
     TOPICS_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
-    SHARED_RUNS_FIELD_NUMBER: _builtins.int
     window: _builtins.int
     """Deliveries the broker may have unacknowledged at once (bounded window)."""
-    shared_runs: _builtins.bool
-    """The subscriber rebuilds envelopes from shared byte runs (DeliveryBatch.shared,
-    Delivery.envelope_cut and shared_refs). Unset: every delivery carries its whole
-    envelope, as older subscribers expect.
-    """
     @_builtins.property
     def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Topic patterns: dot-separated tokens, "*" matches one token, ">" the rest."""
@@ -152,11 +146,10 @@ class SubscribeOpen(_message.Message):
         *,
         topics: _abc.Iterable[_builtins.str] | None = ...,
         window: _builtins.int = ...,
-        shared_runs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["shared_runs", b"shared_runs", "topics", b"topics", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["topics", b"topics", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -217,29 +210,15 @@ class Delivery(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     TOPIC_FIELD_NUMBER: _builtins.int
     PRECEDENCE_FIELD_NUMBER: _builtins.int
-    ENVELOPE_CUT_FIELD_NUMBER: _builtins.int
-    SHARED_REFS_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     topic: _builtins.str
     precedence: _label_pb2.Precedence.ValueType
-    envelope_cut: _builtins.bytes
-    """Only to a subscriber that asked for shared runs, instead of envelope: the
-    serialized envelope with the batch's shared runs cut out. The runs are
-    transport only: the rebuilt bytes are the stored envelope, byte for byte,
-    and are parsed, verified and opened as envelope would be.
-    """
     @_builtins.property
     def envelope(self) -> _envelope_pb2.Envelope: ...
     @_builtins.property
     def label(self) -> _label_pb2.Label:
         """The label the broker delivered under (a copy of the signed one; the node
         checks they match).
-        """
-
-    @_builtins.property
-    def shared_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """(at, index) pairs, "at" increasing: DeliveryBatch.shared[index] goes back in
-        at byte "at" of the rebuilt envelope, after the previous run's end.
         """
 
     def __init__(
@@ -250,12 +229,10 @@ class Delivery(_message.Message):
         label: _label_pb2.Label | None = ...,
         topic: _builtins.str = ...,
         precedence: _label_pb2.Precedence.ValueType = ...,
-        envelope_cut: _builtins.bytes = ...,
-        shared_refs: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "label", b"label"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "envelope_cut", b"envelope_cut", "label", b"label", "offset", b"offset", "precedence", b"precedence", "shared_refs", b"shared_refs", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "label", b"label", "offset", b"offset", "precedence", b"precedence", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -296,25 +273,16 @@ class DeliveryBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DELIVERIES_FIELD_NUMBER: _builtins.int
-    SHARED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]: ...
-    @_builtins.property
-    def shared(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Byte runs the batch's envelopes share (a batch root and its hybrid signature,
-        an epoch's encapsulations), each once; see Delivery.shared_refs. Only to a
-        subscriber that asked for them (SubscribeOpen.shared_runs).
-        """
-
     def __init__(
         self,
         *,
         deliveries: _abc.Iterable[Global___Delivery] | None = ...,
-        shared: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "shared", b"shared"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
