@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,31 @@ def write(out: Path, doc: Mapping[str, Any]) -> Path | None:
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(out)
     return kept
+
+
+def dump_deliveries(out: Path, results: Iterable[RowResult], senders: Sequence[str]) -> None:
+    """Every delivery of the open-loop phases as CSV, one line each (``--dump-deliveries``).
+
+    Message k of the workload was sent by ``senders[k % len(senders)]``; times are
+    ``time.time_ns()`` (the send time is the scheduled one), latency in ms.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["row", "round", "phase", "index", "sender", "recipient", "sent_ns", "opened_ns", "ms"]
+        )
+        for r in results:
+            for ph in r.phases:
+                if ph.kind != "open":
+                    continue
+                for k in range(ph.start, ph.stop):
+                    mid = r.message_ids[k]
+                    sent = r.sent_at.get(mid)
+                    if sent is None:
+                        continue
+                    for code, opened in sorted(r.opened.items()):
+                        t = opened.get(mid)
+                        at, ms = ("", "") if t is None else (t, f"{(t - sent) / 1e6:.3f}")
+                        sender = senders[k % len(senders)]
+                        w.writerow([r.system, ph.round, ph.name, k, sender, code, sent, at, ms])

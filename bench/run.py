@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import multiprocessing
 import os
@@ -354,8 +355,12 @@ async def run(
     out: Path,
     profile: Profiling | None = None,
     envelope: str = "v2",
+    dump: Path | None = None,
+    rounds: int | None = None,
 ) -> dict[str, Any]:
     plan = plan_for(mode)
+    if rounds:
+        plan = dataclasses.replace(plan, rounds=rounds)
     began = time.monotonic()
     durations: dict[str, float] = {}
     results: dict[str, RowResult] = {}
@@ -397,6 +402,8 @@ async def run(
                     durations[f"{system}_s"] = round(results[system].seconds, 1)
         finally:
             workers.close()
+    if dump is not None:
+        report.dump_deliveries(dump, results.values(), PUBLISHERS)
     rows, details = [], {}
     for r in results.values():
         row, d = report.row_metrics(r)
@@ -468,6 +475,17 @@ def main(argv: list[str] | None = None) -> int:
         "sample, which inflates latency)",
     )
     p.add_argument(
+        "--dump-deliveries",
+        type=Path,
+        metavar="CSV",
+        help="also write every delivery of the open-loop phases to CSV (row, round, phase, "
+        "message index, sender, recipient, scheduled send and opened-at time in ns, "
+        "latency in ms) for bench.tail to read",
+    )
+    p.add_argument(
+        "--rounds", type=int, help="rounds per row (default: the mode's, 2 for a full run)"
+    )
+    p.add_argument(
         "--envelope",
         choices=ENVELOPE_VERSIONS,
         default="v2",
@@ -487,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile
         else None
     )
-    doc = asyncio.run(run(mode, systems, args.out, profile, args.envelope))
+    doc = asyncio.run(
+        run(mode, systems, args.out, profile, args.envelope, args.dump_deliveries, args.rounds)
+    )
     kept = report.write(args.out, doc)
     print(
         f"\nCoalition bench ({mode}, envelope {args.envelope}), {doc['date']}, "

@@ -6,6 +6,7 @@ report and that every row delivered every message to every recipient.
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench.rows.nats import nats_server_binary
+from bench.workload import RECEIVERS
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"system", "delivered_per_s", "latency_ms", "cpu_s_per_msg", "peak_rss_mb"}
@@ -107,3 +109,35 @@ def test_the_workload_seals_v1_or_v2_and_every_opener_opens_it(tmp_path: Path) -
             assert len(roots) == 4  # two publishers, SEAL_BATCH + 3 each: two batches each
         opener = Opener(pki, RECEIVERS[0])
         assert [opener.open(m.data) for m in sealed] == [m.message_id for m in sealed]
+
+
+@pytest.mark.timeout(120)
+def test_dumped_deliveries_are_every_open_loop_delivery_and_bench_tail_reads_them(
+    tmp_path: Path,
+) -> None:
+    out, dump = tmp_path / "latest.json", tmp_path / "deliveries.csv"
+    argv = [sys.executable, "-m", "bench.run", "--smoke", "--rows", "coalition", "--rounds", "1"]
+    argv += ["--out", str(out), "--dump-deliveries", str(dump)]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["workload"]["rounds"] == 1
+    with dump.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    phases = [p for p in doc["details"]["coalition"]["phases"] if p["name"].startswith("load-")]
+    assert len(rows) == sum(p["deliveries_expected"] for p in phases) > 0
+    assert {r["phase"] for r in rows} == {"load-500", "load-2000"}
+    assert {r["recipient"] for r in rows} == set(RECEIVERS)
+    for r in rows:
+        ms = (int(r["opened_ns"]) - int(r["sent_ns"])) / 1e6
+        assert float(r["ms"]) == pytest.approx(ms, abs=0.001)
+    tail = subprocess.run(
+        [sys.executable, "-m", "bench.tail", str(dump)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert tail.returncode == 0, tail.stderr
+    assert "coalition load-500" in tail.stdout
+    assert "deliveries: p50" in tail.stdout and "stalls" in tail.stdout
