@@ -10,8 +10,8 @@ fits ``per_response / k + per_delivery`` over them: what one more response costs
 broker's gRPC edge, against what one more delivery in a response costs. No store, no
 audit, no routing: only the edge and gRPC.
 
-Hold the bench lock while it runs (docs/bench.md, "Method"):
-``flock /tmp/bench.lock .venv/bin/python -m bench.response_cost``.
+Run it with no other benchmark on the host (docs/bench.md, "Method"): the numbers are
+CPU time, but two cores shared with another run still move them.
 """
 
 from __future__ import annotations
