@@ -163,6 +163,21 @@ async def link(a: Nation, b: Nation, **policy: object) -> None:
     await admit(a, b.code, b.ca_der(), partner_policy(b.code, **policy))  # type: ignore[arg-type]
 
 
+async def admit_and_link(
+    a: Nation, b: Nation, members: Mapping[str, Sequence[str]], *, register_keys: bool = False
+) -> None:
+    """Each nation admits its own partners (members[code]), which register their key
+    bundles if asked, and then the two nations link both ways."""
+    for n in (a, b):
+        await admit_partners(n, members[n.code])
+        if register_keys:
+            for code in members[n.code]:
+                async with n.partner(code) as c:
+                    await c.register_keys()
+    await link(a, b)
+    await link(b, a)
+
+
 def recipient(creds: PartnerCredentials) -> Recipient:
     """What a sender in another nation needs to wrap a key for this partner."""
     kid = creds.current_key_id

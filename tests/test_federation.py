@@ -19,6 +19,7 @@ from coalition.labels import parse_label
 from coalition.v1 import audit_pb2, exchange_pb2, federation_pb2
 from tests.federation_rig import (
     Nation,
+    admit_and_link,
     admit_partners,
     federate,
     forward_as,
@@ -269,13 +270,7 @@ async def keyed_pair(pkis: dict[str, Path], tmp_path: Path) -> AsyncIterator[dic
     nations = federate(tmp_path, two, [("NATO", "KOR")])
     try:
         await start_all(nations)
-        for n in nations.values():
-            await admit_partners(n, NATIONS[n.code])
-            for code in NATIONS[n.code]:
-                async with n.partner(code) as c:
-                    await c.register_keys()
-        await link(nations["NATO"], nations["KOR"])
-        await link(nations["KOR"], nations["NATO"])
+        await admit_and_link(nations["NATO"], nations["KOR"], NATIONS, register_keys=True)
         yield nations
     finally:
         stop_all(nations)

@@ -23,6 +23,7 @@ from coalition.pki import gateway_dir, load_gateway
 from coalition.v1 import envelope_pb2, exchange_pb2, federation_pb2, federation_pb2_grpc
 from tests.federation_rig import (
     Nation,
+    admit_and_link,
     admit_partners,
     federate,
     forward_as,
@@ -282,10 +283,7 @@ async def test_a_link_resends_what_a_full_peer_answers_not_now(
     nato, kor = nations["NATO"], nations["KOR"]
     try:
         await start_all(nations)
-        await admit_partners(nato, NATIONS["NATO"])
-        await admit_partners(kor, NATIONS["KOR"])
-        await link(nato, kor)
-        await link(kor, nato)
+        await admit_and_link(nato, kor, NATIONS)
         to = [recipient(nato.creds("NATO"))]
         creds = kor.creds("KOR")
         envs = [seal(creds, to, LABEL, sequence=i + 1, payload=payload) for i in range(2)]
@@ -343,10 +341,7 @@ async def test_a_link_splits_a_backlog_larger_than_a_request_may_carry(
     nato, kor = nations["NATO"], nations["KOR"]
     try:
         await start_all(nations)
-        await admit_partners(nato, NATIONS["NATO"])
-        await admit_partners(kor, NATIONS["KOR"])
-        await link(nato, kor)
-        await link(kor, nato)
+        await admit_and_link(nato, kor, NATIONS)
         # NATO is down while KOR's partner publishes: the link's backlog is one delivery
         # batch of 300 (KOR's window), more than one Forward request may carry.
         nato.broker.signal(signal.SIGTERM)

@@ -40,11 +40,10 @@ from coalition.v1 import (
 from tests import v2_tools
 from tests.federation_rig import (
     Nation,
-    admit_partners,
+    admit_and_link,
     federate,
     forward_as,
     item,
-    link,
     make_pkis,
     recipient,
     seal,
@@ -74,13 +73,7 @@ async def pair(pkis: dict[str, Path], tmp_path: Path) -> AsyncIterator[dict[str,
     nations = federate(tmp_path, pkis, [("NATO", "KOR")])
     try:
         await start_all(nations)
-        for n in nations.values():
-            await admit_partners(n, NATIONS[n.code])
-            for code in NATIONS[n.code]:
-                async with n.partner(code) as c:
-                    await c.register_keys()
-        await link(nations["NATO"], nations["KOR"])
-        await link(nations["KOR"], nations["NATO"])
+        await admit_and_link(nations["NATO"], nations["KOR"], NATIONS, register_keys=True)
         async with asyncio.timeout(20):
             for n in nations.values():
                 while not await learned(n):  # noqa: ASYNC110 - another process

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.demo.procs import Proc, python_module, wait_for_file
-from clients.demo.scenario import OPERATORS, TOPICS, Demo, Published, reason_text
+from clients.demo.scenario import OPERATORS, TOPICS, Demo, Published
 from clients.node.inbox import Entry, Inbox
 from clients.sdk import OperatorClient
 from coalition.clock import wall_clock_ms
@@ -143,6 +143,10 @@ class Nation:
 
 class FederationDemo(Demo):
     """The federation scenario; ``run()`` plays the seven steps."""
+
+    partners = PARTNERS
+    cell_width = 18
+    summary_title = "Who received what (or why not, by the partner's own broker):"
 
     def __init__(self, work: Path, *, out: Callable[[str], None], deadline_ms: int) -> None:
         super().__init__(work, out=out, deadline_ms=deadline_ms)
@@ -724,25 +728,15 @@ class FederationDemo(Demo):
         return out, verify
 
     # -- the summary ------------------------------------------------------------------------
-    def matrix(self) -> dict[str, dict[str, str]]:
-        inboxes = {c: {e.message_id for e in self.inbox(c)} for c in PARTNERS}
-        out: dict[str, dict[str, str]] = {}
-        for key, pub in self.published.items():
-            row: dict[str, str] = {}
-            for code in PARTNERS:
-                if code == pub.sender:
-                    row[code] = "(sender)"
-                elif pub.message_id in inboxes[code]:
-                    row[code] = "received"
-                elif pub.refused:
-                    row[code] = "publish_refused"
-                elif (nation_of(code), pub.message_id) in self.border:
-                    row[code] = "border_" + self.border[(nation_of(code), pub.message_id)]
-                else:
-                    reason = pub.reasons.get(code, "allow")
-                    row[code] = "not_received" if reason == "allow" else reason
-            out[key] = row
-        return out
+    def withheld(self) -> dict[tuple[str, str], str]:
+        """(partner, message id) -> the reason a partner's own broker refused it at its
+        border, read from that nation's audit log ("border_<reason>")."""
+        return {
+            (code, message_id): "border_" + reason
+            for (nation, message_id), reason in self.border.items()
+            for code in PARTNERS
+            if nation_of(code) == nation
+        }
 
     def report(self, elapsed: float) -> dict[str, Any]:
         doc = super().report(elapsed)
@@ -765,24 +759,6 @@ class FederationDemo(Demo):
             else {}
         )
         return doc
-
-    def print_summary(self) -> None:
-        matrix = self.matrix()
-        width = max((len(k) for k in matrix), default=10)
-        self.out("\nWho received what (or why not, by the partner's own broker):")
-        self.out(f"  {'message':<{width}}  " + "  ".join(f"{c:<18}" for c in PARTNERS))
-        for key, row in matrix.items():
-            cells = (reason_text(row[c]) for c in PARTNERS)
-            self.out(f"  {key:<{width}}  " + "  ".join(f"{c:<18}" for c in cells))
-        failed = [c for c in self.checks if not c.ok]
-        self.out(
-            f"\n{len(self.checks) - len(failed)}/{len(self.checks)} expectations met"
-            + (
-                "; FAILED: " + "; ".join(f"[{c.step}] {c.expectation}" for c in failed)
-                if failed
-                else ""
-            )
-        )
 
 
 def _entries(export: Path) -> list[dict[str, Any]]:

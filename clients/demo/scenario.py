@@ -79,6 +79,11 @@ class Published:
 class Demo:
     """Runs the scenario in a work directory; see ``run()``."""
 
+    # The summary table: its columns, their width, its title.
+    partners: tuple[str, ...] = PARTNERS
+    cell_width = 20
+    summary_title = "Who received what (or why not):"
+
     def __init__(self, work: Path, *, out: Callable[[str], None], deadline_ms: int) -> None:
         self.work = work
         self.pki = work / "pki"
@@ -546,18 +551,18 @@ class Demo:
         suspended, missing_category, ...); "not_received" if it was eligible but its inbox
         does not hold it, "publish_refused" when the broker refused the message itself.
         """
-        inboxes = {c: {e.message_id for e in self.inbox(c)} for c in PARTNERS}
-        denied = {(d["partner"], d["message_id"]): d["reason"] for d in self.denied}
+        inboxes = {c: {e.message_id for e in self.inbox(c)} for c in self.partners}
+        withheld = self.withheld()
         out: dict[str, dict[str, str]] = {}
         for key, pub in self.published.items():
             row: dict[str, str] = {}
-            for code in PARTNERS:
+            for code in self.partners:
                 if code == pub.sender:
                     row[code] = "(sender)"
                 elif pub.message_id in inboxes[code]:
                     row[code] = "received"
-                elif (code, pub.message_id) in denied:
-                    row[code] = denied[(code, pub.message_id)]
+                elif (code, pub.message_id) in withheld:
+                    row[code] = withheld[(code, pub.message_id)]
                 elif pub.refused:
                     row[code] = "publish_refused"
                 else:
@@ -565,6 +570,11 @@ class Demo:
                     row[code] = "not_received" if reason == "allow" else reason
             out[key] = row
         return out
+
+    def withheld(self) -> dict[tuple[str, str], str]:
+        """(partner, message id) -> why a broker withheld it after accepting it: here the
+        delivery refusals read from the audit log."""
+        return {(d["partner"], d["message_id"]): d["reason"] for d in self.denied}
 
     def report(self, elapsed: float) -> dict[str, Any]:
         return {
@@ -580,11 +590,12 @@ class Demo:
     def print_summary(self) -> None:
         matrix = self.matrix()
         width = max(len(k) for k in matrix) if matrix else 10
-        self.out("\nWho received what (or why not):")
-        self.out(f"  {'message':<{width}}  " + "  ".join(f"{c:<20}" for c in PARTNERS))
+        cell = self.cell_width
+        self.out("\n" + self.summary_title)
+        self.out(f"  {'message':<{width}}  " + "  ".join(f"{c:<{cell}}" for c in self.partners))
         for key, row in matrix.items():
-            cells = (reason_text(row[c]) for c in PARTNERS)
-            self.out(f"  {key:<{width}}  " + "  ".join(f"{c:<20}" for c in cells))
+            cells = (reason_text(row[c]) for c in self.partners)
+            self.out(f"  {key:<{width}}  " + "  ".join(f"{c:<{cell}}" for c in cells))
         if self.rogue:
             self.out("\nRefused publishes (rogue):")
             for r in self.rogue:
