@@ -50,11 +50,15 @@ class AuditItem:
 
 
 TAG = "@1"  # the outbox text of an entry's canonical tail (see the module docstring)
-# What kind, actor, partner, message_id and decision may not hold in the tagged form:
-# JSON would escape it (or, for a lone surrogate, UTF-8 cannot hold it).
-_NOT_PLAIN = re.compile(r'[\x00-\x1f"\\\ud800-\udfff]')
-# What canonical JSON of a detail never holds outside its escapes.
-_NOT_IN_DETAIL = re.compile(r"[\x00-\x1f\ud800-\udfff]")
+_OPEN = TAG + '"'
+# What no tagged text holds: JSON escapes control characters, and UTF-8 cannot hold a
+# lone surrogate. Searched only in a text that is not all printable (isprintable() is
+# much faster, and false for every one of them, but also for some legitimate text).
+_NOT_TEXT = re.compile(r"[\x00-\x1f\ud800-\udfff]")
+
+
+def _is_text(s: str) -> bool:
+    return s.isprintable() or not _NOT_TEXT.search(s)
 
 
 def encode(item: AuditItem) -> str:
@@ -66,18 +70,20 @@ def encode(item: AuditItem) -> str:
         detail_json = canonical_json(item.detail)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"audit detail is not plain JSON: {exc}") from exc
-    kind, actor, partner, message_id, decision = head = (
+    kind, actor, partner, message_id, decision = (
         item.kind,
         item.actor,
         item.partner,
         item.message_id,
         item.decision,
     )
-    if _NOT_PLAIN.search("".join(head)) or _NOT_IN_DETAIL.search(detail_json):
-        return encode_json(item)
+    head = kind + actor + partner + message_id + decision
     # JSON of a string with no control character or surrogate: only \\ and " escaped.
     quoted = detail_json.replace("\\", "\\\\").replace('"', '\\"')
-    return f'{TAG}"{kind}","{actor}","{partner}","{message_id}","{decision}","{quoted}"]'
+    text = f'{_OPEN}{kind}","{actor}","{partner}","{message_id}","{decision}","{quoted}"]'
+    if '"' in head or "\\" in head or not _is_text(text):
+        return encode_json(item)
+    return text
 
 
 def encode_json(item: AuditItem) -> str:
@@ -100,22 +106,23 @@ def encode_json(item: AuditItem) -> str:
 def _split(text: str) -> tuple[str, str, str, str, str, str]:
     """The columns of a tagged text (kind, actor, partner, message_id, decision,
     detail_json); raises ValueError unless text is exactly what encode() makes of them."""
-    if not (text.startswith(TAG + '"') and text.endswith('"]')):
+    if not (text.startswith(_OPEN) and text.endswith('"]')):
         raise ValueError("not an encoded audit entry: no fields")
-    parts = text[len(TAG) + 1 : -2].split('","', 5)
+    if not _is_text(text):
+        raise ValueError("not an encoded audit entry: a control character or surrogate")
+    parts = text[len(_OPEN) : -2].split('","', 5)
     if len(parts) != 6:
         raise ValueError("not an encoded audit entry: not six fields")
     kind, actor, partner, message_id, decision, quoted = parts
-    if not kind:
-        raise ValueError("not an encoded audit entry: no kind")
-    if _NOT_PLAIN.search(kind + actor + partner + message_id + decision):
-        raise ValueError("not an encoded audit entry: a field is not plain")
-    detail_json = quoted.replace('\\"', '"').replace("\\\\", "\\") if "\\" in quoted else quoted
-    if (
-        _NOT_IN_DETAIL.search(quoted)
-        or detail_json.replace("\\", "\\\\").replace('"', '\\"') != quoted
-        or not (detail_json.startswith("{") and detail_json.endswith("}"))
-    ):
+    head = kind + actor + partner + message_id + decision
+    if not kind or '"' in head or "\\" in head:
+        raise ValueError("not an encoded audit entry: a field is empty or not plain")
+    if "\\" in quoted:
+        detail_json = quoted.replace('\\"', '"').replace("\\\\", "\\")
+        canonical = detail_json.replace("\\", "\\\\").replace('"', '\\"') == quoted
+    else:
+        detail_json, canonical = quoted, '"' not in quoted
+    if not (canonical and detail_json.startswith("{") and detail_json.endswith("}")):
         raise ValueError("not an encoded audit entry: the detail is not canonical")
     return kind, actor, partner, message_id, decision, detail_json
 
@@ -205,7 +212,7 @@ def outbox_entry(row_id: int, time_ms: int, text: str) -> OutboxEntry:
     """The OutboxEntry of an outbox row (either form); raises ValueError if text is not
     one encode() or encode_json() made."""
     if text.startswith(TAG):
-        return OutboxEntry(row_id, time_ms, *_split(text), text[len(TAG) :].encode("utf-8"))
+        return OutboxEntry(row_id, time_ms, *_split(text), text[len(TAG) :].encode())
     return item_entry(decode(text), row_id, time_ms)
 
 
