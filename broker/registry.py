@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from broker import registry_sql as sql
-from broker.audit.items import AuditItem, encode
+from broker.audit.items import AuditItem, encode, with_detail
 from broker.errors import Exhausted
 from broker.registry_types import ChangeCallback, ChangeKind, RegistryChange, new_proposal, tell
 from broker.registry_types import PartnerRecord as PartnerRecord
@@ -406,9 +406,7 @@ class Registry:
 
         out = []
         for i, text, t in await asyncio.to_thread(run):
-            fields = json.loads(text)
-            fields["detail"] = {**(fields.get("detail") or {}), "ref": f"registry:{i}"}
-            out.append(OutboxRow(int(i), int(t), json.dumps(fields)))
+            out.append(OutboxRow(int(i), int(t), with_detail(text, ref=f"registry:{i}")))
         return out
 
     async def forget_outbox(self, through: int) -> None:

@@ -66,6 +66,21 @@ def entry_hash(prev_hash: bytes, entry: audit_pb2.AuditEntry) -> bytes:
     return hashlib.sha256(prev_hash + canonical_bytes(entry)).digest()
 
 
+def canonical_tail(
+    kind: str, actor: str, partner: str, message_id: str, decision: str, detail_json: str
+) -> bytes:
+    """canonical_bytes of an entry with these fields after its ``[seq,time_ms,``: what
+    can be encoded before the entry has a seq and a time (see chained_hash)."""
+    fields = [kind, actor, partner, message_id, decision, detail_json]
+    return _FIELDS_JSON.encode(fields)[1:].encode("utf-8")
+
+
+def chained_hash(prev_hash: bytes, seq: int, time_ms: int, tail: bytes) -> bytes:
+    """entry_hash of the entry at seq and time_ms whose canonical_tail is tail: the same
+    bytes hashed, without encoding the fields again."""
+    return hashlib.sha256(b"%s[%d,%d,%s" % (prev_hash, seq, time_ms, tail)).digest()
+
+
 def checkpoint_body(seq: int, chain_hash: bytes, time_ms: int) -> bytes:
     """The PAE-encoded bytes a checkpoint signature covers."""
     return pae(AUDIT_CHECKPOINT_TYPE, struct.pack(">Q32sq", seq, chain_hash, time_ms))

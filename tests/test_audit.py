@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import AuditBackend, AuditItem, AuditLog
 from broker.audit.drainer import Drainer, _entries
-from broker.audit.items import encode
+from broker.audit.items import encode, encode_json, entry_fields
 from broker.jetstream.audit import JetStreamAuditLog
 from broker.jetstream.connect import connect
 from broker.store import SqliteMessageStore
@@ -329,4 +329,41 @@ async def test_a_drainer_restarted_after_the_audit_commit_chains_each_row_once(
     assert [e.message_id for e in entries] == [f"m{i}" for i in range(5)]
     assert [e.time_ms for e in entries] == [1_000 + i for i in range(5)]
     assert await log.drained_through("messages") == 5
+    assert (await log.verify(KEY.public_key())).ok
+
+
+@on_both_backends
+async def test_rows_of_either_outbox_form_drain_to_the_hashes_the_old_path_made(
+    log: AuditBackend, tmp_path: Path
+) -> None:
+    """A store written by the previous version (JSON rows) and by this one (tagged rows),
+    with an altered row among them: one chain, every hash what entry_fields + entry_hash
+    give for the same records, verified, and the altered row chained as unreadable."""
+    items = [
+        AuditItem("publish.accepted", "KOR", "KOR", "m0", "allow", {"offset": 1, "t": "é"}),
+        AuditItem("deliver", "broker", "USA", "m0", "allow", {"q": 'a"b\\c', "n": [1, 2.5]}),
+        AuditItem("publish.refused", "KOR", "KOR", "", "deny", None),
+        AuditItem("k", 'odd"actor', "p", "m\n", "allow", {"x": 1}),  # kept as JSON anyway
+    ]
+    texts = [encode_json(i) for i in items] + [encode(i) for i in items]
+    store = await SqliteMessageStore.open(tmp_path / "messages.db", max_bytes=1 << 30)
+    try:
+        for n, text in enumerate(texts):
+            await store.record([text], 1_000 + n)
+        altered = encode(items[0]).replace("KOR", 'K"OR', 1)
+        await store.record([altered], 2_000)
+        drainer = Drainer(log)
+        drainer.add_source("messages", store)
+        assert await drainer.start() == len(texts) + 1
+        await drainer.close()
+    finally:
+        await store.close()
+    entries = await log.query()
+    expected = [entry_fields(item, 1_000 + n) for n, item in enumerate(items + items)]
+    prev = GENESIS
+    for seq, e in enumerate(expected, start=1):
+        e.seq, e.prev_hash = seq, prev
+        e.hash = prev = entry_hash(prev, e)
+    assert entries[:-1] == expected
+    assert (entries[-1].kind, entries[-1].decision) == ("audit.unreadable", "deny")
     assert (await log.verify(KEY.public_key())).ok

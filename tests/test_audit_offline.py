@@ -14,12 +14,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from clients.admin import cli as admin_cli
 from coalition.audit_chain import entry_hash, sign_checkpoint
 from coalition.identity import Identity
+from coalition.labels import parse_label
 from coalition.pki import create_ca, issue_signing_cert
 from coalition.v1 import audit_pb2
-from tests.helpers import admit, now_ms, policy, running_broker
+from tests.helpers import admit, now_ms, partner, policy, running_broker
 from tests.test_admin_cli import cli
 
 EXIT_AUDIT_BROKEN = 5
+LABEL = parse_label("NATO SECRET // REL TO USA")
+TOPIC = "intel.ground"
 
 
 @pytest.fixture
@@ -27,8 +30,19 @@ async def export(pki: Path, tmp_path: Path) -> list[dict[str, Any]]:
     """A real broker's log (several checkpoints) exported by the CLI; the broker is then gone."""
     broker = await running_broker(pki, tmp_path / "broker", audit_checkpoint_every=3)
     try:
-        for code in ("KOR", "GBR"):
+        for code in ("KOR", "USA"):
             await admit(pki, broker.port, policy(code))
+        # Published and delivered messages: entries drained from the store's outbox.
+        async with partner(pki, "USA", broker.port) as usa, partner(pki, "KOR", broker.port) as kor:
+            await usa.register_keys()
+            sealed = [await kor.seal(b"r%d" % i, topic=TOPIC, label=LABEL, recipients=["USA"])
+                      for i in range(3)]  # fmt: skip
+            await kor.publish([s.envelope for s in sealed])
+            sub = usa.subscribe(["intel.>"])
+            it = aiter(sub)
+            got = [await asyncio.wait_for(anext(it), 10) for _ in sealed]
+            await sub.ack([d.offset for d in got])
+            await sub.aclose()
         out = tmp_path / "export.jsonl"
         r = await cli("audit", "export", "--out", str(out), broker=broker, pki=pki)
         assert r.code == 0, r
@@ -63,6 +77,8 @@ async def test_an_export_verifies_offline(
     kinds = [r["record"] for r in export]
     assert kinds[-1] == "audit_certificate" and kinds.count("audit_certificate") == 1
     assert kinds.count("checkpoint") >= 3
+    drained = [r["kind"] for r in export if r["record"] == "entry"]
+    assert drained.count("publish.accepted") == 3 and "deliver" in drained
     code, v, err = await _verify(capsys, pki, _write(tmp_path, export))
     assert code == 0, v
     assert v["ok"] is True and v["broker"] == "broker"

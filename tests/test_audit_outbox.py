@@ -24,6 +24,7 @@ import pytest
 
 from broker.audit import AuditError, AuditItem, AuditLog
 from broker.audit.drainer import _entries
+from broker.audit.items import OutboxEntry, decode
 from broker.registry import Registry
 from broker.server import Broker
 from broker.store import SqliteMessageStore
@@ -54,7 +55,7 @@ def _fail_drains(b: Broker, *, times: int, which: str = "messages") -> list[int]
     inner = b.audit.append_outbox
     failed = [0]
 
-    async def append_outbox(source: str, rows: Sequence[tuple[int, audit_pb2.AuditEntry]]) -> int:
+    async def append_outbox(source: str, rows: Sequence[OutboxEntry]) -> int:
         if source == which and failed[0] < times:
             failed[0] += 1
             raise AuditError("injected: the audit log cannot be written")
@@ -98,7 +99,7 @@ async def test_an_acceptance_waits_in_the_outbox_while_the_audit_log_fails(
         assert first.outcome == exchange_pb2.ACCEPTED
         await eventually(lambda: failed == [1] and b.exchange.audit_failed, 10)
         [waiting] = await b.store.read_outbox(0, 10)
-        assert json.loads(waiting.record)["message_id"] == first.message_id
+        assert decode(waiting.record).message_id == first.message_id
         # The next publish finds the log writable again: the record is drained first.
         second = await _publish(kor, b"after the log recovered")
         assert second.outcome == exchange_pb2.ACCEPTED
@@ -199,7 +200,7 @@ async def test_acceptances_a_kill_left_in_the_outbox_are_chained_exactly_once(
     b.signal(signal.SIGKILL)
     await b.wait_exit()
     # Killed between the store's commits and the drain: the records wait in the outbox.
-    waiting = [json.loads(r)["message_id"] for r in _outbox_records(b.data / "messages.db")]
+    waiting = [decode(r).message_id for r in _outbox_records(b.data / "messages.db")]
     assert waiting and set(waiting) <= set(ids)
     assert set(_chained(b.data, "publish.accepted")) == set(ids) - set(waiting)
     # And one of them as if killed after the drainer's audit commit, before the delete.
@@ -295,7 +296,7 @@ async def test_a_policy_change_the_audit_log_missed_is_drained_once_it_recovers(
         await _suspend_gbr(pki, b)
         assert failed == [1] and b.exchange.audit_failed
         [waiting] = await b.registry.read_outbox(0, 10)
-        assert json.loads(waiting.record)["kind"] == "policy.change"
+        assert decode(waiting.record).kind == "policy.change"
         # The next publish finds the log writable again and drains it first.
         assert (await _publish(kor, b"after the log recovered")).outcome == exchange_pb2.ACCEPTED
         entries = await _changes(b)

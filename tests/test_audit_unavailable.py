@@ -18,12 +18,13 @@ import grpc
 import pytest
 
 from broker.audit import AuditError
+from broker.audit.items import OutboxEntry
 from broker.audit_keeping import unavailable
 from broker.grpc.status import status_of
 from broker.server import Broker
 from broker.store import StoreError, StoreFull
 from coalition.labels import parse_label
-from coalition.v1 import audit_pb2, exchange_pb2
+from coalition.v1 import exchange_pb2
 from tests.helpers import admit, eventually, partner, policy, running_broker
 
 LABEL = parse_label("NATO SECRET // REL TO USA")
@@ -56,7 +57,7 @@ def _break_audit_log(b: Broker) -> None:
     async def record(**_: object) -> None:
         raise AuditError("injected: the audit log cannot be written")
 
-    async def append_outbox(source: str, rows: Sequence[tuple[int, audit_pb2.AuditEntry]]) -> int:
+    async def append_outbox(source: str, rows: Sequence[OutboxEntry]) -> int:
         raise AuditError("injected: the audit log cannot be written")
 
     b.audit.record = record  # type: ignore[assignment,method-assign]

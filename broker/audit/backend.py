@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit.items import AuditItem, entry_fields
+from broker.audit.items import AuditItem, OutboxEntry, entry_fields
 from broker.audit.pages import matches
 from broker.audit.refusals import RefusalSummary
 from broker.tasks import stop_task
@@ -65,9 +65,7 @@ class AuditBackend(abc.ABC):
         """Append entries in one write (one link each in the chain); their seqs."""
 
     @abc.abstractmethod
-    async def append_outbox(
-        self, source: str, rows: Sequence[tuple[int, audit_pb2.AuditEntry]]
-    ) -> int:
+    async def append_outbox(self, source: str, rows: Sequence[OutboxEntry]) -> int:
         """Append outbox rows above source's drained mark and move the mark, atomically."""
 
     @abc.abstractmethod

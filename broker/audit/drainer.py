@@ -30,10 +30,9 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from broker.audit.backend import AuditBackend
-from broker.audit.items import AuditItem, decode, entry_fields
+from broker.audit.items import AuditItem, OutboxEntry, decode, item_entry, outbox_entry
 from broker.store.base import OutboxRow
 from broker.tasks import stop_task
-from coalition.v1 import audit_pb2
 
 log = logging.getLogger("coalition.broker.audit")
 
@@ -163,17 +162,16 @@ class Drainer:
             log.critical("audit records left in their outbox at shutdown: %s", exc)
 
 
-def _entries(source: str, rows: Sequence[OutboxRow]) -> list[tuple[int, audit_pb2.AuditEntry]]:
+def _entries(source: str, rows: Sequence[OutboxRow]) -> list[OutboxEntry]:
     """The chain entries of outbox rows, each at its row's time. A row that does not
     decode (the outbox was altered) becomes an ``audit.unreadable`` entry naming it."""
     out = []
     for row in rows:
         try:
-            fields = entry_fields(decode(row.record), row.time_ms)
+            out.append(outbox_entry(row.id, row.time_ms, row.record))
         except ValueError as exc:
             log.error("outbox row %s:%d does not decode: %s", source, row.id, exc)
             detail = {"source": source, "id": row.id}
             item = AuditItem("audit.unreadable", "broker", "", "", "deny", detail)
-            fields = entry_fields(item, row.time_ms)
-        out.append((row.id, fields))
+            out.append(item_entry(item, row.id, row.time_ms))
     return out

@@ -31,8 +31,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker.audit.backend import AuditBackend, AuditError
-from broker.audit.items import AuditItem, entry_fields
-from broker.audit.pages import ENTRY_FIELDS, entry_row, query_sql, read_page
+from broker.audit.items import AuditItem, OutboxEntry, item_entry
+from broker.audit.pages import entry_row, query_sql, read_page
 from broker.audit.refusals import RefusalSummary
 from broker.store.readers import ReaderPool
 from broker.store.writer import GroupCommitWriter, WriterOwner, is_disk_full
@@ -40,7 +40,7 @@ from coalition.audit_chain import (
     GENESIS,
     ChainVerifier,
     VerifyResult,
-    entry_hash,
+    chained_hash,
     sign_checkpoint,
 )
 from coalition.clock import wall_clock_ms
@@ -94,6 +94,34 @@ def _head(conn: sqlite3.Connection) -> tuple[int, bytes, int]:
     return (int(row[0]), bytes(row[1]), int(row[2])) if row else (0, GENESIS, 0)
 
 
+def _chain(
+    conn: sqlite3.Connection, rows: Sequence[OutboxEntry], seq: int, prev_hash: bytes
+) -> list[tuple[int, int, str, str, str, str, str, str, bytes, bytes]]:
+    """Insert rows as the entries after seq (whose hash is prev_hash), in one statement;
+    their values (the columns of _INSERT_ENTRY: seq first, hash last)."""
+    values = []
+    for r in rows:
+        seq += 1
+        digest = chained_hash(prev_hash, seq, r.time_ms, r.tail)
+        values.append(
+            (
+                seq,
+                r.time_ms,
+                r.kind,
+                r.actor,
+                r.partner,
+                r.message_id,
+                r.decision,
+                r.detail_json,
+                prev_hash,
+                digest,
+            )
+        )
+        prev_hash = digest
+    conn.executemany(_INSERT_ENTRY, values)
+    return values
+
+
 class AuditLog(WriterOwner, AuditBackend):
     """Append-only hash-chained audit log; open with ``await AuditLog.open(...)``."""
 
@@ -145,49 +173,42 @@ class AuditLog(WriterOwner, AuditBackend):
         """
         if not items:
             return []
-        fields = [entry_fields(item, now_ms) for item in items]
+        rows = [item_entry(item, 0, now_ms) for item in items]
 
         def job(conn: sqlite3.Connection) -> list[int]:
             seq, prev_hash, _ = _head(conn)
-            out = []
-            for f in fields:
-                seq, prev_hash = seq + 1, self._append(conn, f, seq + 1, prev_hash)
-                if seq % self._every == 0:
-                    self._insert_checkpoint(conn, seq, prev_hash, f.time_ms)
-                out.append(seq)
-            return out
+            values = _chain(conn, rows, seq, prev_hash)
+            for v in values:
+                if v[0] % self._every == 0:
+                    self._insert_checkpoint(conn, v[0], v[9], now_ms)
+            return [v[0] for v in values]
 
         return await self._writer.submit(job)
 
-    async def append_outbox(
-        self, source: str, rows: Sequence[tuple[int, audit_pb2.AuditEntry]]
-    ) -> int:
-        """Append (outbox id, entry) rows of source in id order, each at its own time,
-        and move source's drained mark to the last id, in one transaction; return the
-        mark. Rows at or below the mark are skipped (each row is appended once). One
-        checkpoint is signed if the batch crossed a multiple of checkpoint_every.
-        Raises AuditError."""
-        decoded = sorted(rows, key=lambda r: r[0])
+    async def append_outbox(self, source: str, rows: Sequence[OutboxEntry]) -> int:
+        """Append outbox rows of source in id order, each at its own time, and move
+        source's drained mark to the last id, in one transaction; return the mark. Rows
+        at or below the mark are skipped (each row is appended once). One checkpoint is
+        signed if the batch crossed a multiple of checkpoint_every. Raises AuditError."""
+        ordered = sorted(rows, key=lambda r: r.id)
 
         def job(conn: sqlite3.Connection) -> int:
             found = conn.execute("SELECT through FROM drained WHERE source = ?", (source,))
             mark = int((found.fetchone() or (0,))[0])
-            fresh = [(i, f) for i, f in decoded if i > mark]
+            fresh = [r for r in ordered if r.id > mark]
             if not fresh:
                 return mark
-            seq, prev_hash, _ = _head(conn)
-            first = seq
-            for _, f in fresh:
-                prev_hash = self._append(conn, f, seq + 1, prev_hash)
-                seq += 1
+            first, prev_hash, _ = _head(conn)
+            values = _chain(conn, fresh, first, prev_hash)
+            seq, last_hash = values[-1][0], values[-1][9]
             if seq // self._every != first // self._every:
-                self._insert_checkpoint(conn, seq, prev_hash, fresh[-1][1].time_ms)
+                self._insert_checkpoint(conn, seq, last_hash, fresh[-1].time_ms)
             conn.execute(
                 "INSERT INTO drained (source, through) VALUES (?, ?)"
                 " ON CONFLICT (source) DO UPDATE SET through = excluded.through",
-                (source, fresh[-1][0]),
+                (source, fresh[-1].id),
             )
-            return fresh[-1][0]
+            return fresh[-1].id
 
         return await self._writer.submit(job)
 
@@ -199,17 +220,6 @@ class AuditLog(WriterOwner, AuditBackend):
             return int((row.fetchone() or (0,))[0])
 
         return await self._readers.run(read)
-
-    def _append(
-        self, conn: sqlite3.Connection, fields: audit_pb2.AuditEntry, seq: int, prev: bytes
-    ) -> bytes:
-        """Insert fields as entry seq after prev (the previous hash); return its hash."""
-        entry = audit_pb2.AuditEntry()
-        entry.CopyFrom(fields)
-        entry.seq, entry.prev_hash = seq, prev
-        entry.hash = entry_hash(prev, entry)
-        conn.execute(_INSERT_ENTRY, tuple(getattr(entry, f) for f in ENTRY_FIELDS))
-        return entry.hash
 
     async def checkpoint(self, now_ms: int) -> audit_pb2.AuditCheckpoint:
         """Sign the current head (seq 0 and zero hash when empty), store and return it."""

@@ -60,7 +60,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from nats.aio.client import Client
 
 from broker.audit.backend import AuditBackend, AuditError
-from broker.audit.items import AuditItem, entry_fields
+from broker.audit.items import AuditItem, OutboxEntry, entry_fields
 from broker.audit.refusals import RefusalSummary
 from broker.jetstream.audit_blocks import (
     Block,
@@ -296,16 +296,14 @@ class JetStreamAuditLog(AuditBackend):
         assert isinstance(seqs, list)
         return [int(s) for s in seqs]
 
-    async def append_outbox(
-        self, source: str, rows: Sequence[tuple[int, audit_pb2.AuditEntry]]
-    ) -> int:
+    async def append_outbox(self, source: str, rows: Sequence[OutboxEntry]) -> int:
         """Append (outbox id, entry) rows of source in id order, each at its own time, and
         move source's drained mark to the last id in the same block; return the mark.
         Rows at or below the mark (as the stream's last block has it) are skipped, so a
         row is appended once whichever broker drains it. A batch larger than a block is
         written as several, each moving the mark past its own rows; each signs one
         checkpoint if it crossed a multiple of checkpoint_every. Raises AuditError."""
-        ordered = sorted(rows, key=lambda r: r[0])
+        ordered = sorted(((r.id, r.entry()) for r in rows), key=lambda r: r[0])
         if not ordered:
             return await self.drained_through(source)
         chunks: list[list[tuple[int, audit_pb2.AuditEntry]]] = [[]]

@@ -64,7 +64,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from broker.audit.items import AuditItem, encode
+from broker.audit.items import AuditItem, encode, with_detail
 from broker.errors import Unavailable
 from broker.jetstream.connect import ClusterSettings, placed
 from broker.jetstream.registry_view import H_CHANGE, H_TIME, Outgoing, View
@@ -365,9 +365,8 @@ class RegistryStream:
             await self._until(lambda: self._delivered >= self._written, deadline, "outbox")
         out = []
         for row in self.view.outbox_rows(after, limit):
-            fields = json.loads(row.record)
-            fields["detail"] = {**(fields.get("detail") or {}), "ref": f"registry:{row.id}"}
-            out.append(OutboxRow(row.id, row.time_ms, json.dumps(fields)))
+            record = with_detail(row.record, ref=f"registry:{row.id}")
+            out.append(OutboxRow(row.id, row.time_ms, record))
         return out
 
     async def forget_outbox(self, through: int) -> None:
