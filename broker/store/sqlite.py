@@ -186,9 +186,9 @@ class SqliteMessageStore(WriterOwner):
     async def settle(self, subscriber: str, offsets: Sequence[int]) -> int:
         """Mark offsets done for subscriber (acked or skipped); advance and return its cursor.
 
-        The cursor moves over the contiguous prefix of settled (or removed) offsets, and the
-        settled marks below it are pruned. Raises StoreError if subscriber has no cursor.
-        """
+        The cursor moves over the contiguous prefix of settled (or removed) offsets, the marks
+        below it are pruned; committed with the next write (submit_with_next), durable on
+        return. Raises StoreError if subscriber has no cursor."""
         wanted = tuple(offsets)
 
         def job(conn: sqlite3.Connection) -> int:
@@ -219,7 +219,7 @@ class SqliteMessageStore(WriterOwner):
                 )
             return new_cursor
 
-        return await self._writer.submit(job)
+        return await self._writer.submit_with_next(job)
 
     async def enforce_retention(self, now_ms: int) -> int:
         """Remove messages stored before now - max_age_ms, expired ones, then, while the
