@@ -133,3 +133,28 @@ async def test_settling_in_order_writes_no_settled_marks(tmp_path: Path) -> None
     finally:
         store._writer._conn.set_trace_callback(None)
         await store.close()
+
+
+async def test_a_settle_in_order_and_a_senders_lookup_take_one_statement_each(
+    tmp_path: Path,
+) -> None:
+    """The writer thread waits for the GIL after every statement, so the common cases are
+    kept short: an in-order settle reads its cursor and the head together, and append
+    reads a sender's last sequence and stored bytes together."""
+    store = await SqliteMessageStore.open(tmp_path / "s.db", max_bytes=MiB, sender_bytes=1000)
+    seen: list[str] = []
+    try:
+        await store.append([message(sequence=i) for i in range(1, 4)], 1)
+        assert await store.ensure_cursor("GBR", 0) == 0
+        store._writer._conn.set_trace_callback(seen.append)
+        assert await store.settle("GBR", [1, 2]) == 2
+        job = seen[seen.index("SAVEPOINT job") + 1 : seen.index("RELEASE job")]
+        assert len(job) == 4, job  # cursor and head, first unsettled, move, prune
+        seen.clear()
+        await store.append([message(sequence=4)], 2)
+        job = seen[seen.index("SAVEPOINT job") + 1 : seen.index("RELEASE job")]
+        lookups = [s for s in job if "FROM senders" in s or "FROM usage" in s]
+        assert len(lookups) == 1 and "FROM usage" in lookups[0], job
+    finally:
+        store._writer._conn.set_trace_callback(None)
+        await store.close()

@@ -1,4 +1,8 @@
-"""The SQLite store's message writes and reads: append's transaction, pending reads."""
+"""The SQLite store's message writes and reads: append's and settle's transactions,
+pending reads.
+
+The writer thread gives up the GIL for every step of a statement and waits for it again
+while the event loop runs, so each statement a job saves also spares a wait."""
 
 from __future__ import annotations
 
@@ -13,16 +17,20 @@ from broker.store.base import (
     NewMessage,
     Rejected,
     StoredMessage,
+    StoreError,
     StoreFull,
     stored_message,
 )
 from broker.store.schema import (
     ADD_STATE,
     ADD_USAGE,
+    CURSOR_AND_HEAD,
     DUPLICATE,
+    FIRST_UNSETTLED,
     INSERT_NEW,
     PENDING_AT_PRECEDENCE,
     ROWS_BY_OFFSET,
+    SENDER,
     cursor_of,
     mib,
     state,
@@ -49,15 +57,9 @@ def append_messages(
     added: dict[str, list[int]] = {}  # per sender: messages and bytes stored
     for m in batch:
         if m.sender not in last:
-            row = conn.execute(
-                "SELECT last_sequence FROM senders WHERE sender = ?", (m.sender,)
-            ).fetchone()
-            last[m.sender] = int(row[0]) if row else 0
-            if quota:
-                row = conn.execute(
-                    "SELECT bytes FROM usage WHERE sender = ?", (m.sender,)
-                ).fetchone()
-                used[m.sender] = int(row[0]) if row else 0
+            seq, held = conn.execute(SENDER, (m.sender,)).fetchone()
+            last[m.sender] = int(seq or 0)
+            used[m.sender] = int(held or 0)
         # A stored (sender, message_id) is refused duplicate_id before any other check:
         # looked up here when another check fails, else by the insert itself (INSERT_NEW).
         # A forwarded sender's sequence may have gaps and arrive out of order (only what
@@ -127,6 +129,35 @@ def append_messages(
         outbox.insert_records(conn, records(fresh), now_ms)
     outbox.insert_records(conn, also, now_ms)
     return results
+
+
+def settle_offsets(conn: sqlite3.Connection, subscriber: str, wanted: Sequence[int]) -> int:
+    """SqliteMessageStore.settle's transaction: mark wanted done, advance the cursor over
+    the settled (or removed) prefix, prune the marks below it; return the cursor."""
+    row = conn.execute(CURSOR_AND_HEAD, (subscriber,)).fetchone()
+    if row is None:
+        raise StoreError(f"subscriber {subscriber!r} has no cursor; call ensure_cursor first")
+    cursor, head = int(row[0]), int(row[1])
+    mine = {o for o in wanted if cursor < o <= head}
+    # The run just above the cursor is passed over without a settled mark (one would be
+    # written and pruned at once): in order, that is every offset.
+    run = cursor
+    while run + 1 in mine:
+        run += 1
+    marks = [(subscriber, o) for o in mine if o > run]
+    if marks:
+        conn.executemany(
+            "INSERT OR IGNORE INTO settled (subscriber, msg_offset) VALUES (?, ?)", marks
+        )
+    first = conn.execute(FIRST_UNSETTLED, (run, subscriber)).fetchone()
+    new_cursor = max(cursor, int(first[0]) - 1 if first else head)
+    if new_cursor != cursor:
+        conn.execute("UPDATE cursors SET cursor = ? WHERE subscriber = ?", (new_cursor, subscriber))
+        conn.execute(
+            "DELETE FROM settled WHERE subscriber = ? AND msg_offset <= ?",
+            (subscriber, new_cursor),
+        )
+    return new_cursor
 
 
 def pending_and_head(

@@ -72,6 +72,13 @@ ADD_USAGE = (
     "INSERT INTO usage (sender, bytes, messages) VALUES (?, ?, ?) ON CONFLICT (sender)"
     " DO UPDATE SET bytes = bytes + excluded.bytes, messages = messages + excluded.messages"
 )
+# A sender's last sequence and stored bytes in one statement (NULL: none yet).
+SENDER = (
+    "SELECT (SELECT last_sequence FROM senders WHERE sender = ?1),"
+    " (SELECT bytes FROM usage WHERE sender = ?1)"
+)
+# A subscriber's cursor and the head offset in one statement (no row: no cursor).
+CURSOR_AND_HEAD = "SELECT c.cursor, s.head FROM cursors c, state s WHERE c.subscriber = ?"
 GET = (
     "SELECT msg_offset, stored_ms, message_id, sender, sequence, topic, precedence,"
     " classification, label, created_ms, expiry_ms, envelope, digest"

@@ -33,11 +33,10 @@ from broker.store.base import (
     StoreStats,
     Sweep,
 )
-from broker.store.messages import append_messages, pending_and_head
+from broker.store.messages import append_messages, pending_and_head, settle_offsets
 from broker.store.readers import ReaderPool
 from broker.store.schema import (
     BACKLOG,
-    FIRST_UNSETTLED,
     GET,
     SCHEMA,
     cursor_of,
@@ -186,40 +185,13 @@ class SqliteMessageStore(WriterOwner):
     async def settle(self, subscriber: str, offsets: Sequence[int]) -> int:
         """Mark offsets done for subscriber (acked or skipped); advance and return its cursor.
 
-        The cursor moves over the contiguous prefix of settled (or removed) offsets, and the
-        settled marks below it are pruned. Raises StoreError if subscriber has no cursor.
-        """
+        The cursor moves over the contiguous prefix of settled (or removed) offsets, the marks
+        below it are pruned; committed with the next write (submit_with_next), durable on
+        return. Raises StoreError if subscriber has no cursor."""
         wanted = tuple(offsets)
-
-        def job(conn: sqlite3.Connection) -> int:
-            cursor = cursor_of(conn, subscriber)
-            head = state(conn)[0]
-            mine = {o for o in wanted if cursor < o <= head}
-            # The run just above the cursor is passed over without a settled mark (one
-            # would be written and pruned at once): in order, that is every offset.
-            run = cursor
-            while run + 1 in mine:
-                run += 1
-            conn.executemany(
-                "INSERT OR IGNORE INTO settled (subscriber, msg_offset) VALUES (?, ?)",
-                ((subscriber, o) for o in mine if o > run),
-            )
-            row = conn.execute(
-                FIRST_UNSETTLED,
-                (run, subscriber),
-            ).fetchone()
-            new_cursor = max(cursor, int(row[0]) - 1 if row else head)
-            if new_cursor != cursor:
-                conn.execute(
-                    "UPDATE cursors SET cursor = ? WHERE subscriber = ?", (new_cursor, subscriber)
-                )
-                conn.execute(
-                    "DELETE FROM settled WHERE subscriber = ? AND msg_offset <= ?",
-                    (subscriber, new_cursor),
-                )
-            return new_cursor
-
-        return await self._writer.submit(job)
+        return await self._writer.submit_with_next(
+            lambda conn: settle_offsets(conn, subscriber, wanted)
+        )
 
     async def enforce_retention(self, now_ms: int) -> int:
         """Remove messages stored before now - max_age_ms, expired ones, then, while the

@@ -12,6 +12,12 @@ jobs are retried one transaction each, so the job that cannot fit fails alone.
 
 A rider (ride()) is housekeeping nobody waits for: it runs at the start of the next
 transaction, whoever's it is, so it costs no commit of its own.
+
+A job that may wait a little (submit_with_next()) is held until another job starts a
+transaction and commits with it (held jobs run first in it); only if none comes within
+the writer's linger does it get a transaction of its own. Its caller still learns of it
+once it is durable, so it promises what submit() does, later; what it spares is a
+commit (and an fsync) for work that is never in a hurry, such as moving a cursor.
 """
 
 from __future__ import annotations
@@ -72,13 +78,21 @@ class _Outcome:
 
 
 _STOP = object()
+_NUDGE = object()  # held jobs arrived while the thread was idle: start their linger
+LINGER_S = 0.010  # how long a held job waits for another transaction to ride
 
 
 class GroupCommitWriter:
     """The single writer of one SQLite file; see the module docstring."""
 
     def __init__(
-        self, conn: sqlite3.Connection, *, name: str, map_error: ErrorMap, max_batch: int = 1024
+        self,
+        conn: sqlite3.Connection,
+        *,
+        name: str,
+        map_error: ErrorMap,
+        max_batch: int = 1024,
+        linger: float = LINGER_S,
     ) -> None:
         self._conn = conn
         self._name = name
@@ -88,6 +102,12 @@ class GroupCommitWriter:
         self._closed = False
         self._rider: Callable[[sqlite3.Connection], object] | None = None
         self._rider_lock = threading.Lock()
+        self._linger = linger
+        # submit_with_next()'s jobs, the time the oldest must be committed by, and
+        # whether the thread waits without a timeout (then the first held job nudges it).
+        self._held: list[_Job] = []
+        self._held_until = 0.0
+        self._idle = False
         self.commits = 0  # transactions committed
         self.jobs = 0  # jobs committed
         # Called on the writer thread with each commit's seconds (broker.metrics).
@@ -119,6 +139,26 @@ class GroupCommitWriter:
         self._queue.put(_Job(job, future, loop))
         return cast(T, await future)
 
+    async def submit_with_next(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """submit(job), committed with the next transaction another job starts, or alone
+        once it has waited the writer's linger (default LINGER_S) for one.
+
+        Durable on return, like submit(); raises what submit() raises. close() commits a
+        held job at once.
+        """
+        if self._closed:
+            raise RuntimeError(f"{self._name} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._rider_lock:
+            if not self._held:
+                self._held_until = time.monotonic() + self._linger
+            self._held.append(_Job(job, future, loop))
+            nudge, self._idle = self._idle, False
+        if nudge:
+            self._queue.put(_NUDGE)
+        return cast(T, await future)
+
     def ride(self, job: Callable[[sqlite3.Connection], object]) -> None:
         """Run job at the start of the next transaction, in place of a rider not yet run.
 
@@ -129,8 +169,8 @@ class GroupCommitWriter:
             self._rider = job
 
     async def close(self) -> None:
-        """Commit everything already submitted (a pending rider too), checkpoint the WAL
-        and close the connection."""
+        """Commit everything already submitted (held jobs and a pending rider too),
+        checkpoint the WAL and close the connection."""
         if self._closed:
             return
         if self._rider is not None:
@@ -145,20 +185,37 @@ class GroupCommitWriter:
     def _loop(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            batch = [cast(_Job, first)]
-            while len(batch) < self._max_batch:
+            with self._rider_lock:
+                # Held jobs wait for another job until their time is up; with none held
+                # the thread sleeps until a job (or the first held one's nudge) arrives.
+                wait = max(0.0, self._held_until - time.monotonic()) if self._held else None
+                self._idle = wait is None
+            try:
+                first: object = self._queue.get(timeout=wait)
+            except queue.Empty:
+                first = None  # the held jobs waited long enough: commit them alone
+            with self._rider_lock:
+                self._idle = False
+            if first is _NUDGE:
+                continue
+            batch: list[_Job] = []
+            item = first
+            while item is not None:
+                if item is _STOP:
+                    stopping = True
+                    break
+                if item is not _NUDGE:
+                    batch.append(cast(_Job, item))
+                if len(batch) >= self._max_batch:
+                    break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(cast(_Job, item))
-            self._commit_batch(batch)
+            with self._rider_lock:
+                held, self._held = self._held, []
+            if held or batch:
+                self._commit_batch(held + batch)
         with contextlib.suppress(sqlite3.Error):
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.close()
