@@ -32,6 +32,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.report import at_least_one
 from broker.audit import AuditItem, AuditLog
 from broker.audit.drainer import Drainer, _entries
 from broker.audit.items import encode
@@ -138,8 +139,8 @@ async def run(rows: int, repeat: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=400, help="outbox rows per drain")
-    p.add_argument("--repeat", type=int, default=41, help="drains measured (median)")
+    p.add_argument("--rows", type=at_least_one, default=400, help="outbox rows per drain")
+    p.add_argument("--repeat", type=at_least_one, default=41, help="drains measured (median)")
     args = p.parse_args()
     result = asyncio.run(run(args.rows, args.repeat))
     print(json.dumps({k: round(v, 2) for k, v in result.items()}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -313,8 +314,19 @@ def dump_deliveries(out: Path, results: Iterable[RowResult], senders: Sequence[s
                     sent = r.sent_at.get(mid)
                     if sent is None:
                         continue
+                    sender = senders[k % len(senders)]
                     for code, opened in sorted(r.opened.items()):
                         t = opened.get(mid)
                         at, ms = ("", "") if t is None else (t, f"{(t - sent) / 1e6:.3f}")
-                        sender = senders[k % len(senders)]
                         w.writerow([r.system, ph.round, ph.name, k, sender, code, sent, at, ms])
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (rounds, rows, repeats)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return n

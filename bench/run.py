@@ -483,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         "latency in ms) for bench.tail to read",
     )
     p.add_argument(
-        "--rounds", type=int, help="rounds per row (default: the mode's, 2 for a full run)"
+        "--rounds",
+        type=report.at_least_one,
+        help="rounds per row, at least 1 (default: the mode's, 2 for a full run)",
     )
     p.add_argument(
         "--envelope",

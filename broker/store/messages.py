@@ -17,7 +17,6 @@ from broker.store.base import (
     NewMessage,
     Rejected,
     StoredMessage,
-    StoreError,
     StoreFull,
     stored_message,
 )
@@ -33,6 +32,7 @@ from broker.store.schema import (
     SENDER,
     cursor_of,
     mib,
+    no_cursor,
     state,
     stored,
 )
@@ -136,7 +136,7 @@ def settle_offsets(conn: sqlite3.Connection, subscriber: str, wanted: Sequence[i
     the settled (or removed) prefix, prune the marks below it; return the cursor."""
     row = conn.execute(CURSOR_AND_HEAD, (subscriber,)).fetchone()
     if row is None:
-        raise StoreError(f"subscriber {subscriber!r} has no cursor; call ensure_cursor first")
+        raise no_cursor(subscriber)
     cursor, head = int(row[0]), int(row[1])
     mine = {o for o in wanted if cursor < o <= head}
     # The run just above the cursor is passed over without a settled mark (one would be

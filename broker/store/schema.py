@@ -126,10 +126,15 @@ def stored(row: tuple[object, ...]) -> StoredMessage:
     return StoredMessage(*row)  # type: ignore[arg-type]  # columns are in field order
 
 
+def no_cursor(subscriber: str) -> StoreError:
+    """The error for a subscriber without a cursor."""
+    return StoreError(f"subscriber {subscriber!r} has no cursor; call ensure_cursor first")
+
+
 def cursor_of(conn: sqlite3.Connection, subscriber: str) -> int:
     row = conn.execute("SELECT cursor FROM cursors WHERE subscriber = ?", (subscriber,)).fetchone()
     if row is None:
-        raise StoreError(f"subscriber {subscriber!r} has no cursor; call ensure_cursor first")
+        raise no_cursor(subscriber)
     return int(row[0])
 
 
