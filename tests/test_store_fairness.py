@@ -212,6 +212,10 @@ async def test_an_expiry_is_audited_and_told_at_once_or_on_reconnect(
                 await eventually(lambda: log.exists() and "caught up" in log.read_text(), 20)
                 had = await publish_one(kor, TO_USA, b"delivered in time", "intel.ground")
                 await eventually(lambda: inbox.counts() == (1, 0), 20)
+                # Its acknowledgement settled (the cursor moved) before the node stops.
+                async with asyncio.timeout(20):
+                    while (await b.store.cursor("USA") or 0) < 1:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
             finally:
                 assert await stop(daemon) == 0
             # While USA is offline: two messages for USA, two for GBR only.
