@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.report import percentile
 
@@ -51,22 +53,34 @@ def load(path: Path) -> dict[tuple[str, str], dict[tuple[int, int], Message]]:
     return out
 
 
-def report(msgs: dict[tuple[int, int], Message], gap_ms: float) -> list[str]:
-    lat = sorted(x for m in msgs.values() for x in m.latency_ms.values())
-    p99 = percentile(lat, 99)
-    lines = [
-        f"  {len(lat)} deliveries: p50 {percentile(lat, 50):.1f}  p90 {percentile(lat, 90):.1f}"
-        f"  p99 {p99:.1f}  p99.9 {percentile(lat, 99.9):.1f}  max {lat[-1]:.1f} ms"
-    ]
+def calm(
+    msgs: dict[tuple[int, int], Message], window_ms: float, below_ms: float
+) -> dict[str, float]:
+    """The deliveries of the window_ms slices (by send time, from each round's first
+    send) whose slowest delivery is under below_ms: their share of all deliveries
+    (0..1), p50 and p99 (NaN when no slice is calm)."""
+    slices: dict[tuple[int, int], list[float]] = defaultdict(list)
+    starts: dict[int, int] = {}
+    for (rnd, _), m in msgs.items():
+        starts[rnd] = min(starts.get(rnd, m.sent_ns), m.sent_ns)
+    for (rnd, _), m in msgs.items():
+        at = int((m.sent_ns - starts[rnd]) // (window_ms * 1e6))
+        slices[(rnd, at)].extend(m.latency_ms.values())
+    total = sum(len(v) for v in slices.values())
+    kept = sorted(x for v in slices.values() if v and max(v) < below_ms for x in v)
+    return {
+        "share": len(kept) / total if total else 0.0,
+        "p50_ms": percentile(kept, 50),
+        "p99_ms": percentile(kept, 99),
+    }
+
+
+def stalls_of(
+    msgs: dict[tuple[int, int], Message], p99: float, gap_ms: float
+) -> list[list[tuple[tuple[int, int], Message]]]:
+    """The messages with a delivery at or above p99, in send order, grouped while sent
+    within gap_ms of the previous one (of the same round)."""
     slow = sorted((k, m) for k, m in msgs.items() if max(m.latency_ms.values(), default=0) >= p99)
-    every = sum(1 for _, m in slow if min(m.latency_ms.values()) >= p99)
-    senders: dict[str, int] = defaultdict(int)
-    for _, m in slow:
-        senders[m.sender] += 1
-    lines.append(
-        f"  {len(slow)} messages with a delivery at or above the p99: {every} slow for every "
-        f"recipient at once; by sender {dict(sorted(senders.items()))}"
-    )
     stalls: list[list[tuple[tuple[int, int], Message]]] = []
     for k, m in slow:
         if (
@@ -77,21 +91,84 @@ def report(msgs: dict[tuple[int, int], Message], gap_ms: float) -> list[str]:
             stalls[-1].append((k, m))
         else:
             stalls.append([(k, m)])
+    return stalls
+
+
+def summary(
+    msgs: dict[tuple[int, int], Message],
+    gap_ms: float = 20.0,
+    window_ms: float = 250.0,
+    calm_ms: float = 50.0,
+) -> dict[str, Any]:
+    """Everything the report prints, as plain values (what --json writes)."""
+    lat = sorted(x for m in msgs.values() for x in m.latency_ms.values())
+    p99 = percentile(lat, 99)
+    stalls = stalls_of(msgs, p99, gap_ms)
+    slow = [m for s in stalls for _, m in s]
+    senders: dict[str, int] = defaultdict(int)
+    for m in slow:
+        senders[m.sender] += 1
     starts: dict[int, int] = {}
     for (rnd, _), m in msgs.items():
         starts[rnd] = min(starts.get(rnd, m.sent_ns), m.sent_ns)
-    lines.append(f"  {len(stalls)} stalls (slow messages sent within {gap_ms:g} ms of each other):")
+    found: list[dict[str, Any]] = []
     gaps: list[float] = []
     for i, s in enumerate(stalls):
         rnd = s[0][0][0]
         t0, t1 = s[0][1].sent_ns, s[-1][1].sent_ns
-        worst = max(max(m.latency_ms.values()) for _, m in s)
-        lines.append(
-            f"    round {rnd} at {(t0 - starts[rnd]) / 1e9:7.3f} s: {len(s):3} messages over "
-            f"{(t1 - t0) / 1e6:6.1f} ms, worst {worst:6.1f} ms"
+        found.append(
+            {
+                "round": rnd,
+                "at_s": (t0 - starts[rnd]) / 1e9,
+                "messages": len(s),
+                "over_ms": (t1 - t0) / 1e6,
+                "worst_ms": max(max(m.latency_ms.values()) for _, m in s),
+            }
         )
         if i and stalls[i - 1][0][0][0] == rnd:
             gaps.append((t0 - stalls[i - 1][-1][1].sent_ns) / 1e6)
+    return {
+        "deliveries": len(lat),
+        "p50_ms": percentile(lat, 50),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": p99,
+        "p999_ms": percentile(lat, 99.9),
+        "max_ms": lat[-1] if lat else float("nan"),
+        "calm": {"window_ms": window_ms, "below_ms": calm_ms, **calm(msgs, window_ms, calm_ms)},
+        "slow_messages": len(slow),
+        "slow_for_every_recipient": sum(1 for m in slow if min(m.latency_ms.values()) >= p99),
+        "slow_by_sender": dict(sorted(senders.items())),
+        "stall_gap_ms": gap_ms,
+        "stalls": found,
+        "gaps_between_stalls_ms": gaps,
+    }
+
+
+def report(
+    msgs: dict[tuple[int, int], Message],
+    gap_ms: float,
+    window_ms: float = 250.0,
+    calm_ms: float = 50.0,
+) -> list[str]:
+    """summary(...) as the lines the command prints."""
+    d = summary(msgs, gap_ms, window_ms, calm_ms)
+    q = d["calm"]
+    lines = [
+        f"  {d['deliveries']} deliveries: p50 {d['p50_ms']:.1f}  p90 {d['p90_ms']:.1f}"
+        f"  p99 {d['p99_ms']:.1f}  p99.9 {d['p999_ms']:.1f}  max {d['max_ms']:.1f} ms",
+        f"  calm {window_ms:g} ms windows (slowest under {calm_ms:g} ms): "
+        f"{q['share']:.0%} of deliveries, p50 {q['p50_ms']:.1f}  p99 {q['p99_ms']:.1f} ms",
+        f"  {d['slow_messages']} messages with a delivery at or above the p99: "
+        f"{d['slow_for_every_recipient']} slow for every recipient at once; "
+        f"by sender {d['slow_by_sender']}",
+        f"  {len(d['stalls'])} stalls (slow messages sent within {gap_ms:g} ms of each other):",
+    ]
+    for st in d["stalls"]:
+        lines.append(
+            f"    round {st['round']} at {st['at_s']:7.3f} s: {st['messages']:3} messages over "
+            f"{st['over_ms']:6.1f} ms, worst {st['worst_ms']:6.1f} ms"
+        )
+    gaps = d["gaps_between_stalls_ms"]
     if len(gaps) >= 2:
         lines.append(
             f"  gaps between stalls: median {statistics.median(gaps):.0f} ms, "
@@ -100,18 +177,41 @@ def report(msgs: dict[tuple[int, int], Message], gap_ms: float) -> list[str]:
     return lines
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Where the latency tail comes from (see docstring).")
     p.add_argument("csv", type=Path, help="a file written by bench.run --dump-deliveries")
     p.add_argument("--row", help="only this row")
     p.add_argument("--phase", default="load-500", help="open-loop phase (default load-500)")
-    p.add_argument("--gap", type=float, default=20.0, help="ms between slow messages of one stall")
+    p.add_argument(
+        "--gap", type=_positive, default=20.0, help="ms between slow messages of one stall"
+    )
+    p.add_argument(
+        "--window", type=_positive, default=250.0, help="ms per slice for the calm windows"
+    )
+    p.add_argument(
+        "--calm",
+        type=_positive,
+        default=50.0,
+        help="a slice is calm while its slowest delivery is under this many ms (default 50)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per row and phase")
     args = p.parse_args(argv)
     for (row, phase), msgs in sorted(load(args.csv).items()):
         if phase != args.phase or (args.row and row != args.row):
             continue
+        if args.json:
+            doc = summary(msgs, args.gap, args.window, args.calm)
+            print(json.dumps({"row": row, "phase": phase, **doc}))
+            continue
         print(f"{row} {phase}")
-        print("\n".join(report(msgs, args.gap)))
+        print("\n".join(report(msgs, args.gap, args.window, args.calm)))
     return 0
 
 
