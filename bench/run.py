@@ -433,8 +433,8 @@ async def run(
         },
         "rows": rows,
         "details": details,
-        "ratios": report.ratios(rows),
-        "targets": report.targets(rows),
+        "ratios": report.ratios(rows, details),
+        "targets": report.targets(rows, details),
     }
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.report import percentile
+from bench.report import calm_latency, percentile
 
 
 @dataclass
@@ -56,23 +56,14 @@ def load(path: Path) -> dict[tuple[str, str], dict[tuple[int, int], Message]]:
 def calm(
     msgs: dict[tuple[int, int], Message], window_ms: float, below_ms: float
 ) -> dict[str, float]:
-    """The deliveries of the window_ms slices (by send time, from each round's first
-    send) whose slowest delivery is under below_ms: their share of all deliveries
-    (0..1), p50 and p99 (NaN when no slice is calm)."""
-    slices: dict[tuple[int, int], list[float]] = defaultdict(list)
-    starts: dict[int, int] = {}
-    for (rnd, _), m in msgs.items():
-        starts[rnd] = min(starts.get(rnd, m.sent_ns), m.sent_ns)
-    for (rnd, _), m in msgs.items():
-        at = int((m.sent_ns - starts[rnd]) // (window_ms * 1e6))
-        slices[(rnd, at)].extend(m.latency_ms.values())
-    total = sum(len(v) for v in slices.values())
-    kept = sorted(x for v in slices.values() if v and max(v) < below_ms for x in v)
-    return {
-        "share": len(kept) / total if total else 0.0,
-        "p50_ms": percentile(kept, 50),
-        "p99_ms": percentile(kept, 99),
-    }
+    """bench.report.calm_latency over msgs (each round a phase of its own): the share of
+    deliveries in calm window_ms slices (0..1), their p50_ms and p99_ms."""
+    q = calm_latency(
+        ((rnd, m.sent_ns, ms) for (rnd, _), m in msgs.items() for ms in m.latency_ms.values()),
+        window_ms,
+        below_ms,
+    )
+    return {"share": q["share"], "p50_ms": q["p50"], "p99_ms": q["p99"]}
 
 
 def stalls_of(

@@ -73,6 +73,11 @@ def test_smoke_run_writes_every_row_with_every_message_delivered(tmp_path: Path)
         by_round = details["delivered_per_s_by_round"]
         assert len(by_round) == rounds and all(r > 0 for r in by_round)
         assert row["delivered_per_s"] == pytest.approx(statistics.median(by_round), abs=0.1)
+        calm = details["calm_latency_ms"]  # the open-loop phases without the host's stalls
+        assert set(calm) == {"window_ms", "below_ms", "500", "2000"}
+        for load in ("500", "2000"):
+            assert set(calm[load]) == {"share", "p50", "p99"}
+            assert 0 <= calm[load]["share"] <= 1
         for p in details["phases"]:  # open-loop phases also report their own round
             if p["name"].startswith("load-"):
                 assert 0 < p["latency_ms"]["p50"] <= p["latency_ms"]["p99"], p
@@ -83,6 +88,7 @@ def test_smoke_run_writes_every_row_with_every_message_delivered(tmp_path: Path)
         assert details["refused"] == 0, details
         assert details["deliveries"] == details["deliveries_expected"] > 0
     assert set(doc["ratios"]) == set(rows) - {"coalition"}
+    assert all("calm_p99_500" in e for e in doc["ratios"].values())
     # The previous result was kept, not overwritten.
     assert (out.parent / "history" / "2000-01-01T000000Z.json").exists()
 

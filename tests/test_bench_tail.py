@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import report
 from bench.tail import calm, load, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,3 +84,38 @@ def test_the_command_reports_calm_windows_and_json(tmp_path: Path) -> None:
     assert doc["row"] == "x" and doc["calm"]["share"] == pytest.approx(0.75)
     bad = subprocess.run([*run, "--window", "0"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "must be above 0" in bad.stderr
+
+
+def test_the_report_compares_p99_at_500_with_jetstream_as_measured_and_when_calm() -> None:
+    def row(system: str, p99: float) -> dict[str, object]:
+        return {
+            "system": system,
+            "delivered_per_s": 1000.0,
+            "latency_ms": {"500": {"p50": 1.0, "p99": p99, "p999": p99}},
+            "cpu_s_per_msg": 0.0001,
+            "peak_rss_mb": 100.0,
+        }
+
+    rows = [row("coalition", 30.0), row("jetstream-sync", 300.0)]
+    details = {
+        "coalition": {"calm_latency_ms": {"500": {"share": 0.9, "p50": 5.0, "p99": 20.0}}},
+        "jetstream-sync": {"calm_latency_ms": {"500": {"share": 0.8, "p50": 2.0, "p99": 8.0}}},
+    }
+    got = report.targets(rows, details)
+    # A stall of the host in JetStream's run makes the raw comparison look met...
+    assert got["p99_500_vs_jetstream-sync"] == {"value": 0.1, "goal": "<= 1x", "met": True}
+    # ...the calm windows show the floors: 20 against 8 ms.
+    assert got["calm_p99_500_vs_jetstream-sync"] == {"value": 2.5, "goal": "<= 1x", "met": False}
+    assert report.ratios(rows, details)["jetstream-sync"]["calm_p99_500"] == 2.5
+    text = report.table(rows, details)
+    assert "calm windows at 500/s" in text and "calm p99" in text
+    # Without details (or without calm windows) the calm ratio is unknown, not invented.
+    assert report.targets(rows)["calm_p99_500_vs_jetstream-sync"]["met"] is None
+
+
+def test_calm_latency_keeps_each_phase_slices_apart() -> None:
+    # Two phases; phase "b" starts later, and its own first slice is calm.
+    d = [("a", 0, 100.0), ("a", 10 * MS, 2.0), ("b", 10**12, 3.0), ("b", 10**12 + MS, 4.0)]
+    got = report.calm_latency(d, 250.0, 50.0)
+    assert got["share"] == 0.5 and got["p50"] == 3.0 and got["p99"] == 4.0
+    assert math.isnan(report.calm_latency([], 250.0, 50.0)["p99"])
