@@ -125,3 +125,60 @@ async def test_settle_commits_with_the_next_append(tmp_path: Path) -> None:
         assert await store.cursor("USA") == 2
     finally:
         await store.close()
+
+
+def _counted(runs: dict[str, int], name: str, v: int, fail: bool = False) -> Callable[[Any], int]:
+    def job(conn: sqlite3.Connection) -> int:
+        runs[name] = runs.get(name, 0) + 1
+        conn.execute("INSERT INTO t (v) VALUES (?)", (v,))
+        if fail:
+            raise ValueError(f"{name} refuses")
+        return v
+
+    return job
+
+
+async def test_a_batch_where_nothing_fails_takes_no_savepoint(tmp_path: Path) -> None:
+    """Savepoints are statements, and each statement costs the writer a wait for the GIL:
+    a batch takes them only when one of its jobs fails."""
+    w = _writer(tmp_path / "w.db", NEVER)
+    seen: list[str] = []
+    try:
+        w._conn.set_trace_callback(seen.append)
+        held = [asyncio.create_task(w.submit_with_next(_insert(v))) for v in (1, 2)]
+        await asyncio.sleep(0.05)  # both held before the job that starts the transaction
+        assert await w.submit(_insert(3)) == 3
+        assert [await h for h in held] == [1, 2]
+    finally:
+        await w.close()
+    assert w.commits == 1 and _rows(tmp_path / "w.db") == [1, 2, 3]
+    assert not [s for s in seen if "SAVEPOINT" in s or "RELEASE" in s], seen
+
+
+async def test_a_failing_job_is_undone_alone_and_the_batch_runs_again_isolated(
+    tmp_path: Path,
+) -> None:
+    """One job of three raises: the batch is rolled back and run again with a savepoint per
+    job; the failing job's write is gone, the others and the rider commit once."""
+    w = _writer(tmp_path / "w.db", NEVER)
+    runs: dict[str, int] = {}
+    seen: list[str] = []
+    try:
+        w._conn.set_trace_callback(seen.append)
+        w.ride(_counted(runs, "rider", 100))
+        held = [
+            asyncio.create_task(w.submit_with_next(_counted(runs, "a", 1))),
+            asyncio.create_task(w.submit_with_next(_counted(runs, "b", 2, fail=True))),
+        ]
+        await asyncio.sleep(0.05)
+        assert await w.submit(_counted(runs, "c", 3)) == 3
+        assert await held[0] == 1
+        with pytest.raises(ValueError, match="b refuses"):
+            await held[1]
+    finally:
+        await w.close()
+    assert _rows(tmp_path / "w.db") == [1, 3, 100]
+    assert w.commits == 1
+    # The first attempt stopped at b; the second ran everything, each in its savepoint.
+    assert runs == {"rider": 2, "a": 2, "b": 2, "c": 1}
+    assert seen.count("ROLLBACK") == 1 and seen.count("SAVEPOINT job") == 3
