@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from broker.store import Appended, Rejected, SqliteMessageStore, outbox
+from broker.store import Appended, Rejected, SqliteMessageStore
 from broker.store.messages import append_messages
 from broker.store.schema import SCHEMA
 from broker.store.writer import open_write_connection
@@ -148,37 +148,13 @@ async def test_a_settle_in_order_and_a_senders_lookup_take_one_statement_each(
         assert await store.ensure_cursor("GBR", 0) == 0
         store._writer._conn.set_trace_callback(seen.append)
         assert await store.settle("GBR", [1, 2]) == 2
-        # One job a transaction here, and no savepoint around it (nothing failed).
-        job = seen[seen.index("BEGIN IMMEDIATE") + 1 : seen.index("COMMIT")]
+        job = seen[seen.index("SAVEPOINT job") + 1 : seen.index("RELEASE job")]
         assert len(job) == 4, job  # cursor and head, first unsettled, move, prune
         seen.clear()
         await store.append([message(sequence=4)], 2)
-        job = seen[seen.index("BEGIN IMMEDIATE") + 1 : seen.index("COMMIT")]
+        job = seen[seen.index("SAVEPOINT job") + 1 : seen.index("RELEASE job")]
         lookups = [s for s in job if "FROM senders" in s or "FROM usage" in s]
         assert len(lookups) == 1 and "FROM usage" in lookups[0], job
     finally:
         store._writer._conn.set_trace_callback(None)
         await store.close()
-
-
-def test_the_outbox_takes_a_commits_records_in_one_statement_in_order(tmp_path: Path) -> None:
-    """Records are text of any content; they come back byte for byte, in the order given,
-    from one INSERT however many there are."""
-    records = [f"@1{i}" for i in range(40)]
-    records += ['"quoted", [1, 2]', "back\\slash \\u0041", "line\nbreak", "ünïcödé ✓ 𝄞", ""]
-    conn = open_write_connection(tmp_path / "s.db", SCHEMA)
-    seen: list[str] = []
-    try:
-        conn.set_trace_callback(seen.append)
-        conn.execute("BEGIN IMMEDIATE")
-        outbox.insert_records(conn, records, 7)
-        outbox.insert_records(conn, [], 8)  # nothing to add: no statement
-        conn.execute("COMMIT")
-        conn.set_trace_callback(None)
-        assert len(seen) == 3 and "INTO outbox" in seen[1], seen
-        rows = outbox.read(conn, 0, 1000)
-    finally:
-        conn.close()
-    assert [r.record for r in rows] == records
-    assert [r.id for r in rows] == list(range(1, len(records) + 1))
-    assert {r.time_ms for r in rows} == {7}

@@ -6,7 +6,6 @@ rows in id order and forgets them once the audit log holds them.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
 
@@ -14,16 +13,10 @@ from broker.store.base import OutboxRow
 
 
 def insert_records(conn: sqlite3.Connection, records: Sequence[str], now_ms: int) -> None:
-    """Add records to the outbox, in order, at now_ms (in the caller's transaction).
-
-    One statement for them all (the records as one JSON array, unpacked by SQLite in
-    array order), not one per record: each statement is a wait for the GIL on the
-    writer thread."""
-    if records:
-        conn.execute(
-            "INSERT INTO outbox (time_ms, record) SELECT ?, value FROM json_each(?) ORDER BY key",
-            (now_ms, json.dumps(list(records))),
-        )
+    """Add records to the outbox, in order, at now_ms (in the caller's transaction)."""
+    conn.executemany(
+        "INSERT INTO outbox (time_ms, record) VALUES (?, ?)", ((now_ms, r) for r in records)
+    )
 
 
 def read(conn: sqlite3.Connection, after: int, limit: int) -> list[OutboxRow]:

@@ -1,14 +1,9 @@
 """Group commit: one thread owns a SQLite file's write connection and commits queued jobs together.
 
 Each caller submits a job, a function of the write connection. The thread takes everything
-queued, runs the jobs in one transaction, commits once, and only then resolves the callers'
-futures. A job that raises leaves no trace and does not disturb the others: the batch is
-rolled back and run again with each job inside its own SAVEPOINT. A job is a function of
-the connection alone, so running it again after a rollback is safe (the storage-failure
-path below relies on that too). Without a failure no savepoint is taken, since each
-statement costs the writer a wait for the GIL (sqlite3 gives it up at every step).
-
-With ``synchronous=FULL`` the commit is an fsync of the write-ahead log, so
+queued, runs the jobs in one transaction (each inside its own SAVEPOINT, so a job that raises
+leaves no trace and does not disturb the others), commits once, and only then resolves the
+callers' futures. With ``synchronous=FULL`` the commit is an fsync of the write-ahead log, so
 a resolved job is durable and a batch is never half-written: after a crash SQLite rolls back
 any transaction whose commit did not finish.
 
@@ -80,10 +75,6 @@ class _Job:
 class _Outcome:
     result: Any = None
     error: BaseException | None = None
-
-
-class _Isolate(Exception):
-    """A job raised in a batch run without savepoints: roll back, run it with them."""
 
 
 _STOP = object()
@@ -231,11 +222,7 @@ class GroupCommitWriter:
 
     def _commit_batch(self, batch: list[_Job]) -> None:
         try:
-            try:
-                outcomes = self._transaction(batch, isolated=False)
-            except _Isolate:
-                self._rollback()
-                outcomes = self._transaction(batch, isolated=True)
+            outcomes = self._transaction(batch)
         except Exception as exc:
             self._rollback()
             if len(batch) == 1:
@@ -248,15 +235,12 @@ class GroupCommitWriter:
 
     def _alone(self, job: _Job) -> _Outcome:
         try:
-            return self._transaction([job], isolated=True)[0]
+            return self._transaction([job])[0]
         except Exception as exc:
             self._rollback()
             return _Outcome(error=self._map_error(exc))
 
-    def _transaction(self, batch: list[_Job], *, isolated: bool) -> list[_Outcome]:
-        """Run batch in one transaction and commit it, unless every job failed. isolated:
-        each job in a savepoint, its failure its outcome; else the first failure raises
-        _Isolate with the rider put back (the caller rolls back). Storage errors raise."""
+    def _transaction(self, batch: list[_Job]) -> list[_Outcome]:
         conn = self._conn
         started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
@@ -273,24 +257,17 @@ class GroupCommitWriter:
             conn.execute("RELEASE rider")
         outcomes: list[_Outcome] = []
         for job in batch:
-            if isolated:
-                conn.execute("SAVEPOINT job")
+            conn.execute("SAVEPOINT job")
             try:
                 result = job.run(conn)
             except (sqlite3.Error, OSError):
                 raise  # the storage failed, not the job: the whole transaction is suspect
             except Exception as exc:
-                if not isolated:
-                    with self._rider_lock:  # undone with this attempt: the next one runs it
-                        if self._rider is None:
-                            self._rider = rider
-                    raise _Isolate from None
                 conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
                 outcomes.append(_Outcome(error=exc))
             else:
-                if isolated:
-                    conn.execute("RELEASE job")
+                conn.execute("RELEASE job")
                 outcomes.append(_Outcome(result=result))
         if all(o.error is not None for o in outcomes):
             conn.execute("ROLLBACK")
