@@ -98,40 +98,40 @@ def calm_latency(
     }
 
 
-def _phase_sends(r: RowResult, ph: PhaseRecord) -> list[tuple[object, int, float]]:
-    """(phase key, send ns, latency ms) of each delivery of one phase."""
-    out: list[tuple[object, int, float]] = []
+@dataclass
+class _Phase:
+    """One phase's deliveries, as row_metrics reads them."""
+
+    expected: int = 0
+    delivered: int = 0
+    first_send: int = 0  # ns
+    last_open: int = 0  # ns
+    latencies: list[float] = field(default_factory=list)  # ms, sorted
+    sends: list[tuple[object, int, float]] = field(default_factory=list)  # for calm_latency
+
+
+def _phase_deliveries(r: RowResult, ph: PhaseRecord) -> _Phase:
+    """What was expected and delivered in one phase, and when (each delivery's send time
+    and latency keyed by the phase, for calm_latency)."""
+    out = _Phase()
+    key = (ph.round, ph.start)
     for mid in r.message_ids[ph.start : ph.stop]:
         sent = r.sent_at.get(mid)
         if sent is None:
             continue
+        out.first_send = sent if out.first_send == 0 else min(out.first_send, sent)
         for opened in r.opened.values():
-            t = opened.get(mid)
-            if t is not None:
-                out.append(((ph.round, ph.start), sent, (t - sent) / 1e6))
-    return out
-
-
-def _phase_deliveries(r: RowResult, ph: PhaseRecord) -> tuple[int, int, list[float], int, int]:
-    """(expected, delivered, latencies ms, first send ns, last open ns) for one phase."""
-    expected = delivered = 0
-    lat: list[float] = []
-    first, last = 0, 0
-    for mid in r.message_ids[ph.start : ph.stop]:
-        sent = r.sent_at.get(mid)
-        if sent is None:
-            continue
-        first = sent if first == 0 else min(first, sent)
-        for opened in r.opened.values():
-            expected += 1
+            out.expected += 1
             t = opened.get(mid)
             if t is None:
                 continue
-            delivered += 1
-            last = max(last, t)
-            lat.append((t - sent) / 1e6)
-    lat.sort()
-    return expected, delivered, lat, first, last
+            out.delivered += 1
+            out.last_open = max(out.last_open, t)
+            ms = (t - sent) / 1e6
+            out.latencies.append(ms)
+            out.sends.append((key, sent, ms))
+    out.latencies.sort()
+    return out
 
 
 def row_metrics(r: RowResult) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -159,7 +159,9 @@ def row_metrics(r: RowResult) -> tuple[dict[str, Any], dict[str, Any]]:
     latencies: dict[int, list[float]] = {}
     sends: dict[int, list[tuple[object, int, float]]] = {}
     for ph in r.phases:
-        expected, delivered, lat, first, last = _phase_deliveries(r, ph)
+        got = _phase_deliveries(r, ph)
+        expected, delivered, lat = got.expected, got.delivered, got.latencies
+        first, last = got.first_send, got.last_open
         if ph.name != "warmup":
             expected_all += expected
             delivered_all += delivered
@@ -184,7 +186,7 @@ def row_metrics(r: RowResult) -> tuple[dict[str, Any], dict[str, Any]]:
                 sat_parts[kind] = sat_parts.get(kind, 0.0) + cpu
         if ph.kind == "open":
             latencies.setdefault(ph.rate, []).extend(lat)
-            sends.setdefault(ph.rate, []).extend(_phase_sends(r, ph))
+            sends.setdefault(ph.rate, []).extend(got.sends)
             info["achieved_per_s"] = round(delivered / span_s, 1) if delivered else 0.0
             if lat:  # this round alone: on a noisy host the rounds can differ a lot
                 ordered = sorted(lat)
