@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.report import calm_latency, percentile
+from bench.report import CALM_BELOW_MS, CALM_WINDOW_MS, calm_latency, percentile
 
 
 @dataclass
@@ -88,8 +88,8 @@ def stalls_of(
 def summary(
     msgs: dict[tuple[int, int], Message],
     gap_ms: float = 20.0,
-    window_ms: float = 250.0,
-    calm_ms: float = 50.0,
+    window_ms: float = CALM_WINDOW_MS,
+    calm_ms: float = CALM_BELOW_MS,
 ) -> dict[str, Any]:
     """Everything the report prints, as plain values (what --json writes)."""
     lat = sorted(x for m in msgs.values() for x in m.latency_ms.values())
@@ -138,8 +138,8 @@ def summary(
 def report(
     msgs: dict[tuple[int, int], Message],
     gap_ms: float,
-    window_ms: float = 250.0,
-    calm_ms: float = 50.0,
+    window_ms: float = CALM_WINDOW_MS,
+    calm_ms: float = CALM_BELOW_MS,
 ) -> list[str]:
     """summary(...) as the lines the command prints."""
     d = summary(msgs, gap_ms, window_ms, calm_ms)
@@ -168,6 +168,17 @@ def report(
     return lines
 
 
+def _no_nan(value: Any) -> Any:
+    """value with every NaN (no calm slice, no delivery) as None: JSON has no NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -184,13 +195,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gap", type=_positive, default=20.0, help="ms between slow messages of one stall"
     )
     p.add_argument(
-        "--window", type=_positive, default=250.0, help="ms per slice for the calm windows"
+        "--window",
+        type=_positive,
+        default=CALM_WINDOW_MS,
+        help=f"ms per slice for the calm windows (default {CALM_WINDOW_MS:g})",
     )
     p.add_argument(
         "--calm",
         type=_positive,
-        default=50.0,
-        help="a slice is calm while its slowest delivery is under this many ms (default 50)",
+        default=CALM_BELOW_MS,
+        help=f"a slice is calm while its slowest delivery is under this many ms "
+        f"(default {CALM_BELOW_MS:g})",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per row and phase")
     args = p.parse_args(argv)
@@ -199,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         if args.json:
             doc = summary(msgs, args.gap, args.window, args.calm)
-            print(json.dumps({"row": row, "phase": phase, **doc}))
+            print(json.dumps(_no_nan({"row": row, "phase": phase, **doc})))
             continue
         print(f"{row} {phase}")
         print("\n".join(report(msgs, args.gap, args.window, args.calm)))
